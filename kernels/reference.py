@@ -1,0 +1,147 @@
+"""Plain-torch reference MoE ops: the oracle for the Triton kernels and the path on CPU.
+
+Conventions shared by every MoE op in moeserve:
+- hidden states are [T, H] (T tokens, flattened over the batch);
+- routing is (topk_ids [T, k] int64, topk_weights [T, k] float32); the weights are final, i.e.
+  any renormalisation and DeepSeek's `routed_scaling_factor` are already applied;
+- expert weights are stacked per layer: w13 [E, 2I, H] (rows 0..I-1 gate_proj, I..2I-1 up_proj)
+  and w2 [E, H, I] (down_proj), the nn.Linear (out, in) layout of the HF checkpoints;
+- an expert id of -1 in topk_ids means "not held here" and contributes nothing (an expert group
+  receives rows whose other experts live elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def softmax_topk(
+    logits: torch.Tensor, k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts, then top-k (Mixtral, Qwen3-MoE, DeepSeek-V2 greedy)."""
+    scores = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(scores, k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def grouped_topk(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scoring: str = "sigmoid",
+    correction_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited top-k (DeepSeek-V3 `noaux_tc` with sigmoid; DeepSeek-V2 `group_limited_greedy`).
+
+    Experts are split into `n_group` equal groups; only the `topk_group` best groups are eligible.
+    With a correction bias (V3), selection uses score + bias, groups are ranked by the sum of their
+    two best biased scores, and the weights are the unbiased scores. Without it (V2), groups are
+    ranked by their best score.
+    """
+    t, e = logits.shape
+    if scoring == "sigmoid":
+        scores = torch.sigmoid(logits.float())
+    elif scoring == "softmax":
+        scores = torch.softmax(logits.float(), dim=-1)
+    else:
+        raise ValueError(f"unknown scoring function {scoring!r}; expected 'sigmoid' or 'softmax'")
+    choice = scores if correction_bias is None else scores + correction_bias.float().unsqueeze(0)
+    grouped = choice.view(t, n_group, e // n_group)
+    if correction_bias is None:
+        group_scores = grouped.max(dim=-1).values
+    else:
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    group_idx = torch.topk(group_scores, topk_group, dim=-1, sorted=False).indices
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+    expert_mask = group_mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
+    masked = choice.masked_fill(expert_mask == 0, float("-inf"))
+    ids = torch.topk(masked, k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, ids
+
+
+def permute(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort (token, slot) pairs by expert.
+
+    Returns (order, counts, offsets): `order` [N] indexes the flattened topk_ids for the pairs held
+    here (ids in [0, num_experts)), grouped by expert in ascending order and stable within an
+    expert; counts [E] is the number of pairs per expert; offsets [E+1] their exclusive prefix sum.
+    """
+    flat = topk_ids.reshape(-1)
+    valid = (flat >= 0) & (flat < num_experts)
+    keys = torch.where(valid, flat, torch.full_like(flat, num_experts))
+    order = torch.argsort(keys, stable=True)
+    counts = torch.bincount(flat[valid], minlength=num_experts)
+    order = order[: int(counts.sum())]
+    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
+    offsets[1:] = torch.cumsum(counts, dim=0)
+    return order, counts, offsets
+
+
+def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert: down(silu(gate(x)) * up(x)) for x [N, H], w13 [2I, H], w2 [H, I]."""
+    gate_up = x @ w13.t()
+    gate, up = gate_up.chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ w2.t()
+
+
+def grouped_expert_mlp(
+    x_sorted: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Run each expert on its contiguous slice of `x_sorted` (rows grouped by `offsets`)."""
+    out = torch.empty(x_sorted.shape[0], w2.shape[1], dtype=x_sorted.dtype, device=x_sorted.device)
+    bounds = offsets.tolist()
+    for e in range(w13.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            out[lo:hi] = expert_mlp(x_sorted[lo:hi], w13[e], w2[e])
+    return out
+
+
+def combine(
+    expert_out: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """Weighted sum of expert outputs back in token order: out[t] = sum_j w[t, j] * y[t, j]."""
+    k = topk_weights.shape[1]
+    token = order // k
+    w = topk_weights.reshape(-1)[order].to(expert_out.dtype).unsqueeze(-1)
+    acc = torch.promote_types(expert_out.dtype, torch.float32)  # accumulate in at least fp32
+    out = torch.zeros(num_tokens, expert_out.shape[1], dtype=acc, device=expert_out.device)
+    out.index_add_(0, token, (expert_out * w).to(acc))
+    return out.to(expert_out.dtype)
+
+
+def fused_experts(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Routed-expert output for hidden [T, H]: permute, grouped SwiGLU MLP, weighted combine."""
+    num_experts = w13.shape[0]
+    order, _, offsets = permute(topk_ids, num_experts)
+    k = topk_ids.shape[1]
+    x_sorted = hidden[order // k]
+    y = grouped_expert_mlp(x_sorted, w13, w2, offsets)
+    return combine(y, order, topk_weights, hidden.shape[0])
+
+
+def block_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """Dequantise a block-scaled weight (DeepSeek-V3 FP8: e4m3 values times 128x128 `weight_scale_inv`).
+
+    weight [..., N, K]; scale_inv [..., ceil(N/bn), ceil(K/bk)]. Returns float32.
+    """
+    bn, bk = block
+    n, kk = weight.shape[-2:]
+    s = scale_inv.float().repeat_interleave(bn, dim=-2).repeat_interleave(bk, dim=-1)
+    return weight.float() * s[..., :n, :kk]

@@ -1,0 +1,1 @@
+"""moeserve.router"""
