@@ -1,0 +1,207 @@
+"""Metrics and traces for a moeserve process: OpenTelemetry instruments, a Prometheus endpoint, OTLP.
+
+One `Telemetry` object per serving process owns its meter and tracer providers (never the global
+ones, so several servers and tests can live in one process). The engine, the gRPC edge and the
+controller record into it; `snapshot()` reads the current values back for `moeserve status`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SimpleSpanProcessor
+from opentelemetry.trace import Span, Tracer
+from prometheus_client import CollectorRegistry, start_http_server
+
+log = logging.getLogger(__name__)
+
+# Latency buckets in seconds: from sub-millisecond decode steps to minute-long requests.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Where metrics and traces go. Everything is off unless asked for."""
+
+    service_name: str = "moeserve"
+    prometheus_port: int | None = None  # serve /metrics on this port (0 = pick a free one)
+    prometheus_host: str = "127.0.0.1"
+    otlp_endpoint: str | None = None  # e.g. "http://collector:4317" (gRPC OTLP)
+    otlp_insecure: bool = True
+    export_interval_s: float = 10.0
+    trace_sample_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.prometheus_port is not None and not 0 <= self.prometheus_port <= 65535:
+            raise ValueError(f"prometheus_port: {self.prometheus_port} is outside 0..65535")
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ValueError(f"trace_sample_ratio: {self.trace_sample_ratio} is outside [0, 1]")
+        if self.export_interval_s <= 0:
+            raise ValueError(f"export_interval_s: must be > 0, got {self.export_interval_s}")
+
+
+GaugeSource = Callable[[], dict[str, float]]
+
+
+class Telemetry:
+    """The instruments of one serving process and the exporters behind them."""
+
+    def __init__(self, config: TelemetryConfig | None = None, span_exporter: SpanExporter | None = None):
+        self.config = config or TelemetryConfig()
+        resource = Resource.create({"service.name": self.config.service_name})
+        self._reader = InMemoryMetricReader()  # backs snapshot() and tests
+        readers = [self._reader]
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._prom_reader = PrometheusMetricReader(registry=self.registry, prefix="moeserve", scope_info_enabled=False)
+        readers.append(self._prom_reader)
+        if self.config.otlp_endpoint:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+            readers.append(
+                PeriodicExportingMetricReader(
+                    OTLPMetricExporter(endpoint=self.config.otlp_endpoint, insecure=self.config.otlp_insecure),
+                    export_interval_millis=int(self.config.export_interval_s * 1000),
+                )
+            )
+        views = [
+            View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(_LATENCY_BUCKETS))
+            for name in ("ttft_seconds", "tpot_seconds", "e2e_latency_seconds", "queue_wait_seconds", "step_seconds")
+        ]
+        self.meter_provider = MeterProvider(metric_readers=readers, resource=resource, views=views)
+        self.tracer_provider = TracerProvider(resource=resource, sampler=_sampler(self.config.trace_sample_ratio))
+        if span_exporter is not None:
+            self.tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+        if self.config.otlp_endpoint:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            self.tracer_provider.add_span_processor(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=self.config.otlp_endpoint, insecure=self.config.otlp_insecure))
+            )
+        self.tracer: Tracer = self.tracer_provider.get_tracer("moeserve")
+        meter = self.meter_provider.get_meter("moeserve")
+
+        self.ttft = meter.create_histogram("ttft_seconds", unit="s", description="time to first token")
+        self.tpot = meter.create_histogram("tpot_seconds", unit="s", description="time per output token after the first")
+        self.e2e_latency = meter.create_histogram("e2e_latency_seconds", unit="s", description="request latency, arrival to last token")
+        self.queue_wait = meter.create_histogram("queue_wait_seconds", unit="s", description="time from arrival to first schedule")
+        self.step_time = meter.create_histogram("step_seconds", unit="s", description="engine step duration")
+        self.requests = meter.create_counter("requests", description="finished requests by finish reason")
+        self.errors = meter.create_counter("errors", description="failed RPCs by gRPC status code")
+        self.input_tokens = meter.create_counter("input_tokens", description="prompt tokens admitted")
+        self.output_tokens = meter.create_counter("output_tokens", description="tokens generated")
+        self.expert_tokens = meter.create_counter("expert_tokens", description="token rows routed, by layer and expert")
+        self.scaling_events = meter.create_counter("scaling_events", description="changes of the serving set, by action")
+
+        self._lock = threading.Lock()
+        self._gauge_sources: list[GaugeSource] = []
+        self._group_busy: dict[str, float] = {}
+        for name, description in (
+            ("queue_depth", "requests waiting to be scheduled"),
+            ("running_sequences", "sequences in the running batch"),
+            ("kv_blocks_used", "KV cache blocks in use"),
+            ("kv_blocks_total", "KV cache blocks in all"),
+        ):
+            meter.create_observable_gauge(name, callbacks=[self._gauge_callback(name)], description=description)
+        meter.create_observable_gauge(
+            "expert_group_utilisation", callbacks=[self._group_callback], description="busy share of each expert group"
+        )
+        self._http_server = None
+        self.prometheus_port: int | None = None
+        if self.config.prometheus_port is not None:
+            self._http_server, _ = start_http_server(
+                self.config.prometheus_port, addr=self.config.prometheus_host, registry=self.registry
+            )
+            self.prometheus_port = self._http_server.server_port
+            log.info("Prometheus metrics on http://%s:%d/metrics", self.config.prometheus_host, self.prometheus_port)
+
+    # --- gauges fed from live state -------------------------------------------------------
+    def add_gauge_source(self, source: GaugeSource) -> None:
+        """Register a callable returning current values, e.g. {"queue_depth": 3, "kv_blocks_used": 10}."""
+        with self._lock:
+            self._gauge_sources.append(source)
+
+    def set_group_utilisation(self, group: str, busy_share: float) -> None:
+        with self._lock:
+            self._group_busy[group] = busy_share
+
+    def _gauge_callback(self, name: str):
+        def callback(_options: CallbackOptions) -> Iterator[Observation]:
+            total, seen = 0.0, False
+            with self._lock:
+                sources = list(self._gauge_sources)
+            for source in sources:
+                try:
+                    values = source()
+                except Exception:  # a dying source must not break the scrape
+                    log.exception("gauge source failed")
+                    continue
+                if name in values:
+                    total += float(values[name])
+                    seen = True
+            if seen:
+                yield Observation(total)
+
+        return callback
+
+    def _group_callback(self, _options: CallbackOptions) -> Iterator[Observation]:
+        with self._lock:
+            items = list(self._group_busy.items())
+        for group, share in items:
+            yield Observation(share, {"group": group})
+
+    # --- traces ---------------------------------------------------------------------------
+    @contextmanager
+    def span(self, name: str, **attributes) -> Iterator[Span]:
+        with self.tracer.start_as_current_span(name, attributes=attributes) as span:
+            yield span
+
+    # --- reading back ---------------------------------------------------------------------
+    def snapshot(self) -> dict[str, object]:
+        """Current metric values by name: sums for counters, {count, sum} for histograms, gauge values."""
+        data = self._reader.get_metrics_data()
+        out: dict[str, object] = {}
+        if data is None:
+            return out
+        for rm in data.resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    points = list(metric.data.data_points)
+                    if not points:
+                        continue
+                    if hasattr(points[0], "bucket_counts"):
+                        out[metric.name] = {
+                            "count": sum(p.count for p in points),
+                            "sum": sum(p.sum for p in points),
+                        }
+                    elif len(points) == 1 and not points[0].attributes:
+                        out[metric.name] = points[0].value
+                    else:
+                        out[metric.name] = {
+                            ",".join(f"{k}={v}" for k, v in sorted(p.attributes.items())): p.value for p in points
+                        }
+        return out
+
+    def shutdown(self) -> None:
+        if self._http_server is not None:
+            self._http_server.shutdown()
+            self._http_server.server_close()
+            self._http_server = None
+        self.meter_provider.shutdown()
+        self.tracer_provider.shutdown()
+
+
+def _sampler(ratio: float):
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    return ParentBased(TraceIdRatioBased(ratio))
