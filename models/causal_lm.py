@@ -1,0 +1,118 @@
+"""The trunk every architecture shares: embeddings, pre-norm decoder layers, final norm, LM head.
+
+Parameter names equal the HF checkpoint tensor names (`model.layers.{i}.self_attn...`, `lm_head.weight`),
+so loading is name to name. Routed experts are not parameters here: they sit behind the expert backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batch import AttentionBatch
+from .config import ModelConfig
+from .layers.moe import ExpertBackend, MoEBlock
+from .layers.norm import RMSNorm
+from .layers.rotary import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block; the feed-forward lives under the architecture's HF name (mlp, block_sparse_moe)."""
+
+    def __init__(self, config: ModelConfig, self_attn: nn.Module, ffn: nn.Module, ffn_name: str = "mlp"):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn_name = ffn_name
+        self.add_module(ffn_name, ffn)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, batch)
+        return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, config: ModelConfig, layers: list[DecoderLayer]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MoECausalLM(nn.Module):
+    """Base of the architectures; subclasses provide `build_layer` and their HF expert tensor names."""
+
+    # HF tensor names of one routed expert: `{prefix}.{e}.{gate|up|down}.weight` (per-expert layout,
+    # as released and as transformers writes) or `{prefix}.gate_up_proj` / `.down_proj` (fused [E, ...]).
+    expert_prefix = "model.layers.{layer}.mlp.experts"
+    expert_proj_names = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.rotary = self.build_rotary(config)
+        self.model = DecoderStack(config, [self.build_layer(config, i) for i in range(config.num_hidden_layers)])
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.experts_backend: ExpertBackend | None = None
+        self.kv_block_size: int | None = None
+
+    def build_rotary(self, config: ModelConfig) -> RotaryEmbedding:
+        return RotaryEmbedding(config.head_dim, config.rope)
+
+    def build_layer(self, config: ModelConfig, layer_id: int) -> DecoderLayer:
+        raise NotImplementedError
+
+    @classmethod
+    def checkpoint_names(cls, name: str) -> list[str]:
+        """Names a trunk tensor may have on disk, preferred first."""
+        return [name]
+
+    @property
+    def moe_blocks(self) -> dict[int, MoEBlock]:
+        return {i: m for i, layer in enumerate(self.model.layers) if isinstance(m := getattr(layer, layer.ffn_name), MoEBlock)}
+
+    def set_expert_backend(self, backend: ExpertBackend) -> None:
+        """Route every MoE layer's experts through `backend(layer_id, hidden, topk_ids, topk_weights)`."""
+        self.experts_backend = backend
+        for block in self.moe_blocks.values():
+            block.experts_backend = backend
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """Final-normed hidden states [T, H] for the flat batch of token ids [T] at positions [T]."""
+        if input_ids.shape != positions.shape or input_ids.shape[0] != batch.num_tokens:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)}, positions {tuple(positions.shape)} and "
+                f"batch.slot_mapping ({batch.num_tokens}) must all be [T]"
+            )
+        x = self.model.embed_tokens(input_ids)
+        rope = self.rotary.cos_sin(positions)
+        for layer in self.model.layers:
+            x = layer(x, rope, batch)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head: [N, H] -> float32 logits [N, V]."""
+        weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of KV cache one token takes over all layers (MLA: the latent, not expanded K/V)."""
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        elems = sum(layer.self_attn.cache_elements_per_token() for layer in self.model.layers)
+        return elems * torch.empty((), dtype=dtype).element_size()
+
+    def allocate_kv_cache(
+        self, num_blocks: int, block_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        """Allocate and bind each layer's paged cache [num_blocks, block_size, ...] (zeroed)."""
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks and block_size must be > 0, got {num_blocks}, {block_size}")
+        weight = self.model.embed_tokens.weight
+        device = torch.device(device) if device is not None else weight.device
+        dtype = dtype or weight.dtype
+        for layer in self.model.layers:
+            layer.self_attn.allocate_cache(num_blocks, block_size, device, dtype)
+        self.kv_block_size = block_size

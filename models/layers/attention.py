@@ -1,0 +1,62 @@
+"""Grouped-query attention over the paged KV cache (Mixtral, Qwen3-MoE with q/k RMSNorm)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..batch import AttentionBatch
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .paged_attention import attend, attention_mask, gather_cache, sequences, write_cache
+from .rotary import RotaryEmbedding
+
+
+class GQAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.sliding_window = config.sliding_window
+        h, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+        self.rotary = rotary
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def cache_elements_per_token(self) -> int:
+        return 2 * self.num_kv_heads * self.head_dim
+
+    def allocate_cache(self, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
+        if self.k_cache is None:
+            raise RuntimeError("no KV cache: call model.allocate_kv_cache(num_blocks, block_size) first")
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary.apply(q, *rope), self.rotary.apply(k, *rope)
+        write_cache(self.k_cache, batch, k)
+        write_cache(self.v_cache, batch, v)
+        out = torch.empty(t, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
+        for seq, rows, q_len, ctx_len in sequences(batch):
+            keys = gather_cache(self.k_cache, batch, seq, ctx_len).to(q.dtype)
+            values = gather_cache(self.v_cache, batch, seq, ctx_len).to(q.dtype)
+            mask = attention_mask(q_len, ctx_len, self.sliding_window, x.device)
+            out[rows] = attend(q[rows], keys, values, self.scale, mask)
+        return self.o_proj(out.reshape(t, -1))

@@ -1,0 +1,93 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) over a paged cache of the compressed latent.
+
+The cache holds, per token, the normalised kv latent (kv_lora_rank) and the rotated shared key
+(qk_rope_head_dim); keys and values are rebuilt through kv_b_proj when attending. Long contexts
+with few queries (decode) instead absorb kv_b_proj into the query and output, so the per-step
+cost does not grow with an expansion of every cached token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..batch import AttentionBatch
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .paged_attention import attend, attention_mask, gather_cache, sequences, write_cache
+from .rotary import RotaryEmbedding, softmax_mscale
+
+
+class MLAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        mla = config.mla
+        assert mla is not None
+        h, bias = config.hidden_size, config.attention_bias
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = mla.q_lora_rank
+        self.kv_lora_rank = mla.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
+        qk_dim = self.nope_dim + self.rope_dim
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.num_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=bias)
+        self.scale = qk_dim**-0.5 * softmax_mscale(config.rope) ** 2
+        self.rotary = rotary
+        self.latent_cache: torch.Tensor | None = None
+
+    def cache_elements_per_token(self) -> int:
+        return self.kv_lora_rank + self.rope_dim
+
+    def allocate_cache(self, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.latent_cache = torch.zeros(num_blocks, block_size, self.cache_elements_per_token(), device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
+        if self.latent_cache is None:
+            raise RuntimeError("no KV cache: call model.allocate_kv_cache(num_blocks, block_size) first")
+        t = x.shape[0]
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(t, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = self.rotary.apply(q_pe, *rope)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_pe = self.rotary.apply(k_pe.unsqueeze(1), *rope).squeeze(1)
+        write_cache(self.latent_cache, batch, torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1))
+
+        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        out = torch.empty(t, self.num_heads, self.v_dim, dtype=x.dtype, device=x.device)
+        for seq, rows, q_len, ctx_len in sequences(batch):
+            cached = gather_cache(self.latent_cache, batch, seq, ctx_len).to(x.dtype)
+            mask = attention_mask(q_len, ctx_len, None, x.device)
+            if q_len * (self.kv_lora_rank + self.rope_dim) < ctx_len * (self.nope_dim + self.v_dim):
+                out[rows] = self._attend_absorbed(q_nope[rows], q_pe[rows], cached, w_kv, mask)
+            else:
+                out[rows] = self._attend_expanded(q_nope[rows], q_pe[rows], cached, mask)
+        return self.o_proj(out.reshape(t, -1))
+
+    def _attend_expanded(self, q_nope, q_pe, cached, mask) -> torch.Tensor:
+        n = cached.shape[0]
+        latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(latent).view(n, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(n, self.num_heads, self.rope_dim)], dim=-1)
+        return attend(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale, mask)
+
+    def _attend_absorbed(self, q_nope, q_pe, cached, w_kv, mask) -> torch.Tensor:
+        # q_nope . (W_uk c) == (W_uk^T q_nope) . c, and W_uv is applied after the softmax.
+        w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)
+        q_latent = torch.einsum("qhn,hnr->qhr", q_nope, w_uk)
+        k = cached.unsqueeze(1)  # one shared "head": [n, 1, kv_lora_rank + rope_dim]
+        v = cached[:, : self.kv_lora_rank].unsqueeze(1)
+        out_latent = attend(torch.cat([q_latent, q_pe], dim=-1), k, v, self.scale, mask)
+        return torch.einsum("qhr,hvr->qhv", out_latent, w_uv)
