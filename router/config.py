@@ -1,0 +1,80 @@
+"""EngineConfig: the one object that configures the engine, validated once where it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DEFAULT_CPU_KV_BYTES = 256 * 1024 * 1024
+
+
+def _require(ok: bool, field: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"EngineConfig.{field} must be {allowed}, got {value!r}")
+
+
+def _int_in(field: str, value: Any, lo: int, hi: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    _require(ok, field, f"an integer in [{lo}, {hi if hi is not None else 'inf'}]", value)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How the engine loads its model, sizes its KV cache and batches requests."""
+
+    model: str | None = None  # HF-format checkpoint dir; None = the built-in demo model
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    dtype: str = "auto"  # "auto" (float32 on CPU, bfloat16 on CUDA) or a name in _DTYPES
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 64  # sequences in one step (and running at once)
+    max_num_batched_tokens: int = 2048  # tokens in one step: decodes plus prefill chunks
+    max_model_len: int | None = None  # prompt + completion; None = the model's context length
+    kv_cache_memory_bytes: int | None = None  # KV budget; None = 256 MiB on CPU, a fraction of free GPU memory on CUDA
+    gpu_memory_fraction: float = 0.9  # share of free GPU memory the engine may take (weights already loaded)
+    num_kv_blocks: int | None = None  # exact block count, overriding the byte budget (tests, tuning)
+    max_queued_requests: int = 1024  # waiting requests beyond this are refused with QueueFullError
+    expert_backend: Callable[[Any], Any] | None = None  # model -> expert backend (e.g. the Ray transport)
+    load_experts: bool = True  # load routed-expert weights into this process (False when a backend holds them)
+    seed: int = 0  # seeds the generator of requests that give no seed of their own
+
+    def __post_init__(self) -> None:
+        _require(self.model is None or (isinstance(self.model, str) and self.model != ""), "model", "a checkpoint directory or None", self.model)
+        _require(
+            isinstance(self.device, str) and (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")),
+            "device", "'cpu', 'cuda' or 'cuda:N'", self.device,
+        )
+        _require(self.dtype == "auto" or self.dtype in _DTYPES, "dtype", f"'auto' or one of {sorted(_DTYPES)}", self.dtype)
+        _int_in("block_size", self.block_size, 1, 1024)
+        _int_in("max_num_seqs", self.max_num_seqs, 1, 65536)
+        _int_in("max_num_batched_tokens", self.max_num_batched_tokens, self.max_num_seqs)
+        if self.max_model_len is not None:
+            _int_in("max_model_len", self.max_model_len, 2)
+        if self.kv_cache_memory_bytes is not None:
+            _int_in("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1)
+        _require(
+            isinstance(self.gpu_memory_fraction, (int, float)) and 0.0 < self.gpu_memory_fraction <= 1.0,
+            "gpu_memory_fraction", "in (0, 1]", self.gpu_memory_fraction,
+        )
+        if self.num_kv_blocks is not None:
+            _int_in("num_kv_blocks", self.num_kv_blocks, 1)
+        _int_in("max_queued_requests", self.max_queued_requests, 1)
+        _require(self.expert_backend is None or callable(self.expert_backend), "expert_backend", "callable or None", self.expert_backend)
+        _int_in("seed", self.seed, 0)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if self.device == "cpu" else torch.bfloat16
+        return _DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)

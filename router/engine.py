@@ -1,0 +1,191 @@
+"""AsyncEngine: the engine as the asyncio gRPC edge sees it.
+
+Steps run on one dedicated thread (torch releases the GIL, so the event loop keeps serving); each
+step's outputs go to the loop in one `call_soon_threadsafe` and from there to per-request queues.
+Admission errors (QueueFullError, EngineStoppedError, InvalidRequestError) are raised at call time.
+A consumer that stops iterating, or a deadline that passes, aborts the request and frees its KV
+blocks at once (the core's lock, not the step, guards the bookkeeping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Callable
+
+from .config import EngineConfig
+from .errors import EngineStoppedError, InvalidRequestError
+from .llm_engine import LLMEngine, StepFailedError
+from .sequence import RequestOutput, SamplingParams
+
+__all__ = ["AsyncEngine", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams", "StepFailedError"]
+
+_Item = RequestOutput | BaseException
+
+
+class AsyncEngine:
+    """Serves many concurrent `generate` streams from one LLMEngine."""
+
+    def __init__(self, core: LLMEngine):
+        self.core = core
+        self.config = core.config
+        self.model_config = core.model_config
+        self.tokenizer = core.tokenizer
+        self.max_model_len = core.max_model_len
+        self.dtype = core.dtype
+        self._queues: dict[str, asyncio.Queue[_Item]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._work = threading.Condition()  # the step thread waits here while there is nothing to do
+        self._exit = False
+        self._stopping = False
+        self._failure: BaseException | None = None
+        self._drained: asyncio.Event | None = None
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
+        """Load the model and tokenizer the config names and build the engine (not started)."""
+        return cls(LLMEngine.from_config(config))
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        if self._stopping:
+            raise EngineStoppedError("the engine was shut down; build a new one")
+        self._loop = asyncio.get_running_loop()
+        self._drained = asyncio.Event()
+        self._thread = threading.Thread(target=self._run, name="moeserve-engine-step", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop admitting; let in-flight requests finish within grace_s, end the rest as "cancelled"."""
+        self._stopping = True
+        if self._thread is None:
+            return
+        if self.core.has_unfinished() and grace_s > 0:
+            try:
+                await asyncio.wait_for(self._drained.wait(), grace_s)
+            except TimeoutError:
+                pass
+        for request_id in list(self.core.requests):
+            self.abort(request_id)
+        with self._work:
+            self._exit = True
+            self._work.notify()
+        thread, self._thread = self._thread, None
+        await asyncio.to_thread(thread.join)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 deadline: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue a request and stream its outputs; the last has finished=True. Raises at call time."""
+        if self._failure is not None:
+            raise EngineStoppedError(f"the engine failed and takes no new work: {self._failure!r}")
+        if self._stopping or self._thread is None:
+            raise EngineStoppedError("the engine is not running (not started, or shutting down)")
+        if request_id in self._queues:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in flight; use a unique id")
+        self.core.add_request(request_id, list(prompt_token_ids), params, deadline)
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._queues[request_id] = queue
+        with self._work:
+            self._work.notify()
+        return self._stream(request_id, queue, deadline)
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue[_Item], deadline: float | None) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await _next(queue, deadline)
+                if item is None:  # the deadline passed
+                    item = self.core.abort(request_id)
+                    if item is None:  # it ended meanwhile; its last output is on the way
+                        deadline = None
+                        continue
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.core.abort(request_id)
+                self._check_drained()
+
+    def abort(self, request_id: str) -> None:
+        """End a request now; its stream gets a final "cancelled" output. No-op if it is not in flight."""
+        out = self.core.abort(request_id)
+        queue = self._queues.get(request_id)
+        if out is not None and queue is not None:
+            queue.put_nowait(out)
+        self._check_drained()
+
+    def stats(self) -> dict:
+        return self.core.stats()
+
+    # -- the step thread and its deliveries -------------------------------------------------------
+    def _run(self) -> None:
+        core = self.core
+        while True:
+            with self._work:
+                while not self._exit and not core.has_unfinished():
+                    self._work.wait()
+                if self._exit:
+                    return
+            try:
+                outputs = core.step()
+            except StepFailedError as exc:
+                self._post(self._fail, exc.request_ids, exc)
+                continue
+            except BaseException as exc:  # a bug in the engine itself: end every request with it
+                self._post(self._die, exc)
+                return
+            if outputs:
+                self._post(self._dispatch, outputs)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is left to deliver to
+            pass
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+        self._check_drained()
+
+    def _fail(self, request_ids: list[str], exc: BaseException) -> None:
+        for request_id in request_ids:
+            queue = self._queues.get(request_id)
+            if queue is not None:
+                queue.put_nowait(exc)
+        self._check_drained()
+
+    def _die(self, exc: BaseException) -> None:
+        self._failure = exc
+        for request_id in list(self.core.requests):
+            self.core.abort(request_id)
+        for queue in self._queues.values():
+            queue.put_nowait(EngineStoppedError(f"the engine failed: {exc!r}"))
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self._stopping and self._drained is not None and not self.core.has_unfinished():
+            self._drained.set()
+
+
+async def _next(queue: asyncio.Queue[_Item], deadline: float | None) -> _Item | None:
+    """The next item, or None once the deadline (time.monotonic()) has passed."""
+    if not queue.empty() or deadline is None:
+        return await queue.get()
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return None
+    try:
+        return await asyncio.wait_for(queue.get(), remaining)
+    except TimeoutError:
+        return None

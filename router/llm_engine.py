@@ -1,0 +1,218 @@
+"""LLMEngine: the synchronous core of the engine (add, step, abort), usable offline as is.
+
+A step is: schedule -> flat batch -> forward -> logits of sampling rows -> sample -> update and stop
+checks -> free finished. The core holds one lock over its bookkeeping, never over the forward, so
+an abort from the asyncio thread frees a request's blocks at once even while a step runs (nothing
+reuses a freed block before the next schedule, which happens on the step thread after this step).
+`engine.AsyncEngine` drives it from a dedicated thread for the asyncio server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .errors import EngineStoppedError, InvalidRequestError, MoeserveError
+from .model_runner import ModelRunner, num_kv_blocks
+from .scheduler import Scheduler
+from .sequence import RequestOutput, SamplingParams, Sequence, length_reached, token_stop_reason
+
+class StepFailedError(MoeserveError):
+    """The model step failed; the requests it carried are ended (others go on)."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
+        self.request_ids = request_ids
+        self.cause = cause
+
+
+def load(config: EngineConfig) -> tuple[Any, Any]:
+    """The model and tokenizer named by the config (the demo model when none is named).
+
+    A checkpoint without tokenizer.json is served on token ids alone (no text, no stop strings).
+    """
+    from moeserve.models.loader import load_model
+    from moeserve.models.tokenizer import load_tokenizer
+
+    path = config.model
+    if path is None:
+        from moeserve.models.demo import ensure_demo_model
+
+        path = str(ensure_demo_model())
+    model = load_model(path, device=config.torch_device, dtype=config.torch_dtype, load_experts=config.load_experts)
+    if config.expert_backend is not None:
+        model.set_expert_backend(config.expert_backend(model))
+    tokenizer = load_tokenizer(path) if (Path(path) / "tokenizer.json").is_file() else None
+    return model, tokenizer
+
+
+class LLMEngine:
+    """Continuous batching over one model; synchronous and thread-safe (add/abort from any thread)."""
+
+    def __init__(self, config: EngineConfig, model: Any, tokenizer: Any | None = None):
+        self.config = config
+        self.model = model
+        self.model_config = model.config
+        self.tokenizer = tokenizer
+        self.dtype = config.torch_dtype
+        blocks = num_kv_blocks(config, model)
+        self.max_model_len = _max_model_len(config, model.config.max_position_embeddings, blocks)
+        self.block_manager = BlockManager(blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_queued_requests)
+        self.runner = ModelRunner(model, config, blocks)
+        self.eos_token_ids = frozenset(model.config.eos_token_ids)
+        self.requests: dict[str, Sequence] = {}
+        self.lock = threading.Lock()
+        self.counters = dict(steps=0, prompt_tokens=0, tokens_computed=0, tokens_generated=0, requests_finished=0)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        return cls(config, *load(config))
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    deadline: float | None = None) -> None:
+        """Queue a request; raises InvalidRequestError or QueueFullError (nothing is queued then)."""
+        self._validate(prompt_token_ids, params)
+        seq = Sequence(request_id, prompt_token_ids, params, time.monotonic(), deadline)
+        if params.seed is not None and not params.greedy:
+            seq.generator = self.runner.sampler.new_generator(params.seed)
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids, params.stop)
+        with self.lock:
+            if request_id in self.requests:
+                raise InvalidRequestError("request_id", f"{request_id!r} is already in flight; use a unique id")
+            self.scheduler.add(seq)
+            self.requests[request_id] = seq
+            self.counters["prompt_tokens"] += seq.num_prompt_tokens
+
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise InvalidRequestError("prompt_token_ids", "must not be empty")
+        vocab = self.model_config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise InvalidRequestError("prompt_token_ids", f"token ids must be in [0, {vocab})")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                "max_tokens", f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"length {self.max_model_len}")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop", "stop strings need a tokenizer; this engine has none")
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request now ("cancelled") and free its blocks; None when it is not in flight."""
+        with self.lock:
+            seq = self.requests.pop(request_id, None)
+            if seq is None:
+                return None
+            self.scheduler.finish(seq, "cancelled")
+            self.counters["requests_finished"] += 1
+            return self._output(seq, [], "")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; outputs for every request that got a token or ended."""
+        with self.lock:
+            outputs = self._expire(time.monotonic())
+            batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        try:
+            sampled = self.runner.run(batch)
+        except Exception as exc:
+            with self.lock:
+                failed = [s.request_id for s in batch.seqs if self.requests.get(s.request_id) is s]
+                for rid in failed:
+                    self.scheduler.finish(self.requests.pop(rid), "error")
+            raise StepFailedError(failed, exc) from exc
+        with self.lock:
+            now = time.monotonic()
+            c = self.counters
+            c["steps"] += 1
+            c["tokens_computed"] += batch.num_tokens
+            for seq in self.scheduler.postprocess(batch, sampled):
+                outputs.append(self._on_token(seq, now))
+        return outputs
+
+    def _on_token(self, seq: Sequence, now: float) -> RequestOutput:
+        token = seq.token_ids[-1]
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        self.counters["tokens_generated"] += 1
+        reason = token_stop_reason(seq, token, self.eos_token_ids)
+        detok = seq.detokenizer
+        if reason is None and detok is not None and detok.add_token(token):
+            reason = "stop"
+        if reason is None and length_reached(seq):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self.requests[seq.request_id]
+            self.counters["requests_finished"] += 1
+        text = detok.take_delta(finished=reason is not None) if detok is not None else ""
+        return self._output(seq, [token], text)
+
+    def _expire(self, now: float) -> list[RequestOutput]:
+        late = [s for s in self.requests.values() if s.deadline is not None and s.deadline <= now]
+        for seq in late:
+            del self.requests[seq.request_id]
+            self.scheduler.finish(seq, "cancelled")
+            self.counters["requests_finished"] += 1
+        return [self._output(s, [], "") for s in late]
+
+    @staticmethod
+    def _output(seq: Sequence, new_ids: list[int], text: str) -> RequestOutput:
+        ttft = None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time
+        return RequestOutput(seq.request_id, new_ids, text, seq.is_finished, seq.finish_reason,
+                             seq.num_prompt_tokens, seq.num_completion_tokens, ttft)
+
+    # -- offline ----------------------------------------------------------------------------------
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+        """Run prompts to completion; one output per prompt with all its tokens and text."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"offline-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, plist):
+            self.add_request(rid, prompt, p)
+        merged = {rid: RequestOutput(rid, [], "", False, None, len(pr), 0, None) for rid, pr in zip(ids, prompts)}
+        while self.has_unfinished():
+            for out in self.step():
+                m = merged[out.request_id]
+                m.new_token_ids += out.new_token_ids
+                m.new_text += out.new_text
+                m.finished, m.finish_reason = out.finished, out.finish_reason
+                m.completion_tokens, m.time_to_first_token = out.completion_tokens, out.time_to_first_token
+        return [merged[rid] for rid in ids]
+
+    def stats(self) -> dict:
+        with self.lock:
+            return dict(
+                waiting=len(self.scheduler.waiting),
+                running=len(self.scheduler.running),
+                kv_blocks_used=self.block_manager.num_used_blocks,
+                kv_blocks_total=self.block_manager.num_blocks,
+                block_size=self.block_manager.block_size,
+                preemptions=self.scheduler.num_preemptions,
+                **self.counters,
+            )
+
+
+def _max_model_len(config: EngineConfig, model_max: int, num_blocks: int) -> int:
+    capacity = num_blocks * config.block_size
+    if config.max_model_len is None:
+        return min(model_max, capacity)
+    if config.max_model_len > model_max:
+        raise ValueError(f"EngineConfig.max_model_len must be <= the model's {model_max}, got {config.max_model_len}")
+    if config.max_model_len > capacity:
+        raise ValueError(
+            f"EngineConfig.max_model_len={config.max_model_len} does not fit the KV cache ({num_blocks} blocks of "
+            f"{config.block_size} = {capacity} tokens); lower it or raise kv_cache_memory_bytes / num_kv_blocks")
+    return config.max_model_len

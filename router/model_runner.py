@@ -1,0 +1,130 @@
+"""The device side of a step: KV cache sizing, the flat batch tensors, forward, logits, sampling.
+
+One host sync per step (the sampled ids coming back as a list). The batch is built in Python
+lists once per step and copied to the device in one go per tensor (pinned, non-blocking on CUDA).
+Decode-only steps have a fixed shape per batch size, which is what a CUDA-graph path will capture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moeserve.models.batch import AttentionBatch
+
+from .block_manager import num_blocks_for_budget
+from .config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from .sampler import Sampler
+from .scheduler import ScheduledBatch
+
+
+def kv_cache_budget_bytes(config: EngineConfig, model: Any) -> int:
+    """Bytes the KV cache may take: the configured budget, or on CUDA a share of free memory minus activations."""
+    if config.kv_cache_memory_bytes is not None:
+        return config.kv_cache_memory_bytes
+    if config.torch_device.type != "cuda":
+        return DEFAULT_CPU_KV_BYTES
+    free, _total = torch.cuda.mem_get_info(config.torch_device)
+    return int(free * config.gpu_memory_fraction) - activation_bytes(config, model)
+
+
+def activation_bytes(config: EngineConfig, model: Any) -> int:
+    """Rough peak activation memory of one step at the full token budget (an estimate, not a profile)."""
+    mc = model.config
+    elt = torch.empty((), dtype=config.torch_dtype).element_size()
+    widest = max(mc.hidden_size, mc.intermediate_size, mc.moe.moe_intermediate_size * mc.moe.num_experts_per_tok)
+    per_token = (8 * mc.hidden_size + 4 * widest) * elt
+    logits = config.max_num_seqs * mc.vocab_size * 4 * 4  # float32 logits, probs, sort buffers
+    return config.max_num_batched_tokens * per_token + logits
+
+
+def num_kv_blocks(config: EngineConfig, model: Any) -> int:
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    blocks = num_blocks_for_budget(kv_cache_budget_bytes(config, model), model.kv_cache_bytes_per_token(), config.block_size)
+    if blocks < 1:
+        raise ValueError(
+            f"the KV cache budget holds no block of {config.block_size} tokens; raise EngineConfig.kv_cache_memory_bytes "
+            f"or gpu_memory_fraction ({model.kv_cache_bytes_per_token()} bytes per token)"
+        )
+    return blocks
+
+
+@dataclass
+class FlatBatch:
+    """A step's batch as plain lists, before it becomes device tensors."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]  # block_id * block_size + offset of each token's KV
+    context_lens: list[int]
+    block_tables: list[list[int]]  # padded with 0 to the longest table
+    sample_rows: list[int]  # the last row of each sequence that samples
+
+
+def flatten(batch: ScheduledBatch, block_size: int) -> FlatBatch:
+    """Lay out the scheduled chunks back to back: each sequence's tokens [computed, computed + n)."""
+    bs = block_size
+    flat = FlatBatch([], [], [], [], [], [])
+    for seq, n, samples in zip(batch.seqs, batch.num_new_tokens, batch.sample_flags):
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        flat.input_ids.extend(seq.token_ids[start:end])
+        flat.positions.extend(range(start, end))
+        table = seq.block_table
+        pos = start
+        while pos < end:  # one range per block touched, not one Python step per token
+            lo = pos % bs
+            hi = min(bs, lo + end - pos)
+            base = table[pos // bs] * bs
+            flat.slot_mapping.extend(range(base + lo, base + hi))
+            pos += hi - lo
+        flat.context_lens.append(end)
+        if samples:
+            flat.sample_rows.append(len(flat.input_ids) - 1)
+    width = max((len(s.block_table) for s in batch.seqs), default=0)
+    flat.block_tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+    return flat
+
+
+class ModelRunner:
+    """Runs scheduled batches through the model and samples the next tokens."""
+
+    def __init__(self, model: Any, config: EngineConfig, num_blocks: int):
+        self.model = model
+        self.device = config.torch_device
+        self.block_size = config.block_size
+        self.num_blocks = num_blocks
+        model.allocate_kv_cache(num_blocks, config.block_size, device=self.device, dtype=config.torch_dtype)
+        self.sampler = Sampler(self.device, config.seed)
+        self._pin = self.device.type == "cuda"
+
+    def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
+        return t.to(self.device, non_blocking=True) if self._pin else t
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor]:
+        """(input_ids [T], positions [T], AttentionBatch, rows whose logits are sampled [N])."""
+        flat = flatten(batch, self.block_size)
+        attn = AttentionBatch(
+            query_lens=list(batch.num_new_tokens),
+            context_lens=flat.context_lens,
+            block_tables=self._to_device(flat.block_tables, torch.int32),
+            slot_mapping=self._to_device(flat.slot_mapping, torch.int64),
+            block_size=self.block_size,
+        )
+        return (self._to_device(flat.input_ids, torch.int64), self._to_device(flat.positions, torch.int64), attn,
+                self._to_device(flat.sample_rows, torch.int64))
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[int]:
+        """Forward the batch; one sampled token per sequence that reaches its last token, in batch order."""
+        input_ids, positions, attn, sample_rows = self.prepare(batch)
+        hidden = self.model.forward(input_ids, positions, attn)
+        sampling = [s for s, f in zip(batch.seqs, batch.sample_flags) if f]
+        if not sampling:
+            return []
+        logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
+        tokens = self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        return tokens.tolist()  # the step's one host sync

@@ -1,0 +1,68 @@
+"""Next-token sampling for a batch of rows: greedy, temperature, top-k, top-p, per-request seeds.
+
+Whole-batch tensor ops; the only Python loop is over seeded rows (one noise draw each, from the
+request's own generator), so a seeded request's tokens do not depend on its batch companions.
+Sampling uses the exponential race: argmax(p / q) with q ~ Exp(1) draws from p exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sequence import SamplingParams
+
+
+class Sampler:
+    """Picks one token per row of logits; unseeded rows draw from the engine's own generator."""
+
+    def __init__(self, device: torch.device | str = "cpu", seed: int = 0):
+        self.device = torch.device(device)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+
+    def new_generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(seed)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> torch.Tensor:
+        """logits [N, V] float32 -> token ids [N] int64 (on the logits' device)."""
+        greedy_ids = logits.argmax(dim=-1)
+        if all(p.greedy for p in params):
+            return greedy_ids
+        n, vocab = logits.shape
+        dev = logits.device
+        temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev, dtype=logits.dtype)
+        scaled = logits / temps.unsqueeze(1)
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params if not p.greedy):
+            scaled = _top_k_top_p(scaled, params, vocab)
+        probs = torch.softmax(scaled, dim=-1)
+        q = torch.empty_like(probs)
+        unseeded = [i for i, g in enumerate(generators) if g is None]
+        if len(unseeded) == n:
+            q.exponential_(generator=self.generator)
+        else:
+            if unseeded:
+                idx = torch.tensor(unseeded, device=dev)
+                q[idx] = torch.empty((len(unseeded), vocab), device=dev, dtype=q.dtype).exponential_(generator=self.generator)
+            for i, g in enumerate(generators):
+                if g is not None:
+                    q[i].exponential_(generator=g)
+        sampled = (probs / q.clamp_min_(1e-20)).argmax(dim=-1)
+        greedy = torch.tensor([p.greedy for p in params], device=dev)
+        return torch.where(greedy, greedy_ids, sampled)
+
+
+def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams], vocab: int) -> torch.Tensor:
+    """Mask to -inf every token outside each row's top-k and top-p nucleus (the top token always stays)."""
+    dev = logits.device
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=logits.dtype)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=dev).unsqueeze(0)
+    drop = ranks >= top_k.unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
+    drop_p = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)

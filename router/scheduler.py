@@ -1,0 +1,150 @@
+"""Continuous batching over two deques (waiting, running) under a token budget and a sequence cap.
+
+Each step: the running decodes first (one token each), then the prefill chunks of running sequences
+still reading their prompt, then new sequences from the waiting queue while the budget, the cap and
+the free KV blocks allow. When a decode needs a block and none is free, the newest running sequence
+is preempted: its blocks are freed and it goes back to the front of the waiting queue, to be
+recomputed (prompt and completion so far) when it is admitted again.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .errors import QueueFullError
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """The sequences of one step, in batch order, with how many new tokens each runs."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    sample_flags: list[bool] = field(default_factory=list)  # reaches its last token, so samples the next
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(n)
+        self.sample_flags.append(seq.num_computed_tokens + n == len(seq))
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    """Picks each step's work; owns the waiting and running queues and the block manager."""
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_queued_requests: int):
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs so every decode fits a step")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_queued_requests = max_queued_requests
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.max_queued_requests:
+            raise QueueFullError(
+                f"{len(self.waiting)} requests already waiting (max_queued_requests={self.max_queued_requests}); retry later"
+            )
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        # 1. Decodes, oldest first; a decode short of a block preempts from the newest end.
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            if seq.num_uncomputed_tokens == 1:
+                while not bm.can_append(seq):
+                    victim = self.running.pop()
+                    self._preempt(victim)
+                    batch.preempted.append(victim)
+                    if victim is seq:
+                        break
+                else:
+                    bm.append(seq)
+                    batch.add(seq, 1)
+                    budget -= 1
+            i += 1
+
+        # 2. Prefill chunks of running sequences still reading their prompt (blocks held since admission).
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.num_uncomputed_tokens > 1:
+                n = min(seq.num_uncomputed_tokens, budget)
+                batch.add(seq, n)
+                budget -= n
+
+        # 3. Admission, first come first served, by KV capacity; none while this step had to preempt.
+        if batch.preempted:
+            return batch
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not bm.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            batch.add(seq, n)
+            budget -= n
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int]) -> list[Sequence]:
+        """Record the step: advance each sequence's computed tokens and append its sampled token.
+
+        `sampled` holds one token per sequence with a sample flag, in batch order. Sequences
+        finished (aborted) while the step ran are skipped. Returns the sequences that got a token.
+        """
+        got = []
+        j = 0
+        for seq, n, samples in zip(batch.seqs, batch.num_new_tokens, batch.sample_flags):
+            token = sampled[j] if samples else None
+            j += samples
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            seq.num_computed_tokens += n
+            if token is not None:
+                seq.token_ids.append(token)
+                got.append(seq)
+        return got
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take a sequence out of its queue for good and free its blocks at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            return
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

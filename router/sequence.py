@@ -1,0 +1,138 @@
+"""A request as the engine tracks it: its tokens, KV blocks, sampling parameters and progress."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from .detokenizer import IncrementalDetokenizer
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop; validated on construction."""
+
+    max_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass in (0, 1]; 1 = off
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # per-request generator: same tokens whatever else is batched
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequestError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        if not self.temperature >= 0.0:
+            raise InvalidRequestError("temperature", f"must be >= 0, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequestError("top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_STRING_CHARS:
+                raise InvalidRequestError("stop", f"each stop string must be 1..{MAX_STOP_STRING_CHARS} characters, got {s!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: the new tokens and text since the previous output."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str  # detokenised delta, stop strings removed
+    finished: bool
+    finish_reason: str | None  # "length" | "stop" | "eos" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token: float | None  # seconds from arrival to first token, once known
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class Sequence:
+    """One request's tokens (prompt then completion) and how many of them have KV in the cache."""
+
+    __slots__ = (
+        "request_id", "params", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table",
+        "status", "finish_reason", "arrival_time", "first_token_time", "deadline", "generator",
+        "detokenizer", "num_emitted_tokens",
+    )
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 arrival_time: float = 0.0, deadline: float | None = None):
+        self.request_id = request_id
+        self.params = params
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_computed_tokens = 0  # tokens whose KV is in this sequence's blocks
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.arrival_time = arrival_time
+        self.first_token_time: float | None = None
+        self.deadline = deadline
+        self.generator: Any = None  # torch.Generator of a seeded request, set by the engine
+        self.detokenizer: IncrementalDetokenizer | None = None
+        self.num_emitted_tokens = 0  # completion tokens already handed to the caller
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, len={len(self)}, computed={self.num_computed_tokens}, "
+                f"blocks={self.block_table}, {self.status.name})")
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens still to run through the model before the next token can be sampled."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+
+def token_stop_reason(seq: Sequence, token_id: int, eos_token_ids: frozenset[int]) -> str | None:
+    """Finish reason decided by the token id just sampled (EOS unless ignored, a stop id), or None.
+
+    max_tokens is checked after stop strings (`length_reached`), so a stop on the last token says "stop".
+    """
+    params = seq.params
+    if not params.ignore_eos and token_id in eos_token_ids:
+        return "eos"
+    if token_id in params.stop_token_ids:
+        return "stop"
+    return None
+
+
+def length_reached(seq: Sequence) -> bool:
+    return seq.num_completion_tokens >= seq.params.max_tokens

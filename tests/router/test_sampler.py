@@ -1,0 +1,115 @@
+"""The sampler: greedy, temperature, top-k, top-p, and per-request seeds independent of the batch."""
+
+import math
+
+import pytest
+import torch
+
+from moeserve.router.errors import InvalidRequestError
+from moeserve.router.sampler import Sampler
+from moeserve.router.sequence import SamplingParams
+
+LOGITS = torch.log(torch.tensor([0.05, 0.5, 0.15, 0.3]))  # ranked: 1, 3, 2, 0
+
+
+def _p(**kw) -> SamplingParams:
+    return SamplingParams(max_tokens=1, **kw)
+
+
+def _frequencies(params: SamplingParams, n: int = 20000, seed: int = 0) -> torch.Tensor:
+    sampler = Sampler(seed=seed)
+    ids = sampler(LOGITS.repeat(n, 1), [params] * n, [None] * n)
+    return torch.bincount(ids, minlength=4).double() / n
+
+
+def test_greedy_is_argmax_per_row():
+    logits = torch.randn(7, 33, generator=torch.Generator().manual_seed(1))
+    ids = Sampler()(logits, [_p()] * 7, [None] * 7)
+    assert torch.equal(ids, logits.argmax(-1))
+
+
+def test_temperature_sampling_matches_the_softmax():
+    for t in (0.5, 1.0, 2.0):
+        want = torch.softmax(LOGITS.double() / t, -1)
+        got = _frequencies(_p(temperature=t))
+        assert torch.allclose(got, want, atol=0.015), (t, got, want)
+
+
+def test_top_k_keeps_the_k_best_renormalised():
+    got = _frequencies(_p(temperature=1.0, top_k=2))
+    want = torch.tensor([0.0, 0.5, 0.0, 0.3], dtype=torch.float64) / 0.8
+    assert got[0] == 0 and got[2] == 0
+    assert torch.allclose(got, want, atol=0.015)
+    assert torch.equal(_frequencies(_p(temperature=5.0, top_k=1), n=500), torch.tensor([0, 1.0, 0, 0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("top_p, support", [(0.3, {1}), (0.45, {1}), (0.75, {1, 3}), (0.9, {1, 3, 2}), (1.0, {0, 1, 2, 3})])
+def test_top_p_keeps_the_smallest_nucleus(top_p, support):
+    got = _frequencies(_p(temperature=1.0, top_p=top_p), n=5000)
+    assert {i for i in range(4) if got[i] > 0} == support
+    kept = torch.zeros(4, dtype=torch.float64)
+    for i in support:
+        kept[i] = LOGITS[i].exp()
+    assert torch.allclose(got, kept / kept.sum(), atol=0.03)
+
+
+def test_top_k_and_top_p_together():
+    got = _frequencies(_p(temperature=1.0, top_k=3, top_p=0.9), n=5000)
+    assert got[0] == 0 and got[2] > 0  # top-k drops token 0; the nucleus of the rest reaches token 2
+
+
+def test_seeded_rows_ignore_their_batch_companions():
+    g = torch.Generator().manual_seed(3)
+    vocab = 50
+    mine = torch.randn(vocab, generator=g)
+    params = _p(temperature=0.9, top_p=0.95, seed=11)
+
+    def draws(companions: int, kinds: list[SamplingParams]) -> list[int]:
+        sampler = Sampler(seed=companions)  # a different engine generator for the unseeded rows
+        gen = sampler.new_generator(11)
+        out = []
+        for step in range(12):
+            rows = [torch.randn(vocab, generator=g) for _ in range(companions)]
+            logits = torch.stack(rows[: companions // 2] + [mine] + rows[companions // 2:])
+            plist = [kinds[i % len(kinds)] for i in range(companions)]
+            plist.insert(companions // 2, params)
+            gens = [sampler.new_generator(100 + i) if p.seed is not None else None for i, p in enumerate(plist)]
+            gens[companions // 2] = gen
+            out.append(int(sampler(logits, plist, gens)[companions // 2]))
+        return out
+
+    alone = draws(0, [params])
+    assert len(set(alone)) > 1  # it really samples
+    others = [_p(), _p(temperature=1.5), _p(temperature=0.7, top_k=5, seed=4)]
+    assert draws(1, others) == alone
+    assert draws(7, others) == alone
+    assert draws(0, [params]) == alone  # and again: same seed, same tokens
+
+
+def test_unseeded_rows_follow_the_engine_seed():
+    logits = torch.zeros(64, 1000)
+    params = [_p(temperature=1.0)] * 64
+    a = Sampler(seed=1)(logits, params, [None] * 64)
+    b = Sampler(seed=1)(logits, params, [None] * 64)
+    c = Sampler(seed=2)(logits, params, [None] * 64)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_greedy_rows_in_a_sampling_batch_stay_greedy():
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(5))
+    params = [_p(), _p(temperature=3.0), _p(), _p(temperature=1.0, top_k=3), _p(temperature=0.0, seed=9), _p(temperature=2.0)]
+    ids = Sampler()(logits, params, [None] * 6)
+    for i in (0, 2, 4):
+        assert ids[i] == logits[i].argmax()
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=1, temperature=-0.1), "temperature"),
+    (dict(max_tokens=1, temperature=math.nan), "temperature"), (dict(max_tokens=1, top_p=0.0), "top_p"),
+    (dict(max_tokens=1, top_p=1.5), "top_p"), (dict(max_tokens=1, top_k=-1), "top_k"),
+    (dict(max_tokens=1, stop=("",)), "stop"), (dict(max_tokens=1, stop=tuple("abcdefghijklmnopq")), "stop"),
+])
+def test_invalid_params_name_the_field(kw, field):
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(**kw)
+    assert err.value.field == field

@@ -1,0 +1,204 @@
+"""The continuous-batching scheduler, driven against a simulated paged KV cache.
+
+The simulation writes each scheduled token into a dict keyed by its slot (through the same
+`flatten` the model runner uses) and, whenever a sequence samples, reads its whole context back
+through its block table: that context must be exactly the sequence's tokens. The "model" is a
+pure function of the context, so every request's output must equal its output served alone,
+whatever the batching, chunking, preemption and aborts did.
+"""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moeserve.router.block_manager import BlockManager, blocks_for
+from moeserve.router.errors import QueueFullError
+from moeserve.router.model_runner import flatten
+from moeserve.router.scheduler import Scheduler
+from moeserve.router.sequence import SamplingParams, Sequence, SequenceStatus
+
+
+def next_token(context: list[int]) -> int:
+    return sum((i + 1) * t for i, t in enumerate(context)) % 50
+
+
+def alone(prompt: list[int], max_tokens: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        tokens.append(next_token(tokens))
+    return tokens[len(prompt):]
+
+
+class Sim:
+    def __init__(self, num_blocks, block_size, max_num_seqs, budget, max_queued=10_000):
+        self.bm = BlockManager(num_blocks, block_size)
+        self.sched = Scheduler(self.bm, max_num_seqs, budget, max_queued)
+        self.budget, self.max_num_seqs, self.block_size = budget, max_num_seqs, block_size
+        self.cache: dict[int, int] = {}
+        self.seqs: dict[str, Sequence] = {}
+
+    def add(self, rid, prompt, max_tokens):
+        seq = Sequence(rid, prompt, SamplingParams(max_tokens=max_tokens))
+        self.sched.add(seq)
+        self.seqs[rid] = seq
+        return seq
+
+    def abort(self, rid):
+        seq = self.seqs[rid]
+        held = len(seq.block_table)
+        used = self.bm.num_used_blocks
+        self.sched.finish(seq, "cancelled")
+        assert self.bm.num_used_blocks == used - held  # freed at once
+
+    def step(self):
+        before = {s.request_id: (s.status, s.num_uncomputed_tokens) for s in self.seqs.values()}
+        batch = self.sched.schedule()
+        self.check(batch, before)
+        flat = flatten(batch, self.block_size)
+        for slot, token in zip(flat.slot_mapping, flat.input_ids):
+            self.cache[slot] = token
+        sampled = []
+        for seq, samples in zip(batch.seqs, batch.sample_flags):
+            if samples:
+                bs, table = self.block_size, seq.block_table
+                context = [self.cache[table[p // bs] * bs + p % bs] for p in range(len(seq))]
+                assert context == seq.token_ids, f"{seq.request_id}: KV read back does not match its tokens"
+                sampled.append(next_token(context))
+        assert len(sampled) == len(flat.sample_rows)
+        for seq in self.sched.postprocess(batch, sampled):
+            if seq.num_completion_tokens >= seq.params.max_tokens:
+                self.sched.finish(seq, "length")
+        return batch
+
+    def check(self, batch, before):
+        sched, bm = self.sched, self.bm
+        assert batch.num_tokens <= self.budget
+        assert len(batch.seqs) <= self.max_num_seqs and len(sched.running) <= self.max_num_seqs
+        assert len({id(s) for s in batch.seqs}) == len(batch.seqs)
+        # decodes of sequences already running come before any prefill chunk
+        kinds = ["decode" if before[s.request_id] == (SequenceStatus.RUNNING, 1) else "prefill" for s in batch.seqs]
+        assert kinds == sorted(kinds), kinds
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            assert seq.status is SequenceStatus.RUNNING
+            assert 1 <= n <= seq.num_uncomputed_tokens
+            assert len(seq.block_table) * self.block_size >= seq.num_computed_tokens + n
+        for seq in batch.preempted:
+            assert seq.status is SequenceStatus.WAITING and seq.block_table == [] and seq.num_computed_tokens == 0
+        if batch.preempted:  # no admission in a step that had to preempt
+            assert all(before[s.request_id][0] is SequenceStatus.RUNNING for s in batch.seqs)
+        held = [b for s in self.seqs.values() for b in s.block_table]
+        assert len(held) == len(set(held)) and len(held) + bm.num_free_blocks == bm.num_blocks
+        for s in sched.running:
+            assert len(s.block_table) == blocks_for(len(s), self.block_size)
+        assert batch or not sched.has_unfinished(), "work left but nothing scheduled"
+
+
+def test_decodes_first_then_prefill_chunks_fill_the_budget():
+    sim = Sim(num_blocks=64, block_size=4, max_num_seqs=4, budget=8)
+    a = sim.add("a", [1, 2, 3], 5)
+    assert sim.step().num_new_tokens == [3]  # a's whole prompt
+    b = sim.add("b", list(range(20)), 2)
+    batch = sim.step()
+    assert batch.seqs == [a, b] and batch.num_new_tokens == [1, 7] and batch.sample_flags == [True, False]
+    batch = sim.step()
+    assert batch.seqs == [a, b] and batch.num_new_tokens == [1, 7]
+    batch = sim.step()  # b's last 6 prompt tokens complete its prefill: it samples
+    assert batch.seqs == [a, b] and batch.num_new_tokens == [1, 6] and batch.sample_flags == [True, True]
+    assert sim.step().num_new_tokens == [1, 1]
+
+
+def test_sequence_cap_and_fcfs_admission():
+    sim = Sim(num_blocks=64, block_size=4, max_num_seqs=2, budget=64)
+    for i in range(4):
+        sim.add(f"r{i}", [i + 1] * 3, 4)
+    batch = sim.step()
+    assert [s.request_id for s in batch.seqs] == ["r0", "r1"] and len(sim.sched.waiting) == 2
+
+
+def test_admission_by_kv_capacity_does_not_skip_the_head():
+    sim = Sim(num_blocks=4, block_size=4, max_num_seqs=4, budget=64)
+    sim.add("a", [1] * 8, 4)  # 2 blocks
+    sim.step()
+    big = sim.add("big", [2] * 12, 1)  # 3 blocks: does not fit the 2 free
+    sim.add("small", [3], 1)  # fits, but must not overtake the head of the queue
+    batch = sim.step()
+    assert [s.request_id for s in batch.seqs] == ["a"]
+    assert list(sim.sched.waiting)[0] is big
+
+
+def test_preemption_takes_the_newest_and_recomputes_it():
+    sim = Sim(num_blocks=4, block_size=2, max_num_seqs=4, budget=64)
+    a = sim.add("a", [1, 2, 3, 4], 4)
+    b = sim.add("b", [5, 6, 7, 8], 4)
+    assert sim.step().seqs == [a, b]  # both prompts: all 4 blocks in use
+    batch = sim.step()  # a's new token needs a fifth block: b (newest) is preempted
+    assert batch.preempted == [b] and batch.seqs == [a]
+    assert list(sim.sched.waiting) == [b] and b.num_completion_tokens == 1 and b.block_table == []
+    assert sim.sched.num_preemptions == 1
+    while sim.sched.has_unfinished():
+        sim.step()
+    assert a.completion_token_ids == alone([1, 2, 3, 4], 4)
+    assert b.completion_token_ids == alone([5, 6, 7, 8], 4)
+
+
+def test_a_sequence_alone_preempts_itself_never():
+    sim = Sim(num_blocks=3, block_size=2, max_num_seqs=1, budget=8)
+    a = sim.add("a", [1], 5)  # 6 tokens = 3 blocks: fits alone exactly
+    while sim.sched.has_unfinished():
+        assert not sim.step().preempted
+    assert a.completion_token_ids == alone([1], 5)
+
+
+def test_queue_limit_refuses_at_add():
+    sim = Sim(num_blocks=8, block_size=4, max_num_seqs=1, budget=8, max_queued=2)
+    sim.add("a", [1], 2)
+    sim.add("b", [1], 2)
+    with pytest.raises(QueueFullError, match="max_queued_requests=2"):
+        sim.add("c", [1], 2)
+    sim.step()  # a admitted: room again
+    sim.add("c", [1], 2)
+
+
+def test_budget_must_cover_a_decode_per_sequence():
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        Scheduler(BlockManager(4, 4), max_num_seqs=8, max_num_batched_tokens=4, max_queued_requests=1)
+
+
+request = st.tuples(
+    st.lists(st.integers(0, 49), min_size=1, max_size=24),  # prompt
+    st.integers(1, 12),  # max_tokens
+    st.integers(0, 10),  # arrival step
+    st.one_of(st.none(), st.integers(0, 30)),  # abort at step
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    requests=st.lists(request, min_size=1, max_size=10),
+    block_size=st.sampled_from([1, 2, 4, 8]),
+    spare_blocks=st.integers(0, 20),
+    max_num_seqs=st.integers(1, 6),
+    extra_budget=st.integers(0, 24),
+)
+def test_outputs_equal_serving_alone_whatever_the_schedule(requests, block_size, spare_blocks, max_num_seqs, extra_budget):
+    longest = max(len(p) + m for p, m, _, _ in requests)
+    sim = Sim(blocks_for(longest, block_size) + spare_blocks, block_size, max_num_seqs, max_num_seqs + extra_budget)
+    step = 0
+    while step <= 10 or sim.sched.has_unfinished():
+        for i, (prompt, max_tokens, arrival, abort_at) in enumerate(requests):
+            rid = f"r{i}"
+            if arrival == step:
+                sim.add(rid, prompt, max_tokens)
+            if abort_at == step and rid in sim.seqs and not sim.seqs[rid].is_finished:
+                sim.abort(rid)
+        sim.step()
+        step += 1
+        assert step < 2000, "no progress"
+    assert sim.bm.num_used_blocks == 0
+    for i, (prompt, max_tokens, _, _) in enumerate(requests):
+        seq = sim.seqs[f"r{i}"]
+        want = alone(prompt, max_tokens)
+        if seq.finish_reason == "cancelled":
+            assert seq.completion_token_ids == want[:seq.num_completion_tokens]
+        else:
+            assert seq.finish_reason == "length" and seq.completion_token_ids == want
