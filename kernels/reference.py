@@ -145,3 +145,84 @@ def block_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[in
     n, kk = weight.shape[-2:]
     s = scale_inv.float().repeat_interleave(bn, dim=-2).repeat_interleave(bk, dim=-1)
     return weight.float() * s[..., :n, :kk]
+
+
+def act_quant_fp8(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token-group FP8 quantisation of activations x [..., K] (DeepSeek-V3 `act_quant`).
+
+    Each row's K values are cut into groups of `group` (the last may be shorter); a group's scale is
+    its absolute maximum over 448 (e4m3's largest value). Returns (e4m3 values [..., K], float32
+    scales [..., ceil(K/group)]); values times their group's scale give back x approximately.
+    """
+    k = x.shape[-1]
+    nb = -(-k // group)
+    padded = F.pad(x.float(), (0, nb * group - k)).unflatten(-1, (nb, group))
+    scale = padded.abs().amax(dim=-1).clamp(min=1e-10) / 448.0
+    q = (padded / scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.flatten(-2)[..., :k], scale
+
+
+def act_dequant_fp8(q: torch.Tensor, scale: torch.Tensor, group: int = 128) -> torch.Tensor:
+    """Inverse of act_quant_fp8, in float32."""
+    k = q.shape[-1]
+    return q.float() * scale.repeat_interleave(group, dim=-1)[..., :k]
+
+
+def dequant_w13_fp8(w13: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """Dequantise stacked FP8 gate/up weights w13 [E, 2I, H] whose scales [E, 2*ceil(I/block), ...]
+    hold the gate's blocks then the up's (each checkpoint tensor keeps its own block grid)."""
+    i = w13.shape[-2] // 2
+    gb = -(-i // block)
+    gate = block_dequant(w13[..., :i, :], scale_inv[..., :gb, :], (block, block))
+    up = block_dequant(w13[..., i:, :], scale_inv[..., gb:, :], (block, block))
+    return torch.cat([gate, up], dim=-2)
+
+
+def dequant_int8_channel(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Dequantise an INT8 weight [..., N, K] with one scale per output row, scale [..., N]; float32."""
+    return weight.float() * scale.float().unsqueeze(-1)
+
+
+def fused_experts_fp8(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale_inv: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale_inv: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Routed experts with FP8 block-scaled weights (layouts in kernels/weights.py), computed as the
+    FP8 kernels do: activations quantised per 1x128 group before each GEMM, the SwiGLU output
+    rounded to hidden's dtype before its quantisation, float32 arithmetic elsewhere."""
+    w13f = dequant_w13_fp8(w13, w13_scale_inv)
+    w2f = block_dequant(w2, w2_scale_inv)
+    num_experts = w13.shape[0]
+    order, _, offsets = permute(topk_ids, num_experts)
+    k = topk_ids.shape[1]
+    x = act_dequant_fp8(*act_quant_fp8(hidden[order // k]))
+    y = torch.empty(x.shape[0], w2.shape[1], dtype=torch.float32, device=hidden.device)
+    bounds = offsets.tolist()
+    for e in range(num_experts):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            gate, up = (x[lo:hi] @ w13f[e].t()).chunk(2, dim=-1)
+            act = (F.silu(gate) * up).to(hidden.dtype)
+            y[lo:hi] = act_dequant_fp8(*act_quant_fp8(act)) @ w2f[e].t()
+    return combine(y, order, topk_weights.float(), hidden.shape[0]).to(hidden.dtype)
+
+
+def fused_experts_int8(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Routed experts with INT8 weight-only experts (per-row scales), in float32 on the dequantised
+    weights; returns hidden's dtype."""
+    w13f = dequant_int8_channel(w13, w13_scale)
+    w2f = dequant_int8_channel(w2, w2_scale)
+    return fused_experts(hidden.float(), w13f, w2f, topk_ids, topk_weights.float()).to(hidden.dtype)

@@ -1,0 +1,110 @@
+"""Launch configurations of the fused expert GEMMs: a per-GPU JSON table, with defaults.
+
+`kernels/configs/<gpu>.json` (written by benchmarks/autotune_kernels.py) maps a shape key to token
+buckets, each holding one `MoeConfig` as a dict:
+
+    {"E=128,H=2048,I=768,k=8,bf16": {"1": {"block_m": 16, "up": {...}, "down": {...}}, "64": ...}}
+
+The bucket nearest to the call's token count (in log scale) is used; shapes absent from the table
+get `default_config`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile and launch parameters of one grouped GEMM (block_m is shared, see MoeConfig)."""
+
+    block_n: int = 64
+    block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"GemmConfig.{name} must be a power of two, got {v}")
+        if self.block_n < 16 or self.block_k < 16:
+            raise ValueError("GemmConfig.block_n and block_k must be >= 16 (tensor-core tile)")
+        if self.num_stages < 1 or self.group_m < 1:
+            raise ValueError("GemmConfig.num_stages and group_m must be >= 1")
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """block_m (rows per expert block, shared by the permutation and both GEMMs) and the two GEMMs."""
+
+    block_m: int = 16
+    up: GemmConfig = field(default_factory=GemmConfig)
+    down: GemmConfig = field(default_factory=GemmConfig)
+
+    def __post_init__(self) -> None:
+        if self.block_m < 16 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"MoeConfig.block_m must be a power of two >= 16, got {self.block_m}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "MoeConfig":
+        return MoeConfig(block_m=int(d["block_m"]), up=GemmConfig(**d["up"]), down=GemmConfig(**d["down"]))
+
+
+def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, quant: str) -> str:
+    """The table key of one expert shape (quant: 'bf16', 'fp8' or 'int8')."""
+    return f"E={num_experts},H={hidden},I={inter},k={top_k},{quant}"
+
+
+def device_file_name(device_name: str) -> str:
+    """Table file of a GPU, from torch.cuda.get_device_name (e.g. 'NVIDIA H100 80GB HBM3')."""
+    return "".join(c if c.isalnum() else "_" for c in device_name).strip("_") + ".json"
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(device_name: str) -> dict:
+    """The parsed table of a GPU, {} when the repo has none."""
+    path = CONFIG_DIR / device_file_name(device_name)
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        return json.load(f)
+
+
+def default_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,
+                   quant: str = "bf16") -> MoeConfig:
+    """Heuristic when the table has no entry: small tiles and many programs while weight-bandwidth
+    bound (few rows per expert), large tensor-core tiles once each expert sees many rows."""
+    rows_per_expert = num_tokens * top_k / max(1, min(num_experts, num_tokens * top_k))
+    bk = 128 if quant == "fp8" else 64
+    if rows_per_expert <= 16:
+        small = GemmConfig(block_n=32, block_k=bk if quant == "fp8" else 128, num_warps=4, num_stages=4)
+        return MoeConfig(16, small, GemmConfig(block_n=64, block_k=bk if quant == "fp8" else 128,
+                                                num_warps=4, num_stages=4))
+    if rows_per_expert <= 64:
+        mid = GemmConfig(block_n=64, block_k=bk, num_warps=4, num_stages=4)
+        return MoeConfig(32, mid, GemmConfig(block_n=128, block_k=bk, num_warps=4, num_stages=4))
+    big = GemmConfig(block_n=128, block_k=bk, num_warps=8, num_stages=4)
+    return MoeConfig(64 if rows_per_expert <= 128 else 128, big,
+                     GemmConfig(block_n=128, block_k=bk, num_warps=8, num_stages=4))
+
+
+def get_config(device_name: str, num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,
+               quant: str = "bf16") -> MoeConfig:
+    """The table's entry for this shape at the nearest token bucket, else `default_config`."""
+    entry = load_table(device_name).get(shape_key(num_experts, hidden, inter, top_k, quant))
+    if not entry:
+        return default_config(num_tokens, num_experts, hidden, inter, top_k, quant)
+    target = math.log2(max(1, num_tokens))
+    bucket = min(entry, key=lambda b: (abs(math.log2(int(b)) - target), int(b)))
+    return MoeConfig.from_dict(entry[bucket])

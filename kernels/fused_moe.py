@@ -1,0 +1,232 @@
+"""Fused expert MLP in Triton: permute, gate/up GEMM with SiLU(gate)*up, down GEMM with the routing
+weight, combine in token order. bf16 activations with fp32 accumulation; weights bf16, FP8 e4m3 with
+128x128 block scales, or INT8 with per-output-channel scales.
+
+Data flow for hidden [T, H], k slots per token, S = T*k:
+1. align_block_size: slot indices sorted by expert into BLOCK_M-aligned runs (align.py).
+2. up GEMM over runs: act[p] = silu(x[slot // k] @ gate.T) * (x[slot // k] @ up.T), p the padded
+   position; written [max_padded, I], padding rows unwritten and never read.
+3. down GEMM over runs: y[slot] = w[slot] * act[p] @ w2.T, written [S, H].
+4. combine: out[t] = sum over held slots j of y[t*k + j], in fp32, in slot order (deterministic).
+A program exits at once when its block lies past the used runs, so only experts with tokens have
+their weights read.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .align import Alignment, align_block_size
+from .configs import GemmConfig, MoeConfig, get_config
+from .launch import empty, interpreting
+from .weights import ExpertWeights
+
+FP8_GROUP = 128  # activation and weight scale block along K (DeepSeek-V3)
+FP8_MAX = 448.0
+QUANT_CODES = {"bf16": 0, "fp8": 1, "int8": 2}
+
+
+@triton.jit
+def _rtne_bf16(x):
+    """x (float32) rounded to the bfloat16 grid, to nearest even. The CPU interpreter truncates when
+    it converts float32 to bf16; rounding first makes its results those of the GPU."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rtne_e4m3(y):
+    """y (float32, |y| <= 448) rounded to the e4m3 grid, to nearest even; for the interpreter, as above."""
+    e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(y), 1e-30))), -6.0)
+    step = tl.exp2(e - 3.0)
+    return ((y / step + 12582912.0) - 12582912.0) * step  # 1.5 * 2**23 rounds to an integer
+
+
+@triton.jit
+def _store_rounded(ptrs, x, mask, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        if ptrs.dtype.element_ty == tl.bfloat16:
+            x = _rtne_bf16(x)
+    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, b_scale_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
+    N, K, S, top_k, max_blocks, gate_scale_rows,
+    stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn, stride_sk,
+    A_BY_TOKEN: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, QUANT: tl.constexpr,
+    INTERPRET: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C = A @ B[e].T over one BLOCK_M run of expert e; N output columns (I when GATED: the up rows
+    sit N rows below the gate rows), K the reduction length."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(max_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+
+    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_ptr + offs_p)
+    row_ok = slot < S
+    if A_BY_TOKEN:
+        a_rows = (slot // top_k).to(tl.int64)
+    else:
+        a_rows = offs_p.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    up_shift = N * stride_bn
+    if QUANT == 1:
+        s_base = b_scale_ptr + expert * stride_se
+        gate_srow = offs_n // 128
+        up_srow = gate_scale_rows + offs_n // 128
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            if GATED:
+                bu = tl.load(b_ptrs + up_shift, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if GATED:
+                bu = tl.load(b_ptrs + up_shift, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if QUANT == 1:
+            # Activations: one scale per row and 128-wide K group (BLOCK_K == 128), quantised here.
+            a = a.to(tl.float32)
+            a_scale = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / 448.0
+            aq = tl.clamp(a / a_scale[:, None], -448.0, 448.0)
+            if INTERPRET:
+                aq = _rtne_e4m3(aq)
+            aq = aq.to(tl.float8e4nv)
+            kb = k0 // 128
+            bs = tl.load(s_base + gate_srow * stride_sn + kb * stride_sk, mask=n_ok, other=0.0)
+            acc += tl.dot(aq, b) * (a_scale[:, None] * bs[None, :])
+            if GATED:
+                bus = tl.load(s_base + up_srow * stride_sn + kb * stride_sk, mask=n_ok, other=0.0)
+                acc_up += tl.dot(aq, bu) * (a_scale[:, None] * bus[None, :])
+        else:
+            if QUANT == 2:  # int8 values are exact in bf16 (the interpreter's int8->bf16 is broken)
+                b = b.to(tl.float32 if INTERPRET else a.dtype)
+                if GATED:
+                    bu = bu.to(tl.float32 if INTERPRET else a.dtype)
+            if INTERPRET:  # the CPU interpreter multiplies bf16 as raw integers; upcast there only
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+                if GATED:
+                    bu = bu.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            if GATED:
+                acc_up = tl.dot(a, bu, acc_up)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    if QUANT == 2:  # per-output-channel scales
+        s_base = b_scale_ptr + expert * stride_se
+        acc *= tl.load(s_base + offs_n * stride_sn, mask=n_ok, other=0.0)[None, :]
+        if GATED:
+            acc_up *= tl.load(s_base + (N + offs_n) * stride_sn, mask=n_ok, other=0.0)[None, :]
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+        c_rows = offs_p.to(tl.int64)
+    else:
+        c_rows = slot.to(tl.int64)
+    if MUL_WEIGHT:
+        acc *= tl.load(topk_w_ptr + slot, mask=row_ok, other=0.0)[:, None]
+    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :]
+    _store_rounded(c_ptrs, acc, row_ok[:, None] & n_ok[None, :], INTERPRET)
+
+
+@triton.jit
+def _combine_kernel(y_ptr, ids_ptr, out_ptr, H, E, stride_y, stride_o,
+                    K: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+    """out[t] = sum of y[t*K + j] over the slots j whose expert is held here."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = offs < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(K):
+        e = tl.load(ids_ptr + t * K + j)
+        limit = tl.where((e >= 0) & (e < E), H, 0)  # slots of experts held elsewhere were never written
+        acc += tl.load(y_ptr + (t * K + j) * stride_y + offs, mask=offs < limit, other=0.0).to(tl.float32)
+    _store_rounded(out_ptr + t * stride_o + offs, acc, h_ok, INTERPRET)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _gemm(a, b, c, scale, topk_w, al: Alignment, n, k, top_k, gate_scale_rows, cfg: GemmConfig, *,
+          a_by_token: bool, gated: bool, mul_weight: bool, quant: str):
+    if quant == "fp8" and cfg.block_k != FP8_GROUP:
+        cfg = GemmConfig(cfg.block_n, FP8_GROUP, cfg.group_m, cfg.num_warps, cfg.num_stages)
+    max_blocks = al.block_expert.numel()
+    grid = (max_blocks * triton.cdiv(n, cfg.block_n),)
+    if scale is None:
+        scale, strides = b, (0, 0, 0)
+    else:
+        strides = tuple(scale.stride()) + (0,) * (3 - scale.dim())
+    _moe_gemm_kernel[grid](
+        a, b, c, scale, topk_w, al.sorted_ids, al.block_expert, al.num_padded,
+        n, k, al.num_slots, top_k, max_blocks, gate_scale_rows,
+        a.stride(0), b.stride(0), b.stride(1), c.stride(0), *strides,
+        A_BY_TOKEN=a_by_token, GATED=gated, MUL_WEIGHT=mul_weight, QUANT=QUANT_CODES[quant],
+        INTERPRET=interpreting(), EVEN_K=k % cfg.block_k == 0,
+        BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def fused_experts(
+    hidden: torch.Tensor,
+    weights: ExpertWeights,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    config: MoeConfig | None = None,
+) -> torch.Tensor:
+    """Routed-expert output [T, H] in hidden's dtype; the semantics of reference.fused_experts."""
+    t, h = hidden.shape
+    e, two_i, _ = weights.w13.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    if hidden.stride(1) != 1:
+        hidden = hidden.contiguous()
+    topk_ids = topk_ids.contiguous()
+    topk_w = topk_weights.to(torch.float32).contiguous()
+    out = empty(t, h, dtype=hidden.dtype, device=hidden.device)
+    if t == 0:
+        return out
+    cfg = config or get_config(_device_name(hidden.device), t, e, h, inter, top_k, weights.quant)
+    al = align_block_size(topk_ids, e, cfg.block_m)
+    act = empty(al.sorted_ids.numel(), inter, dtype=hidden.dtype, device=hidden.device)
+    y = empty(t * top_k, h, dtype=hidden.dtype, device=hidden.device)
+    gate_rows = triton.cdiv(inter, FP8_GROUP)
+    _gemm(hidden, weights.w13, act, weights.w13_scale, topk_w, al, inter, h, top_k, gate_rows, cfg.up,
+          a_by_token=True, gated=True, mul_weight=False, quant=weights.quant)
+    _gemm(act, weights.w2, y, weights.w2_scale, topk_w, al, h, inter, top_k, 0, cfg.down,
+          a_by_token=False, gated=False, mul_weight=True, quant=weights.quant)
+    block_h = min(1024, triton.next_power_of_2(h))
+    _combine_kernel[(t, triton.cdiv(h, block_h))](
+        y, topk_ids, out, h, e, y.stride(0), out.stride(0), K=top_k, BLOCK_H=block_h, INTERPRET=interpreting(), num_warps=4,
+    )
+    return out

@@ -1,0 +1,188 @@
+"""Triton gating kernels: softmax top-k and group-limited (DeepSeek-V2/V3) top-k, one launch per call.
+
+Each program takes BLOCK_T tokens and the whole expert row (E <= a few hundred), so any token count
+is one launch. Top-k is k rounds of argmax-and-mask in registers; k is small (2..8) in every model
+we serve, and equals E at most.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import empty
+
+
+
+@triton.jit
+def _softmax_topk_kernel(
+    logits_ptr, weights_ptr, ids_ptr, T, E, stride_t,
+    K: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < T
+    col_ok = cols < E
+    ok = row_ok[:, None] & col_ok[None, :]
+    # Rows past T repeat the last row so they compute quietly; they are never stored.
+    src = tl.minimum(rows, T - 1).to(tl.int64)
+    x = tl.load(logits_ptr + src[:, None] * stride_t + cols[None, :], mask=col_ok[None, :], other=float("-inf"))
+    x = x.to(tl.float32)
+    x = x - tl.max(x, axis=1)[:, None]
+    p = tl.where(col_ok[None, :], tl.exp(x), 0.0)
+    p = p / tl.sum(p, axis=1)[:, None]
+    # Padding columns get -2 so they are never chosen, even when k == E.
+    work = tl.where(ok, p, -2.0)
+    kcols = tl.arange(0, BLOCK_K)
+    out_w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    out_i = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    for j in tl.static_range(K):
+        best = tl.argmax(work, axis=1)
+        val = tl.max(work, axis=1)
+        out_w = tl.where(kcols[None, :] == j, val[:, None], out_w)
+        out_i = tl.where(kcols[None, :] == j, best[:, None], out_i)
+        work = tl.where(cols[None, :] == best[:, None], -3.0, work)
+    if RENORM:
+        out_w = out_w / tl.sum(out_w, axis=1)[:, None]
+    dst = rows[:, None] * K + kcols[None, :]
+    kmask = row_ok[:, None] & (kcols[None, :] < K)
+    tl.store(weights_ptr + dst, out_w, mask=kmask)
+    tl.store(ids_ptr + dst, out_i.to(tl.int64), mask=kmask)
+
+
+def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts then top-k, sorted descending: (weights [T, k] float32, ids [T, k] int64)."""
+    t, e = logits.shape
+    if not 1 <= k <= e:
+        raise ValueError(f"top-k must be in [1, {e}] (the number of experts), got {k}")
+    logits = logits.contiguous()
+    weights = empty(t, k, dtype=torch.float32, device=logits.device)
+    ids = empty(t, k, dtype=torch.int64, device=logits.device)
+    if t == 0:
+        return weights, ids
+    block_e = triton.next_power_of_2(e)
+    block_t = max(1, min(16, 4096 // block_e))
+    _softmax_topk_kernel[(triton.cdiv(t, block_t),)](
+        logits, weights, ids, t, e, logits.stride(0),
+        K=k, RENORM=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k),
+        num_warps=4,
+    )
+    return weights, ids
+
+
+@triton.jit
+def _grouped_topk_kernel(
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, E, stride_t, scaling,
+    K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < T
+    col_ok = cols < E
+    ok = row_ok[:, None] & col_ok[None, :]
+    # Rows past T repeat the last row so they compute quietly; they are never stored.
+    src = tl.minimum(rows, T - 1).to(tl.int64)
+    x = tl.load(logits_ptr + src[:, None] * stride_t + cols[None, :], mask=col_ok[None, :], other=float("-inf"))
+    x = x.to(tl.float32)
+    if SIGMOID:
+        scores = 1.0 / (1.0 + tl.exp(-x))
+    else:
+        m = tl.max(x, axis=1)
+        p = tl.where(col_ok[None, :], tl.exp(x - m[:, None]), 0.0)
+        scores = p / tl.sum(p, axis=1)[:, None]
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        choice = scores + b[None, :]
+    else:
+        choice = scores
+    NEG: tl.constexpr = float("-inf")
+    choice = tl.where(ok, choice, NEG)
+    group_of = cols // GROUP_SIZE
+    gcols = tl.arange(0, BLOCK_G)
+    # Group scores: sum of the two best (biased) scores with a bias (V3), else the best (V2).
+    gscore = tl.full([BLOCK_T, BLOCK_G], NEG, tl.float32)
+    for g in tl.static_range(N_GROUP):
+        in_g = (group_of == g)[None, :]
+        vals = tl.where(in_g, choice, NEG)
+        top1 = tl.max(vals, axis=1)
+        if HAS_BIAS:
+            n_top = tl.sum(tl.where(in_g & (vals == top1[:, None]), 1, 0), axis=1)
+            below = tl.max(tl.where(vals < top1[:, None], vals, NEG), axis=1)
+            s = top1 + tl.where(n_top >= 2, top1, below)
+        else:
+            s = top1
+        gscore = tl.where(gcols[None, :] == g, s[:, None], gscore)
+    # Keep the TOPK_GROUP best groups.
+    gsel = tl.zeros([BLOCK_T, BLOCK_G], dtype=tl.int32)
+    gwork = gscore
+    for _ in tl.static_range(TOPK_GROUP):
+        best = tl.argmax(gwork, axis=1)
+        gsel = tl.where(gcols[None, :] == best[:, None], 1, gsel)
+        gwork = tl.where(gcols[None, :] == best[:, None], NEG, gwork)
+    eligible = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
+    for g in tl.static_range(N_GROUP):
+        sel_g = tl.sum(tl.where(gcols[None, :] == g, gsel, 0), axis=1)
+        eligible = tl.where((group_of == g)[None, :] & (sel_g[:, None] > 0), 1, eligible)
+    work = tl.where(eligible > 0, choice, NEG)
+    kcols = tl.arange(0, BLOCK_K)
+    out_w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    out_i = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    for j in tl.static_range(K):
+        best = tl.argmax(work, axis=1)
+        hit = cols[None, :] == best[:, None]
+        w = tl.sum(tl.where(hit, scores, 0.0), axis=1)
+        out_w = tl.where(kcols[None, :] == j, w[:, None], out_w)
+        out_i = tl.where(kcols[None, :] == j, best[:, None], out_i)
+        work = tl.where(hit, NEG, work)
+    if RENORM:
+        out_w = out_w * (scaling / (tl.sum(out_w, axis=1) + 1e-20))[:, None]
+    else:
+        out_w = out_w * scaling
+    dst = rows[:, None] * K + kcols[None, :]
+    kmask = row_ok[:, None] & (kcols[None, :] < K)
+    tl.store(weights_ptr + dst, out_w, mask=kmask)
+    tl.store(ids_ptr + dst, out_i.to(tl.int64), mask=kmask)
+
+
+def grouped_topk(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scoring: str = "sigmoid",
+    correction_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited top-k with the semantics of reference.grouped_topk (ids in descending choice order)."""
+    t, e = logits.shape
+    if scoring not in ("sigmoid", "softmax"):
+        raise ValueError(f"unknown scoring function {scoring!r}; expected 'sigmoid' or 'softmax'")
+    if n_group < 1 or e % n_group:
+        raise ValueError(f"n_group must divide the number of experts ({e}), got {n_group}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
+    if not 1 <= k <= topk_group * (e // n_group):
+        raise ValueError(f"top-k must be in [1, {topk_group * (e // n_group)}] (experts in the kept groups), got {k}")
+    if correction_bias is not None and e // n_group < 2:
+        raise ValueError("a correction bias ranks groups by their two best experts: groups need >= 2 experts")
+    logits = logits.contiguous()
+    weights = empty(t, k, dtype=torch.float32, device=logits.device)
+    ids = empty(t, k, dtype=torch.int64, device=logits.device)
+    if t == 0:
+        return weights, ids
+    block_e = triton.next_power_of_2(e)
+    block_t = max(1, min(16, 4096 // block_e))
+    bias = correction_bias.contiguous() if correction_bias is not None else logits
+    _grouped_topk_kernel[(triton.cdiv(t, block_t),)](
+        logits, bias, weights, ids, t, e, logits.stride(0), float(routed_scaling_factor),
+        K=k, N_GROUP=n_group, TOPK_GROUP=topk_group, GROUP_SIZE=e // n_group,
+        SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None, RENORM=renormalize,
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(n_group),
+        BLOCK_K=triton.next_power_of_2(k), num_warps=4,
+    )
+    return weights, ids

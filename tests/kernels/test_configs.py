@@ -1,0 +1,51 @@
+"""The launch-configuration table: lookup, defaults, and the shipped tables' validity."""
+
+import json
+
+import pytest
+
+from moeserve.kernels import configs
+from moeserve.kernels.configs import GemmConfig, MoeConfig
+
+
+def test_nearest_bucket_and_default(tmp_path, monkeypatch):
+    a = MoeConfig(16, GemmConfig(block_n=32), GemmConfig(block_n=64))
+    b = MoeConfig(64, GemmConfig(block_n=128, num_warps=8), GemmConfig(block_n=128))
+    key = configs.shape_key(128, 2048, 768, 8, "bf16")
+    (tmp_path / "Test_GPU.json").write_text(json.dumps({key: {"1": a.to_dict(), "256": b.to_dict()}}))
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    configs.load_table.cache_clear()
+    try:
+        assert configs.get_config("Test GPU", 1, 128, 2048, 768, 8) == a
+        assert configs.get_config("Test GPU", 8, 128, 2048, 768, 8) == a
+        assert configs.get_config("Test GPU", 4096, 128, 2048, 768, 8) == b
+        other = configs.get_config("Test GPU", 8, 64, 2048, 1408, 6)
+        assert other == configs.default_config(8, 64, 2048, 1408, 6)
+    finally:
+        configs.load_table.cache_clear()
+
+
+@pytest.mark.parametrize("quant", ["bf16", "fp8", "int8"])
+@pytest.mark.parametrize("t", [1, 8, 64, 256, 1024, 4096])
+def test_defaults_are_valid(quant, t):
+    cfg = configs.default_config(t, 128, 2048, 768, 8, quant)
+    assert MoeConfig.from_dict(cfg.to_dict()) == cfg
+    if quant == "fp8":
+        assert cfg.up.block_k == cfg.down.block_k == 128
+
+
+def test_shipped_tables_parse():
+    for path in configs.CONFIG_DIR.glob("*.json"):
+        table = json.loads(path.read_text())
+        for key, buckets in table.items():
+            assert key.startswith("E=") and buckets, path
+            for bucket, entry in buckets.items():
+                assert int(bucket) >= 1
+                MoeConfig.from_dict(entry)  # validates
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="block_n"):
+        GemmConfig(block_n=48)
+    with pytest.raises(ValueError, match="block_m"):
+        MoeConfig(block_m=8)

@@ -1,0 +1,131 @@
+"""The fused expert MLP (bf16, FP8 block-scaled, INT8 per-channel) against the reference oracle.
+
+Every buffer the wrappers allocate is poisoned with NaN (conftest), so an unwritten output row, or
+a kernel reading an unwritten intermediate row, fails the finite check.
+"""
+
+import pytest
+import torch
+from kernel_cases import DEVICE, ON_GPU, ROW_TOL, TOL, gpu, random_experts, random_hidden, random_routing, rel_err, row_errs
+
+from moeserve.kernels import fused_moe
+from moeserve.kernels import reference as ref
+from moeserve.kernels.configs import GemmConfig, MoeConfig
+from moeserve.kernels.weights import ExpertWeights, quantize_experts
+
+# Small tiles so that the CPU interpreter's tiny shapes still span several blocks in every dimension.
+SMALL = MoeConfig(16, GemmConfig(block_n=16, block_k=32), GemmConfig(block_n=32, block_k=32))
+WIDE_M = MoeConfig(32, GemmConfig(block_n=32, block_k=64), GemmConfig(block_n=32, block_k=64))
+
+
+def oracle(hidden, weights: ExpertWeights, ids, w):
+    """The reference in float64 on the CPU (small) or float32 on the GPU (real shapes)."""
+    dt = torch.float32 if ON_GPU else torch.float64
+    if weights.quant == "fp8":
+        return ref.fused_experts_fp8(hidden, weights.w13, weights.w13_scale, weights.w2, weights.w2_scale, ids, w)
+    if weights.quant == "int8":
+        return ref.fused_experts_int8(hidden, weights.w13, weights.w13_scale, weights.w2, weights.w2_scale, ids, w)
+    return ref.fused_experts(hidden.to(dt), weights.w13.to(dt), weights.w2.to(dt), ids, w.to(dt))
+
+
+def check(hidden, weights, ids, w, config=None, tol=TOL):
+    out = fused_moe.fused_experts(hidden, weights, ids, w, config)
+    want = oracle(hidden, weights, ids, w)
+    assert out.shape == hidden.shape and out.dtype == hidden.dtype
+    err = rel_err(out, want)
+    assert err < tol, f"relative error {err:.2e} >= {tol}"
+    rows = row_errs(out, want)
+    assert (rows < ROW_TOL).all(), f"rows {(rows >= ROW_TOL).nonzero().flatten().tolist()} wrong"
+    nothing_held = (ids < 0).all(dim=1) | (w == 0).all(dim=1)
+    assert (out[nothing_held] == 0).all()
+    return out
+
+
+CASES = [  # (T, H, I, E, k, drop, config)
+    (1, 64, 32, 8, 2, 0.0, SMALL),  # one token
+    (3, 64, 32, 16, 2, 0.0, SMALL),  # most experts without tokens
+    (5, 64, 32, 4, 4, 0.0, SMALL),  # top-k == number of experts
+    (37, 80, 48, 8, 3, 0.0, SMALL),  # T, H and I not multiples of the blocks
+    (21, 64, 32, 6, 2, 0.3, SMALL),  # slots held elsewhere (-1)
+    (70, 64, 64, 4, 2, 0.0, WIDE_M),  # several blocks per expert
+    (9, 64, 32, 8, 2, 0.0, None),  # the configuration table / defaults
+]
+
+
+@pytest.mark.parametrize("t,h,i,e,k,drop,config", CASES)
+def test_bf16_matches_reference(t, h, i, e, k, drop, config, gen):
+    hidden = random_hidden(t, h, gen)
+    w13, w2 = random_experts(e, h, i, gen)
+    ids, w = random_routing(t, e, k, gen, drop=drop)
+    check(hidden, ExpertWeights(w13, w2), ids, w, config)
+
+
+def test_every_token_to_one_expert(gen):
+    hidden = random_hidden(40, 64, gen)
+    w13, w2 = random_experts(8, 64, 32, gen)
+    ids = torch.full((40, 2), 5, device=DEVICE)
+    ids[:, 1] = 2
+    w = torch.rand(40, 2, generator=gen, device=DEVICE)
+    check(hidden, ExpertWeights(w13, w2), ids, w, SMALL)
+
+
+def test_token_with_no_expert_held_here_is_zero(gen):
+    hidden = random_hidden(6, 64, gen)
+    w13, w2 = random_experts(4, 64, 32, gen)
+    ids, w = random_routing(6, 4, 2, gen)
+    ids[2] = -1
+    ids[4, 0] = -1
+    out = check(hidden, ExpertWeights(w13, w2), ids, w, SMALL)
+    assert (out[2] == 0).all()
+
+
+@pytest.mark.parametrize("quant", ["fp8", "int8"])
+@pytest.mark.parametrize("t,h,i,e,k,drop", [(1, 128, 64, 8, 2, 0.0), (29, 256, 192, 6, 3, 0.2), (6, 160, 96, 4, 4, 0.0)])
+def test_quantized_match_dequantized_reference(quant, t, h, i, e, k, drop, gen):
+    """I = 96 / 192 are not multiples of 128: gate and up keep separate FP8 scale grids."""
+    hidden = random_hidden(t, h, gen)
+    weights = quantize_experts(ExpertWeights(*random_experts(e, h, i, gen)), quant)
+    ids, w = random_routing(t, e, k, gen, drop=drop)
+    cfg = MoeConfig(16, GemmConfig(block_n=32, block_k=128), GemmConfig(block_n=64, block_k=128))
+    check(hidden, weights, ids, w, cfg)
+
+
+@pytest.mark.parametrize("quant,tol", [("fp8", 0.12), ("int8", 0.03)])
+def test_quantized_close_to_unquantized(quant, tol, gen):
+    """Quantisation error itself stays what the formats allow (FP8 e4m3: a few percent)."""
+    hidden = random_hidden(8, 256, gen)
+    full = ExpertWeights(*random_experts(4, 256, 128, gen))
+    ids, w = random_routing(8, 4, 2, gen)
+    out = fused_moe.fused_experts(hidden, quantize_experts(full, quant), ids, w)
+    assert rel_err(out, oracle(hidden, full, ids, w)) < tol
+
+
+# Real shapes on a GPU (experts trimmed where the float32 reference would not fit).
+REAL = {  # name: (H, I, E, k)
+    "qwen3-30b-a3b": (2048, 768, 128, 8),
+    "deepseek-v2-lite": (2048, 1408, 64, 6),
+    "mixtral-8x7b": (4096, 14336, 8, 2),
+    "deepseek-v3-32of256": (7168, 2048, 32, 8),
+}
+
+
+@gpu
+@pytest.mark.parametrize("name", list(REAL))
+@pytest.mark.parametrize("t", [1, 7, 64, 333, 4096])
+def test_real_shapes_bf16(name, t, gen):
+    h, i, e, k = REAL[name]
+    hidden = random_hidden(t, h, gen)
+    ids, w = random_routing(t, e, k, gen, drop=0.05)
+    check(hidden, ExpertWeights(*random_experts(e, h, i, gen)), ids, w)
+
+
+@gpu
+@pytest.mark.parametrize("quant", ["fp8", "int8"])
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "deepseek-v3-32of256"])
+@pytest.mark.parametrize("t", [1, 64, 1024])
+def test_real_shapes_quantized(quant, name, t, gen):
+    h, i, e, k = REAL[name]
+    hidden = random_hidden(t, h, gen)
+    weights = quantize_experts(ExpertWeights(*random_experts(e, h, i, gen)), quant)
+    ids, w = random_routing(t, e, k, gen)
+    check(hidden, weights, ids, w)

@@ -1,0 +1,99 @@
+"""Triton gating kernels against kernels/reference.py."""
+
+import pytest
+import torch
+from kernel_cases import DEVICE, gpu
+
+from moeserve.kernels import gating
+from moeserve.kernels import reference as ref
+
+
+def _check_topk(w, ids, ref_w, ref_ids, scores):
+    """Same chosen experts (as sets; ties may be ordered differently) with the same weights."""
+    assert ids.shape == ref_ids.shape and w.shape == ref_w.shape
+    assert torch.isfinite(w).all()
+    got_ids, p = ids.sort(dim=1)
+    want_ids, q = ref_ids.sort(dim=1)
+    same = (got_ids == want_ids).all(dim=1)
+    # Rows that differ must differ only by tied scores: equal chosen score multisets.
+    for r in (~same).nonzero().flatten().tolist():
+        torch.testing.assert_close(scores[r, ids[r]].sort().values, scores[r, ref_ids[r]].sort().values)
+    torch.testing.assert_close(w.gather(1, p)[same], ref_w.gather(1, q)[same], rtol=1e-5, atol=1e-6)
+    assert (ids >= 0).all() and (ids < scores.shape[1]).all()
+    assert all(len(set(row)) == ids.shape[1] for row in ids.tolist())
+
+
+SOFTMAX_CASES = [  # (T, E, k)
+    (1, 8, 2),  # one token
+    (19, 8, 8),  # top-k == number of experts
+    (37, 60, 6),  # E not a power of two, T not a multiple of the token block
+    (5, 128, 8),
+]
+
+
+@pytest.mark.parametrize("t,e,k", SOFTMAX_CASES)
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_softmax_topk(t, e, k, renormalize, gen):
+    logits = torch.randn(t, e, generator=gen, device=DEVICE)
+    w, ids = gating.softmax_topk(logits, k, renormalize)
+    ref_w, ref_ids = ref.softmax_topk(logits, k, renormalize)
+    assert (ids == ref_ids).all()  # both sorted by descending score
+    torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_topk_bf16_logits_with_ties(gen):
+    logits = torch.randn(33, 64, generator=gen, device=DEVICE).bfloat16()
+    w, ids = gating.softmax_topk(logits, 6, True)
+    ref_w, ref_ids = ref.softmax_topk(logits, 6, True)
+    _check_topk(w, ids, ref_w, ref_ids, torch.softmax(logits.float(), -1))
+
+
+GROUPED_CASES = [  # (T, E, k, n_group, topk_group)
+    (1, 16, 4, 4, 2),
+    (37, 32, 6, 8, 3),
+    (9, 16, 8, 4, 4),  # every group kept
+    (20, 64, 8, 8, 4),
+]
+
+
+@pytest.mark.parametrize("t,e,k,n_group,topk_group", GROUPED_CASES)
+@pytest.mark.parametrize("variant", ["v3", "v2"])
+def test_grouped_topk(t, e, k, n_group, topk_group, variant, gen):
+    logits = torch.randn(t, e, generator=gen, device=DEVICE)
+    if variant == "v3":  # sigmoid + e_score_correction_bias + renormalise + routed_scaling_factor
+        kw = dict(scoring="sigmoid", renormalize=True, routed_scaling_factor=2.5,
+                  correction_bias=torch.randn(e, generator=gen, device=DEVICE) * 0.5)
+    else:  # DeepSeek-V2 group_limited_greedy: softmax, groups ranked by their best expert
+        kw = dict(scoring="softmax", renormalize=False, routed_scaling_factor=16.0)
+    w, ids = gating.grouped_topk(logits, k, n_group=n_group, topk_group=topk_group, **kw)
+    ref_w, ref_ids = ref.grouped_topk(logits, k, n_group=n_group, topk_group=topk_group, **kw)
+    scores = torch.sigmoid(logits) if variant == "v3" else torch.softmax(logits, -1)
+    if kw.get("correction_bias") is not None:
+        scores = scores + kw["correction_bias"]
+    _check_topk(w, ids, ref_w, ref_ids, scores)
+    groups = ids // (e // n_group)
+    assert all(len(set(row)) <= topk_group for row in groups.tolist())
+
+
+def test_grouped_topk_rejects_bad_groups():
+    logits = torch.zeros(2, 12, device=DEVICE)
+    with pytest.raises(ValueError, match="n_group"):
+        gating.grouped_topk(logits, 2, n_group=5, topk_group=1, renormalize=True)
+    with pytest.raises(ValueError, match="top-k"):
+        gating.grouped_topk(logits, 7, n_group=4, topk_group=2, renormalize=True)
+
+
+@gpu
+@pytest.mark.parametrize("t", [1, 64, 4096])
+def test_gating_real_shapes(t, gen):
+    """Qwen3-30B-A3B softmax gate (128 experts, top-8) and DeepSeek-V3's (256, 8 groups, top-8)."""
+    logits = torch.randn(t, 128, generator=gen, device=DEVICE)
+    w, ids = gating.softmax_topk(logits, 8, True)
+    ref_w, ref_ids = ref.softmax_topk(logits, 8, True)
+    _check_topk(w, ids, ref_w, ref_ids, torch.softmax(logits, -1))
+    logits = torch.randn(t, 256, generator=gen, device=DEVICE)
+    bias = torch.randn(256, generator=gen, device=DEVICE) * 0.1
+    kw = dict(n_group=8, topk_group=4, renormalize=True, correction_bias=bias, routed_scaling_factor=2.5)
+    w, ids = gating.grouped_topk(logits, 8, **kw)
+    ref_w, ref_ids = ref.grouped_topk(logits, 8, **kw)
+    _check_topk(w, ids, ref_w, ref_ids, torch.sigmoid(logits) + bias)
