@@ -46,11 +46,11 @@ def max_padded_slots(num_slots: int, num_experts: int, block_m: int) -> int:
 
 @triton.jit
 def _onehot(ids_ptr, base, S, E, SUB: tl.constexpr, E_PAD: tl.constexpr):
-    """One-hot [SUB, E_PAD] of slots base..base+SUB; ids outside [0, E) go to bin E (never used)."""
+    """One-hot [SUB, E_PAD] of slots base..base+SUB; ids outside [0, E) match no bin."""
     offs = base + tl.arange(0, SUB)
     in_range = offs < S
     e = tl.load(ids_ptr + offs, mask=in_range, other=-1)
-    e = tl.where((e >= 0) & (e < E), e, E).to(tl.int32)
+    e = tl.where((e >= 0) & (e < E), e, -1).to(tl.int32)
     bins = tl.arange(0, E_PAD)
     hot = (e[:, None] == bins[None, :]) & in_range[:, None]
     return offs, in_range, hot.to(tl.int32)
@@ -156,7 +156,7 @@ def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
     block_expert = empty(max_blocks, dtype=torch.int32, device=dev)
     num_padded = empty(1, dtype=torch.int32, device=dev)
     counts = empty(num_experts, dtype=torch.int32, device=dev)
-    e_pad = triton.next_power_of_2(num_experts + 1)
+    e_pad = triton.next_power_of_2(num_experts)
     sub = min(SUB, max(16, 8192 // e_pad))
     block_b = max(1, min(64, 4096 // block_m))
     if s <= FUSED_MAX_SLOTS:

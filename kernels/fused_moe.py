@@ -197,6 +197,41 @@ def _gemm(a, b, c, scale, topk_w, al: Alignment, n, k, top_k, gate_scale_rows, c
     )
 
 
+def expert_gemms(hidden: torch.Tensor, weights: ExpertWeights, al: Alignment, topk_weights: torch.Tensor,
+                 top_k: int, config: MoeConfig) -> torch.Tensor:
+    """Steps 2 and 3: y [T*k, H], each held slot's weighted expert output (other rows unwritten)."""
+    t, h = hidden.shape
+    inter = weights.intermediate_size
+    act = empty(al.sorted_ids.numel(), inter, dtype=hidden.dtype, device=hidden.device)
+    y = empty(t * top_k, h, dtype=hidden.dtype, device=hidden.device)
+    gate_rows = triton.cdiv(inter, FP8_GROUP)
+    _gemm(hidden, weights.w13, act, weights.w13_scale, topk_weights, al, inter, h, top_k, gate_rows, config.up,
+          a_by_token=True, gated=True, mul_weight=False, quant=weights.quant)
+    _gemm(act, weights.w2, y, weights.w2_scale, topk_weights, al, h, inter, top_k, 0, config.down,
+          a_by_token=False, gated=False, mul_weight=True, quant=weights.quant)
+    return y
+
+
+def combine(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """Step 4: out [T, H] = sum over held slots of y, in slot order."""
+    t, top_k = topk_ids.shape
+    h = y.shape[1]
+    out = empty(t, h, dtype=dtype, device=y.device)
+    block_h = min(1024, triton.next_power_of_2(h))
+    _combine_kernel[(t, triton.cdiv(h, block_h))](
+        y, topk_ids, out, h, num_experts, y.stride(0), out.stride(0),
+        K=top_k, BLOCK_H=block_h, INTERPRET=interpreting(), num_warps=4,
+    )
+    return out
+
+
+def select_config(hidden: torch.Tensor, weights: ExpertWeights, top_k: int) -> MoeConfig:
+    """The table's (or the default) configuration for this call's shape, GPU and token count."""
+    t, h = hidden.shape
+    return get_config(_device_name(hidden.device), t, weights.num_experts, h, weights.intermediate_size,
+                      top_k, weights.quant)
+
+
 def fused_experts(
     hidden: torch.Tensor,
     weights: ExpertWeights,
@@ -206,27 +241,15 @@ def fused_experts(
 ) -> torch.Tensor:
     """Routed-expert output [T, H] in hidden's dtype; the semantics of reference.fused_experts."""
     t, h = hidden.shape
-    e, two_i, _ = weights.w13.shape
-    inter = two_i // 2
-    top_k = topk_ids.shape[1]
+    if weights.hidden_size != h:
+        raise ValueError(f"hidden has {h} features but the experts take {weights.hidden_size}")
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     topk_ids = topk_ids.contiguous()
     topk_w = topk_weights.to(torch.float32).contiguous()
-    out = empty(t, h, dtype=hidden.dtype, device=hidden.device)
     if t == 0:
-        return out
-    cfg = config or get_config(_device_name(hidden.device), t, e, h, inter, top_k, weights.quant)
-    al = align_block_size(topk_ids, e, cfg.block_m)
-    act = empty(al.sorted_ids.numel(), inter, dtype=hidden.dtype, device=hidden.device)
-    y = empty(t * top_k, h, dtype=hidden.dtype, device=hidden.device)
-    gate_rows = triton.cdiv(inter, FP8_GROUP)
-    _gemm(hidden, weights.w13, act, weights.w13_scale, topk_w, al, inter, h, top_k, gate_rows, cfg.up,
-          a_by_token=True, gated=True, mul_weight=False, quant=weights.quant)
-    _gemm(act, weights.w2, y, weights.w2_scale, topk_w, al, h, inter, top_k, 0, cfg.down,
-          a_by_token=False, gated=False, mul_weight=True, quant=weights.quant)
-    block_h = min(1024, triton.next_power_of_2(h))
-    _combine_kernel[(t, triton.cdiv(h, block_h))](
-        y, topk_ids, out, h, e, y.stride(0), out.stride(0), K=top_k, BLOCK_H=block_h, INTERPRET=interpreting(), num_warps=4,
-    )
-    return out
+        return empty(0, h, dtype=hidden.dtype, device=hidden.device)
+    cfg = config or select_config(hidden, weights, topk_ids.shape[1])
+    al = align_block_size(topk_ids, weights.num_experts, cfg.block_m)
+    y = expert_gemms(hidden, weights, al, topk_w, topk_ids.shape[1], cfg)
+    return combine(y, topk_ids, weights.num_experts, hidden.dtype)

@@ -105,17 +105,21 @@ def quantize_experts(weights: ExpertWeights, quant: str) -> ExpertWeights:
     """Quantise unquantised expert weights to 'fp8' (128x128 blocks) or 'int8' (per channel)."""
     if weights.quant != "bf16":
         raise ValueError(f"weights are already quantised ({weights.quant}); quantise from bf16")
+    if quant not in ("fp8", "int8"):
+        raise ValueError(f"quant must be 'fp8' or 'int8', got {quant!r}")
     i = weights.intermediate_size
-    if quant == "fp8":
-        gq, gs = quantize_fp8_block(weights.w13[:, :i])
-        uq, us = quantize_fp8_block(weights.w13[:, i:])
-        dq, ds = quantize_fp8_block(weights.w2)
-        return ExpertWeights(torch.cat([gq, uq], 1), dq, torch.cat([gs, us], 1), ds, "fp8")
-    if quant == "int8":
-        q13, s13 = quantize_int8_channel(weights.w13)
-        q2, s2 = quantize_int8_channel(weights.w2)
-        return ExpertWeights(q13, q2, s13, s2, "int8")
-    raise ValueError(f"quant must be 'fp8' or 'int8', got {quant!r}")
+    parts = []
+    # A few experts at a time: the float32 temporaries of a whole DeepSeek-V3 layer would be ~30 GB.
+    for lo in range(0, weights.num_experts, 8):
+        w13, w2 = weights.w13[lo:lo + 8], weights.w2[lo:lo + 8]
+        if quant == "fp8":
+            (gq, gs), (uq, us) = quantize_fp8_block(w13[:, :i]), quantize_fp8_block(w13[:, i:])
+            parts.append((torch.cat([gq, uq], 1), *quantize_fp8_block(w2), torch.cat([gs, us], 1)))
+        else:
+            q13, s13 = quantize_int8_channel(w13)
+            parts.append((q13, *quantize_int8_channel(w2), s13))
+    q13, q2, s2, s13 = (torch.cat(list(x)) for x in zip(*parts))
+    return ExpertWeights(q13, q2, s13, s2, quant)
 
 
 def stack_experts(
