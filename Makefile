@@ -8,6 +8,8 @@ CONSTRAINTS := constraints/cpu.txt
 WHEELS := $(wildcard /opt/wheels)
 PIP_FLAGS := -c $(CONSTRAINTS) $(if $(WHEELS),--find-links $(WHEELS),)
 PYTEST_ARGS ?=
+# extra flags for `make run`, e.g. make run SERVE_ARGS="--port 50052 --host 0.0.0.0"
+SERVE_ARGS ?=
 
 .PHONY: run test setup clean protos
 
@@ -20,7 +22,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard protos/moe
 setup: $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/moeserve serve
+	$(VENV)/bin/moeserve serve $(SERVE_ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

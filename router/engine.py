@@ -92,27 +92,14 @@ class AsyncEngine:
         self._queues[request_id] = queue
         with self._work:
             self._work.notify()
-        return self._stream(request_id, queue, deadline)
+        return RequestStream(self, request_id, queue, deadline)
 
-    async def _stream(self, request_id: str, queue: asyncio.Queue[_Item], deadline: float | None) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                item = await _next(queue, deadline)
-                if item is None:  # the deadline passed
-                    item = self.core.abort(request_id)
-                    if item is None:  # it ended meanwhile; its last output is on the way
-                        deadline = None
-                        continue
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self.core.abort(request_id)
-                self._check_drained()
+    def _release(self, request_id: str, finished: bool) -> None:
+        """A stream is done with its request: drop its queue and, unless it finished, abort it."""
+        self._queues.pop(request_id, None)
+        if not finished:
+            self.core.abort(request_id)
+        self._check_drained()
 
     def abort(self, request_id: str) -> None:
         """End a request now; its stream gets a final "cancelled" output. No-op if it is not in flight."""
@@ -176,6 +163,51 @@ class AsyncEngine:
     def _check_drained(self) -> None:
         if self._stopping and self._drained is not None and not self.core.has_unfinished():
             self._drained.set()
+
+
+class RequestStream:
+    """One request's outputs, as an async iterator; closing it, or cancelling its consumer, aborts it.
+
+    A class rather than an async generator so that `aclose()` aborts even a stream never iterated.
+    """
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue[_Item], deadline: float | None):
+        self.request_id = request_id
+        self._engine = engine
+        self._queue = queue
+        self._deadline = deadline
+        self._done = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await _next(self._queue, self._deadline)
+            if item is None:  # the deadline passed
+                item = self._engine.core.abort(self.request_id)
+                if item is None:  # it ended meanwhile; its last output is on the way
+                    self._deadline = None
+                    item = await self._queue.get()
+        except BaseException:  # the consumer was cancelled
+            self._close(finished=False)
+            raise
+        if isinstance(item, BaseException):
+            self._close(finished=False)
+            raise item
+        if item.finished:
+            self._close(finished=True)
+        return item
+
+    async def aclose(self) -> None:
+        self._close(finished=False)
+
+    def _close(self, finished: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._engine._release(self.request_id, finished)
 
 
 async def _next(queue: asyncio.Queue[_Item], deadline: float | None) -> _Item | None:

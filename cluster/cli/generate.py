@@ -1,0 +1,121 @@
+"""`moeserve generate "text" [--stream]`: ask a running server for a completion and print it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+import grpc
+
+from moeserve.router.auth import TOKEN_ENV
+from moeserve.router.client import AsyncClient
+from moeserve.router.tls import ClientTLS
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    """--address, auth and TLS flags shared by the client commands (generate, bench)."""
+    g = p.add_argument_group("connection")
+    g.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default {DEFAULT_ADDRESS})")
+    g.add_argument("--auth-token-file", metavar="PATH",
+                   help=f"file whose first line is the bearer token (default: ${TOKEN_ENV}, if set)")
+    g.add_argument("--tls-ca", metavar="PEM", help="CA that signed the server certificate (turns TLS on)")
+    g.add_argument("--tls-cert", metavar="PEM", help="client certificate, for servers that require mTLS")
+    g.add_argument("--tls-key", metavar="PEM", help="key of --tls-cert")
+    g.add_argument("--tls-server-name", metavar="NAME", help="name to check the server certificate against")
+    g.add_argument("--tls", action="store_true", help="use TLS with the system's CAs")
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.auth_token_file:
+        with open(args.auth_token_file) as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        if not lines:
+            raise SystemExit(f"error: {args.auth_token_file} holds no token")
+        return lines[0]
+    env = os.environ.get(TOKEN_ENV, "")
+    return env.split(",")[0].strip() or None
+
+
+def connect(args: argparse.Namespace) -> AsyncClient:
+    """An AsyncClient for the connection flags in `args`."""
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        tls = ClientTLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+    return AsyncClient(args.address, token=_token(args), tls=tls)
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise SystemExit(f"error: --token-ids takes integers separated by commas, got {text!r}") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a completion from a running server",
+                       description="Send a prompt to a moeserve server and print the completion.")
+    p.add_argument("prompt", nargs="?", help="the prompt text ('-' reads standard input)")
+    p.add_argument("--token-ids", metavar="IDS", help="send these token ids (comma separated) instead of text")
+    p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    p.add_argument("--max-tokens", type=int, default=0, help="new tokens at most (default: the server's)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1] (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (default 0: off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
+                   help="stop token id (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
+    p.add_argument("--request-id", default="", help="your id for this request (echoed back)")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the completion (no stats line)")
+    add_connection_args(p)
+    p.set_defaults(func=main)
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    if args.token_ids is not None:
+        source = {"token_ids": _token_ids(args.token_ids)}
+    elif args.prompt is not None:
+        source = {"prompt": sys.stdin.read() if args.prompt == "-" else args.prompt}
+    else:
+        raise SystemExit("error: give a prompt (or --token-ids)")
+    params = dict(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
+        request_id=args.request_id,
+    )
+    async with connect(args) as client:
+        if args.stream:
+            last = None
+            async for msg in client.generate_stream(**source, timeout=args.timeout, **params):
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+                last = msg
+        else:
+            last = await client.generate(**source, timeout=args.timeout, **params)
+            sys.stdout.write(last.text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not args.quiet and last is not None:
+        from moeserve.v1 import inference_pb2 as pb
+
+        print(f"[{pb.FinishReason.Name(last.finish_reason)}: {last.usage.prompt_tokens} prompt + "
+              f"{last.usage.completion_tokens} completion tokens, first token after "
+              f"{last.time_to_first_token * 1000:.0f} ms]", file=sys.stderr)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_generate(args))
+    except grpc.RpcError as err:
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1

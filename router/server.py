@@ -1,0 +1,344 @@
+"""The gRPC edge: the moeserve.v1.Inference servicer over the AsyncEngine, and the server around it.
+
+One request's path: auth (interceptor) -> parse -> per-caller stream limit -> validation -> engine
+(with the call's deadline) -> responses. Whatever goes wrong becomes one status code through
+`status_codes`; a client that goes away closes the engine's iterator, which aborts the request and
+frees its KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from moeserve.router import status_codes
+from moeserve.router.auth import BearerTokenInterceptor, TokenSet, caller_identity
+from moeserve.router.errors import EngineStoppedError, InvalidRequestError, QueueFullError
+from moeserve.router.tls import ServerTLS
+from moeserve.router.validation import Limits, ValidRequest, validate
+from moeserve.v1 import inference_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+_FLUSH_S = 5.0  # after the engine stops, how long calls get to send their last message
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "moeserve.v1.Inference"
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """The edge's settings (the engine has its own EngineConfig); 0 in a limit means the model's default."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: an ephemeral port (tests)
+    grace_s: float = 10.0  # on shutdown, in-flight requests get this long to finish, then are cancelled
+    max_message_bytes: int = 4 * 1024 * 1024  # largest request accepted (RESOURCE_EXHAUSTED beyond)
+    max_streams_per_caller: int = 256  # Generate/GenerateStream calls in flight per caller
+    max_concurrent_rpcs: int | None = None  # all RPCs in flight, server-wide (None: no cap beyond the queue)
+    max_prompt_tokens: int = 0
+    max_tokens: int = 0
+    default_max_tokens: int = 256
+    max_stop_strings: int = 0  # 0: the engine's limit
+    max_request_id_chars: int = 128
+    auth_tokens: tuple[str, ...] = ()  # empty: auth off
+    tls: ServerTLS | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+        for name in ("max_message_bytes", "max_streams_per_caller"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def limits(self, vocab_size: int, context_length: int) -> Limits:
+        extra = {"max_stop_strings": self.max_stop_strings} if self.max_stop_strings else {}
+        return Limits(
+            vocab_size=vocab_size, context_length=context_length, max_prompt_tokens=self.max_prompt_tokens,
+            max_tokens=self.max_tokens, default_max_tokens=self.default_max_tokens,
+            max_request_id_chars=self.max_request_id_chars, **extra,
+        )
+
+
+class TooManyStreamsError(QueueFullError):
+    """A caller already has its share of calls in flight (RESOURCE_EXHAUSTED, like a full queue)."""
+
+
+class _Malformed:
+    """Stands for request bytes that do not parse, so the handler can answer INVALID_ARGUMENT."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _safe_parser(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except Exception as exc:  # DecodeError, invalid UTF-8 in a string field ...
+            return _Malformed(type(exc).__name__)
+
+    return parse
+
+
+_FINISH = {name: pb.FinishReason.Value(name) for name in ("length", "stop", "eos", "cancelled")}
+
+
+def model_info(engine: Any, limits: Limits, dtype: str, model_name: str) -> pb.ModelInfoResponse:
+    """Describe the served model from the engine's ModelConfig (models/config.py) and the edge's limits."""
+    cfg = engine.model_config
+    moe = cfg.moe
+    return pb.ModelInfoResponse(
+        architecture=cfg.architectures[0] if cfg.architectures else "",
+        model_type=cfg.model_type,
+        vocab_size=limits.vocab_size,
+        context_length=limits.context_length,
+        num_experts=moe.n_routed_experts,
+        num_experts_per_tok=moe.num_experts_per_tok,
+        num_shared_experts=moe.n_shared_experts,
+        num_layers=cfg.num_hidden_layers,
+        num_moe_layers=len(moe.moe_layer_ids),
+        dtype=dtype,
+        model_name=model_name,
+        eos_token_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else 0,
+        max_prompt_tokens=limits.max_prompt_tokens,
+        max_tokens_limit=limits.max_tokens,
+        default_max_tokens=min(limits.default_max_tokens, limits.max_tokens),
+        max_stop_strings=limits.max_stop_strings,
+    )
+
+
+class InferenceServicer:
+    """Generate, GenerateStream and ModelInfo over one AsyncEngine."""
+
+    def __init__(self, engine: Any, limits: Limits, info: pb.ModelInfoResponse, config: ServerConfig,
+                 tokens: TokenSet | None = None):
+        self._engine = engine
+        self._limits = limits
+        self._info = info
+        self._config = config
+        self._tokens = tokens
+        self._streams: Counter[str] = Counter()  # calls in flight per caller
+        self._active: set[str] = set()  # engine request ids in flight
+        self._changed = asyncio.Condition()  # notified whenever a request enters the engine or leaves
+        self.draining = False
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def num_active(self) -> int:
+        """Requests in the engine now (admitted, iterator not yet closed)."""
+        return len(self._active)
+
+    async def wait_for(self, predicate) -> None:
+        """Return once `predicate()` holds; re-checked each time a request enters or leaves the engine."""
+        async with self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _release(self, caller: str, request_id: str | None) -> None:
+        self._streams[caller] -= 1
+        if self._streams[caller] <= 0:
+            del self._streams[caller]
+        if request_id is not None:
+            self._active.discard(request_id)
+            await self._notify()
+
+    def _encode(self, text: str) -> list[int]:
+        if self._engine.tokenizer is None:
+            raise InvalidRequestError("prompt", "this model has no tokenizer; send token_ids instead")
+        return list(self._engine.tokenizer.encode(text))
+
+    # -- one request ------------------------------------------------------------------------------
+    async def _outputs(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[str, Any]]:
+        """Admit, validate and run one request; yields (request_id, RequestOutput) until it finishes."""
+        if isinstance(request, _Malformed):
+            raise InvalidRequestError("request", f"is not a valid moeserve.v1.GenerateRequest ({request.error})")
+        if self.draining:
+            raise EngineStoppedError("server is shutting down")
+        caller = caller_identity(context, self._tokens)
+        if self._streams[caller] >= self._config.max_streams_per_caller:
+            raise TooManyStreamsError(
+                f"{self._streams[caller]} calls in flight from this caller, the limit per caller"
+            )
+        self._streams[caller] += 1
+        request_id = None
+        try:
+            req: ValidRequest = validate(request, self._limits, self._encode)
+            if req.request_id in self._active:
+                raise InvalidRequestError("request_id", f"{req.request_id!r} is already in flight; use a unique id")
+            request_id = req.request_id
+            self._active.add(request_id)
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            stream = self._engine.generate(req.request_id, req.prompt_token_ids, req.params, deadline=deadline)
+            await self._notify()
+            finished = False
+            try:
+                async with contextlib.aclosing(stream):
+                    async for out in stream:
+                        finished = out.finished
+                        if finished and out.finish_reason == "cancelled" and deadline is not None \
+                                and time.monotonic() >= deadline:
+                            raise TimeoutError(f"request {request_id} passed its deadline")
+                        yield request_id, out
+            finally:
+                if not finished:  # cancelled, deadline, error: make sure the engine lets go of it
+                    with contextlib.suppress(Exception):
+                        self._engine.abort(request_id)
+        finally:
+            await self._release(caller, request_id)
+
+    @staticmethod
+    def _response(request_id: str, out: Any, token_ids: list[int], text: str) -> pb.GenerateResponse:
+        msg = pb.GenerateResponse(request_id=request_id, token_ids=token_ids, text=text)
+        if out.time_to_first_token is not None:
+            msg.time_to_first_token = out.time_to_first_token
+        if out.finished:
+            msg.finish_reason = _FINISH.get(out.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED)
+            msg.usage.prompt_tokens = out.prompt_tokens
+            msg.usage.completion_tokens = out.completion_tokens
+        return msg
+
+    # -- RPCs -------------------------------------------------------------------------------------
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        ids: list[int] = []
+        text: list[str] = []
+        last = rid = None
+        try:
+            async with contextlib.aclosing(self._outputs(request, context)) as outputs:
+                async for rid, last in outputs:
+                    ids += last.new_token_ids
+                    text.append(last.new_text)
+        except Exception as exc:
+            await status_codes.abort(context, exc)
+        return self._response(rid, last, ids, "".join(text))
+
+    async def GenerateStream(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        # context.write rather than an async generator: a client that cancels interrupts this very
+        # coroutine, so the engine's iterator is closed (KV freed) right here, not when a GC runs.
+        try:
+            async with contextlib.aclosing(self._outputs(request, context)) as outputs:
+                async for rid, out in outputs:
+                    await context.write(self._response(rid, out, out.new_token_ids, out.new_text))
+        except Exception as exc:
+            await status_codes.abort(context, exc)
+
+    async def ModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
+        return self._info
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        parse = _safe_parser(pb.GenerateRequest)
+        out = pb.GenerateResponse.SerializeToString
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Generate": grpc.unary_unary_rpc_method_handler(self.Generate, parse, out),
+            "GenerateStream": grpc.unary_stream_rpc_method_handler(self.GenerateStream, parse, out),
+            "ModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.ModelInfo, pb.ModelInfoRequest.FromString, pb.ModelInfoResponse.SerializeToString),
+        })
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+@dataclass
+class InferenceServer:
+    """The grpc.aio server around one engine: Inference, health and reflection on one port."""
+
+    engine: Any
+    config: ServerConfig = field(default_factory=ServerConfig)
+    model_name: str = ""
+    port: int = 0  # the bound port, once started
+    servicer: InferenceServicer | None = None
+    _server: grpc.aio.Server | None = None
+    _health: health.aio.HealthServicer | None = None
+    _stopped: asyncio.Event | None = None
+
+    @property
+    def address(self) -> str:
+        return format_address(self.config.host, self.port)
+
+    @property
+    def tls(self) -> bool:
+        return self.config.tls is not None
+
+    async def start(self) -> None:
+        """Start the engine, bind the port, and answer SERVING."""
+        cfg = self.config
+        await self.engine.start()
+        mc = self.engine.model_config
+        limits = cfg.limits(mc.vocab_size, self.engine.max_model_len)
+        dtype = str(self.engine.dtype).removeprefix("torch.")
+        tokens = TokenSet(list(cfg.auth_tokens)) if cfg.auth_tokens else None
+        info = model_info(self.engine, limits, dtype, self.model_name)
+        self.servicer = InferenceServicer(self.engine, limits, info, cfg, tokens)
+        server = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor(tokens)] if tokens else None,
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # a port in use is an error, not a second listener
+            ],
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        )
+        server.add_generic_rpc_handlers((self.servicer.handler(),))
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        target = format_address(cfg.host, cfg.port)
+        try:
+            port = server.add_secure_port(target, cfg.tls.credentials()) if cfg.tls else server.add_insecure_port(target)
+        except RuntimeError as exc:
+            port = 0
+            cause = exc
+        else:
+            cause = None
+        if not port:
+            await self.engine.shutdown(0)
+            raise OSError(f"cannot listen on {target} (in use, or not an address of this machine)") from cause
+        self.port = port
+        self._server = server
+        self._stopped = asyncio.Event()
+        await server.start()
+        for name in ("", SERVICE):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s (tls %s, auth %s)", SERVICE, self.address,
+                 "on" if cfg.tls else "off", "on" if tokens else "off")
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting calls, give in-flight ones `grace_s` to finish, cancel the rest, stop the engine."""
+        if self._server is None or self._stopped.is_set():
+            return
+        grace = self.config.grace_s if grace_s is None else grace_s
+        self.servicer.draining = True
+        await self._health.enter_graceful_shutdown()
+        # grpc stops accepting calls at once; the long grace is only a safety net that cancels every
+        # call should the steps below hang (a client that never reads its stream, say).
+        closing = asyncio.create_task(self._server.stop(grace + _FLUSH_S))
+        # The engine finishes what it can within the grace period and ends the rest as "cancelled";
+        # each call then writes its last message, so clients see why their stream ended.
+        await self.engine.shutdown(grace)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.servicer.wait_for(lambda: self.servicer.num_active == 0), _FLUSH_S)
+        await self._server.stop(None)  # what is left: health watchers, calls stuck writing
+        await closing
+        self._stopped.set()
+        log.info("server on %s stopped", self.address)
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()

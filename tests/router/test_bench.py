@@ -1,0 +1,91 @@
+"""`moeserve bench`: workload and statistics, then a real run against a tiny server (counts and shape)."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+
+import pytest
+
+from edge_harness import running_server
+from moeserve.cluster.cli import build_parser
+from moeserve.cluster.cli.bench import report, run_bench
+from moeserve.router.bench import Distribution, RequestRecord, arrival_times, make_workload, percentile, summarize
+
+
+def test_distributions_parse_and_sample():
+    rng = random.Random(0)
+    assert Distribution.parse("32").sample(rng) == 32 == Distribution.parse("fixed:32").sample(rng)
+    assert {Distribution.parse("uniform:3:5").sample(rng) for _ in range(200)} == {3, 4, 5}
+    normal = [Distribution.parse("normal:100:10").sample(rng) for _ in range(2000)]
+    assert 98 < statistics.mean(normal) < 102 and 9 < statistics.stdev(normal) < 11
+    assert min(Distribution.parse("normal:2:50").sample(rng) for _ in range(500)) == 1  # lengths stay >= 1
+    lognormal = sorted(Distribution.parse("lognormal:64:0.5").sample(rng) for _ in range(2001))
+    assert 58 <= lognormal[1000] <= 70  # the median
+    for bad in ("x", "uniform:5:3", "fixed:0", "normal:10", "poisson:3:4", "normal:10:-1"):
+        with pytest.raises(ValueError, match="length distribution"):
+            Distribution.parse(bad)
+
+
+def test_workload_fits_the_server_and_is_reproducible():
+    kw = dict(vocab_size=50, context_length=40, max_prompt_tokens=30, max_tokens_limit=20, seed=3)
+    items, clipped = make_workload(100, Distribution.parse("uniform:1:60"), Distribution.parse("uniform:1:30"), **kw)
+    assert clipped > 0
+    for it in items:
+        assert 1 <= len(it.prompt_token_ids) <= 30 and all(0 <= t < 50 for t in it.prompt_token_ids)
+        assert 1 <= it.max_tokens <= 20 and len(it.prompt_token_ids) + it.max_tokens <= 40
+    again, _ = make_workload(100, Distribution.parse("uniform:1:60"), Distribution.parse("uniform:1:30"), **kw)
+    assert again == items
+
+
+def test_poisson_arrivals():
+    times = arrival_times(4000, rate=20.0, seed=1)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert times[0] == 0 and all(g >= 0 for g in gaps)
+    assert 0.045 < statistics.mean(gaps) < 0.055  # mean gap 1/rate
+    assert 0.9 < statistics.stdev(gaps) / statistics.mean(gaps) < 1.1  # exponential: cv = 1
+    assert arrival_times(5, rate=float("inf"), seed=1) == [0.0] * 5
+
+
+def test_percentiles_and_summary():
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 99) == 5 and percentile([1, 2], 100) == 2
+    recs = [RequestRecord(10, 4, start=0.0, first_token=0.1, end=0.4, output_tokens=4),
+            RequestRecord(10, 4, start=0.5, first_token=0.7, end=1.0, output_tokens=4),
+            RequestRecord(10, 4, start=0.6, error="RESOURCE_EXHAUSTED")]
+    s = summarize(recs, duration=1.0)
+    assert (s["completed"], s["failed"], s["errors"]) == (2, 1, {"RESOURCE_EXHAUSTED": 1})
+    assert s["output_token_throughput"] == 8 and s["request_throughput"] == 2
+    assert s["ttft_ms"]["p50"] == pytest.approx(150) and s["tpot_ms"]["p50"] == pytest.approx(100)
+    assert summarize([], 0.0)["ttft_ms"]["p50"] is None
+
+
+@pytest.mark.asyncio
+async def test_bench_against_a_live_server(tmp_path, capsys):
+    async with running_server() as srv:
+        out = tmp_path / "results.json"
+        closed = build_parser().parse_args([
+            "bench", "--address", srv.address, "--concurrency", "3", "--num-requests", "7",
+            "--prompt-len", "uniform:3:9", "--output-len", "5", "--seed", "1", "--warmup", "1", "--out", str(out)])
+        result = await run_bench(closed)
+        assert report(result, closed) == 0
+        saved = json.loads(out.read_text())
+        assert set(saved) == {"config", "summary", "requests"} and len(saved["requests"]) == 7
+        s = saved["summary"]
+        assert (s["completed"], s["failed"], s["total_output_tokens"], s["length_mismatches"]) == (7, 0, 35, 0)
+        for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
+            assert set(s[key]) == {"mean", "p50", "p90", "p99"} and s[key]["p50"] > 0
+        assert s["request_throughput"] > 0 and s["output_token_throughput"] > 0
+        assert saved["config"]["concurrency"] == 3 and saved["config"]["prompt_len"] == "uniform:3:9"
+        assert all(3 <= r["prompt_tokens"] <= 9 and r["output_tokens"] == 5 for r in saved["requests"])
+        assert "TTFT" in capsys.readouterr().out
+
+        open_loop = build_parser().parse_args([
+            "bench", "--address", srv.address, "--rate", "200", "--num-requests", "6", "--output-len", "uniform:2:6",
+            "--prompt-len", "4"])
+        result = await run_bench(open_loop)
+        s = result["summary"]
+        assert (s["completed"], s["length_mismatches"]) == (6, 0)
+        assert s["total_output_tokens"] == sum(r["max_tokens"] for r in result["requests"])
+        assert result["config"]["rate"] == 200 and result["config"]["concurrency"] is None
+        assert srv.engine.stats()["kv_blocks_used"] == 0

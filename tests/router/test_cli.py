@@ -1,0 +1,119 @@
+"""`moeserve serve` as a real process, and `moeserve generate` against it."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from edge_harness import demo_model_dir
+from moeserve.router.client import Client
+
+READY = re.compile(r"moeserve: serving \S+ on (\S+) ")
+START_TIMEOUT_S = 180  # imports and model load on a busy 2-core machine
+
+
+def moeserve(*args: str) -> list[str]:
+    """The installed `moeserve` command (beside this interpreter), as a user runs it."""
+    script = os.path.join(os.path.dirname(sys.executable), "moeserve")
+    if os.path.exists(script):
+        return [script, *args]
+    return [sys.executable, "-c", "import sys; from moeserve.cluster.cli import main; sys.exit(main())", *args]
+
+
+class ServeProcess:
+    """`moeserve serve --port 0` in a subprocess; its stdout lines arrive on a queue."""
+
+    def __init__(self, *extra: str):
+        self.proc = subprocess.Popen(
+            moeserve("serve", "--port", "0", "--model", demo_model_dir(), "--num-kv-blocks", "64", *extra),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def expect(self, pattern: re.Pattern, timeout: float) -> re.Match:
+        """The first output line matching `pattern`; fails if the process ends or `timeout` passes first."""
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                pytest.fail(f"no line matching {pattern.pattern!r} within {timeout} s; output:\n{''.join(self.seen)}")
+            if line is None:
+                pytest.fail(f"serve exited ({self.proc.wait()}) before {pattern.pattern!r}; output:\n{''.join(self.seen)}")
+            self.seen.append(line)
+            if m := pattern.search(line):
+                return m
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def served():
+    srv = ServeProcess()
+    try:
+        address = srv.expect(READY, START_TIMEOUT_S).group(1)
+        with Client(address) as client:
+            client.wait_ready(timeout=60)  # bounded wait on health
+        yield srv, address
+    finally:
+        srv.stop()
+
+
+def test_serve_prints_a_ready_to_paste_client_command(served):
+    srv, address = served
+    hint = srv.expect(re.compile(r"moeserve: try\s+(.*)$"), 10).group(1)
+    assert "generate" in hint and f"--address {address}" in hint and "--stream" in hint
+
+
+def test_generate_streams_what_the_server_generates(served):
+    _, address = served
+    with Client(address) as client:
+        expected = client.generate(prompt="Hello", max_tokens=8).text
+    for flags in (["--stream"], []):
+        run = subprocess.run(moeserve("generate", "Hello", "--max-tokens", "8", "--address", address, *flags),
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == expected + "\n"
+        assert re.search(r"\[(length|eos|stop): \d+ prompt \+ \d+ completion tokens", run.stderr)
+
+
+def test_generate_reports_errors_with_their_status(served):
+    _, address = served
+    run = subprocess.run(moeserve("generate", "Hello", "--temperature", "-1", "--address", address),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "INVALID_ARGUMENT: temperature" in run.stderr
+    run = subprocess.run(moeserve("generate", "--token-ids", "1,2,3", "--max-tokens", "3", "--ignore-eos", "-q",
+                                  "--address", address), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stderr == ""
+
+
+def test_sigterm_stops_the_server_gracefully(served):
+    srv, _ = served
+    assert srv.stop() == 0
+    srv.expect(re.compile(r"moeserve: stopped"), 30)
+
+
+def test_serve_refuses_bad_flags_before_loading_anything(tmp_path):
+    run = subprocess.run(moeserve("serve", "--tls-cert", str(tmp_path / "c.pem")), capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1 and "--tls-cert and --tls-key go together" in run.stderr
