@@ -1,0 +1,59 @@
+"""Expert backends for a model: factories for the engine's `EngineConfig.expert_backend` hook.
+
+Each factory takes the loaded model and returns the callable its MoE layers use,
+`(layer_id, hidden, topk_ids, topk_weights) -> [T, H]`: an `ExpertDispatcher` over the `ray`
+transport (expert groups as Ray actors, placement from the controller) or the `local` one (groups
+as in-process workers, a fixed placement).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from moeserve.cluster.placement import Placement, ServingSet, contiguous_groups
+from moeserve.router.dispatch import DispatchConfig, ExpertDispatcher, StaticSource
+from moeserve.router.transport.local import LocalTransport
+
+from .worker import ExpertGroupWorker
+
+
+def _model_layout(model) -> tuple[list[int], int, torch.device]:
+    layers = sorted(model.moe_blocks)
+    num_experts = model.config.moe.n_routed_experts
+    device = next(model.parameters()).device
+    return layers, num_experts, device
+
+
+def local_serving_set(weights, num_experts: int, num_groups: int = 1, device: torch.device | str = "cpu") -> ServingSet:
+    """In-process groups over contiguous expert ranges, one replica each, at epoch 1."""
+    groups = contiguous_groups(num_experts, num_groups)
+    workers = {f"g{g.group_id}r0": ExpertGroupWorker(g.group_id, g.experts, weights, device) for g in groups}
+    placement = Placement(num_experts, groups, tuple((g.group_id, (f"g{g.group_id}r0",)) for g in groups), epoch=1)
+    return ServingSet(placement, workers, {r: 0 for r in workers})
+
+
+def local_expert_backend(weights, *, num_groups: int = 1, config: DispatchConfig | None = None) -> Callable:
+    """Factory: the model's experts in `num_groups` in-process groups behind the dispatcher."""
+
+    def make(model) -> ExpertDispatcher:
+        layers, num_experts, device = _model_layout(model)
+        serving = local_serving_set(weights, num_experts, num_groups, device)
+        return ExpertDispatcher(StaticSource(serving), LocalTransport(), layers, num_experts=num_experts, config=config)
+
+    return make
+
+
+def ray_expert_backend(controller, *, config: DispatchConfig | None = None, watch_timeout_s: float = 10.0) -> Callable:
+    """Factory: the model's experts in the Ray expert groups that `controller` (an actor handle) runs."""
+
+    def make(model) -> ExpertDispatcher:
+        from moeserve.cluster.epoch import ControllerSource
+        from moeserve.router.transport.ray import RayTransport
+
+        layers, num_experts, _ = _model_layout(model)
+        source = ControllerSource(controller, watch_timeout_s=watch_timeout_s)
+        return ExpertDispatcher(source, RayTransport(), layers, num_experts=num_experts, config=config)
+
+    return make
