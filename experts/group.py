@@ -1,0 +1,97 @@
+"""The expert group as a Ray actor: an `ExpertGroupWorker` behind actor methods.
+
+Batches run one at a time in the default concurrency group; health, stats, drain and weight loading
+answer from a separate `control` group, so a health check is answered while a batch runs and a
+stalled batch shows up as `running_for_s` growing. The actor asks Ray for GPUs (or a custom resource
+per worker group) when the cluster has them, and runs on CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from .batch import ExpertBatch, tensor_to_wire
+from .worker import ExpertGroupWorker
+
+
+@dataclass(frozen=True, slots=True)
+class GroupResources:
+    """What one expert-group replica asks Ray for."""
+
+    num_cpus: float = 0.0  # 0 lets several groups share the CPUs of a small machine
+    num_gpus: float | None = None  # None: 1 if the cluster has GPUs, else 0; fractions share a GPU
+    custom_resource: str | None = None  # e.g. "moeserve_expert_{group}": placed on nodes that offer it
+    torch_threads: int | None = None  # intra-op threads; match the trunk's for bitwise-equal CPU results
+    device: str | None = None  # override the device choice ("cpu", "cuda")
+
+    def __post_init__(self) -> None:
+        if self.num_cpus < 0:
+            raise ValueError(f"num_cpus: must be >= 0, got {self.num_cpus}")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ValueError(f"num_gpus: must be >= 0, got {self.num_gpus}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads: must be >= 1, got {self.torch_threads}")
+
+    def actor_options(self, group_id: int) -> dict:
+        num_gpus = self.num_gpus
+        if num_gpus is None:
+            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        opts: dict = {"num_cpus": self.num_cpus, "num_gpus": num_gpus}
+        if self.custom_resource:
+            opts["resources"] = {self.custom_resource.format(group=group_id): 1}
+        return opts
+
+
+@ray.remote(concurrency_groups={"control": 4})
+class ExpertGroupActor:
+    """One replica of one expert group."""
+
+    def __init__(self, group_id: int, experts: tuple[int, ...], source, resources: GroupResources,
+                 load_window_s: float = 60.0):
+        if resources.torch_threads:
+            torch.set_num_threads(resources.torch_threads)
+        device = resources.device or ("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+        self.worker = ExpertGroupWorker(group_id, tuple(experts), source, device, load_window_s=load_window_s)
+
+    def run(self, wire: tuple) -> tuple:
+        batch = ExpertBatch.from_wire(wire, self.worker.device)
+        return tensor_to_wire(self.worker.run(batch))
+
+    @ray.method(concurrency_group="control")
+    def ready(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {
+            "group_id": self.worker.group_id,
+            "experts": list(self.worker.experts),
+            "layers": self.worker.layers,
+            "device": str(self.worker.device),
+            "node_id": ctx.get_node_id(),
+            "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    @ray.method(concurrency_group="control")
+    def health(self) -> dict:
+        return self.worker.health()
+
+    @ray.method(concurrency_group="control")
+    def stats(self) -> dict:
+        return self.worker.stats()
+
+    @ray.method(concurrency_group="control")
+    def add_experts(self, experts: list[int]) -> list[int]:
+        return list(self.worker.add_experts(list(experts)))
+
+    @ray.method(concurrency_group="control")
+    def drain(self, timeout_s: float) -> bool:
+        """Stop taking batches, then wait for the held ones; True when none is left."""
+        self.worker.begin_drain()
+        return self.worker.wait_drained(timeout_s)
+
+    @ray.method(concurrency_group="control")
+    def inject_delay(self, seconds: float) -> None:
+        self.worker.inject_delay(seconds)
