@@ -1,0 +1,453 @@
+"""The trunk worker: the engine (model trunk, KV cache, scheduler) in its own process, behind the edge.
+
+`TrunkWorker` is a Ray actor running an `AsyncEngine`; `TrunkEngine` is the edge's side, with the
+`AsyncEngine` interface (generate / abort / stats / start / shutdown), so the gRPC server serves either.
+Outputs come back over one long poll. When the worker dies, the edge starts a new one and resubmits
+every request in flight with its prompt plus the tokens already streamed (a recompute, as after a
+preemption), so the client sees no error and, under greedy sampling, the same tokens.
+
+Text and stop strings are decoded on the edge, not in the worker: text the worker held back (a
+possible stop string, half a UTF-8 character) would otherwise die with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.exceptions import RayActorError
+
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .errors import EngineStoppedError, ExpertsUnavailableError, InvalidRequestError, QueueFullError
+from .sequence import RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_START_ATTEMPTS = 3  # a worker that fails to start this many times in a row fails the engine
+_POLL_S = 5.0  # one long poll; a dead worker ends it at once, so this only bounds idle round trips
+
+
+# -- errors across the process boundary --------------------------------------------------------------
+
+def _error_record(exc: BaseException) -> tuple[str, str, object]:
+    """A picklable (kind, message, detail) for an error met in the worker; `_error_from` rebuilds it."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, ExpertsUnavailableError):  # a step failed because experts were lost
+        exc = cause
+    if isinstance(exc, InvalidRequestError):
+        return "invalid", str(exc).removeprefix(f"{exc.field}: "), exc.field
+    if isinstance(exc, QueueFullError):
+        return "queue_full", str(exc), None
+    if isinstance(exc, EngineStoppedError):
+        return "stopped", str(exc), None
+    if isinstance(exc, ExpertsUnavailableError):
+        return "experts", str(exc), exc.experts
+    return "internal", repr(exc), None
+
+
+def _error_from(record: tuple[str, str, object]) -> BaseException:
+    kind, message, detail = record
+    if kind == "invalid":
+        return InvalidRequestError(str(detail), message)
+    if kind == "queue_full":
+        return QueueFullError(message)
+    if kind == "stopped":
+        return EngineStoppedError(message)
+    if kind == "experts":
+        return ExpertsUnavailableError(list(detail), message)
+    return RuntimeError(f"trunk worker: {message}")
+
+
+# -- the worker process -----------------------------------------------------------------------------------
+
+@ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)
+class TrunkWorker:
+    """An AsyncEngine in a Ray actor; outputs and errors queue in an outbox the edge polls."""
+
+    def __init__(self, config: EngineConfig, torch_threads: int | None = None):
+        import torch
+
+        from .engine import AsyncEngine
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)  # the same BLAS threads as the edge keep results bitwise equal
+        self.engine = AsyncEngine.from_config(config)
+        self.outbox: list[tuple[str, object]] = []
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.changed = asyncio.Event()
+
+    async def start(self) -> dict:
+        await self.engine.start()
+        return {"max_model_len": self.engine.max_model_len, "pid": os.getpid()}
+
+    def _emit(self, request_id: str, item: object) -> None:
+        self.outbox.append((request_id, item))
+        self.changed.set()
+
+    async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        try:
+            stream = self.engine.generate(request_id, prompt_token_ids, params)
+        except Exception as exc:  # noqa: BLE001 - every admission error goes back to its request
+            self._emit(request_id, _error_record(exc))
+            return
+        self.tasks[request_id] = asyncio.get_running_loop().create_task(self._pump(request_id, stream))
+
+    async def _pump(self, request_id: str, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                self._emit(request_id, out)
+        except Exception as exc:  # noqa: BLE001 - a failed step ends its requests, not the worker
+            self._emit(request_id, _error_record(exc))
+        finally:
+            self.tasks.pop(request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    async def poll(self, timeout_s: float) -> tuple[list[tuple[str, object]], dict]:
+        """Everything emitted since the last poll (waits up to `timeout_s` for something), and stats."""
+        if not self.outbox:
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout_s)
+            except TimeoutError:
+                pass
+        items, self.outbox = self.outbox, []
+        self.changed.clear()
+        return items, self.engine.stats()
+
+    async def shutdown(self, grace_s: float) -> None:
+        await self.engine.shutdown(grace_s)
+
+
+# -- the edge's side ---------------------------------------------------------------------------------------
+
+@dataclass
+class _Flight:
+    """One request as the edge tracks it across worker restarts."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    queue: asyncio.Queue
+    detokenizer: IncrementalDetokenizer | None
+    arrival: float
+    generated: list[int] = field(default_factory=list)
+    incarnation: int = -1  # the worker it was last submitted to
+    first_token_time: float | None = None
+
+    def resubmission(self) -> tuple[list[int], SamplingParams]:
+        """Prompt and params that continue this request on a fresh worker (stop strings stay on the edge)."""
+        params = dataclasses.replace(self.params, max_tokens=self.params.max_tokens - len(self.generated), stop=())
+        return self.prompt + self.generated, params
+
+
+class TrunkEngine:
+    """The AsyncEngine interface over a `TrunkWorker`, restarting it and resubmitting on its death."""
+
+    def __init__(self, config: EngineConfig, *, torch_threads: int | None = None, actor_options: dict | None = None,
+                 max_restarts: int = 100, start_timeout_s: float = 300.0):
+        from moeserve.models.config import ModelConfig
+        from moeserve.models.demo import ensure_demo_model
+        from moeserve.models.tokenizer import load_tokenizer
+
+        if config.model is None:
+            config = dataclasses.replace(config, model=str(ensure_demo_model()))
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.tokenizer = load_tokenizer(config.model) if (Path(config.model) / "tokenizer.json").is_file() else None
+        self.dtype = config.torch_dtype
+        self.max_model_len = 0  # known once the worker has started
+        self._eos = frozenset(self.model_config.eos_token_ids)
+        self._threads = torch_threads
+        self._options = actor_options or {}
+        self._max_restarts = max_restarts
+        self._start_timeout_s = start_timeout_s
+        self._flights: dict[str, _Flight] = {}
+        self._actor = None
+        self._incarnation = 0
+        self._ready = asyncio.Event()
+        self._progress = asyncio.Condition()  # notified when a request ends or the worker restarts
+        self._stats: dict = {}
+        self._pump_task: asyncio.Task | None = None
+        self._stopping = False
+        self._failure: BaseException | None = None
+        self.restarts = 0
+        self.resubmitted = 0  # requests carried over to a restarted worker, in all
+
+    @property
+    def worker(self):
+        """The current TrunkWorker actor handle (the chaos suite kills it)."""
+        return self._actor
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def _spawn(self):
+        import torch
+
+        threads = self._threads or torch.get_num_threads()
+        actor = TrunkWorker.options(**self._options).remote(self.config, threads)
+        try:
+            info = await asyncio.wait_for(actor.start.remote(), self._start_timeout_s)
+        except BaseException:
+            ray.kill(actor, no_restart=True)
+            raise
+        self.max_model_len = info["max_model_len"]
+        return actor
+
+    async def start(self) -> None:
+        if self._actor is not None:
+            return
+        if self._stopping:
+            raise EngineStoppedError("the engine was shut down; build a new one")
+        self._actor = await self._spawn()
+        self._incarnation = 1
+        self._ready.set()
+        self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop admitting; let in-flight requests finish within grace_s, end the rest as "cancelled"."""
+        self._stopping = True
+        if self._actor is None:
+            return
+        if self._flights and grace_s > 0:
+            try:
+                async with self._progress:
+                    await asyncio.wait_for(self._progress.wait_for(lambda: not self._flights), grace_s)
+            except TimeoutError:
+                pass
+        for request_id in list(self._flights):
+            self.abort(request_id)
+        actor, self._actor = self._actor, None
+        self._ready.clear()
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+        try:
+            await asyncio.wait_for(actor.shutdown.remote(0), 30.0)
+        except Exception:  # noqa: BLE001 - it may be dead already; it is killed next either way
+            pass
+        ray.kill(actor, no_restart=True)
+
+    async def wait_restarts(self, count: int) -> None:
+        """Return once the worker has been restarted `count` times in all (the chaos suite waits on it)."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.restarts >= count or self._failure is not None)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 deadline: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue a request and stream its outputs; the last has finished=True. Raises at call time."""
+        if self._failure is not None:
+            raise EngineStoppedError(f"the trunk worker cannot be restarted: {self._failure!r}")
+        if self._stopping or self._actor is None:
+            raise EngineStoppedError("the engine is not running (not started, or shutting down)")
+        if request_id in self._flights:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in flight; use a unique id")
+        prompt = list(prompt_token_ids)
+        self._validate(prompt, params)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop) if self.tokenizer is not None else None
+        flight = _Flight(request_id, prompt, params, asyncio.Queue(), detok, time.monotonic())
+        self._flights[request_id] = flight
+        asyncio.get_running_loop().create_task(self._submit_when_ready(flight))
+        return _TrunkStream(self, flight, deadline)
+
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+        # What LLMEngine checks at admission, so errors still come at call time.
+        if not prompt:
+            raise InvalidRequestError("prompt_token_ids", "must not be empty")
+        vocab = self.model_config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise InvalidRequestError("prompt_token_ids", f"token ids must be in [0, {vocab})")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError("max_tokens", f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "
+                                      f"exceeds the context length {self.max_model_len}")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop", "stop strings need a tokenizer; this engine has none")
+
+    async def _submit_when_ready(self, flight: _Flight) -> None:
+        await self._ready.wait()
+        if self._flights.get(flight.request_id) is flight and flight.incarnation < 0:
+            self._submit(flight)
+
+    def _submit(self, flight: _Flight) -> None:
+        # No await between reading the worker and sending to it: a restart cannot slip in between.
+        flight.incarnation = self._incarnation
+        prompt, params = flight.resubmission()
+        self._actor.submit.remote(flight.request_id, prompt, params)  # errors come back through the poll
+
+    def abort(self, request_id: str) -> None:
+        """End a request now; its stream gets a final "cancelled" output. No-op if it is not in flight."""
+        flight = self._flights.pop(request_id, None)
+        if flight is None:
+            return
+        if self._actor is not None:
+            self._actor.abort.remote(request_id)
+        flight.queue.put_nowait(self._output(flight, [], "", "cancelled"))
+        self._changed()
+
+    def _release(self, request_id: str, finished: bool) -> None:
+        if not finished:
+            self.abort(request_id)
+
+    def stats(self) -> dict:
+        return {**self._stats, "trunk_restarts": self.restarts, "requests_in_flight": len(self._flights)}
+
+    # -- the poll loop and restarts ------------------------------------------------------------------
+    async def _pump(self) -> None:
+        while True:
+            actor = self._actor
+            try:
+                items, self._stats = await actor.poll.remote(_POLL_S)
+            except RayActorError as exc:
+                if self._stopping:
+                    return
+                await self._restart(actor, exc)
+                if self._failure is not None:
+                    return
+                continue
+            for request_id, item in items:
+                flight = self._flights.get(request_id)
+                if flight is not None:
+                    self._deliver(flight, item)
+
+    async def _restart(self, dead, cause: BaseException) -> None:
+        if self._actor is not dead:
+            return
+        self._ready.clear()
+        log.warning("trunk worker %d died (%s); restarting it and resubmitting %d request(s)",
+                    self._incarnation, type(cause).__name__, len(self._flights))
+        if self.restarts >= self._max_restarts:
+            self._fail(RuntimeError(f"{self.restarts} restarts already (max_restarts)"))
+            return
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            try:
+                self._actor = await self._spawn()
+                break
+            except Exception as exc:  # noqa: BLE001 - try again, up to the limit
+                log.error("trunk worker failed to start (attempt %d): %r", attempt, exc)
+                if attempt == _START_ATTEMPTS or self._stopping:
+                    self._fail(exc)
+                    return
+        self._incarnation += 1
+        self.restarts += 1
+        for flight in list(self._flights.values()):
+            if 0 <= flight.incarnation < self._incarnation:
+                self._submit(flight)
+                self.resubmitted += 1
+        self._ready.set()
+        self._changed()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = exc
+        for flight in list(self._flights.values()):
+            self._flights.pop(flight.request_id, None)
+            flight.queue.put_nowait(EngineStoppedError(f"the trunk worker cannot be restarted: {exc!r}"))
+        self._changed()
+
+    def _changed(self) -> None:
+        async def notify() -> None:
+            async with self._progress:
+                self._progress.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    # -- outputs ------------------------------------------------------------------------------------
+    def _deliver(self, flight: _Flight, item: object) -> None:
+        if isinstance(item, tuple):  # an error record
+            self._flights.pop(flight.request_id, None)
+            flight.queue.put_nowait(_error_from(item))
+            self._changed()
+            return
+        out: RequestOutput = item
+        if out.finished and out.finish_reason == "cancelled":
+            # Not asked for by this edge (aborts pop the flight first): the worker is shutting down.
+            self._flights.pop(flight.request_id, None)
+            flight.queue.put_nowait(self._output(flight, [], "", "cancelled"))
+            self._changed()
+            return
+        for token in out.new_token_ids:
+            reason = self._on_token(flight, token)
+            text = flight.detokenizer.take_delta(finished=reason is not None) if flight.detokenizer else ""
+            flight.queue.put_nowait(self._output(flight, [token], text, reason))
+            if reason is not None:
+                self._flights.pop(flight.request_id, None)
+                if not out.finished and self._actor is not None:
+                    self._actor.abort.remote(flight.request_id)  # a stop string matched here, not there
+                self._changed()
+                return
+
+    def _on_token(self, flight: _Flight, token: int) -> str | None:
+        """The finish reason after `token`, in LLMEngine's order: token stop, stop string, length."""
+        if flight.first_token_time is None:
+            flight.first_token_time = time.monotonic()
+        flight.generated.append(token)
+        params = flight.params
+        if not params.ignore_eos and token in self._eos:
+            return "eos"
+        if token in params.stop_token_ids:
+            return "stop"
+        if flight.detokenizer is not None and flight.detokenizer.add_token(token):
+            return "stop"
+        if len(flight.generated) >= params.max_tokens:
+            return "length"
+        return None
+
+    @staticmethod
+    def _output(flight: _Flight, new_ids: list[int], text: str, reason: str | None) -> RequestOutput:
+        ttft = None if flight.first_token_time is None else flight.first_token_time - flight.arrival
+        return RequestOutput(flight.request_id, new_ids, text, reason is not None, reason, len(flight.prompt),
+                             len(flight.generated), ttft)
+
+
+class _TrunkStream:
+    """One request's outputs; closing it, cancelling its consumer or passing its deadline aborts it."""
+
+    def __init__(self, engine: TrunkEngine, flight: _Flight, deadline: float | None):
+        self.request_id = flight.request_id
+        self._engine, self._queue, self._deadline = engine, flight.queue, deadline
+        self._done = False
+
+    def __aiter__(self) -> "_TrunkStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._next()
+        except BaseException:
+            self._close(finished=False)
+            raise
+        if isinstance(item, BaseException):
+            self._close(finished=True)
+            raise item
+        if item.finished:
+            self._close(finished=True)
+        return item
+
+    async def _next(self) -> RequestOutput | BaseException:
+        if not self._queue.empty() or self._deadline is None:
+            return await self._queue.get()
+        remaining = self._deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            return await asyncio.wait_for(self._queue.get(), remaining)
+        except TimeoutError:
+            self._engine.abort(self.request_id)  # puts the final "cancelled" output, unless it ended meanwhile
+            self._deadline = None
+            return await self._queue.get()
+
+    async def aclose(self) -> None:
+        self._close(finished=False)
+
+    def _close(self, finished: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._engine._release(self.request_id, finished)
