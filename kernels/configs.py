@@ -43,11 +43,13 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class MoeConfig:
-    """block_m (rows per expert block, shared by the permutation and both GEMMs) and the two GEMMs."""
+    """block_m (rows per expert block, shared by the permutation and both GEMMs) and the two GEMMs;
+    per_slot skips the permutation and gives each slot its own block (decode: one or a few tokens)."""
 
     block_m: int = 16
     up: GemmConfig = field(default_factory=GemmConfig)
     down: GemmConfig = field(default_factory=GemmConfig)
+    per_slot: bool = False
 
     def __post_init__(self) -> None:
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
@@ -58,7 +60,8 @@ class MoeConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "MoeConfig":
-        return MoeConfig(block_m=int(d["block_m"]), up=GemmConfig(**d["up"]), down=GemmConfig(**d["down"]))
+        return MoeConfig(block_m=int(d["block_m"]), up=GemmConfig(**d["up"]), down=GemmConfig(**d["down"]),
+                         per_slot=bool(d.get("per_slot", False)))
 
 
 def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, quant: str) -> str:
@@ -89,8 +92,9 @@ def default_config(num_tokens: int, num_experts: int, hidden: int, inter: int, t
     bk = 128 if quant == "fp8" else 64
     if rows_per_expert <= 16:
         small = GemmConfig(block_n=32, block_k=bk if quant == "fp8" else 128, num_warps=4, num_stages=4)
+        # One token's experts are distinct: the permutation would only cost a launch.
         return MoeConfig(16, small, GemmConfig(block_n=64, block_k=bk if quant == "fp8" else 128,
-                                                num_warps=4, num_stages=4))
+                                                num_warps=4, num_stages=4), per_slot=num_tokens == 1)
     if rows_per_expert <= 64:
         mid = GemmConfig(block_n=64, block_k=bk, num_warps=4, num_stages=4)
         return MoeConfig(32, mid, GemmConfig(block_n=128, block_k=bk, num_warps=4, num_stages=4))

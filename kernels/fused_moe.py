@@ -3,7 +3,8 @@ weight, combine in token order. bf16 activations with fp32 accumulation; weights
 128x128 block scales, or INT8 with per-output-channel scales.
 
 Data flow for hidden [T, H], k slots per token, S = T*k:
-1. align_block_size: slot indices sorted by expert into BLOCK_M-aligned runs (align.py).
+1. align_block_size: slot indices sorted by expert into BLOCK_M-aligned runs (align.py); skipped on
+   the per-slot decode path (MoeConfig.per_slot), where each block holds one slot.
 2. up GEMM over runs: act[p] = silu(x[slot // k] @ gate.T) * (x[slot // k] @ up.T), p the padded
    position; written [max_padded, I], padding rows unwritten and never read.
 3. down GEMM over runs: y[slot] = w[slot] * act[p] @ w2.T, written [S, H].
@@ -15,6 +16,7 @@ their weights read.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -55,17 +57,18 @@ def _store_rounded(ptrs, x, mask, INTERPRET: tl.constexpr):
     tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# Token and slot counts change every call; specialising on them would recompile per batch size.
+@triton.jit(do_not_specialize=["S", "E", "top_k", "max_blocks", "gate_scale_rows"])
 def _moe_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, b_scale_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
-    N, K, S, top_k, max_blocks, gate_scale_rows,
+    a_ptr, b_ptr, c_ptr, b_scale_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, ids_ptr,
+    N, K, S, E, top_k, max_blocks, gate_scale_rows,
     stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn, stride_sk,
     A_BY_TOKEN: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, QUANT: tl.constexpr,
-    INTERPRET: tl.constexpr, EVEN_K: tl.constexpr,
+    INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, PER_SLOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = A @ B[e].T over one BLOCK_M run of expert e; N output columns (I when GATED: the up rows
-    sit N rows below the gate rows), K the reduction length."""
+    sit N rows below the gate rows), K the reduction length. PER_SLOT: block m is slot m alone."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_pid_n
@@ -73,13 +76,23 @@ def _moe_gemm_kernel(
     group_rows = tl.minimum(max_blocks - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-
-    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(sorted_ptr + offs_p)
-    row_ok = slot < S
+    if PER_SLOT:
+        # Decode without the permutation: one slot per block (row 0), intermediates indexed by slot.
+        # A token's experts are distinct, so at one token every expert's weights are read once.
+        e_id = tl.load(ids_ptr + pid_m)
+        if (e_id < 0) | (e_id >= E):
+            return
+        expert = e_id.to(tl.int64)
+        slot = pid_m + tl.zeros([BLOCK_M], dtype=tl.int32)
+        row_ok = tl.arange(0, BLOCK_M) == 0
+        offs_p = slot
+    else:
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot = tl.load(sorted_ptr + offs_p)
+        row_ok = slot < S
     if A_BY_TOKEN:
         a_rows = (slot // top_k).to(tl.int64)
     else:
@@ -156,7 +169,7 @@ def _moe_gemm_kernel(
     _store_rounded(c_ptrs, acc, row_ok[:, None] & n_ok[None, :], INTERPRET)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["E"])
 def _combine_kernel(y_ptr, ids_ptr, out_ptr, H, E, stride_y, stride_o,
                     K: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
     """out[t] = sum of y[t*K + j] over the slots j whose expert is held here."""
@@ -176,38 +189,72 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def _gemm(a, b, c, scale, topk_w, al: Alignment, n, k, top_k, gate_scale_rows, cfg: GemmConfig, *,
+@dataclass(frozen=True)
+class SlotPlan:
+    """How the GEMMs walk the T*k slots of one call: BLOCK_M-aligned runs per expert (`runs`), or,
+    when `runs` is None, one slot per block with no permutation (the decode path)."""
+
+    ids: torch.Tensor  # [S] flat expert ids, int64
+    top_k: int
+    num_experts: int
+    block_m: int
+    runs: Alignment | None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.ids.numel() if self.runs is None else self.runs.block_expert.numel()
+
+    @property
+    def act_rows(self) -> int:
+        """Rows of the intermediate buffer: padded positions, or slots on the decode path."""
+        return self.ids.numel() if self.runs is None else self.runs.sorted_ids.numel()
+
+
+def plan_slots(topk_ids: torch.Tensor, num_experts: int, config: MoeConfig) -> SlotPlan:
+    """Step 1 (or nothing, on the per-slot path): the walk of both GEMMs for topk_ids [T, k]."""
+    runs = None if config.per_slot else align_block_size(topk_ids, num_experts, config.block_m)
+    return SlotPlan(topk_ids.reshape(-1), topk_ids.shape[1], num_experts, config.block_m, runs)
+
+
+def _gemm(a, b, c, scale, topk_w, plan: SlotPlan, n, k, gate_scale_rows, cfg: GemmConfig, *,
           a_by_token: bool, gated: bool, mul_weight: bool, quant: str):
     if quant == "fp8" and cfg.block_k != FP8_GROUP:
         cfg = GemmConfig(cfg.block_n, FP8_GROUP, cfg.group_m, cfg.num_warps, cfg.num_stages)
-    max_blocks = al.block_expert.numel()
+    max_blocks = plan.num_blocks
     grid = (max_blocks * triton.cdiv(n, cfg.block_n),)
     if scale is None:
         scale, strides = b, (0, 0, 0)
     else:
         strides = tuple(scale.stride()) + (0,) * (3 - scale.dim())
+    runs = plan.runs
+    sorted_ids, block_expert, num_padded = (plan.ids,) * 3 if runs is None else (
+        runs.sorted_ids, runs.block_expert, runs.num_padded)
     _moe_gemm_kernel[grid](
-        a, b, c, scale, topk_w, al.sorted_ids, al.block_expert, al.num_padded,
-        n, k, al.num_slots, top_k, max_blocks, gate_scale_rows,
+        a, b, c, scale, topk_w, sorted_ids, block_expert, num_padded, plan.ids,
+        n, k, plan.ids.numel(), plan.num_experts, plan.top_k, max_blocks, gate_scale_rows,
         a.stride(0), b.stride(0), b.stride(1), c.stride(0), *strides,
         A_BY_TOKEN=a_by_token, GATED=gated, MUL_WEIGHT=mul_weight, QUANT=QUANT_CODES[quant],
-        INTERPRET=interpreting(), EVEN_K=k % cfg.block_k == 0,
-        BLOCK_M=al.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        INTERPRET=interpreting(), EVEN_K=k % cfg.block_k == 0, PER_SLOT=runs is None,
+        BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
-def expert_gemms(hidden: torch.Tensor, weights: ExpertWeights, al: Alignment, topk_weights: torch.Tensor,
-                 top_k: int, config: MoeConfig) -> torch.Tensor:
-    """Steps 2 and 3: y [T*k, H], each held slot's weighted expert output (other rows unwritten)."""
-    t, h = hidden.shape
+def gate_up(hidden: torch.Tensor, weights: ExpertWeights, plan: SlotPlan, cfg: GemmConfig) -> torch.Tensor:
+    """Step 2: act [plan.act_rows, I] = silu(x @ gate.T) * (x @ up.T) per held row (others unwritten)."""
     inter = weights.intermediate_size
-    act = empty(al.sorted_ids.numel(), inter, dtype=hidden.dtype, device=hidden.device)
-    y = empty(t * top_k, h, dtype=hidden.dtype, device=hidden.device)
-    gate_rows = triton.cdiv(inter, FP8_GROUP)
-    _gemm(hidden, weights.w13, act, weights.w13_scale, topk_weights, al, inter, h, top_k, gate_rows, config.up,
-          a_by_token=True, gated=True, mul_weight=False, quant=weights.quant)
-    _gemm(act, weights.w2, y, weights.w2_scale, topk_weights, al, h, inter, top_k, 0, config.down,
+    act = empty(plan.act_rows, inter, dtype=hidden.dtype, device=hidden.device)
+    _gemm(hidden, weights.w13, act, weights.w13_scale, hidden, plan, inter, weights.hidden_size,
+          triton.cdiv(inter, FP8_GROUP), cfg, a_by_token=True, gated=True, mul_weight=False, quant=weights.quant)
+    return act
+
+
+def down(act: torch.Tensor, weights: ExpertWeights, plan: SlotPlan, topk_w: torch.Tensor,
+         cfg: GemmConfig) -> torch.Tensor:
+    """Step 3: y [T*k, H], each held slot's expert output times its routing weight (float32 topk_w)."""
+    h = weights.hidden_size
+    y = empty(plan.ids.numel(), h, dtype=act.dtype, device=act.device)
+    _gemm(act, weights.w2, y, weights.w2_scale, topk_w, plan, h, weights.intermediate_size, 0, cfg,
           a_by_token=False, gated=False, mul_weight=True, quant=weights.quant)
     return y
 
@@ -250,6 +297,6 @@ def fused_experts(
     if t == 0:
         return empty(0, h, dtype=hidden.dtype, device=hidden.device)
     cfg = config or select_config(hidden, weights, topk_ids.shape[1])
-    al = align_block_size(topk_ids, weights.num_experts, cfg.block_m)
-    y = expert_gemms(hidden, weights, al, topk_w, topk_ids.shape[1], cfg)
+    plan = plan_slots(topk_ids, weights.num_experts, cfg)
+    y = down(gate_up(hidden, weights, plan, cfg.up), weights, plan, topk_w, cfg.down)
     return combine(y, topk_ids, weights.num_experts, hidden.dtype)

@@ -16,6 +16,7 @@ from moeserve.kernels.weights import ExpertWeights, quantize_experts
 # Small tiles so that the CPU interpreter's tiny shapes still span several blocks in every dimension.
 SMALL = MoeConfig(16, GemmConfig(block_n=16, block_k=32), GemmConfig(block_n=32, block_k=32))
 WIDE_M = MoeConfig(32, GemmConfig(block_n=32, block_k=64), GemmConfig(block_n=32, block_k=64))
+PER_SLOT = MoeConfig(16, GemmConfig(block_n=16, block_k=32), GemmConfig(block_n=32, block_k=32), per_slot=True)
 
 
 def oracle(hidden, weights: ExpertWeights, ids, w):
@@ -49,6 +50,9 @@ CASES = [  # (T, H, I, E, k, drop, config)
     (21, 64, 32, 6, 2, 0.3, SMALL),  # slots held elsewhere (-1)
     (70, 64, 64, 4, 2, 0.0, WIDE_M),  # several blocks per expert
     (9, 64, 32, 8, 2, 0.0, None),  # the configuration table / defaults
+    (1, 64, 32, 8, 2, 0.0, None),  # defaults at one token: the per-slot decode path
+    (1, 80, 48, 8, 3, 0.0, PER_SLOT),  # per-slot, H and I not multiples of the blocks
+    (11, 64, 32, 4, 3, 0.3, PER_SLOT),  # per-slot with experts shared by tokens and slots held elsewhere
 ]
 
 
@@ -86,7 +90,7 @@ def test_quantized_match_dequantized_reference(quant, t, h, i, e, k, drop, gen):
     hidden = random_hidden(t, h, gen)
     weights = quantize_experts(ExpertWeights(*random_experts(e, h, i, gen)), quant)
     ids, w = random_routing(t, e, k, gen, drop=drop)
-    cfg = MoeConfig(16, GemmConfig(block_n=32, block_k=128), GemmConfig(block_n=64, block_k=128))
+    cfg = MoeConfig(16, GemmConfig(block_n=32, block_k=128), GemmConfig(block_n=64, block_k=128), per_slot=t == 1)
     check(hidden, weights, ids, w, cfg)
 
 
