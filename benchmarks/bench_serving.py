@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,22 +73,59 @@ def ensure_importable() -> dict[str, str]:
     env = dict(os.environ)
     try:
         import moeserve.router  # noqa: F401
-        import moeserve.v1.inference_pb2  # noqa: F401
-        return env
     except ImportError:
-        pass
-    ns = Path(os.environ.get("TMPDIR", "/tmp")) / "moeserve_ns"
-    pkg = ns / "moeserve"
-    pkg.mkdir(parents=True, exist_ok=True)
-    for name, target in [(f, ROOT / f) for f in CODE_FOLDERS] + [("v1", ROOT / "protos" / "moeserve" / "v1")]:
-        link = pkg / name
-        if not link.exists():
-            link.symlink_to(target, target_is_directory=True)
-    if not (ROOT / "protos/moeserve/v1/inference_pb2.py").exists():
-        raise SystemExit("generated stubs missing: carry protos/moeserve/v1/*_pb2*.py (see the command in --help)")
-    sys.path.insert(0, str(ns))
-    env["PYTHONPATH"] = os.pathsep.join([str(ns), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        ns = Path(os.environ.get("TMPDIR", "/tmp")) / "moeserve_ns"
+        pkg = ns / "moeserve"
+        pkg.mkdir(parents=True, exist_ok=True)
+        for name, target in [(f, ROOT / f) for f in CODE_FOLDERS] + [("v1", ROOT / "protos" / "moeserve" / "v1")]:
+            link = pkg / name
+            if not link.exists():
+                link.symlink_to(target, target_is_directory=True)
+        sys.path.insert(0, str(ns))
+        env["PYTHONPATH"] = os.pathsep.join([str(ns), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    ensure_stubs()
     return env
+
+
+STUBS = ROOT / "protos" / "moeserve" / "v1" / "inference_pb2.py"
+
+
+def ensure_stubs() -> None:
+    """Make `moeserve.v1.inference_pb2` importable under whatever protobuf this machine has.
+
+    The generated module refuses a protobuf runtime older than the protoc that made it; its
+    embedded file descriptor is portable, so on that refusal the messages are built from it directly.
+    """
+    try:
+        import moeserve.v1.inference_pb2  # noqa: F401
+        return
+    except ImportError as exc:
+        if not STUBS.exists():
+            raise SystemExit("generated stubs missing: build them (pip install -e . or make setup) and carry "
+                             "protos/moeserve/v1/inference_pb2.py to this machine") from exc
+        reason = exc
+    except Exception as exc:  # google.protobuf.runtime_version.VersionError
+        reason = exc
+    import ast
+    import re
+    import types
+
+    from google.protobuf import descriptor_pool
+    from google.protobuf.internal import builder
+
+    found = re.search(r"AddSerializedFile\((b'.*?')\)\n", STUBS.read_text(), re.S)
+    if found is None:
+        raise SystemExit(f"{STUBS} holds no serialized descriptor; regenerate it") from reason
+    name = "moeserve.v1.inference_pb2"
+    module = types.ModuleType(name)
+    module.DESCRIPTOR = descriptor_pool.Default().AddSerializedFile(ast.literal_eval(found.group(1)))
+    builder.BuildMessageAndEnumDescriptors(module.DESCRIPTOR, module.__dict__)
+    builder.BuildTopDescriptorsAndMessages(module.DESCRIPTOR, name, module.__dict__)
+    sys.modules[name] = module
+    import moeserve.v1
+
+    moeserve.v1.inference_pb2 = module
+    print(f"note: stubs built from their descriptor ({type(reason).__name__}: {reason})", flush=True)
 
 
 # -- the decode-step floor ------------------------------------------------------------------------------
@@ -339,6 +378,17 @@ def table(report: dict) -> str:
     return "\n".join(rows)
 
 
+@contextlib.contextmanager
+def _phase(record: dict, name: str):
+    """Run one phase; a failure is printed and recorded under "<name>_error", and the run goes on."""
+    try:
+        yield
+    except (Exception, SystemExit) as exc:  # one GPU run is precious: keep what the other phases measure
+        traceback.print_exc()
+        record[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
+        print(f"  {name} failed: {exc}", flush=True)
+
+
 def main_bench(args: argparse.Namespace) -> int:
     env = ensure_importable()
     import torch
@@ -366,19 +416,21 @@ def main_bench(args: argparse.Namespace) -> int:
         save()
         if not args.skip_moeserve:
             print(f"{name}: moeserve", flush=True)
-            proc, port = start_server(name, args, env)
-            try:
-                r["moeserve"] = {str(k): v for k, v in asyncio.run(drive_server(port, name, args)).items()}
-            finally:
-                stop_server(proc)
+            with _phase(r, "moeserve"):
+                proc, port = start_server(name, args, env)
+                try:
+                    r["moeserve"] = {str(k): v for k, v in asyncio.run(drive_server(port, name, args)).items()}
+                finally:
+                    stop_server(proc)
             save()
         if not args.skip_hf:
             print(f"{name}: HF transformers generate", flush=True)
-            r["hf"] = {str(k): v for k, v in run_hf(name, args).items()}
+            with _phase(r, "hf"):
+                r["hf"] = {str(k): v for k, v in run_hf(name, args).items()}
             save()
     print(table(report))
     print(f"results in {out_file}")
-    return 0
+    return 1 if any(k.endswith("_error") for r in report["models"].values() for k in r) else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+try:  # optional: without it, readiness is asked of ModelInfo instead of the health service
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+except ImportError:
+    health_pb2 = health_pb2_grpc = None
 
 from moeserve.router.tls import ClientTLS
 from moeserve.v1 import inference_pb2 as pb
-from moeserve.v1 import inference_pb2_grpc as pb_grpc
 
 SERVICE = "moeserve.v1.Inference"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # what the client accepts; unary answers carry every token
@@ -47,6 +50,23 @@ def build_request(
     return req
 
 
+class _InferenceStub:
+    """Callables for the three RPCs, built from the messages alone.
+
+    Not the generated `inference_pb2_grpc`: that module refuses to import under a grpcio older than
+    the grpcio-tools that made it, and a client must run wherever grpcio and protobuf do.
+    """
+
+    def __init__(self, channel):
+        gen = dict(request_serializer=pb.GenerateRequest.SerializeToString,
+                   response_deserializer=pb.GenerateResponse.FromString)
+        self.Generate = channel.unary_unary(f"/{SERVICE}/Generate", **gen)
+        self.GenerateStream = channel.unary_stream(f"/{SERVICE}/GenerateStream", **gen)
+        self.ModelInfo = channel.unary_unary(f"/{SERVICE}/ModelInfo",
+                                             request_serializer=pb.ModelInfoRequest.SerializeToString,
+                                             response_deserializer=pb.ModelInfoResponse.FromString)
+
+
 def _options(tls: ClientTLS | None) -> list[tuple[str, object]]:
     opts: list[tuple[str, object]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -67,8 +87,8 @@ class AsyncClient:
             self.channel = grpc.aio.insecure_channel(address, options=_options(None))
         else:
             self.channel = grpc.aio.secure_channel(address, tls.credentials(), options=_options(tls))
-        self._stub = pb_grpc.InferenceStub(self.channel)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._stub = _InferenceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel) if health_pb2_grpc else None
         self._metadata = _metadata(token)
 
     async def __aenter__(self) -> "AsyncClient":
@@ -82,6 +102,8 @@ class AsyncClient:
 
     async def health(self, service: str = SERVICE, timeout: float | None = None, wait_for_ready: bool = False) -> int:
         """The health status (health_pb2.HealthCheckResponse.SERVING, NOT_SERVING ...) of `service`."""
+        if self._health is None:
+            raise RuntimeError("the health client needs grpcio-health-checking (pip install grpcio-health-checking)")
         resp = await self._health.Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=wait_for_ready
         )
@@ -93,6 +115,10 @@ class AsyncClient:
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait (at most `timeout` seconds) until the server answers SERVING; raises otherwise."""
+        if self._health is None:
+            await self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout, wait_for_ready=True,
+                                       metadata=self._metadata)
+            return
         status = await self.health(timeout=timeout, wait_for_ready=True)
         if status != health_pb2.HealthCheckResponse.SERVING:
             raise RuntimeError(f"server is up but not serving (health status {status})")
@@ -128,8 +154,8 @@ class Client:
             self.channel = grpc.insecure_channel(address, options=_options(None))
         else:
             self.channel = grpc.secure_channel(address, tls.credentials(), options=_options(tls))
-        self._stub = pb_grpc.InferenceStub(self.channel)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._stub = _InferenceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel) if health_pb2_grpc else None
         self._metadata = _metadata(token)
 
     def __enter__(self) -> "Client":
@@ -142,6 +168,9 @@ class Client:
         self.channel.close()
 
     def wait_ready(self, timeout: float) -> None:
+        if self._health is None:
+            self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout, wait_for_ready=True, metadata=self._metadata)
+            return
         resp = self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=timeout, wait_for_ready=True)
         if resp.status != health_pb2.HealthCheckResponse.SERVING:
             raise RuntimeError(f"server is up but not serving (health status {resp.status})")

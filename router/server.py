@@ -17,8 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+
+try:  # optional packages: a minimal box (the GPU bench machine) serves without health and reflection
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+except ImportError:
+    health = health_pb2 = health_pb2_grpc = None
+try:
+    from grpc_reflection.v1alpha import reflection
+except ImportError:
+    reflection = None
 
 from moeserve.router import status_codes
 from moeserve.router.auth import BearerTokenInterceptor, TokenSet, caller_identity
@@ -267,7 +274,7 @@ class InferenceServer:
     port: int = 0  # the bound port, once started
     servicer: InferenceServicer | None = None
     _server: grpc.aio.Server | None = None
-    _health: health.aio.HealthServicer | None = None
+    _health: Any = None  # grpc_health's HealthServicer, when installed
     _stopped: asyncio.Event | None = None
 
     @property
@@ -297,9 +304,7 @@ class InferenceServer:
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
         server.add_generic_rpc_handlers((self.servicer.handler(),))
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self._add_health_and_reflection(server)
         target = format_address(cfg.host, cfg.port)
         try:
             port = server.add_secure_port(target, cfg.tls.credentials()) if cfg.tls else server.add_insecure_port(target)
@@ -315,10 +320,24 @@ class InferenceServer:
         self._server = server
         self._stopped = asyncio.Event()
         await server.start()
-        for name in ("", SERVICE):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self._health is not None:
+            for name in ("", SERVICE):
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s (tls %s, auth %s)", SERVICE, self.address,
                  "on" if cfg.tls else "off", "on" if tokens else "off")
+
+    def _add_health_and_reflection(self, server: grpc.aio.Server) -> None:
+        names = [SERVICE]
+        if health is not None:
+            self._health = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+            names.append(health.SERVICE_NAME)
+        else:
+            log.warning("grpcio-health-checking is not installed: no grpc.health.v1 service")
+        if reflection is not None:
+            reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
+        else:
+            log.warning("grpcio-reflection is not installed: no server reflection")
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting calls, give in-flight ones `grace_s` to finish, cancel the rest, stop the engine."""
@@ -326,7 +345,8 @@ class InferenceServer:
             return
         grace = self.config.grace_s if grace_s is None else grace_s
         self.servicer.draining = True
-        await self._health.enter_graceful_shutdown()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
         # grpc stops accepting calls at once; the long grace is only a safety net that cancels every
         # call should the steps below hang (a client that never reads its stream, say).
         closing = asyncio.create_task(self._server.stop(grace + _FLUSH_S))
