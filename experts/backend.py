@@ -16,6 +16,8 @@ from moeserve.cluster.placement import Placement, ServingSet, contiguous_groups
 from moeserve.router.dispatch import DispatchConfig, ExpertDispatcher, StaticSource
 from moeserve.router.transport.local import LocalTransport
 
+from .group import GroupResources
+from .weights import CheckpointWeights
 from .worker import ExpertGroupWorker
 
 
@@ -35,14 +37,25 @@ def local_serving_set(weights, num_experts: int, num_groups: int = 1, device: to
 
 
 def local_expert_backend(weights, *, num_groups: int = 1, config: DispatchConfig | None = None) -> Callable:
-    """Factory: the model's experts in `num_groups` in-process groups behind the dispatcher."""
+    """Factory: the model's experts in `num_groups` in-process groups behind the dispatcher.
+
+    `weights` is a weight source, or a checkpoint path whose experts load in the model's dtype.
+    """
 
     def make(model) -> ExpertDispatcher:
         layers, num_experts, device = _model_layout(model)
+        nonlocal weights
+        if isinstance(weights, str):
+            weights = checkpoint_weights(weights, model)
         serving = local_serving_set(weights, num_experts, num_groups, device)
         return ExpertDispatcher(StaticSource(serving), LocalTransport(), layers, num_experts=num_experts, config=config)
 
     return make
+
+
+def checkpoint_weights(path: str, model) -> CheckpointWeights:
+    """The experts of checkpoint `path` in the dtype of `model`'s trunk."""
+    return CheckpointWeights(str(path), dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
 
 
 def ray_expert_backend(controller, *, config: DispatchConfig | None = None, watch_timeout_s: float = 10.0) -> Callable:
@@ -55,5 +68,32 @@ def ray_expert_backend(controller, *, config: DispatchConfig | None = None, watc
         layers, num_experts, _ = _model_layout(model)
         source = ControllerSource(controller, watch_timeout_s=watch_timeout_s)
         return ExpertDispatcher(source, RayTransport(), layers, num_experts=num_experts, config=config)
+
+    return make
+
+
+def embedded_expert_backend(model_path: str, *, transport: str = "ray", num_groups: int = 2,
+                            resources: GroupResources | None = None) -> Callable:
+    """Factory for `moeserve serve --expert-groups N --transport T`: `ray` starts (or joins) Ray here, the
+    controller and its N expert-group actors; `local` runs N in-process groups."""
+    if transport not in ("local", "ray"):
+        raise ValueError(f"transport: {transport!r} is not one of ['local', 'ray']")
+    if num_groups < 1:
+        raise ValueError(f"expert_groups: must be >= 1, got {num_groups}")
+    if transport == "local":
+        return local_expert_backend(str(model_path), num_groups=num_groups)
+
+    def make(model) -> ExpertDispatcher:
+        import ray
+
+        from moeserve.cluster.controller import ControllerConfig, start_controller
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, namespace="moeserve")
+        _, num_experts, _ = _model_layout(model)
+        res = resources or GroupResources(torch_threads=torch.get_num_threads())
+        cfg = ControllerConfig(weights=checkpoint_weights(model_path, model), num_experts=num_experts,
+                               num_groups=num_groups, resources=res)
+        return ray_expert_backend(start_controller(cfg))(model)
 
     return make

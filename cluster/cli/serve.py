@@ -38,14 +38,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queued-requests", type=int, default=1024,
                    help="waiting requests beyond this are refused with RESOURCE_EXHAUSTED (default 1024)")
     g.add_argument("--seed", type=int, default=0, help="seed of requests that give none (default 0)")
+    g.add_argument("--expert-groups", type=int, default=0, metavar="N",
+                   help="run the routed experts in N expert groups (default 0: inside the trunk's process)")
+    g.add_argument("--transport", choices=("local", "ray"), default=None,
+                   help="how the trunk reaches the expert groups: local (in-process) or ray (actors; "
+                        "the default when --expert-groups is given)")
 
 
 def engine_config(args: argparse.Namespace):
     """The EngineConfig for `args`: the one place that builds it."""
     from moeserve.router.config import EngineConfig
 
+    model = args.model or _demo_model_dir()
+    backend = _expert_backend(args, model)
     return EngineConfig(
-        model=args.model or _demo_model_dir(),
+        model=model,
+        expert_backend=backend,
+        load_experts=backend is None,
         device=args.device,
         dtype=args.dtype,
         block_size=args.block_size,
@@ -58,6 +67,18 @@ def engine_config(args: argparse.Namespace):
         max_queued_requests=args.max_queued_requests,
         seed=args.seed,
     )
+
+
+def _expert_backend(args: argparse.Namespace, model: str | None):
+    """The expert-group backend `--expert-groups` / `--transport` ask for (None: experts in the trunk)."""
+    groups, transport = getattr(args, "expert_groups", 0), getattr(args, "transport", None)
+    if groups < 0:
+        raise ValueError(f"--expert-groups: must be >= 0, got {groups}")
+    if not groups and transport is None:
+        return None
+    from moeserve.experts.backend import embedded_expert_backend
+
+    return embedded_expert_backend(model, transport=transport or "ray", num_groups=groups or 2)
 
 
 def _demo_model_dir() -> str | None:
