@@ -1,0 +1,203 @@
+"""Autotune the fused expert GEMMs on this GPU and write kernels/configs/<gpu>.json (read by get_config).
+
+For each expert shape, weight format and token bucket it times every candidate of
+kernels/search_space.py: the gate/up GEMM and the down GEMM separately for each BLOCK_M (and the
+per-slot decode path at few tokens), then the whole call with the best of each, keeping the fastest.
+Candidates are compiled first by worker processes into Triton's on-disk cache, so the timing loop
+only loads them. Cases run in priority order and the table is saved after each, so a run stopped by
+--budget-s still leaves every finished case in the file.
+
+    python benchmarks/autotune_kernels.py --budget-s 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moeserve.kernels import fused_moe
+from moeserve.kernels.configs import CONFIG_DIR, MoeConfig, device_file_name, shape_key
+from moeserve.kernels.problems import random_batch, random_experts, rotation
+from moeserve.kernels.roofline import SHAPES, ExpertShape
+from moeserve.kernels.search_space import block_m_choices, gemm_choices, per_slot_choices
+from moeserve.kernels.timing import graph_ms
+
+TOKENS = (1, 8, 64, 256, 1024, 4096)
+
+
+def cases(shapes: list[str], tokens: list[int], quants: list[str]) -> list[tuple[str, str, int]]:
+    """(shape, quant, tokens) in priority order: bf16 up to 64 tokens, bf16 beyond on the two shapes
+    with a limit target, FP8 up to 64 tokens, then the rest; by shape within each group, so that
+    each group loads a shape's weights once."""
+    def rank(case):
+        name, quant, t = case
+        targeted = name in ("qwen3-30b-a3b", "deepseek-v2-lite")
+        group = 0 if quant == "bf16" and t <= 64 else 1 if quant == "bf16" and targeted else 2 if t <= 64 else 3
+        return (group, name, quant, t)
+    return sorted(((s, q, t) for s in shapes for q in quants for t in tokens), key=rank)
+
+
+def options(shape: ExpertShape, quant: str, t: int) -> list[tuple[int, bool, str, object]]:
+    """Every (block_m, per_slot, gemm, config) the tuner will time for one case."""
+    out = []
+    for per_slot in per_slot_choices(t):
+        for bm in [16] if per_slot else block_m_choices(t, shape.experts, shape.top_k):
+            for gemm in ("up", "down"):
+                out += [(bm, per_slot, gemm, c) for c in gemm_choices(bm, quant, gemm == "up")]
+    return out
+
+
+# ---- compile phase (worker processes) --------------------------------------------------------
+
+_WORKER_PROBLEMS: dict = {}
+
+
+def _compile_one(task) -> str | None:
+    """Launch one candidate on a one-token, one-expert problem of the real H and I, so that Triton
+    compiles exactly the specialisation the timing loop will use and caches it on disk."""
+    name, quant, bm, per_slot, gemm, cfg = task
+    key = (name, quant)
+    if key not in _WORKER_PROBLEMS:
+        s = SHAPES[name]
+        one = ExpertShape(s.name, s.hidden, s.inter, 1, 1)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        _WORKER_PROBLEMS[key] = (random_experts(one, quant, gen), random_batch(one, 1, gen))
+    weights, batch = _WORKER_PROBLEMS[key]
+    try:
+        plan = fused_moe.plan_slots(batch.ids, 1, MoeConfig(bm, per_slot=per_slot))
+        act = fused_moe.gate_up(batch.hidden, weights, plan, cfg)
+        if gemm == "down":
+            fused_moe.down(act, weights, plan, batch.weights, cfg)
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # out of shared memory or registers: the timing loop skips it too
+        return f"{task}: {type(exc).__name__}"
+
+
+def _signature(name: str, quant: str, bm: int, per_slot: bool, gemm: str, cfg) -> tuple:
+    """What Triton specialises on besides the config: K's divisibility by BLOCK_K, and for FP8 the
+    scale strides' divisibility by 16 (shape dependent)."""
+    s = SHAPES[name]
+    k = s.hidden if gemm == "up" else s.inter
+    scale = ()
+    if quant == "fp8":
+        scale = ((s.hidden + 127) // 128 % 16, (s.inter + 127) // 128 % 16)
+    return (quant, bm, per_slot, gemm, cfg, k % (128 if quant == "fp8" else cfg.block_k) == 0, scale)
+
+
+def precompile(todo: list[tuple[str, str, int]], workers: int) -> None:
+    tasks, seen = [], set()
+    for name, quant, t in todo:
+        for bm, per_slot, gemm, cfg in options(SHAPES[name], quant, t):
+            sig = _signature(name, quant, bm, per_slot, gemm, cfg)
+            if sig not in seen:
+                seen.add(sig)
+                tasks.append((name, quant, bm, per_slot, gemm, cfg))
+    start = time.time()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        failed = [r for r in pool.imap_unordered(_compile_one, tasks, chunksize=2) if r]
+    print(f"compiled {len(tasks)} kernels with {workers} workers in {time.time() - start:.0f}s; "
+          f"{len(failed)} could not run", flush=True)
+
+
+# ---- timing phase ----------------------------------------------------------------------------
+
+def _best(label: str, candidates, time_one) -> tuple[object, float]:
+    best, best_ms = None, float("inf")
+    for cfg in candidates:
+        try:
+            ms = time_one(cfg)
+        except Exception:  # a candidate that cannot launch here (resources) is simply not chosen
+            torch.cuda.synchronize()
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"no candidate of {label} could run")
+    return best, best_ms
+
+
+def tune_case(shape: ExpertShape, quant: str, t: int, weights, reps: int) -> tuple[MoeConfig, float, dict]:
+    """The fastest MoeConfig for one case, its time per call (ms) and what each option scored."""
+    gen = torch.Generator(device="cuda").manual_seed(1000 + t)
+    batches = [random_batch(shape, t, gen) for _ in range(rotation(t))]
+    scores, best, best_ms = {}, None, float("inf")
+    for per_slot in per_slot_choices(t):
+        for bm in [16] if per_slot else block_m_choices(t, shape.experts, shape.top_k):
+            plans = [fused_moe.plan_slots(b.ids, shape.experts, MoeConfig(bm, per_slot=per_slot)) for b in batches]
+
+            def time_up(cfg):
+                return graph_ms([functools.partial(fused_moe.gate_up, b.hidden, weights, p, cfg)
+                                 for b, p in zip(batches, plans)], reps=reps)
+
+            up, _ = _best("gate/up", gemm_choices(bm, quant, True), time_up)
+            acts = [fused_moe.gate_up(b.hidden, weights, p, up) for b, p in zip(batches, plans)]
+
+            def time_down(cfg):
+                return graph_ms([functools.partial(fused_moe.down, a, weights, p, b.weights, cfg)
+                                 for a, b, p in zip(acts, batches, plans)], reps=reps)
+
+            dn, _ = _best("down", gemm_choices(bm, quant, False), time_down)
+            config = MoeConfig(bm, up, dn, per_slot)
+            ms = graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights, config)
+                           for b in batches], reps=reps)
+            scores[f"block_m={bm}{',per_slot' if per_slot else ''}"] = round(ms, 4)
+            if ms < best_ms:
+                best, best_ms = config, ms
+    return best, best_ms, scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--quants", default="bf16,fp8")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this long")
+    ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--out", type=Path, help="table file (default kernels/configs/<gpu>.json)")
+    ap.add_argument("--log", type=Path, help="JSON log of every case's scores")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("autotune_kernels needs a CUDA GPU", file=sys.stderr)
+        return 2
+    start = time.time()
+    gpu = torch.cuda.get_device_name()
+    out = args.out or CONFIG_DIR / device_file_name(gpu)
+    table = json.loads(out.read_text()) if out.exists() else {}
+    todo = cases(args.shapes.split(","), [int(t) for t in args.tokens.split(",")], args.quants.split(","))
+    precompile(todo, args.workers)
+    log, loaded = [], {}
+    torch.set_grad_enabled(False)
+    for name, quant, t in todo:
+        if time.time() - start > args.budget_s:
+            print(f"budget spent: stopping before {name} {quant} T={t}", flush=True)
+            break
+        shape = SHAPES[name]
+        if (name, quant) not in loaded:
+            loaded.clear()  # one shape's weights on the GPU at a time
+            torch.cuda.empty_cache()
+            loaded[(name, quant)] = random_experts(shape, quant, torch.Generator(device="cuda").manual_seed(0))
+        config, ms, scores = tune_case(shape, quant, t, loaded[(name, quant)], args.reps)
+        key = shape_key(shape.experts, shape.hidden, shape.inter, shape.top_k, quant)
+        table.setdefault(key, {})[str(t)] = config.to_dict()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        log.append({"shape": name, "quant": quant, "tokens": t, "ms": ms, "scores": scores, "config": config.to_dict()})
+        if args.log:
+            args.log.write_text(json.dumps({"gpu": gpu, "cases": log}, indent=1))
+        print(f"{name:18s} {quant:5s} T={t:5d} {ms * 1e3:9.1f} us  {scores}  [{time.time() - start:.0f}s]", flush=True)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

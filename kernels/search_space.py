@@ -1,0 +1,65 @@
+"""The launch configurations the autotuner tries for one shape, token count and weight format.
+
+Few rows per expert (decode) is weight-bandwidth bound: small BLOCK_M, many programs along N, deep
+pipelines. Many rows is tensor-core bound: 64/128-row tiles and wider N. Candidates whose shared
+memory would not fit are left out before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from .configs import GemmConfig
+
+SMEM_LIMIT = 200 * 1024  # of the H100's 227 KB per block, leaving room for the epilogue
+PER_SLOT_MAX_TOKENS = 8  # beyond this a token's experts repeat across tokens and re-reads cost more
+
+
+def rows_per_expert(num_tokens: int, num_experts: int, top_k: int) -> float:
+    """Mean rows each touched expert sees when routing is spread evenly."""
+    slots = num_tokens * top_k
+    return slots / max(1, min(num_experts, slots))
+
+
+def block_m_choices(num_tokens: int, num_experts: int, top_k: int) -> list[int]:
+    """BLOCK_M values worth timing: about one block per expert, never much padding."""
+    r = rows_per_expert(num_tokens, num_experts, top_k)
+    if r <= 12:
+        return [16]
+    if r <= 24:
+        return [16, 32]
+    if r <= 48:
+        return [32, 64]
+    if r <= 96:
+        return [64]
+    return [64, 128]
+
+
+def smem_bytes(block_m: int, cfg: GemmConfig, gated: bool, weight_bytes: int) -> int:
+    """Shared memory of the software pipeline: A tile and one (two when gated) B tiles per stage."""
+    a = block_m * cfg.block_k * 2
+    b = (2 if gated else 1) * cfg.block_k * cfg.block_n * weight_bytes
+    return cfg.num_stages * (a + b)
+
+
+def gemm_choices(block_m: int, quant: str, gated: bool) -> list[GemmConfig]:
+    """Candidate GemmConfigs for one GEMM (gated: the gate/up GEMM)."""
+    weight_bytes = 2 if quant == "bf16" else 1
+    block_ks = [128] if quant == "fp8" else [64, 128, 256]
+    if block_m <= 32:
+        grid = itertools.product([16, 32, 64, 128], block_ks, [4], [3, 4, 5])
+    else:
+        grid = itertools.product([64, 128, 256], [k for k in block_ks if k <= 128], [4, 8], [3, 4])
+    out = []
+    for bn, bk, warps, stages in grid:
+        cfg = GemmConfig(block_n=bn, block_k=bk, group_m=8, num_warps=warps, num_stages=stages)
+        if block_m <= 32 and bn == 16 and bk < 128:
+            continue  # tiny tiles only pay with long K steps
+        if smem_bytes(block_m, cfg, gated, weight_bytes) <= SMEM_LIMIT:
+            out.append(cfg)
+    return out
+
+
+def per_slot_choices(num_tokens: int) -> list[bool]:
+    """Whether to time the per-slot decode path (no permutation) besides the aligned one."""
+    return [False, True] if num_tokens <= PER_SLOT_MAX_TOKENS else [False]

@@ -1,0 +1,77 @@
+"""GPU timing for the kernel benchmark and autotuner: device events around CUDA-graph replays.
+
+Each timed unit is a list of calls over different inputs (routings drawn afresh), run back to back,
+so that repeated runs do not find the same experts' weights in L2. Launch gaps count, as in a
+serving step; a graph removes the Python launch cost that a captured decode step does not pay.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def _median_ms(run: Callable[[], object], reps: int) -> float:
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        s.record()
+        run()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def eager_ms(calls: Sequence[Callable[[], object]], reps: int = 20, warmup: int = 2) -> float:
+    """Median milliseconds per call, launching from Python each time."""
+    def run():
+        for c in calls:
+            c()
+
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize()
+    return _median_ms(run, reps) / len(calls)
+
+
+def capture(calls: Sequence[Callable[[], object]]) -> torch.cuda.CUDAGraph:
+    """One CUDA graph that runs every call once (after a warm-up on a side stream, as capture needs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    return graph
+
+
+def graph_ms(calls: Sequence[Callable[[], object]], reps: int = 20, warmup: int = 2) -> float:
+    """Median milliseconds per call over replays of one captured graph of all calls."""
+    graph = capture(calls)
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    ms = _median_ms(graph.replay, reps) / len(calls)
+    del graph
+    return ms
+
+
+def device_ceilings(copy_bytes: int = 1 << 30, matmul_n: int = 8192, reps: int = 10) -> tuple[float, float]:
+    """Measured (bandwidth in bytes/s counting reads and writes, bf16 matmul FLOP/s) on random data."""
+    src = torch.randn(copy_bytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    copy = eager_ms([lambda: dst.copy_(src)], reps=reps, warmup=3)
+    bandwidth = 2 * copy_bytes / (copy * 1e-3)
+    del src, dst
+    a = torch.randn(matmul_n, matmul_n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(matmul_n, matmul_n, device="cuda", dtype=torch.bfloat16)
+    mm = eager_ms([lambda: a @ b], reps=reps, warmup=3)
+    peak = 2 * matmul_n**3 / (mm * 1e-3)
+    return bandwidth, peak

@@ -1,0 +1,34 @@
+"""The autotuner's candidate launch configurations."""
+
+import pytest
+
+from moeserve.kernels.configs import MoeConfig
+from moeserve.kernels.search_space import (SMEM_LIMIT, block_m_choices, gemm_choices, per_slot_choices,
+                                           rows_per_expert, smem_bytes)
+
+
+def test_block_m_follows_rows_per_expert():
+    assert rows_per_expert(1, 128, 8) == 1
+    assert rows_per_expert(4096, 128, 8) == 256
+    assert block_m_choices(64, 128, 8) == [16]  # 4 rows per expert: decode
+    assert block_m_choices(256, 128, 8) == [16, 32]
+    assert block_m_choices(4096, 64, 6) == [64, 128]
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64, 128])
+@pytest.mark.parametrize("quant", ["bf16", "fp8", "int8"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_candidates_are_valid_and_fit(block_m, quant, gated):
+    cands = gemm_choices(block_m, quant, gated)
+    assert cands and len(set(cands)) == len(cands)
+    weight_bytes = 2 if quant == "bf16" else 1
+    for cfg in cands:
+        assert smem_bytes(block_m, cfg, gated, weight_bytes) <= SMEM_LIMIT
+        MoeConfig(block_m, cfg, cfg)  # validates
+        if quant == "fp8":
+            assert cfg.block_k == 128  # one activation scale group per K step
+
+
+def test_per_slot_only_for_few_tokens():
+    assert per_slot_choices(1) == [False, True]
+    assert per_slot_choices(64) == [False]
