@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         for t in (int(x) for x in args.tokens.split(",")):
             row = bench_case(shape, t, bf16, fp8, hf, (bandwidth, peak), args.reps)
             rows.append(row)
+            if args.out:  # after every row, so a run cut short keeps what it measured
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "bench_kernels.json").write_text(json.dumps({"gpu": gpu, "rows": rows}, indent=1))
             print(f"{name:18s} T={t:5d} bf16 {row['bf16']['ms'] * 1e3:9.1f} us "
                   f"({100 * row['bf16']['share_of_limit']:3.0f}%) HF {row['hf_grouped_mm']['ms'] * 1e3:9.1f} us "
                   f"x{row['x_hf']:.2f} fp8 {row['fp8']['ms'] * 1e3:9.1f} us x{row['fp8_x_bf16']:.2f} "
