@@ -198,8 +198,8 @@ are listed in the chart README.
 {{- $args = concat $args (list "--tls-cert" "/etc/moeserve/tls/tls.crt" "--tls-key" "/etc/moeserve/tls/tls.key") }}
 {{- if $v.tls.clientAuth }}{{ $args = concat $args (list "--tls-client-ca" "/etc/moeserve/tls/ca.crt") }}{{ end }}
 {{- end }}
-{{- if include "moeserve.metricsEnabled" . }}{{ $args = concat $args (list "--prometheus-port" (toString (int64 $v.metrics.port))) }}{{ end }}
-{{- if $v.metrics.otlpEndpoint }}{{ $args = concat $args (list "--otlp-endpoint" $v.metrics.otlpEndpoint) }}{{ end }}
+{{- if include "moeserve.metricsEnabled" . }}{{ $args = concat $args (list "--prometheus-port" (toString (int64 $v.metrics.port)) "--prometheus-host" "0.0.0.0") }}{{ end }}
+{{- if $v.metrics.otlpEndpoint }}{{ $args = concat $args (list "--otlp-endpoint" $v.metrics.otlpEndpoint "--trace-sample-ratio" (toString $v.metrics.traceSampleRatio)) }}{{ end }}
 {{- $args = concat $args $v.server.extraArgs }}
 {{- $quoted := list }}
 {{- range $args }}{{ $quoted = append $quoted (squote .) }}{{ end }}

