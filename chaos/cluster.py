@@ -1,0 +1,125 @@
+"""The embedded cluster a chaos scenario runs against: real gRPC edge on loopback, real Ray actors.
+
+Edge (InferenceServer) and load generator share this process and its event loop. The trunk runs
+in this process too, or in its own TrunkWorker actor; the routed experts run in Ray expert-group
+actors under a controller actor, reached over the `ray` transport (optionally slowed). Ray itself
+must already be initialised (the runner does it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from moeserve.router.config import EngineConfig
+from moeserve.router.server import InferenceServer, ServerConfig
+
+from .slow_transport import SlowTransport
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """The shape of one embedded cluster."""
+
+    expert_groups: int = 2
+    replicas_per_group: int = 1
+    trunk_worker: bool = False  # the trunk in its own process (a TrunkWorker actor), not the edge's
+    slow_transport: bool = False  # the ray transport behind a SlowTransport (trunk in the edge's process)
+    dispatch_timeout_s: float = 2.0  # one send to an expert group; past it the group counts as stalled
+    max_num_seqs: int = 32
+    num_kv_blocks: int = 512
+
+    def __post_init__(self) -> None:
+        if self.expert_groups < 1:
+            raise ValueError(f"ClusterSpec.expert_groups must be >= 1, got {self.expert_groups}")
+        if self.replicas_per_group < 1:
+            raise ValueError(f"ClusterSpec.replicas_per_group must be >= 1, got {self.replicas_per_group}")
+        if self.slow_transport and self.trunk_worker:
+            raise ValueError("ClusterSpec.slow_transport needs the trunk in the edge's process (trunk_worker=False)")
+
+
+class EmbeddedCluster:
+    """Start with `await start()`, stop with `await stop()`; `address` is the edge's loopback address."""
+
+    def __init__(self, spec: ClusterSpec, model_dir: str):
+        self.spec, self.model_dir = spec, model_dir
+        self.name = f"chaos-{uuid.uuid4().hex[:8]}"
+        self.controller = None
+        self.engine = None
+        self.server: InferenceServer | None = None
+        self.transport: SlowTransport | None = None
+        self._dispatchers: list = []  # made in this process; closed on stop
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def start(self) -> None:
+        from moeserve.cluster.controller import ControllerConfig, start_controller
+        from moeserve.experts.group import GroupResources
+        from moeserve.experts.weights import CheckpointWeights
+        from moeserve.models.config import ModelConfig
+
+        spec = self.spec
+        num_experts = ModelConfig.from_dir(self.model_dir).moe.n_routed_experts
+        config = ControllerConfig(
+            weights=CheckpointWeights(self.model_dir, dtype="float32"), num_experts=num_experts,
+            num_groups=spec.expert_groups, replicas_per_group=spec.replicas_per_group,
+            # The same BLAS threads as the trunk keep expert outputs bitwise equal to the reference's.
+            resources=GroupResources(torch_threads=torch.get_num_threads()),
+            name=self.name, health_interval_s=1.0, max_restarts=10_000, drain_timeout_s=60.0,
+        )
+        self.controller = await asyncio.to_thread(start_controller, config)
+        engine_config = EngineConfig(model=self.model_dir, max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=512,
+                                     num_kv_blocks=spec.num_kv_blocks, expert_backend=self._backend(),
+                                     load_experts=False)
+        if spec.trunk_worker:
+            from moeserve.router.trunk import TrunkEngine
+
+            self.engine = TrunkEngine(engine_config)
+        else:
+            from moeserve.router.engine import AsyncEngine
+
+            self.engine = await asyncio.to_thread(AsyncEngine.from_config, engine_config)
+        self.server = InferenceServer(self.engine, ServerConfig(port=0, max_streams_per_caller=100_000, grace_s=0),
+                                      model_name="demo")
+        await self.server.start()
+
+    def _backend(self):
+        from moeserve.router.dispatch import DispatchConfig
+
+        dispatch = DispatchConfig(timeout_s=self.spec.dispatch_timeout_s, recovery_timeout_s=300.0, max_rounds=50)
+        if self.spec.trunk_worker:  # built in the worker's process: only picklable things travel
+            from moeserve.experts.backend import ray_expert_backend
+
+            return ray_expert_backend(self.controller, config=dispatch)
+        from moeserve.cluster.epoch import ControllerSource
+        from moeserve.router.dispatch import ExpertDispatcher
+        from moeserve.router.transport.ray import RayTransport
+
+        transport = RayTransport()
+        if self.spec.slow_transport:
+            transport = self.transport = SlowTransport(transport)
+
+        def make(model) -> ExpertDispatcher:
+            dispatcher = ExpertDispatcher(ControllerSource(self.controller), transport, sorted(model.moe_blocks),
+                                          num_experts=model.config.moe.n_routed_experts, config=dispatch)
+            self._dispatchers.append(dispatcher)
+            return dispatcher
+
+        return make
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(0)
+        for dispatcher in self._dispatchers:
+            await asyncio.to_thread(dispatcher.close)
+        if self.controller is not None:
+            try:
+                await asyncio.wait_for(self.controller.shutdown.remote(), 120.0)
+            finally:
+                ray.kill(self.controller, no_restart=True)

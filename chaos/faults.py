@@ -1,0 +1,161 @@
+"""The faults a chaos scenario injects, one kind per class. `inject` does one fault and returns once
+recovery is seen (or raises); `clear` undoes whatever a fault may have left behind at the end."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from abc import ABC, abstractmethod
+
+import ray
+from ray.exceptions import RayActorError
+
+from .cluster import EmbeddedCluster
+from .load import LoadGenerator
+from .report import FaultRecord
+
+_WATCH_S = 10.0  # one long poll on the controller while waiting for a recovery
+
+
+class Fault(ABC):
+    kind: str
+
+    def __init__(self) -> None:
+        self.count = 0  # faults injected so far; picks the next target round-robin
+
+    @abstractmethod
+    async def inject(self, cluster: EmbeddedCluster, load: LoadGenerator) -> FaultRecord: ...
+
+    async def clear(self, cluster: EmbeddedCluster) -> None:
+        """Undo what the last fault may have left (nothing by default)."""
+
+    def _record(self, target: str, start: float, detail: str = "") -> FaultRecord:
+        self.count += 1
+        return FaultRecord(self.kind, target, start, time.monotonic(), detail)
+
+
+async def _next_replica(cluster: EmbeddedCluster, n: int) -> tuple[str, int, object]:
+    """(replica id, incarnation, actor handle) of the n-th serving replica, round-robin."""
+    serving = await cluster.controller.snapshot.remote()
+    rid = sorted(serving.handles)[n % len(serving.handles)]
+    return rid, serving.incarnations[rid], serving.handles[rid]
+
+
+async def _wait_restarted(cluster: EmbeddedCluster, replica_id: str, incarnation: int) -> None:
+    """Until the controller serves `replica_id` at a newer incarnation (long polls, no sleeping)."""
+    observer = f"chaos-observer-{uuid.uuid4().hex[:6]}"
+    controller = cluster.controller
+    try:
+        serving = await controller.snapshot.remote()
+        while serving.incarnations.get(replica_id, -1) <= incarnation:
+            newer = await controller.watch.remote(observer, serving.epoch, _WATCH_S)
+            serving = newer if newer is not None else serving
+    finally:
+        controller.forget_dispatcher.remote(observer)
+
+
+class KillExpertGroup(Fault):
+    """ray.kill one expert-group replica; recovered when the controller serves its restarted self."""
+
+    kind = "kill-expert-group"
+
+    async def inject(self, cluster, load):
+        rid, incarnation, handle = await _next_replica(cluster, self.count)
+        start = time.monotonic()
+        ray.kill(handle, no_restart=True)
+        await _wait_restarted(cluster, rid, incarnation)
+        return self._record(rid, start)
+
+
+class StallExpertGroup(Fault):
+    """Make one replica hold every batch for `stall_s`, far past the dispatch deadline; recovered when
+    the dispatcher has given up on it and the controller serves a restarted replica."""
+
+    kind = "stall-expert-group"
+
+    def __init__(self, stall_s: float = 60.0):
+        super().__init__()
+        self.stall_s = stall_s
+
+    async def inject(self, cluster, load):
+        rid, incarnation, handle = await _next_replica(cluster, self.count)
+        await handle.inject_delay.remote(self.stall_s)
+        start = time.monotonic()
+        await _wait_restarted(cluster, rid, incarnation)
+        return self._record(rid, start, f"stalled {self.stall_s:.0f}s")
+
+
+class KillTrunk(Fault):
+    """ray.kill the trunk worker; recovered when the edge has restarted it and resubmitted its requests."""
+
+    kind = "kill-trunk-worker"
+
+    async def inject(self, cluster, load):
+        engine = cluster.engine
+        restarts = engine.restarts
+        resubmitted = engine.resubmitted
+        start = time.monotonic()
+        ray.kill(engine.worker, no_restart=True)
+        await engine.wait_restarts(restarts + 1)
+        return self._record("trunk", start, f"{engine.resubmitted - resubmitted} requests resubmitted")
+
+
+class KillController(Fault):
+    """Kill the controller actor (Ray restarts it and it recovers its state); recovered when it answers."""
+
+    kind = "kill-controller"
+
+    async def inject(self, cluster, load):
+        start = time.monotonic()
+        ray.kill(cluster.controller, no_restart=False)
+        epoch = None
+        while epoch is None:
+            try:
+                epoch = (await cluster.controller.snapshot.remote()).epoch
+            except RayActorError:  # calls made while it was still dying; Ray holds the next until it is back
+                continue
+        return self._record("controller", start, f"back at epoch {epoch}")
+
+
+class SlowTransport(Fault):
+    """Add `delay_s` to every send to the expert groups while `hold_requests` requests complete."""
+
+    kind = "slow-transport"
+
+    def __init__(self, delay_s: float = 0.05, hold_requests: int = 4):
+        super().__init__()
+        self.delay_s, self.hold_requests = delay_s, hold_requests
+
+    async def inject(self, cluster, load):
+        start = time.monotonic()
+        cluster.transport.delay_s = self.delay_s
+        try:
+            await load.wait_completed(load.completed + self.hold_requests)
+        finally:
+            cluster.transport.delay_s = 0.0
+        return self._record("ray transport", start, f"+{self.delay_s * 1000:.0f} ms per send")
+
+    async def clear(self, cluster):
+        cluster.transport.delay_s = 0.0
+
+
+class DrainDuringBurst(Fault):
+    """Start a second replica of a group, send a burst of requests, and drain the first replica meanwhile."""
+
+    kind = "drain-during-burst"
+
+    def __init__(self, burst: int = 16):
+        super().__init__()
+        self.burst = burst
+
+    async def inject(self, cluster, load):
+        serving = await cluster.controller.snapshot.remote()
+        groups = serving.placement.groups
+        group = groups[self.count % len(groups)].group_id
+        old = serving.placement.replicas_of(group)[0]
+        await cluster.controller.add_replica.remote(group)
+        load.burst(self.burst)
+        start = time.monotonic()
+        drained = await cluster.controller.drain.remote(replica_id=old)
+        return self._record(old, start, f"drained {drained} during a burst of {self.burst}")
+

@@ -1,0 +1,43 @@
+"""The chaos scenarios: one cluster shape and one kind of fault each, by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .cluster import ClusterSpec
+from .faults import DrainDuringBurst, Fault, KillController, KillExpertGroup, KillTrunk, SlowTransport, StallExpertGroup
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    description: str
+    spec: ClusterSpec
+    make_fault: Callable[[], Fault]
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("kill-expert-group", "ray.kill an expert-group replica; its rows go to the restarted replica",
+             ClusterSpec(), KillExpertGroup),
+    Scenario("stall-expert-group", "a replica holds its batches far past the dispatch deadline; it is replaced",
+             ClusterSpec(dispatch_timeout_s=1.0), lambda: StallExpertGroup(stall_s=60.0)),
+    Scenario("kill-trunk-worker", "ray.kill the trunk worker; the edge restarts it and resubmits its requests",
+             ClusterSpec(trunk_worker=True), KillTrunk),
+    Scenario("kill-controller", "kill the controller actor; Ray restarts it and it recovers its state",
+             ClusterSpec(), KillController),
+    Scenario("slow-transport", "every send to the expert groups takes 50 ms longer for a while",
+             ClusterSpec(slow_transport=True), lambda: SlowTransport(delay_s=0.05, hold_requests=4)),
+    Scenario("drain-during-burst", "add a replica, send a burst, and drain the old replica meanwhile",
+             ClusterSpec(), lambda: DrainDuringBurst(burst=16)),
+)}
+
+
+def resolve(names: list[str]) -> list[Scenario]:
+    """The scenarios named (`all` for every one), in the order given; unknown names raise ValueError."""
+    if names == ["all"]:
+        return list(SCENARIOS.values())
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {unknown}; choose from {sorted(SCENARIOS)} or 'all'")
+    return [SCENARIOS[n] for n in names]
