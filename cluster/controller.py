@@ -419,6 +419,9 @@ class ExpertController:
         self._persist()
 
     # --- reading ----------------------------------------------------------------------------------------------
+    async def epoch(self) -> int:
+        return self.placement.epoch
+
     async def status(self) -> dict:
         """Groups, replicas, experts held, per-expert load over the window, and the epoch."""
         self._ensure_background()

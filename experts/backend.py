@@ -72,6 +72,22 @@ def ray_expert_backend(controller, *, config: DispatchConfig | None = None, watc
     return make
 
 
+def _start_admin(controller):
+    """The Admin API beside the embedded cluster (MOESERVE_ADMIN_PORT, default 50052; "off" disables it)."""
+    import atexit
+    import os
+
+    from moeserve.cluster.admin_server import ADMIN_PORT_ENV, AdminConfig, AdminServer
+
+    if os.environ.get(ADMIN_PORT_ENV, "").lower() == "off":
+        return None
+    server = AdminServer(controller, AdminConfig.from_env()).start()
+    print(f"moeserve: admin API (status, scale, drain) on {server.address}; try  moeserve status --address "
+          f"{server.address}", flush=True)
+    atexit.register(server.stop, 0)
+    return server
+
+
 def embedded_expert_backend(model_path: str, *, transport: str = "ray", num_groups: int = 2,
                             resources: GroupResources | None = None) -> Callable:
     """Factory for `moeserve serve --expert-groups N --transport T`: `ray` starts (or joins) Ray here, the
@@ -94,6 +110,9 @@ def embedded_expert_backend(model_path: str, *, transport: str = "ray", num_grou
         res = resources or GroupResources(torch_threads=torch.get_num_threads())
         cfg = ControllerConfig(weights=checkpoint_weights(model_path, model), num_experts=num_experts,
                                num_groups=num_groups, resources=res)
-        return ray_expert_backend(start_controller(cfg))(model)
+        controller = start_controller(cfg)
+        dispatcher = ray_expert_backend(controller)(model)
+        dispatcher.admin = _start_admin(controller)
+        return dispatcher
 
     return make
