@@ -21,6 +21,7 @@ COMMANDS = (
     "scale",
     "drain",
     "autoscale",
+    "chaos",
 )
 
 
