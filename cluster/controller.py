@@ -33,6 +33,10 @@ from .replicas import (DRAINING, FAILED, RESTARTING, SERVING, ReplicaRecord, cal
 
 log = logging.getLogger(__name__)
 
+# Calls safe to repeat (reads; failure reports, keyed by incarnation) that meet the controller restarting go
+# again to its restarted self; changes (scale, drain) are not repeated: their caller sees the failure.
+_retried_read = ray.method(max_task_retries=-1)
+
 
 @dataclass(frozen=True)
 class ControllerConfig:
@@ -212,10 +216,12 @@ class ExpertController:
                 self._cond.notify_all()
 
     # --- dispatchers -------------------------------------------------------------------------------------
+    @_retried_read
     async def snapshot(self) -> ServingSet:
         self._ensure_background()
         return self._serving_set()
 
+    @_retried_read
     async def watch(self, dispatcher_id: str, adopted_epoch: int, timeout_s: float) -> ServingSet | None:
         """Long-poll: the serving set once the epoch passes `adopted_epoch` (None after `timeout_s`).
 
@@ -236,6 +242,7 @@ class ExpertController:
             if dispatcher_id in self._acks:
                 self._acks[dispatcher_id] = (self._acks[dispatcher_id][0], time.monotonic())
 
+    @_retried_read
     async def forget_dispatcher(self, dispatcher_id: str) -> None:
         self._acks.pop(dispatcher_id, None)
         async with self._cond:
@@ -258,12 +265,14 @@ class ExpertController:
             return False
 
     # --- failures --------------------------------------------------------------------------------------
+    @_retried_read
     async def report_failures(self, failures: dict[str, tuple[int, str]]) -> None:
         """A dispatcher saw these replicas fail; restart the dead and stalled ones in the background."""
         for rid, (incarnation, kind) in failures.items():
             if kind in ("dead", "timeout"):
                 self._restart_task(rid, incarnation, kind)
 
+    @_retried_read
     async def repair(self, failures: dict[str, tuple[int, str]], timeout_s: float) -> ServingSet:
         """Restore the failed replicas (bounded by `timeout_s`) and return the serving set."""
         tasks = [self._restart_task(rid, inc, kind) for rid, (inc, kind) in failures.items() if kind in ("dead", "timeout")]
@@ -419,9 +428,11 @@ class ExpertController:
         self._persist()
 
     # --- reading ----------------------------------------------------------------------------------------------
+    @_retried_read
     async def epoch(self) -> int:
         return self.placement.epoch
 
+    @_retried_read
     async def status(self) -> dict:
         """Groups, replicas, experts held, per-expert load over the window, and the epoch."""
         self._ensure_background()

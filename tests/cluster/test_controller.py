@@ -1,0 +1,107 @@
+"""The controller as a restartable Ray actor, and how a drain waits for in-flight rows and for every
+dispatcher to adopt the new epoch."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import ray
+import torch
+
+from moeserve.cluster.controller import ControllerConfig, start_controller
+from moeserve.cluster.epoch import ControllerSource
+from moeserve.experts.backend import ray_expert_backend
+from moeserve.experts.group import GroupResources
+from moeserve.experts.weights import CheckpointWeights
+from moeserve.kernels import ops
+from moeserve.models.loader import load_expert_weights
+from moeserve.router.dispatch import ExpertDispatcher
+from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
+from moeserve.router.transport.ray import RayTransport
+
+NAMESPACE = "test-controller"
+RESOURCES = GroupResources(num_cpus=0.1, torch_threads=torch.get_num_threads())
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False, namespace=NAMESPACE)
+    yield
+    ray.shutdown()
+
+
+def _config(path: str, name: str, **overrides) -> ControllerConfig:
+    fields = {"num_experts": 8, **overrides}
+    return ControllerConfig(weights=CheckpointWeights(path), name=name, namespace=NAMESPACE, resources=RESOURCES,
+                            **fields)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    src = CheckpointWeights(str(tmp_path))
+    with pytest.raises(ValueError, match=r"num_groups: must be in 1..8"):
+        ControllerConfig(weights=src, num_experts=8, num_groups=9)
+    with pytest.raises(ValueError, match="replicas_per_group"):
+        ControllerConfig(weights=src, num_experts=8, replicas_per_group=0)
+    with pytest.raises(ValueError, match="drain_timeout_s"):
+        ControllerConfig(weights=src, num_experts=8, drain_timeout_s=0)
+    with pytest.raises(ValueError, match="num_gpus"):
+        GroupResources(num_gpus=-1)
+
+
+def test_restarted_controller_recovers_its_groups(ray_cluster, hf_checkpoint):
+    path = str(hf_checkpoint("mixtral"))
+    controller = start_controller(_config(path, "restart", num_experts=4))
+    engine = LLMEngine.from_config(EngineConfig(model=path, num_kv_blocks=64, block_size=8, load_experts=False,
+                                                expert_backend=ray_expert_backend(controller)))
+    prompts, params = [[5, 6, 7], [1, 2, 3, 4, 5, 6]], SamplingParams(max_tokens=6)
+    try:
+        before = ray.get(controller.status.remote())
+        first = [o.new_token_ids for o in engine.generate_batch(prompts, params)]
+        ray.kill(controller, no_restart=False)  # Ray restarts it; it reads its state back from the GCS
+        after = ray.get(controller.status.remote(), timeout=120)
+        second = [o.new_token_ids for o in engine.generate_batch(prompts, params)]
+    finally:
+        engine.model.experts_backend.close()
+        ray.get(controller.shutdown.remote())
+        ray.kill(controller)
+    assert second == first
+    assert after["epoch"] == before["epoch"] + 1
+    pids = lambda s: {r["replica_id"]: (r["pid"], r["incarnation"]) for g in s["groups"] for r in g["replicas"]}
+    assert [g["experts"] for g in after["groups"]] == [g["experts"] for g in before["groups"]]
+    assert {r: inc for r, (_, inc) in pids(after).items()} == {"g0r0": 0, "g1r0": 0}  # found again, not restarted
+
+
+def test_drain_finishes_rows_in_flight_and_waits_for_adoption(ray_cluster, hf_checkpoint):
+    path = str(hf_checkpoint("qwen3_moe"))
+    controller = start_controller(_config(path, "drain", num_groups=1, replicas_per_group=2))
+    source = ControllerSource(controller, dispatcher_id="d0")
+    dispatcher = ExpertDispatcher(source, RayTransport(), [0, 2], num_experts=8)
+    w = load_expert_weights(path, list(range(8)))
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(12, 64, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(12)])
+    weights = torch.rand(12, 2, generator=g)
+    want = {layer: ops.fused_experts(hidden, *w[layer], ids, weights) for layer in (0, 2)}
+    drained: list = []
+    try:
+        epoch = dispatcher.epoch
+        pending = dispatcher.submit(0, hidden, ids, weights)  # a step begins on both replicas
+        busy = {r for r in (p.replica_id for p in pending.outstanding)}
+        assert busy == {"g0r0", "g0r1"}
+        drain = threading.Thread(target=lambda: drained.append(ray.get(controller.drain.remote(replica_id="g0r0"))))
+        drain.start()
+        moved = ray.get(controller.watch.remote("observer", epoch, 60.0))  # returns once the set changed
+        ray.get(controller.forget_dispatcher.remote("observer"))
+        assert moved is not None and moved.placement.all_replicas() == ("g0r1",)
+        assert dispatcher.epoch == epoch  # mid-step: the old set stays until the step ends
+        assert torch.equal(pending.wait(), want[0])
+        assert torch.equal(dispatcher(2, hidden, ids, weights), want[2])  # the step's last MoE layer
+        drain.join()
+        assert drained == [["g0r0"]] and dispatcher.epoch == moved.epoch
+        assert torch.equal(dispatcher(0, hidden, ids, weights), want[0])  # the next step, on g0r1 alone
+        assert dispatcher.serving.placement.all_replicas() == ("g0r1",)
+    finally:
+        dispatcher.close()
+        ray.get(controller.shutdown.remote())
+        ray.kill(controller)
