@@ -109,6 +109,38 @@ def test_multi_gpu_worker_groups_split_the_expert_groups(render, tmp_path):
     assert groups["trunk"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
 
 
+def autoscaler_node_types(objects) -> dict[str, dict]:
+    """The node types Ray's in-tree autoscaler derives from the RayCluster (Ray's own KubeRay code)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    (cluster,) = by_kind(objects, "RayCluster")
+    return _derive_autoscaling_config_from_ray_cr(cluster)["available_node_types"]
+
+
+@pytest.mark.parametrize("values", [MINIMAL, MULTI_GPU], ids=["minimal-cpu", "multi-gpu"])
+def test_pending_expert_replicas_become_pods_of_their_worker_group(render, values):
+    """An expert-group replica's demand (GroupResources.actor_options) fits exactly one node type of
+    the autoscaler: the worker group holding that group. Nothing fits the head; trunk demand fits the trunk."""
+    from moeserve.experts.group import GroupResources
+
+    types = autoscaler_node_types(render(values))
+    assert types["headgroup"]["resources"]["CPU"] == 0 and types["headgroup"]["max_workers"] == 0
+    assert types["trunk"]["resources"]["moeserve_trunk"] == 1 and types["trunk"]["resources"]["GPU"] == 0
+    layout = yaml.safe_load((values).read_text())["experts"]["workerGroups"]
+    gpus = layout[0]["gpus"]
+    first = 0
+    for group in layout:
+        assert (types[group["name"]]["min_workers"], types[group["name"]]["max_workers"]) == (group["minReplicas"], group["maxReplicas"])
+        for gid in range(first, first + group["expertGroups"]):
+            opts = GroupResources(num_gpus=1 if gpus else 0, custom_resource="moeserve_expert_{group}").actor_options(gid)
+            demand = {"CPU": opts["num_cpus"], "GPU": opts["num_gpus"], **opts["resources"]}
+            fits = [name for name, t in types.items()
+                    if all(t["resources"].get(k, 0) >= v for k, v in demand.items() if v)]
+            assert fits == [group["name"]], f"expert group {gid} fits {fits}"
+        first += group["expertGroups"]
+    assert [n for n, t in types.items() if t["resources"].get("moeserve_trunk")] == ["trunk"]
+
+
 @pytest.mark.parametrize("values", [None, MINIMAL, MULTI_GPU, TLS_AUTH_MON], ids=["defaults", "minimal-cpu", "multi-gpu", "tls-auth-monitoring"])
 def test_trunk_joins_ray_then_serves_with_flags_the_server_parses(render, values, tmp_path):
     objects = render(values)
