@@ -380,5 +380,6 @@ def test_notes_tell_how_to_call_the_edge(helm):
     notes = out.split("NOTES:", 1)[1]
     assert f"port-forward svc/{FULLNAME} 50051:50051" in notes
     assert "--tls-ca" in notes and "--auth-token-file" in notes
+    assert "--tls-cert" in notes  # the edge asks for client certificates (tls.clientAuth)
     assert f"PrometheusRule {FULLNAME}" in notes
     shlex.split(notes.split("moeserve generate", 1)[1].splitlines()[0])  # a command line that parses

@@ -166,7 +166,8 @@ exec:
     - --cert=/etc/moeserve/tls/tls.crt
     - --key=/etc/moeserve/tls/tls.key
     {{- end }}
-    - --timeout={{ .probe.timeoutSeconds }}
+    {{- /* answer before the kubelet gives up on the probe */}}
+    - --timeout={{ max 1 (sub (int .probe.timeoutSeconds) 1) }}
 {{- else }}
 grpc:
   port: {{ $v.server.port }}
