@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SimpleSpanProcessor
-from opentelemetry.trace import Span, Tracer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, start_http_server
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,27 @@ class Telemetry:
         for group, share in items:
             yield Observation(share, {"group": group})
 
+    def watch_engine(self, engine) -> None:
+        """Gauges from `engine.stats()`; step times and queue waits from the engine, if it reports them."""
+        self.add_gauge_source(lambda: engine_gauges(engine.stats()))
+        if hasattr(engine, "observe"):
+            engine.observe(self)
+
+    # --- recorded by the engine (step thread) and the edge (event loop) -------------------
+    def record_step(self, seconds: float, num_tokens: int) -> None:
+        self.step_time.record(seconds)
+
+    def record_queue_wait(self, seconds: float) -> None:
+        self.queue_wait.record(seconds)
+
+    def record_error(self, code: str) -> None:
+        """One RPC that ended with gRPC status `code` (its name, e.g. "INVALID_ARGUMENT")."""
+        self.errors.add(1, {"code": code})
+
+    def track_request(self, method: str, metadata=None) -> "RequestTracker":
+        """A span and metrics for one Generate/GenerateStream call (a W3C traceparent in metadata is its parent)."""
+        return RequestTracker(self, method, metadata)
+
     # --- traces ---------------------------------------------------------------------------
     @contextmanager
     def span(self, name: str, **attributes) -> Iterator[Span]:
@@ -199,6 +222,87 @@ class Telemetry:
             self._http_server = None
         self.meter_provider.shutdown()
         self.tracer_provider.shutdown()
+
+
+class RequestTracker:
+    """One inference RPC: its span (children queue, prefill, decode from the engine's timeline) and metrics."""
+
+    def __init__(self, telemetry: Telemetry, method: str, metadata=None):
+        self._tel = telemetry
+        carrier = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
+        parent = TraceContextTextMapPropagator().extract(carrier) if "traceparent" in carrier else None
+        self.span = telemetry.tracer.start_span(f"moeserve.v1.Inference/{method}", context=parent, kind=SpanKind.SERVER)
+        self._start = time.monotonic()
+        self._first: float | None = None
+        self._last: float | None = None
+        self._tokens = 0
+
+    def admitted(self, request_id: str, prompt_tokens: int) -> None:
+        self.span.set_attribute("moeserve.request_id", request_id)
+        self.span.set_attribute("moeserve.prompt_tokens", prompt_tokens)
+        self._tel.input_tokens.add(prompt_tokens)
+
+    def output(self, out) -> None:
+        """One engine output (router.sequence.RequestOutput) on its way to the client."""
+        now = time.monotonic()
+        if out.new_token_ids:
+            self._tel.output_tokens.add(len(out.new_token_ids))
+            self._first = self._first or now
+            self._last = now
+            self._tokens += len(out.new_token_ids)
+        if out.finished:
+            self._finished(out, now)
+
+    def _finished(self, out, now: float) -> None:
+        tel, m = self._tel, out.metrics
+        reason = out.finish_reason or "unknown"
+        tel.requests.add(1, {"finish_reason": reason})
+        tel.e2e_latency.record(now - self._start)
+        if out.time_to_first_token is not None:
+            tel.ttft.record(out.time_to_first_token)
+        if m is not None and m.first_token_time is not None and m.completion_tokens > 1:
+            tel.tpot.record((m.finished_time - m.first_token_time) / (m.completion_tokens - 1))
+        elif self._tokens > 1:
+            tel.tpot.record((self._last - self._first) / (self._tokens - 1))
+        self.span.set_attribute("moeserve.finish_reason", reason)
+        self.span.set_attribute("moeserve.completion_tokens", out.completion_tokens)
+        if m is not None:
+            self._phases(m)
+
+    def _phases(self, m) -> None:
+        """Child spans over the engine's timeline (monotonic seconds, mapped onto wall-clock nanoseconds)."""
+        offset = time.time_ns() - time.monotonic_ns()
+        ns = lambda t: offset + int(t * 1e9)  # noqa: E731
+        ctx = set_span_in_context(self.span)
+        scheduled = m.first_scheduled_time if m.first_scheduled_time is not None else m.finished_time
+        phases = [("queue", m.arrival_time, scheduled, {})]
+        if m.first_scheduled_time is not None:
+            first = m.first_token_time if m.first_token_time is not None else m.finished_time
+            phases.append(("prefill", m.first_scheduled_time, first, {"moeserve.prompt_tokens": m.prompt_tokens}))
+        if m.first_token_time is not None:
+            phases.append(("decode", m.first_token_time, m.finished_time,
+                           {"moeserve.decode_tokens": max(0, m.completion_tokens - 1)}))
+        for name, start, end, attrs in phases:
+            span = self._tel.tracer.start_span(name, context=ctx, start_time=ns(start), attributes=attrs)
+            span.end(end_time=ns(max(start, end)))
+
+    def end(self, code: str | None = None) -> None:
+        """The RPC is over: OK (None) or the name of its gRPC status code."""
+        self.span.set_attribute("rpc.grpc.status_code", code or "OK")
+        if code is not None:
+            self._tel.record_error(code)
+            self.span.set_status(Status(StatusCode.ERROR, code))
+        self.span.end()
+
+
+def engine_gauges(stats: dict) -> dict[str, float]:
+    """The gauges Telemetry exports, from an engine's stats() (router.llm_engine.LLMEngine.stats)."""
+    return {
+        "queue_depth": stats.get("waiting", 0),
+        "running_sequences": stats.get("running", 0),
+        "kv_blocks_used": stats.get("kv_blocks_used", 0),
+        "kv_blocks_total": stats.get("kv_blocks_total", 0),
+    }
 
 
 def _sampler(ratio: float):

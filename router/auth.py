@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
@@ -79,8 +80,11 @@ class TokenSet:
         return found
 
 
-def _deny_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _deny_handler(handler: grpc.RpcMethodHandler, message: str,
+                  on_deny: Callable[[str], None] | None) -> grpc.RpcMethodHandler:
     async def deny(request_or_iterator, context):
+        if on_deny is not None:
+            on_deny("UNAUTHENTICATED")
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     kinds = {
@@ -97,9 +101,11 @@ def _deny_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMetho
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call (but health) without a valid bearer token, with UNAUTHENTICATED."""
 
-    def __init__(self, tokens: TokenSet, open_methods: frozenset[str] = OPEN_METHODS):
+    def __init__(self, tokens: TokenSet, open_methods: frozenset[str] = OPEN_METHODS,
+                 on_deny: Callable[[str], None] | None = None):
         self._tokens = tokens
         self._open = open_methods
+        self._on_deny = on_deny  # told the status code of each refused call (errors metric)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -107,9 +113,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return handler
         presented = bearer_token(handler_call_details.invocation_metadata)
         if presented is None:
-            return _deny_handler(handler, "missing credentials: send 'authorization: Bearer <token>' metadata")
+            return _deny_handler(handler, "missing credentials: send 'authorization: Bearer <token>' metadata",
+                                 self._on_deny)
         if self._tokens.match(presented) is None:
-            return _deny_handler(handler, "invalid bearer token")
+            return _deny_handler(handler, "invalid bearer token", self._on_deny)
         return handler
 
 

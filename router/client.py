@@ -138,9 +138,10 @@ class AsyncClient:
         req = build_request(prompt, token_ids, **params)
         return self._stub.GenerateStream(req, timeout=timeout, metadata=self._metadata)
 
-    async def send(self, request: pb.GenerateRequest, *, timeout: float | None = None) -> pb.GenerateResponse:
-        """Unary Generate with a prebuilt request (tests and tools that craft requests by hand)."""
-        return await self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+    async def send(self, request: pb.GenerateRequest, *, timeout: float | None = None,
+                   metadata: Sequence[tuple[str, str]] = ()) -> pb.GenerateResponse:
+        """Unary Generate with a prebuilt request and extra metadata (e.g. a W3C `traceparent`)."""
+        return await self._stub.Generate(request, timeout=timeout, metadata=(*(self._metadata or ()), *metadata))
 
     def send_stream(self, request: pb.GenerateRequest, *, timeout: float | None = None) -> grpc.aio.UnaryStreamCall:
         return self._stub.GenerateStream(request, timeout=timeout, metadata=self._metadata)

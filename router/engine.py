@@ -112,6 +112,10 @@ class AsyncEngine:
     def stats(self) -> dict:
         return self.core.stats()
 
+    def observe(self, observer: Any) -> None:
+        """Report step times and queue waits to `observer` (cluster.telemetry.Telemetry)."""
+        self.core.observer = observer
+
     # -- the step thread and its deliveries -------------------------------------------------------
     def _run(self) -> None:
         core = self.core

@@ -20,7 +20,7 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import EngineStoppedError, InvalidRequestError, MoeserveError
 from .model_runner import ModelRunner, num_kv_blocks
 from .scheduler import Scheduler
-from .sequence import RequestOutput, SamplingParams, Sequence, length_reached, token_stop_reason
+from .sequence import RequestMetrics, RequestOutput, SamplingParams, Sequence, length_reached, token_stop_reason
 
 class StepFailedError(MoeserveError):
     """The model step failed; the requests it carried are ended (others go on)."""
@@ -70,6 +70,8 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.lock = threading.Lock()
         self.counters = dict(steps=0, prompt_tokens=0, tokens_computed=0, tokens_generated=0, requests_finished=0)
+        # Telemetry (or anything with record_step and record_queue_wait); called on the step thread
+        self.observer: Any = None
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLMEngine":
@@ -122,8 +124,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; outputs for every request that got a token or ended."""
         with self.lock:
-            outputs = self._expire(time.monotonic())
+            start = time.monotonic()
+            outputs = self._expire(start)
             batch = self.scheduler.schedule()
+            waits = [start - s.arrival_time for s in batch.seqs if s.first_scheduled_time is None]
+            for seq in batch.seqs:
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = start
         if not batch:
             return outputs
         try:
@@ -141,6 +148,10 @@ class LLMEngine:
             c["tokens_computed"] += batch.num_tokens
             for seq in self.scheduler.postprocess(batch, sampled):
                 outputs.append(self._on_token(seq, now))
+        if self.observer is not None:
+            self.observer.record_step(now - start, batch.num_tokens)
+            for wait in waits:
+                self.observer.record_queue_wait(wait)
         return outputs
 
     def _on_token(self, seq: Sequence, now: float) -> RequestOutput:
@@ -172,8 +183,13 @@ class LLMEngine:
     @staticmethod
     def _output(seq: Sequence, new_ids: list[int], text: str) -> RequestOutput:
         ttft = None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time
+        metrics = None
+        if seq.is_finished:
+            metrics = RequestMetrics(seq.request_id, seq.arrival_time, seq.first_scheduled_time, seq.first_token_time,
+                                     time.monotonic(), seq.num_prompt_tokens, seq.num_completion_tokens,
+                                     seq.finish_reason or "")
         return RequestOutput(seq.request_id, new_ids, text, seq.is_finished, seq.finish_reason,
-                             seq.num_prompt_tokens, seq.num_completion_tokens, ttft)
+                             seq.num_prompt_tokens, seq.num_completion_tokens, ttft, metrics)
 
     # -- offline ----------------------------------------------------------------------------------
     def generate_batch(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:

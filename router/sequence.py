@@ -62,6 +62,21 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     time_to_first_token: float | None  # seconds from arrival to first token, once known
+    metrics: "RequestMetrics | None" = None  # on the last output only
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMetrics:
+    """A finished request's timeline (time.monotonic() seconds) and sizes, for metrics and traces."""
+
+    request_id: str
+    arrival_time: float
+    first_scheduled_time: float | None  # None: it never left the waiting queue
+    first_token_time: float | None
+    finished_time: float
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
 
 
 class SequenceStatus(enum.Enum):
@@ -76,7 +91,7 @@ class Sequence:
     __slots__ = (
         "request_id", "params", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table",
         "status", "finish_reason", "arrival_time", "first_token_time", "deadline", "generator",
-        "detokenizer", "num_emitted_tokens",
+        "detokenizer", "num_emitted_tokens", "first_scheduled_time",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -95,6 +110,7 @@ class Sequence:
         self.generator: Any = None  # torch.Generator of a seeded request, set by the engine
         self.detokenizer: IncrementalDetokenizer | None = None
         self.num_emitted_tokens = 0  # completion tokens already handed to the caller
+        self.first_scheduled_time: float | None = None  # when it first got a step (queue wait ends)
 
     def __len__(self) -> int:
         return len(self.token_ids)

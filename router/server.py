@@ -128,8 +128,9 @@ class InferenceServicer:
     """Generate, GenerateStream and ModelInfo over one AsyncEngine."""
 
     def __init__(self, engine: Any, limits: Limits, info: pb.ModelInfoResponse, config: ServerConfig,
-                 tokens: TokenSet | None = None):
+                 tokens: TokenSet | None = None, telemetry: Any = None):
         self._engine = engine
+        self._telemetry = telemetry  # cluster.telemetry.Telemetry, or None: nothing recorded
         self._limits = limits
         self._info = info
         self._config = config
@@ -171,8 +172,19 @@ class InferenceServicer:
             raise InvalidRequestError("prompt", "this model has no tokenizer; send token_ids instead")
         return list(self._engine.tokenizer.encode(text))
 
+    def _track(self, method: str, context: grpc.aio.ServicerContext) -> Any:
+        if self._telemetry is None:
+            return _NO_TRACKER
+        return self._telemetry.track_request(method, context.invocation_metadata())
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException, tracker: Any) -> None:
+        code, message = status_codes.to_status(exc)
+        tracker.end(code.name)
+        await context.abort(code, message)
+
     # -- one request ------------------------------------------------------------------------------
-    async def _outputs(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[str, Any]]:
+    async def _outputs(self, request: Any, context: grpc.aio.ServicerContext,
+                       tracker: Any) -> AsyncIterator[tuple[str, Any]]:
         """Admit, validate and run one request; yields (request_id, RequestOutput) until it finishes."""
         if isinstance(request, _Malformed):
             raise InvalidRequestError("request", f"is not a valid moeserve.v1.GenerateRequest ({request.error})")
@@ -191,6 +203,7 @@ class InferenceServicer:
                 raise InvalidRequestError("request_id", f"{req.request_id!r} is already in flight; use a unique id")
             request_id = req.request_id
             self._active.add(request_id)
+            tracker.admitted(request_id, len(req.prompt_token_ids))
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             stream = self._engine.generate(req.request_id, req.prompt_token_ids, req.params, deadline=deadline)
@@ -203,6 +216,7 @@ class InferenceServicer:
                         if finished and out.finish_reason == "cancelled" and deadline is not None \
                                 and time.monotonic() >= deadline:
                             raise TimeoutError(f"request {request_id} passed its deadline")
+                        tracker.output(out)
                         yield request_id, out
             finally:
                 if not finished:  # cancelled, deadline, error: make sure the engine lets go of it
@@ -227,24 +241,34 @@ class InferenceServicer:
         ids: list[int] = []
         text: list[str] = []
         last = rid = None
+        tracker = self._track("Generate", context)
         try:
-            async with contextlib.aclosing(self._outputs(request, context)) as outputs:
+            async with contextlib.aclosing(self._outputs(request, context, tracker)) as outputs:
                 async for rid, last in outputs:
                     ids += last.new_token_ids
                     text.append(last.new_text)
         except Exception as exc:
-            await status_codes.abort(context, exc)
+            await self._fail(context, exc, tracker)
+        except BaseException:  # the client went away (the call's task is cancelled)
+            tracker.end("CANCELLED")
+            raise
+        tracker.end()
         return self._response(rid, last, ids, "".join(text))
 
     async def GenerateStream(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         # context.write rather than an async generator: a client that cancels interrupts this very
         # coroutine, so the engine's iterator is closed (KV freed) right here, not when a GC runs.
+        tracker = self._track("GenerateStream", context)
         try:
-            async with contextlib.aclosing(self._outputs(request, context)) as outputs:
+            async with contextlib.aclosing(self._outputs(request, context, tracker)) as outputs:
                 async for rid, out in outputs:
                     await context.write(self._response(rid, out, out.new_token_ids, out.new_text))
         except Exception as exc:
-            await status_codes.abort(context, exc)
+            await self._fail(context, exc, tracker)
+        except BaseException:  # the client went away (the call's task is cancelled)
+            tracker.end("CANCELLED")
+            raise
+        tracker.end()
 
     async def ModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         return self._info
@@ -260,6 +284,22 @@ class InferenceServicer:
         })
 
 
+class _NoTracker:
+    """Stands in for cluster.telemetry.RequestTracker when telemetry is off."""
+
+    def admitted(self, request_id: str, prompt_tokens: int) -> None:
+        pass
+
+    def output(self, out: Any) -> None:
+        pass
+
+    def end(self, code: str | None = None) -> None:
+        pass
+
+
+_NO_TRACKER = _NoTracker()
+
+
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -271,6 +311,7 @@ class InferenceServer:
     engine: Any
     config: ServerConfig = field(default_factory=ServerConfig)
     model_name: str = ""
+    telemetry: Any = None  # cluster.telemetry.Telemetry; None: no metrics or traces
     port: int = 0  # the bound port, once started
     servicer: InferenceServicer | None = None
     _server: grpc.aio.Server | None = None
@@ -294,9 +335,12 @@ class InferenceServer:
         dtype = str(self.engine.dtype).removeprefix("torch.")
         tokens = TokenSet(list(cfg.auth_tokens)) if cfg.auth_tokens else None
         info = model_info(self.engine, limits, dtype, self.model_name)
-        self.servicer = InferenceServicer(self.engine, limits, info, cfg, tokens)
+        self.servicer = InferenceServicer(self.engine, limits, info, cfg, tokens, self.telemetry)
+        on_deny = self.telemetry.record_error if self.telemetry is not None else None
+        if self.telemetry is not None:
+            self.telemetry.watch_engine(self.engine)
         server = grpc.aio.server(
-            interceptors=[BearerTokenInterceptor(tokens)] if tokens else None,
+            interceptors=[BearerTokenInterceptor(tokens, on_deny=on_deny)] if tokens else None,
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a port in use is an error, not a second listener

@@ -107,6 +107,25 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-cert", metavar="PEM", help="server certificate (turns TLS on; needs --tls-key)")
     g.add_argument("--tls-key", metavar="PEM", help="key of --tls-cert")
     g.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mTLS)")
+    t = p.add_argument_group("observability (off by default)")
+    t.add_argument("--prometheus-port", type=int, default=None, metavar="N",
+                   help="serve Prometheus metrics on http://HOST:N/metrics (0: any free port)")
+    t.add_argument("--prometheus-host", default="127.0.0.1", help="address of the metrics endpoint (default 127.0.0.1)")
+    t.add_argument("--otlp-endpoint", metavar="URL",
+                   help="export traces and metrics over OTLP/gRPC to this collector, e.g. http://otel-collector:4317")
+    t.add_argument("--trace-sample-ratio", type=float, default=1.0, help="share of requests traced (default 1)")
+
+
+def telemetry(args: argparse.Namespace):
+    """The Telemetry the flags ask for, or None when metrics and traces are both off."""
+    if args.prometheus_port is None and not args.otlp_endpoint:
+        return None
+    try:
+        from moeserve.cluster.telemetry import Telemetry, TelemetryConfig
+    except ImportError as exc:
+        raise ValueError(f"--prometheus-port/--otlp-endpoint need opentelemetry-sdk and its exporters ({exc})") from exc
+    return Telemetry(TelemetryConfig(prometheus_port=args.prometheus_port, prometheus_host=args.prometheus_host,
+                                     otlp_endpoint=args.otlp_endpoint, trace_sample_ratio=args.trace_sample_ratio))
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -149,9 +168,16 @@ async def _serve(args: argparse.Namespace) -> int:
 
     server_cfg = server_config(args)
     engine_cfg = engine_config(args)
-    engine = AsyncEngine.from_config(engine_cfg)
-    server = InferenceServer(engine, server_cfg, model_name=os.path.basename(str(engine_cfg.model or "demo")))
-    await server.start()
+    tel = telemetry(args)  # before the model loads: a metrics port in use fails fast
+    try:
+        engine = AsyncEngine.from_config(engine_cfg)
+        server = InferenceServer(engine, server_cfg, model_name=os.path.basename(str(engine_cfg.model or "demo")),
+                                 telemetry=tel)
+        await server.start()
+    except BaseException:
+        if tel is not None:
+            tel.shutdown()
+        raise
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -170,8 +196,13 @@ async def _serve(args: argparse.Namespace) -> int:
     print(f"moeserve: serving {server.model_name} on {server.address} "
           f"(tls {'on' if server.tls else 'off'}, auth {'on' if server_cfg.auth_tokens else 'off'})", flush=True)
     print(f"moeserve: try  {client_command(server, args)}", flush=True)
+    if tel is not None and tel.prometheus_port is not None:
+        print(f"moeserve: metrics on http://{format_address(args.prometheus_host, tel.prometheus_port)}/metrics",
+              flush=True)
     await stop.wait()
     await server.stop()
+    if tel is not None:
+        tel.shutdown()  # flushes what the OTLP exporters still hold
     print("moeserve: stopped", flush=True)
     return 0
 

@@ -1,0 +1,125 @@
+"""Every serving metric exists on the real Prometheus endpoint and moves when traffic flows through a real server.
+
+A real engine (the demo model on CPU) behind the real gRPC edge with Telemetry on; traffic goes over
+loopback and the metrics are scraped over HTTP, as Prometheus would. Spans land in an in-memory
+exporter: one per request, with queue / prefill / decode children, joined to the caller's trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import urllib.request
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
+
+from moeserve.cluster.telemetry import Telemetry, TelemetryConfig
+from moeserve.router.client import AsyncClient, build_request
+from moeserve.router.config import EngineConfig
+from moeserve.router.engine import AsyncEngine
+from moeserve.router.server import InferenceServer, ServerConfig
+
+TOKEN = "metrics-test-token-0123456789"
+KV_BLOCKS = 64
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Samples of the /metrics page: 'name{label="v",...}' -> value."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()) if k not in ("le",))
+            if "le" in sample.labels:
+                continue  # buckets: the _count and _sum samples say enough here
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+@contextlib.asynccontextmanager
+async def observed_server(demo_model_dir):
+    spans = InMemorySpanExporter()
+    tel = Telemetry(TelemetryConfig(prometheus_port=0), span_exporter=spans)
+    cfg = EngineConfig(model=str(demo_model_dir), max_num_seqs=1, max_num_batched_tokens=64,
+                       num_kv_blocks=KV_BLOCKS, block_size=16)
+    srv = InferenceServer(AsyncEngine.from_config(cfg), ServerConfig(port=0, auth_tokens=(TOKEN,)), telemetry=tel)
+    await srv.start()
+    try:
+        yield srv, tel, spans
+    finally:
+        await srv.stop(0)
+        tel.shutdown()
+
+
+async def wait_active(srv: InferenceServer, n: int) -> None:
+    await asyncio.wait_for(srv.servicer.wait_for(lambda: srv.servicer.num_active == n), 60)
+
+
+@pytest.mark.asyncio
+async def test_every_metric_moves_with_real_traffic(demo_model_dir):
+    async with observed_server(demo_model_dir) as (srv, tel, spans):
+        port = tel.prometheus_port
+        before = scrape(port)
+        assert before["moeserve_kv_blocks_total"] == KV_BLOCKS
+        for idle in ("moeserve_queue_depth", "moeserve_running_sequences", "moeserve_kv_blocks_used"):
+            assert before[idle] == 0, idle
+
+        async with AsyncClient(srv.address, token=TOKEN) as client:
+            # live gauges: one request running (holding KV blocks), one waiting behind it
+            limit = srv.servicer.limits.context_length - 8
+            running = client.generate_stream(token_ids=[5, 6, 7, 8], max_tokens=limit, ignore_eos=True)
+            assert (await running.read()).token_ids
+            waiting = client.generate_stream(token_ids=[9, 9], max_tokens=2, ignore_eos=True)
+            await wait_active(srv, 2)
+            busy = scrape(port)
+            assert busy["moeserve_running_sequences"] == 1 and busy["moeserve_queue_depth"] == 1
+            assert busy["moeserve_kv_blocks_used"] > 0
+            assert busy["moeserve_output_tokens_total"] >= 1  # counted while the stream is still going
+            running.cancel()
+            assert [m async for m in waiting][-1].usage.completion_tokens == 2
+            await wait_active(srv, 0)
+
+            # finished requests, one of them joined to the caller's trace
+            await client.generate(prompt="hello there", max_tokens=6, ignore_eos=True)
+            request = build_request(token_ids=[1, 2, 3], max_tokens=5, ignore_eos=True)
+            traced = await client.send(request, metadata=(("traceparent", TRACEPARENT),))
+            assert len(traced.token_ids) == 5
+            # errors by code: a bad request, and a caller without credentials
+            with pytest.raises(grpc.aio.AioRpcError):
+                await client.generate(prompt="hi", temperature=-1.0)
+        async with AsyncClient(srv.address) as anonymous:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await anonymous.generate(prompt="hi", max_tokens=2)
+
+        after = scrape(port)
+        moved = {
+            "moeserve_ttft_seconds_count": 3, "moeserve_tpot_seconds_count": 3, "moeserve_e2e_latency_seconds_count": 3,
+            "moeserve_queue_wait_seconds_count": 4, "moeserve_step_seconds_count": 10,
+            "moeserve_input_tokens_total": 4 + 2 + 1 + 3, "moeserve_output_tokens_total": 2 + 6 + 5 + 1,
+            'moeserve_requests_total{finish_reason="length"}': 3,
+            'moeserve_errors_total{code="INVALID_ARGUMENT"}': 1, 'moeserve_errors_total{code="UNAUTHENTICATED"}': 1,
+            'moeserve_errors_total{code="CANCELLED"}': 1,
+        }
+        for name, at_least in moved.items():
+            assert after.get(name, 0) - before.get(name, 0) >= at_least, (name, after.get(name), before.get(name))
+        assert after["moeserve_ttft_seconds_sum"] > 0 and after["moeserve_e2e_latency_seconds_sum"] > 0
+        for idle in ("moeserve_queue_depth", "moeserve_running_sequences", "moeserve_kv_blocks_used"):
+            assert after[idle] == 0, idle  # back to rest once the traffic is over
+        assert tel.snapshot()["kv_blocks_total"] == KV_BLOCKS  # what `moeserve status` reads
+
+        finished = spans.get_finished_spans()
+        roots = [s for s in finished if s.name.startswith("moeserve.v1.Inference/")]
+        joined = [s for s in roots if format(s.context.trace_id, "032x") == TRACE_ID]
+        assert len(joined) == 1 and joined[0].attributes["moeserve.finish_reason"] == "length"
+        children = {s.name: s for s in finished if s.parent is not None and s.parent.span_id == joined[0].context.span_id}
+        assert set(children) == {"queue", "prefill", "decode"}
+        assert children["queue"].end_time <= children["prefill"].start_time + 1000  # in order (ns; clock mapping)
+        assert children["decode"].attributes["moeserve.decode_tokens"] == 4
+        codes = {s.attributes.get("rpc.grpc.status_code") for s in roots}
+        assert {"OK", "INVALID_ARGUMENT", "CANCELLED"} <= codes
+
