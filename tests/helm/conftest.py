@@ -1,24 +1,14 @@
-"""Fixtures of the chart tests: the real helm binary, and `helm template` / `helm lint` runs on the chart."""
+"""Fixtures of the chart tests: the real helm binary, and `helm template` runs on the chart."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from chart_harness import CHART, NAMESPACE, RELEASE, run_helm
 from helm_binary import HelmUnavailable, helm_binary
-
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "helm" / "moeserve"
-CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
-RELEASE = "inference"
-NAMESPACE = "llm"
-
-
-class HelmFailed(AssertionError):
-    """helm exited non-zero; the message carries its stderr."""
 
 
 @pytest.fixture(scope="session")
@@ -27,13 +17,6 @@ def helm() -> Path:
         return helm_binary()
     except HelmUnavailable as exc:
         pytest.fail(f"the chart tests need the real helm: {exc}", pytrace=False)
-
-
-def run_helm(helm: Path, *args: str) -> str:
-    out = subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120)
-    if out.returncode != 0:
-        raise HelmFailed(out.stderr.strip() or out.stdout.strip())
-    return out.stdout
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +35,3 @@ def render(helm):
         return cache[key]
 
     return _render
-
-
-def by_kind(objects: list[dict], kind: str) -> list[dict]:
-    return [o for o in objects if o["kind"] == kind]
-
-
-def one(objects: list[dict], kind: str, name: str | None = None) -> dict:
-    found = [o for o in by_kind(objects, kind) if name is None or o["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[o['metadata']['name'] for o in found]}"
-    return found[0]

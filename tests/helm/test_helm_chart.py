@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import CHART, NAMESPACE, RELEASE, by_kind, one
+from chart_harness import CHART, NAMESPACE, RELEASE, by_kind, one, run_helm
 
 CI = CHART / "ci"
 MINIMAL, MULTI_GPU, TLS_AUTH_MON = (CI / f"{n}-values.yaml" for n in ("minimal-cpu", "multi-gpu", "tls-auth-monitoring"))
@@ -373,8 +373,6 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_notes_tell_how_to_call_the_edge(helm):
-    from conftest import run_helm
-
     out = run_helm(helm, "install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE,
                    "-f", str(TLS_AUTH_MON))
     notes = out.split("NOTES:", 1)[1]

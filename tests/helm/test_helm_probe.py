@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHART, by_kind
+from chart_harness import CHART, by_kind
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "router"))
 from edge_harness import make_certs, running_server  # noqa: E402  (the edge tests' real server and certificates)

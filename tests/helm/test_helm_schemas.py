@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import CHART, CI_VALUES, by_kind, run_helm
+from chart_harness import CHART, CI_VALUES, by_kind, run_helm
 
 CRDS = Path(__file__).parent / "crds"
 SHARED_CRDS = Path(__file__).resolve().parents[3] / "shared" / "kuberay-crds"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHART, RELEASE, HelmFailed, run_helm
+from chart_harness import CHART, RELEASE, HelmFailed, run_helm
 from helm_binary import HelmUnavailable, helm_binary
 
 CASES = [
