@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import ray
 import torch
+from ray.exceptions import RayActorError
 
 from moeserve.router.config import EngineConfig
 from moeserve.router.server import InferenceServer, ServerConfig
@@ -120,6 +121,12 @@ class EmbeddedCluster:
             await asyncio.to_thread(dispatcher.close)
         if self.controller is not None:
             try:
-                await asyncio.wait_for(self.controller.shutdown.remote(), 120.0)
+                for attempt in range(3):  # a controller still restarting after a kill refuses the first calls
+                    try:
+                        await asyncio.wait_for(self.controller.shutdown.remote(), 120.0)
+                        break
+                    except RayActorError:
+                        if attempt == 2:
+                            raise
             finally:
                 ray.kill(self.controller, no_restart=True)

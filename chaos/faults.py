@@ -106,15 +106,23 @@ class KillController(Fault):
     kind = "kill-controller"
 
     async def inject(self, cluster, load):
+        controller = cluster.controller
+        epoch = (await controller.snapshot.remote()).epoch
+        observer = f"chaos-observer-{uuid.uuid4().hex[:6]}"
         start = time.monotonic()
-        ray.kill(cluster.controller, no_restart=False)
-        epoch = None
-        while epoch is None:
-            try:
-                epoch = (await cluster.controller.snapshot.remote()).epoch
-            except RayActorError:  # calls made while it was still dying; Ray holds the next until it is back
-                continue
-        return self._record("controller", start, f"back at epoch {epoch}")
+        ray.kill(controller, no_restart=False)
+        try:
+            # The restarted controller recovers at a newer epoch, so this poll only ends on the new one
+            # (the dying one may still answer a call made just after the kill).
+            serving = None
+            while serving is None:
+                try:
+                    serving = await controller.watch.remote(observer, epoch, _WATCH_S)
+                except RayActorError:  # the call reached the dying controller; Ray holds the next one
+                    continue
+        finally:
+            controller.forget_dispatcher.remote(observer)
+        return self._record("controller", start, f"back at epoch {serving.epoch}")
 
 
 class SlowTransport(Fault):

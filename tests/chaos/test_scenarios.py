@@ -1,0 +1,35 @@
+"""Every chaos scenario, shortened: a live embedded cluster under steady load, two faults, nothing lost.
+
+The full runs (200+ requests, 10+ faults each) are `moeserve chaos all`; docs/chaos.md has their results.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from moeserve.chaos.runner import run_scenario
+from moeserve.chaos.scenarios import SCENARIOS
+from moeserve.chaos.workload import Workload, reference_outputs
+
+WORKLOAD = Workload(requests=20, concurrency=6, max_tokens=8, num_prompts=12)
+FAULTS = 2
+
+
+@pytest.fixture(scope="module")
+def fault_free(demo_model_dir):
+    """The workload's prompts and their greedy outputs from an undisturbed single-process engine."""
+    from moeserve.models.config import ModelConfig
+
+    prompts = WORKLOAD.prompts(ModelConfig.from_dir(demo_model_dir).vocab_size)
+    return prompts, reference_outputs(str(demo_model_dir), prompts, WORKLOAD.max_tokens)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+async def test_scenario_loses_nothing(name, ray_cluster, demo_model_dir, fault_free):
+    prompts, expected = fault_free
+    report = await run_scenario(SCENARIOS[name], WORKLOAD, FAULTS, str(demo_model_dir), prompts, expected)
+    print(report.format())
+    assert report.faults == FAULTS, report.format()
+    assert report.sent >= WORKLOAD.requests
+    assert report.ok and report.expired == 0, report.format()
+    assert report.succeeded == report.sent

@@ -1,0 +1,31 @@
+"""The chaos workload: prompts are deterministic, varied and in the vocabulary; settings are validated."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeserve.chaos.scenarios import SCENARIOS, resolve
+from moeserve.chaos.workload import Workload
+
+
+def test_prompts_are_deterministic_and_in_range():
+    w = Workload(num_prompts=16, min_prompt_tokens=3, max_prompt_tokens=9)
+    a, b = w.prompts(512), w.prompts(512)
+    assert a == b and len(a) == 16
+    assert all(3 <= len(p) <= 9 and all(0 <= t < 512 for t in p) for p in a)
+    assert len({len(p) for p in a}) > 1
+    assert Workload(seed=1).prompts(512) != Workload(seed=0).prompts(512)
+
+
+@pytest.mark.parametrize("field,value", [("requests", 0), ("concurrency", 0), ("max_tokens", 0), ("deadline_s", 0.0),
+                                         ("max_prompt_tokens", 1)])
+def test_bad_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        Workload(**{field: value})
+
+
+def test_resolve_scenarios():
+    assert [s.name for s in resolve(["all"])] == list(SCENARIOS)
+    assert [s.name for s in resolve(["kill-controller", "slow-transport"])] == ["kill-controller", "slow-transport"]
+    with pytest.raises(ValueError, match="nope"):
+        resolve(["nope"])
