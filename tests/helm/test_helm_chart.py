@@ -381,3 +381,17 @@ def test_notes_tell_how_to_call_the_edge(helm):
     assert "--tls-cert" in notes  # the edge asks for client certificates (tls.clientAuth)
     assert f"PrometheusRule {FULLNAME}" in notes
     shlex.split(notes.split("moeserve generate", 1)[1].splitlines()[0])  # a command line that parses
+
+
+def test_admin_api_stays_on_loopback_with_its_own_tokens(render):
+    objects = render(None, "--set", "admin.tokens={admin-aaaaaaaaaaaaaaaa}", "--set", "admin.port=50099")
+    (c,) = worker_groups(objects)["trunk"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MOESERVE_ADMIN_PORT"]["value"] == "50099"
+    assert "MOESERVE_ADMIN_HOST" not in env  # loopback: reached by port-forward or exec, never a Service
+    ref = env["MOESERVE_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
+    secret = one(objects, "Secret", ref["name"])
+    assert secret["stringData"][ref["key"]] == "admin-aaaaaaaaaaaaaaaa"
+    assert all(p["port"] != 50099 for svc in by_kind(objects, "Service") for p in svc["spec"]["ports"])
+    off = worker_groups(render(None, "--set", "admin.enabled=false"))["trunk"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e.get("value") for e in off["env"]}["MOESERVE_ADMIN_PORT"] == "off"

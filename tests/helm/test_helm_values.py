@@ -35,6 +35,9 @@ CASES = [
     (["tls.enabled=true"], "tls.enabled: give tls.cert and tls.key"),
     (["auth.enabled=true"], "auth.enabled: give auth.tokens"),
     (["serviceAccount.create=false"], "serviceAccount.name is required when serviceAccount.create is false"),
+    (["admin.tokens={same-token-aaaaaaaaaa}", "auth.enabled=true", "auth.tokens={same-token-aaaaaaaaaa}"],
+     "admin.tokens: an admin token must not also be an inference token"),
+    (["admin.tokens={aaaaaaaaaaaaaaaa\\,bbbbbbbbbbbbbbbb}"], "at '/admin/tokens/0'"),
 ]
 
 

@@ -63,6 +63,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-auth" (include "moeserve.fullname" .)) .Values.auth.existingSecret }}
 {{- end }}
 
+{{/* Secret holding the admin tokens, comma separated, under admin.secretKey. */}}
+{{- define "moeserve.adminSecretName" -}}
+{{- default (printf "%s-admin" (include "moeserve.fullname" .)) .Values.admin.existingSecret }}
+{{- end }}
+
 {{/* Secret holding tls.crt, tls.key and, for client certificates, ca.crt. */}}
 {{- define "moeserve.tlsSecretName" -}}
 {{- default (printf "%s-tls" (include "moeserve.fullname" .)) .Values.tls.existingSecret }}
