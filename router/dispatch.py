@@ -43,6 +43,31 @@ from .transport.base import Pending, ReplicaFailure, Transport
 Failures = dict[str, tuple[int, str]]  # replica id -> (incarnation, kind)
 
 
+class RoutedLoad:
+    """Token rows routed per (layer, expert), summed here and handed to telemetry at most once a second,
+    so a step costs one list add per layer rather than one metric call per expert."""
+
+    def __init__(self, flush_every_s: float = 1.0):
+        self.flush_every_s = flush_every_s
+        self._pending: dict[int, list[int]] = {}
+        self._last = time.monotonic()
+
+    def add(self, layer_id: int, counts: list[int]) -> None:
+        acc = self._pending.get(layer_id)
+        self._pending[layer_id] = counts if acc is None else [a + c for a, c in zip(acc, counts)]
+
+    def flush(self, telemetry, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.flush_every_s:
+            return
+        self._last = now
+        pending, self._pending = self._pending, {}
+        for layer, counts in pending.items():
+            for expert, n in enumerate(counts):
+                if n:
+                    telemetry.expert_tokens.add(n, {"layer": layer, "expert": expert})
+
+
 @dataclass(frozen=True, slots=True)
 class DispatchConfig:
     """Deadlines of the dispatch path."""
@@ -128,6 +153,7 @@ class PendingMoE:
         keys = torch.where(valid, flat, torch.full_like(flat, num_experts))
         order = torch.argsort(keys, stable=True)
         counts = torch.bincount(flat[valid], minlength=num_experts).tolist()
+        dispatcher.load.add(layer_id, counts)
         self.order = order[: sum(counts)]
         self.slices: dict[int, tuple[int, int]] = {}
         lo = 0
@@ -250,6 +276,8 @@ class ExpertDispatcher:
         self._last_layer = -1
         self.step = 0
         self.counters = {"sends": 0, "rows": 0, "recoveries": 0, "epochs_adopted": 0}
+        self.load = RoutedLoad()
+        self.telemetry = None  # cluster.telemetry.Telemetry: expert_tokens and scaling_events, if attached
         source.subscribe(self._offer)
 
     @property
@@ -284,8 +312,14 @@ class ExpertDispatcher:
             self._in_step = True
             self._last_layer = layer_id
 
+    def attach_telemetry(self, telemetry) -> None:
+        """Export routed tokens per (layer, expert) and adopted epochs through `telemetry` from now on."""
+        self.telemetry = telemetry
+
     def _layer_done(self, layer_id: int) -> None:
         if layer_id >= self.moe_layers[-1]:
+            if self.telemetry is not None:
+                self.load.flush(self.telemetry)
             with self._lock:
                 self._in_step = False
                 self._adopt_next()
@@ -306,6 +340,8 @@ class ExpertDispatcher:
             self._serving = nxt
             self.counters["epochs_adopted"] += 1
             self.source.ack(nxt.epoch)
+            if self.telemetry is not None:
+                self.telemetry.scaling_events.add(1, {"action": "epoch_adopted"})
 
     def repair(self, failures: Failures, timeout_s: float) -> ServingSet:
         """Ask the source to restore failed replicas; adopt its answer at once (recovery only)."""

@@ -15,6 +15,7 @@ import ray
 import torch
 
 from moeserve.cluster.controller import ControllerConfig, start_controller
+from moeserve.cluster.telemetry import Telemetry
 from moeserve.experts.backend import ray_expert_backend
 from moeserve.experts.group import GroupResources
 from moeserve.experts.weights import CheckpointWeights
@@ -67,6 +68,8 @@ def test_changes_under_load_lose_nothing(ray_cluster, hf_checkpoint):
     controller = start_controller(cfg)
     engine = _engine(path, ray_expert_backend(controller))
     dispatcher = engine.model.experts_backend
+    telemetry = Telemetry()
+    dispatcher.attach_telemetry(telemetry)
     got: dict[str, list[int]] = {f"r{i}": [] for i in range(NUM_REQUESTS)}
     reasons: dict[str, str] = {}
 
@@ -106,7 +109,9 @@ def test_changes_under_load_lose_nothing(ray_cluster, hf_checkpoint):
         status = ray.get(controller.status.remote())
         while engine.has_unfinished():
             step()
+        scaling_events = telemetry.snapshot()["scaling_events"]
     finally:
+        telemetry.shutdown()
         dispatcher.close()
         ray.get(controller.shutdown.remote())
         ray.kill(controller)
@@ -114,6 +119,7 @@ def test_changes_under_load_lose_nothing(ray_cluster, hf_checkpoint):
     assert reasons == {f"r{i}": "length" for i in range(NUM_REQUESTS)}
     assert [got[f"r{i}"] for i in range(NUM_REQUESTS)] == want
     assert dispatcher.epoch >= epoch0 + 4 and dispatcher.counters["epochs_adopted"] >= 4
+    assert scaling_events["action=epoch_adopted"] == dispatcher.counters["epochs_adopted"]
     [group] = status["groups"]  # group 1 drained; its experts moved to group 0
     assert group["group_id"] == 0 and sorted(group["experts"]) == list(range(8))
     assert [r["replica_id"] for r in group["replicas"] if r["serving"]] == ["g0r1"]

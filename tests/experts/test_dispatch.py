@@ -97,3 +97,21 @@ def test_bad_arguments_are_named():
         DispatchConfig(timeout_s=0)
     with pytest.raises(ValueError, match="transport"):
         make_transport("carrier-pigeon")
+
+
+def test_routed_tokens_and_epochs_reach_telemetry():
+    from moeserve.cluster.telemetry import Telemetry
+
+    tel = Telemetry()
+    try:
+        d = ExpertDispatcher(StaticSource(_serving(_layouts()["two"])), LocalTransport(), [1, 2], num_experts=E)
+        d.attach_telemetry(tel)
+        hidden, ids, weights = _routing(6, seed=9)
+        d(1, hidden, ids, weights)
+        d(2, hidden, ids, weights)
+        d.load.flush(tel, force=True)
+        tokens = tel.snapshot()["expert_tokens"]
+        assert sum(tokens.values()) == 2 * 6 * K
+        assert tokens["expert=5,layer=1"] == int((ids == 5).sum())
+    finally:
+        tel.shutdown()
