@@ -130,6 +130,10 @@ def tune_case(shape: ExpertShape, quant: str, t: int, weights, reps: int) -> tup
     gen = torch.Generator(device="cuda").manual_seed(1000 + t)
     batches = [random_batch(shape, t, gen) for _ in range(rotation(t))]
     scores, best, best_ms = {}, None, float("inf")
+    # About 30 ms of replays per candidate: many for decode, a few for 4096-token prefill.
+    probe = graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights)
+                      for b in batches], reps=2)
+    reps = max(3, min(reps, round(30 / (probe * len(batches)))))
     for per_slot in per_slot_choices(t):
         for bm in [16] if per_slot else block_m_choices(t, shape.experts, shape.top_k):
             plans = [fused_moe.plan_slots(b.ids, shape.experts, MoeConfig(bm, per_slot=per_slot)) for b in batches]

@@ -62,6 +62,24 @@ def timed(calls, reps: int) -> tuple[float, str]:
         return eager_ms(calls, reps=reps), "eager"
 
 
+def parts_ms(shape: ExpertShape, weights: ExpertWeights, batches, reps: int) -> dict:
+    """Each step of the call alone, at the configuration the call uses: where the time goes."""
+    cfg = fused_moe.select_config(batches[0].hidden, weights, shape.top_k)
+    plans = [fused_moe.plan_slots(b.ids, shape.experts, cfg) for b in batches]
+    acts = [fused_moe.gate_up(b.hidden, weights, p, cfg.up) for b, p in zip(batches, plans)]
+    ys = [fused_moe.down(a, weights, p, b.weights, cfg.down) for a, b, p in zip(acts, batches, plans)]
+    steps = {
+        "gate_up": [functools.partial(fused_moe.gate_up, b.hidden, weights, p, cfg.up) for b, p in zip(batches, plans)],
+        "down": [functools.partial(fused_moe.down, a, weights, p, b.weights, cfg.down)
+                 for a, b, p in zip(acts, batches, plans)],
+        "combine": [functools.partial(fused_moe.combine, y, b.ids, shape.experts, torch.bfloat16)
+                    for y, b in zip(ys, batches)],
+    }
+    if not cfg.per_slot:
+        steps["permute"] = [functools.partial(fused_moe.plan_slots, b.ids, shape.experts, cfg) for b in batches]
+    return {name: graph_ms(calls, reps=reps) for name, calls in steps.items()}
+
+
 def bench_case(shape: ExpertShape, t: int, bf16: ExpertWeights, fp8: ExpertWeights, hf, ceilings, reps: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(t)
     batches = [random_batch(shape, t, gen) for _ in range(rotation(t))]
@@ -73,7 +91,7 @@ def bench_case(shape: ExpertShape, t: int, bf16: ExpertWeights, fp8: ExpertWeigh
         ms, how = timed(calls, reps)
         lim = limit_ms(min_bytes(shape, t, hit, quant), flops(shape, held), *ceilings)
         row[quant] = {"ms": ms, "timing": how, "limit_ms": lim, "share_of_limit": lim / ms,
-                      "eager_ms": eager_ms(calls, reps=reps)}
+                      "eager_ms": eager_ms(calls, reps=reps), "parts_ms": parts_ms(shape, weights, batches, reps)}
     hf_calls = [functools.partial(hf, b.hidden, b.ids, b.weights.to(torch.bfloat16)) for b in batches]
     ms, how = timed(hf_calls, reps)
     row["hf_grouped_mm"] = {"ms": ms, "timing": how, "eager_ms": eager_ms(hf_calls, reps=reps)}
@@ -144,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"({100 * row['bf16']['share_of_limit']:3.0f}%) HF {row['hf_grouped_mm']['ms'] * 1e3:9.1f} us "
                   f"x{row['x_hf']:.2f} fp8 {row['fp8']['ms'] * 1e3:9.1f} us x{row['fp8_x_bf16']:.2f} "
                   f"err {row['rel_err_bf16_vs_hf']:.1e}/{row['rel_err_fp8_vs_bf16']:.1e}", flush=True)
+            for quant in ("bf16", "fp8"):
+                print(f"    {quant} parts (us): " + ", ".join(
+                    f"{k} {v * 1e3:.1f}" for k, v in row[quant]["parts_ms"].items()), flush=True)
         del bf16, fp8, hf
         torch.cuda.empty_cache()
     report = {"gpu": gpu, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

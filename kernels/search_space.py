@@ -22,17 +22,10 @@ def rows_per_expert(num_tokens: int, num_experts: int, top_k: int) -> float:
 
 
 def block_m_choices(num_tokens: int, num_experts: int, top_k: int) -> list[int]:
-    """BLOCK_M values worth timing: about one block per expert, never much padding."""
+    """BLOCK_M values worth timing: from half the mean rows per expert (several blocks, little
+    padding) to four times it (one block per expert, so its weights are read once)."""
     r = rows_per_expert(num_tokens, num_experts, top_k)
-    if r <= 12:
-        return [16]
-    if r <= 24:
-        return [16, 32]
-    if r <= 48:
-        return [32, 64]
-    if r <= 96:
-        return [64]
-    return [64, 128]
+    return [bm for bm in (16, 32, 64, 128) if min(64, r / 2) <= bm <= max(16, 4 * r)]
 
 
 def smem_bytes(block_m: int, cfg: GemmConfig, gated: bool, weight_bytes: int) -> int:
@@ -47,7 +40,9 @@ def gemm_choices(block_m: int, quant: str, gated: bool) -> list[GemmConfig]:
     weight_bytes = 2 if quant == "bf16" else 1
     block_ks = [128] if quant == "fp8" else [64, 128, 256]
     if block_m <= 32:
-        grid = itertools.product([16, 32, 64, 128], block_ks, [4], [3, 4, 5])
+        # Weight streaming: FP8 tiles hold half the bytes, so deeper pipelines keep as much in flight.
+        stages = [3, 4, 5, 6, 8] if quant == "fp8" else [3, 4, 5, 6]
+        grid = itertools.product([16, 32, 64, 128], block_ks, [4], stages)
     else:
         grid = itertools.product([64, 128, 256], [k for k in block_ks if k <= 128], [4, 8], [3, 4])
     out = []

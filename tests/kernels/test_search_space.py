@@ -11,7 +11,8 @@ def test_block_m_follows_rows_per_expert():
     assert rows_per_expert(1, 128, 8) == 1
     assert rows_per_expert(4096, 128, 8) == 256
     assert block_m_choices(64, 128, 8) == [16]  # 4 rows per expert: decode
-    assert block_m_choices(256, 128, 8) == [16, 32]
+    assert block_m_choices(256, 128, 8) == [16, 32, 64]
+    assert block_m_choices(1024, 128, 8) == [32, 64, 128]
     assert block_m_choices(4096, 64, 6) == [64, 128]
 
 
