@@ -68,3 +68,25 @@ async def test_worker_death_loses_nothing(ray_cluster, demo_model_dir, reference
         assert engine.stats()["requests_in_flight"] == 0
     finally:
         await engine.shutdown(0)
+
+
+async def test_without_restarts_the_streams_fail(ray_cluster, demo_model_dir):
+    """The control: with failover off, the same kill ends the request with an error (what failover saves)."""
+    from moeserve.router.errors import EngineStoppedError
+
+    engine = TrunkEngine(_config(str(demo_model_dir)), max_restarts=0)
+    await engine.start()
+    try:
+        stream = engine.generate("r0", PROMPTS[0], SamplingParams(max_tokens=900, ignore_eos=True))
+        first = await stream.__anext__()
+        assert first.new_token_ids and not first.finished
+        import ray
+
+        ray.kill(engine.worker)
+        with pytest.raises(EngineStoppedError):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineStoppedError):
+            engine.generate("r1", PROMPTS[1], SamplingParams(max_tokens=4))
+    finally:
+        await engine.shutdown(0)
