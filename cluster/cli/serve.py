@@ -40,6 +40,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of requests that give none (default 0)")
     g.add_argument("--expert-groups", type=int, default=0, metavar="N",
                    help="run the routed experts in N expert groups (default 0: inside the trunk's process)")
+    g.add_argument("--trunk-worker", action="store_true",
+                   help="run the trunk (model, KV cache, scheduler) in its own process, a Ray actor that the edge "
+                        "restarts if it dies, resubmitting the requests in flight")
     g.add_argument("--transport", choices=("local", "ray"), default=None,
                    help="how the trunk reaches the expert groups: local (in-process) or ray (actors; "
                         "the default when --expert-groups is given)")
@@ -163,6 +166,17 @@ def client_command(server: InferenceServer, args: argparse.Namespace) -> str:
     return prefix + shlex.join(cmd)
 
 
+def _trunk_engine(engine_cfg):
+    """The engine behind the edge when the trunk runs in its own process (router/trunk.py)."""
+    import ray
+
+    from moeserve.router.trunk import TrunkEngine
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, namespace="moeserve")
+    return TrunkEngine(engine_cfg)
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from moeserve.router.engine import AsyncEngine
 
@@ -170,7 +184,7 @@ async def _serve(args: argparse.Namespace) -> int:
     engine_cfg = engine_config(args)
     tel = telemetry(args)  # before the model loads: a metrics port in use fails fast
     try:
-        engine = AsyncEngine.from_config(engine_cfg)
+        engine = _trunk_engine(engine_cfg) if args.trunk_worker else AsyncEngine.from_config(engine_cfg)
         server = InferenceServer(engine, server_cfg, model_name=os.path.basename(str(engine_cfg.model or "demo")),
                                  telemetry=tel)
         await server.start()
