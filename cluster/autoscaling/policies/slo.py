@@ -30,9 +30,9 @@ class SloParams:
     setpoint: float = spec(0.5, gt=0, le=1, doc="aim the latency quantile at this share of the SLO")
     calm: float = spec(0.35, gt=0, le=1, doc="scale down only while every latency quantile is below this share of the SLO")
     max_factor: float = spec(2.0, gt=1, le=16, doc="largest growth of a unit in one decision from latency pressure")
-    trunk_busy_ceiling: float = spec(0.6, gt=0, le=1, doc="plan the trunk to stay below this busy share")
+    trunk_busy_ceiling: float = spec(0.4, gt=0, le=1, doc="plan the trunk to stay below this busy share")
     sequence_ceiling: float = spec(0.7, gt=0, le=1, doc="plan batch slots (queued requests count) to stay below this share")
-    expert_busy_ceiling: float = spec(0.45, gt=0, le=1, doc="plan every expert group to stay below this busy share")
+    expert_busy_ceiling: float = spec(0.8, gt=0, le=1, doc="plan every expert group to stay below this busy share")
     critical_share: float = spec(0.85, gt=0, le=1, doc="groups busier than this share of the busiest group are on the critical path")
 
 

@@ -1,0 +1,1 @@
+"""Offline replay of traffic traces through a model of the cluster."""
