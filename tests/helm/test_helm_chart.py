@@ -104,7 +104,7 @@ def test_multi_gpu_worker_groups_split_the_expert_groups(render, tmp_path):
         hosted[name] = ray_resources(ray_argv)
     assert hosted["experts-h200"] == {f"moeserve_expert_{i}": 8 for i in range(8)}
     assert hosted["experts-h100"] == {f"moeserve_expert_{i}": 8 for i in range(8, 16)}
-    assert (groups["experts-h200"]["minReplicas"], groups["experts-h200"]["maxReplicas"]) == (1, 4)
+    assert (groups["experts-h200"]["minReplicas"], groups["experts-h200"]["maxReplicas"]) == (1, 5)
     assert (groups["experts-h100"]["minReplicas"], groups["experts-h100"]["maxReplicas"]) == (1, 6)
     assert groups["trunk"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
 
@@ -264,7 +264,7 @@ def test_policy_configmap_is_what_the_server_loads(render, values, tmp_path):
     given = yaml.safe_load((values or CHART / "values.yaml").read_text())["autoscaling"]["policy"]
     assert config.policy == given["policy"] and config.interval_s == given["interval_s"]
     if values == MULTI_GPU:
-        assert config.params.setpoint == 0.6 and config.limits.bounds("0").min_replicas == 2
+        assert config.params.setpoint == 0.6 and config.limits.bounds("g0").min_replicas == 2
         assert config.slo.quantile == "p99"
     # A changed policy rolls the trunk pods (they read it at start).
     trunk = worker_groups(objects)["trunk"]["template"]["metadata"]["annotations"]

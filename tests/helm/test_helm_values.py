@@ -33,6 +33,13 @@ CASES = [
     (["trunk.minReplicas=3"], "trunk: replicas 1 is outside minReplicas..maxReplicas (3..4)"),
     (["trunk.maxReplicas=3", "trunk.minReplicas=4", "trunk.replicas=4"], "trunk: minReplicas 4 is above maxReplicas 3"),
     (["tls.enabled=true"], "tls.enabled: give tls.cert and tls.key"),
+    (["autoscaling.policy.limits.trunk.max_replicas=5"],
+     "autoscaling.policy.limits.trunk.max_replicas: 5 is above trunk.maxReplicas 4"),
+    (["autoscaling.policy.limits.expert_groups.max_replicas=5"],
+     "experts.workerGroups[0] (experts): its expert groups g0..g1 may ask for 10 replicas (autoscaling.policy.limits), "
+     "but maxReplicas 8 x replicasPerPod 1 holds 8"),
+    (["autoscaling.policy.limits.groups.g2.max_replicas=2"],
+     "autoscaling.policy.limits.groups.g2: no such expert group; the groups are g0..g1"),
     (["auth.enabled=true"], "auth.enabled: give auth.tokens"),
     (["serviceAccount.create=false"], "serviceAccount.name is required when serviceAccount.create is false"),
     (["admin.tokens={same-token-aaaaaaaaaa}", "auth.enabled=true", "auth.tokens={same-token-aaaaaaaaaa}"],
