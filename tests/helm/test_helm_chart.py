@@ -395,3 +395,11 @@ def test_admin_api_stays_on_loopback_with_its_own_tokens(render):
     assert all(p["port"] != 50099 for svc in by_kind(objects, "Service") for p in svc["spec"]["ports"])
     off = worker_groups(render(None, "--set", "admin.enabled=false"))["trunk"]["template"]["spec"]["containers"][0]
     assert {e["name"]: e.get("value") for e in off["env"]}["MOESERVE_ADMIN_PORT"] == "off"
+
+
+@pytest.mark.parametrize("sets", [["rayAutoscaler.version=v1"], ["rayAutoscaler.enabled=false"]], ids=["v1", "off"])
+def test_worker_idle_timeouts_only_with_autoscaler_v2(render, sets):
+    """KubeRay refuses a worker group's idleTimeoutSeconds unless autoscaler v2 runs."""
+    assert all("idleTimeoutSeconds" in g for g in worker_groups(render(MULTI_GPU)).values() if g["groupName"] != "experts-h200")
+    extra = [a for s in sets for a in ("--set", s)]
+    assert not [n for n, g in worker_groups(render(MULTI_GPU, *extra)).items() if "idleTimeoutSeconds" in g]

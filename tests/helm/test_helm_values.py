@@ -29,7 +29,9 @@ CASES = [
     (["metrics.serviceMonitor.interval=soon"], "at '/metrics/serviceMonitor/interval'"),
     (["tls.cert=not a certificate"], "at '/tls/cert'"),
     (["auth.tokens={short}"], "at '/auth/tokens/0': minLength: got 5, want 16"),
+    (["trunk.rayStartParams.block=true"], "at '/trunk/rayStartParams/block': 'not' failed"),
     # Rules across fields, checked by the templates.
+    (["fullnameOverride=9lives"], 'the RayCluster would be named "9lives", and KubeRay wants a DNS-1035 label'),
     (["trunk.minReplicas=3"], "trunk: replicas 1 is outside minReplicas..maxReplicas (3..4)"),
     (["trunk.maxReplicas=3", "trunk.minReplicas=4", "trunk.replicas=4"], "trunk: minReplicas 4 is above maxReplicas 3"),
     (["tls.enabled=true"], "tls.enabled: give tls.cert and tls.key"),
@@ -52,7 +54,7 @@ CASES = [
 def test_invalid_values_are_rejected_with_the_field_named(helm, sets, message):
     args = ["template", RELEASE, str(CHART)]
     for s in sets:
-        args += ["--set", s]
+        args += ["--set-string" if "rayStartParams" in s else "--set", s]
     with pytest.raises(HelmFailed) as exc:
         run_helm(helm, *args)
     assert message in str(exc.value)

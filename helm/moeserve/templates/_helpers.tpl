@@ -226,6 +226,10 @@ are listed in the chart README.
 
 {{/* Checks across fields that values.schema.json cannot express; each names the field to fix. */}}
 {{- define "moeserve.validate" -}}
+{{- $name := include "moeserve.fullname" . }}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name) }}
+{{- fail (printf "the RayCluster would be named %q, and KubeRay wants a DNS-1035 label (a-z first, then a-z, 0-9, '-'): set fullnameOverride" $name) }}
+{{- end }}
 {{- $groups := list (merge (dict "where" "trunk") .Values.trunk) }}
 {{- range $i, $g := .Values.experts.workerGroups }}
 {{- $groups = append $groups (merge (dict "where" (printf "experts.workerGroups[%d] (%s)" $i $g.name)) $g) }}
