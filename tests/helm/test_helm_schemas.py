@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 
@@ -133,3 +134,60 @@ def test_vendored_crd_is_kuberays(request):
     header, _, body = vendored.partition("\n---\n")
     assert "Apache License, Version 2.0" in header and "KubeRay" in header
     assert "---\n" + body == shared.read_text()
+
+
+def kuberay_spec_errors(cluster: dict) -> list[str]:
+    """The checks the KubeRay operator (1.7) makes on a RayCluster beyond its CRD schema, as far as the
+    chart can break them: name, per-group resources and labels, idle timeouts, autoscaler v2 rules."""
+    errors = []
+    name = cluster["metadata"]["name"]
+    if len(name) > 63 or not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+        errors.append(f"metadata.name {name!r} is not a DNS-1035 label")
+    spec = cluster["spec"]
+    autoscaling = spec.get("enableInTreeAutoscaling", False)
+    v2 = autoscaling and spec.get("autoscalerOptions", {}).get("version") == "v2"
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
+    names = [n for n, _ in groups[1:]]
+    if len(set(names)) != len(names):
+        errors.append(f"worker group names repeat: {names}")
+    for gname, group in groups:
+        params = group.get("rayStartParams", {})
+        pod = group["template"]["spec"]
+        if not pod.get("containers"):
+            errors.append(f"{gname}: no container")
+        if group.get("resources") and any(params.get(k) for k in ("num-cpus", "num-gpus", "memory", "resources")):
+            errors.append(f"{gname}: resources both in rayStartParams and .resources")
+        if "labels" in params:
+            errors.append(f"{gname}: rayStartParams labels")
+        if gname != "head":
+            if not autoscaling and ("minReplicas" not in group or "maxReplicas" not in group):
+                errors.append(f"{gname}: min/maxReplicas needed without autoscaling")
+            if group.get("minReplicas", 0) > group.get("maxReplicas", 2**31 - 1):
+                errors.append(f"{gname}: minReplicas above maxReplicas")
+            if "idleTimeoutSeconds" in group and not v2:
+                errors.append(f"{gname}: idleTimeoutSeconds without autoscaler v2")
+            if group.get("suspend") and autoscaling:
+                errors.append(f"{gname}: suspended with the autoscaler on")
+        if v2 and pod.get("restartPolicy", "Never") != "Never":
+            errors.append(f"{gname}: restartPolicy must be Never or unset with autoscaler v2")
+        env = {e["name"] for e in pod["containers"][0].get("env", [])}
+        if gname == "head" and "RAY_enable_autoscaler_v2" in env:
+            errors.append("head: RAY_enable_autoscaler_v2 set by hand")
+    return errors
+
+
+@pytest.mark.parametrize("sets", [[], ["rayAutoscaler.version=v1"], ["rayAutoscaler.enabled=false"]], ids=["v2", "v1", "off"])
+@pytest.mark.parametrize("values", VALUES, ids=IDS)
+def test_raycluster_passes_the_operators_own_checks(render, values, sets):
+    (cluster,) = by_kind(render(values, *[a for s in sets for a in ("--set", s)]), "RayCluster")
+    assert kuberay_spec_errors(cluster) == []
+
+
+def test_the_operator_check_can_fail(render):
+    (cluster,) = by_kind(render(None), "RayCluster")
+    bad = yaml.safe_load(yaml.safe_dump(cluster))
+    bad["metadata"]["name"] = "9-lives"
+    bad["spec"]["autoscalerOptions"]["version"] = "v1"
+    bad["spec"]["workerGroupSpecs"][1]["template"]["spec"]["restartPolicy"] = "Always"
+    errors = kuberay_spec_errors(bad)
+    assert any("DNS-1035" in e for e in errors) and any("idleTimeoutSeconds without autoscaler v2" in e for e in errors)
