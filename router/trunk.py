@@ -4,7 +4,8 @@
 `AsyncEngine` interface (generate / abort / stats / start / shutdown), so the gRPC server serves either.
 Outputs come back over one long poll. When the worker dies, the edge starts a new one and resubmits
 every request in flight with its prompt plus the tokens already streamed (a recompute, as after a
-preemption), so the client sees no error and, under greedy sampling, the same tokens.
+preemption), so the client sees no error and, under greedy sampling, the same tokens (a seeded sampled request restarts its generator there). A
+worker that hangs without dying is not detected here.
 
 Text and stop strings are decoded on the edge, not in the worker: text the worker held back (a
 possible stop string, half a UTF-8 character) would otherwise die with it.
@@ -177,6 +178,7 @@ class TrunkEngine:
         self._progress = asyncio.Condition()  # notified when a request ends or the worker restarts
         self._stats: dict = {}
         self._pump_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
         self._stopping = False
         self._failure: BaseException | None = None
         self.restarts = 0
@@ -254,7 +256,10 @@ class TrunkEngine:
         detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop) if self.tokenizer is not None else None
         flight = _Flight(request_id, prompt, params, asyncio.Queue(), detok, time.monotonic())
         self._flights[request_id] = flight
-        asyncio.get_running_loop().create_task(self._submit_when_ready(flight))
+        if self._ready.is_set():
+            self._submit(flight)
+        else:  # a restart is under way: the new worker takes it
+            self._background(self._submit_when_ready(flight))
         return _TrunkStream(self, flight, deadline)
 
     def _validate(self, prompt: list[int], params: SamplingParams) -> None:
@@ -355,7 +360,12 @@ class TrunkEngine:
             async with self._progress:
                 self._progress.notify_all()
 
-        asyncio.get_running_loop().create_task(notify())
+        self._background(notify())
+
+    def _background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._tasks.discard)
 
     # -- outputs ------------------------------------------------------------------------------------
     def _deliver(self, flight: _Flight, item: object) -> None:
