@@ -173,18 +173,26 @@ class PendingMoE:
         exclude = {r for r, (inc, _) in self.failed.items() if serving.incarnations.get(r) == inc}
         rows = {e: self.slices[e][1] - self.slices[e][0] for e in experts}
         targets, missing = assign_targets(serving.placement, rows, exclude=exclude, salt=self.salt)
-        by_replica: dict[str, list[int]] = {}
-        for e in sorted(targets):
-            by_replica.setdefault(targets[e].replica_id, []).append(e)
+        chosen = sorted(targets)  # expert order, so each replica sees its rows in the reference's order
+        replica_ids = sorted({t.replica_id for t in targets.values()})
+        index = {r: i for i, r in enumerate(replica_ids)}
+        # Each expert's rows are one range of pair positions: expand all ranges at once (no per-expert tensors).
+        lens = torch.tensor([rows[e] for e in chosen], dtype=torch.long)
+        starts = torch.tensor([self.slices[e][0] for e in chosen], dtype=torch.long)
+        ends = torch.cumsum(lens, 0)
+        pos = torch.arange(int(ends[-1]) if chosen else 0) + torch.repeat_interleave(starts - (ends - lens), lens)
+        rep = torch.repeat_interleave(torch.tensor([index[targets[e].replica_id] for e in chosen], dtype=torch.long), lens)
+        loc = torch.repeat_interleave(torch.tensor([targets[e].local_id for e in chosen], dtype=torch.long), lens)
         device = self.hidden.device
         deadline = time.monotonic() + self.d.config.timeout_s
-        for replica_id, mine in by_replica.items():
-            positions = torch.cat([torch.arange(*self.slices[e]) for e in mine]).to(device)
-            local = torch.cat([torch.full((rows[e],), targets[e].local_id, dtype=torch.long) for e in mine]).to(device)
+        for i, replica_id in enumerate(replica_ids):
+            mask = rep == i
+            positions = pos[mask].to(device)
             pairs = self.order[positions]
-            batch = ExpertBatch(self.layer_id, self.hidden[pairs // self.k], local.unsqueeze(1),
+            batch = ExpertBatch(self.layer_id, self.hidden[pairs // self.k], loc[mask].to(device).unsqueeze(1),
                                 self.flat_weights[pairs].unsqueeze(1))
             pending = self.d.transport.send(replica_id, serving.handles[replica_id], batch, device)
+            mine = [e for e in chosen if targets[e].replica_id == replica_id]
             self.outstanding[pending] = _Send(mine, positions, serving.incarnations[replica_id], deadline)
             self.d.counters["sends"] += 1
             self.d.counters["rows"] += len(positions)
