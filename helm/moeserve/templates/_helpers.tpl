@@ -289,3 +289,8 @@ cluster/autoscaling/config.py (trunk 1..4, expert groups 1..8).
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* "true" when worker groups may carry idleTimeoutSeconds: KubeRay accepts them only from autoscaler v2. */}}
+{{- define "moeserve.workerIdleTimeouts" -}}
+{{- if and .Values.rayAutoscaler.enabled (eq .Values.rayAutoscaler.version "v2") }}true{{ end }}
+{{- end }}
