@@ -143,3 +143,60 @@ gRPC edge with the batcher, attention, KV cache and gating router. The gRPC Serv
         {{- toYaml . | nindent 8 }}
       {{- end }}
 {{- end }}
+
+{{/*
+Flags of `moeserve serve` on trunk pods, shell-quoted, on one line. The flags the chart relies on
+are listed in the chart README.
+*/}}
+{{- define "moeserve.serveArgs" -}}
+{{- $v := .Values }}
+{{- $args := list }}
+{{- if $v.model.path }}{{ $args = concat $args (list "--model" $v.model.path) }}{{ end }}
+{{- $args = concat $args (list "--device" $v.server.device "--dtype" $v.server.dtype "--host" "0.0.0.0" "--port" (toString (int64 $v.server.port))) }}
+{{- $args = concat $args (list "--max-num-seqs" (toString (int64 $v.server.maxNumSeqs)) "--max-num-batched-tokens" (toString (int64 $v.server.maxNumBatchedTokens))) }}
+{{- if $v.server.maxModelLen }}{{ $args = concat $args (list "--max-model-len" (toString (int64 $v.server.maxModelLen))) }}{{ end }}
+{{- $args = concat $args (list "--max-queued-requests" (toString (int64 $v.server.maxQueuedRequests)) "--max-message-bytes" (toString (int64 $v.server.maxMessageBytes)) "--grace" (toString $v.server.grace)) }}
+{{- $args = concat $args (list "--expert-groups" (include "moeserve.expertGroupCount" .) "--transport" $v.server.transport "--expert-resource" $v.experts.resourceTemplate) }}
+{{- if $v.autoscaling.enabled }}{{ $args = concat $args (list "--autoscaling-policy" "/etc/moeserve/autoscaling/policy.yaml") }}{{ end }}
+{{- if $v.auth.enabled }}{{ $args = concat $args (list "--auth-token-file" "/etc/moeserve/auth/tokens") }}{{ end }}
+{{- if $v.tls.enabled }}
+{{- $args = concat $args (list "--tls-cert" "/etc/moeserve/tls/tls.crt" "--tls-key" "/etc/moeserve/tls/tls.key") }}
+{{- if $v.tls.clientAuth }}{{ $args = concat $args (list "--tls-client-ca" "/etc/moeserve/tls/ca.crt") }}{{ end }}
+{{- end }}
+{{- if include "moeserve.metricsEnabled" . }}{{ $args = concat $args (list "--prometheus-port" (toString (int64 $v.metrics.port)) "--prometheus-host" "0.0.0.0") }}{{ end }}
+{{- if $v.metrics.otlpEndpoint }}{{ $args = concat $args (list "--otlp-endpoint" $v.metrics.otlpEndpoint "--trace-sample-ratio" (toString $v.metrics.traceSampleRatio)) }}{{ end }}
+{{- $args = concat $args $v.server.extraArgs }}
+{{- $quoted := list }}
+{{- range $args }}{{ $quoted = append $quoted (squote .) }}{{ end }}
+{{- join " " $quoted }}
+{{- end }}
+
+{{/* gRPC health probe of the edge: native when plaintext, the mounted Python checker under TLS. */}}
+{{- define "moeserve.grpcProbe" -}}
+{{- $v := .ctx.Values }}
+{{- if $v.tls.enabled }}
+exec:
+  command:
+    - python
+    - /etc/moeserve/probe/grpc_health_probe.py
+    - --port={{ $v.server.port }}
+    - --service={{ .service }}
+    - --ca=/etc/moeserve/tls/{{ if $v.tls.caKey }}{{ $v.tls.caKey }}{{ else }}tls.crt{{ end }}
+    - --server-name={{ $v.tls.serverName }}
+    {{- if $v.tls.clientAuth }}
+    - --cert=/etc/moeserve/tls/tls.crt
+    - --key=/etc/moeserve/tls/tls.key
+    {{- end }}
+    {{- /* answer before the kubelet gives up on the probe */}}
+    - --timeout={{ max 1 (sub (int .probe.timeoutSeconds) 1) }}
+{{- else }}
+grpc:
+  port: {{ $v.server.port }}
+  service: {{ .service | quote }}
+{{- end }}
+{{- with .probe }}
+periodSeconds: {{ .periodSeconds }}
+timeoutSeconds: {{ .timeoutSeconds }}
+failureThreshold: {{ .failureThreshold }}
+{{- end }}
+{{- end }}
