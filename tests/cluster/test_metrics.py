@@ -42,9 +42,9 @@ def scrape(port: int) -> dict[str, float]:
 
 
 @contextlib.asynccontextmanager
-async def observed_server(demo_model_dir):
+async def observed_server(demo_model_dir, config: TelemetryConfig = TelemetryConfig(prometheus_port=0)):
     spans = InMemorySpanExporter()
-    tel = Telemetry(TelemetryConfig(prometheus_port=0), span_exporter=spans)
+    tel = Telemetry(config, span_exporter=spans)
     cfg = EngineConfig(model=str(demo_model_dir), max_num_seqs=1, max_num_batched_tokens=64,
                        num_kv_blocks=KV_BLOCKS, block_size=16)
     srv = InferenceServer(AsyncEngine.from_config(cfg), ServerConfig(port=0, auth_tokens=(TOKEN,)), telemetry=tel)
@@ -123,3 +123,55 @@ async def test_every_metric_moves_with_real_traffic(demo_model_dir):
         codes = {s.attributes.get("rpc.grpc.status_code") for s in roots}
         assert {"OK", "INVALID_ARGUMENT", "CANCELLED"} <= codes
 
+
+
+class Collector:
+    """A real OTLP/gRPC receiver on loopback that keeps what it is sent (traces and metrics)."""
+
+    def __init__(self):
+        from concurrent import futures
+
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as mpb
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as mgrpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as tpb
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as tgrpc
+
+        self.span_names: list[str] = []
+        self.metric_names: set[str] = set()
+        collector = self
+
+        class Traces(tgrpc.TraceServiceServicer):
+            def Export(self, request, context):
+                for rs in request.resource_spans:
+                    for ss in rs.scope_spans:
+                        collector.span_names += [span.name for span in ss.spans]
+                return tpb.ExportTraceServiceResponse()
+
+        class Metrics(mgrpc.MetricsServiceServicer):
+            def Export(self, request, context):
+                for rm in request.resource_metrics:
+                    for sm in rm.scope_metrics:
+                        collector.metric_names.update(m.name for m in sm.metrics)
+                return mpb.ExportMetricsServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        tgrpc.add_TraceServiceServicer_to_server(Traces(), self.server)
+        mgrpc.add_MetricsServiceServicer_to_server(Metrics(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+
+@pytest.mark.asyncio
+async def test_otlp_export_reaches_a_collector(demo_model_dir):
+    collector = Collector()
+    try:
+        config = TelemetryConfig(otlp_endpoint=f"http://127.0.0.1:{collector.port}", export_interval_s=600)
+        async with observed_server(demo_model_dir, config) as (srv, tel, _):
+            async with AsyncClient(srv.address, token=TOKEN) as client:
+                assert len((await client.generate(prompt="hi", max_tokens=3, ignore_eos=True)).token_ids) == 3
+        # leaving observed_server shut the Telemetry down, which flushes both exporters
+        assert "moeserve.v1.Inference/Generate" in collector.span_names
+        assert {"queue", "prefill", "decode"} <= set(collector.span_names)
+        assert {"ttft_seconds", "output_tokens", "kv_blocks_total", "step_seconds"} <= collector.metric_names
+    finally:
+        collector.server.stop(None)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import pytest
 
@@ -69,7 +70,7 @@ class ServeProcess:
 
 @pytest.fixture(scope="module")
 def served():
-    srv = ServeProcess()
+    srv = ServeProcess("--prometheus-port", "0")
     try:
         address = srv.expect(READY, START_TIMEOUT_S).group(1)
         with Client(address) as client:
@@ -95,6 +96,16 @@ def test_generate_streams_what_the_server_generates(served):
         assert run.returncode == 0, run.stderr
         assert run.stdout == expected + "\n"
         assert re.search(r"\[(length|eos|stop): \d+ prompt \+ \d+ completion tokens", run.stderr)
+
+
+def test_metrics_endpoint_shows_the_traffic(served):
+    srv, _ = served
+    url = srv.expect(re.compile(r"moeserve: metrics on (http://\S+/metrics)"), 10).group(1)
+    body = urllib.request.urlopen(url, timeout=30).read().decode()
+    tokens = re.search(r"^moeserve_output_tokens_total (\S+)$", body, re.M)
+    assert tokens and float(tokens.group(1)) >= 8, body[:2000]  # what the generate test above streamed
+    assert re.search(r'^moeserve_requests_total\{finish_reason="\w+"\} [1-9]', body, re.M)
+    assert re.search(r"^moeserve_kv_blocks_total 64\.0$", body, re.M)
 
 
 def test_generate_reports_errors_with_their_status(served):
