@@ -35,3 +35,14 @@ def one(objects: list[dict], kind: str, name: str | None = None) -> dict:
     found = [o for o in by_kind(objects, kind) if name is None or o["metadata"]["name"] == name]
     assert len(found) == 1, f"expected one {kind} {name or ''}, found {[o['metadata']['name'] for o in found]}"
     return found[0]
+
+
+CI = CHART / "ci"
+MINIMAL, MULTI_GPU, TLS_AUTH_MON = (CI / f"{n}-values.yaml" for n in ("minimal-cpu", "multi-gpu", "tls-auth-monitoring"))
+FULLNAME = f"{RELEASE}-moeserve"
+
+
+def worker_groups(objects: list[dict]) -> dict[str, dict]:
+    """The RayCluster's worker groups by name, trunk first."""
+    (cluster,) = by_kind(objects, "RayCluster")
+    return {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}

