@@ -59,7 +59,7 @@ def format_status(s) -> str:
     for g in s.groups:
         lines.append(f"group {g.group_id}  experts {' '.join(map(str, g.experts))}")
         for r in g.replicas:
-            lines.append(f"  replica {r.replica_id:<8} {r.state:<10} {'serving' if r.serving else 'not serving':<11} "
+            lines.append(f"  replica {r.replica_id:<8} {r.state if r.serving else r.state + ' (out of the set)':<10} "
                          f"incarnation {r.incarnation}  {r.device or '-':<6} pid {r.pid:<7} busy {100 * r.busy_share:5.1f}%  "
                          f"rows {r.rows}  restarts {r.restarts}")
     layers = [layer.layer for layer in s.expert_load_by_layer]
