@@ -37,25 +37,31 @@ def ray_running(num_cpus: int | None = None) -> Iterator[None]:
 
 
 async def _inject(fault: Fault, cluster: EmbeddedCluster, load: LoadGenerator, count: int, warmup: int,
-                  spacing: int, records: list[FaultRecord], errors: list[str]) -> None:
-    """`count` faults: the first once `warmup` requests have completed, each next `spacing` after the last recovery."""
+                  spacing: int, every_s: float | None, records: list[FaultRecord], errors: list[str]) -> None:
+    """`count` faults: the first once `warmup` requests have completed; each next one `every_s` seconds
+    after the last recovery, or (without `every_s`) once `spacing` more requests have completed."""
     target = warmup
     try:
-        for _ in range(count):
+        for i in range(count):
             await load.wait_completed(target)
+            if every_s is not None and i > 0:
+                await asyncio.sleep(every_s)  # the fault schedule itself, not a synchronisation
             try:
                 records.append(await asyncio.wait_for(fault.inject(cluster, load), RECOVERY_TIMEOUT_S))
             except Exception as exc:  # noqa: BLE001 - reported, and the run stops
                 errors.append(f"{fault.kind} #{len(records) + 1}: {exc!r}")
                 return
-            target = load.completed + spacing
+            target = load.completed + (0 if every_s is not None else spacing)
     finally:
         await fault.clear(cluster)
 
 
 async def run_scenario(scenario: Scenario, workload: Workload, faults: int, model_dir: str,
-                       prompts: list[list[int]], expected: list[list[int]]) -> ChaosReport:
-    """One scenario on a fresh embedded cluster: steady load until `workload.requests` are sent and `faults` done."""
+                       prompts: list[list[int]], expected: list[list[int]], every_s: float | None = None) -> ChaosReport:
+    """One scenario on a fresh embedded cluster: steady load until `workload.requests` are sent and `faults` done.
+
+    Faults are spread over the requests, or come `every_s` seconds apart (after each recovery).
+    """
     cluster = EmbeddedCluster(scenario.spec, model_dir)
     await cluster.start()
     try:
@@ -72,7 +78,7 @@ async def run_scenario(scenario: Scenario, workload: Workload, faults: int, mode
 
         start = time.monotonic()
         injecting = asyncio.create_task(
-            _inject(scenario.make_fault(), cluster, load, faults, warmup, spacing, records, errors))
+            _inject(scenario.make_fault(), cluster, load, faults, warmup, spacing, every_s, records, errors))
         outcomes = await load.run(keep_going)
         if not injecting.done():  # the load ended first (faults=0, or fewer requests than the warmup)
             injecting.cancel()
@@ -85,7 +91,7 @@ async def run_scenario(scenario: Scenario, workload: Workload, faults: int, mode
 
 
 def run(scenarios: list[Scenario], workload: Workload, faults: int, model_dir: str | None = None,
-        log: Callable[[str], None] = print) -> list[ChaosReport]:
+        every_s: float | None = None, log: Callable[[str], None] = print) -> list[ChaosReport]:
     """Every scenario in turn (fault-free outputs computed once first); logs each report as it ends."""
     from moeserve.models.config import ModelConfig
 
@@ -99,7 +105,7 @@ def run(scenarios: list[Scenario], workload: Workload, faults: int, model_dir: s
     with ray_running():
         for scenario in scenarios:
             log(f"chaos: {scenario.name}: {scenario.description}")
-            report = asyncio.run(run_scenario(scenario, workload, faults, model_dir, prompts, expected))
+            report = asyncio.run(run_scenario(scenario, workload, faults, model_dir, prompts, expected, every_s))
             log(report.format())
             reports.append(report)
     return reports

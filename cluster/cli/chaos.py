@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario names, or 'all'")
     p.add_argument("--requests", type=int, default=200, help="send at least this many requests (default 200)")
     p.add_argument("--faults", type=int, default=10, help="inject this many faults (default 10)")
+    p.add_argument("--every", type=float, default=None, metavar="S",
+                   help="inject the next fault S seconds after the last one recovered (default: spread the faults "
+                        "evenly over the requests)")
     p.add_argument("--concurrency", type=int, default=8, help="requests kept in flight (default 8)")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per request (default 16)")
     p.add_argument("--model", metavar="DIR", help="HF-format checkpoint (default: the demo model)")
@@ -39,10 +42,12 @@ def main(args: argparse.Namespace) -> int:
         workload = Workload(requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens)
         if args.faults < 0:
             raise ValueError(f"--faults must be >= 0, got {args.faults}")
+        if args.every is not None and args.every < 0:
+            raise ValueError(f"--every must be >= 0 seconds, got {args.every}")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    reports = run(scenarios, workload, args.faults, args.model, log=lambda line: print(line, flush=True))
+    reports = run(scenarios, workload, args.faults, args.model, args.every, log=lambda line: print(line, flush=True))
     if args.json:
         for r in reports:
             print(json.dumps({**asdict(r), "ok": r.ok}), flush=True)
