@@ -181,6 +181,7 @@ def kuberay_spec_errors(cluster: dict) -> list[str]:
 def test_raycluster_passes_the_operators_own_checks(render, values, sets):
     (cluster,) = by_kind(render(values, *[a for s in sets for a in ("--set", s)]), "RayCluster")
     assert kuberay_spec_errors(cluster) == []
+    assert crd_errors(cluster) == []
 
 
 def test_the_operator_check_can_fail(render):
