@@ -8,8 +8,10 @@ Output layout, all on the device and sized from shapes alone (no host synchronis
 - `num_padded` [1] int32: the used length of `sorted_ids`.
 - `counts` [E] int32: pairs per expert (ids of -1 or >= E are counted nowhere).
 
-Small inputs (decode) take one program that counts and scatters in registers; larger ones take a
-counting launch over chunks and a scatter launch, both parallel over chunks.
+One program per expert places that expert's slots (a running count over the slots keeps them in
+order), so the work spreads over the GPU at any batch size; each learns every expert's total from a
+histogram of all slots (up to FUSED_MAX_SLOTS: one launch) or from per-chunk counts written by a
+counting launch. One more program fills the unused tail.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import triton.language as tl
 
 from .launch import empty
 
-SUB = 128  # slots handled together in registers: a [SUB, E_PAD] one-hot tile
-FUSED_MAX_SLOTS = 1024  # at or below this many slots one program does everything
-CHUNK = 1024  # slots per program in the two-launch path
+SCAN = 1024  # slots one program compares against its expert per step
+FUSED_MAX_SLOTS = 4096  # up to here each program counts every expert itself: one launch
+CHUNK = 4096  # slots per counting program beyond that
+TAIL_BLOCK = 1024  # positions the tail program fills per step
 
 
 @dataclass(frozen=True)
@@ -45,99 +48,77 @@ def max_padded_slots(num_slots: int, num_experts: int, block_m: int) -> int:
 
 
 @triton.jit
-def _onehot(ids_ptr, base, S, E, SUB: tl.constexpr, E_PAD: tl.constexpr):
-    """One-hot [SUB, E_PAD] of slots base..base+SUB; ids outside [0, E) match no bin."""
-    offs = base + tl.arange(0, SUB)
-    in_range = offs < S
-    e = tl.load(ids_ptr + offs, mask=in_range, other=-1)
-    e = tl.where((e >= 0) & (e < E), e, -1).to(tl.int32)
-    bins = tl.arange(0, E_PAD)
-    hot = (e[:, None] == bins[None, :]) & in_range[:, None]
-    return offs, in_range, hot.to(tl.int32)
+def _histogram(ids_ptr, base, S, E, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    """Pairs per expert among slots base..base+BLOCK ([E_PAD] int32); ids outside [0, E) count nowhere."""
+    offs = base + tl.arange(0, BLOCK)
+    e = tl.load(ids_ptr + offs, mask=offs < S, other=-1)
+    held = (e >= 0) & (e < E) & (offs < S)
+    # Bins E_PAD.. collect the rest (histogram needs every value inside its range).
+    h = tl.histogram(tl.where(held, e, E_PAD).to(tl.int32), 2 * E_PAD)
+    rows = tl.reshape(h, (2, E_PAD))
+    return tl.sum(tl.where((tl.arange(0, 2) == 0)[:, None], rows, 0), axis=0)
 
 
-@triton.jit
-def _count_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, S, E,
-                  CHUNK: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr):
-    """Per chunk: pairs per expert, and each slot's rank among same-expert slots of the chunk."""
+@triton.jit(do_not_specialize=["S", "E"])
+def _count_kernel(ids_ptr, chunk_counts_ptr, S, E, CHUNK: tl.constexpr, SCAN: tl.constexpr, E_PAD: tl.constexpr):
+    """Pairs per expert of one chunk of slots."""
     c = tl.program_id(0)
-    running = tl.zeros([E_PAD], dtype=tl.int32)
-    for s in range(CHUNK // SUB):
-        offs, in_range, hot = _onehot(ids_ptr, c * CHUNK + s * SUB, S, E, SUB, E_PAD)
-        before = tl.cumsum(hot, axis=0) - hot + running[None, :]
-        rank = tl.sum(hot * before, axis=1)
-        tl.store(rank_ptr + offs, rank, mask=in_range)
-        running += tl.sum(hot, axis=0)
-    tl.store(chunk_counts_ptr + c * E_PAD + tl.arange(0, E_PAD), running)
+    total = tl.zeros([E_PAD], dtype=tl.int32)
+    for s0 in range(0, CHUNK, SCAN):
+        total += _histogram(ids_ptr, c * CHUNK + s0, S, E, SCAN, E_PAD)
+    tl.store(chunk_counts_ptr + c * E_PAD + tl.arange(0, E_PAD), total)
 
 
-@triton.jit
-def _scatter_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
-                    counts_ptr, S, E, num_chunks, max_blocks,
-                    FUSED: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
-    c = tl.program_id(0)
+@triton.jit(do_not_specialize=["S", "E", "num_chunks", "max_padded"])
+def _scatter_kernel(ids_ptr, chunk_counts_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, counts_ptr,
+                    S, E, num_chunks, max_padded,
+                    FUSED: tl.constexpr, SCAN: tl.constexpr, E_PAD: tl.constexpr, NC_PAD: tl.constexpr,
+                    BLOCK_M: tl.constexpr, TAIL_BLOCK: tl.constexpr):
+    """Program e < E places expert e's slots (stable), its padding and its blocks; program E fills
+    everything past the used length and writes the totals."""
+    e = tl.program_id(0)
     bins = tl.arange(0, E_PAD)
-    real = bins < E
-    # Totals per expert, and the pairs of each expert held by earlier chunks.
     if FUSED:
         total = tl.zeros([E_PAD], dtype=tl.int32)
-        for s in range(tl.cdiv(S, SUB)):
-            _, _, hot = _onehot(ids_ptr, s * SUB, S, E, SUB, E_PAD)
-            total += tl.sum(hot, axis=0)
-        earlier = tl.zeros([E_PAD], dtype=tl.int32)
+        for s0 in range(0, S, SCAN):
+            total += _histogram(ids_ptr, s0, S, E, SCAN, E_PAD)
     else:
-        total = tl.zeros([E_PAD], dtype=tl.int32)
-        earlier = tl.zeros([E_PAD], dtype=tl.int32)
-        for i in range(num_chunks):
-            cc = tl.load(chunk_counts_ptr + i * E_PAD + bins)
-            total += cc
-            earlier += tl.where(i < c, cc, 0)
-    total = tl.where(real, total, 0)
+        c = tl.arange(0, NC_PAD)
+        cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + bins[None, :], mask=(c < num_chunks)[:, None], other=0)
+        total = tl.sum(cc, axis=0)
+    total = tl.where(bins < E, total, 0)
     padded = tl.cdiv(total, BLOCK_M) * BLOCK_M
     pad_end = tl.cumsum(padded, axis=0)
-    pad_start = pad_end - padded
     num_padded = tl.sum(padded, axis=0)
-
-    # Scatter this program's slots to their padded positions.
-    if FUSED:
-        running = tl.zeros([E_PAD], dtype=tl.int32)
-        for s in range(tl.cdiv(S, SUB)):
-            offs, in_range, hot = _onehot(ids_ptr, s * SUB, S, E, SUB, E_PAD)
-            before = tl.cumsum(hot, axis=0) - hot + running[None, :]
-            pos = tl.sum(hot * (before + pad_start[None, :]), axis=1)
-            ok = in_range & (tl.sum(hot * real[None, :].to(tl.int32), axis=1) > 0)
-            tl.store(sorted_ptr + pos, offs, mask=ok)
-            running += tl.sum(hot, axis=0)
-    else:
-        for s in range(CHUNK // SUB):
-            offs, in_range, hot = _onehot(ids_ptr, c * CHUNK + s * SUB, S, E, SUB, E_PAD)
-            rank = tl.load(rank_ptr + offs, mask=in_range, other=0)
-            pos = rank + tl.sum(hot * (earlier + pad_start)[None, :], axis=1)
-            ok = in_range & (tl.sum(hot * real[None, :].to(tl.int32), axis=1) > 0)
-            tl.store(sorted_ptr + pos, offs, mask=ok)
-
-    # Block -> expert map and the sentinel in every padding position; blocks are shared out
-    # among the programs.
-    if c == 0:
+    if e == E:
         tl.store(num_padded_ptr, num_padded)
-        tl.store(counts_ptr + bins, total, mask=real)
-    blocks_per_prog = tl.cdiv(max_blocks, tl.num_programs(0))
-    rows = tl.arange(0, BLOCK_M)
-    for b0 in range(c * blocks_per_prog, (c + 1) * blocks_per_prog, BLOCK_B):
-        b = b0 + tl.arange(0, BLOCK_B)
-        b_ok = (b < max_blocks) & (b < (c + 1) * blocks_per_prog)
-        start = b * BLOCK_M
-        # Expert e owns the block when pad_start[e] <= start < pad_end[e].
-        owns = (pad_start[None, :] <= start[:, None]) & (start[:, None] < pad_end[None, :]) & real[None, :]
-        used = start < num_padded
-        expert = tl.sum(tl.where(owns, bins[None, :], 0), axis=1)
-        tl.store(block_expert_ptr + b, tl.where(used, expert, -1), mask=b_ok)
-        seg_start = tl.sum(tl.where(owns, pad_start[None, :], 0), axis=1)
-        seg_count = tl.sum(tl.where(owns, total[None, :], 0), axis=1)
-        p = start[:, None] + rows[None, :]
-        is_pad = (p - seg_start[:, None]) >= seg_count[:, None]
-        tl.store(sorted_ptr + p, tl.zeros_like(p) + S, mask=b_ok[:, None] & is_pad)
+        tl.store(counts_ptr + bins, total, mask=bins < E)
+        for p0 in range(num_padded, max_padded, TAIL_BLOCK):
+            p = p0 + tl.arange(0, TAIL_BLOCK)
+            tl.store(sorted_ptr + p, tl.zeros_like(p) + S, mask=p < max_padded)
+            # Block b is unused when it starts at or past num_padded; num_padded is a multiple of BLOCK_M.
+            b = p // BLOCK_M
+            tl.store(block_expert_ptr + b, tl.full([TAIL_BLOCK], -1, tl.int32), mask=(p < max_padded) & (p % BLOCK_M == 0))
+    else:
+        mine = bins == e
+        count = tl.sum(tl.where(mine, total, 0), axis=0)
+        if count > 0:
+            start = tl.sum(tl.where(mine, pad_end - padded, 0), axis=0)
+            size = tl.sum(tl.where(mine, padded, 0), axis=0)
+            # Slots of expert e in slot order: an exclusive running count gives each its place.
+            running = count * 0
+            for s0 in range(0, S, SCAN):
+                offs = s0 + tl.arange(0, SCAN)
+                ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1)
+                hit = (ids == e).to(tl.int32)
+                rank = running + tl.cumsum(hit, axis=0) - hit
+                tl.store(sorted_ptr + start + rank, offs, mask=hit > 0)
+                running += tl.sum(hit, axis=0)
+            rows = tl.arange(0, BLOCK_M)
+            tl.store(sorted_ptr + start + count + rows, tl.zeros_like(rows) + S, mask=count + rows < size)
+            for b0 in range(start // BLOCK_M, (start + size) // BLOCK_M, TAIL_BLOCK):
+                b = b0 + tl.arange(0, TAIL_BLOCK)
+                tl.store(block_expert_ptr + b, tl.zeros_like(b) + e, mask=b < (start + size) // BLOCK_M)
 
 
 def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
@@ -157,22 +138,16 @@ def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
     num_padded = empty(1, dtype=torch.int32, device=dev)
     counts = empty(num_experts, dtype=torch.int32, device=dev)
     e_pad = triton.next_power_of_2(num_experts)
-    sub = min(SUB, max(16, 8192 // e_pad))
-    block_b = max(1, min(64, 4096 // block_m))
-    if s <= FUSED_MAX_SLOTS:
-        _scatter_kernel[(1,)](
-            ids, ids, ids, sorted_ids, block_expert, num_padded, counts, s, num_experts, 1, max_blocks,
-            FUSED=True, CHUNK=SUB, SUB=sub, E_PAD=e_pad, BLOCK_M=block_m, BLOCK_B=block_b, num_warps=4,
-        )
-    else:
-        num_chunks = triton.cdiv(s, CHUNK)
+    fused = s <= FUSED_MAX_SLOTS
+    num_chunks = 1 if fused else triton.cdiv(s, CHUNK)
+    chunk_counts = ids
+    if not fused:
         chunk_counts = empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
-        rank = empty(s, dtype=torch.int32, device=dev)
-        _count_kernel[(num_chunks,)](ids, chunk_counts, rank, s, num_experts,
-                                     CHUNK=CHUNK, SUB=sub, E_PAD=e_pad, num_warps=4)
-        _scatter_kernel[(num_chunks,)](
-            ids, chunk_counts, rank, sorted_ids, block_expert, num_padded, counts, s, num_experts,
-            num_chunks, max_blocks,
-            FUSED=False, CHUNK=CHUNK, SUB=sub, E_PAD=e_pad, BLOCK_M=block_m, BLOCK_B=block_b, num_warps=4,
-        )
+        _count_kernel[(num_chunks,)](ids, chunk_counts, s, num_experts, CHUNK=CHUNK, SCAN=SCAN, E_PAD=e_pad,
+                                     num_warps=4)
+    _scatter_kernel[(num_experts + 1,)](
+        ids, chunk_counts, sorted_ids, block_expert, num_padded, counts, s, num_experts, num_chunks, max_padded,
+        FUSED=fused, SCAN=SCAN, E_PAD=e_pad, NC_PAD=triton.next_power_of_2(num_chunks), BLOCK_M=block_m,
+        TAIL_BLOCK=TAIL_BLOCK, num_warps=4,
+    )
     return Alignment(sorted_ids, block_expert, num_padded, counts, block_m, s)

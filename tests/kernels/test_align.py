@@ -38,7 +38,8 @@ CASES = [  # (T, k, E, block_m, drop)
     (13, 3, 6, 16, 0.2),  # slots held elsewhere (-1)
     (7, 8, 8, 16, 0.0),  # top-k == number of experts
     (64, 8, 128, 32, 0.0),
-    (300, 6, 64, 64, 0.1),  # > 1024 slots: the two-launch path
+    (300, 6, 64, 64, 0.1),
+    (700, 6, 16, 64, 0.1),  # > 4096 slots: the counting launch first
     (0, 4, 8, 16, 0.0),  # no tokens
 ]
 
@@ -51,7 +52,7 @@ def test_align_matches_reference(t, k, e, block_m, drop, gen):
 
 def test_align_every_token_to_one_expert():
     check_alignment(torch.full((50, 1), 3, device=DEVICE), 8, 16)
-    check_alignment(torch.full((1500, 1), 5, device=DEVICE), 8, 64)  # two-launch path
+    check_alignment(torch.full((4500, 1), 5, device=DEVICE), 8, 64)  # counting launch first
 
 
 def test_align_nothing_held_here():
