@@ -67,10 +67,14 @@ def ray_resources(ray_argv: list[str]) -> dict[str, int]:
 
 def parse_serve(argv: list[str]):
     """`moeserve serve` argv through the real parser; returns (namespace, flags it does not know)."""
-    from moeserve.cluster.cli import build_parser
+    import argparse
 
+    from moeserve.cluster.cli import serve  # only this command: other commands' imports stay out of the way
+
+    parser = argparse.ArgumentParser(prog="moeserve")
+    serve.register(parser.add_subparsers(dest="command"))
     assert argv[0] == "serve"
-    args, unknown = build_parser().parse_known_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     return args, {a for a in unknown if a.startswith("--")}
 
 
