@@ -89,3 +89,20 @@ async def test_bench_against_a_live_server(tmp_path, capsys):
         assert s["total_output_tokens"] == sum(r["max_tokens"] for r in result["requests"])
         assert result["config"]["rate"] == 200 and result["config"]["concurrency"] is None
         assert srv.engine.stats()["kv_blocks_used"] == 0
+
+
+def test_gpu_benchmark_script_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """benchmarks/bench_serving.py --smoke: server process, gRPC load, floor, JSON and the markdown table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_serving.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--skip-hf", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_serving.json").read_text())
+    ours = report["models"]["tiny"]["moeserve"]
+    assert set(ours) == {"1", "2"} and all(r["failed"] == 0 and r["output_token_throughput"] > 0 for r in ours.values())
+    assert report["models"]["tiny"]["floor"]["2"]["active_weight_bytes"] > 0
+    assert "| tiny | 2 |" in (tmp_path / "benchmarks.md").read_text()
