@@ -27,7 +27,7 @@ from moeserve.kernels import fused_moe
 from moeserve.kernels.configs import CONFIG_DIR, MoeConfig, device_file_name, shape_key
 from moeserve.kernels.problems import random_batch, random_experts, rotation
 from moeserve.kernels.roofline import SHAPES, ExpertShape
-from moeserve.kernels.search_space import block_m_choices, gemm_choices, per_slot_choices
+from moeserve.kernels.search_space import block_m_choices, gemm_choices, per_slot_choices, prequant_choices
 from moeserve.kernels.timing import graph_ms
 
 TOKENS = (1, 8, 64, 256, 1024, 4096)
@@ -45,14 +45,18 @@ def cases(shapes: list[str], tokens: list[int], quants: list[str]) -> list[tuple
     return sorted(((s, q, t) for s in shapes for q in quants for t in tokens), key=rank)
 
 
-def options(shape: ExpertShape, quant: str, t: int) -> list[tuple[int, bool, str, object]]:
-    """Every (block_m, per_slot, gemm, config) the tuner will time for one case."""
-    out = []
-    for per_slot in per_slot_choices(t):
-        for bm in [16] if per_slot else block_m_choices(t, shape.experts, shape.top_k):
-            for gemm in ("up", "down"):
-                out += [(bm, per_slot, gemm, c) for c in gemm_choices(bm, quant, gemm == "up")]
-    return out
+def layouts(shape: ExpertShape, quant: str, t: int) -> list[MoeConfig]:
+    """The (block_m, per_slot, prequant) combinations tried for one case, as GEMM-less MoeConfigs."""
+    return [MoeConfig(bm, per_slot=per_slot, prequant=pq)
+            for per_slot in per_slot_choices(t)
+            for bm in ([16] if per_slot else block_m_choices(t, shape.experts, shape.top_k))
+            for pq in prequant_choices(t, quant)]
+
+
+def options(shape: ExpertShape, quant: str, t: int) -> list[tuple[MoeConfig, str, object]]:
+    """Every (layout, gemm, config) the tuner will time for one case."""
+    return [(lay, gemm, c) for lay in layouts(shape, quant, t) for gemm in ("up", "down")
+            for c in gemm_choices(lay.block_m, quant, gemm == "up")]
 
 
 # ---- compile phase (worker processes) --------------------------------------------------------
@@ -63,7 +67,7 @@ _WORKER_PROBLEMS: dict = {}
 def _compile_one(task) -> str | None:
     """Launch one candidate on a one-token, one-expert problem of the real H and I, so that Triton
     compiles exactly the specialisation the timing loop will use and caches it on disk."""
-    name, quant, bm, per_slot, gemm, cfg = task
+    name, quant, lay, gemm, cfg = task
     key = (name, quant)
     if key not in _WORKER_PROBLEMS:
         s = SHAPES[name]
@@ -72,17 +76,17 @@ def _compile_one(task) -> str | None:
         _WORKER_PROBLEMS[key] = (random_experts(one, quant, gen), random_batch(one, 1, gen))
     weights, batch = _WORKER_PROBLEMS[key]
     try:
-        plan = fused_moe.plan_slots(batch.ids, 1, MoeConfig(bm, per_slot=per_slot))
-        act = fused_moe.gate_up(batch.hidden, weights, plan, cfg)
+        plan = fused_moe.plan_slots(batch.ids, 1, lay)
+        act = fused_moe.gate_up(batch.hidden, weights, plan, cfg, lay.prequant)
         if gemm == "down":
-            fused_moe.down(act, weights, plan, batch.weights, cfg)
+            fused_moe.down(act, weights, plan, batch.weights, cfg, lay.prequant)
         torch.cuda.synchronize()
         return None
     except Exception as exc:  # out of shared memory or registers: the timing loop skips it too
         return f"{task}: {type(exc).__name__}"
 
 
-def _signature(name: str, quant: str, bm: int, per_slot: bool, gemm: str, cfg) -> tuple:
+def _signature(name: str, quant: str, lay: MoeConfig, gemm: str, cfg) -> tuple:
     """What Triton specialises on besides the config: K's divisibility by BLOCK_K, and for FP8 the
     scale strides' divisibility by 16 (shape dependent)."""
     s = SHAPES[name]
@@ -90,17 +94,17 @@ def _signature(name: str, quant: str, bm: int, per_slot: bool, gemm: str, cfg) -
     scale = ()
     if quant == "fp8":
         scale = ((s.hidden + 127) // 128 % 16, (s.inter + 127) // 128 % 16)
-    return (quant, bm, per_slot, gemm, cfg, k % (128 if quant == "fp8" else cfg.block_k) == 0, scale)
+    return (quant, lay, gemm, cfg, k % (128 if quant == "fp8" else cfg.block_k) == 0, scale)
 
 
 def precompile(todo: list[tuple[str, str, int]], workers: int) -> None:
     tasks, seen = [], set()
     for name, quant, t in todo:
-        for bm, per_slot, gemm, cfg in options(SHAPES[name], quant, t):
-            sig = _signature(name, quant, bm, per_slot, gemm, cfg)
+        for lay, gemm, cfg in options(SHAPES[name], quant, t):
+            sig = _signature(name, quant, lay, gemm, cfg)
             if sig not in seen:
                 seen.add(sig)
-                tasks.append((name, quant, bm, per_slot, gemm, cfg))
+                tasks.append((name, quant, lay, gemm, cfg))
     start = time.time()
     with mp.get_context("spawn").Pool(workers) as pool:
         failed = [r for r in pool.imap_unordered(_compile_one, tasks, chunksize=2) if r]
@@ -134,28 +138,28 @@ def tune_case(shape: ExpertShape, quant: str, t: int, weights, reps: int) -> tup
     probe = graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights)
                       for b in batches], reps=2)
     reps = max(3, min(reps, round(30 / (probe * len(batches)))))
-    for per_slot in per_slot_choices(t):
-        for bm in [16] if per_slot else block_m_choices(t, shape.experts, shape.top_k):
-            plans = [fused_moe.plan_slots(b.ids, shape.experts, MoeConfig(bm, per_slot=per_slot)) for b in batches]
+    for lay in layouts(shape, quant, t):
+        plans = [fused_moe.plan_slots(b.ids, shape.experts, lay) for b in batches]
 
-            def time_up(cfg):
-                return graph_ms([functools.partial(fused_moe.gate_up, b.hidden, weights, p, cfg)
-                                 for b, p in zip(batches, plans)], reps=reps)
+        def time_up(cfg):
+            return graph_ms([functools.partial(fused_moe.gate_up, b.hidden, weights, p, cfg, lay.prequant)
+                             for b, p in zip(batches, plans)], reps=reps)
 
-            up, _ = _best("gate/up", gemm_choices(bm, quant, True), time_up)
-            acts = [fused_moe.gate_up(b.hidden, weights, p, up) for b, p in zip(batches, plans)]
+        up, _ = _best("gate/up", gemm_choices(lay.block_m, quant, True), time_up)
+        acts = [fused_moe.gate_up(b.hidden, weights, p, up, lay.prequant) for b, p in zip(batches, plans)]
 
-            def time_down(cfg):
-                return graph_ms([functools.partial(fused_moe.down, a, weights, p, b.weights, cfg)
-                                 for a, b, p in zip(acts, batches, plans)], reps=reps)
+        def time_down(cfg):
+            return graph_ms([functools.partial(fused_moe.down, a, weights, p, b.weights, cfg, lay.prequant)
+                             for a, b, p in zip(acts, batches, plans)], reps=reps)
 
-            dn, _ = _best("down", gemm_choices(bm, quant, False), time_down)
-            config = MoeConfig(bm, up, dn, per_slot)
-            ms = graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights, config)
-                           for b in batches], reps=reps)
-            scores[f"block_m={bm}{',per_slot' if per_slot else ''}"] = round(ms, 4)
-            if ms < best_ms:
-                best, best_ms = config, ms
+        dn, _ = _best("down", gemm_choices(lay.block_m, quant, False), time_down)
+        config = MoeConfig(lay.block_m, up, dn, lay.per_slot, lay.prequant)
+        ms = graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights, config)
+                       for b in batches], reps=reps)
+        label = f"block_m={lay.block_m}" + (",per_slot" if lay.per_slot else "") + (",prequant" if lay.prequant else "")
+        scores[label] = round(ms, 4)
+        if ms < best_ms:
+            best, best_ms = config, ms
     return best, best_ms, scores
 
 

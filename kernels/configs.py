@@ -44,12 +44,15 @@ class GemmConfig:
 @dataclass(frozen=True)
 class MoeConfig:
     """block_m (rows per expert block, shared by the permutation and both GEMMs) and the two GEMMs;
-    per_slot skips the permutation and gives each slot its own block (decode: one or a few tokens)."""
+    per_slot skips the permutation and gives each slot its own block (decode: one or a few tokens);
+    prequant (FP8) quantises each GEMM's activations once up front rather than in every program
+    (pays when many programs share the same rows: large batches)."""
 
     block_m: int = 16
     up: GemmConfig = field(default_factory=GemmConfig)
     down: GemmConfig = field(default_factory=GemmConfig)
     per_slot: bool = False
+    prequant: bool = False
 
     def __post_init__(self) -> None:
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
@@ -61,7 +64,7 @@ class MoeConfig:
     @staticmethod
     def from_dict(d: dict) -> "MoeConfig":
         return MoeConfig(block_m=int(d["block_m"]), up=GemmConfig(**d["up"]), down=GemmConfig(**d["down"]),
-                         per_slot=bool(d.get("per_slot", False)))
+                         per_slot=bool(d.get("per_slot", False)), prequant=bool(d.get("prequant", False)))
 
 
 def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, quant: str) -> str:
@@ -100,7 +103,7 @@ def default_config(num_tokens: int, num_experts: int, hidden: int, inter: int, t
         return MoeConfig(32, mid, GemmConfig(block_n=128, block_k=bk, num_warps=4, num_stages=4))
     big = GemmConfig(block_n=128, block_k=bk, num_warps=8, num_stages=4)
     return MoeConfig(64 if rows_per_expert <= 128 else 128, big,
-                     GemmConfig(block_n=128, block_k=bk, num_warps=8, num_stages=4))
+                     GemmConfig(block_n=128, block_k=bk, num_warps=8, num_stages=4), prequant=quant == "fp8")
 
 
 def get_config(device_name: str, num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,

@@ -50,6 +50,31 @@ def _rtne_e4m3(y):
 
 
 @triton.jit
+def _quantize_group(x, INTERPRET: tl.constexpr):
+    """Rows of x [R, 128] to e4m3 with one float32 scale each (amax / 448, DeepSeek-V3 act_quant)."""
+    x = x.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0
+    q = tl.clamp(x / scale[:, None], -448.0, 448.0)
+    if INTERPRET:
+        q = _rtne_e4m3(q)
+    return q.to(tl.float8e4nv), scale
+
+
+@triton.jit(do_not_specialize=["R"])
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, R, K, stride_x, stride_q, stride_s,
+                      INTERPRET: tl.constexpr, BLOCK_R: tl.constexpr):
+    """x [R, K] -> e4m3 q [R, K] and scales s [R, cdiv(K, 128)], one 128-wide group per program column."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * 128 + tl.arange(0, 128)
+    ok = (rows < R)[:, None] & (cols < K)[None, :]
+    r64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + r64[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+    q, scale = _quantize_group(x, INTERPRET)
+    tl.store(q_ptr + r64[:, None] * stride_q + cols[None, :], q, mask=ok)
+    tl.store(s_ptr + r64 * stride_s + tl.program_id(1), scale, mask=rows < R)
+
+
+@triton.jit
 def _store_rounded(ptrs, x, mask, INTERPRET: tl.constexpr):
     if INTERPRET:
         if ptrs.dtype.element_ty == tl.bfloat16:
@@ -61,14 +86,15 @@ def _store_rounded(ptrs, x, mask, INTERPRET: tl.constexpr):
 @triton.jit(do_not_specialize=["S", "E", "top_k", "max_blocks", "gate_scale_rows"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, b_scale_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, ids_ptr,
-    N, K, S, E, top_k, max_blocks, gate_scale_rows,
-    stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn, stride_sk,
+    a_scale_ptr, N, K, S, E, top_k, max_blocks, gate_scale_rows,
+    stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn, stride_sk, stride_asm,
     A_BY_TOKEN: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, QUANT: tl.constexpr,
-    INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, PER_SLOT: tl.constexpr,
+    INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, PER_SLOT: tl.constexpr, A_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = A @ B[e].T over one BLOCK_M run of expert e; N output columns (I when GATED: the up rows
-    sit N rows below the gate rows), K the reduction length. PER_SLOT: block m is slot m alone."""
+    sit N rows below the gate rows), K the reduction length. PER_SLOT: block m is slot m alone.
+    A_FP8: A is already e4m3 with one scale per row and 128-wide K group (a_scale_ptr)."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_pid_n
@@ -124,14 +150,14 @@ def _moe_gemm_kernel(
             if GATED:
                 bu = tl.load(b_ptrs + up_shift, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if QUANT == 1:
-            # Activations: one scale per row and 128-wide K group (BLOCK_K == 128), quantised here.
-            a = a.to(tl.float32)
-            a_scale = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / 448.0
-            aq = tl.clamp(a / a_scale[:, None], -448.0, 448.0)
-            if INTERPRET:
-                aq = _rtne_e4m3(aq)
-            aq = aq.to(tl.float8e4nv)
             kb = k0 // 128
+            if A_FP8:
+                aq = a
+                a_scale = tl.load(a_scale_ptr + a_rows * stride_asm + kb, mask=row_ok, other=0.0)
+            else:
+                # One scale per row and 128-wide K group (BLOCK_K == 128), quantised here: cheap
+                # next to the weight stream when few rows share each weight tile.
+                aq, a_scale = _quantize_group(a, INTERPRET)
             bs = tl.load(s_base + gate_srow * stride_sn + kb * stride_sk, mask=n_ok, other=0.0)
             acc += tl.dot(aq, b) * (a_scale[:, None] * bs[None, :])
             if GATED:
@@ -216,8 +242,19 @@ def plan_slots(topk_ids: torch.Tensor, num_experts: int, config: MoeConfig) -> S
     return SlotPlan(topk_ids.reshape(-1), topk_ids.shape[1], num_experts, config.block_m, runs)
 
 
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] bf16 -> (e4m3 [R, K], float32 scales [R, cdiv(K, 128)]), as the FP8 GEMMs quantise."""
+    r, k = x.shape
+    q = empty(r, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = empty(r, triton.cdiv(k, FP8_GROUP), dtype=torch.float32, device=x.device)
+    block_r = 16
+    _act_quant_kernel[(triton.cdiv(r, block_r), triton.cdiv(k, FP8_GROUP))](
+        x, q, s, r, k, x.stride(0), q.stride(0), s.stride(0), INTERPRET=interpreting(), BLOCK_R=block_r, num_warps=4)
+    return q, s
+
+
 def _gemm(a, b, c, scale, topk_w, plan: SlotPlan, n, k, gate_scale_rows, cfg: GemmConfig, *,
-          a_by_token: bool, gated: bool, mul_weight: bool, quant: str):
+          a_by_token: bool, gated: bool, mul_weight: bool, quant: str, a_scale: torch.Tensor | None = None):
     if quant == "fp8" and cfg.block_k != FP8_GROUP:
         cfg = GemmConfig(cfg.block_n, FP8_GROUP, cfg.group_m, cfg.num_warps, cfg.num_stages)
     max_blocks = plan.num_blocks
@@ -231,31 +268,37 @@ def _gemm(a, b, c, scale, topk_w, plan: SlotPlan, n, k, gate_scale_rows, cfg: Ge
         runs.sorted_ids, runs.block_expert, runs.num_padded)
     _moe_gemm_kernel[grid](
         a, b, c, scale, topk_w, sorted_ids, block_expert, num_padded, plan.ids,
-        n, k, plan.ids.numel(), plan.num_experts, plan.top_k, max_blocks, gate_scale_rows,
-        a.stride(0), b.stride(0), b.stride(1), c.stride(0), *strides,
+        a if a_scale is None else a_scale, n, k, plan.ids.numel(), plan.num_experts, plan.top_k, max_blocks,
+        gate_scale_rows, a.stride(0), b.stride(0), b.stride(1), c.stride(0), *strides,
+        0 if a_scale is None else a_scale.stride(0),
         A_BY_TOKEN=a_by_token, GATED=gated, MUL_WEIGHT=mul_weight, QUANT=QUANT_CODES[quant],
-        INTERPRET=interpreting(), EVEN_K=k % cfg.block_k == 0, PER_SLOT=runs is None,
+        INTERPRET=interpreting(), EVEN_K=k % cfg.block_k == 0, PER_SLOT=runs is None, A_FP8=a_scale is not None,
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
-def gate_up(hidden: torch.Tensor, weights: ExpertWeights, plan: SlotPlan, cfg: GemmConfig) -> torch.Tensor:
-    """Step 2: act [plan.act_rows, I] = silu(x @ gate.T) * (x @ up.T) per held row (others unwritten)."""
+def gate_up(hidden: torch.Tensor, weights: ExpertWeights, plan: SlotPlan, cfg: GemmConfig,
+            prequant: bool = False) -> torch.Tensor:
+    """Step 2: act [plan.act_rows, I] = silu(x @ gate.T) * (x @ up.T) per held row (others unwritten).
+    prequant (FP8 only): quantise x once here instead of in every program of the GEMM."""
     inter = weights.intermediate_size
     act = empty(plan.act_rows, inter, dtype=hidden.dtype, device=hidden.device)
-    _gemm(hidden, weights.w13, act, weights.w13_scale, hidden, plan, inter, weights.hidden_size,
-          triton.cdiv(inter, FP8_GROUP), cfg, a_by_token=True, gated=True, mul_weight=False, quant=weights.quant)
+    a, a_scale = quantize_activations(hidden) if prequant and weights.quant == "fp8" else (hidden, None)
+    _gemm(a, weights.w13, act, weights.w13_scale, hidden, plan, inter, weights.hidden_size,
+          triton.cdiv(inter, FP8_GROUP), cfg, a_by_token=True, gated=True, mul_weight=False, quant=weights.quant,
+          a_scale=a_scale)
     return act
 
 
 def down(act: torch.Tensor, weights: ExpertWeights, plan: SlotPlan, topk_w: torch.Tensor,
-         cfg: GemmConfig) -> torch.Tensor:
+         cfg: GemmConfig, prequant: bool = False) -> torch.Tensor:
     """Step 3: y [T*k, H], each held slot's expert output times its routing weight (float32 topk_w)."""
     h = weights.hidden_size
     y = empty(plan.ids.numel(), h, dtype=act.dtype, device=act.device)
-    _gemm(act, weights.w2, y, weights.w2_scale, topk_w, plan, h, weights.intermediate_size, 0, cfg,
-          a_by_token=False, gated=False, mul_weight=True, quant=weights.quant)
+    a, a_scale = quantize_activations(act) if prequant and weights.quant == "fp8" else (act, None)
+    _gemm(a, weights.w2, y, weights.w2_scale, topk_w, plan, h, weights.intermediate_size, 0, cfg,
+          a_by_token=False, gated=False, mul_weight=True, quant=weights.quant, a_scale=a_scale)
     return y
 
 
@@ -298,5 +341,6 @@ def fused_experts(
         return empty(0, h, dtype=hidden.dtype, device=hidden.device)
     cfg = config or select_config(hidden, weights, topk_ids.shape[1])
     plan = plan_slots(topk_ids, weights.num_experts, cfg)
-    y = down(gate_up(hidden, weights, plan, cfg.up), weights, plan, topk_w, cfg.down)
+    act = gate_up(hidden, weights, plan, cfg.up, cfg.prequant)
+    y = down(act, weights, plan, topk_w, cfg.down, cfg.prequant)
     return combine(y, topk_ids, weights.num_experts, hidden.dtype)
