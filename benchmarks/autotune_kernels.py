@@ -50,7 +50,7 @@ def layouts(shape: ExpertShape, quant: str, t: int) -> list[MoeConfig]:
     return [MoeConfig(bm, per_slot=per_slot, prequant=pq)
             for per_slot in per_slot_choices(t)
             for bm in ([16] if per_slot else block_m_choices(t, shape.experts, shape.top_k))
-            for pq in prequant_choices(t, quant)]
+            for pq in prequant_choices(quant)]
 
 
 def options(shape: ExpertShape, quant: str, t: int) -> list[tuple[MoeConfig, str, object]]:

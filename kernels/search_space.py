@@ -55,9 +55,11 @@ def gemm_choices(block_m: int, quant: str, gated: bool) -> list[GemmConfig]:
     return out
 
 
-def prequant_choices(num_tokens: int, quant: str) -> list[bool]:
-    """Whether to time FP8 activations quantised once up front (pays once many programs share rows)."""
-    return [False, True] if quant == "fp8" and num_tokens >= 64 else [False]
+def prequant_choices(quant: str) -> list[bool]:
+    """Whether to time FP8 activations quantised once up front: an extra launch per GEMM, against
+    quantising in every program (costly once many programs share rows, and on the decode path's
+    critical chain)."""
+    return [False, True] if quant == "fp8" else [False]
 
 
 def per_slot_choices(num_tokens: int) -> list[bool]:

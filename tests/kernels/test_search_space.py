@@ -4,7 +4,7 @@ import pytest
 
 from moeserve.kernels.configs import MoeConfig
 from moeserve.kernels.search_space import (SMEM_LIMIT, block_m_choices, gemm_choices, per_slot_choices,
-                                           rows_per_expert, smem_bytes)
+                                           prequant_choices, rows_per_expert, smem_bytes)
 
 
 def test_block_m_follows_rows_per_expert():
@@ -33,3 +33,8 @@ def test_candidates_are_valid_and_fit(block_m, quant, gated):
 def test_per_slot_only_for_few_tokens():
     assert per_slot_choices(1) == [False, True]
     assert per_slot_choices(64) == [False]
+
+
+def test_prequant_only_for_fp8():
+    assert prequant_choices("fp8") == [False, True]
+    assert prequant_choices("bf16") == prequant_choices("int8") == [False]
