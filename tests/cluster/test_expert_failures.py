@@ -18,7 +18,7 @@ from moeserve.router.engine import AsyncEngine, EngineConfig, LLMEngine, Samplin
 from moeserve.router.errors import ExpertsUnavailableError
 
 NAMESPACE = "test-expert-failures"
-NUM_REQUESTS, MAX_TOKENS = 32, 24
+NUM_REQUESTS, MAX_TOKENS = 32, 32
 RESOURCES = GroupResources(num_cpus=0.1, torch_threads=torch.get_num_threads())
 
 
