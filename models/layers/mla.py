@@ -14,6 +14,7 @@ from torch import nn
 from ..batch import AttentionBatch
 from ..config import ModelConfig
 from .norm import RMSNorm
+from .decode_attention import attend_decode, decode_mask, gather_padded, is_decode_only
 from .paged_attention import attend, attention_mask, gather_cache, sequences, write_cache
 from .rotary import RotaryEmbedding, softmax_mscale
 
@@ -65,6 +66,10 @@ class MLAttention(nn.Module):
         write_cache(self.latent_cache, batch, torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1))
 
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        if is_decode_only(batch):  # one batched call instead of one per sequence
+            cached = gather_padded(self.latent_cache, batch).to(x.dtype)
+            out = self._decode(q_nope, q_pe, cached, w_kv, decode_mask(batch, x.device, None))
+            return self.o_proj(out.reshape(t, -1))
         out = torch.empty(t, self.num_heads, self.v_dim, dtype=x.dtype, device=x.device)
         for seq, rows, q_len, ctx_len in sequences(batch):
             cached = gather_cache(self.latent_cache, batch, seq, ctx_len).to(x.dtype)
@@ -74,6 +79,21 @@ class MLAttention(nn.Module):
             else:
                 out[rows] = self._attend_expanded(q_nope[rows], q_pe[rows], cached, mask)
         return self.o_proj(out.reshape(t, -1))
+
+    def _decode(self, q_nope, q_pe, cached, w_kv, mask) -> torch.Tensor:
+        """One query per sequence over cached [B, L, latent + rope], absorbed or expanded as in forward."""
+        b, n = cached.shape[:2]
+        latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        if self.kv_lora_rank + self.rope_dim < n * (self.nope_dim + self.v_dim):
+            w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)
+            q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)
+            out = attend_decode(torch.cat([q_latent, q_pe], dim=-1), cached.unsqueeze(2), latent.unsqueeze(2),
+                                self.scale, mask)
+            return torch.einsum("bhr,hvr->bhv", out, w_uv)
+        kv = self.kv_b_proj(latent).view(b, n, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, n, self.num_heads, self.rope_dim)], dim=-1)
+        return attend_decode(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale, mask)
 
     def _attend_expanded(self, q_nope, q_pe, cached, mask) -> torch.Tensor:
         n = cached.shape[0]
