@@ -6,7 +6,7 @@ For each decode batch size T it times one MoE layer's routed experts, three ways
   ray    the dispatcher over N expert-group Ray actors (`ray` transport; rows through Ray calls).
 and prints microseconds per layer, the MoE-path tokens/s that allows (T / (layers x per-layer)),
 the physical limit (weight bytes of the experts the batch touches over the measured memory bandwidth)
-and the round trip of an empty actor call. On CPU it also runs the engine end to end (output tokens/s,
+and the round trip of an empty actor call. Each time is the best of 5 runs. On CPU it also runs the engine end to end (output tokens/s,
 in-process experts vs N Ray groups).
 
     python benchmarks/bench_transport.py                 # CPU: the demo model, 2 groups
@@ -81,20 +81,24 @@ def routing(tokens: int, num_experts: int, k: int, hidden: int, dtype, device, s
     return x.to(device), ids.to(device), w.float().to(device)
 
 
-def time_layers(fn, layers, cases, device, iters: int) -> dict[int, float]:
-    """Seconds per MoE layer for each batch size, over `iters` steps of every layer."""
+def time_layers(fn, layers, cases, device, iters: int, repeats: int = 5) -> dict[int, float]:
+    """Seconds per MoE layer for each batch size: the best of `repeats` runs of `iters` steps of every
+    layer (the best, so that other work on a shared machine does not count)."""
     out = {}
     for t, (x, ids, w) in cases.items():
         for _ in range(3):  # warm-up: kernels compiled, buffers sized, actor threads awake
             for layer in layers:
                 fn(layer, x, ids, w)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(iters):
-            for layer in layers:
-                fn(layer, x, ids, w)
-        sync(device)
-        out[t] = (time.perf_counter() - start) / (iters * len(layers))
+        best = float("inf")
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                for layer in layers:
+                    fn(layer, x, ids, w)
+            sync(device)
+            best = min(best, (time.perf_counter() - start) / (iters * len(layers)))
+        out[t] = best
     return out
 
 
@@ -139,11 +143,12 @@ def measure(args, source, spec, device, dtype) -> dict:
         remote = ExpertDispatcher(ControllerSource(controller), RayTransport(), layers, num_experts=E)
         res["per_layer_s"]["ray"] = time_layers(remote, layers, cases, device, args.iters)
         actor = next(iter(remote.serving.handles.values()))
-        ray.get(actor.health.remote())
-        start = time.perf_counter()
-        for _ in range(200):
-            ray.get(actor.health.remote())
-        res["empty_call_s"] = (time.perf_counter() - start) / 200
+        res["empty_call_s"] = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(40):
+                ray.get(actor.health.remote())
+            res["empty_call_s"] = min(res["empty_call_s"], (time.perf_counter() - start) / 40)
         res["ray_counters"] = dict(remote.counters)
         if args.engine:
             res["engine_tokens_per_s"] = engine_run(args, controller)
@@ -176,9 +181,11 @@ def engine_run(args, controller) -> dict[str, float]:
         engine = LLMEngine.from_config(EngineConfig(model=path, num_kv_blocks=512, block_size=16, load_experts=backend is None,
                                                     expert_backend=backend))
         engine.generate_batch(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-        start = time.perf_counter()
-        outs = engine.generate_batch(prompts, params)
-        out[name] = sum(len(o.new_token_ids) for o in outs) / (time.perf_counter() - start)
+        out[name] = 0.0
+        for _ in range(2):  # the better of two runs
+            start = time.perf_counter()
+            outs = engine.generate_batch(prompts, params)
+            out[name] = max(out[name], sum(len(o.new_token_ids) for o in outs) / (time.perf_counter() - start))
         if backend is not None:
             engine.model.experts_backend.close()
     return out
@@ -209,9 +216,13 @@ def main() -> int:
     p.add_argument("--groups", type=int, default=2, help="expert groups (default 2)")
     p.add_argument("--layers", type=int, default=V2_LITE["layers"], help="--gpu: decoder layers (default 27; the first is dense)")
     p.add_argument("--tokens", default=None, help="decode batch sizes (default 1,8,32,128 on GPU; 1,8,32 on CPU)")
-    p.add_argument("--iters", type=int, default=None, help="timed steps per batch size (default 20 GPU, 10 CPU)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="timed steps per run, best of 5 runs per batch size (default 20 GPU, 10 CPU)")
     p.add_argument("--requests", type=int, default=16, help="CPU engine run: concurrent requests (default 16)")
     p.add_argument("--new-tokens", type=int, default=32, help="CPU engine run: tokens per request (default 32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads here and in the groups (default: 1 on CPU, so that a shared "
+                        "machine's other work does not stall OpenMP barriers; torch's default on GPU)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."), help="where bench_transport.json goes ($OUT or .)")
     args = p.parse_args()
     if args.groups < 1:
@@ -226,6 +237,8 @@ def main() -> int:
     args.tokens = [int(t) for t in (args.tokens or ("1,8,32,128" if args.gpu else "1,8,32")).split(",")]
     args.iters = args.iters or (20 if args.gpu else 10)
     args.engine = not args.gpu
+    if args.threads is not None or not args.gpu:
+        torch.set_num_threads(args.threads or 1)
     if args.gpu:
         if not torch.cuda.is_available():
             p.error("--gpu: no CUDA device here")
