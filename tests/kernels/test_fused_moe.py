@@ -10,7 +10,7 @@ from kernel_cases import DEVICE, ON_GPU, ROW_TOL, TOL, gpu, random_experts, rand
 
 from moeserve.kernels import fused_moe
 from moeserve.kernels import reference as ref
-from moeserve.kernels.configs import GemmConfig, MoeConfig
+from moeserve.kernels.configs import GemmConfig, MoeConfig, default_config
 from moeserve.kernels.weights import ExpertWeights, quantize_experts
 
 # Small tiles so that the CPU interpreter's tiny shapes still span several blocks in every dimension.
@@ -145,6 +145,7 @@ def test_real_shapes_quantized(quant, name, t, gen):
     weights = quantize_experts(ExpertWeights(*random_experts(e, h, i, gen)), quant)
     ids, w = random_routing(t, e, k, gen)
     check(hidden, weights, ids, w)
-    if quant == "fp8" and t > 1:  # the other activation path than the table may have picked
-        cfg = fused_moe.select_config(hidden, weights, k)
-        check(hidden, weights, ids, w, MoeConfig(cfg.block_m, cfg.up, cfg.down, cfg.per_slot, not cfg.prequant))
+    if quant == "fp8":  # both activation paths, whichever the table picked (defaults fit either)
+        for prequant in (False, True):
+            cfg = default_config(t, e, h, i, k, quant)
+            check(hidden, weights, ids, w, MoeConfig(cfg.block_m, cfg.up, cfg.down, cfg.per_slot, prequant))
