@@ -101,9 +101,11 @@ def default_config(num_tokens: int, num_experts: int, hidden: int, inter: int, t
     if rows_per_expert <= 64:
         mid = GemmConfig(block_n=64, block_k=bk, num_warps=4, num_stages=4)
         return MoeConfig(32, mid, GemmConfig(block_n=128, block_k=bk, num_warps=4, num_stages=4))
-    big = GemmConfig(block_n=128, block_k=bk, num_warps=8, num_stages=4)
+    # FP8 keeps 128-deep K steps (one activation scale each), so fewer stages fit in shared memory.
+    stages = 3 if quant == "fp8" else 4
+    big = GemmConfig(block_n=128, block_k=bk, num_warps=8, num_stages=stages)
     return MoeConfig(64 if rows_per_expert <= 128 else 128, big,
-                     GemmConfig(block_n=128, block_k=bk, num_warps=8, num_stages=4), prequant=quant == "fp8")
+                     GemmConfig(block_n=128, block_k=bk, num_warps=8, num_stages=stages), prequant=quant == "fp8")
 
 
 def get_config(device_name: str, num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,

@@ -34,6 +34,19 @@ def test_defaults_are_valid(quant, t):
         assert cfg.up.block_k == cfg.down.block_k == 128
 
 
+@pytest.mark.parametrize("quant", ["bf16", "fp8", "int8"])
+@pytest.mark.parametrize("t", [1, 8, 64, 256, 1024, 4096])
+def test_defaults_fit_shared_memory(quant, t):
+    """A default that needs more shared memory than a Hopper block has fails at launch (seen on the
+    H100 with FP8 at 128-row tiles and four stages)."""
+    from moeserve.kernels.search_space import SMEM_LIMIT, smem_bytes
+
+    cfg = configs.default_config(t, 32, 7168, 2048, 8, quant)
+    weight_bytes = 2 if quant == "bf16" else 1
+    assert smem_bytes(cfg.block_m, cfg.up, True, weight_bytes) <= SMEM_LIMIT
+    assert smem_bytes(cfg.block_m, cfg.down, False, weight_bytes) <= SMEM_LIMIT
+
+
 def test_shipped_tables_parse():
     for path in configs.CONFIG_DIR.glob("*.json"):
         table = json.loads(path.read_text())
