@@ -18,6 +18,7 @@ in-process experts vs N Ray groups).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -128,15 +129,18 @@ def measure(args, source, spec, device, dtype) -> dict:
     local = ExpertDispatcher(StaticSource(serving), LocalTransport(), layers, num_experts=E)
     res["per_layer_s"]["local"] = time_layers(local, layers, cases, device, args.iters)
     del local, serving
+    gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the groups' actors need this memory
 
     env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}} if os.environ.get("PYTHONPATH") else None
-    ray.init(num_cpus=max(2, args.groups + 1), include_dashboard=False, namespace="bench-transport", runtime_env=env)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0  # told, not detected: no surprise pending actors
+    ray.init(num_cpus=max(2, args.groups + 1), num_gpus=gpus, include_dashboard=False, namespace="bench-transport",
+             runtime_env=env)
     try:
         gpu = device.type == "cuda"
         cfg = ControllerConfig(weights=source, num_experts=E, num_groups=args.groups, name="bench",
-                               namespace="bench-transport", detached_groups=False, start_timeout_s=1800.0,
+                               namespace="bench-transport", detached_groups=False, start_timeout_s=600.0,
                                resources=GroupResources(num_cpus=0, num_gpus=(1.0 / args.groups) if gpu else 0.0,
                                                         torch_threads=torch.get_num_threads()))
         controller = start_controller(cfg)
