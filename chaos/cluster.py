@@ -115,6 +115,7 @@ class EmbeddedCluster:
         return make
 
     async def stop(self) -> None:
+        """Stop whatever `start` got to start (it may have failed half-way)."""
         if self.server is not None:
             await self.server.stop(0)
         for dispatcher in self._dispatchers:

@@ -63,8 +63,8 @@ async def run_scenario(scenario: Scenario, workload: Workload, faults: int, mode
     Faults are spread over the requests, or come `every_s` seconds apart (after each recovery).
     """
     cluster = EmbeddedCluster(scenario.spec, model_dir)
-    await cluster.start()
     try:
+        await cluster.start()
         load = LoadGenerator(cluster.address, workload, prompts)
         records: list[FaultRecord] = []
         errors: list[str] = []
@@ -82,8 +82,12 @@ async def run_scenario(scenario: Scenario, workload: Workload, faults: int, mode
         outcomes = await load.run(keep_going)
         if not injecting.done():  # the load ended first (faults=0, or fewer requests than the warmup)
             injecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await injecting
+        try:
+            await injecting
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - a bug in the fault schedule fails the run, visibly
+            errors.append(f"fault schedule: {exc!r}")
         duration = time.monotonic() - start
     finally:
         await cluster.stop()
