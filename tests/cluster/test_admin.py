@@ -22,11 +22,13 @@ ADMIN_TOKEN = "admin-token-0123456789abcdef"
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, hf_checkpoint):
     """(controller, admin address) with some traffic already served, so the load is not empty."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the groups (torch_threads=1): equal bits, no OpenMP pools spinning on 2 cores
     ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False, namespace=NAMESPACE)
     path = str(hf_checkpoint("deepseek_v3"))
     controller = start_controller(ControllerConfig(
         weights=CheckpointWeights(path), num_experts=8, num_groups=2, name="adm", namespace=NAMESPACE,
-        resources=GroupResources(num_cpus=0.1, torch_threads=torch.get_num_threads())))
+        resources=GroupResources(num_cpus=0.1, torch_threads=1)))
     engine = LLMEngine.from_config(EngineConfig(model=path, num_kv_blocks=64, block_size=8, load_experts=False,
                                                 expert_backend=ray_expert_backend(controller)))
     engine.generate_batch([[1, 2, 3, 4], [9, 8, 7]], SamplingParams(max_tokens=4))
@@ -37,6 +39,7 @@ def cluster(tmp_path_factory, hf_checkpoint):
     ray.get(controller.shutdown.remote())
     ray.kill(controller)
     ray.shutdown()
+    torch.set_num_threads(threads)
 
 
 def _run(capsys, monkeypatch, argv, token=ADMIN_TOKEN):

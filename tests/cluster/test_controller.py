@@ -21,14 +21,17 @@ from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
 from moeserve.router.transport.ray import RayTransport
 
 NAMESPACE = "test-controller"
-RESOURCES = GroupResources(num_cpus=0.1, torch_threads=torch.get_num_threads())
+RESOURCES = GroupResources(num_cpus=0.1, torch_threads=1)
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the groups (torch_threads=1): equal bits, no OpenMP pools spinning on 2 cores
     ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False, namespace=NAMESPACE)
     yield
     ray.shutdown()
+    torch.set_num_threads(threads)
 
 
 def _config(path: str, name: str, **overrides) -> ControllerConfig:

@@ -19,18 +19,21 @@ from moeserve.router.errors import ExpertsUnavailableError
 
 NAMESPACE = "test-expert-failures"
 NUM_REQUESTS, MAX_TOKENS = 32, 32
-RESOURCES = GroupResources(num_cpus=0.1, torch_threads=torch.get_num_threads())
+RESOURCES = GroupResources(num_cpus=0.1, torch_threads=1)
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the groups (torch_threads=1): equal bits, no OpenMP pools spinning on 2 cores
     ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False, namespace=NAMESPACE)
     yield
     ray.shutdown()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def model(hf_checkpoint):
+def model(ray_cluster, hf_checkpoint):
     """(checkpoint path, prompts, the undisturbed single-process outputs)."""
     path = str(hf_checkpoint("qwen3_moe"))
     g = torch.Generator().manual_seed(11)

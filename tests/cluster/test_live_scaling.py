@@ -26,10 +26,13 @@ NUM_REQUESTS, MAX_TOKENS, MAX_STEPS_PER_CHANGE = 32, 40, 4
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the groups (torch_threads=1): equal bits, no OpenMP pools spinning on 2 cores
     ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False,
              namespace="test-live-scaling")
     yield
     ray.shutdown()
+    torch.set_num_threads(threads)
 
 
 def _prompts(vocab: int) -> list[list[int]]:
@@ -64,7 +67,7 @@ def test_changes_under_load_lose_nothing(ray_cluster, hf_checkpoint):
     want = [o.new_token_ids for o in base.generate_batch(prompts, params)]
 
     cfg = ControllerConfig(weights=CheckpointWeights(path), num_experts=8, num_groups=2, name="live",
-                           namespace="test-live-scaling", resources=GroupResources(num_cpus=0.1, torch_threads=torch.get_num_threads()))
+                           namespace="test-live-scaling", resources=GroupResources(num_cpus=0.1, torch_threads=1))
     controller = start_controller(cfg)
     engine = _engine(path, ray_expert_backend(controller))
     dispatcher = engine.model.experts_backend

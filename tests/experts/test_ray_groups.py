@@ -22,15 +22,20 @@ from moeserve.router.transport.base import ReplicaFailure
 from moeserve.router.transport.ray import RayTransport
 
 ARCHS = ("deepseek_v3", "qwen3_moe", "mixtral")
-RESOURCES = GroupResources(num_cpus=0.1, torch_threads=torch.get_num_threads())
+# One BLAS thread in the trunk and in every group: bitwise-equal results need equal thread counts, and
+# on a 2-core machine several 2-thread OpenMP pools only spin against each other.
+RESOURCES = GroupResources(num_cpus=0.1, torch_threads=1)
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False,
              namespace="test-ray-groups")
     yield
     ray.shutdown()
+    torch.set_num_threads(threads)
 
 
 def _prompts(vocab: int) -> list[list[int]]:
