@@ -107,7 +107,10 @@ def embedded_expert_backend(model_path: str, *, transport: str = "ray", num_grou
         if not ray.is_initialized():
             ray.init(include_dashboard=False, namespace="moeserve")
         _, num_experts, _ = _model_layout(model)
-        res = resources or GroupResources(torch_threads=torch.get_num_threads())
+        gpus = ray.cluster_resources().get("GPU", 0)
+        # One GPU each when there are enough; else the groups share what there is (one GPU: all on it).
+        res = resources or GroupResources(num_gpus=min(1.0, gpus / num_groups) if gpus else 0.0,
+                                          torch_threads=torch.get_num_threads())
         cfg = ControllerConfig(weights=checkpoint_weights(model_path, model), num_experts=num_experts,
                                num_groups=num_groups, resources=res)
         controller = start_controller(cfg)
