@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUEST_PATH = [f"router/{m}.py" for m in (
-    "server", "validation", "auth", "tls", "status_codes", "client", "engine", "llm_engine", "scheduler",
+    "server", "servicer", "validation", "auth", "tls", "status_codes", "client", "engine", "llm_engine", "scheduler",
     "block_manager", "sequence", "sampler", "detokenizer", "model_runner", "config", "errors")]
 UNSAFE_MODULES = {"pickle", "cPickle", "dill", "marshal", "shelve", "importlib", "runpy"}
 UNSAFE_CALLS = {"eval", "exec", "compile", "__import__", "import_module", "loads"}

@@ -1,0 +1,251 @@
+"""The moeserve.v1.Inference servicer: Generate, GenerateStream and ModelInfo over one engine.
+
+One request's path: parse -> per-caller stream limit -> validation -> engine (with the call's
+deadline) -> responses. Whatever goes wrong becomes one status code through `status_codes`; a client
+that goes away closes the engine's iterator, which aborts the request and frees its KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import grpc
+
+from moeserve.router import status_codes
+from moeserve.router.auth import TokenSet, caller_identity
+from moeserve.router.errors import EngineStoppedError, InvalidRequestError, QueueFullError
+from moeserve.router.validation import Limits, ValidRequest, validate
+from moeserve.v1 import inference_pb2 as pb
+
+if TYPE_CHECKING:
+    from moeserve.router.server import ServerConfig
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "moeserve.v1.Inference"
+
+
+class TooManyStreamsError(QueueFullError):
+    """A caller already has its share of calls in flight (RESOURCE_EXHAUSTED, like a full queue)."""
+
+
+class _Malformed:
+    """Stands for request bytes that do not parse, so the handler can answer INVALID_ARGUMENT."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _safe_parser(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except Exception as exc:  # DecodeError, invalid UTF-8 in a string field ...
+            return _Malformed(type(exc).__name__)
+
+    return parse
+
+
+_FINISH = {name: pb.FinishReason.Value(name) for name in ("length", "stop", "eos", "cancelled")}
+
+
+def model_info(engine: Any, limits: Limits, dtype: str, model_name: str) -> pb.ModelInfoResponse:
+    """Describe the served model from the engine's ModelConfig (models/config.py) and the edge's limits."""
+    cfg = engine.model_config
+    moe = cfg.moe
+    return pb.ModelInfoResponse(
+        architecture=cfg.architectures[0] if cfg.architectures else "",
+        model_type=cfg.model_type,
+        vocab_size=limits.vocab_size,
+        context_length=limits.context_length,
+        num_experts=moe.n_routed_experts,
+        num_experts_per_tok=moe.num_experts_per_tok,
+        num_shared_experts=moe.n_shared_experts,
+        num_layers=cfg.num_hidden_layers,
+        num_moe_layers=len(moe.moe_layer_ids),
+        dtype=dtype,
+        model_name=model_name,
+        eos_token_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else 0,
+        max_prompt_tokens=limits.max_prompt_tokens,
+        max_tokens_limit=limits.max_tokens,
+        default_max_tokens=min(limits.default_max_tokens, limits.max_tokens),
+        max_stop_strings=limits.max_stop_strings,
+    )
+
+
+class InferenceServicer:
+    """Generate, GenerateStream and ModelInfo over one AsyncEngine."""
+
+    def __init__(self, engine: Any, limits: Limits, info: pb.ModelInfoResponse, config: ServerConfig,
+                 tokens: TokenSet | None = None, telemetry: Any = None):
+        self._engine = engine
+        self._telemetry = telemetry  # cluster.telemetry.Telemetry, or None: nothing recorded
+        self._limits = limits
+        self._info = info
+        self._config = config
+        self._tokens = tokens
+        self._streams: Counter[str] = Counter()  # calls in flight per caller
+        self._active: set[str] = set()  # engine request ids in flight
+        self._changed = asyncio.Condition()  # notified whenever a request enters the engine or leaves
+        self.draining = False
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def num_active(self) -> int:
+        """Requests in the engine now (admitted, iterator not yet closed)."""
+        return len(self._active)
+
+    async def wait_for(self, predicate) -> None:
+        """Return once `predicate()` holds; re-checked each time a request enters or leaves the engine."""
+        async with self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _release(self, caller: str, request_id: str | None) -> None:
+        self._streams[caller] -= 1
+        if self._streams[caller] <= 0:
+            del self._streams[caller]
+        if request_id is not None:
+            self._active.discard(request_id)
+            await self._notify()
+
+    def _encode(self, text: str) -> list[int]:
+        if self._engine.tokenizer is None:
+            raise InvalidRequestError("prompt", "this model has no tokenizer; send token_ids instead")
+        return list(self._engine.tokenizer.encode(text))
+
+    def _track(self, method: str, context: grpc.aio.ServicerContext) -> Any:
+        if self._telemetry is None:
+            return _NO_TRACKER
+        return self._telemetry.track_request(method, context.invocation_metadata())
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException, tracker: Any) -> None:
+        code, message = status_codes.to_status(exc)
+        tracker.end(code.name)
+        await context.abort(code, message)
+
+    # -- one request ------------------------------------------------------------------------------
+    async def _outputs(self, request: Any, context: grpc.aio.ServicerContext,
+                       tracker: Any) -> AsyncIterator[tuple[str, Any]]:
+        """Admit, validate and run one request; yields (request_id, RequestOutput) until it finishes."""
+        if isinstance(request, _Malformed):
+            raise InvalidRequestError("request", f"is not a valid moeserve.v1.GenerateRequest ({request.error})")
+        if self.draining:
+            raise EngineStoppedError("server is shutting down")
+        caller = caller_identity(context, self._tokens)
+        if self._streams[caller] >= self._config.max_streams_per_caller:
+            raise TooManyStreamsError(
+                f"{self._streams[caller]} calls in flight from this caller, the limit per caller"
+            )
+        self._streams[caller] += 1
+        request_id = None
+        try:
+            req: ValidRequest = validate(request, self._limits, self._encode)
+            if req.request_id in self._active:
+                raise InvalidRequestError("request_id", f"{req.request_id!r} is already in flight; use a unique id")
+            request_id = req.request_id
+            self._active.add(request_id)
+            tracker.admitted(request_id, len(req.prompt_token_ids))
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            stream = self._engine.generate(req.request_id, req.prompt_token_ids, req.params, deadline=deadline)
+            await self._notify()
+            finished = False
+            try:
+                async with contextlib.aclosing(stream):
+                    async for out in stream:
+                        finished = out.finished
+                        if finished and out.finish_reason == "cancelled" and deadline is not None \
+                                and time.monotonic() >= deadline:
+                            raise TimeoutError(f"request {request_id} passed its deadline")
+                        tracker.output(out)
+                        yield request_id, out
+            finally:
+                if not finished:  # cancelled, deadline, error: make sure the engine lets go of it
+                    with contextlib.suppress(Exception):
+                        self._engine.abort(request_id)
+        finally:
+            await self._release(caller, request_id)
+
+    @staticmethod
+    def _response(request_id: str, out: Any, token_ids: list[int], text: str) -> pb.GenerateResponse:
+        msg = pb.GenerateResponse(request_id=request_id, token_ids=token_ids, text=text)
+        if out.time_to_first_token is not None:
+            msg.time_to_first_token = out.time_to_first_token
+        if out.finished:
+            msg.finish_reason = _FINISH.get(out.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED)
+            msg.usage.prompt_tokens = out.prompt_tokens
+            msg.usage.completion_tokens = out.completion_tokens
+        return msg
+
+    # -- RPCs -------------------------------------------------------------------------------------
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        ids: list[int] = []
+        text: list[str] = []
+        last = rid = None
+        tracker = self._track("Generate", context)
+        try:
+            async with contextlib.aclosing(self._outputs(request, context, tracker)) as outputs:
+                async for rid, last in outputs:
+                    ids += last.new_token_ids
+                    text.append(last.new_text)
+        except Exception as exc:
+            await self._fail(context, exc, tracker)
+        except BaseException:  # the client went away (the call's task is cancelled)
+            tracker.end("CANCELLED")
+            raise
+        tracker.end()
+        return self._response(rid, last, ids, "".join(text))
+
+    async def GenerateStream(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        # context.write rather than an async generator: a client that cancels interrupts this very
+        # coroutine, so the engine's iterator is closed (KV freed) right here, not when a GC runs.
+        tracker = self._track("GenerateStream", context)
+        try:
+            async with contextlib.aclosing(self._outputs(request, context, tracker)) as outputs:
+                async for rid, out in outputs:
+                    await context.write(self._response(rid, out, out.new_token_ids, out.new_text))
+        except Exception as exc:
+            await self._fail(context, exc, tracker)
+        except BaseException:  # the client went away (the call's task is cancelled)
+            tracker.end("CANCELLED")
+            raise
+        tracker.end()
+
+    async def ModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
+        return self._info
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        parse = _safe_parser(pb.GenerateRequest)
+        out = pb.GenerateResponse.SerializeToString
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Generate": grpc.unary_unary_rpc_method_handler(self.Generate, parse, out),
+            "GenerateStream": grpc.unary_stream_rpc_method_handler(self.GenerateStream, parse, out),
+            "ModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.ModelInfo, pb.ModelInfoRequest.FromString, pb.ModelInfoResponse.SerializeToString),
+        })
+
+
+class _NoTracker:
+    """Stands in for cluster.telemetry.RequestTracker when telemetry is off."""
+
+    def admitted(self, request_id: str, prompt_tokens: int) -> None:
+        pass
+
+    def output(self, out: Any) -> None:
+        pass
+
+    def end(self, code: str | None = None) -> None:
+        pass
+
+
+_NO_TRACKER = _NoTracker()
