@@ -108,6 +108,7 @@ def default_config(num_tokens: int, num_experts: int, hidden: int, inter: int, t
                      GemmConfig(block_n=128, block_k=bk, num_warps=8, num_stages=stages), prequant=quant == "fp8")
 
 
+@functools.lru_cache(maxsize=4096)  # on every call's host path; MoeConfig is immutable
 def get_config(device_name: str, num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,
                quant: str = "bf16") -> MoeConfig:
     """The table's entry for this shape at the nearest token bucket, else `default_config`."""

@@ -15,6 +15,7 @@ def test_nearest_bucket_and_default(tmp_path, monkeypatch):
     (tmp_path / "Test_GPU.json").write_text(json.dumps({key: {"1": a.to_dict(), "256": b.to_dict()}}))
     monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
     configs.load_table.cache_clear()
+    configs.get_config.cache_clear()
     try:
         assert configs.get_config("Test GPU", 1, 128, 2048, 768, 8) == a
         assert configs.get_config("Test GPU", 8, 128, 2048, 768, 8) == a
@@ -23,6 +24,7 @@ def test_nearest_bucket_and_default(tmp_path, monkeypatch):
         assert other == configs.default_config(8, 64, 2048, 1408, 6)
     finally:
         configs.load_table.cache_clear()
+        configs.get_config.cache_clear()
 
 
 @pytest.mark.parametrize("quant", ["bf16", "fp8", "int8"])
