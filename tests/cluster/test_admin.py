@@ -100,3 +100,13 @@ def test_admin_needs_the_admin_token(cluster, capsys, monkeypatch):
 def test_admin_config_is_validated():
     with pytest.raises(ValueError, match="admin port: must be in 0..65535"):
         AdminConfig(port=70000)
+
+
+def test_admin_config_from_env(monkeypatch):
+    monkeypatch.setenv("MOESERVE_ADMIN_PORT", "0")
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "tok-aaaaaaaaaaaaaaaa, tok-bbbbbbbbbbbbbbbb")
+    cfg = AdminConfig.from_env()
+    assert cfg.port == 0 and cfg.host == "127.0.0.1" and cfg.tokens == ("tok-aaaaaaaaaaaaaaaa", "tok-bbbbbbbbbbbbbbbb")
+    monkeypatch.setenv("MOESERVE_ADMIN_PORT", "fifty")
+    with pytest.raises(ValueError, match="MOESERVE_ADMIN_PORT: must be a port number"):
+        AdminConfig.from_env()

@@ -77,3 +77,12 @@ def test_random_weights_do_not_depend_on_which_experts_load_together():
         src.load([6], "cpu")
     with pytest.raises(ValueError, match="dtype"):
         parse_dtype("int3")
+
+
+def test_group_resources_ask_ray_for_gpus_or_a_custom_resource():
+    from moeserve.experts.group import GroupResources
+
+    opts = GroupResources(num_cpus=0.5, num_gpus=0.25, custom_resource="moeserve_expert_{group}").actor_options(3)
+    assert opts == {"num_cpus": 0.5, "num_gpus": 0.25, "resources": {"moeserve_expert_3": 1}}
+    with pytest.raises(ValueError, match="torch_threads: must be >= 1"):
+        GroupResources(torch_threads=0)
