@@ -33,6 +33,10 @@ class ClusterSpec:
     dispatch_timeout_s: float = 2.0  # one send to an expert group; past it the group counts as stalled
     max_num_seqs: int = 32
     num_kv_blocks: int = 512
+    # BLAS threads of the trunk and of every group; the runner's process (the in-process trunk, the
+    # reference) uses the same, so results stay bitwise equal. 1 keeps several processes from
+    # spinning OpenMP pools against each other on a small machine.
+    torch_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.expert_groups < 1:
@@ -66,12 +70,14 @@ class EmbeddedCluster:
         from moeserve.models.config import ModelConfig
 
         spec = self.spec
+        if torch.get_num_threads() != spec.torch_threads:
+            raise ValueError(f"ClusterSpec.torch_threads is {spec.torch_threads} but this process runs "
+                             f"{torch.get_num_threads()}; use chaos.runner.torch_threads() around the run")
         num_experts = ModelConfig.from_dir(self.model_dir).moe.n_routed_experts
         config = ControllerConfig(
             weights=CheckpointWeights(self.model_dir, dtype="float32"), num_experts=num_experts,
             num_groups=spec.expert_groups, replicas_per_group=spec.replicas_per_group,
-            # The same BLAS threads as the trunk keep expert outputs bitwise equal to the reference's.
-            resources=GroupResources(torch_threads=torch.get_num_threads()),
+            resources=GroupResources(torch_threads=spec.torch_threads),
             name=self.name, health_interval_s=1.0, max_restarts=10_000, drain_timeout_s=60.0,
         )
         self.controller = await asyncio.to_thread(start_controller, config)
@@ -81,7 +87,7 @@ class EmbeddedCluster:
         if spec.trunk_worker:
             from moeserve.router.trunk import TrunkEngine
 
-            self.engine = TrunkEngine(engine_config)
+            self.engine = TrunkEngine(engine_config, torch_threads=spec.torch_threads)
         else:
             from moeserve.router.engine import AsyncEngine
 

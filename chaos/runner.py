@@ -36,6 +36,19 @@ def ray_running(num_cpus: int | None = None) -> Iterator[None]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def torch_threads(count: int = 1) -> Iterator[None]:
+    """Run this process's torch on `count` BLAS threads (as the cluster's trunk and groups), then restore."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 async def _inject(fault: Fault, cluster: EmbeddedCluster, load: LoadGenerator, count: int, warmup: int,
                   spacing: int, every_s: float | None, records: list[FaultRecord], errors: list[str]) -> None:
     """`count` faults: the first once `warmup` requests have completed; each next one `every_s` seconds
@@ -104,9 +117,9 @@ def run(scenarios: list[Scenario], workload: Workload, faults: int, model_dir: s
 
         model_dir = str(ensure_demo_model())
     prompts = workload.prompts(ModelConfig.from_dir(model_dir).vocab_size)
-    expected = reference_outputs(model_dir, prompts, workload.max_tokens)
     reports = []
-    with ray_running():
+    with torch_threads(1), ray_running():
+        expected = reference_outputs(model_dir, prompts, workload.max_tokens)
         for scenario in scenarios:
             log(f"chaos: {scenario.name}: {scenario.description}")
             report = asyncio.run(run_scenario(scenario, workload, faults, model_dir, prompts, expected, every_s))

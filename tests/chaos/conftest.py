@@ -1,25 +1,18 @@
-"""One real Ray instance for the chaos tests, started and shut down here (never `ray stop`)."""
+"""One real Ray instance for the chaos tests, started and shut down here (never `ray stop`).
+
+Fixtures that compute reference outputs depend on `ray_cluster` so they run on its one BLAS thread.
+"""
 
 from __future__ import annotations
-
-import shutil
-import tempfile
 
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray instance of our own (short temp dir: Ray's socket paths must stay short)."""
-    import ray
+    """A local Ray instance of our own per module, so the next module (or folder) can start its own."""
+    from moeserve.chaos.runner import ray_running, torch_threads
 
-    if ray.is_initialized():
-        yield ray
-        return
-    tmp = tempfile.mkdtemp(prefix="rch", dir="/tmp")
-    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+    # One BLAS thread here, as in the chaos cluster's trunk and groups (equal bits, no spinning pools).
+    with torch_threads(1), ray_running(num_cpus=2):
+        yield

@@ -16,7 +16,7 @@ FAULTS = 2
 
 
 @pytest.fixture(scope="module")
-def fault_free(demo_model_dir):
+def fault_free(ray_cluster, demo_model_dir):
     """The workload's prompts and their greedy outputs from an undisturbed single-process engine."""
     from moeserve.models.config import ModelConfig
 

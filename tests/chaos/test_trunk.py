@@ -19,7 +19,7 @@ def _config(model: str) -> EngineConfig:
 
 
 @pytest.fixture(scope="module")
-def reference(demo_model_dir):
+def reference(ray_cluster, demo_model_dir):
     """Greedy outputs (tokens, text) of every prompt with and without a stop string, in one process."""
     core = LLMEngine.from_config(_config(str(demo_model_dir)))
     plain = core.generate_batch(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
