@@ -79,6 +79,7 @@ class ChaosReport:
     duration_s: float
     mean_recovery_s: float | None
     problems: tuple[str, ...] = ()  # the first few requests that did not succeed, and fault errors
+    recoveries: tuple[str, ...] = ()  # per fault: target, time to recovery, what the fault did
 
     @property
     def ok(self) -> bool:
@@ -102,6 +103,8 @@ class ChaosReport:
             f"  p99 latency during faults {secs(self.p99_during_faults_s)}, "
             f"outside faults {secs(self.p99_without_faults_s)}, run {self.duration_s:.1f}s",
         ]
+        if self.recoveries:
+            lines.append(f"  each fault: {', '.join(self.recoveries)}")
         lines += [f"  ! {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -127,4 +130,5 @@ def build_report(scenario: str, outcomes: list[Outcome], expected: list[list[int
         fault_kinds=tuple(f.kind for f in faults), p99_during_faults_s=percentile(during, 99),
         p99_without_faults_s=percentile(outside, 99), duration_s=duration_s,
         mean_recovery_s=sum(recoveries) / len(recoveries) if recoveries else None, problems=tuple(problems),
+        recoveries=tuple(f"{f.target} {f.end - f.start:.1f}s" + (f" [{f.detail}]" if f.detail else "") for f in faults),
     )

@@ -47,6 +47,7 @@ def test_report_counts_and_splits_latency_by_fault_window():
     assert r.p99_during_faults_s == 7.5 and r.p99_without_faults_s == 1.0
     assert r.mean_recovery_s == 2.0 and not r.ok
     assert "FAIL" in r.format() and "request 2 mismatched" in r.format()
+    assert "each fault: g0r0 2.0s" in r.format()
 
 
 def test_clean_run_passes_and_fault_errors_fail_it():
