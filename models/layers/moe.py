@@ -68,6 +68,12 @@ class MoEBlock(nn.Module):
         if self.experts_backend is None:
             raise RuntimeError("no expert backend: load the model with load_experts=True or call set_expert_backend()")
         ids, weights = self.gate(x)
+        submit = getattr(self.experts_backend, "submit", None)
+        if self.has_shared and submit is not None:
+            # A backend that dispatches to expert groups returns at once; the shared experts run meanwhile.
+            pending = submit(self.layer_id, x, ids, weights)
+            shared = self.shared_experts(x)
+            return pending.wait() + shared
         out = self.experts_backend(self.layer_id, x, ids, weights)
         if self.has_shared:
             out = out + self.shared_experts(x)
