@@ -224,6 +224,16 @@ class PendingMoE:
 
     # --- waiting and combining -------------------------------------------------------------------
     def wait(self) -> torch.Tensor:
+        try:
+            self._collect()
+        except BaseException:
+            self.d.begin_step()  # the step failed: it is over, so a pending serving set can be adopted
+            raise
+        self.d._layer_done(self.layer_id)
+        return self._combine()
+
+    def _collect(self) -> None:
+        """Every send's rows into out_pairs, re-sending what failed or passed its deadline."""
         transport = self.d.transport
         while self.outstanding:
             now = time.monotonic()
@@ -248,8 +258,6 @@ class PendingMoE:
                     redo.extend(send.experts)
             if failures:
                 self._recover(redo, failures)
-        self.d._layer_done(self.layer_id)
-        return self._combine()
 
     def _combine(self) -> torch.Tensor:
         # kernels.reference.combine, with the weights already applied by the replicas.
@@ -303,7 +311,11 @@ class ExpertDispatcher:
     def submit(self, layer_id: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingMoE:
         """Send the layer's rows and return at once; the caller may run shared experts, then `wait()`."""
         self._enter_layer(layer_id)
-        return PendingMoE(self, layer_id, hidden, topk_ids, topk_weights, salt=self.step * 1009 + layer_id)
+        try:
+            return PendingMoE(self, layer_id, hidden, topk_ids, topk_weights, salt=self.step * 1009 + layer_id)
+        except BaseException:
+            self.begin_step()  # the step failed: it is over, so a pending serving set can be adopted
+            raise
 
     # --- epochs --------------------------------------------------------------------------------------
     def begin_step(self) -> None:
