@@ -25,3 +25,20 @@ def test_embedded_backend_arguments_are_checked():
         embedded_expert_backend("x", transport="nccl")
     with pytest.raises(ValueError, match="expert_groups: must be >= 1"):
         embedded_expert_backend("x", transport="local", num_groups=0)
+
+
+def test_serve_flags_build_the_expert_backend(hf_checkpoint):
+    from moeserve.cluster.cli import build_parser
+    from moeserve.cluster.cli.serve import engine_config
+
+    path = str(hf_checkpoint("mixtral"))
+    parse = build_parser().parse_args
+    plain = engine_config(parse(["serve", "--model", path]))
+    assert plain.expert_backend is None and plain.load_experts
+    grouped = engine_config(parse(["serve", "--model", path, "--expert-groups", "2", "--transport", "local",
+                                   "--num-kv-blocks", "32", "--block-size", "8"]))
+    assert grouped.expert_backend is not None and not grouped.load_experts
+    engine = LLMEngine.from_config(grouped)
+    assert len(engine.model.experts_backend.serving.placement.groups) == 2
+    with pytest.raises(ValueError, match="--expert-groups: must be >= 0"):
+        engine_config(parse(["serve", "--model", path, "--expert-groups", "-1"]))
