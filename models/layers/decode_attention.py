@@ -19,12 +19,19 @@ def is_decode_only(batch: AttentionBatch) -> bool:
 
 def gather_padded(cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
     """Every sequence's cached entries, padded to the longest context: [B, L, ...] (padding is masked)."""
-    bs = batch.block_size
-    longest = max(batch.context_lens)
-    blocks = batch.block_tables[:, : (longest + bs - 1) // bs].to(device=cache.device, dtype=torch.long)
-    offsets = torch.arange(bs, device=cache.device)
-    slots = (blocks[:, :, None] * bs + offsets).reshape(blocks.shape[0], -1)[:, :longest]
-    return cache.view(-1, *cache.shape[2:])[slots]
+    return cache.view(-1, *cache.shape[2:])[_padded_slots(batch, cache.device)]
+
+
+def _padded_slots(batch: AttentionBatch, device: torch.device) -> torch.Tensor:
+    """[B, L] cache slots of every sequence's context; computed once per step, shared by all layers."""
+    memo = batch.__dict__.setdefault("_decode_slots", {})
+    if device not in memo:
+        bs = batch.block_size
+        longest = max(batch.context_lens)
+        blocks = batch.block_tables[:, : (longest + bs - 1) // bs].to(device=device, dtype=torch.long)
+        offsets = torch.arange(bs, device=device)
+        memo[device] = (blocks[:, :, None] * bs + offsets).reshape(blocks.shape[0], -1)[:, :longest]
+    return memo[device]
 
 
 def decode_mask(batch: AttentionBatch, device: torch.device, sliding_window: int | None) -> torch.Tensor:
