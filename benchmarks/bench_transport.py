@@ -6,7 +6,8 @@ For each decode batch size T it times one MoE layer's routed experts, three ways
   ray    the dispatcher over N expert-group Ray actors (`ray` transport; rows through Ray calls).
 and prints microseconds per layer, the MoE-path tokens/s that allows (T / (layers x per-layer)),
 the physical limit (weight bytes of the experts the batch touches over the measured memory bandwidth)
-and the round trip of an empty actor call. Each time is the best of 5 runs. On CPU it also runs the engine end to end (output tokens/s,
+the round trip of an empty actor call, and an echo of the rows to N actors as tasks vs as one Ray
+Compiled Graph (the per-call cost without per-call submission). Each time is the best of 5 runs. On CPU it also runs the engine end to end (output tokens/s,
 in-process experts vs N Ray groups).
 
     python benchmarks/bench_transport.py                 # CPU: the demo model, 2 groups
@@ -18,6 +19,7 @@ in-process experts vs N Ray groups).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -154,6 +156,8 @@ def measure(args, source, spec, device, dtype) -> dict:
                 ray.get(actor.health.remote())
             res["empty_call_s"] = min(res["empty_call_s"], (time.perf_counter() - start) / 40)
         res["ray_counters"] = dict(remote.counters)
+        x, _, _ = cases[max(cases)]
+        res["probe"] = call_probe(args.groups, x.float().cpu().numpy())
         if args.engine:
             res["engine_tokens_per_s"] = engine_run(args, controller)
         remote.close()
@@ -166,6 +170,53 @@ def measure(args, source, spec, device, dtype) -> dict:
     res["bandwidth_Bps"] = bw
     res["limit_s"] = {t: int(torch.unique(ids).numel()) * per_expert / bw for t, (_, ids, _) in cases.items()}
     res["touched_experts"] = {t: int(torch.unique(ids).numel()) for t, (_, ids, _) in cases.items()}
+    return res
+
+
+@functools.cache
+def _echo_actor():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        def echo(self, x):
+            return x
+
+    return Echo
+
+
+def call_probe(groups: int, payload) -> dict[str, float]:
+    """Round trip of `groups` echo actors carrying `payload` (numpy): one task each vs one Ray Compiled
+    Graph execution (persistent channels), the remedy for the per-call cost measured above."""
+    import ray
+    from ray.dag import InputNode, MultiOutputNode
+
+    actors = [_echo_actor().remote() for _ in range(groups)]
+    ray.get([a.echo.remote(0) for a in actors])
+
+    def best(fn, n=100):
+        out = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            out = min(out, (time.perf_counter() - start) / n)
+        return out
+
+    res = {"tasks_s": best(lambda: ray.get([a.echo.remote(payload) for a in actors]))}
+    try:
+        with InputNode() as inp:
+            dag = MultiOutputNode([a.echo.bind(inp) for a in actors])
+        compiled = dag.experimental_compile()
+        try:
+            ray.get(compiled.execute(payload))
+            res["compiled_graph_s"] = best(lambda: ray.get(compiled.execute(payload)))
+        finally:
+            compiled.teardown()
+    except Exception as exc:  # noqa: BLE001 - an optional probe: report, do not fail the benchmark
+        res["compiled_graph_error"] = repr(exc)
+    for a in actors:
+        ray.kill(a)
     return res
 
 
@@ -207,6 +258,11 @@ def table(res: dict, spec: dict, tokens: list[int]) -> str:
                      f"{res['limit_s'][t] * 1e6:.1f} | {t / (L * lo * 1e-6):.0f} | {t / (L * r * 1e-6):.0f} |")
     lines.append(f"\nempty Ray actor call round trip: {res['empty_call_s'] * 1e6:.0f} µs; memory bandwidth measured: "
                  f"{res['bandwidth_Bps'] / 1e9:.0f} GB/s; MoE layers: {L}")
+    probe = res["probe"]
+    graph = (f"{probe['compiled_graph_s'] * 1e6:.0f} µs as one Ray Compiled Graph execution"
+             if "compiled_graph_s" in probe else f"compiled graph unavailable ({probe['compiled_graph_error']})")
+    lines.append(f"echo of the largest batch's rows to {spec['groups']} actors: {probe['tasks_s'] * 1e6:.0f} µs as "
+                 f"actor tasks, {graph}")
     if "engine_tokens_per_s" in res:
         e = res["engine_tokens_per_s"]
         lines.append(f"engine end to end (output tokens/s): in-process experts {e['local']:.0f}, "
