@@ -35,11 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"{__name__}.{name}")
+            module.register(sub)
         except ModuleNotFoundError as exc:
             if exc.name == f"{__name__}.{name}":
                 continue  # command not present in this build
+            if exc.name and not exc.name.startswith("moeserve"):
+                # an optional dependency (ray, ...) is not installed: that command is unavailable, while
+                # `serve` with the local transport still runs on a box with only torch and grpcio
+                logging.getLogger(__name__).debug("moeserve %s unavailable: no module %s", name, exc.name)
+                continue
             raise
-        module.register(sub)
     return parser
 
 
