@@ -181,9 +181,9 @@ async def _serve(args: argparse.Namespace) -> int:
     from moeserve.router.engine import AsyncEngine
 
     server_cfg = server_config(args)
-    engine_cfg = engine_config(args)
-    tel = telemetry(args)  # before the model loads: a metrics port in use fails fast
+    tel = telemetry(args)  # before the model is written or loaded: a metrics port in use fails fast
     try:
+        engine_cfg = engine_config(args)
         engine = _trunk_engine(engine_cfg) if args.trunk_worker else AsyncEngine.from_config(engine_cfg)
         server = InferenceServer(engine, server_cfg, model_name=os.path.basename(str(engine_cfg.model or "demo")),
                                  telemetry=tel)

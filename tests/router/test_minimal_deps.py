@@ -55,3 +55,14 @@ def test_serving_needs_no_ray_opentelemetry_health_or_reflection(tmp_path):
                          timeout=300, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "TOKENS 3" in run.stdout and "LOADED []" in run.stdout, run.stdout
+
+
+def test_metrics_flags_without_opentelemetry_fail_fast_with_a_clear_error(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(BLOCKER))
+    cli = "import sys; from moeserve.cluster.cli import main; sys.exit(main())"
+    run = subprocess.run([sys.executable, "-c", cli, "serve", "--port", "0", "--prometheus-port", "0"],
+                         capture_output=True, text=True, timeout=300,
+                         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "--prometheus-port/--otlp-endpoint need opentelemetry-sdk" in run.stderr
+    assert not (tmp_path / ".cache" / "moeserve").exists()  # refused before any model was written or loaded
