@@ -175,3 +175,27 @@ async def test_otlp_export_reaches_a_collector(demo_model_dir):
         assert {"ttft_seconds", "output_tokens", "kv_blocks_total", "step_seconds"} <= collector.metric_names
     finally:
         collector.server.stop(None)
+
+
+@pytest.mark.asyncio
+async def test_expert_load_is_counted_when_experts_are_dispatched_to_groups(demo_model_dir):
+    from moeserve.experts.backend import local_expert_backend
+
+    tel = Telemetry(TelemetryConfig(prometheus_port=0))
+    cfg = EngineConfig(model=str(demo_model_dir), max_num_seqs=2, max_num_batched_tokens=64, num_kv_blocks=KV_BLOCKS,
+                       expert_backend=local_expert_backend(str(demo_model_dir), num_groups=2), load_experts=False)
+    srv = InferenceServer(AsyncEngine.from_config(cfg), ServerConfig(port=0), telemetry=tel)
+    await srv.start()
+    try:
+        async with AsyncClient(srv.address) as client:
+            await client.generate(token_ids=[5, 6, 7, 8], max_tokens=3, ignore_eos=True)
+        dispatcher = srv.engine.core.model.experts_backend
+        assert dispatcher.telemetry is tel  # attached by the server
+        dispatcher.load.flush(tel, force=True)  # the dispatcher batches its counts for a second
+        load = {k: v for k, v in scrape(tel.prometheus_port).items() if k.startswith("moeserve_expert_tokens_total{")}
+        mc = srv.engine.model_config
+        # every token of the prompt and of the completion's first two steps went to top-k experts per MoE layer
+        assert sum(load.values()) == (4 + 2) * mc.moe.num_experts_per_tok * len(mc.moe.moe_layer_ids), load
+    finally:
+        await srv.stop(0)
+        tel.shutdown()
