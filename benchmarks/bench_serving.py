@@ -301,6 +301,17 @@ async def drive_server(port: int, name: str, args: argparse.Namespace) -> dict[i
             print(f"  moeserve {name} concurrency {c}: {s['output_token_throughput']:.1f} tok/s "
                   f"(TTFT p50 {s['ttft_ms']['p50']:.0f} ms, TPOT p50 {s['tpot_ms']['p50']:.1f} ms, "
                   f"{s['failed']} failed)", flush=True)
+        for rate in args.rates:  # open loop: Poisson arrivals, capped at the largest batch the engine runs
+            n = max(args.min_requests, int(rate * args.rate_seconds))
+            items, _ = bench.make_workload(n, prompt, out, seed=args.seed + 2, **limits)
+            cfg = bench.BenchConfig(num_requests=n, prompt_len=prompt, output_len=out, rate=rate,
+                                    concurrency=max(args.concurrency), seed=args.seed)
+            res = await bench.run(client, items, cfg)
+            s = results[f"rate{rate:g}"] = res["summary"]
+            print(f"  moeserve {name} Poisson {rate:g} req/s: {s['output_token_throughput']:.1f} tok/s "
+                  f"(TTFT p50/p99 {s['ttft_ms']['p50']:.0f}/{s['ttft_ms']['p99']:.0f} ms, "
+                  f"TPOT p50/p99 {s['tpot_ms']['p50']:.1f}/{s['tpot_ms']['p99']:.1f} ms, {s['failed']} failed)",
+                  flush=True)
     return results
 
 
@@ -400,6 +411,14 @@ def markdown(report: dict) -> str:
              "The floor is the fastest decode step the bandwidth allows: active weight bytes (dense part plus "
              "the experts a step touches, uniform routing) and KV bytes, over the measured bandwidth.", "",
              table(report), ""]
+    poisson = [(name, key[4:], v) for name, r in report["models"].items()
+               for key, v in r.get("moeserve", {}).items() if key.startswith("rate")]
+    if poisson:
+        lines += ["Open loop (Poisson arrivals):", "", "| model | req/s | output tok/s | TTFT p50 / p99 ms | "
+                  "TPOT p50 / p99 ms | failed |", "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {rate} | {v['output_token_throughput']:.1f} | {v['ttft_ms']['p50']:.0f} / "
+                  f"{v['ttft_ms']['p99']:.0f} | {v['tpot_ms']['p50']:.1f} / {v['tpot_ms']['p99']:.1f} | {v['failed']} |"
+                  for name, rate, v in poisson] + [""]
     for name, r in report["models"].items():
         lines += [f"- {name} {phase}: {r[phase]}" for phase in ("moeserve_error", "hf_error") if phase in r]
     return "\n".join(lines) + "\n"
@@ -458,6 +477,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=ints, default=[1, 16, 64], help="batch sizes / concurrency levels")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--rates", type=lambda t: [float(x) for x in t.split(",") if x], default=[],
+                   help="also run open-loop Poisson arrivals at these requests/s (default: none)")
+    p.add_argument("--rate-seconds", type=float, default=20.0, help="how long each Poisson run sends (default 20)")
     p.add_argument("--waves", type=int, default=2, help="requests per level = waves x concurrency (default 2)")
     p.add_argument("--min-requests", type=int, default=8)
     p.add_argument("--device", default="cuda")
@@ -478,6 +500,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.models, args.device, args.concurrency = ["tiny"], "cpu", [1, 2]
         args.prompt_len, args.output_len, args.max_model_len, args.min_requests = 16, 8, 64, 2
         args.bandwidth_gib, args.max_num_batched_tokens = 0.05, 256
+        args.rates, args.rate_seconds = [50.0], 0.1
     unknown = [m for m in args.models if m not in (*BENCH_MODELS, "tiny")]
     if unknown:
         p.error(f"unknown model {unknown}; choose from {BENCH_MODELS}")
