@@ -7,7 +7,9 @@ For each decode batch size T it times one MoE layer's routed experts, three ways
 and prints microseconds per layer, the MoE-path tokens/s that allows (T / (layers x per-layer)),
 the physical limit (weight bytes of the experts the batch touches over the measured memory bandwidth)
 the round trip of an empty actor call, and an echo of the rows to N actors as tasks vs as one Ray
-Compiled Graph (the per-call cost without per-call submission). Each time is the best of 5 runs. On CPU it also runs the engine end to end (output tokens/s,
+Compiled Graph (the per-call cost without per-call submission). Each time is the best of 5 runs.
+It also runs the engine end to end (output tokens/s, experts in-process vs in the N Ray groups): on
+CPU with the demo checkpoint, on GPU with a random-weight trunk of the same shape. On CPU it also runs the engine end to end (output tokens/s,
 in-process experts vs N Ray groups).
 
     python benchmarks/bench_transport.py                 # CPU: the demo model, 2 groups
@@ -126,6 +128,12 @@ def measure(args, source, spec, device, dtype) -> dict:
     full = source.load(list(range(E)), device)  # fused: the single-process path
     res["per_layer_s"]["fused"] = time_layers(
         lambda layer, x, ids, w: ops.fused_experts(x, full[layer][0], full[layer][1], ids, w), layers, cases, device, args.iters)
+    trunk = random_trunk(spec["hf"], device, dtype) if "hf" in spec else None
+    if trunk is not None:  # the whole engine, experts in-process: what `moeserve serve` runs by default
+        from moeserve.models.local_experts import LocalExperts
+
+        res["engine_tokens_per_s"] = {"local": trunk_tokens_per_s(args, trunk, LocalExperts(full), device)}
+        trunk.set_expert_backend(None)
     del full
     serving = local_serving_set(source, E, args.groups, device)
     local = ExpertDispatcher(StaticSource(serving), LocalTransport(), layers, num_experts=E)
@@ -159,7 +167,9 @@ def measure(args, source, spec, device, dtype) -> dict:
         probe_t = min(cases, key=lambda t: abs(t - 32))  # small enough for a compiled graph's default channel
         res["probe"] = call_probe(args.groups, cases[probe_t][0].float().cpu().numpy())
         res["probe"]["tokens"] = probe_t
-        if args.engine:
+        if trunk is not None:
+            res["engine_tokens_per_s"]["ray"] = trunk_tokens_per_s(args, trunk, remote, device)
+        elif args.engine:
             res["engine_tokens_per_s"] = engine_run(args, controller)
         remote.close()
         ray.get(controller.shutdown.remote())
@@ -247,6 +257,56 @@ def engine_run(args, controller) -> dict[str, float]:
     return out
 
 
+def random_trunk(hf: dict, device, dtype, seed: int = 0):
+    """The trunk of HF config `hf` (routed experts excluded) with seeded random weights made on `device`."""
+    import torch
+
+    from moeserve.models.config import ModelConfig
+    from moeserve.models.registry import model_class
+
+    cfg = ModelConfig.from_hf(hf)
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for name, meta in model.state_dict().items():
+        router = name.endswith((".gate.weight", ".gate.e_score_correction_bias"))  # float32, as the loader keeps them
+        t = torch.empty(meta.shape, dtype=torch.float32 if router else dtype, device=device)
+        if name.endswith("norm.weight"):
+            t.fill_(1.0)
+        elif name.endswith("bias"):
+            t.zero_()
+        else:
+            t.normal_(0.0, 0.02, generator=gen)
+        state[name] = t
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.requires_grad_(False).eval()
+
+
+def trunk_tokens_per_s(args, model, backend, device) -> float:
+    """Output tokens/s of the engine over `model` with `backend` as its experts (random prompts, no eos)."""
+    import torch
+
+    from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
+
+    model.set_expert_backend(backend)
+    cfg = EngineConfig(device=str(device), dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                       num_kv_blocks=args.requests * 8, block_size=16, max_num_seqs=args.requests, load_experts=False)
+    engine = LLMEngine(cfg, model)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(0, vocab, (64,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(args.requests)]
+    engine.generate_batch(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    best = 0.0
+    for _ in range(2):
+        sync(device)
+        start = time.perf_counter()
+        outs = engine.generate_batch(prompts, SamplingParams(max_tokens=args.new_tokens, ignore_eos=True))
+        sync(device)
+        best = max(best, sum(len(o.new_token_ids) for o in outs) / (time.perf_counter() - start))
+    return best
+
+
 def table(res: dict, spec: dict, tokens: list[int]) -> str:
     L = len(spec["moe_layers"])
     per = res["per_layer_s"]
@@ -279,8 +339,8 @@ def main() -> int:
     p.add_argument("--tokens", default=None, help="decode batch sizes (default 1,8,32,128 on GPU; 1,8,32 on CPU)")
     p.add_argument("--iters", type=int, default=None,
                    help="timed steps per run, best of 5 runs per batch size (default 20 GPU, 10 CPU)")
-    p.add_argument("--requests", type=int, default=16, help="CPU engine run: concurrent requests (default 16)")
-    p.add_argument("--new-tokens", type=int, default=32, help="CPU engine run: tokens per request (default 32)")
+    p.add_argument("--requests", type=int, default=16, help="engine run: concurrent requests (default 16)")
+    p.add_argument("--new-tokens", type=int, default=32, help="engine run: tokens per request (default 32)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads here and in the groups (default: 1 on CPU, so that a shared "
                         "machine's other work does not stall OpenMP barriers; torch's default on GPU)")
@@ -305,7 +365,11 @@ def main() -> int:
             p.error("--gpu: no CUDA device here")
         device, dtype = torch.device("cuda"), torch.bfloat16
         layers = tuple(range(V2_LITE["first_dense"], args.layers))
-        spec = dict(V2_LITE, moe_layers=layers, groups=args.groups, model="random DeepSeek-V2-Lite-shaped experts (bf16)")
+        from moeserve.models.demo_presets import PRESETS
+
+        hf = dict(PRESETS["deepseek-v2-lite"], num_hidden_layers=args.layers)
+        spec = dict(V2_LITE, moe_layers=layers, groups=args.groups, hf=hf,
+                    model=f"random DeepSeek-V2-Lite-shaped model (bf16, {args.layers} layers)")
         source = RandomWeights(layers, V2_LITE["hidden"], V2_LITE["inter"], V2_LITE["experts"], dtype="bfloat16")
     else:
         from moeserve.models.config import ModelConfig
@@ -324,7 +388,7 @@ def main() -> int:
     print(table(res, spec, args.tokens))
     out = Path(args.out_dir) / "bench_transport.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"spec": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()},
+    out.write_text(json.dumps({"spec": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items() if k != "hf"},
                                "device": where, **res}, indent=2, default=str))
     print(f"wrote {out}")
     return 0
