@@ -306,6 +306,9 @@ class ExpertController:
             rec.restarts.append(now)
             rec.incarnation += 1
             rec.state, rec.handle = RESTARTING, None
+            # Persisted before the actor exists: a controller restarted mid-spawn then looks for this
+            # incarnation's actor and never starts another under the same (taken) name.
+            self._persist()
             try:
                 await self._spawn(rec)
                 await self._catch_up(rec)

@@ -22,6 +22,8 @@ class _RayPending(Pending):
         self.replica_id, self.ref, self.device = replica_id, ref, device
 
     def result(self) -> torch.Tensor:
+        if self.ref is None:
+            raise ReplicaFailure(self.replica_id, "dead", "no live actor (the controller is restoring it)")
         try:
             wire = ray.get(self.ref, timeout=0)
         except RayActorError as exc:  # ActorDiedError, ActorUnavailableError
@@ -40,11 +42,15 @@ class RayTransport(Transport):
     name = "ray"
 
     def send(self, replica_id: str, handle, batch: ExpertBatch, device: torch.device) -> Pending:
-        return _RayPending(replica_id, handle.run.remote(batch.to_wire()), device)
+        # A recovered controller serves a replica whose actor it did not find with no handle: a dead send.
+        ref = None if handle is None else handle.run.remote(batch.to_wire())
+        return _RayPending(replica_id, ref, device)
 
     def wait(self, pending: list[Pending], timeout_s: float) -> list[Pending]:
-        if not pending:
-            return []
-        by_ref = {p.ref: p for p in pending}
-        ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=max(0.0, timeout_s), fetch_local=True)
-        return [by_ref[r] for r in ready]
+        dead = [p for p in pending if p.ref is None]
+        by_ref = {p.ref: p for p in pending if p.ref is not None}
+        if not by_ref:
+            return dead
+        timeout = 0.0 if dead else max(0.0, timeout_s)  # a dead send is done now: do not block on the rest
+        ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=timeout, fetch_local=True)
+        return dead + [by_ref[r] for r in ready]
