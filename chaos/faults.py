@@ -46,9 +46,15 @@ async def _wait_restarted(cluster: EmbeddedCluster, replica_id: str, incarnation
     observer = f"chaos-observer-{uuid.uuid4().hex[:6]}"
     controller = cluster.controller
     try:
-        serving = await controller.snapshot.remote()
-        while serving.incarnations.get(replica_id, -1) <= incarnation:
-            newer = await controller.watch.remote(observer, serving.epoch, _WATCH_S)
+        serving = None
+        while serving is None or serving.incarnations.get(replica_id, -1) <= incarnation:
+            try:
+                if serving is None:
+                    serving = await controller.snapshot.remote()
+                    continue
+                newer = await controller.watch.remote(observer, serving.epoch, _WATCH_S)
+            except RayActorError:  # the controller itself is restarting; Ray holds the next call
+                continue
             serving = newer if newer is not None else serving
     finally:
         controller.forget_dispatcher.remote(observer)
@@ -63,6 +69,23 @@ class KillExpertGroup(Fault):
         rid, incarnation, handle = await _next_replica(cluster, self.count)
         start = time.monotonic()
         ray.kill(handle, no_restart=True)
+        await _wait_restarted(cluster, rid, incarnation)
+        return self._record(rid, start)
+
+
+class KillControllerMidRestart(Fault):
+    """Kill a replica, have the controller start replacing it, and kill the controller mid-restart;
+    recovered when the restarted controller serves the replica's newer incarnation."""
+
+    kind = "kill-controller-mid-restart"
+
+    async def inject(self, cluster, load):
+        rid, incarnation, handle = await _next_replica(cluster, self.count)
+        start = time.monotonic()
+        ray.kill(handle, no_restart=True)
+        # Returns once the controller has begun the restart (weights loading in a new actor for a while).
+        await cluster.controller.report_failures.remote({rid: (incarnation, "dead")})
+        ray.kill(cluster.controller, no_restart=False)
         await _wait_restarted(cluster, rid, incarnation)
         return self._record(rid, start)
 

@@ -6,7 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .cluster import ClusterSpec
-from .faults import DrainDuringBurst, Fault, KillController, KillExpertGroup, KillTrunk, SlowTransport, StallExpertGroup
+from .faults import (DrainDuringBurst, Fault, KillController, KillControllerMidRestart, KillExpertGroup, KillTrunk,
+                     SlowTransport, StallExpertGroup)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              ClusterSpec(trunk_worker=True), KillTrunk),
     Scenario("kill-controller", "kill the controller actor; Ray restarts it and it recovers its state",
              ClusterSpec(), KillController),
+    Scenario("kill-controller-mid-restart", "kill a group, then the controller while it restarts the group",
+             ClusterSpec(), KillControllerMidRestart),
     Scenario("slow-transport", "every send to the expert groups takes 50 ms longer for a while",
              ClusterSpec(slow_transport=True), lambda: SlowTransport(delay_s=0.05, hold_requests=4)),
     Scenario("drain-during-burst", "add a replica, send a burst, and drain the old replica meanwhile",
