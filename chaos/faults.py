@@ -42,20 +42,26 @@ async def _next_replica(cluster: EmbeddedCluster, n: int) -> tuple[str, int, obj
 
 
 async def _wait_restarted(cluster: EmbeddedCluster, replica_id: str, incarnation: int) -> None:
-    """Until the controller serves `replica_id` at a newer incarnation (long polls, no sleeping)."""
+    """Until the controller serves `replica_id` at a newer incarnation whose actor answers (long polls,
+    no sleeping); a restarting controller or a served actor that is gone just means: keep watching."""
     observer = f"chaos-observer-{uuid.uuid4().hex[:6]}"
     controller = cluster.controller
     try:
         serving = None
-        while serving is None or serving.incarnations.get(replica_id, -1) <= incarnation:
+        while True:
             try:
                 if serving is None:
                     serving = await controller.snapshot.remote()
-                    continue
-                newer = await controller.watch.remote(observer, serving.epoch, _WATCH_S)
-            except RayActorError:  # the controller itself is restarting; Ray holds the next call
-                continue
-            serving = newer if newer is not None else serving
+                handle = serving.handles.get(replica_id)
+                if serving.incarnations.get(replica_id, -1) > incarnation and handle is not None:
+                    try:
+                        await handle.health.remote()
+                        return
+                    except RayActorError:
+                        pass  # served but gone: the controller replaces it at a newer epoch
+                serving = await controller.watch.remote(observer, serving.epoch, _WATCH_S) or serving
+            except RayActorError:  # the controller is restarting; Ray holds the next call until it is back
+                serving = None
     finally:
         controller.forget_dispatcher.remote(observer)
 
