@@ -1,0 +1,144 @@
+"""The autoscaler on a live cluster: every `interval_s`, observe, run the policy, carry out its decision.
+
+Observation is the controller's `status()` (replicas, busy share, per-expert load) plus the trunk's
+report; the decision comes from the same pure, limited policy the simulator replays; the effects go
+through the controller's live-scaling path (`scale`, which adds replicas or drains them without
+failing a request, and `replicate_expert`). A change runs in the background: the loop never waits
+for a replica to start (that may take a new node), and a group with a change in flight gets no
+second one until the first is done. Every decision that changes something is logged with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+
+from .autoscaler import Autoscaler
+from .config import AutoscalingConfig
+from .decisions import Decision
+from .live import TrunkSnapshot, group_id_of, signals_from_status
+from .signals import Signals
+
+log = logging.getLogger("moeserve.autoscaler")
+
+
+@dataclass(frozen=True, slots=True)
+class ScalingEvent:
+    """One line of the autoscaler's log: when, what, and why."""
+
+    at_s: float
+    kind: str  # "decision", "done", "failed", "skipped"
+    unit: str
+    message: str
+
+
+class AutoscaleRunner:
+    """Runs the configured policy against `controller` (an ExpertController actor handle)."""
+
+    def __init__(
+        self,
+        controller,
+        config: AutoscalingConfig,
+        *,
+        trunk: Callable[[], TrunkSnapshot] | None = None,
+        scale_trunk: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        status_timeout_s: float = 30.0,
+    ):
+        self.controller = controller
+        self.config = config
+        self.autoscaler = Autoscaler(config)
+        self.trunk = trunk
+        self.scale_trunk = scale_trunk
+        self.clock = clock
+        self.status_timeout_s = status_timeout_s
+        self.events: deque[ScalingEvent] = deque(maxlen=1000)
+        self._in_flight: dict[str, tuple[ray.ObjectRef, str]] = {}  # unit -> (call, what it was asked)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # --- one policy run ---------------------------------------------------------------------------
+    def observe(self) -> Signals:
+        status = ray.get(self.controller.status.remote(), timeout=self.status_timeout_s)
+        trunk = self.trunk() if self.trunk else None
+        return signals_from_status(status, self.clock(), self.config.window_s, trunk)
+
+    def tick(self) -> Decision:
+        """Observe, decide, act; returns the decision. Never waits for a change to finish."""
+        self._reap()
+        signals = self.observe()
+        decision = self.autoscaler.decide(signals)
+        for line in decision.changes(signals):
+            self._event("decision", line.split(" ", 1)[0], line)
+        self._act(decision, signals)
+        return decision
+
+    def _act(self, decision: Decision, signals: Signals) -> None:
+        for name, target in decision.groups.items():
+            if target.replicas == signals.groups[name].target:
+                continue
+            if name in self._in_flight:
+                self._event("skipped", name, f"{name} -> {target.replicas} waits: '{self._in_flight[name][1]}' still running")
+                continue
+            ref = self.controller.scale.remote(group_id_of(name), target.replicas)
+            self._in_flight[name] = (ref, f"scale {name} to {target.replicas}")
+        if decision.trunk.replicas != signals.trunk.target and self.scale_trunk is not None:
+            self.scale_trunk(decision.trunk.replicas)
+        for expert in sorted(set(decision.redundant) - set(signals.redundant)):
+            unit = f"e{expert}"
+            if unit not in self._in_flight:
+                self._in_flight[unit] = (self.controller.replicate_expert.remote(expert), f"replicate expert {expert}")
+        for expert in sorted(set(signals.redundant) - set(decision.redundant)):
+            # The controller has no call that removes an extra home yet; the copy stays until a drain.
+            self._event("skipped", f"e{expert}", f"extra copy of expert {expert} kept: the controller cannot remove one")
+
+    def _reap(self) -> None:
+        """Log the changes that finished since the last run."""
+        for unit, (ref, what) in list(self._in_flight.items()):
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                continue
+            del self._in_flight[unit]
+            try:
+                result = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - a failed change is logged; the next run decides again
+                self._event("failed", unit, f"{what} failed: {exc}", logging.WARNING)
+            else:
+                self._event("done", unit, f"{what} done: {result}")
+
+    def _event(self, kind: str, unit: str, message: str, level: int = logging.INFO) -> None:
+        self.events.append(ScalingEvent(self.clock(), kind, unit, message))
+        log.log(level, "autoscale %s: %s", kind, message)
+
+    @property
+    def busy(self) -> bool:
+        """True while a change is still running."""
+        return bool(self._in_flight)
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Run the policy every interval_s until `stop()`; one failed run is logged, not fatal."""
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the loop outlives one bad observation
+                log.exception("autoscale: policy run failed")
+            self._stop.wait(self.config.interval_s)  # the policy period, not a synchronisation
+
+    def start(self) -> AutoscaleRunner:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run, name="moeserve-autoscaler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
