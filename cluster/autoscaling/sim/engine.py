@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,79 +20,8 @@ from ..decisions import TRUNK, Decision
 from ..policy import PolicyContext
 from ..signals import GroupSignals, LatencySummary, Signals
 from .model import ClusterModel
+from .results import Bucket, SimResult, Unit
 from .trace import Trace
-
-
-@dataclass
-class _Unit:
-    """Replicas of one scaled unit: serving now, starting (ready times), draining."""
-
-    ready: int
-    gpus: int
-    startup_s: float
-    pending: list[float] = field(default_factory=list)
-    draining: int = 0
-
-    @property
-    def target(self) -> int:
-        return self.ready + len(self.pending)
-
-    @property
-    def billed(self) -> int:
-        return self.ready + len(self.pending) + self.draining
-
-    def promote(self, now: float) -> bool:
-        before = len(self.pending)
-        self.pending = [t for t in self.pending if t > now + 1e-9]
-        self.ready += before - len(self.pending)
-        return before != len(self.pending)
-
-    def scale(self, target: int, now: float, drain: bool) -> None:
-        if target > self.target:
-            self.pending.extend([now + self.startup_s] * (target - self.target))
-            self.pending.sort()
-            return
-        remove = self.target - target
-        while remove and self.pending:  # cancel the starts asked for last
-            self.pending.pop()
-            remove -= 1
-        self.ready -= remove
-        if drain:
-            self.draining += remove
-
-
-@dataclass
-class _Bucket:
-    """Measurements over one policy interval."""
-
-    start: float
-    arrivals: int = 0
-    trunk_busy: float = 0.0
-    group_busy: np.ndarray | None = None
-    rows: np.ndarray | None = None
-    ttft: list[float] = field(default_factory=list)
-    tpot: list[float] = field(default_factory=list)
-    waits: list[float] = field(default_factory=list)
-    tokens: float = 0.0
-
-
-@dataclass
-class SimResult:
-    """What one replay produced."""
-
-    label: str
-    ttft_s: np.ndarray  # per request (nan: never got a first token)
-    tpot_s: np.ndarray  # per request (nan: never finished)
-    in_slo: np.ndarray  # bool per request
-    gpu_hours: float
-    duration_s: float
-    timeline: dict[str, np.ndarray]  # sampled every interval
-    decisions: list[tuple[float, str]]  # (time, "unit a -> b: reason")
-    peak: dict[str, int]  # largest target per unit over the replay
-
-    @property
-    def slo_attainment(self) -> float:
-        return float(self.in_slo.mean()) if self.in_slo.size else 1.0
 
 
 class Simulation:
@@ -129,8 +57,8 @@ class Simulation:
         missing = {TRUNK, *self.names} - set(start)
         if missing:
             raise ValueError(f"static replicas missing for {sorted(missing)}")
-        self.trunk = _Unit(start[TRUNK], model.trunk.gpus_per_replica, model.trunk.startup_s)
-        self.groups = {g: _Unit(start[g], eg.gpus_per_replica, eg.startup_s) for g in self.names}
+        self.trunk = Unit(start[TRUNK], model.trunk.gpus_per_replica, model.trunk.startup_s)
+        self.groups = {g: Unit(start[g], eg.gpus_per_replica, eg.startup_s) for g in self.names}
         self.home = np.zeros(m.experts, dtype=int)
         for gi, g in enumerate(self.names):
             self.home[list(self.placement[g])] = gi
@@ -195,7 +123,7 @@ class Simulation:
         clock = 0.0
         gpu_s = 0.0
         bucket = self._new_bucket(0.0)
-        buckets: list[_Bucket] = []
+        buckets: list[Bucket] = []
         next_decision = self.interval_s
         timeline: dict[str, list] = {k: [] for k in ("t", "arrivals_per_s", "tokens_per_s", "queue", "running", "trunk", "trunk_ready", "gpus")}
         for g in self.names:
@@ -349,11 +277,11 @@ class Simulation:
         )
 
     # ---------------------------------------------------------------- helpers
-    def _new_bucket(self, start: float) -> _Bucket:
+    def _new_bucket(self, start: float) -> Bucket:
         m = self.model.model
-        return _Bucket(start=start, group_busy=np.zeros(len(self.names)), rows=np.zeros((m.layers, m.experts)))
+        return Bucket(start=start, group_busy=np.zeros(len(self.names)), rows=np.zeros((m.layers, m.experts)))
 
-    def _record_tpot(self, bucket: _Bucket, idx: np.ndarray) -> None:
+    def _record_tpot(self, bucket: Bucket, idx: np.ndarray) -> None:
         if idx.size:
             out = self.trace.output_tokens[idx]
             bucket.tpot.extend(((self.done_t[idx] - self.first_t[idx]) / np.maximum(out - 1, 1)).tolist())
@@ -365,7 +293,7 @@ class Simulation:
             for _, e, gi in ready:
                 self.redundant.setdefault(e, []).append(gi)
 
-    def _signals(self, now: float, buckets: list[_Bucket], queue: int, oldest: float, running: int) -> Signals:
+    def _signals(self, now: float, buckets: list[Bucket], queue: int, oldest: float, running: int) -> Signals:
         span = min(self.window_s, max(now, 1e-9))
         busy = sum(b.trunk_busy for b in buckets) / span
         gbusy = sum(b.group_busy for b in buckets) / span
@@ -442,7 +370,7 @@ class Simulation:
                 taken.add(gi)
                 used[gi] += 1
 
-    def _sample(self, timeline: dict, now: float, bucket: _Bucket, queue: int, running: int) -> None:
+    def _sample(self, timeline: dict, now: float, bucket: Bucket, queue: int, running: int) -> None:
         span = max(now - bucket.start, 1e-9)
         timeline["t"].append(now)
         timeline["arrivals_per_s"].append(bucket.arrivals / span)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import SimResult
+from .results import SimResult
 
 
 class PlotUnavailable(RuntimeError):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import AutoscalingConfig
-from .engine import SimResult, simulate, simulate_static
+from .engine import simulate, simulate_static
 from .model import ClusterModel
+from .results import SimResult
 from .trace import Trace
 
 
