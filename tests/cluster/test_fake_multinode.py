@@ -138,7 +138,9 @@ def _wait_until(predicate, timeout_s: float, what: str, runner: AutoscaleRunner,
     while not predicate():
         if time.monotonic() > deadline:
             events = "\n".join(f"  {e.kind}: {e.message}" for e in runner.events)
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}; autoscaler events:\n{events}")
+            nodes = [(n["NodeID"][-5:], n["Alive"], n["Resources"].get(RESOURCE)) for n in ray.nodes()]
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}; nodes {nodes}; "
+                                 f"autoscaler events:\n{events}")
         if work is not None:
             work()
         else:
@@ -154,6 +156,8 @@ def fake_cluster(monkeypatch):
         ray.init(address=cluster.address, namespace=NAMESPACE, logging_level=logging.WARNING)
         yield cluster
     finally:
+        for line in cluster.autoscaler_events():
+            log.info("ray autoscaler: %s", line)
         ray.shutdown()
         cluster.stop()
 
