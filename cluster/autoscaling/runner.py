@@ -60,6 +60,7 @@ class AutoscaleRunner:
         self.status_timeout_s = status_timeout_s
         self.events: deque[ScalingEvent] = deque(maxlen=1000)
         self._in_flight: dict[str, tuple[ray.ObjectRef, str]] = {}  # unit -> (call, what it was asked)
+        self._said: dict[str, str] = {}  # unit -> last repeated message logged
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -74,29 +75,37 @@ class AutoscaleRunner:
         self._reap()
         signals = self.observe()
         decision = self.autoscaler.decide(signals)
-        for line in decision.changes(signals):
-            self._event("decision", line.split(" ", 1)[0], line)
         self._act(decision, signals)
         return decision
 
     def _act(self, decision: Decision, signals: Signals) -> None:
+        lines = {line.split(" ", 1)[0]: line for line in decision.changes(signals)}
         for name, target in decision.groups.items():
             if target.replicas == signals.groups[name].target:
                 continue
             if name in self._in_flight:
-                self._event("skipped", name, f"{name} -> {target.replicas} waits: '{self._in_flight[name][1]}' still running")
+                # Said once when the change started; the next run decides again once it is done.
+                log.debug("autoscale: %s waits for '%s'", lines[name], self._in_flight[name][1])
                 continue
+            self._event("decision", name, lines[name])
             ref = self.controller.scale.remote(group_id_of(name), target.replicas)
             self._in_flight[name] = (ref, f"scale {name} to {target.replicas}")
-        if decision.trunk.replicas != signals.trunk.target and self.scale_trunk is not None:
-            self.scale_trunk(decision.trunk.replicas)
+        if decision.trunk.replicas != signals.trunk.target:
+            if self.scale_trunk is not None:
+                self._event("decision", "trunk", lines["trunk"])
+                self.scale_trunk(decision.trunk.replicas)
+            else:
+                self._once("trunk", f"trunk target {decision.trunk.replicas} not carried out: no trunk scaler attached "
+                                    f"({decision.trunk.reason})")
+        if "redundant" in lines:
+            self._once("redundant", lines["redundant"], kind="decision")
         for expert in sorted(set(decision.redundant) - set(signals.redundant)):
             unit = f"e{expert}"
             if unit not in self._in_flight:
                 self._in_flight[unit] = (self.controller.replicate_expert.remote(expert), f"replicate expert {expert}")
         for expert in sorted(set(signals.redundant) - set(decision.redundant)):
             # The controller has no call that removes an extra home yet; the copy stays until a drain.
-            self._event("skipped", f"e{expert}", f"extra copy of expert {expert} kept: the controller cannot remove one")
+            self._once(f"e{expert}", f"extra copy of expert {expert} kept: the controller cannot remove one")
 
     def _reap(self) -> None:
         """Log the changes that finished since the last run."""
@@ -111,6 +120,12 @@ class AutoscaleRunner:
                 self._event("failed", unit, f"{what} failed: {exc}", logging.WARNING)
             else:
                 self._event("done", unit, f"{what} done: {result}")
+
+    def _once(self, unit: str, message: str, kind: str = "skipped") -> None:
+        """An event that would repeat every run while nothing changes: logged when it first differs."""
+        if self._said.get(unit) != message:
+            self._said[unit] = message
+            self._event(kind, unit, message)
 
     def _event(self, kind: str, unit: str, message: str, level: int = logging.INFO) -> None:
         self.events.append(ScalingEvent(self.clock(), kind, unit, message))
