@@ -88,8 +88,21 @@ def _start_admin(controller):
     return server
 
 
+def _start_autoscaler(controller, config):
+    """The autoscaling policy (cluster/autoscaling) running on the controller's live metrics."""
+    import atexit
+
+    from moeserve.cluster.autoscaling.runner import AutoscaleRunner
+
+    runner = AutoscaleRunner(controller, config).start()
+    atexit.register(runner.stop)
+    print(f"moeserve: autoscaling expert groups with the {config.policy} policy every {config.interval_s:g}s",
+          flush=True)
+    return runner
+
+
 def embedded_expert_backend(model_path: str, *, transport: str = "ray", num_groups: int = 2,
-                            resources: GroupResources | None = None) -> Callable:
+                            resources: GroupResources | None = None, autoscaling=None) -> Callable:
     """Factory for `moeserve serve --expert-groups N --transport T`: `ray` starts (or joins) Ray here, the
     controller and its N expert-group actors; `local` runs N in-process groups."""
     if transport not in ("local", "ray"):
@@ -116,6 +129,7 @@ def embedded_expert_backend(model_path: str, *, transport: str = "ray", num_grou
         controller = start_controller(cfg)
         dispatcher = ray_expert_backend(controller)(model)
         dispatcher.admin = _start_admin(controller)
+        dispatcher.autoscaler = _start_autoscaler(controller, autoscaling) if autoscaling is not None else None
         return dispatcher
 
     return make

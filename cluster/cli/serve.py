@@ -43,6 +43,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trunk-worker", action="store_true",
                    help="run the trunk (model, KV cache, scheduler) in its own process, a Ray actor that the edge "
                         "restarts if it dies, resubmitting the requests in flight")
+    g.add_argument("--autoscaling-policy", metavar="FILE", default=None,
+                   help="scale the expert groups with this policy YAML (docs/autoscaling.md; needs --transport ray)")
     g.add_argument("--transport", choices=("local", "ray"), default=None,
                    help="how the trunk reaches the expert groups: local (in-process) or ray (actors; "
                         "the default when --expert-groups is given)")
@@ -77,11 +79,19 @@ def _expert_backend(args: argparse.Namespace, model: str | None):
     groups, transport = getattr(args, "expert_groups", 0), getattr(args, "transport", None)
     if groups < 0:
         raise ValueError(f"--expert-groups: must be >= 0, got {groups}")
-    if not groups and transport is None:
+    policy = getattr(args, "autoscaling_policy", None)
+    if not groups and transport is None and policy is None:
         return None
     from moeserve.experts.backend import embedded_expert_backend
 
-    return embedded_expert_backend(model, transport=transport or "ray", num_groups=groups or 2)
+    autoscaling = None
+    if policy is not None:
+        from moeserve.cluster.autoscaling import load_config
+
+        if transport == "local":
+            raise ValueError("--autoscaling-policy: needs --transport ray (local groups cannot be scaled)")
+        autoscaling = load_config(policy)  # a ConfigError names the field and its allowed range
+    return embedded_expert_backend(model, transport=transport or "ray", num_groups=groups or 2, autoscaling=autoscaling)
 
 
 def _demo_model_dir() -> str | None:
