@@ -1,11 +1,12 @@
-"""The trunk worker: the engine (model trunk, KV cache, scheduler) in its own process, behind the edge.
+"""The trunk worker, edge side: the engine (model trunk, KV cache, scheduler) runs in its own process.
 
-`TrunkWorker` is a Ray actor running an `AsyncEngine`; `TrunkEngine` is the edge's side, with the
-`AsyncEngine` interface (generate / abort / stats / start / shutdown), so the gRPC server serves either.
-Outputs come back over one long poll. When the worker dies, the edge starts a new one and resubmits
-every request in flight with its prompt plus the tokens already streamed (a recompute, as after a
-preemption), so the client sees no error and, under greedy sampling, the same tokens (a seeded sampled request restarts its generator there). A
-worker that hangs without dying is not detected here.
+`TrunkEngine` has the `AsyncEngine` interface (generate / abort / stats / start / shutdown), so the
+gRPC server serves either; the engine itself runs in a `TrunkWorker` actor (router/trunk_worker.py)
+whose outputs come back over one long poll. When the worker dies, the edge starts a new one and
+resubmits every request in flight with its prompt plus the tokens already streamed (a recompute, as
+after a preemption), so the client sees no error and, under greedy sampling, the same tokens. A
+seeded sampled request restarts its generator there; a worker that hangs without dying is not
+detected here.
 
 Text and stop strings are decoded on the edge, not in the worker: text the worker held back (a
 possible stop string, half a UTF-8 character) would otherwise die with it.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,108 +27,15 @@ from ray.exceptions import RayActorError
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .errors import EngineStoppedError, ExpertsUnavailableError, InvalidRequestError, QueueFullError
+from .errors import EngineStoppedError, InvalidRequestError
 from .sequence import RequestOutput, SamplingParams
+from .trunk_worker import TrunkWorker, error_from
 
 log = logging.getLogger(__name__)
 
 _START_ATTEMPTS = 3  # a worker that fails to start this many times in a row fails the engine
 _POLL_S = 5.0  # one long poll; a dead worker ends it at once, so this only bounds idle round trips
 
-
-# -- errors across the process boundary --------------------------------------------------------------
-
-def _error_record(exc: BaseException) -> tuple[str, str, object]:
-    """A picklable (kind, message, detail) for an error met in the worker; `_error_from` rebuilds it."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, ExpertsUnavailableError):  # a step failed because experts were lost
-        exc = cause
-    if isinstance(exc, InvalidRequestError):
-        return "invalid", str(exc).removeprefix(f"{exc.field}: "), exc.field
-    if isinstance(exc, QueueFullError):
-        return "queue_full", str(exc), None
-    if isinstance(exc, EngineStoppedError):
-        return "stopped", str(exc), None
-    if isinstance(exc, ExpertsUnavailableError):
-        return "experts", str(exc), exc.experts
-    return "internal", repr(exc), None
-
-
-def _error_from(record: tuple[str, str, object]) -> BaseException:
-    kind, message, detail = record
-    if kind == "invalid":
-        return InvalidRequestError(str(detail), message)
-    if kind == "queue_full":
-        return QueueFullError(message)
-    if kind == "stopped":
-        return EngineStoppedError(message)
-    if kind == "experts":
-        return ExpertsUnavailableError(list(detail), message)
-    return RuntimeError(f"trunk worker: {message}")
-
-
-# -- the worker process -----------------------------------------------------------------------------------
-
-@ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)
-class TrunkWorker:
-    """An AsyncEngine in a Ray actor; outputs and errors queue in an outbox the edge polls."""
-
-    def __init__(self, config: EngineConfig, torch_threads: int | None = None):
-        import torch
-
-        from .engine import AsyncEngine
-
-        if torch_threads:
-            torch.set_num_threads(torch_threads)  # the same BLAS threads as the edge keep results bitwise equal
-        self.engine = AsyncEngine.from_config(config)
-        self.outbox: list[tuple[str, object]] = []
-        self.tasks: dict[str, asyncio.Task] = {}
-        self.changed = asyncio.Event()
-
-    async def start(self) -> dict:
-        await self.engine.start()
-        return {"max_model_len": self.engine.max_model_len, "pid": os.getpid()}
-
-    def _emit(self, request_id: str, item: object) -> None:
-        self.outbox.append((request_id, item))
-        self.changed.set()
-
-    async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        try:
-            stream = self.engine.generate(request_id, prompt_token_ids, params)
-        except Exception as exc:  # noqa: BLE001 - every admission error goes back to its request
-            self._emit(request_id, _error_record(exc))
-            return
-        self.tasks[request_id] = asyncio.get_running_loop().create_task(self._pump(request_id, stream))
-
-    async def _pump(self, request_id: str, stream: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async for out in stream:
-                self._emit(request_id, out)
-        except Exception as exc:  # noqa: BLE001 - a failed step ends its requests, not the worker
-            self._emit(request_id, _error_record(exc))
-        finally:
-            self.tasks.pop(request_id, None)
-
-    async def abort(self, request_id: str) -> None:
-        self.engine.abort(request_id)
-
-    async def poll(self, timeout_s: float) -> tuple[list[tuple[str, object]], dict]:
-        """Everything emitted since the last poll (waits up to `timeout_s` for something), and stats."""
-        if not self.outbox:
-            try:
-                await asyncio.wait_for(self.changed.wait(), timeout_s)
-            except TimeoutError:
-                pass
-        items, self.outbox = self.outbox, []
-        self.changed.clear()
-        return items, self.engine.stats()
-
-    async def shutdown(self, grace_s: float) -> None:
-        await self.engine.shutdown(grace_s)
-
-
-# -- the edge's side ---------------------------------------------------------------------------------------
 
 @dataclass
 class _Flight:
@@ -371,7 +278,7 @@ class TrunkEngine:
     def _deliver(self, flight: _Flight, item: object) -> None:
         if isinstance(item, tuple):  # an error record
             self._flights.pop(flight.request_id, None)
-            flight.queue.put_nowait(_error_from(item))
+            flight.queue.put_nowait(error_from(item))
             self._changed()
             return
         out: RequestOutput = item
