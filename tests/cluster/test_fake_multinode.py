@@ -74,7 +74,7 @@ def _free_port() -> int:
 class FakeCluster:
     """A Ray head with the fake multi-node autoscaler, in its own process group; stop() ends all of it."""
 
-    def __init__(self, config: Path):
+    def __init__(self, config: Path, auth_mode: str = "disabled"):
         self.dir = Path(tempfile.mkdtemp(prefix="msfake-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
         self.ip = ray._private.services.get_node_ip_address()
         self.port = _free_port()
@@ -84,7 +84,7 @@ class FakeCluster:
         self.config_file = self.dir / "autoscaling.yaml"
         self.config_file.write_text(yaml.safe_dump(cfg))
         head = cfg["available_node_types"]["ray.head.default"]["resources"]
-        self.env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="disabled")
+        self.env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE=auth_mode)
         ray_cli = str(Path(sys.executable).with_name("ray"))
         self.cmd = [
             ray_cli, "start", "--head", "--block", f"--port={self.port}", f"--temp-dir={self.dir}",
@@ -148,10 +148,20 @@ def _wait_until(predicate, timeout_s: float, what: str, runner: AutoscaleRunner,
             pause.wait(0.5)  # the re-check period; the predicate is what the test waits on
 
 
+def _driver_auth_mode() -> str:
+    """The token-auth mode this process's Ray settled on (fixed at its first init), for the head to match."""
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"
+
+
 @pytest.fixture
 def fake_cluster(monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the head runs without token auth; so does this driver
-    cluster = FakeCluster(CONFIG)
+    # A local ray.init earlier in this process turns token auth on for the process (token in
+    # ~/.ray/auth_token); otherwise it stays off. The head must speak the same.
+    mode = _driver_auth_mode()
+    monkeypatch.setenv("RAY_AUTH_MODE", mode)
+    cluster = FakeCluster(CONFIG, auth_mode=mode)
     cluster.start()
     try:
         ray.init(address=cluster.address, namespace=NAMESPACE, logging_level=logging.WARNING)
