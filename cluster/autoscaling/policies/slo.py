@@ -36,7 +36,7 @@ class SloParams:
     critical_share: float = spec(0.85, gt=0, le=1, doc="groups busier than this share of the busiest group are on the critical path")
 
 
-def _decide(name: str, unit: GroupSignals, headroom: int, pressure: float, cause: str, calm: bool, p: SloParams) -> ScaleTarget:
+def _decide(unit: GroupSignals, headroom: int, pressure: float, cause: str, calm: bool, p: SloParams) -> ScaleTarget:
     target = unit.target
     grow = proportional(unit.replicas, min(pressure, p.max_factor), 1.0) if pressure > 1.0 else 0
     want = max(headroom, grow)
@@ -81,14 +81,14 @@ def slo(ctx: PolicyContext) -> tuple[Decision, dict]:
         proportional(s.trunk.replicas, s.trunk.busy / p.trunk_busy_ceiling, 1.0),
         proportional(s.trunk.replicas, s.sequence_utilisation / p.sequence_ceiling, 1.0),
     )
-    trunk = _decide("trunk", s.trunk, trunk_headroom, trunk_pressure, cause, calm, p)
+    trunk = _decide(s.trunk, trunk_headroom, trunk_pressure, cause, calm, p)
 
     groups = {}
     for name, g in s.groups.items():
         critical = group_busy > 0 and g.busy >= p.critical_share * group_busy and not trunk_bound
         pressure = latency if critical else 0.0
         headroom = proportional(g.replicas, g.busy / p.expert_busy_ceiling, 1.0)
-        groups[name] = _decide(name, g, headroom, pressure, f"{cause}; busy {g.busy:.2f} on the critical path", calm, p)
+        groups[name] = _decide(g, headroom, pressure, f"{cause}; busy {g.busy:.2f} on the critical path", calm, p)
 
     redundant, why = hot_experts(s, ctx.config)
     return Decision(trunk, groups, redundant, why), {}

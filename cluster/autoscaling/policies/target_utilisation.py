@@ -18,7 +18,7 @@ class TargetUtilisationParams:
     tolerance: float = spec(0.1, ge=0, le=0.9, doc="no change while utilisation / target is within 1 +- tolerance")
 
 
-def _size(name: str, ready: int, target: int, ratio: float, what: str, tolerance: float) -> ScaleTarget:
+def _size(ready: int, target: int, ratio: float, what: str, tolerance: float) -> ScaleTarget:
     if abs(ratio - 1.0) <= tolerance:
         return ScaleTarget(target, f"{what}: within {tolerance:.0%} of target")
     want = proportional(ready, ratio, 1.0)
@@ -33,10 +33,10 @@ def target_utilisation(ctx: PolicyContext) -> tuple[Decision, dict]:
     slot_ratio = s.sequence_utilisation / p.sequence_slots
     ratio = max(busy_ratio, slot_ratio)
     what = f"trunk busy {s.trunk.busy:.2f} (target {p.trunk_busy:g}), slots {s.sequence_utilisation:.2f} (target {p.sequence_slots:g})"
-    trunk = _size("trunk", s.trunk.replicas, s.trunk.target, ratio, what, p.tolerance)
+    trunk = _size(s.trunk.replicas, s.trunk.target, ratio, what, p.tolerance)
     groups = {
         name: _size(
-            name, g.replicas, g.target, g.busy / p.expert_busy, f"busy {g.busy:.2f} (target {p.expert_busy:g})", p.tolerance
+            g.replicas, g.target, g.busy / p.expert_busy, f"busy {g.busy:.2f} (target {p.expert_busy:g})", p.tolerance
         )
         for name, g in s.groups.items()
     }
