@@ -227,7 +227,8 @@ async def _serve_random(args: argparse.Namespace) -> None:
     model = build_random_model(preset(args.preset), args.device, dtype, args.seed)
     config = EngineConfig(device=args.device, dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_model_len=args.max_model_len, max_queued_requests=4096)
+                          max_model_len=args.max_model_len, max_queued_requests=4096,
+                          decode_graphs="off" if args.enforce_eager else "auto")
     engine = AsyncEngine(LLMEngine(config, model, tokenizer=None))
     server = InferenceServer(engine, ServerConfig(port=0, max_streams_per_caller=4096, grace_s=5),
                              model_name=args.preset)
@@ -243,7 +244,7 @@ def start_server(name: str, args: argparse.Namespace, env: dict) -> tuple[subpro
     cmd = [sys.executable, __file__, "_serve", "--preset", name, "--device", args.device,
            "--seed", str(args.seed), "--max-num-seqs", str(max(args.concurrency)),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--max-model-len", str(args.max_model_len)]
+           "--max-model-len", str(args.max_model_len)] + (["--enforce-eager"] if args.enforce_eager else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -406,7 +407,8 @@ def markdown(report: dict) -> str:
     """The section docs/benchmarks.md takes from one run: setup, the table, the failures if any."""
     lines = [f"## moeserve vs HF transformers generate on {report['device']}", "",
              f"torch {report['torch']}; random bf16 weights; {report['prompt_len']}-token prompts, "
-             f"{report['output_len']} new tokens (ignore_eos); moeserve over gRPC at fixed concurrency, HF "
+             f"{report['output_len']} new tokens (ignore_eos); moeserve over gRPC at fixed concurrency "
+             f"(decode steps: {report.get('decode', 'eager')}), HF "
              f"`generate` at the same batch size; measured copy bandwidth {report.get('hbm_bandwidth_gbs', 0):.0f} GB/s. "
              "The floor is the fastest decode step the bandwidth allows: active weight bytes (dense part plus "
              "the experts a step touches, uniform routing) and KV bytes, over the measured bandwidth.", "",
@@ -434,7 +436,7 @@ def main_bench(args: argparse.Namespace) -> int:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     report = dict(device=device_name, torch=torch.__version__, prompt_len=args.prompt_len,
                   output_len=args.output_len, concurrency=args.concurrency, models={},
-                  hf_reference_h100=HF_REFERENCE)
+                  decode="eager" if args.enforce_eager else "CUDA graphs", hf_reference_h100=HF_REFERENCE)
 
     def save() -> None:
         out_file.write_text(json.dumps(report, indent=2))
@@ -492,6 +494,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, small numbers: checks the script")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="moeserve decodes without CUDA graphs (as `moeserve serve --enforce-eager`)")
     # _serve (the server process)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--max-num-seqs", type=int, default=64)

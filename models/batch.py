@@ -20,6 +20,11 @@ class AttentionBatch:
     block_tables: torch.Tensor  # [B, max_blocks] int32 block ids; entries past a sequence's blocks are never read
     slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset where each new token's KV goes
     block_size: int
+    # Fixed-shape decode (the CUDA-graph path): every sequence's context is read padded to `padded_len`
+    # slots and masked by the device tensor `context_lens_tensor` [B] instead of the host lists, so one
+    # captured step serves any lengths up to padded_len. The lists then only give the batch's shape.
+    padded_len: int | None = None
+    context_lens_tensor: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

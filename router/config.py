@@ -44,6 +44,10 @@ class EngineConfig:
     expert_backend: Callable[[Any], Any] | None = None  # model -> expert backend (e.g. the Ray transport)
     load_experts: bool = True  # load routed-expert weights into this process (False when a backend holds them)
     seed: int = 0  # seeds the generator of requests that give no seed of their own
+    # Decode-only steps: "auto" replays captured CUDA graphs on a GPU when the experts run in this
+    # process (eager otherwise), "off" always runs eagerly (`moeserve serve --enforce-eager`), and
+    # "padded" runs the graphs' fixed-shape padded step eagerly on any device (how CPU tests check it).
+    decode_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.model is None or (isinstance(self.model, str) and self.model != ""), "model", "a checkpoint directory or None", self.model)
@@ -68,6 +72,8 @@ class EngineConfig:
         _int_in("max_queued_requests", self.max_queued_requests, 1)
         _require(self.expert_backend is None or callable(self.expert_backend), "expert_backend", "callable or None", self.expert_backend)
         _int_in("seed", self.seed, 0)
+        _require(self.decode_graphs in ("auto", "off", "padded"), "decode_graphs", "'auto', 'off' or 'padded'",
+                 self.decode_graphs)
 
     @property
     def torch_dtype(self) -> torch.dtype:

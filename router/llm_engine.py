@@ -17,18 +17,10 @@ from typing import Any
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .errors import EngineStoppedError, InvalidRequestError, MoeserveError
+from .errors import EngineStoppedError, InvalidRequestError, StepFailedError
 from .model_runner import ModelRunner, num_kv_blocks
 from .scheduler import Scheduler
 from .sequence import RequestMetrics, RequestOutput, SamplingParams, Sequence, length_reached, token_stop_reason
-
-class StepFailedError(MoeserveError):
-    """The model step failed; the requests it carried are ended (others go on)."""
-
-    def __init__(self, request_ids: list[str], cause: BaseException):
-        super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
-        self.request_ids = request_ids
-        self.cause = cause
 
 
 def load(config: EngineConfig) -> tuple[Any, Any]:
@@ -65,7 +57,7 @@ class LLMEngine:
         self.block_manager = BlockManager(blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_queued_requests)
-        self.runner = ModelRunner(model, config, blocks)
+        self.runner = ModelRunner(model, config, blocks, self.max_model_len)
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self.lock = threading.Lock()

@@ -2,7 +2,8 @@
 
 One host sync per step (the sampled ids coming back as a list). The batch is built in Python
 lists once per step and copied to the device in one go per tensor (pinned, non-blocking on CUDA).
-Decode-only steps have a fixed shape per batch size, which is what a CUDA-graph path will capture.
+Decode-only steps go through DecodeGraphs (router/cuda_graphs.py) where configured: padded to a
+bucket and replayed from a captured CUDA graph on a GPU.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from moeserve.models.batch import AttentionBatch
 
 from .block_manager import num_blocks_for_budget
 from .config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from .cuda_graphs import DecodeGraphs
 from .sampler import Sampler
 from .scheduler import ScheduledBatch
 
@@ -91,14 +93,31 @@ def flatten(batch: ScheduledBatch, block_size: int) -> FlatBatch:
 class ModelRunner:
     """Runs scheduled batches through the model and samples the next tokens."""
 
-    def __init__(self, model: Any, config: EngineConfig, num_blocks: int):
+    def __init__(self, model: Any, config: EngineConfig, num_blocks: int, max_model_len: int | None = None):
         self.model = model
         self.device = config.torch_device
         self.block_size = config.block_size
         self.num_blocks = num_blocks
-        model.allocate_kv_cache(num_blocks, config.block_size, device=self.device, dtype=config.torch_dtype)
+        self.graphs = self._decode_graphs(config, max_model_len)
+        # With decode graphs, one block past the block manager's takes the padding rows' KV writes.
+        extra = 1 if self.graphs is not None else 0
+        model.allocate_kv_cache(num_blocks + extra, config.block_size, device=self.device, dtype=config.torch_dtype)
         self.sampler = Sampler(self.device, config.seed)
         self._pin = self.device.type == "cuda"
+
+    def _decode_graphs(self, config: EngineConfig, max_model_len: int | None) -> DecodeGraphs | None:
+        from moeserve.models.local_experts import LocalExperts
+
+        mode = config.decode_graphs
+        if mode == "off" or max_model_len is None:
+            return None
+        if mode == "auto":
+            # Only a step that stays on this GPU can be captured: experts in other processes are not.
+            if self.device.type != "cuda" or not isinstance(getattr(self.model, "experts_backend", None), LocalExperts):
+                return None
+        max_blocks = (max_model_len + config.block_size - 1) // config.block_size
+        return DecodeGraphs(self.model, self.device, config.max_num_seqs, max_blocks, config.block_size,
+                            pad_block=self.num_blocks, capture=mode == "auto")
 
     def _to_device(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
@@ -120,8 +139,14 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int]:
         """Forward the batch; one sampled token per sequence that reaches its last token, in batch order."""
-        input_ids, positions, attn, sample_rows = self.prepare(batch)
-        hidden = self.model.forward(input_ids, positions, attn)
+        if self.graphs is not None and all(n == 1 for n in batch.num_new_tokens) and self.graphs.supports(len(batch.seqs)):
+            flat = flatten(batch, self.block_size)
+            hidden = self.graphs.run(flat.input_ids, flat.positions, flat.slot_mapping, flat.context_lens,
+                                     [s.block_table for s in batch.seqs])
+            sample_rows = self._to_device(flat.sample_rows, torch.int64)
+        else:
+            input_ids, positions, attn, sample_rows = self.prepare(batch)
+            hidden = self.model.forward(input_ids, positions, attn)
         sampling = [s for s, f in zip(batch.seqs, batch.sample_flags) if f]
         if not sampling:
             return []

@@ -27,7 +27,7 @@ def _padded_slots(batch: AttentionBatch, device: torch.device) -> torch.Tensor:
     memo = batch.__dict__.setdefault("_decode_slots", {})
     if device not in memo:
         bs = batch.block_size
-        longest = max(batch.context_lens)
+        longest = batch.padded_len or max(batch.context_lens)
         blocks = batch.block_tables[:, : (longest + bs - 1) // bs].to(device=device, dtype=torch.long)
         offsets = torch.arange(bs, device=device)
         memo[device] = (blocks[:, :, None] * bs + offsets).reshape(blocks.shape[0], -1)[:, :longest]
@@ -43,10 +43,13 @@ def decode_mask(batch: AttentionBatch, device: torch.device, sliding_window: int
     masks = batch.__dict__.setdefault("_decode_masks", {})
     key = (device, sliding_window)
     if key not in masks:
-        lens = torch.tensor(batch.context_lens, dtype=torch.long)
-        if device.type == "cuda":
-            lens = lens.pin_memory().to(device, non_blocking=True)
-        pos = torch.arange(max(batch.context_lens), device=device)[None, :]
+        if batch.context_lens_tensor is not None:  # fixed-shape decode: lengths already on the device
+            lens = batch.context_lens_tensor.to(device=device, dtype=torch.long)
+        else:
+            lens = torch.tensor(batch.context_lens, dtype=torch.long)
+            if device.type == "cuda":
+                lens = lens.pin_memory().to(device, non_blocking=True)
+        pos = torch.arange(batch.padded_len or max(batch.context_lens), device=device)[None, :]
         mask = pos < lens[:, None]
         if sliding_window is not None:
             mask &= pos >= lens[:, None] - sliding_window

@@ -1,0 +1,152 @@
+"""Decode steps replayed from captured CUDA graphs.
+
+An eager decode step launches some twenty kernels per layer from Python; at batch 1 on a GPU the
+launches, not the weights, set the step time. A decode-only step has a shape fixed by two numbers,
+the batch size and the longest context, so each step is padded up to a bucket of both and replays
+the graph captured for that bucket:
+
+- batch buckets: 1, 2, 4, 8, then multiples of 8 up to max_num_seqs;
+- context buckets: a power-of-two number of KV blocks (at least 8) up to the longest table.
+
+Padding rows read token 0 at position 0, write their KV to a scratch block the block manager never
+hands out, attend to that one slot, and are dropped before sampling. Padding keys of real rows are
+masked, so the padded step computes each real row exactly as the eager batched decode does.
+
+Graphs are captured lazily, the first time a bucket is needed (a warm-up forward, then the capture,
+on the engine's thread), and share one memory pool. With `capture=False` the same padded, fixed-shape
+step runs eagerly: that is how the CPU test suite checks everything here but the capture itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from moeserve.models.batch import AttentionBatch
+
+log = logging.getLogger(__name__)
+
+MIN_CONTEXT_BLOCKS = 8
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """Batch sizes a graph is captured for: 1, 2, 4, 8, 16, 24, ... up to and including max_num_seqs."""
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs] + list(range(8, max_num_seqs, 8)) + [max_num_seqs]
+    return sorted(set(sizes))
+
+
+def context_bucket(blocks: int, max_blocks: int) -> int:
+    """The padded block-table width for a step whose longest sequence holds `blocks` blocks."""
+    width = MIN_CONTEXT_BLOCKS
+    while width < blocks:
+        width *= 2
+    return min(width, max_blocks)
+
+
+class DecodeGraphs:
+    """Fixed-shape decode steps over static input buffers; on CUDA, captured once per bucket and replayed."""
+
+    def __init__(self, model: Any, device: torch.device, max_num_seqs: int, max_blocks_per_seq: int,
+                 block_size: int, pad_block: int, capture: bool):
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.max_blocks = max_blocks_per_seq
+        self.pad_block = pad_block
+        self.capture = capture
+        self.buckets = batch_buckets(max_num_seqs)
+        n, w = self.buckets[-1], max_blocks_per_seq
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.zeros(n, dtype=torch.int64, device=device)
+        self.context_lens = torch.ones(n, dtype=torch.int64, device=device)
+        self.block_tables = torch.zeros(n, w, dtype=torch.int64, device=device)
+        # host staging, one pinned buffer per step: [ids | positions | slots | lens | tables], b rows each
+        self._stage = torch.zeros(n * (4 + w), dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self._pool = None
+        self.failed: str | None = None  # why capture was given up (then every step runs eagerly)
+        self.steps = 0  # decode steps run through here
+
+    def bucket(self, num_seqs: int) -> int | None:
+        for b in self.buckets:
+            if b >= num_seqs:
+                return b
+        return None
+
+    def supports(self, num_seqs: int) -> bool:
+        return self.failed is None and self.bucket(num_seqs) is not None
+
+    def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], context_lens: list[int],
+            block_tables: list[list[int]]) -> torch.Tensor:
+        """Hidden states [B, H] of a decode-only step (one token per sequence, B <= max_num_seqs)."""
+        num = len(input_ids)
+        b = self.bucket(num)
+        if b is None:
+            raise ValueError(f"a decode step of {num} sequences is beyond the largest graph bucket {self.buckets[-1]}")
+        width = context_bucket(max(len(t) for t in block_tables), self.max_blocks)
+        self._load(num, b, input_ids, positions, slot_mapping, context_lens, block_tables, width)
+        self.steps += 1
+        key = (b, width)
+        if not self.capture:
+            return self._forward(b, width)[:num]
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(b, width)
+            if entry is None:  # capture failed: this and every later step runs eagerly
+                return self._forward(b, width)[:num]
+        graph, out = entry
+        graph.replay()
+        return out[:num]
+
+    def _load(self, num, b, input_ids, positions, slot_mapping, context_lens, block_tables, width) -> None:
+        """Write the step and its padding rows into the static buffers: one staged host-to-device copy each."""
+        pad = b - num
+        data = (input_ids + [0] * pad) + (positions + [0] * pad)
+        data += slot_mapping + [self.pad_block * self.block_size] * pad
+        data += context_lens + [1] * pad
+        for t in block_tables:
+            data += t[:width] + [0] * (width - len(t))
+        data += ([self.pad_block] + [0] * (width - 1)) * pad
+        stage = self._stage[:len(data)]
+        stage.copy_(torch.tensor(data, dtype=torch.int64))
+        nb = self.device.type == "cuda"
+        self.input_ids[:b].copy_(stage[:b], non_blocking=nb)
+        self.positions[:b].copy_(stage[b:2 * b], non_blocking=nb)
+        self.slot_mapping[:b].copy_(stage[2 * b:3 * b], non_blocking=nb)
+        self.context_lens[:b].copy_(stage[3 * b:4 * b], non_blocking=nb)
+        self.block_tables[:b, :width].copy_(stage[4 * b:].view(b, width), non_blocking=nb)
+
+    def _batch(self, b: int, width: int) -> AttentionBatch:
+        # A new AttentionBatch each time: the attention layers memoise per-step tensors on it, and a
+        # capture must record computing them, not reuse ones from the warm-up.
+        padded = width * self.block_size
+        return AttentionBatch(
+            query_lens=[1] * b, context_lens=[padded] * b, block_tables=self.block_tables[:b, :width],
+            slot_mapping=self.slot_mapping[:b], block_size=self.block_size, padded_len=padded,
+            context_lens_tensor=self.context_lens[:b],
+        )
+
+    def _forward(self, b: int, width: int) -> torch.Tensor:
+        return self.model.forward(self.input_ids[:b], self.positions[:b], self._batch(b, width))
+
+    def _capture(self, b: int, width: int) -> tuple[Any, torch.Tensor] | None:
+        try:
+            self._forward(b, width)  # warm-up: Triton compiles, caches fill, outside the capture
+            torch.cuda.synchronize(self.device)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = self._forward(b, width)
+        except Exception as exc:  # noqa: BLE001 -- a capture failure must not take serving down
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.warning("CUDA graph capture failed for batch %d x %d blocks (%s); decode steps run eagerly from now on",
+                        b, width, self.failed)
+            self._graphs.clear()
+            return None
+        log.info("captured the decode graph for batch %d, context %d tokens", b, width * self.block_size)
+        self._graphs[(b, width)] = (graph, out)
+        return graph, out

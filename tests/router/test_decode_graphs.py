@@ -1,0 +1,81 @@
+"""Fixed-shape decode steps (router/cuda_graphs.py) give the tokens of the eager engine.
+
+On the CPU the padded step runs without capture ("padded"): batch and context padding, the scratch
+KV block, the device-side lengths and the bucket changes are all exercised. On a GPU ("auto") the
+same workload replays captured CUDA graphs and must give the same tokens as the eager engine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeserve.router.cuda_graphs import batch_buckets, context_bucket
+from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
+
+PROMPT_LENS = [1, 3, 7, 12, 20, 31, 5, 44, 2, 60, 9]
+NEW_TOKENS = 12
+
+
+def test_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert batch_buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert [context_bucket(n, 100) for n in (1, 8, 9, 16, 17, 70)] == [8, 8, 16, 16, 32, 100]
+    assert context_bucket(5, 6) == 6
+
+
+def _serve(path: str, mode: str, device: str = "cpu", dtype: str = "auto") -> tuple[dict[str, list[int]], LLMEngine]:
+    """Staggered arrivals, a KV cache small enough to preempt, greedy: every request's tokens."""
+    config = EngineConfig(model=path, device=device, dtype=dtype, block_size=4, num_kv_blocks=24, max_num_seqs=6,
+                          max_num_batched_tokens=24, max_model_len=96, decode_graphs=mode)
+    engine = LLMEngine.from_config(config)
+    vocab = engine.model_config.vocab_size
+    prompts = [torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(7 + i)).tolist()
+               for i, n in enumerate(PROMPT_LENS)]
+    got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    step = 0
+    while step < 3 * len(prompts) or engine.has_unfinished():
+        if step % 3 == 0 and step // 3 < len(prompts):
+            i = step // 3
+            engine.add_request(f"r{i}", prompts[i], SamplingParams(max_tokens=NEW_TOKENS))
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+        step += 1
+        assert step < 2000
+    assert all(len(v) == NEW_TOKENS for v in got.values())
+    return got, engine
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "mixtral"])
+def test_padded_decode_equals_eager(arch, hf_checkpoint):
+    path = str(hf_checkpoint(arch, seed=1))
+    want, eager = _serve(path, "off")
+    assert eager.runner.graphs is None
+    got, padded = _serve(path, "padded")
+    graphs = padded.runner.graphs
+    assert graphs is not None and graphs.steps > 20, "decode steps were meant to take the fixed-shape path"
+    assert padded.stats()["preemptions"] > 0, "the KV budget was meant to force preemption"
+    assert got == want
+
+
+def test_auto_is_eager_on_cpu(hf_checkpoint):
+    engine = LLMEngine.from_config(EngineConfig(model=str(hf_checkpoint("qwen3_moe", seed=1)), num_kv_blocks=16))
+    assert engine.runner.graphs is None
+
+
+def test_config_refuses_unknown_mode():
+    with pytest.raises(ValueError, match="decode_graphs"):
+        EngineConfig(decode_graphs="always")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "mixtral"])
+def test_cuda_graph_decode_equals_eager(arch, hf_checkpoint):
+    path = str(hf_checkpoint(arch, seed=1))
+    want, _ = _serve(path, "off", device="cuda", dtype="float32")
+    got, engine = _serve(path, "auto", device="cuda", dtype="float32")
+    graphs = engine.runner.graphs
+    assert graphs is not None and graphs.failed is None and graphs._graphs and graphs.steps > 20
+    assert got == want
