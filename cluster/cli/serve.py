@@ -38,6 +38,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queued-requests", type=int, default=1024,
                    help="waiting requests beyond this are refused with RESOURCE_EXHAUSTED (default 1024)")
     g.add_argument("--seed", type=int, default=0, help="seed of requests that give none (default 0)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="decode without CUDA graphs (by default, on a GPU with the experts in the trunk's process, "
+                        "decode steps replay captured graphs)")
     g.add_argument("--expert-groups", type=int, default=0, metavar="N",
                    help="run the routed experts in N expert groups (default 0: inside the trunk's process)")
     g.add_argument("--trunk-worker", action="store_true",
@@ -71,6 +74,7 @@ def engine_config(args: argparse.Namespace):
         num_kv_blocks=args.num_kv_blocks,
         max_queued_requests=args.max_queued_requests,
         seed=args.seed,
+        decode_graphs="off" if getattr(args, "enforce_eager", False) else "auto",
     )
 
 
