@@ -29,3 +29,15 @@ class ExpertsUnavailableError(MoeserveError):
     def __init__(self, experts: list[int], message: str = ""):
         super().__init__(message or f"experts unavailable: {sorted(experts)}")
         self.experts = sorted(experts)
+
+
+class StepFailedError(MoeserveError):
+    """The model step failed; the requests it carried are ended, others go on (UNAVAILABLE: retryable).
+
+    `cause` is what the step raised (an expert group lost, a device error ...).
+    """
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"engine step failed for {len(request_ids)} request(s): {cause!r}")
+        self.request_ids = request_ids
+        self.cause = cause

@@ -42,7 +42,7 @@ class ExpertGate:
     """The model's real expert backend behind a gate: a test can hold a step mid-forward, or fail it.
 
     `close()` makes the next expert call wait (and set `entered`) until `open()`; `fail_next()`
-    makes the next call raise, as a lost expert group would.
+    makes the next call raise (a RuntimeError unless given), as a lost expert group would.
     """
 
     def __init__(self) -> None:
@@ -50,7 +50,7 @@ class ExpertGate:
         self._open = threading.Event()
         self._open.set()
         self.entered = threading.Event()
-        self._fail = False
+        self._fail: BaseException | None = None
 
     def install(self, model):
         self.inner = model.experts_backend
@@ -63,14 +63,14 @@ class ExpertGate:
     def open(self) -> None:
         self._open.set()
 
-    def fail_next(self) -> None:
-        self._fail = True
+    def fail_next(self, error: BaseException | None = None) -> None:
+        self._fail = error or RuntimeError("expert group lost (injected)")
 
     def __call__(self, layer_id, hidden, topk_ids, topk_weights):
         if not self._open.is_set():
             self.entered.set()
             self._open.wait()
-        if self._fail:
-            self._fail = False
-            raise RuntimeError("expert group lost (injected)")
+        if self._fail is not None:
+            error, self._fail = self._fail, None
+            raise error
         return self.inner(layer_id, hidden, topk_ids, topk_weights)

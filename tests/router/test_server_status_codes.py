@@ -1,8 +1,18 @@
-"""router/status_codes.py: the one table from errors to gRPC status codes."""
+"""router/status_codes.py: the one table from errors to gRPC status codes, and a failed step over a real server."""
 
 import grpc
+import pytest
 
-from moeserve.router.errors import EngineStoppedError, ExpertsUnavailableError, InvalidRequestError, QueueFullError
+from edge_harness import running_server, wait_until
+from engine_fixtures import ExpertGate
+from moeserve.router.client import AsyncClient
+from moeserve.router.errors import (
+    EngineStoppedError,
+    ExpertsUnavailableError,
+    InvalidRequestError,
+    QueueFullError,
+    StepFailedError,
+)
 from moeserve.router.status_codes import to_status
 
 
@@ -14,3 +24,39 @@ def test_status_mapping_is_one_table():
     assert to_status(TimeoutError())[0] == grpc.StatusCode.DEADLINE_EXCEEDED
     code, message = to_status(RuntimeError("/secret/path tensor([1, 2])"))
     assert code == grpc.StatusCode.INTERNAL and "secret" not in message and "ref " in message
+
+
+def test_a_failed_step_is_unavailable_and_says_what_failed():
+    code, message = to_status(StepFailedError(["r1"], ExpertsUnavailableError([5, 4])))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert "engine step" in message and "experts unavailable: [4, 5]" in message and "retry" in message
+    code, message = to_status(StepFailedError(["r1"], RuntimeError("/secret/path tensor([1, 2])")))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert "engine step" in message and "retry" in message and "ref " in message and "secret" not in message
+
+
+@pytest.mark.asyncio
+async def test_a_failed_step_reaches_the_client_as_unavailable_and_the_server_goes_on():
+    gate = ExpertGate()
+    async with running_server(engine=dict(expert_backend=gate.install)) as server, \
+            AsyncClient(server.address) as client:
+        ask = dict(token_ids=[5, 6, 7, 8], max_tokens=6, ignore_eos=True)
+        before = list((await client.generate(**ask)).token_ids)
+
+        gate.fail_next(ExpertsUnavailableError([6, 7]))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.generate(**ask)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        assert "experts unavailable: [6, 7]" in err.value.details() and "retry" in err.value.details()
+
+        gate.fail_next()  # an unexpected cause: its text stays in the server's log
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            [m async for m in client.generate_stream(**ask)]
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        details = err.value.details()
+        assert "engine step" in details and "retry" in details and "injected" not in details
+
+        assert list((await client.generate(**ask)).token_ids) == before
+        await wait_until(server, lambda: server.servicer.num_active == 0)
+        stats = server.engine.stats()
+        assert (stats["running"], stats["waiting"], stats["kv_blocks_used"]) == (0, 0, 0), stats
