@@ -16,7 +16,7 @@ from moeserve.cluster.placement import Placement, ServingSet, contiguous_groups
 from moeserve.router.dispatch import DispatchConfig, ExpertDispatcher, StaticSource
 from moeserve.router.transport.local import LocalTransport
 
-from .group import GroupResources
+from .group import GroupResources, check_resource_template
 from .weights import CheckpointWeights
 from .worker import ExpertGroupWorker
 
@@ -102,13 +102,22 @@ def _start_autoscaler(controller, config):
 
 
 def embedded_expert_backend(model_path: str, *, transport: str = "ray", num_groups: int = 2,
-                            resources: GroupResources | None = None, autoscaling=None) -> Callable:
+                            resources: GroupResources | None = None, custom_resource: str | None = None,
+                            autoscaling=None) -> Callable:
     """Factory for `moeserve serve --expert-groups N --transport T`: `ray` starts (or joins) Ray here, the
-    controller and its N expert-group actors; `local` runs N in-process groups."""
+    controller and its N expert-group actors; `local` runs N in-process groups.
+
+    `custom_resource` (`--expert-resource`, e.g. "moeserve_expert_{group}") is the Ray resource each
+    group's replicas ask one unit of when `resources` is not given.
+    """
     if transport not in ("local", "ray"):
         raise ValueError(f"transport: {transport!r} is not one of ['local', 'ray']")
     if num_groups < 1:
         raise ValueError(f"expert_groups: must be >= 1, got {num_groups}")
+    if custom_resource is not None:
+        if transport == "local":
+            raise ValueError("custom_resource: only Ray expert groups ask for resources (transport 'ray')")
+        check_resource_template(custom_resource)
     if transport == "local":
         return local_expert_backend(str(model_path), num_groups=num_groups)
 
@@ -123,7 +132,7 @@ def embedded_expert_backend(model_path: str, *, transport: str = "ray", num_grou
         gpus = ray.cluster_resources().get("GPU", 0)
         # One GPU each when there are enough; else the groups share what there is (one GPU: all on it).
         res = resources or GroupResources(num_gpus=min(1.0, gpus / num_groups) if gpus else 0.0,
-                                          torch_threads=torch.get_num_threads())
+                                          custom_resource=custom_resource, torch_threads=torch.get_num_threads())
         cfg = ControllerConfig(weights=checkpoint_weights(model_path, model), num_experts=num_experts,
                                num_groups=num_groups, resources=res)
         controller = start_controller(cfg)

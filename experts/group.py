@@ -9,6 +9,7 @@ per worker group) when the cluster has them, and runs on CPU otherwise.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import ray
@@ -18,13 +19,30 @@ from .batch import ExpertBatch, tensor_to_wire
 from .worker import ExpertGroupWorker
 
 
+GROUP_FIELD = "{group}"
+_RESOURCE_NAME = re.compile(r"[A-Za-z0-9_.\-]+")  # as the chart's values.schema.json allows
+_RAY_BUILTIN = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def check_resource_template(template: str, field: str = "custom_resource") -> None:
+    """Raise ValueError naming `field` unless `template` is a Ray resource name ({group}: the group id)."""
+    if not _RESOURCE_NAME.fullmatch(template.replace(GROUP_FIELD, "0")):
+        raise ValueError(f"{field}: {template!r} is not a resource name: use letters, digits and _ . - only, "
+                         f"with {GROUP_FIELD} for the expert group id (e.g. moeserve_expert_{GROUP_FIELD})")
+    if template in _RAY_BUILTIN:
+        raise ValueError(f"{field}: {template!r} is one of Ray's own resources; name a custom resource "
+                         f"(e.g. moeserve_expert_{GROUP_FIELD})")
+
+
 @dataclass(frozen=True, slots=True)
 class GroupResources:
     """What one expert-group replica asks Ray for."""
 
     num_cpus: float = 0.0  # 0 lets several groups share the CPUs of a small machine
     num_gpus: float | None = None  # None: 1 if the cluster has GPUs, else 0; fractions share a GPU
-    custom_resource: str | None = None  # e.g. "moeserve_expert_{group}": placed on nodes that offer it
+    # One unit of this Ray resource per replica, {group} replaced by the group id (e.g. "moeserve_expert_{group}"):
+    # the replica is placed only on nodes that offer it, and a pending one is demand for such a node.
+    custom_resource: str | None = None
     torch_threads: int | None = None  # intra-op threads; match the trunk's for bitwise-equal CPU results
     device: str | None = None  # override the device choice ("cpu", "cuda")
 
@@ -35,6 +53,8 @@ class GroupResources:
             raise ValueError(f"num_gpus: must be >= 0, got {self.num_gpus}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads: must be >= 1, got {self.torch_threads}")
+        if self.custom_resource is not None:
+            check_resource_template(self.custom_resource)
 
     def actor_options(self, group_id: int) -> dict:
         num_gpus = self.num_gpus
@@ -42,7 +62,7 @@ class GroupResources:
             num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         opts: dict = {"num_cpus": self.num_cpus, "num_gpus": num_gpus}
         if self.custom_resource:
-            opts["resources"] = {self.custom_resource.format(group=group_id): 1}
+            opts["resources"] = {self.custom_resource.replace(GROUP_FIELD, str(group_id)): 1}
         return opts
 
 

@@ -51,6 +51,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transport", choices=("local", "ray"), default=None,
                    help="how the trunk reaches the expert groups: local (in-process) or ray (actors; "
                         "the default when --expert-groups is given)")
+    g.add_argument("--expert-resource", metavar="NAME", default=None,
+                   help="each expert-group replica asks Ray for one unit of this custom resource, {group} "
+                        "replaced by its group id, so it starts only on nodes that offer it (e.g. "
+                        "moeserve_expert_{group}, which the Helm chart's expert worker groups offer; needs Ray groups)")
 
 
 def engine_config(args: argparse.Namespace):
@@ -84,9 +88,16 @@ def _expert_backend(args: argparse.Namespace, model: str | None):
     if groups < 0:
         raise ValueError(f"--expert-groups: must be >= 0, got {groups}")
     policy = getattr(args, "autoscaling_policy", None)
-    if not groups and transport is None and policy is None:
+    resource = getattr(args, "expert_resource", None)
+    if not groups and transport is None and policy is None and resource is None:
         return None
     from moeserve.experts.backend import embedded_expert_backend
+    from moeserve.experts.group import check_resource_template
+
+    if resource is not None:
+        if transport == "local":
+            raise ValueError("--expert-resource: needs --transport ray (local groups are not Ray actors)")
+        check_resource_template(resource, field="--expert-resource")
 
     autoscaling = None
     if policy is not None:
@@ -95,7 +106,8 @@ def _expert_backend(args: argparse.Namespace, model: str | None):
         if transport == "local":
             raise ValueError("--autoscaling-policy: needs --transport ray (local groups cannot be scaled)")
         autoscaling = load_config(policy)  # a ConfigError names the field and its allowed range
-    return embedded_expert_backend(model, transport=transport or "ray", num_groups=groups or 2, autoscaling=autoscaling)
+    return embedded_expert_backend(model, transport=transport or "ray", num_groups=groups or 2,
+                                   custom_resource=resource, autoscaling=autoscaling)
 
 
 def _demo_model_dir() -> str | None:

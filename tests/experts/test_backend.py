@@ -1,10 +1,12 @@
-"""The engine with its experts in N in-process groups (`--expert-groups N --transport local`)."""
+"""The engine with its experts in N in-process groups (`--expert-groups N --transport local`), and the
+Ray resource each Ray group asks for (`--expert-resource`)."""
 
 from __future__ import annotations
 
 import pytest
 
 from moeserve.experts.backend import embedded_expert_backend
+from moeserve.experts.group import GroupResources
 from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
 
 
@@ -42,3 +44,63 @@ def test_serve_flags_build_the_expert_backend(hf_checkpoint):
     assert len(engine.model.experts_backend.serving.placement.groups) == 2
     with pytest.raises(ValueError, match="--expert-groups: must be >= 0"):
         engine_config(parse(["serve", "--model", path, "--expert-groups", "-1"]))
+
+
+def test_expert_resource_must_name_a_resource(hf_checkpoint):
+    from moeserve.cluster.cli import build_parser
+    from moeserve.cluster.cli.serve import engine_config
+
+    path = str(hf_checkpoint("mixtral"))
+    parse = build_parser().parse_args
+    for bad in ("moeserve expert {group}", "moeserve_expert_{gruop}", "{0}", "", "GPU"):
+        with pytest.raises(ValueError, match="--expert-resource: "):
+            engine_config(parse(["serve", "--model", path, "--expert-groups", "2", "--expert-resource", bad]))
+    with pytest.raises(ValueError, match="--expert-resource: needs --transport ray"):
+        engine_config(parse(["serve", "--model", path, "--expert-groups", "2", "--transport", "local",
+                             "--expert-resource", "moeserve_expert_{group}"]))
+    with pytest.raises(ValueError, match="custom_resource: 'x_{gruop}' is not a resource name"):
+        GroupResources(custom_resource="x_{gruop}")
+    for good, want in (("moeserve_expert_{group}", "moeserve_expert_3"), ("moeserve_expert", "moeserve_expert"),
+                       ("pool-{group}.gpu", "pool-3.gpu")):
+        assert GroupResources(num_gpus=0, custom_resource=good).actor_options(3)["resources"] == {want: 1}
+
+
+@pytest.fixture
+def ray_with_group_resources(tmp_path_factory, monkeypatch):
+    """A private Ray instance offering one unit of moeserve_expert_0 and moeserve_expert_1; shut down after."""
+    import ray
+    import torch
+
+    monkeypatch.setenv("MOESERVE_ADMIN_PORT", "off")  # no admin server on a fixed port from this test
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ray.init(num_cpus=2, resources={"moeserve_expert_0": 1, "moeserve_expert_1": 1}, _temp_dir=str(tmp_path_factory.mktemp("ray")),
+             include_dashboard=False, namespace="test-expert-resource")
+    yield ray
+    ray.shutdown()
+    torch.set_num_threads(threads)
+
+
+def test_serve_expert_resource_reaches_each_groups_actor(hf_checkpoint, ray_with_group_resources):
+    from moeserve.cluster.cli import build_parser
+    from moeserve.cluster.cli.serve import engine_config
+
+    ray = ray_with_group_resources
+    path = str(hf_checkpoint("mixtral"))
+    args = build_parser().parse_args(["serve", "--model", path, "--expert-groups", "2", "--transport", "ray",
+                                      "--expert-resource", "moeserve_expert_{group}",
+                                      "--num-kv-blocks", "32", "--block-size", "8"])
+    engine = LLMEngine.from_config(engine_config(args))
+    controller = ray.get_actor("moeserve-controller", namespace="moeserve")
+    try:
+        status = ray.get(controller.status.remote())
+        held = {name: ray.cluster_resources()[name] - ray.available_resources().get(name, 0)
+                for name in ("moeserve_expert_0", "moeserve_expert_1")}
+        out = engine.generate_batch([[3, 1, 4, 1, 5]], SamplingParams(max_tokens=4))
+    finally:
+        engine.model.experts_backend.close()
+        ray.get(controller.shutdown.remote())
+        ray.kill(controller)
+    assert [len(g["replicas"]) for g in status["groups"]] == [1, 1]
+    assert held == {"moeserve_expert_0": 1, "moeserve_expert_1": 1}  # each group's replica holds its own unit
+    assert len(out[0].new_token_ids) == 4
