@@ -8,7 +8,6 @@ context, and one masked attention call covers the batch; the mask is built once 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..batch import AttentionBatch
 
@@ -58,9 +57,17 @@ def decode_mask(batch: AttentionBatch, device: torch.device, sliding_window: int
 
 
 def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor) -> torch.Tensor:
-    """q [B, Hq, D] over k [B, L, Hk, D], v [B, L, Hk, Dv] with mask [B, 1, 1, L] -> [B, Hq, Dv]."""
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
-        enable_gqa=q.shape[1] != k.shape[2],
-    )
-    return out.squeeze(2)
+    """q [B, Hq, D] over k [B, L, Hk, D], v [B, L, Hk, Dv] with mask [B, 1, 1, L] -> [B, Hq, Dv].
+
+    Two batched matmuls with the query heads of each KV head side by side, not SDPA: with a mask and
+    Hq != Hk (GQA, and MLA's one latent head) SDPA falls back to its math path, which first repeats
+    every cached key and value Hq/Hk times, moving far more memory than the cache itself.
+    """
+    b, hq, d = q.shape
+    hk = k.shape[2]
+    qg = q.view(b, hk, hq // hk, d)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [B, Hk, G, L]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v.transpose(1, 2))  # [B, Hk, G, Dv]
+    return out.reshape(b, hq, v.shape[-1])
