@@ -3,13 +3,15 @@
 It listens on its own port, never the public inference port, and takes its own credential: with
 admin tokens configured (MOESERVE_ADMIN_TOKEN, comma separated, or a token file) every call needs
 `authorization: Bearer <admin token>`; an inference token is not an admin token. Controller calls
-are Ray calls, so the server is a plain threaded gRPC server.
+are Ray calls, so the server is a plain threaded gRPC server. When it runs in the edge's process, the
+edge hands it its live serving figures (`report_serving`), which Status adds to the controller's.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -79,6 +81,18 @@ def status_response(s: dict) -> pb.StatusResponse:
     )
 
 
+def serving_status(f: dict) -> pb.ServingStatus:
+    """Live serving figures (cluster.serving_status.ServingFigures) as the wire message."""
+    msg = pb.ServingStatus(running=f["running"], waiting=f["waiting"], kv_blocks_used=f["kv_blocks_used"],
+                           kv_blocks_total=f["kv_blocks_total"], window_s=f["window_s"],
+                           input_tokens_per_s=f["input_tokens_per_s"], output_tokens_per_s=f["output_tokens_per_s"],
+                           requests_per_s=f["requests_per_s"])
+    for name in ("ttft", "tpot"):
+        if f.get(name) is not None:
+            getattr(msg, name).CopyFrom(pb.LatencySummary(**f[name]))
+    return msg
+
+
 class _Refused(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
@@ -91,6 +105,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     def __init__(self, controller, config: AdminConfig):
         self.controller, self.config = controller, config
         self._tokens = TokenSet(list(config.tokens)) if config.tokens else None
+        self.serving: Callable[[], dict] | None = None  # the edge's live figures, once it reports them
 
     def _call(self, context, ref_fn):
         if self._tokens is not None and self._tokens.match(bearer_token(context.invocation_metadata())) is None:
@@ -110,7 +125,13 @@ class AdminServicer(pb_grpc.AdminServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"controller error: {cause!r}")
 
     def Status(self, request, context):
-        return status_response(self._call(context, self.controller.status.remote))
+        response = status_response(self._call(context, self.controller.status.remote))
+        if self.serving is not None:
+            try:
+                response.serving.CopyFrom(serving_status(self.serving()))
+            except Exception:  # the figures are extra: the cluster's status still answers
+                log.exception("reading the serving figures failed")
+        return response
 
     def Scale(self, request, context):
         which = request.WhichOneof("target")
@@ -146,8 +167,13 @@ class AdminServer:
     def __init__(self, controller, config: AdminConfig | None = None):
         self.config = config or AdminConfig()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="moeserve-admin"))
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(controller, self.config), self._server)
+        self._servicer = AdminServicer(controller, self.config)
+        pb_grpc.add_AdminServicer_to_server(self._servicer, self._server)
         self.port: int | None = None
+
+    def report_serving(self, figures: Callable[[], dict]) -> None:
+        """Add `figures()` (e.g. cluster.serving_status.ServingFigures) to every Status reply from now on."""
+        self._servicer.serving = figures
 
     @property
     def address(self) -> str:

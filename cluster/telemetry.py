@@ -56,6 +56,15 @@ class TelemetryConfig:
 GaugeSource = Callable[[], dict[str, float]]
 
 
+@dataclass(frozen=True)
+class HistogramData:
+    """One histogram read back: upper bounds, a count per bucket (one more than bounds: +Inf), the sum."""
+
+    bounds: tuple[float, ...]
+    counts: list[int]
+    sum: float
+
+
 class Telemetry:
     """The instruments of one serving process and the exporters behind them."""
 
@@ -221,6 +230,23 @@ class Telemetry:
                         out[metric.name] = {
                             ",".join(f"{k}={v}" for k, v in sorted(p.attributes.items())): p.value for p in points
                         }
+        return out
+
+    def histograms(self, *names: str) -> dict[str, "HistogramData"]:
+        """Bucket counts of the named histograms since start, all attributes together (absent: nothing recorded)."""
+        data = self._reader.get_metrics_data()
+        out: dict[str, HistogramData] = {}
+        if data is None:
+            return out
+        for rm in data.resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    points = list(metric.data.data_points)
+                    if metric.name not in names or not points or not hasattr(points[0], "bucket_counts"):
+                        continue
+                    counts = [sum(c) for c in zip(*(p.bucket_counts for p in points))]
+                    out[metric.name] = HistogramData(tuple(points[0].explicit_bounds), counts,
+                                                     sum(p.sum for p in points))
         return out
 
     def shutdown(self) -> None:

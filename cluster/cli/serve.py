@@ -203,7 +203,22 @@ def _trunk_engine(engine_cfg):
     return TrunkEngine(engine_cfg)
 
 
-async def _serve(args: argparse.Namespace) -> int:
+def _report_serving(engine, tel) -> None:
+    """Hand the admin API beside the embedded expert groups the edge's live figures, for `moeserve status`.
+
+    Only where that API runs in this process: not with the experts in the trunk (there is none), nor
+    with --trunk-worker (it runs in the worker's process).
+    """
+    backend = getattr(getattr(getattr(engine, "core", None), "model", None), "experts_backend", None)
+    admin = getattr(backend, "admin", None)
+    if admin is not None:
+        from moeserve.cluster.serving_status import ServingFigures
+
+        admin.report_serving(ServingFigures(engine, tel))
+
+
+async def start_server(args: argparse.Namespace) -> tuple[InferenceServer, object]:
+    """Build the engine and the edge the flags ask for and start serving; returns (server, Telemetry or None)."""
     from moeserve.router.engine import AsyncEngine
 
     server_cfg = server_config(args)
@@ -214,11 +229,17 @@ async def _serve(args: argparse.Namespace) -> int:
         server = InferenceServer(engine, server_cfg, model_name=os.path.basename(str(engine_cfg.model or "demo")),
                                  telemetry=tel)
         await server.start()
+        _report_serving(engine, tel)
     except BaseException:
         if tel is not None:
             tel.shutdown()
         raise
+    return server, tel
 
+
+async def _serve(args: argparse.Namespace) -> int:
+    server, tel = await start_server(args)
+    server_cfg = server.config
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 

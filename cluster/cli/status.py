@@ -1,4 +1,5 @@
-"""`moeserve status`: expert groups, replicas, the experts each holds, per-expert load and the epoch.
+"""`moeserve status`: expert groups, replicas, the experts each holds, per-expert load and the epoch, and
+the edge's live serving figures (batch, KV cache, token rates, TTFT/TPOT) when the admin API has them.
 
 Reads the Admin gRPC service (its own port, default 50052; its own token, MOESERVE_ADMIN_TOKEN).
 The connection flags and error printing here are shared by `moeserve scale` and `moeserve drain`.
@@ -75,7 +76,30 @@ def format_status(s) -> str:
         lines.append(f"  {e:<6}  {','.join(holders.get(e, ['-'])):<6}  {total.get(e, 0):<5}"
                      + "".join(f"  {by_layer[layer].get(e, 0):<6}" for layer in layers))
     lines.append("unavailable experts: " + (" ".join(map(str, s.unavailable_experts)) or "none"))
+    lines += format_serving(s.serving) if s.HasField("serving") else [
+        "serving: no live figures (the admin API does not run in the edge's process, e.g. with --trunk-worker)"]
     return "\n".join(lines)
+
+
+def format_serving(v) -> list[str]:
+    """The lines of a ServingStatus."""
+    kv = f"{v.kv_blocks_used}/{v.kv_blocks_total}" + (
+        f" ({100 * v.kv_blocks_used / v.kv_blocks_total:.1f}%)" if v.kv_blocks_total else "")
+    lines = [f"serving  running {v.running}  waiting {v.waiting}  kv blocks {kv}",
+             f"  over the last {v.window_s:.1f}s: input {v.input_tokens_per_s:.1f} tokens/s  "
+             f"output {v.output_tokens_per_s:.1f} tokens/s  {v.requests_per_s:.2f} requests/s"]
+    for name, label in (("ttft", "ttft"), ("tpot", "tpot")):
+        if not v.HasField(name):
+            lines.append(f"  {label}  - (the server runs without telemetry: --prometheus-port or --otlp-endpoint)")
+            continue
+        x = getattr(v, name)
+        lines.append(f"  {label}  p50 {_ms(x.p50_s)}  p90 {_ms(x.p90_s)}  p99 {_ms(x.p99_s)}  mean {_ms(x.mean_s)}  "
+                     f"({x.count} requests)" if x.count else f"  {label}  - (no requests over the window)")
+    return lines
+
+
+def _ms(seconds: float) -> str:
+    return f"{1000 * seconds:.1f}ms"
 
 
 def main(args: argparse.Namespace) -> int:
