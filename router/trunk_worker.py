@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import ray
 
 from .config import EngineConfig
-from .errors import EngineStoppedError, ExpertsUnavailableError, InvalidRequestError, QueueFullError
+from .errors import EngineStoppedError, ExpertsUnavailableError, InvalidRequestError, QueueFullError, StepFailedError
 from .sequence import RequestOutput, SamplingParams
 
 
@@ -32,6 +32,8 @@ def error_record(exc: BaseException) -> tuple[str, str, object]:
         return "stopped", str(exc), None
     if isinstance(exc, ExpertsUnavailableError):
         return "experts", str(exc), exc.experts
+    if isinstance(exc, StepFailedError):  # any other failed step: the request may be retried
+        return "step_failed", repr(exc.cause), None
     return "internal", repr(exc), None
 
 
@@ -45,6 +47,8 @@ def error_from(record: tuple[str, str, object]) -> BaseException:
         return EngineStoppedError(message)
     if kind == "experts":
         return ExpertsUnavailableError(list(detail), message)
+    if kind == "step_failed":  # the cause's text is for the edge's log, not the client (router/status_codes.py)
+        return StepFailedError([], RuntimeError(f"trunk worker: {message}"))
     return RuntimeError(f"trunk worker: {message}")
 
 

@@ -74,8 +74,8 @@ def ray_with_group_resources(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MOESERVE_ADMIN_PORT", "off")  # no admin server on a fixed port from this test
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    ray.init(num_cpus=2, resources={"moeserve_expert_0": 1, "moeserve_expert_1": 1}, _temp_dir=str(tmp_path_factory.mktemp("ray")),
-             include_dashboard=False, namespace="test-expert-resource")
+    ray.init(num_cpus=2, resources={"moeserve_expert_0": 1, "moeserve_expert_1": 1},
+             _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False, namespace="test-expert-resource")
     yield ray
     ray.shutdown()
     torch.set_num_threads(threads)

@@ -60,3 +60,14 @@ async def test_a_failed_step_reaches_the_client_as_unavailable_and_the_server_go
         await wait_until(server, lambda: server.servicer.num_active == 0)
         stats = server.engine.stats()
         assert (stats["running"], stats["waiting"], stats["kv_blocks_used"]) == (0, 0, 0), stats
+
+
+def test_a_failed_step_in_the_trunk_worker_is_unavailable_at_the_edge():
+    from moeserve.router.trunk_worker import error_from, error_record
+
+    record = error_record(StepFailedError(["r1"], RuntimeError("/secret/path device lost")))
+    code, message = to_status(error_from(record))
+    assert code == grpc.StatusCode.UNAVAILABLE and "retry" in message and "secret" not in message
+    experts = error_from(error_record(StepFailedError(["r1"], ExpertsUnavailableError([2]))))
+    code, message = to_status(experts)
+    assert code == grpc.StatusCode.UNAVAILABLE and message.startswith("experts unavailable: [2]; retry")
