@@ -8,7 +8,7 @@ from torch import nn
 from ..batch import AttentionBatch
 from ..config import ModelConfig
 from .norm import RMSNorm
-from .decode_attention import attend_decode, decode_mask, gather_padded, is_decode_only
+from .decode_attention import attend_decode, decode_mask, gather_heads, is_decode_only
 from .paged_attention import attend, attention_mask, gather_cache, sequences, write_cache
 from .rotary import RotaryEmbedding
 
@@ -55,8 +55,8 @@ class GQAttention(nn.Module):
         write_cache(self.k_cache, batch, k)
         write_cache(self.v_cache, batch, v)
         if is_decode_only(batch):  # one batched call instead of one per sequence
-            keys = gather_padded(self.k_cache, batch).to(q.dtype)
-            values = gather_padded(self.v_cache, batch).to(q.dtype)
+            keys = gather_heads(self.k_cache, batch).to(q.dtype)
+            values = gather_heads(self.v_cache, batch).to(q.dtype)
             out = attend_decode(q, keys, values, self.scale, decode_mask(batch, x.device, self.sliding_window))
             return self.o_proj(out.reshape(t, -1))
         out = torch.empty(t, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)

@@ -21,6 +21,20 @@ def gather_padded(cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
     return cache.view(-1, *cache.shape[2:])[_padded_slots(batch, cache.device)]
 
 
+def gather_heads(cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+    """A cache [blocks, block_size, Hk, D] gathered head-major, [B, Hk, L, D], in one indexing kernel:
+    the layout the attention matmuls read without another copy."""
+    hk, d = cache.shape[2], cache.shape[3]
+    if hk == 1:
+        return gather_padded(cache, batch).transpose(1, 2)  # a view: [B, 1, L, D]
+    memo = batch.__dict__.setdefault("_decode_head_slots", {})
+    key = (cache.device, hk)
+    if key not in memo:
+        slots = _padded_slots(batch, cache.device)
+        memo[key] = slots[:, None, :] * hk + torch.arange(hk, device=cache.device)[None, :, None]
+    return cache.view(-1, d)[memo[key]]
+
+
 def _padded_slots(batch: AttentionBatch, device: torch.device) -> torch.Tensor:
     """[B, L] cache slots of every sequence's context; computed once per step, shared by all layers."""
     memo = batch.__dict__.setdefault("_decode_slots", {})
@@ -57,17 +71,16 @@ def decode_mask(batch: AttentionBatch, device: torch.device, sliding_window: int
 
 
 def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor) -> torch.Tensor:
-    """q [B, Hq, D] over k [B, L, Hk, D], v [B, L, Hk, Dv] with mask [B, 1, 1, L] -> [B, Hq, Dv].
+    """q [B, Hq, D] over k [B, Hk, L, D], v [B, Hk, L, Dv] (head-major) with mask [B, 1, 1, L] -> [B, Hq, Dv].
 
     Two batched matmuls with the query heads of each KV head side by side, not SDPA: with a mask and
     Hq != Hk (GQA, and MLA's one latent head) SDPA falls back to its math path, which first repeats
     every cached key and value Hq/Hk times, moving far more memory than the cache itself.
     """
     b, hq, d = q.shape
-    hk = k.shape[2]
+    hk = k.shape[1]
     qg = q.view(b, hk, hq // hk, d)
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [B, Hk, G, L]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hk, G, L]
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v.transpose(1, 2))  # [B, Hk, G, Dv]
-    return out.reshape(b, hq, v.shape[-1])
+    return torch.matmul(probs, v).reshape(b, hq, v.shape[-1])  # [B, Hk, G, Dv] -> [B, Hq, Dv]

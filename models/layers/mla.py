@@ -87,13 +87,13 @@ class MLAttention(nn.Module):
         if self.kv_lora_rank + self.rope_dim < n * (self.nope_dim + self.v_dim):
             w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)
             q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)
-            out = attend_decode(torch.cat([q_latent, q_pe], dim=-1), cached.unsqueeze(2), latent.unsqueeze(2),
+            out = attend_decode(torch.cat([q_latent, q_pe], dim=-1), cached.unsqueeze(1), latent.unsqueeze(1),
                                 self.scale, mask)
             return torch.einsum("bhr,hvr->bhv", out, w_uv)
         kv = self.kv_b_proj(latent).view(b, n, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, n, self.num_heads, self.rope_dim)], dim=-1)
-        return attend_decode(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale, mask)
+        return attend_decode(torch.cat([q_nope, q_pe], dim=-1), k.transpose(1, 2), v.transpose(1, 2), self.scale, mask)
 
     def _attend_expanded(self, q_nope, q_pe, cached, mask) -> torch.Tensor:
         n = cached.shape[0]
