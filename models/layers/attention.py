@@ -8,7 +8,8 @@ from torch import nn
 from ..batch import AttentionBatch
 from ..config import ModelConfig
 from .norm import RMSNorm
-from .decode_attention import attend_decode, decode_mask, gather_heads, is_decode_only
+from . import padded_attention as padded
+from .decode_attention import attend_decode, decode_mask, gather_heads, gather_padded, is_decode_only
 from .paged_attention import attend, attention_mask, gather_cache, sequences, write_cache
 from .rotary import RotaryEmbedding
 
@@ -58,6 +59,12 @@ class GQAttention(nn.Module):
             keys = gather_heads(self.k_cache, batch).to(q.dtype)
             values = gather_heads(self.v_cache, batch).to(q.dtype)
             out = attend_decode(q, keys, values, self.scale, decode_mask(batch, x.device, self.sliding_window))
+            return self.o_proj(out.reshape(t, -1))
+        if padded.fits(batch, self.num_heads):  # prefill and mixed steps: one padded call
+            keys = gather_padded(self.k_cache, batch).to(q.dtype)
+            values = gather_padded(self.v_cache, batch).to(q.dtype)
+            out = padded.attend_padded(q, keys, values, self.scale, padded.layout(batch, x.device),
+                                       padded.mask(batch, x.device, self.sliding_window))
             return self.o_proj(out.reshape(t, -1))
         out = torch.empty(t, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
         for seq, rows, q_len, ctx_len in sequences(batch):

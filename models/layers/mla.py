@@ -14,6 +14,7 @@ from torch import nn
 from ..batch import AttentionBatch
 from ..config import ModelConfig
 from .norm import RMSNorm
+from . import padded_attention as padded
 from .decode_attention import attend_decode, decode_mask, gather_padded, is_decode_only
 from .paged_attention import attend, attention_mask, gather_cache, sequences, write_cache
 from .rotary import RotaryEmbedding, softmax_mscale
@@ -70,6 +71,8 @@ class MLAttention(nn.Module):
             cached = gather_padded(self.latent_cache, batch).to(x.dtype)
             out = self._decode(q_nope, q_pe, cached, w_kv, decode_mask(batch, x.device, None))
             return self.o_proj(out.reshape(t, -1))
+        if padded.fits(batch, self.num_heads):  # prefill and mixed steps: one padded call
+            return self.o_proj(self._attend_padded(q_nope, q_pe, w_kv, batch).reshape(t, -1))
         out = torch.empty(t, self.num_heads, self.v_dim, dtype=x.dtype, device=x.device)
         for seq, rows, q_len, ctx_len in sequences(batch):
             cached = gather_cache(self.latent_cache, batch, seq, ctx_len).to(x.dtype)
@@ -94,6 +97,24 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, n, self.num_heads, self.rope_dim)], dim=-1)
         return attend_decode(torch.cat([q_nope, q_pe], dim=-1), k.transpose(1, 2), v.transpose(1, 2), self.scale, mask)
+
+    def _attend_padded(self, q_nope, q_pe, w_kv, batch: AttentionBatch) -> torch.Tensor:
+        """Every sequence at once over the padded latents; expanded or absorbed as the sizes favour."""
+        cached = gather_padded(self.latent_cache, batch).to(q_nope.dtype)  # [B, Lk, latent + rope]
+        b, n = cached.shape[:2]
+        lay = padded.layout(batch, q_nope.device)
+        mask = padded.mask(batch, q_nope.device, None)
+        latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        if q_nope.shape[0] * (self.kv_lora_rank + self.rope_dim) < b * n * (self.nope_dim + self.v_dim):
+            w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)
+            q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)
+            out = padded.attend_padded(torch.cat([q_latent, q_pe], dim=-1), cached.unsqueeze(2), latent.unsqueeze(2),
+                                       self.scale, lay, mask)
+            return torch.einsum("thr,hvr->thv", out, w_uv)
+        kv = self.kv_b_proj(latent).view(b, n, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, n, self.num_heads, self.rope_dim)], dim=-1)
+        return padded.attend_padded(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale, lay, mask)
 
     def _attend_expanded(self, q_nope, q_pe, cached, mask) -> torch.Tensor:
         n = cached.shape[0]

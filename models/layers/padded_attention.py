@@ -1,0 +1,84 @@
+"""Attention for prefill and mixed steps in one padded call per layer, not one call per sequence.
+
+The per-sequence loop (paged_attention.py) costs some fifteen kernel launches per sequence per
+layer; a step that prefills 32 prompts on a GPU spent most of its time launching them. Here the
+step's queries are laid out [B, Lq] (each sequence's new tokens, padded to the longest chunk) and
+its keys [B, Lk] (each context, padded to the longest), and one masked attention covers the step:
+query i of sequence b sees keys j <= its position (within the sliding window). Padding queries are
+dropped on the way back to the packed rows; padding keys are masked.
+
+The layout is built once per step on the device from three small host lists (query lengths,
+context lengths, row offsets) and kept on the AttentionBatch for every layer. Steps whose padded
+score matrix would be very large (one long prompt beside many short ones) keep the per-sequence loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..batch import AttentionBatch
+
+MAX_SCORE_ELEMENTS = 1 << 28  # B * Lq * Lk * heads above which the per-sequence loop is used
+
+
+@dataclass
+class PaddedLayout:
+    q_index: torch.Tensor  # [B, Lq] packed row of each sequence's i-th new token (0 for padding)
+    out_index: torch.Tensor  # [T] where each packed row sits in the flattened [B * Lq]
+    q_pos: torch.Tensor  # [B, Lq] position of each query in its sequence (padding: the last real one)
+    num_keys: int  # Lk
+
+
+def fits(batch: AttentionBatch, heads: int) -> bool:
+    return batch.num_seqs * max(batch.query_lens) * max(batch.context_lens) * heads <= MAX_SCORE_ELEMENTS
+
+
+def layout(batch: AttentionBatch, device: torch.device) -> PaddedLayout:
+    memo = batch.__dict__.setdefault("_padded_layout", {})
+    if device not in memo:
+        b, lq, lk, t = batch.num_seqs, max(batch.query_lens), max(batch.context_lens), batch.num_tokens
+        starts, acc = [], 0
+        for q in batch.query_lens:
+            starts.append(acc)
+            acc += q
+        host = torch.tensor([batch.query_lens, batch.context_lens, starts], dtype=torch.long)
+        if device.type == "cuda":
+            host = host.pin_memory().to(device, non_blocking=True)
+        q_lens, ctx_lens, first = host[0], host[1], host[2]
+        ar_q = torch.arange(lq, device=device)[None, :]
+        valid = ar_q < q_lens[:, None]
+        q_index = torch.where(valid, first[:, None] + ar_q, 0)
+        q_pos = torch.where(valid, (ctx_lens - q_lens)[:, None] + ar_q, (ctx_lens - 1)[:, None])
+        seq_of_row = torch.repeat_interleave(torch.arange(b, device=device), q_lens, output_size=t)
+        out_index = seq_of_row * lq + torch.arange(t, device=device) - first[seq_of_row]
+        memo[device] = PaddedLayout(q_index, out_index, q_pos, lk)
+    return memo[device]
+
+
+def mask(batch: AttentionBatch, device: torch.device, sliding_window: int | None) -> torch.Tensor:
+    """[B, 1, Lq, Lk] True where each query may attend; built once per step and window."""
+    masks = batch.__dict__.setdefault("_padded_masks", {})
+    key = (device, sliding_window)
+    if key not in masks:
+        lay = layout(batch, device)
+        pos = lay.q_pos[:, :, None]
+        k = torch.arange(lay.num_keys, device=device)[None, None, :]
+        m = k <= pos
+        if sliding_window is not None:
+            m &= k > pos - sliding_window
+        masks[key] = m[:, None]
+    return masks[key]
+
+
+def attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, lay: PaddedLayout,
+                  attn_mask: torch.Tensor) -> torch.Tensor:
+    """Packed queries q [T, Hq, D] over padded k [B, Lk, Hk, D], v [B, Lk, Hk, Dv] -> packed [T, Hq, Dv]."""
+    b, lq = lay.q_index.shape
+    hq = q.shape[1]
+    qp = q[lay.q_index].transpose(1, 2)  # [B, Hq, Lq, D]
+    out = F.scaled_dot_product_attention(qp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
+                                         scale=scale, enable_gqa=hq != k.shape[2])
+    return out.transpose(1, 2).reshape(b * lq, hq, v.shape[-1]).index_select(0, lay.out_index)

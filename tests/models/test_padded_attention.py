@@ -1,0 +1,52 @@
+"""Prefill and mixed steps: the one padded attention call per layer equals the per-sequence loop.
+
+The same staggered workload (chunked prefills beside decodes, preemption) is served twice, once
+with the padded path and once with it switched off (every step over the loop); greedy tokens match
+for each architecture, Mixtral with a sliding window shorter than the prompts included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeserve.models.layers import padded_attention
+from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
+
+PROMPT_LENS = [2, 19, 7, 33, 1, 26, 11]
+CASES = {"deepseek_v3": {}, "qwen3_moe": {}, "mixtral": {}, "mixtral-window": {"sliding_window": 6}}
+
+
+def _serve(path: str) -> tuple[dict[str, list[int]], int]:
+    config = EngineConfig(model=path, block_size=4, num_kv_blocks=20, max_num_seqs=4, max_num_batched_tokens=16,
+                          max_model_len=64)
+    engine = LLMEngine.from_config(config)
+    vocab = engine.model_config.vocab_size
+    got: dict[str, list[int]] = {}
+    step = 0
+    while step < 2 * len(PROMPT_LENS) or engine.has_unfinished():
+        if step % 2 == 0 and step // 2 < len(PROMPT_LENS):
+            i = step // 2
+            prompt = torch.randint(0, vocab, (PROMPT_LENS[i],), generator=torch.Generator().manual_seed(i)).tolist()
+            engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=10))
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+        step += 1
+        assert step < 1000
+    return got, engine.stats()["preemptions"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_padded_equals_per_sequence_loop(case, hf_checkpoint, monkeypatch):
+    path = str(hf_checkpoint(case.split("-")[0], seed=2, **CASES[case]))
+    calls = []
+    real = padded_attention.attend_padded
+    monkeypatch.setattr(padded_attention, "attend_padded", lambda *a: calls.append(1) or real(*a))
+    want, preemptions = _serve(path)
+    assert calls, "prefill steps were meant to take the padded path"
+    assert preemptions > 0, "the KV budget was meant to force preemption"
+    monkeypatch.setattr(padded_attention, "MAX_SCORE_ELEMENTS", 0)
+    calls.clear()
+    got, _ = _serve(path)
+    assert not calls
+    assert got == want
