@@ -231,7 +231,9 @@ async def _serve_random(args: argparse.Namespace) -> None:
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, max_queued_requests=4096,
                           decode_graphs="off" if args.enforce_eager else "auto")
-    engine = AsyncEngine(LLMEngine(config, model, tokenizer=None))
+    llm = LLMEngine(config, model, tokenizer=None)
+    print(f"server: {llm.stats()['kv_blocks_total']} KV blocks of {config.block_size} tokens", file=sys.stderr, flush=True)
+    engine = AsyncEngine(llm)
     server = InferenceServer(engine, ServerConfig(port=0, max_streams_per_caller=4096, grace_s=5),
                              model_name=args.preset)
     await server.start()

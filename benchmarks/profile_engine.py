@@ -79,6 +79,7 @@ def profile_model(name: str, args: argparse.Namespace, report: dict, text: list[
                           decode_graphs="auto" if args.device.startswith("cuda") else "padded")
     engine = LLMEngine(config, model, tokenizer=None)
     graphs = engine.runner.graphs
+    print(f"{name}: {engine.stats()['kv_blocks_total']} KV blocks of {config.block_size} tokens", flush=True)
     r = report[name] = {}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     for b in args.batches:
@@ -105,7 +106,7 @@ def profile_model(name: str, args: argparse.Namespace, report: dict, text: list[
         engine.runner.graphs = saved
         _drain(engine)
         med = lambda v: sorted(v)[len(v) // 2] if v else None  # noqa: E731
-        r[str(b)] = dict(prefill_steps_ms=prefill, decode_graph_ms=med(with_graphs), decode_eager_ms=med(eager),
+        r[str(b)] = dict(preemptions_so_far=engine.stats()["preemptions"], prefill_steps_ms=prefill, decode_graph_ms=med(with_graphs), decode_eager_ms=med(eager),
                          decode_graph_tok_s=b / med(with_graphs) * 1e3, decode_eager_tok_s=b / med(eager) * 1e3)
         print(f"{name} batch {b}: prefill steps {[round(x) for x in prefill]} ms; decode step "
               f"{med(with_graphs):.2f} ms with graphs, {med(eager):.2f} ms eager", flush=True)
@@ -118,6 +119,7 @@ def profile_model(name: str, args: argparse.Namespace, report: dict, text: list[
              f"{args.max_num_batched_tokens})", _kernel_table(prof, args.rows)]
     _drain(engine)
     r["graphs_failed"] = graphs.failed if graphs is not None else "no graphs"
+    r["engine"] = engine.stats()
     del engine, model
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()

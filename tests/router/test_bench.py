@@ -108,3 +108,20 @@ def test_gpu_benchmark_script_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert report["models"]["tiny"]["floor"]["2"]["active_weight_bytes"] > 0
     md = (tmp_path / "benchmarks.md").read_text()
     assert "| tiny | 2 |" in md and "| tiny | 50 |" in md
+
+
+def test_engine_profile_script_runs_on_a_tiny_model(tmp_path):
+    """benchmarks/profile_engine.py --smoke: prefill and decode step times (padded decode on CPU) and kernel tables."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_engine.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "profile_engine.json").read_text())["tiny"]
+    for b in ("1", "2"):
+        assert report[b]["decode_graph_ms"] > 0 and report[b]["decode_eager_ms"] > 0 and report[b]["prefill_steps_ms"]
+    assert report["engine"]["waiting"] == report["engine"]["running"] == 0
+    assert "one prefill step" in (tmp_path / "profile_engine.txt").read_text()
