@@ -117,9 +117,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="show expert groups, replicas, per-expert load and the epoch",
+    p = sub.add_parser("status", help="show expert groups, replicas, per-expert load, the epoch and live figures",
                        description="Show the expert groups, their replicas, the experts each holds, per-expert "
-                                   "load and the serving epoch (moeserve.v1.Admin/Status).")
+                                   "load and the serving epoch (moeserve.v1.Admin/Status), and the edge's live "
+                                   "figures (batch, KV cache, tokens/s; TTFT/TPOT when the server runs with "
+                                   "--prometheus-port or --otlp-endpoint).")
     add_admin_args(p)
     p.add_argument("--json", action="store_true", help="print the StatusResponse as JSON")
     p.set_defaults(func=main)
