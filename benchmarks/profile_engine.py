@@ -120,7 +120,10 @@ def profile_model(name: str, args: argparse.Namespace, report: dict, text: list[
     _drain(engine)
     r["graphs_failed"] = graphs.failed if graphs is not None else "no graphs"
     r["engine"] = engine.stats()
-    del engine, model
+    del engine, model, graphs  # the graphs hold the model: all three go before the next model is built
+    import gc
+
+    gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
 
