@@ -61,7 +61,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self.lock = threading.Lock()
-        self.counters = dict(steps=0, prompt_tokens=0, tokens_computed=0, tokens_generated=0, requests_finished=0)
+        self.counters = dict(steps=0, requests_added=0, prompt_tokens=0, tokens_computed=0, tokens_generated=0,
+                             requests_finished=0)
         # Telemetry (or anything with record_step and record_queue_wait); called on the step thread
         self.observer: Any = None
 
@@ -84,6 +85,7 @@ class LLMEngine:
                 raise InvalidRequestError("request_id", f"{request_id!r} is already in flight; use a unique id")
             self.scheduler.add(seq)
             self.requests[request_id] = seq
+            self.counters["requests_added"] += 1
             self.counters["prompt_tokens"] += seq.num_prompt_tokens
 
     def _validate(self, prompt: list[int], params: SamplingParams) -> None:
@@ -201,9 +203,12 @@ class LLMEngine:
         return [merged[rid] for rid in ids]
 
     def stats(self) -> dict:
+        """Gauges and counters now; `oldest_wait_s` is how long the oldest request never yet scheduled has waited."""
         with self.lock:
+            queued = [s.arrival_time for s in self.scheduler.waiting if s.first_scheduled_time is None]
             return dict(
                 waiting=len(self.scheduler.waiting),
+                oldest_wait_s=time.monotonic() - min(queued) if queued else 0.0,
                 running=len(self.scheduler.running),
                 kv_blocks_used=self.block_manager.num_used_blocks,
                 kv_blocks_total=self.block_manager.num_blocks,
