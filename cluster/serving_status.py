@@ -5,6 +5,7 @@ request rates and TTFT/TPOT percentiles over a sliding window.
 runs with telemetry, the TTFT/TPOT histograms of its `Telemetry`. Rates and percentiles are the
 difference between now and a reading at least `window_s` old (or the first reading, while the
 server is younger), so they say how the server is doing lately, not since it started.
+`ReadingWindow` keeps those readings; the autoscaler's trunk report (autoscaling/runner.py) uses it too.
 """
 
 from __future__ import annotations
@@ -57,17 +58,36 @@ class _Reading:
     histograms: dict[str, Any] = field(default_factory=dict)  # name -> telemetry.HistogramData
 
 
+class ReadingWindow:
+    """Readings of cumulative figures (anything with a time `t`), kept so each new one is compared with
+    the newest at least `window_s` older (else the oldest there is, while the history is younger)."""
+
+    def __init__(self, first: Any, window_s: float, min_spacing_s: float = _MIN_SPACING_S):
+        if window_s <= 0:
+            raise ValueError(f"window_s: must be > 0, got {window_s}")
+        self.window_s, self._min_spacing_s = window_s, min_spacing_s
+        self._lock = threading.Lock()
+        self._history: deque = deque([first])
+
+    def base(self, now: Any) -> Any:
+        """The reading to compare `now` with; `now` joins the history if the last one is old enough."""
+        with self._lock:
+            history = self._history
+            while len(history) > 1 and now.t - history[1].t >= self.window_s:
+                history.popleft()
+            base = history[0]
+            if now.t - history[-1].t >= self._min_spacing_s:
+                history.append(now)
+        return base
+
+
 class ServingFigures:
     """Callable: the live figures of one engine as a dict (the fields of admin.proto's ServingStatus)."""
 
     def __init__(self, engine: Any, telemetry: Any = None, window_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic):
-        if window_s <= 0:
-            raise ValueError(f"window_s: must be > 0, got {window_s}")
         self._engine, self._telemetry, self.window_s, self._clock = engine, telemetry, window_s, clock
-        self._lock = threading.Lock()
-        stats = engine.stats()
-        self._history: deque[_Reading] = deque([self._reading(stats)])
+        self._window = ReadingWindow(self._reading(engine.stats()), window_s)
 
     def _reading(self, stats: dict) -> _Reading:
         hist = self._telemetry.histograms(*_HISTOGRAMS.values()) if self._telemetry is not None else {}
@@ -76,14 +96,7 @@ class ServingFigures:
     def __call__(self) -> dict[str, Any]:
         stats = self._engine.stats()
         now = self._reading(stats)
-        with self._lock:
-            history = self._history
-            # The base is the newest reading at least window_s old (else the oldest one there is).
-            while len(history) > 1 and now.t - history[1].t >= self.window_s:
-                history.popleft()
-            base = history[0]
-            if now.t - history[-1].t >= _MIN_SPACING_S:
-                history.append(now)
+        base = self._window.base(now)
         span = max(now.t - base.t, 1e-9)
         figures: dict[str, Any] = {
             "running": int(stats.get("running", 0)),
@@ -101,11 +114,19 @@ class ServingFigures:
         return figures
 
 
+def histogram_delta(before, after) -> tuple[Sequence[float], list[int], float]:
+    """Bounds, bucket counts and sum of what `after` (telemetry.HistogramData) recorded since `before`.
+
+    None for `after` is a histogram nothing was recorded in; None for `before`, one read before the first.
+    """
+    if after is None:
+        return (), [0], 0.0
+    if before is None:
+        return after.bounds, list(after.counts), after.sum
+    counts = [max(0, a - b) for a, b in zip(after.counts, before.counts)]
+    return after.bounds, counts, max(0.0, after.sum - before.sum)
+
+
 def _window_latency(before, after) -> dict[str, float]:
     """The latency summary of what `after` (telemetry.HistogramData) recorded since `before`."""
-    if after is None:
-        return latency_summary((), [0], 0.0)
-    if before is None:
-        return latency_summary(after.bounds, after.counts, after.sum)
-    counts = [max(0, a - b) for a, b in zip(after.counts, before.counts)]
-    return latency_summary(after.bounds, counts, max(0.0, after.sum - before.sum))
+    return latency_summary(*histogram_delta(before, after))
