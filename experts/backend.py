@@ -89,7 +89,8 @@ def _start_admin(controller):
 
 
 def _start_autoscaler(controller, config):
-    """The autoscaling policy (cluster/autoscaling) running on the controller's live metrics."""
+    """The autoscaling policy (cluster/autoscaling) running on the controller's live metrics; serve attaches
+    the edge's engine as the trunk's report once it is built (cluster/cli/serve.py)."""
     import atexit
 
     from moeserve.cluster.autoscaling.runner import AutoscaleRunner

@@ -1,13 +1,16 @@
 """Signals from a live cluster: the controller's status and the trunk's engine stats, as a `Signals` snapshot.
 
-Pure: the runner does the I/O (controller.status(), engine.stats()) and hands the dicts in.
+Pure: the runner does the I/O (controller.status(), engine.stats(), the telemetry's histograms) and
+hands the dicts and readings in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+from ..serving_status import bucket_quantile, histogram_delta
 from .signals import GroupSignals, LatencySummary, Signals
 
 STARTING_STATES = ("starting",)  # cluster/replicas.py: a replica asked for, its actor not yet ready
@@ -35,19 +38,62 @@ class TrunkSnapshot:
     oldest_wait_s: float = 0.0
     running_sequences: int = 0
     sequence_capacity: int = 0
-    ttft_s: Sequence[float] = field(default_factory=tuple)  # first tokens observed in the window
-    tpot_s: Sequence[float] = field(default_factory=tuple)  # finished requests in the window
+    queue_wait: LatencySummary = LatencySummary()  # arrival to first schedule, over the window
+    ttft: LatencySummary = LatencySummary()  # time to first token, over the window
+    tpot: LatencySummary = LatencySummary()  # mean time per output token of requests, over the window
     arrivals_per_s: float = 0.0
 
 
-def trunk_from_engine_stats(stats: Mapping[str, int], max_num_seqs: int, replicas: int = 1) -> TrunkSnapshot:
-    """A trunk snapshot from `LLMEngine.stats()` of one worker (queue and batch slots only)."""
+# Telemetry's histograms (cluster/telemetry.py) behind the latency fields of a TrunkSnapshot.
+LATENCY_HISTOGRAMS = {"queue_wait": "queue_wait_seconds", "ttft": "ttft_seconds", "tpot": "tpot_seconds"}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineReading:
+    """One reading of the edge at `t` (monotonic seconds): its engine's stats() and telemetry histograms."""
+
+    t: float
+    stats: Mapping[str, float]
+    histograms: Mapping[str, Any] = field(default_factory=dict)  # metric name -> telemetry.HistogramData
+
+
+def trunk_from_engine_stats(stats: Mapping[str, float], max_num_seqs: int, replicas: int = 1) -> TrunkSnapshot:
+    """A trunk snapshot from `LLMEngine.stats()` of one worker (the queue and batch slots now)."""
     return TrunkSnapshot(
         replicas=replicas,
         queue_depth=int(stats.get("waiting", 0)),
+        oldest_wait_s=float(stats.get("oldest_wait_s", 0.0)),
         running_sequences=int(stats.get("running", 0)),
         sequence_capacity=max_num_seqs * replicas,
     )
+
+
+def latency_from_buckets(bounds: Sequence[float], counts: Sequence[int]) -> LatencySummary:
+    """Quantiles of a bucketed distribution, linear within a bucket (as Prometheus' histogram_quantile).
+
+    `max_s` is the upper bound of the highest bucket in use (the largest finite bound for +Inf).
+    """
+    n = sum(counts)
+    if n <= 0:
+        return LatencySummary()
+    top = max(i for i, c in enumerate(counts) if c > 0)
+    max_s = float(bounds[min(top, len(bounds) - 1)]) if bounds else 0.0
+    p50, p95, p99 = (bucket_quantile(q, bounds, counts) for q in (0.5, 0.95, 0.99))
+    return LatencySummary(int(n), p50, p95, p99, max_s)
+
+
+def trunk_from_readings(base: EngineReading, now: EngineReading, max_num_seqs: int, replicas: int = 1) -> TrunkSnapshot:
+    """A trunk snapshot over the window from `base` to `now`: the queue and slots as of `now`, arrivals
+    per second from the engine's `requests_added` counter, latency quantiles from the histogram deltas."""
+    span = now.t - base.t
+    # A restarted trunk worker starts its counters again: never a negative rate.
+    arrived = max(0.0, float(now.stats.get("requests_added", 0)) - float(base.stats.get("requests_added", 0)))
+    latencies = {
+        name: latency_from_buckets(*histogram_delta(base.histograms.get(m), now.histograms.get(m))[:2])
+        for name, m in LATENCY_HISTOGRAMS.items()
+    }
+    return replace(trunk_from_engine_stats(now.stats, max_num_seqs, replicas),
+                   arrivals_per_s=arrived / span if span > 0 else 0.0, **latencies)
 
 
 def redundant_copies(groups: Sequence[Mapping]) -> dict[int, int]:
@@ -86,8 +132,9 @@ def signals_from_status(status: Mapping, now_s: float, window_s: float, trunk: T
         groups=groups,
         queue_depth=trunk.queue_depth,
         oldest_wait_s=trunk.oldest_wait_s,
-        ttft=LatencySummary.of(trunk.ttft_s),
-        tpot=LatencySummary.of(trunk.tpot_s),
+        queue_wait=trunk.queue_wait,
+        ttft=trunk.ttft,
+        tpot=trunk.tpot,
         arrivals_per_s=trunk.arrivals_per_s,
         running_sequences=trunk.running_sequences,
         sequence_capacity=trunk.sequence_capacity,

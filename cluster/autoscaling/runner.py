@@ -1,11 +1,12 @@
 """The autoscaler on a live cluster: every `interval_s`, observe, run the policy, carry out its decision.
 
 Observation is the controller's `status()` (replicas, busy share, per-expert load) plus the trunk's
-report; the decision comes from the same pure, limited policy the simulator replays; the effects go
-through the controller's live-scaling path (`scale`, which adds replicas or drains them without
-failing a request, and `replicate_expert`). A change runs in the background: the loop never waits
-for a replica to start (that may take a new node), and a group with a change in flight gets no
-second one until the first is done. Every decision that changes something is logged with its reason.
+report (`EngineTrunk`: the edge's queue, batch slots, arrivals and latencies); the decision comes from
+the same pure, limited policy the simulator replays; the effects go through the controller's
+live-scaling path (`scale`, which adds replicas or drains them without failing a request, and
+`replicate_expert`). A change runs in the background: the loop never waits for a replica to start
+(that may take a new node), and a group with a change in flight gets no second one until the first
+is done. Every decision that changes something is logged with its reason.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from dataclasses import dataclass
 
 import ray
 
+from ..serving_status import ReadingWindow
 from .autoscaler import Autoscaler
 from .config import AutoscalingConfig
 from .decisions import Decision
-from .live import TrunkSnapshot, group_id_of, signals_from_status
+from .live import (LATENCY_HISTOGRAMS, EngineReading, TrunkSnapshot, group_id_of, signals_from_status,
+                   trunk_from_readings)
 from .signals import Signals
 
 log = logging.getLogger("moeserve.autoscaler")
@@ -36,6 +39,32 @@ class ScalingEvent:
     kind: str  # "decision", "done", "failed", "skipped"
     unit: str
     message: str
+
+
+class EngineTrunk:
+    """The trunk's report from the engine in this process: callable, a TrunkSnapshot over `window_s`.
+
+    From the engine's stats(), always: queue depth, age of the oldest request not yet scheduled,
+    running sequences, batch slots (its max_num_seqs) and admitted requests per second. From
+    `telemetry` (this process's cluster.telemetry.Telemetry, on with serve --prometheus-port or
+    --otlp-endpoint): the queue-wait, TTFT and TPOT quantiles, from its histograms' bucket deltas.
+    Without telemetry those stay empty (count 0): a policy sees the queue but no latency. The busy
+    share stays 0 either way: a step's time includes the wait for the expert groups, so it does not
+    tell the trunk's own load from theirs.
+    """
+
+    def __init__(self, engine, telemetry=None, *, window_s: float, clock: Callable[[], float] = time.monotonic):
+        self.engine, self.telemetry, self.clock = engine, telemetry, clock
+        self.max_num_seqs = engine.config.max_num_seqs
+        self._window = ReadingWindow(self._read(), window_s)
+
+    def _read(self) -> EngineReading:
+        histograms = self.telemetry.histograms(*LATENCY_HISTOGRAMS.values()) if self.telemetry is not None else {}
+        return EngineReading(self.clock(), self.engine.stats(), histograms)
+
+    def __call__(self) -> TrunkSnapshot:
+        now = self._read()
+        return trunk_from_readings(self._window.base(now), now, self.max_num_seqs)
 
 
 class AutoscaleRunner:
@@ -60,9 +89,14 @@ class AutoscaleRunner:
         self.status_timeout_s = status_timeout_s
         self.events: deque[ScalingEvent] = deque(maxlen=1000)
         self._in_flight: dict[str, tuple[ray.ObjectRef, str]] = {}  # unit -> (call, what it was asked)
-        self._said: dict[str, str] = {}  # unit -> last repeated message logged
+        self._said: dict[str, str] = {}  # unit -> key of the last repeated message logged
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+
+    def attach_trunk(self, trunk: Callable[[], TrunkSnapshot]) -> None:
+        """Read the trunk's report from `trunk` from the next run on. serve attaches its engine's once the
+        engine is built: the runner starts beside the expert groups, while the model is still loading."""
+        self.trunk = trunk
 
     # --- one policy run ---------------------------------------------------------------------------
     def observe(self) -> Signals:
@@ -95,8 +129,9 @@ class AutoscaleRunner:
                 self._event("decision", "trunk", lines["trunk"])
                 self.scale_trunk(decision.trunk.replicas)
             else:
-                self._once("trunk", f"trunk target {decision.trunk.replicas} not carried out: no trunk scaler attached "
-                                    f"({decision.trunk.reason})")
+                # Said when the target asked for changes, not every run (the reason's figures do).
+                self._once("trunk", f"trunk target {decision.trunk.replicas} not carried out: no trunk scaler "
+                                    f"attached ({decision.trunk.reason})", key=f"target {decision.trunk.replicas}")
         if "redundant" in lines:
             self._once("redundant", lines["redundant"], kind="decision")
         for expert in sorted(set(decision.redundant) - set(signals.redundant)):
@@ -121,10 +156,12 @@ class AutoscaleRunner:
             else:
                 self._event("done", unit, f"{what} done: {result}")
 
-    def _once(self, unit: str, message: str, kind: str = "skipped") -> None:
-        """An event that would repeat every run while nothing changes: logged when it first differs."""
-        if self._said.get(unit) != message:
-            self._said[unit] = message
+    def _once(self, unit: str, message: str, kind: str = "skipped", key: str | None = None) -> None:
+        """An event that would repeat every run while nothing changes: logged when its key (by default
+        the message) first differs."""
+        key = message if key is None else key
+        if self._said.get(unit) != key:
+            self._said[unit] = key
             self._event(kind, unit, message)
 
     def _event(self, kind: str, unit: str, message: str, level: int = logging.INFO) -> None:

@@ -204,10 +204,11 @@ def _trunk_engine(engine_cfg):
 
 
 def _report_serving(engine, tel) -> None:
-    """Hand the admin API beside the embedded expert groups the edge's live figures, for `moeserve status`.
+    """Hand the control plane beside the embedded expert groups the edge's live figures: the admin API
+    (for `moeserve status`) and the autoscaler (the trunk's signals: queue, slots, arrivals, TTFT/TPOT).
 
-    Only where that API runs in this process: not with the experts in the trunk (there is none), nor
-    with --trunk-worker (it runs in the worker's process).
+    Only where they run in this process: not with the experts in the trunk (there are none), nor
+    with --trunk-worker (they run in the worker's process, and its autoscaler sees no trunk).
     """
     backend = getattr(getattr(getattr(engine, "core", None), "model", None), "experts_backend", None)
     admin = getattr(backend, "admin", None)
@@ -215,6 +216,14 @@ def _report_serving(engine, tel) -> None:
         from moeserve.cluster.serving_status import ServingFigures
 
         admin.report_serving(ServingFigures(engine, tel))
+    autoscaler = getattr(backend, "autoscaler", None)
+    if autoscaler is not None:
+        from moeserve.cluster.autoscaling.runner import EngineTrunk
+
+        autoscaler.attach_trunk(EngineTrunk(engine, tel, window_s=autoscaler.config.window_s))
+        if tel is None:
+            print("moeserve: the autoscaling policy sees the queue and batch slots but no TTFT/TPOT: those need "
+                  "telemetry (--prometheus-port or --otlp-endpoint)", flush=True)
 
 
 async def start_server(args: argparse.Namespace) -> tuple[InferenceServer, object]:
