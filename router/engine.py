@@ -10,6 +10,7 @@ blocks at once (the core's lock, not the step, guards the bookkeeping).
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from .sequence import RequestOutput, SamplingParams
 __all__ = ["AsyncEngine", "EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams", "StepFailedError"]
 
 _Item = RequestOutput | BaseException
+SWITCH_INTERVAL_S = 0.001  # the interpreter's GIL switch interval while an AsyncEngine runs (process-wide)
 
 
 class AsyncEngine:
@@ -56,6 +58,9 @@ class AsyncEngine:
             raise EngineStoppedError("the engine was shut down; build a new one")
         self._loop = asyncio.get_running_loop()
         self._drained = asyncio.Event()
+        # The step thread and the event loop's thread share the GIL; at the default 5 ms switch
+        # interval a step ready to launch can wait that long behind the loop streaming tokens.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self._run, name="moeserve-engine-step", daemon=True)
         self._thread.start()
 
