@@ -209,44 +209,35 @@ class Telemetry:
     # --- reading back ---------------------------------------------------------------------
     def snapshot(self) -> dict[str, object]:
         """Current metric values by name: sums for counters, {count, sum} for histograms, gauge values."""
-        data = self._reader.get_metrics_data()
         out: dict[str, object] = {}
+        for name, points in self._points():
+            if hasattr(points[0], "bucket_counts"):
+                out[name] = {"count": sum(p.count for p in points), "sum": sum(p.sum for p in points)}
+            elif len(points) == 1 and not points[0].attributes:
+                out[name] = points[0].value
+            else:
+                out[name] = {",".join(f"{k}={v}" for k, v in sorted(p.attributes.items())): p.value for p in points}
+        return out
+
+    def _points(self) -> Iterator[tuple[str, list]]:
+        """(metric name, its data points) of every metric that has points, as the reader has them now."""
+        data = self._reader.get_metrics_data()
         if data is None:
-            return out
+            return
         for rm in data.resource_metrics:
             for sm in rm.scope_metrics:
                 for metric in sm.metrics:
                     points = list(metric.data.data_points)
-                    if not points:
-                        continue
-                    if hasattr(points[0], "bucket_counts"):
-                        out[metric.name] = {
-                            "count": sum(p.count for p in points),
-                            "sum": sum(p.sum for p in points),
-                        }
-                    elif len(points) == 1 and not points[0].attributes:
-                        out[metric.name] = points[0].value
-                    else:
-                        out[metric.name] = {
-                            ",".join(f"{k}={v}" for k, v in sorted(p.attributes.items())): p.value for p in points
-                        }
-        return out
+                    if points:
+                        yield metric.name, points
 
     def histograms(self, *names: str) -> dict[str, "HistogramData"]:
         """Bucket counts of the named histograms since start, all attributes together (absent: nothing recorded)."""
-        data = self._reader.get_metrics_data()
         out: dict[str, HistogramData] = {}
-        if data is None:
-            return out
-        for rm in data.resource_metrics:
-            for sm in rm.scope_metrics:
-                for metric in sm.metrics:
-                    points = list(metric.data.data_points)
-                    if metric.name not in names or not points or not hasattr(points[0], "bucket_counts"):
-                        continue
-                    counts = [sum(c) for c in zip(*(p.bucket_counts for p in points))]
-                    out[metric.name] = HistogramData(tuple(points[0].explicit_bounds), counts,
-                                                     sum(p.sum for p in points))
+        for name, points in self._points():
+            if name in names and hasattr(points[0], "bucket_counts"):
+                counts = [sum(c) for c in zip(*(p.bucket_counts for p in points))]
+                out[name] = HistogramData(tuple(points[0].explicit_bounds), counts, sum(p.sum for p in points))
         return out
 
     def shutdown(self) -> None:

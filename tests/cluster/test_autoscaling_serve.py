@@ -11,7 +11,6 @@ import time
 
 import pytest
 import ray
-import torch
 
 # TTFT above its (tiny) SLO is the only pressure: TPOT has the largest SLO allowed, a busy share can
 # never exceed expert_busy_ceiling 1.0, and the groups' extra copies are off.
@@ -28,19 +27,6 @@ redundant_experts: {enabled: false}
 """
 MAX_NUM_SEQS = 2
 DEADLINE_S = 40.0
-
-
-@pytest.fixture
-def private_ray(tmp_path_factory, monkeypatch):
-    """A Ray instance of this test's own (the embedded backend joins it); the admin API on a free port."""
-    monkeypatch.setenv("MOESERVE_ADMIN_PORT", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False,
-             namespace="test-autoscaling-serve")
-    yield
-    ray.shutdown()
-    torch.set_num_threads(threads)
 
 
 def _serving_replicas(controller) -> int:

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import ray
-import torch
 
 from moeserve.cluster.serving_status import ServingFigures, bucket_quantile, latency_summary
 from moeserve.cluster.telemetry import Telemetry
@@ -61,19 +60,6 @@ def test_rates_and_latencies_cover_the_window_not_the_lifetime():
         tel.shutdown()
     bare = ServingFigures(type("E", (), {"stats": lambda self: dict(stats)})(), None)()
     assert "ttft" not in bare and bare["running"] == 2
-
-
-@pytest.fixture
-def private_ray(tmp_path_factory, monkeypatch):
-    """A Ray instance of this test's own (the embedded backend joins it); the admin API on a free port."""
-    monkeypatch.setenv("MOESERVE_ADMIN_PORT", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False,
-             namespace="test-serving-status")
-    yield
-    ray.shutdown()
-    torch.set_num_threads(threads)
 
 
 def _status(capsys, *argv: str) -> str:
