@@ -88,7 +88,7 @@ class MoECausalLM(nn.Module):
                 f"batch.slot_mapping ({batch.num_tokens}) must all be [T]"
             )
         x = self.model.embed_tokens(input_ids)
-        rope = self.rotary.cos_sin(positions)
+        rope = tuple(t.to(x.dtype) for t in self.rotary.cos_sin(positions))  # cast once, not in every layer
         for layer in self.model.layers:
             x = layer(x, rope, batch)
         return self.model.norm(x)

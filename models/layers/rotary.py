@@ -70,6 +70,8 @@ class RotaryEmbedding:
         if device not in self._inv_freq:
             self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
         freqs = positions.float()[:, None] * self._inv_freq[device][None, :]
+        if self.attention_factor == 1.0:
+            return freqs.cos(), freqs.sin()
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
