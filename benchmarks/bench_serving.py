@@ -17,6 +17,7 @@ longer than the benchmark itself and leave no room. Random weights from a seed g
 the same bytes moved and the same (roughly uniform) expert routing that the timings depend on.
 
     python3 benchmarks/bench_serving.py                       # both models, the full run
+    bash benchmarks/device_run.sh                             # with the GPU tests and profile_engine, one call
     python3 benchmarks/bench_serving.py --models qwen3-30b-a3b --concurrency 1,16
     python3 benchmarks/bench_serving.py --smoke               # tiny model on CPU: checks the script
 """
