@@ -250,7 +250,11 @@ class Telemetry:
 
 
 class RequestTracker:
-    """One inference RPC: its span (children queue, prefill, decode from the engine's timeline) and metrics."""
+    """One inference RPC: its span (children queue, prefill, decode from the engine's timeline) and metrics.
+
+    TTFT is recorded with the request's first token, TPOT and e2e latency when it finishes: live readers
+    window these histograms, and a long generation's first token belongs to when it came, not to its end.
+    """
 
     def __init__(self, telemetry: Telemetry, method: str, metadata=None):
         self._tel = telemetry
@@ -261,6 +265,7 @@ class RequestTracker:
         self._first: float | None = None
         self._last: float | None = None
         self._tokens = 0
+        self._ttft_recorded = False
 
     def admitted(self, request_id: str, prompt_tokens: int) -> None:
         self.span.set_attribute("moeserve.request_id", request_id)
@@ -275,6 +280,10 @@ class RequestTracker:
             self._first = self._first or now
             self._last = now
             self._tokens += len(out.new_token_ids)
+        if out.time_to_first_token is not None and not self._ttft_recorded:
+            # Once per request, whatever ends it later; one that ends before its first token has none.
+            self._ttft_recorded = True
+            self._tel.ttft.record(out.time_to_first_token)
         if out.finished:
             self._finished(out, now)
 
@@ -283,8 +292,6 @@ class RequestTracker:
         reason = out.finish_reason or "unknown"
         tel.requests.add(1, {"finish_reason": reason})
         tel.e2e_latency.record(now - self._start)
-        if out.time_to_first_token is not None:
-            tel.ttft.record(out.time_to_first_token)
         if m is not None and m.first_token_time is not None and m.completion_tokens > 1:
             tel.tpot.record((m.finished_time - m.first_token_time) / (m.completion_tokens - 1))
         elif self._tokens > 1:

@@ -158,7 +158,7 @@ class ModelRunner:
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(self.device))
             done.synchronize()  # releases the GIL while it waits
             return host.tolist()
         return tokens.tolist()  # the step's one host sync

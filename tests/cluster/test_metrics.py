@@ -125,6 +125,55 @@ async def test_every_metric_moves_with_real_traffic(demo_model_dir):
 
 
 
+@pytest.mark.asyncio
+async def test_ttft_is_counted_at_the_first_token_once_per_request(demo_model_dir):
+    """A long stream's TTFT is in the histogram while it still decodes; a request counts once if it got a
+    first token, whatever ended it, and not at all if it ended before one."""
+    async with observed_server(demo_model_dir) as (srv, tel, _):
+        port = tel.prometheus_port
+        async with AsyncClient(srv.address, token=TOKEN) as client:
+            limit = srv.servicer.limits.context_length - 8
+            long = client.generate_stream(token_ids=[5, 6, 7, 8], max_tokens=limit, ignore_eos=True)
+            first = await long.read()
+            assert first.token_ids and not first.finish_reason
+            mid = scrape(port)
+            # Nothing has finished (no e2e, no TPOT), yet the running stream's first token is counted.
+            assert "moeserve_e2e_latency_seconds_count" not in mid and "moeserve_tpot_seconds_count" not in mid
+            assert mid.get("moeserve_ttft_seconds_count") == 1
+            assert mid["moeserve_ttft_seconds_sum"] == pytest.approx(first.time_to_first_token, rel=1e-9)
+
+            # Behind it in the one batch slot: one request passes its deadline, one is cancelled, neither
+            # with a first token.
+            late = client.generate_stream(token_ids=[9, 9], max_tokens=2, ignore_eos=True, timeout=0.5)
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await late.read()
+            assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            dropped = client.generate_stream(token_ids=[9, 9], max_tokens=2, ignore_eos=True)
+            await wait_active(srv, 2)
+            dropped.cancel()
+            await wait_active(srv, 1)
+            long.cancel()  # ended after its first token
+            await wait_active(srv, 0)
+
+            # A stream that fails after its first token (its deadline passes mid-decode), and one unary call.
+            expiring = client.generate_stream(token_ids=[1, 2, 3], max_tokens=limit, ignore_eos=True, timeout=0.5)
+            expiring_first = await expiring.read()
+            assert expiring_first.token_ids
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                async for _ in expiring:
+                    pass
+            assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await wait_active(srv, 0)
+            unary = await client.generate(token_ids=[4, 5], max_tokens=3, ignore_eos=True)
+
+        after = scrape(port)
+        assert after["moeserve_ttft_seconds_count"] == 3  # long, expiring, unary: once each
+        sent = first.time_to_first_token + expiring_first.time_to_first_token + unary.time_to_first_token
+        assert after["moeserve_ttft_seconds_sum"] == pytest.approx(sent, rel=1e-9)
+        assert after["moeserve_e2e_latency_seconds_count"] == after["moeserve_tpot_seconds_count"] == 1
+
+
+
 class Collector:
     """A real OTLP/gRPC receiver on loopback that keeps what it is sent (traces and metrics)."""
 
