@@ -134,13 +134,14 @@ class DecodeGraphs:
 
     def _capture(self, b: int, width: int) -> tuple[Any, torch.Tensor] | None:
         try:
-            self._forward(b, width)  # warm-up: Triton compiles, caches fill, outside the capture
-            torch.cuda.synchronize(self.device)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out = self._forward(b, width)
+            with torch.cuda.device(self.device):  # the capture stream belongs to the current device
+                self._forward(b, width)  # warm-up: Triton compiles, caches fill, outside the capture
+                torch.cuda.synchronize(self.device)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                    out = self._forward(b, width)
         except Exception as exc:  # noqa: BLE001 -- a capture failure must not take serving down
             self.failed = f"{type(exc).__name__}: {exc}"
             log.warning("CUDA graph capture failed for batch %d x %d blocks (%s); decode steps run eagerly from now on",
