@@ -139,6 +139,12 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int]:
         """Forward the batch; one sampled token per sequence that reaches its last token, in batch order."""
+        if self._pin:  # on cuda:N, N the current device of the step's thread (graph replay, event, streams)
+            with torch.cuda.device(self.device):
+                return self._run(batch)
+        return self._run(batch)
+
+    def _run(self, batch: ScheduledBatch) -> list[int]:
         if self.graphs is not None and all(n == 1 for n in batch.num_new_tokens) and self.graphs.supports(len(batch.seqs)):
             flat = flatten(batch, self.block_size)
             hidden = self.graphs.run(flat.input_ids, flat.positions, flat.slot_mapping, flat.context_lens,
