@@ -36,6 +36,38 @@ def test_metrics_move_and_are_scraped_by_prometheus():
         tel.shutdown()
 
 
+def test_ttft_is_recorded_with_the_first_token_once_per_request():
+    from moeserve.router.sequence import RequestOutput
+
+    def out(ids, ttft, reason=None):
+        return RequestOutput("r", ids, "", reason is not None, reason, 3, len(ids), ttft)
+
+    def ttft_count(tel):
+        return tel.snapshot().get("ttft_seconds", {"count": 0})["count"]
+
+    tel = Telemetry()
+    try:
+        never = tel.track_request("GenerateStream")  # its deadline passes in the queue
+        never.output(out([], None, "cancelled"))
+        never.end("DEADLINE_EXCEEDED")
+        assert ttft_count(tel) == 0
+
+        broken = tel.track_request("GenerateStream")  # fails after two tokens
+        broken.output(out([7], 0.25))
+        assert tel.snapshot()["ttft_seconds"] == {"count": 1, "sum": 0.25}  # before the request ends
+        broken.output(out([8], 0.25))
+        broken.end("UNAVAILABLE")
+        assert ttft_count(tel) == 1
+
+        one = tel.track_request("Generate")  # first token and end in one output
+        one.output(out([9], 0.5, "length"))
+        one.end()
+        assert tel.snapshot()["ttft_seconds"] == {"count": 2, "sum": 0.75}
+        assert tel.snapshot()["e2e_latency_seconds"]["count"] == 2  # `never` finished too, `broken` did not
+    finally:
+        tel.shutdown()
+
+
 def test_config_rejects_bad_values():
     import pytest
 
