@@ -215,6 +215,9 @@ class InferenceServicer:
                 async for rid, out in outputs:
                     await context.write(self._response(rid, out, out.new_token_ids, out.new_text))
         except Exception as exc:
+            if context.cancelled():  # the client went away while a write was in flight: not our error
+                tracker.end("CANCELLED")
+                return
             await self._fail(context, exc, tracker)
         except BaseException:  # the client went away (the call's task is cancelled)
             tracker.end("CANCELLED")
