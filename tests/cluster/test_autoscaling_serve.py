@@ -35,20 +35,15 @@ def _serving_replicas(controller) -> int:
 
 
 @pytest.mark.asyncio
-async def test_serve_scales_a_group_up_on_the_edge_ttft(private_ray, demo_model_dir, tmp_path, caplog):
-    from moeserve.cluster.cli import build_parser
-    from moeserve.cluster.cli.serve import start_server
+async def test_serve_scales_a_group_up_on_the_edge_ttft(embedded_serve, tmp_path, caplog):
     from moeserve.router.client import AsyncClient
 
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    args = build_parser().parse_args(["serve", "--model", str(demo_model_dir), "--expert-groups", "1",
-                                      "--transport", "ray", "--autoscaling-policy", str(policy), "--port", "0",
-                                      "--prometheus-port", "0", "--num-kv-blocks", "64",
-                                      "--max-num-seqs", str(MAX_NUM_SEQS)])
     caplog.set_level(logging.INFO, logger="moeserve.autoscaler")
-    server, tel = await start_server(args)
-    backend = server.engine.core.model.experts_backend
+    server, _, backend = await embedded_serve("--expert-groups", "1", "--transport", "ray", "--autoscaling-policy",
+                                              str(policy), "--prometheus-port", "0", "--num-kv-blocks", "64",
+                                              "--max-num-seqs", str(MAX_NUM_SEQS))
     runner, controller = backend.autoscaler, backend.autoscaler.controller
     outs = []
     try:
@@ -67,13 +62,7 @@ async def test_serve_scales_a_group_up_on_the_edge_ttft(private_ray, demo_model_
                                                for p in prompts))
         replicas = _serving_replicas(controller)
     finally:
-        runner.stop()
-        await server.stop(0)
-        tel.shutdown()
-        backend.close()
-        backend.admin.stop(0)
-        ray.get(controller.shutdown.remote(), timeout=60)
-        ray.kill(controller)
+        runner.stop()  # its events stay as they are for the checks below
     events = [f"{e.kind} {e.unit}: {e.message}" for e in runner.events]
     decisions = [e.message for e in runner.events if e.kind == "decision" and e.unit == "g0"]
     assert decisions, f"no scaling decision for g0 in {DEADLINE_S:.0f}s of traffic: {events}"

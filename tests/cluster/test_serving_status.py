@@ -7,7 +7,6 @@ import asyncio
 import json
 
 import pytest
-import ray
 
 from moeserve.cluster.serving_status import ServingFigures, bucket_quantile, latency_summary
 from moeserve.cluster.telemetry import Telemetry
@@ -70,34 +69,20 @@ def _status(capsys, *argv: str) -> str:
 
 
 @pytest.mark.asyncio
-async def test_status_shows_the_live_serving_figures(private_ray, demo_model_dir, capsys):
-    from moeserve.cluster.cli import build_parser
-    from moeserve.cluster.cli.serve import start_server
+async def test_status_shows_the_live_serving_figures(embedded_serve, capsys):
     from moeserve.router.client import AsyncClient
 
-    args = build_parser().parse_args(["serve", "--model", str(demo_model_dir), "--expert-groups", "2",
-                                      "--transport", "ray", "--port", "0", "--prometheus-port", "0",
-                                      "--num-kv-blocks", "64"])
-    server, tel = await start_server(args)
-    backend = server.engine.core.model.experts_backend
-    controller = ray.get_actor("moeserve-controller", namespace="moeserve")
-    try:
-        address = backend.admin.address
-        idle = await asyncio.to_thread(_status, capsys, "--address", address)
-        assert "serving  running 0  waiting 0  kv blocks 0/64" in idle, idle
-        async with AsyncClient(server.address) as client:
-            outs = await asyncio.gather(*(client.generate(token_ids=[5, 6, 7, i], max_tokens=6, ignore_eos=True)
-                                          for i in range(4)))
-        assert all(len(o.token_ids) == 6 for o in outs)
-        text = await asyncio.to_thread(_status, capsys, "--address", address)
-        raw = await asyncio.to_thread(_status, capsys, "--address", address, "--json")
-    finally:
-        await server.stop(0)
-        tel.shutdown()
-        backend.close()
-        backend.admin.stop(0)
-        ray.get(controller.shutdown.remote())
-        ray.kill(controller)
+    server, _, backend = await embedded_serve("--expert-groups", "2", "--transport", "ray", "--prometheus-port", "0",
+                                              "--num-kv-blocks", "64")
+    address = backend.admin.address
+    idle = await asyncio.to_thread(_status, capsys, "--address", address)
+    assert "serving  running 0  waiting 0  kv blocks 0/64" in idle, idle
+    async with AsyncClient(server.address) as client:
+        outs = await asyncio.gather(*(client.generate(token_ids=[5, 6, 7, i], max_tokens=6, ignore_eos=True)
+                                      for i in range(4)))
+    assert all(len(o.token_ids) == 6 for o in outs)
+    text = await asyncio.to_thread(_status, capsys, "--address", address)
+    raw = await asyncio.to_thread(_status, capsys, "--address", address, "--json")
     assert "group 0  experts" in text  # the cluster's own status is still there
     assert "ttft  p50 " in text and "(4 requests)" in text and "tpot  p50 " in text, text
     serving = json.loads(raw)["serving"]
