@@ -146,6 +146,11 @@ class Telemetry:
         with self._lock:
             self._group_busy[group] = busy_share
 
+    def forget_group_utilisation(self, group: str) -> None:
+        """Stop exporting `group`'s busy share (the group no longer exists)."""
+        with self._lock:
+            self._group_busy.pop(group, None)
+
     def _gauge_callback(self, name: str):
         def callback(_options: CallbackOptions) -> Iterator[Observation]:
             total, seen = 0.0, False

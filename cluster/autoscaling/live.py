@@ -114,16 +114,27 @@ def expert_load_matrix(by_layer: Mapping, num_experts: int) -> tuple[tuple[float
     return tuple(rows)
 
 
+def group_busy_shares(status: Mapping) -> dict[str, float]:
+    """Each group's busy share by name, from `ExpertController.status()`: the mean over its serving
+    replicas (at most 1; 0 with none serving). Starting and draining replicas do not count."""
+    shares = {}
+    for g in status["groups"]:
+        serving = [float(r["busy_share"]) for r in g["replicas"] if r["serving"]]
+        shares[group_name(int(g["group_id"]))] = min(1.0, sum(serving) / len(serving)) if serving else 0.0
+    return shares
+
+
 def signals_from_status(status: Mapping, now_s: float, window_s: float, trunk: TrunkSnapshot | None = None) -> Signals:
     """One `Signals` snapshot from `ExpertController.status()` and the trunk's report."""
     trunk = trunk or TrunkSnapshot()
+    busy = group_busy_shares(status)
     groups: dict[str, GroupSignals] = {}
     for g in status["groups"]:
+        name = group_name(int(g["group_id"]))
         serving = [r for r in g["replicas"] if r["serving"]]
         starting = [r for r in g["replicas"] if not r["serving"] and r["state"] in STARTING_STATES]
-        busy = sum(float(r["busy_share"]) for r in serving) / len(serving) if serving else 0.0
-        groups[group_name(int(g["group_id"]))] = GroupSignals(
-            replicas=len(serving), pending=len(starting), busy=min(1.0, busy), experts=tuple(int(e) for e in g["experts"])
+        groups[name] = GroupSignals(
+            replicas=len(serving), pending=len(starting), busy=busy[name], experts=tuple(int(e) for e in g["experts"])
         )
     return Signals(
         now_s=now_s,

@@ -203,6 +203,11 @@ def _trunk_engine(engine_cfg):
     return TrunkEngine(engine_cfg)
 
 
+def _experts_backend(engine):
+    """The expert backend of the model in this process (None: the experts in the trunk, or --trunk-worker)."""
+    return getattr(getattr(getattr(engine, "core", None), "model", None), "experts_backend", None)
+
+
 def _report_serving(engine, tel) -> None:
     """Hand the control plane beside the embedded expert groups the edge's live figures: the admin API
     (for `moeserve status`) and the autoscaler (the trunk's signals: queue, slots, arrivals, TTFT/TPOT).
@@ -210,7 +215,7 @@ def _report_serving(engine, tel) -> None:
     Only where they run in this process: not with the experts in the trunk (there are none), nor
     with --trunk-worker (they run in the worker's process, and its autoscaler sees no trunk).
     """
-    backend = getattr(getattr(getattr(engine, "core", None), "model", None), "experts_backend", None)
+    backend = _experts_backend(engine)
     admin = getattr(backend, "admin", None)
     if admin is not None:
         from moeserve.cluster.serving_status import ServingFigures
@@ -226,6 +231,23 @@ def _report_serving(engine, tel) -> None:
                   "telemetry (--prometheus-port or --otlp-endpoint)", flush=True)
 
 
+def _watch_group_utilisation(engine, tel) -> None:
+    """Keep the telemetry's `expert_group_utilisation` current from the controller of the Ray expert groups
+    (as `backend.utilisation`, stopped by _serve or at exit). Nothing to watch with telemetry off, the
+    experts in the trunk, local groups (no controller) or --trunk-worker (the backend is in the worker).
+    """
+    backend = _experts_backend(engine)
+    controller = getattr(getattr(backend, "source", None), "controller", None)
+    if tel is None or controller is None:
+        return
+    import atexit
+
+    from moeserve.cluster.group_utilisation import GroupUtilisationPoller
+
+    backend.utilisation = GroupUtilisationPoller(controller, tel).start()
+    atexit.register(backend.utilisation.stop)
+
+
 async def start_server(args: argparse.Namespace) -> tuple[InferenceServer, object]:
     """Build the engine and the edge the flags ask for and start serving; returns (server, Telemetry or None)."""
     from moeserve.router.engine import AsyncEngine
@@ -239,6 +261,7 @@ async def start_server(args: argparse.Namespace) -> tuple[InferenceServer, objec
                                  telemetry=tel)
         await server.start()
         _report_serving(engine, tel)
+        _watch_group_utilisation(engine, tel)
     except BaseException:
         if tel is not None:
             tel.shutdown()
@@ -271,6 +294,9 @@ async def _serve(args: argparse.Namespace) -> int:
               flush=True)
     await stop.wait()
     await server.stop()
+    utilisation = getattr(_experts_backend(server.engine), "utilisation", None)
+    if utilisation is not None:
+        utilisation.stop()
     if tel is not None:
         tel.shutdown()  # flushes what the OTLP exporters still hold
     print("moeserve: stopped", flush=True)

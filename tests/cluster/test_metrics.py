@@ -248,3 +248,24 @@ async def test_expert_load_is_counted_when_experts_are_dispatched_to_groups(demo
     finally:
         await srv.stop(0)
         tel.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_group_utilisation_moves_with_traffic_to_ray_expert_groups(embedded_serve):
+    """serve --expert-groups 2 --transport ray: each group's busy share, which the groups report to the
+    controller, reaches the edge's /metrics while traffic flows."""
+    import time
+
+    server, tel, _ = await embedded_serve("--expert-groups", "2", "--transport", "ray", "--prometheus-port", "0",
+                                          "--num-kv-blocks", "64")
+    names = [f'moeserve_expert_group_utilisation{{group="g{g}"}}' for g in (0, 1)]
+    shares: dict[str, float | None] = {}
+    deadline = time.monotonic() + 30  # serve asks the controller every 2 s
+    async with AsyncClient(server.address) as client:
+        while time.monotonic() < deadline and not all(shares.get(n) for n in names):
+            outs = await asyncio.gather(*(client.generate(token_ids=[5, 6, 7, i], max_tokens=4, ignore_eos=True)
+                                          for i in range(4)))
+            assert all(len(o.token_ids) == 4 for o in outs)
+            samples = await asyncio.to_thread(scrape, tel.prometheus_port)
+            shares = {n: samples.get(n) for n in names}
+    assert all(shares.get(n) is not None and 0 < shares[n] <= 1 for n in names), shares
