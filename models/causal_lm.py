@@ -104,6 +104,10 @@ class MoECausalLM(nn.Module):
         elems = sum(layer.self_attn.cache_elements_per_token() for layer in self.model.layers)
         return elems * torch.empty((), dtype=dtype).element_size()
 
+    def kv_caches(self) -> list[torch.Tensor]:
+        """Every layer's allocated cache tensors ([num_blocks, block_size, ...] each)."""
+        return [c for layer in self.model.layers for c in layer.self_attn.caches()]
+
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from moeserve.models.batch import AttentionBatch
+from moeserve.models.layers import decode_attention
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,15 @@ class DecodeGraphs:
                 return b
         return None
 
-    def supports(self, num_seqs: int) -> bool:
-        return self.failed is None and self.bucket(num_seqs) is not None
+    def supports(self, num_seqs: int, blocks: int) -> bool:
+        """Whether a decode step of num_seqs sequences, the longest holding `blocks` blocks, runs here:
+        within the batch buckets, and with every layer's padded gather within MAX_GATHER_BYTES."""
+        b = self.bucket(num_seqs)
+        if self.failed is not None or b is None:
+            return False
+        padded = context_bucket(blocks, self.max_blocks) * self.block_size
+        limit = decode_attention.MAX_GATHER_BYTES
+        return all(decode_attention.gather_bytes(b, padded, c) <= limit for c in self.model.kv_caches())
 
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], context_lens: list[int],
             block_tables: list[list[int]]) -> torch.Tensor:

@@ -145,7 +145,8 @@ class ModelRunner:
         return self._run(batch)
 
     def _run(self, batch: ScheduledBatch) -> list[int]:
-        if self.graphs is not None and all(n == 1 for n in batch.num_new_tokens) and self.graphs.supports(len(batch.seqs)):
+        if (self.graphs is not None and all(n == 1 for n in batch.num_new_tokens)
+                and self.graphs.supports(len(batch.seqs), max(len(s.block_table) for s in batch.seqs))):
             flat = flatten(batch, self.block_size)
             hidden = self.graphs.run(flat.input_ids, flat.positions, flat.slot_mapping, flat.context_lens,
                                      [s.block_table for s in batch.seqs])

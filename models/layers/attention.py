@@ -9,7 +9,7 @@ from ..batch import AttentionBatch
 from ..config import ModelConfig
 from .norm import RMSNorm
 from . import padded_attention as padded
-from .decode_attention import attend_decode, decode_mask, gather_heads, gather_padded, is_decode_only
+from .decode_attention import attend_decode, batched_fits, decode_mask, gather_heads, gather_padded, is_decode_only
 from .paged_attention import attend, attention_mask, gather_cache, sequences, write_cache
 from .rotary import RotaryEmbedding
 
@@ -38,6 +38,9 @@ class GQAttention(nn.Module):
     def cache_elements_per_token(self) -> int:
         return 2 * self.num_kv_heads * self.head_dim
 
+    def caches(self) -> tuple[torch.Tensor, ...]:
+        return () if self.k_cache is None else (self.k_cache, self.v_cache)
+
     def allocate_cache(self, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
@@ -55,12 +58,13 @@ class GQAttention(nn.Module):
         q, k = self.rotary.apply(q, *rope), self.rotary.apply(k, *rope)
         write_cache(self.k_cache, batch, k)
         write_cache(self.v_cache, batch, v)
-        if is_decode_only(batch):  # one batched call instead of one per sequence
+        if is_decode_only(batch) and batched_fits(batch, self.k_cache):  # one batched call, not one per sequence
             keys = gather_heads(self.k_cache, batch).to(q.dtype)
             values = gather_heads(self.v_cache, batch).to(q.dtype)
             out = attend_decode(q, keys, values, self.scale, decode_mask(batch, x.device, self.sliding_window))
             return self.o_proj(out.reshape(t, -1))
-        if padded.fits(batch, self.num_heads):  # prefill and mixed steps: one padded call
+        key_bytes = 2 * self.num_kv_heads * self.head_dim * q.element_size()
+        if padded.fits(batch, self.num_heads, key_bytes):  # prefill and mixed steps: one padded call
             keys = gather_padded(self.k_cache, batch).to(q.dtype)
             values = gather_padded(self.v_cache, batch).to(q.dtype)
             out = padded.attend_padded(q, keys, values, self.scale, padded.layout(batch, x.device),

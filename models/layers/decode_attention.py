@@ -12,8 +12,26 @@ import torch
 from ..batch import AttentionBatch
 
 
+MAX_GATHER_BYTES = 1 << 29  # one layer's padded gather above which decode attends sequence by sequence
+
+
 def is_decode_only(batch: AttentionBatch) -> bool:
     return all(q == 1 for q in batch.query_lens)
+
+
+def gather_bytes(num_seqs: int, padded_len: int, cache: torch.Tensor) -> int:
+    """Bytes one layer's padded gather of `cache` [blocks, block_size, ...] takes for this step."""
+    return num_seqs * padded_len * cache[0, 0].numel() * cache.element_size()
+
+
+def batched_fits(batch: AttentionBatch, cache: torch.Tensor) -> bool:
+    """Whether the batched decode path's gather stays small: long contexts beside many sequences
+    would pad every one of them to the longest, so such steps go sequence by sequence instead."""
+    fits = gather_bytes(batch.num_seqs, batch.padded_len or max(batch.context_lens), cache) <= MAX_GATHER_BYTES
+    if not fits and batch.padded_len is not None:
+        raise ValueError(f"a fixed-shape decode step of {batch.num_seqs} x {batch.padded_len} slots is beyond "
+                         f"MAX_GATHER_BYTES; its maker must not build it (router/cuda_graphs.py checks)")
+    return fits
 
 
 def gather_padded(cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:

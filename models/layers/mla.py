@@ -15,7 +15,7 @@ from ..batch import AttentionBatch
 from ..config import ModelConfig
 from .norm import RMSNorm
 from . import padded_attention as padded
-from .decode_attention import attend_decode, decode_mask, gather_padded, is_decode_only
+from .decode_attention import attend_decode, batched_fits, decode_mask, gather_padded, is_decode_only
 from .paged_attention import attend, attention_mask, gather_cache, sequences, write_cache
 from .rotary import RotaryEmbedding, softmax_mscale
 
@@ -48,6 +48,9 @@ class MLAttention(nn.Module):
     def cache_elements_per_token(self) -> int:
         return self.kv_lora_rank + self.rope_dim
 
+    def caches(self) -> tuple[torch.Tensor, ...]:
+        return () if self.latent_cache is None else (self.latent_cache,)
+
     def allocate_cache(self, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
         self.latent_cache = torch.zeros(num_blocks, block_size, self.cache_elements_per_token(), device=device, dtype=dtype)
 
@@ -67,11 +70,14 @@ class MLAttention(nn.Module):
         write_cache(self.latent_cache, batch, torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1))
 
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        if is_decode_only(batch):  # one batched call instead of one per sequence
+        if is_decode_only(batch) and batched_fits(batch, self.latent_cache):  # one batched call, not one per sequence
             cached = gather_padded(self.latent_cache, batch).to(x.dtype)
             out = self._decode(q_nope, q_pe, cached, w_kv, decode_mask(batch, x.device, None))
             return self.o_proj(out.reshape(t, -1))
-        if padded.fits(batch, self.num_heads):  # prefill and mixed steps: one padded call
+        # per padded key: the latent, and the expanded keys and values when the sizes favour expanding
+        key_bytes = (self.kv_lora_rank + self.rope_dim
+                     + self.num_heads * (self.nope_dim + self.rope_dim + self.v_dim)) * x.element_size()
+        if padded.fits(batch, self.num_heads, key_bytes):  # prefill and mixed steps: one padded call
             return self.o_proj(self._attend_padded(q_nope, q_pe, w_kv, batch).reshape(t, -1))
         out = torch.empty(t, self.num_heads, self.v_dim, dtype=x.dtype, device=x.device)
         for seq, rows, q_len, ctx_len in sequences(batch):

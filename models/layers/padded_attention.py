@@ -9,7 +9,8 @@ dropped on the way back to the packed rows; padding keys are masked.
 
 The layout is built once per step on the device from three small host lists (query lengths,
 context lengths, row offsets) and kept on the AttentionBatch for every layer. Steps whose padded
-score matrix would be very large (one long prompt beside many short ones) keep the per-sequence loop.
+score matrix or padded keys would be very large (one long context beside many short ones) keep the
+per-sequence loop, which reads each sequence's own context only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..batch import AttentionBatch
+from . import decode_attention
 
 MAX_SCORE_ELEMENTS = 1 << 28  # B * Lq * Lk * heads above which the per-sequence loop is used
 
@@ -32,8 +34,12 @@ class PaddedLayout:
     num_keys: int  # Lk
 
 
-def fits(batch: AttentionBatch, heads: int) -> bool:
-    return batch.num_seqs * max(batch.query_lens) * max(batch.context_lens) * heads <= MAX_SCORE_ELEMENTS
+def fits(batch: AttentionBatch, heads: int, key_bytes: int) -> bool:
+    """Whether the padded call stays small: its score matrix, and the keys/values it materialises
+    (`key_bytes` per padded key slot) within decode_attention.MAX_GATHER_BYTES."""
+    b, lk = batch.num_seqs, max(batch.context_lens)
+    return (b * max(batch.query_lens) * lk * heads <= MAX_SCORE_ELEMENTS
+            and b * lk * key_bytes <= decode_attention.MAX_GATHER_BYTES)
 
 
 def layout(batch: AttentionBatch, device: torch.device) -> PaddedLayout:

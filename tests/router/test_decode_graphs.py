@@ -79,3 +79,28 @@ def test_cuda_graph_decode_equals_eager(arch, hf_checkpoint):
     graphs = engine.runner.graphs
     assert graphs is not None and graphs.failed is None and graphs._graphs and graphs.steps > 20
     assert got == want
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
+def test_long_contexts_leave_the_batched_decode(arch, hf_checkpoint, monkeypatch):
+    """A step whose padded gather would pass MAX_GATHER_BYTES attends sequence by sequence, and the
+    fixed-shape path declines it: same tokens, and both paths were taken."""
+    from moeserve.models.layers import decode_attention, paged_attention
+
+    path = str(hf_checkpoint(arch, seed=1))
+    want, _ = _serve(path, "off")
+    loops = []
+    real = paged_attention.sequences
+    monkeypatch.setattr(paged_attention, "sequences", lambda b: loops.append(b.num_seqs) or real(b))
+    for module in ("moeserve.models.layers.mla", "moeserve.models.layers.attention"):
+        monkeypatch.setattr(f"{module}.sequences", paged_attention.sequences)
+    engine = LLMEngine.from_config(EngineConfig(model=path, num_kv_blocks=24, block_size=4, max_model_len=96,
+                                                decode_graphs="padded"))
+    cache = engine.model.kv_caches()[0]
+    # room for 2 sequences' 8-block bucket, not for more or longer
+    monkeypatch.setattr(decode_attention, "MAX_GATHER_BYTES", decode_attention.gather_bytes(2, 32, cache))
+    graphs = engine.runner.graphs
+    assert graphs.supports(2, 8) and not graphs.supports(3, 8) and not graphs.supports(2, 9)
+    got, padded = _serve(path, "padded")
+    assert padded.runner.graphs.steps > 0 and loops, "both the fixed-shape and the per-sequence decode were meant to run"
+    assert got == want
