@@ -5,7 +5,7 @@
 # generated protos/moeserve/v1/*_pb2*.py), and everything lands in $OUT.
 #
 #   bash benchmarks/device_run.sh              # GPU tests, engine profile, serving benchmark (~5 min on an H100)
-#   bash benchmarks/device_run.sh tests        # only the GPU tests of the serving path
+#   bash benchmarks/device_run.sh tests        # only the GPU tests (serving path and kernels)
 #   bash benchmarks/device_run.sh serving      # only bench_serving (both models, moeserve and HF)
 #
 # Each part has its own time limit, so one that hangs leaves the others their time.
@@ -23,8 +23,8 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 what=${1:-all}
 
 if [ "$what" = all ] || [ "$what" = tests ]; then
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-        tests/router/test_decode_graphs.py tests/models/test_padded_attention.py 2>&1 | tail -5
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/router/test_decode_graphs.py tests/models/test_padded_attention.py tests/kernels 2>&1 | tail -5
 fi
 if [ "$what" = all ] || [ "$what" = profile ]; then
     mkdir -p "$OUT/profile"
