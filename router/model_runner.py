@@ -159,13 +159,4 @@ class ModelRunner:
             return []
         logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
         tokens = self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])
-        if self._pin:
-            # The step's one host sync, without the GIL: tensor.tolist() would hold it for the whole GPU
-            # step, so the edge's thread could not stream the previous step's tokens meanwhile.
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.device))
-            done.synchronize()  # releases the GIL while it waits
-            return host.tolist()
-        return tokens.tolist()  # the step's one host sync
+        return tokens.tolist()  # the step's one host sync (torch waits for the GPU with the GIL released)
