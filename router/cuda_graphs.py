@@ -70,6 +70,7 @@ class DecodeGraphs:
         self._pool = None
         self.failed: str | None = None  # why capture was given up (then every step runs eagerly)
         self.steps = 0  # decode steps run through here
+        self._widest_cache: torch.Tensor | None = None
 
     def bucket(self, num_seqs: int) -> int | None:
         for b in self.buckets:
@@ -83,9 +84,10 @@ class DecodeGraphs:
         b = self.bucket(num_seqs)
         if self.failed is not None or b is None:
             return False
+        if self._widest_cache is None:  # the caches are allocated after this object is built
+            self._widest_cache = max(self.model.kv_caches(), key=lambda c: c[0, 0].numel() * c.element_size())
         padded = context_bucket(blocks, self.max_blocks) * self.block_size
-        limit = decode_attention.MAX_GATHER_BYTES
-        return all(decode_attention.gather_bytes(b, padded, c) <= limit for c in self.model.kv_caches())
+        return decode_attention.gather_bytes(b, padded, self._widest_cache) <= decode_attention.MAX_GATHER_BYTES
 
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], context_lens: list[int],
             block_tables: list[list[int]]) -> torch.Tensor:
