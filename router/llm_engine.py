@@ -20,7 +20,8 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import EngineStoppedError, InvalidRequestError, StepFailedError
 from .model_runner import ModelRunner, num_kv_blocks
 from .scheduler import Scheduler
-from .sequence import RequestMetrics, RequestOutput, SamplingParams, Sequence, length_reached, token_stop_reason
+from .sequence import (RequestMetrics, RequestOutput, SamplingParams, Sequence, check_admission, length_reached,
+                       token_stop_reason)
 
 
 def load(config: EngineConfig) -> tuple[Any, Any]:
@@ -89,17 +90,7 @@ class LLMEngine:
             self.counters["prompt_tokens"] += seq.num_prompt_tokens
 
     def _validate(self, prompt: list[int], params: SamplingParams) -> None:
-        if not prompt:
-            raise InvalidRequestError("prompt_token_ids", "must not be empty")
-        vocab = self.model_config.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InvalidRequestError("prompt_token_ids", f"token ids must be in [0, {vocab})")
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                "max_tokens", f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the context "
-                f"length {self.max_model_len}")
-        if params.stop and self.tokenizer is None:
-            raise InvalidRequestError("stop", "stop strings need a tokenizer; this engine has none")
+        check_admission(prompt, params, self.model_config.vocab_size, self.max_model_len, self.tokenizer is not None)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request now ("cancelled") and free its blocks; None when it is not in flight."""

@@ -79,6 +79,20 @@ class RequestMetrics:
     finish_reason: str
 
 
+def check_admission(prompt: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
+                    has_tokenizer: bool) -> None:
+    """What an engine checks before it queues a request (InvalidRequestError naming the field)."""
+    if not prompt:
+        raise InvalidRequestError("prompt_token_ids", "must not be empty")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise InvalidRequestError("prompt_token_ids", f"token ids must be in [0, {vocab_size})")
+    if len(prompt) + params.max_tokens > max_model_len:
+        raise InvalidRequestError("max_tokens", f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "
+                                  f"exceeds the context length {max_model_len}")
+    if params.stop and not has_tokenizer:
+        raise InvalidRequestError("stop", "stop strings need a tokenizer; this engine has none")
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()

@@ -28,7 +28,7 @@ from ray.exceptions import RayActorError
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineStoppedError, InvalidRequestError
-from .sequence import RequestOutput, SamplingParams
+from .sequence import RequestOutput, SamplingParams, check_admission
 from .trunk_worker import TrunkWorker, error_from
 
 log = logging.getLogger(__name__)
@@ -171,16 +171,7 @@ class TrunkEngine:
 
     def _validate(self, prompt: list[int], params: SamplingParams) -> None:
         # What LLMEngine checks at admission, so errors still come at call time.
-        if not prompt:
-            raise InvalidRequestError("prompt_token_ids", "must not be empty")
-        vocab = self.model_config.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InvalidRequestError("prompt_token_ids", f"token ids must be in [0, {vocab})")
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError("max_tokens", f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "
-                                      f"exceeds the context length {self.max_model_len}")
-        if params.stop and self.tokenizer is None:
-            raise InvalidRequestError("stop", "stop strings need a tokenizer; this engine has none")
+        check_admission(prompt, params, self.model_config.vocab_size, self.max_model_len, self.tokenizer is not None)
 
     async def _submit_when_ready(self, flight: _Flight) -> None:
         await self._ready.wait()
