@@ -48,6 +48,7 @@ class EngineConfig:
     # process (eager otherwise), "off" always runs eagerly (`moeserve serve --enforce-eager`), and
     # "padded" runs the graphs' fixed-shape padded step eagerly on any device (how CPU tests check it).
     decode_graphs: str = "auto"
+    graph_capture_tokens: int = 2048  # decode graphs captured at start-up for contexts up to this (0: on first use)
 
     def __post_init__(self) -> None:
         _require(self.model is None or (isinstance(self.model, str) and self.model != ""), "model", "a checkpoint directory or None", self.model)
@@ -74,6 +75,7 @@ class EngineConfig:
         _int_in("seed", self.seed, 0)
         _require(self.decode_graphs in ("auto", "off", "padded"), "decode_graphs", "'auto', 'off' or 'padded'",
                  self.decode_graphs)
+        _int_in("graph_capture_tokens", self.graph_capture_tokens, 0)
 
     @property
     def torch_dtype(self) -> torch.dtype:

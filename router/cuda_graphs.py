@@ -12,9 +12,10 @@ Padding rows read token 0 at position 0, write their KV to a scratch block the b
 hands out, attend to that one slot, and are dropped before sampling. Padding keys of real rows are
 masked, so the padded step computes each real row exactly as the eager batched decode does.
 
-Graphs are captured lazily, the first time a bucket is needed (a warm-up forward, then the capture,
-on the engine's thread), and share one memory pool. With `capture=False` the same padded, fixed-shape
-step runs eagerly: that is how the CPU test suite checks everything here but the capture itself.
+The buckets for contexts up to EngineConfig.graph_capture_tokens are captured at start-up (padding
+rows only); others the first time they are needed (a warm-up forward, then the capture, on the
+engine's thread). All share one memory pool. With `capture=False` the same padded, fixed-shape step
+runs eagerly: that is how the CPU test suite checks everything here but the capture itself.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class DecodeGraphs:
         self.failed: str | None = None  # why capture was given up (then every step runs eagerly)
         self.steps = 0  # decode steps run through here
         self._widest_cache: torch.Tensor | None = None
+        self._refused: set[tuple[int, int]] = set()  # shapes whose capture ran out of memory
 
     def bucket(self, num_seqs: int) -> int | None:
         for b in self.buckets:
@@ -86,8 +88,11 @@ class DecodeGraphs:
             return False
         if self._widest_cache is None:  # the caches are allocated after this object is built
             self._widest_cache = max(self.model.kv_caches(), key=lambda c: c[0, 0].numel() * c.element_size())
-        padded = context_bucket(blocks, self.max_blocks) * self.block_size
-        return decode_attention.gather_bytes(b, padded, self._widest_cache) <= decode_attention.MAX_GATHER_BYTES
+        width = context_bucket(blocks, self.max_blocks)
+        if (b, width) in self._refused:
+            return False
+        return (decode_attention.gather_bytes(b, width * self.block_size, self._widest_cache)
+                <= decode_attention.MAX_GATHER_BYTES)
 
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], context_lens: list[int],
             block_tables: list[list[int]]) -> torch.Tensor:
@@ -105,11 +110,43 @@ class DecodeGraphs:
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(b, width)
-            if entry is None:  # capture failed: this and every later step runs eagerly
+            if entry is None:  # capture failed: this step runs eagerly (and later ones, unless only memory ran out)
                 return self._forward(b, width)[:num]
         graph, out = entry
         graph.replay()
         return out[:num]
+
+    def plan_ahead(self, max_tokens: int) -> list[tuple[int, int]]:
+        """The (batch bucket, context blocks) pairs to capture at start-up for contexts up to max_tokens:
+        every batch bucket, widest contexts and largest batches first (later, smaller captures reuse
+        the memory pool), leaving out shapes beyond the gather bound."""
+        if max_tokens <= 0:
+            return []
+        wanted = min(self.max_blocks, -(-max_tokens // self.block_size))
+        widths, w = [], MIN_CONTEXT_BLOCKS
+        while True:
+            widths.append(min(w, self.max_blocks))
+            if w >= wanted:
+                break
+            w *= 2
+        return [(b, width) for width in sorted(set(widths), reverse=True) for b in reversed(self.buckets)
+                if self.supports(b, width)]
+
+    def capture_ahead(self, max_tokens: int) -> int:
+        """Capture plan_ahead(max_tokens) now, so serving does not stall on a first use; the number
+        captured. Padding rows only: they write nothing but the scratch block."""
+        if not self.capture:
+            return 0
+        count = 0
+        for b, width in self.plan_ahead(max_tokens):
+            if (b, width) in self._graphs:
+                continue
+            self._load(0, b, [], [], [], [], [], width)
+            if self._capture(b, width) is not None:
+                count += 1
+            elif self.failed is not None:
+                break
+        return count
 
     def _load(self, num, b, input_ids, positions, slot_mapping, context_lens, block_tables, width) -> None:
         """Write the step and its padding rows into the static buffers: one staged host-to-device copy each."""
@@ -152,6 +189,12 @@ class DecodeGraphs:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                     out = self._forward(b, width)
+        except torch.cuda.OutOfMemoryError as exc:  # this shape only: smaller ones may still fit
+            self._refused.add((b, width))
+            torch.cuda.empty_cache()
+            log.warning("no memory to capture the decode graph for batch %d x %d blocks (%s); such steps run eagerly",
+                        b, width, exc)
+            return None
         except Exception as exc:  # noqa: BLE001 -- a capture failure must not take serving down
             self.failed = f"{type(exc).__name__}: {exc}"
             log.warning("CUDA graph capture failed for batch %d x %d blocks (%s); decode steps run eagerly from now on",

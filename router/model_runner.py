@@ -8,6 +8,8 @@ bucket and replayed from a captured CUDA graph on a GPU.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,8 @@ from .config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .sampler import Sampler
 from .scheduler import ScheduledBatch
+
+log = logging.getLogger(__name__)
 
 
 def kv_cache_budget_bytes(config: EngineConfig, model: Any) -> int:
@@ -104,6 +108,12 @@ class ModelRunner:
         model.allocate_kv_cache(num_blocks + extra, config.block_size, device=self.device, dtype=config.torch_dtype)
         self.sampler = Sampler(self.device, config.seed)
         self._pin = self.device.type == "cuda"
+        if self.graphs is not None and self.graphs.capture:
+            start = time.monotonic()
+            with torch.inference_mode(), torch.cuda.device(self.device):
+                n = self.graphs.capture_ahead(config.graph_capture_tokens)
+            log.info("captured %d decode graphs in %.1f s (contexts up to %d tokens; longer ones on first use)",
+                     n, time.monotonic() - start, config.graph_capture_tokens)
 
     def _decode_graphs(self, config: EngineConfig, max_model_len: int | None) -> DecodeGraphs | None:
         from moeserve.models.local_experts import LocalExperts

@@ -104,3 +104,27 @@ def test_long_contexts_leave_the_batched_decode(arch, hf_checkpoint, monkeypatch
     got, padded = _serve(path, "padded")
     assert padded.runner.graphs.steps > 0 and loops, "both the fixed-shape and the per-sequence decode were meant to run"
     assert got == want
+
+
+def test_start_up_plan_and_padding_rows_touch_only_the_scratch_block(hf_checkpoint):
+    """The shapes captured at start-up, and the padding-only step each capture runs: it writes the
+    scratch block and nothing else, so capturing ahead cannot disturb a cache in use."""
+    engine = LLMEngine.from_config(EngineConfig(model=str(hf_checkpoint("qwen3_moe", seed=1)), block_size=4,
+                                                num_kv_blocks=40, max_num_seqs=6, max_model_len=96,
+                                                decode_graphs="padded"))
+    graphs = engine.runner.graphs
+    assert graphs.capture_ahead(4096) == 0  # nothing is captured without CUDA
+    assert graphs.plan_ahead(0) == []
+    assert graphs.plan_ahead(32) == [(b, 8) for b in (6, 4, 2, 1)]
+    # contexts up to 96 tokens = 24 blocks: the 24-block bucket (the table's width), then 16, then 8
+    assert graphs.plan_ahead(4096) == [(b, w) for w in (24, 16, 8) for b in (6, 4, 2, 1)]
+    caches = engine.model.kv_caches()
+    for c in caches:
+        c.normal_()
+        c[graphs.pad_block].zero_()
+    before = [c[:graphs.pad_block].clone() for c in caches]
+    for b, width in graphs.plan_ahead(4096):
+        graphs._load(0, b, [], [], [], [], [], width)
+        assert torch.isfinite(graphs._forward(b, width)).all()
+    assert all(torch.equal(c[:graphs.pad_block], old) for c, old in zip(caches, before))
+    assert all(c[graphs.pad_block].abs().sum() > 0 for c in caches)  # the padding rows wrote there
