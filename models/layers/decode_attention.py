@@ -98,7 +98,9 @@ def attend_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     b, hq, d = q.shape
     hk = k.shape[1]
     qg = q.view(b, hk, hq // hk, d)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hk, G, L]
+    # Scores in float32, as SDPA and flash kernels keep them: a bf16 product would round every logit
+    # to ~3 digits before the softmax (several % error on heads with large logits).
+    scores = torch.matmul(qg.float(), k.transpose(-1, -2).float()) * scale  # [B, Hk, G, L]
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v).reshape(b, hq, v.shape[-1])  # [B, Hk, G, Dv] -> [B, Hq, Dv]

@@ -1,4 +1,5 @@
-"""A decode-only step (one batched attention call) equals each sequence's last position computed alone."""
+"""A decode-only step (one batched attention call) equals each sequence's last position computed alone;
+in bf16 its scores stay in float32 (as SDPA and flash kernels keep them)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from moeserve.models.batch import AttentionBatch
+from moeserve.models.layers.decode_attention import attend_decode
 from moeserve.models.loader import load_model
 
 BS = 4
@@ -52,3 +54,20 @@ def test_decode_only_batch_matches_each_sequence_alone(arch, lengths, hf_checkpo
     got = model.compute_logits(model(torch.tensor([s[-1] for s in seqs]), torch.tensor(cached), decode))
     for i in range(len(seqs)):
         torch.testing.assert_close(got[i], want[i], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 4, 128), (16, 1, 576)])  # GQA; MLA's one latent head
+def test_bf16_decode_attention_is_accurate_with_large_logits(heads, kv_heads, dim):
+    g = torch.Generator().manual_seed(0)
+    b, n, mag = 3, 200, 8.0  # logits in the hundreds: a bf16 score matmul loses several % here
+    q = (torch.randn(b, heads, dim, generator=g) * mag).bfloat16()
+    k = (torch.randn(b, kv_heads, n, dim, generator=g) * mag).bfloat16()
+    v = torch.randn(b, kv_heads, n, dim, generator=g).bfloat16()
+    lens = torch.tensor([n, 17, 120])
+    mask = (torch.arange(n)[None, :] < lens[:, None])[:, None, None, :]
+    out = attend_decode(q, k, v, dim ** -0.5, mask).double()
+    qd = q.double().view(b, kv_heads, heads // kv_heads, dim)
+    scores = (qd @ k.double().transpose(-1, -2)) * dim ** -0.5
+    ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v.double()
+    ref = ref.reshape(b, heads, dim)
+    assert float((out - ref).norm() / ref.norm()) < 5e-3
