@@ -233,7 +233,9 @@ async def _serve_random(args: argparse.Namespace) -> None:
                           max_model_len=args.max_model_len, max_queued_requests=4096,
                           decode_graphs="off" if args.enforce_eager else "auto")
     llm = LLMEngine(config, model, tokenizer=None)
-    print(f"server: {llm.stats()['kv_blocks_total']} KV blocks of {config.block_size} tokens", file=sys.stderr, flush=True)
+    graphs = llm.runner.graphs
+    print(f"server: {llm.stats()['kv_blocks_total']} KV blocks of {config.block_size} tokens; "
+          f"{'decode graphs off' if graphs is None else graphs.describe()}", file=sys.stderr, flush=True)
     engine = AsyncEngine(llm)
     server = InferenceServer(engine, ServerConfig(port=0, max_streams_per_caller=4096, grace_s=5),
                              model_name=args.preset)

@@ -73,6 +73,19 @@ class DecodeGraphs:
         self.steps = 0  # decode steps run through here
         self._widest_cache: torch.Tensor | None = None
         self._refused: set[tuple[int, int]] = set()  # shapes whose capture ran out of memory
+        self._staged: Any = None  # CUDA event after the last step's copies out of _stage
+        self._stream: Any = None  # this object's capture stream, on its own device
+
+    @property
+    def captured(self) -> int:
+        return len(self._graphs)
+
+    def describe(self) -> str:
+        """One line for logs and benchmark reports: how many graphs, and what failed."""
+        text = f"{self.captured} decode graphs captured"
+        if self._refused:
+            text += f", {len(self._refused)} shapes refused for memory"
+        return text + (f", capture FAILED ({self.failed}): decode runs eagerly" if self.failed else "")
 
     def bucket(self, num_seqs: int) -> int | None:
         for b in self.buckets:
@@ -95,8 +108,9 @@ class DecodeGraphs:
                 <= decode_attention.MAX_GATHER_BYTES)
 
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], context_lens: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
-        """Hidden states [B, H] of a decode-only step (one token per sequence, B <= max_num_seqs)."""
+            block_tables: list[list[int]]) -> torch.Tensor | None:
+        """Hidden states [B, H] of a decode-only step (one token per sequence, B <= max_num_seqs), or
+        None when its graph could not be captured (the caller runs the step its usual, unpadded way)."""
         num = len(input_ids)
         b = self.bucket(num)
         if b is None:
@@ -110,8 +124,8 @@ class DecodeGraphs:
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(b, width)
-            if entry is None:  # capture failed: this step runs eagerly (and later ones, unless only memory ran out)
-                return self._forward(b, width)[:num]
+            if entry is None:  # no graph: this step (and later ones, unless only memory ran out) runs unpadded
+                return None
         graph, out = entry
         graph.replay()
         return out[:num]
@@ -157,6 +171,8 @@ class DecodeGraphs:
         for t in block_tables:
             data += t[:width] + [0] * (width - len(t))
         data += ([self.pad_block] + [0] * (width - 1)) * pad
+        if self._staged is not None:  # the previous step's copies may still be reading the pinned buffer
+            self._staged.synchronize()
         stage = self._stage[:len(data)]
         stage.copy_(torch.tensor(data, dtype=torch.int64))
         nb = self.device.type == "cuda"
@@ -165,6 +181,9 @@ class DecodeGraphs:
         self.slot_mapping[:b].copy_(stage[2 * b:3 * b], non_blocking=nb)
         self.context_lens[:b].copy_(stage[3 * b:4 * b], non_blocking=nb)
         self.block_tables[:b, :width].copy_(stage[4 * b:].view(b, width), non_blocking=nb)
+        if nb:
+            self._staged = torch.cuda.Event()
+            self._staged.record()
 
     def _batch(self, b: int, width: int) -> AttentionBatch:
         # A new AttentionBatch each time: the attention layers memoise per-step tensors on it, and a
@@ -181,24 +200,29 @@ class DecodeGraphs:
 
     def _capture(self, b: int, width: int) -> tuple[Any, torch.Tensor] | None:
         try:
-            with torch.cuda.device(self.device):  # the capture stream belongs to the current device
+            with torch.cuda.device(self.device):
                 self._forward(b, width)  # warm-up: Triton compiles, caches fill, outside the capture
                 torch.cuda.synchronize(self.device)
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
+                    # Our own capture stream on our device: torch.cuda.graph's default one is made once per
+                    # process, on whichever device was current at the first capture anywhere.
+                    self._stream = torch.cuda.Stream(self.device)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                    out = self._forward(b, width)
+                with torch.cuda.stream(self._stream):  # restored here even if ending the capture fails
+                    with torch.cuda.graph(graph, pool=self._pool, stream=self._stream,
+                                          capture_error_mode="thread_local"):
+                        out = self._forward(b, width)
         except torch.cuda.OutOfMemoryError as exc:  # this shape only: smaller ones may still fit
             self._refused.add((b, width))
             torch.cuda.empty_cache()
-            log.warning("no memory to capture the decode graph for batch %d x %d blocks (%s); such steps run eagerly",
-                        b, width, exc)
+            log.warning("no memory to capture the decode graph for batch %d x %d blocks (%s); such steps run "
+                        "unpadded, eagerly", b, width, exc)
             return None
         except Exception as exc:  # noqa: BLE001 -- a capture failure must not take serving down
             self.failed = f"{type(exc).__name__}: {exc}"
-            log.warning("CUDA graph capture failed for batch %d x %d blocks (%s); decode steps run eagerly from now on",
-                        b, width, self.failed)
+            log.error("CUDA graph capture failed for batch %d x %d blocks; decode steps run eagerly from now on",
+                      b, width, exc_info=True)
             self._graphs.clear()
             return None
         log.info("captured the decode graph for batch %d, context %d tokens", b, width * self.block_size)

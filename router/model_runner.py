@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from moeserve.models.batch import AttentionBatch
+from moeserve.models.layers import decode_attention
 
 from .block_manager import num_blocks_for_budget
 from .config import DEFAULT_CPU_KV_BYTES, EngineConfig
@@ -43,7 +44,9 @@ def activation_bytes(config: EngineConfig, model: Any) -> int:
     widest = max(mc.hidden_size, mc.intermediate_size, mc.moe.moe_intermediate_size * mc.moe.num_experts_per_tok)
     per_token = (8 * mc.hidden_size + 4 * widest) * elt
     logits = config.max_num_seqs * mc.vocab_size * 4 * 4  # float32 logits, probs, sort buffers
-    return config.max_num_batched_tokens * per_token + logits
+    # Decode graphs keep their own memory pool; its peak is about one layer's padded K and V gathers.
+    graphs = 2 * decode_attention.MAX_GATHER_BYTES if config.decode_graphs == "auto" else 0
+    return config.max_num_batched_tokens * per_token + logits + graphs
 
 
 def num_kv_blocks(config: EngineConfig, model: Any) -> int:
@@ -70,7 +73,7 @@ class FlatBatch:
     sample_rows: list[int]  # the last row of each sequence that samples
 
 
-def flatten(batch: ScheduledBatch, block_size: int) -> FlatBatch:
+def flatten(batch: ScheduledBatch, block_size: int, tables: bool = True) -> FlatBatch:
     """Lay out the scheduled chunks back to back: each sequence's tokens [computed, computed + n)."""
     bs = block_size
     flat = FlatBatch([], [], [], [], [], [])
@@ -89,8 +92,9 @@ def flatten(batch: ScheduledBatch, block_size: int) -> FlatBatch:
         flat.context_lens.append(end)
         if samples:
             flat.sample_rows.append(len(flat.input_ids) - 1)
-    width = max((len(s.block_table) for s in batch.seqs), default=0)
-    flat.block_tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+    if tables:  # padded block tables (the graph path takes the sequences' own)
+        width = max((len(s.block_table) for s in batch.seqs), default=0)
+        flat.block_tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
     return flat
 
 
@@ -111,9 +115,9 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.capture:
             start = time.monotonic()
             with torch.inference_mode(), torch.cuda.device(self.device):
-                n = self.graphs.capture_ahead(config.graph_capture_tokens)
-            log.info("captured %d decode graphs in %.1f s (contexts up to %d tokens; longer ones on first use)",
-                     n, time.monotonic() - start, config.graph_capture_tokens)
+                self.graphs.capture_ahead(config.graph_capture_tokens)
+            log.info("%s in %.1f s (contexts up to %d tokens at start-up; longer ones on first use)",
+                     self.graphs.describe(), time.monotonic() - start, config.graph_capture_tokens)
 
     def _decode_graphs(self, config: EngineConfig, max_model_len: int | None) -> DecodeGraphs | None:
         from moeserve.models.local_experts import LocalExperts
@@ -155,13 +159,14 @@ class ModelRunner:
         return self._run(batch)
 
     def _run(self, batch: ScheduledBatch) -> list[int]:
+        hidden = None
         if (self.graphs is not None and all(n == 1 for n in batch.num_new_tokens)
                 and self.graphs.supports(len(batch.seqs), max(len(s.block_table) for s in batch.seqs))):
-            flat = flatten(batch, self.block_size)
+            flat = flatten(batch, self.block_size, tables=False)
             hidden = self.graphs.run(flat.input_ids, flat.positions, flat.slot_mapping, flat.context_lens,
                                      [s.block_table for s in batch.seqs])
             sample_rows = self._to_device(flat.sample_rows, torch.int64)
-        else:
+        if hidden is None:
             input_ids, positions, attn, sample_rows = self.prepare(batch)
             hidden = self.model.forward(input_ids, positions, attn)
         sampling = [s for s, f in zip(batch.seqs, batch.sample_flags) if f]

@@ -26,10 +26,12 @@ def test_buckets():
     assert context_bucket(5, 6) == 6
 
 
-def _serve(path: str, mode: str, device: str = "cpu", dtype: str = "auto") -> tuple[dict[str, list[int]], LLMEngine]:
+def _serve(path: str, mode: str, device: str = "cpu", dtype: str = "auto",
+           capture_tokens: int = 2048) -> tuple[dict[str, list[int]], LLMEngine]:
     """Staggered arrivals, a KV cache small enough to preempt, greedy: every request's tokens."""
     config = EngineConfig(model=path, device=device, dtype=dtype, block_size=4, num_kv_blocks=24, max_num_seqs=6,
-                          max_num_batched_tokens=24, max_model_len=96, decode_graphs=mode)
+                          max_num_batched_tokens=24, max_model_len=96, decode_graphs=mode,
+                          graph_capture_tokens=capture_tokens)
     engine = LLMEngine.from_config(config)
     vocab = engine.model_config.vocab_size
     prompts = [torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(7 + i)).tolist()
@@ -71,11 +73,12 @@ def test_config_refuses_unknown_mode():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("capture_tokens", [2048, 0])  # all captured at start-up; all on first use, mid-serving
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "mixtral"])
-def test_cuda_graph_decode_equals_eager(arch, hf_checkpoint):
+def test_cuda_graph_decode_equals_eager(arch, capture_tokens, hf_checkpoint):
     path = str(hf_checkpoint(arch, seed=1))
     want, _ = _serve(path, "off", device="cuda", dtype="float32")
-    got, engine = _serve(path, "auto", device="cuda", dtype="float32")
+    got, engine = _serve(path, "auto", device="cuda", dtype="float32", capture_tokens=capture_tokens)
     graphs = engine.runner.graphs
     assert graphs is not None and graphs.failed is None and graphs._graphs and graphs.steps > 20
     assert got == want
@@ -89,9 +92,15 @@ def test_long_contexts_leave_the_batched_decode(arch, hf_checkpoint, monkeypatch
 
     path = str(hf_checkpoint(arch, seed=1))
     want, _ = _serve(path, "off")
-    loops = []
+    loops = []  # decode-only steps that went sequence by sequence
     real = paged_attention.sequences
-    monkeypatch.setattr(paged_attention, "sequences", lambda b: loops.append(b.num_seqs) or real(b))
+
+    def counting(batch):
+        if decode_attention.is_decode_only(batch):
+            loops.append(batch.num_seqs)
+        return real(batch)
+
+    monkeypatch.setattr(paged_attention, "sequences", counting)
     for module in ("moeserve.models.layers.mla", "moeserve.models.layers.attention"):
         monkeypatch.setattr(f"{module}.sequences", paged_attention.sequences)
     engine = LLMEngine.from_config(EngineConfig(model=path, num_kv_blocks=24, block_size=4, max_model_len=96,
@@ -102,7 +111,7 @@ def test_long_contexts_leave_the_batched_decode(arch, hf_checkpoint, monkeypatch
     graphs = engine.runner.graphs
     assert graphs.supports(2, 8) and not graphs.supports(3, 8) and not graphs.supports(2, 9)
     got, padded = _serve(path, "padded")
-    assert padded.runner.graphs.steps > 0 and loops, "both the fixed-shape and the per-sequence decode were meant to run"
+    assert padded.runner.graphs.steps > 0 and loops, "fixed-shape and per-sequence decode steps were meant to run"
     assert got == want
 
 
