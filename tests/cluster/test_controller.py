@@ -4,6 +4,7 @@ dispatcher to adopt the new epoch."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import ray
@@ -62,7 +63,14 @@ def test_restarted_controller_recovers_its_groups(ray_cluster, hf_checkpoint):
         before = ray.get(controller.status.remote())
         first = [o.new_token_ids for o in engine.generate_batch(prompts, params)]
         ray.kill(controller, no_restart=False)  # Ray restarts it; it reads its state back from the GCS
-        after = ray.get(controller.status.remote(), timeout=120)
+        # ray.kill returns before the actor is gone: a call right after may still reach the old instance
+        deadline, after = time.monotonic() + 120, before
+        while after["epoch"] == before["epoch"]:
+            assert time.monotonic() < deadline, "the controller was not restarted within 120 s"
+            try:
+                after = ray.get(controller.status.remote(), timeout=120)
+            except ray.exceptions.RayActorError:  # the call reached the dying instance
+                time.sleep(0.1)
         second = [o.new_token_ids for o in engine.generate_batch(prompts, params)]
     finally:
         engine.model.experts_backend.close()
