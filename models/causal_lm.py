@@ -6,6 +6,8 @@ so loading is name to name. Routed experts are not parameters here: they sit beh
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,7 +43,7 @@ class DecoderStack(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class MoECausalLM(nn.Module):
+class MoECausalLM(nn.Module, abc.ABC):
     """Base of the architectures; subclasses provide `build_layer` and their HF expert tensor names."""
 
     # HF tensor names of one routed expert: `{prefix}.{e}.{gate|up|down}.weight` (per-expert layout,
@@ -62,8 +64,9 @@ class MoECausalLM(nn.Module):
     def build_rotary(self, config: ModelConfig) -> RotaryEmbedding:
         return RotaryEmbedding(config.head_dim, config.rope)
 
+    @abc.abstractmethod
     def build_layer(self, config: ModelConfig, layer_id: int) -> DecoderLayer:
-        raise NotImplementedError
+        """Decoder layer `layer_id` of this architecture (its attention and its dense MLP or MoE block)."""
 
     @classmethod
     def checkpoint_names(cls, name: str) -> list[str]:

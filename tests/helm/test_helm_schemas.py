@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from functools import cache
 from pathlib import Path
@@ -17,6 +18,8 @@ from chart_harness import CHART, CI_VALUES, by_kind, run_helm
 
 CRDS = Path(__file__).parent / "crds"
 SHARED_CRDS = Path(__file__).resolve().parents[3] / "shared" / "kuberay-crds"
+# sha256 of KubeRay v1.7.0's helm-chart/kuberay-operator/crds/ray.io_rayclusters.yaml (../shared/kuberay-crds)
+KUBERAY_RAYCLUSTER_CRD_SHA256 = "c44704442eef0c6721ad40c1d66782c8bd3fdab9d3344306a5820910a679baa1"
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest the validator knows.
 KUBE_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
 # Kinds outside the Kubernetes API that the chart may render, and how each is checked.
@@ -125,15 +128,16 @@ def test_the_crd_check_rejects_what_kuberay_rejects(render):
     assert ".spec.workerGroupSpecs[1].template.spec.containers[0].gpus: unknown field" in errors
 
 
-def test_vendored_crd_is_kuberays(request):
-    """tests/helm/crds is KubeRay's CRD verbatim (after the attribution header); checked where ../shared exists."""
-    shared = SHARED_CRDS / "ray.io_rayclusters.yaml"
-    if not shared.exists():
-        pytest.skip("../shared/kuberay-crds is absent (a clean clone): the vendored copy is the reference")
+def test_vendored_crd_is_kuberays():
+    """tests/helm/crds is KubeRay's CRD verbatim (after the attribution header): its body has the digest
+    of KubeRay v1.7.0's file, and equals ../shared/kuberay-crds where that exists."""
     vendored = (CRDS / "ray.io_rayclusters.yaml").read_text()
     header, _, body = vendored.partition("\n---\n")
     assert "Apache License, Version 2.0" in header and "KubeRay" in header
-    assert "---\n" + body == shared.read_text()
+    assert hashlib.sha256(("---\n" + body).encode()).hexdigest() == KUBERAY_RAYCLUSTER_CRD_SHA256
+    shared = SHARED_CRDS / "ray.io_rayclusters.yaml"
+    if shared.exists():
+        assert "---\n" + body == shared.read_text()
 
 
 def kuberay_spec_errors(cluster: dict) -> list[str]:
