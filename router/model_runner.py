@@ -165,7 +165,8 @@ class ModelRunner:
             flat = flatten(batch, self.block_size, tables=False)
             hidden = self.graphs.run(flat.input_ids, flat.positions, flat.slot_mapping, flat.context_lens,
                                      [s.block_table for s in batch.seqs])
-            sample_rows = self._to_device(flat.sample_rows, torch.int64)
+            if hidden is not None:
+                sample_rows = self._to_device(flat.sample_rows, torch.int64)
         if hidden is None:
             input_ids, positions, attn, sample_rows = self.prepare(batch)
             hidden = self.model.forward(input_ids, positions, attn)
