@@ -10,6 +10,11 @@ detected here.
 
 Text and stop strings are decoded on the edge, not in the worker: text the worker held back (a
 possible stop string, half a UTF-8 character) would otherwise die with it.
+
+Telemetry: what the worker's engine and expert dispatcher report (step times, queue waits, tokens
+per expert, scaling events) comes back with each poll and is replayed on the event loop into the
+observer given to `observe` (the edge's Telemetry); with none, it is dropped. `stats()` counters
+(`WORKER_COUNTERS`) carry over restarts, so they never go backwards; gauges are the live worker's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
@@ -29,12 +35,15 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import EngineStoppedError, InvalidRequestError
 from .sequence import RequestOutput, SamplingParams, check_admission
-from .trunk_worker import TrunkWorker, error_from
+from .trunk_worker import EXPERT_TOKENS, QUEUE_WAIT, SCALING_EVENTS, STEP, TrunkWorker, error_from
 
 log = logging.getLogger(__name__)
 
 _START_ATTEMPTS = 3  # a worker that fails to start this many times in a row fails the engine
 _POLL_S = 5.0  # one long poll; a dead worker ends it at once, so this only bounds idle round trips
+# The cumulative figures of the worker's stats() (LLMEngine.stats); the rest of its keys are gauges.
+WORKER_COUNTERS = ("steps", "requests_added", "prompt_tokens", "tokens_computed", "tokens_generated",
+                   "requests_finished", "preemptions")
 
 
 @dataclass
@@ -83,7 +92,10 @@ class TrunkEngine:
         self._incarnation = 0
         self._ready = asyncio.Event()
         self._progress = asyncio.Condition()  # notified when a request ends or the worker restarts
-        self._stats: dict = {}
+        self._stats: dict = {}  # the live worker's last stats()
+        self._carried = dict.fromkeys(WORKER_COUNTERS, 0)  # counters of the workers that died
+        self._observer = None
+        self.telemetry_dropped = 0  # telemetry records the workers left out (their relay's bound)
         self._pump_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._stopping = False
@@ -199,14 +211,26 @@ class TrunkEngine:
             self.abort(request_id)
 
     def stats(self) -> dict:
-        return {**self._stats, "trunk_restarts": self.restarts, "requests_in_flight": len(self._flights)}
+        """The live worker's gauges; counters summed over every worker so far (monotonic across restarts)."""
+        out = dict(self._stats)
+        for key in WORKER_COUNTERS:
+            out[key] = self._carried[key] + int(self._stats.get(key, 0))
+        out.update(trunk_restarts=self.restarts, requests_in_flight=len(self._flights))
+        return out
+
+    def observe(self, observer: Any) -> None:
+        """Report the worker's step times and queue waits (record_step, record_queue_wait) and, where
+        `observer` has them, its experts' expert_tokens and scaling_events to `observer`
+        (cluster.telemetry.Telemetry), on the event loop; None stops it. Records that arrive while no
+        observer is attached are dropped."""
+        self._observer = observer
 
     # -- the poll loop and restarts ------------------------------------------------------------------
     async def _pump(self) -> None:
         while True:
             actor = self._actor
             try:
-                items, self._stats = await actor.poll.remote(_POLL_S)
+                polled = await actor.poll.remote(_POLL_S)
             except RayActorError as exc:
                 if self._stopping:
                     return
@@ -214,7 +238,11 @@ class TrunkEngine:
                 if self._failure is not None:
                     return
                 continue
-            for request_id, item in items:
+            if actor is not self._actor:  # shut down meanwhile
+                return
+            self._stats = polled["stats"]
+            self._replay(polled["telemetry"], polled["telemetry_dropped"])
+            for request_id, item in polled["items"]:
                 flight = self._flights.get(request_id)
                 if flight is not None:
                     self._deliver(flight, item)
@@ -237,6 +265,9 @@ class TrunkEngine:
                 if attempt == _START_ATTEMPTS or self._stopping:
                     self._fail(exc)
                     return
+        for key in WORKER_COUNTERS:  # what the dead worker had counted by its last poll
+            self._carried[key] += int(self._stats.get(key, 0))
+        self._stats = {}
         self._incarnation += 1
         self.restarts += 1
         for flight in list(self._flights.values()):
@@ -245,6 +276,29 @@ class TrunkEngine:
                 self.resubmitted += 1
         self._ready.set()
         self._changed()
+
+    def _replay(self, records: list[tuple], dropped: int) -> None:
+        """Hand the worker's telemetry records to the observer (none attached: they are dropped)."""
+        if dropped:
+            self.telemetry_dropped += dropped
+            log.warning("trunk worker %d left out %d telemetry record(s) (not polled in time)", self._incarnation,
+                        dropped)
+        observer = self._observer
+        if observer is None or not records:
+            return
+        counters = {EXPERT_TOKENS: getattr(observer, EXPERT_TOKENS, None),
+                    SCALING_EVENTS: getattr(observer, SCALING_EVENTS, None)}
+        try:
+            for record in records:
+                kind = record[0]
+                if kind == STEP:
+                    observer.record_step(record[1], record[2])
+                elif kind == QUEUE_WAIT:
+                    observer.record_queue_wait(record[1])
+                elif counters.get(kind) is not None:
+                    counters[kind].add(record[1], record[2])
+        except Exception:  # noqa: BLE001 - a broken observer loses telemetry, never the requests
+            log.exception("the telemetry observer failed; dropping this poll's remaining records")
 
     def _fail(self, exc: BaseException) -> None:
         self._failure = exc

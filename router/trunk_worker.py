@@ -2,12 +2,17 @@
 
 `router/trunk.py` is the edge's side (restarts and resubmission). Errors cross the process
 boundary as small records, rebuilt on the edge as the errors the gRPC edge maps to status codes.
+What the engine and its expert dispatcher report to telemetry (step times, queue waits, tokens per
+expert, scaling events) is buffered here by a `TelemetryRelay` and travels with the same poll; the
+edge replays it into its own Telemetry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
+from collections import deque
 from collections.abc import AsyncIterator
 
 import ray
@@ -52,6 +57,91 @@ def error_from(record: tuple[str, str, object]) -> BaseException:
     return RuntimeError(f"trunk worker: {message}")
 
 
+# -- telemetry across the process boundary ----------------------------------------------------------
+
+STEP, QUEUE_WAIT, EXPERT_TOKENS, SCALING_EVENTS = "step", "queue_wait", "expert_tokens", "scaling_events"
+RELAY_LIMIT = 50_000  # samples, and counter series, a relay holds between two polls
+
+
+class _RelayCounter:
+    """Stands in for one Telemetry counter (expert_tokens, scaling_events): `add(value, attributes)`."""
+
+    def __init__(self, relay: "TelemetryRelay", name: str):
+        self._relay, self._name = relay, name
+
+    def add(self, amount: int | float, attributes: dict | None = None) -> None:
+        self._relay._add(self._name, amount, attributes)
+
+
+class TelemetryRelay:
+    """The edge's Telemetry as the worker's engine and expert dispatcher see it; `drain` hands over what came.
+
+    record_step and record_queue_wait (the engine's step thread) keep every sample, the oldest
+    dropped past `limit` samples; counter adds (the dispatcher's expert_tokens and scaling_events)
+    are summed per attribute set, so they lose nothing, and a new attribute set past `limit` series is
+    dropped. Everything dropped is counted. Thread-safe: the step thread records, the actor's loop drains.
+    """
+
+    def __init__(self, limit: int = RELAY_LIMIT):
+        if limit < 1:
+            raise ValueError(f"TelemetryRelay.limit must be >= 1, got {limit}")
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._samples: deque[tuple] = deque()
+        self._counters: dict[tuple, float] = {}  # (instrument, sorted attribute items) -> sum since the last drain
+        self._dropped = 0
+        self.expert_tokens = _RelayCounter(self, EXPERT_TOKENS)
+        self.scaling_events = _RelayCounter(self, SCALING_EVENTS)
+
+    def record_step(self, seconds: float, num_tokens: int) -> None:
+        self._sample((STEP, float(seconds), int(num_tokens)))
+
+    def record_queue_wait(self, seconds: float) -> None:
+        self._sample((QUEUE_WAIT, float(seconds)))
+
+    def _sample(self, record: tuple) -> None:
+        with self._lock:
+            if len(self._samples) >= self.limit:
+                self._samples.popleft()
+                self._dropped += 1
+            self._samples.append(record)
+
+    def _add(self, name: str, amount: int | float, attributes: dict | None) -> None:
+        key = (name, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (attributes or {}).items())))
+        with self._lock:
+            if key in self._counters:
+                self._counters[key] += amount
+            elif len(self._counters) < self.limit:
+                self._counters[key] = amount
+            else:
+                self._dropped += 1
+
+    def drain(self) -> tuple[list[tuple], int]:
+        """(records, dropped) since the last drain: plain picklable tuples, samples oldest first, then counters.
+
+        A record is ("step", seconds, num_tokens), ("queue_wait", seconds), or
+        ("expert_tokens" | "scaling_events", amount, attributes dict); `dropped` counts samples and
+        counter series left out to keep within `limit`.
+        """
+        with self._lock:
+            samples, self._samples = self._samples, deque()
+            counters, self._counters = self._counters, {}
+            dropped, self._dropped = self._dropped, 0
+        records = list(samples)
+        records += [(name, amount, dict(attrs)) for (name, attrs), amount in counters.items()]
+        return records, dropped
+
+
+def attach_relay(engine, relay: TelemetryRelay) -> None:
+    """Report `engine`'s step times and queue waits, and its expert dispatcher's load, to `relay`
+    (as cluster.telemetry.Telemetry.watch_engine does in the edge's process)."""
+    engine.observe(relay)
+    model = getattr(getattr(engine, "core", None), "model", None)
+    backend = getattr(model, "experts_backend", None)
+    if backend is not None and hasattr(backend, "telemetry") and backend.telemetry is None:
+        backend.telemetry = relay
+
+
 # -- the worker process -----------------------------------------------------------------------------------
 
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)
@@ -66,6 +156,8 @@ class TrunkWorker:
         if torch_threads:
             torch.set_num_threads(torch_threads)  # the same BLAS threads as the edge keep results bitwise equal
         self.engine = AsyncEngine.from_config(config)
+        self.relay = TelemetryRelay()
+        attach_relay(self.engine, self.relay)
         self.outbox: list[tuple[str, object]] = []
         self.tasks: dict[str, asyncio.Task] = {}
         self.changed = asyncio.Event()
@@ -98,8 +190,13 @@ class TrunkWorker:
     async def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
 
-    async def poll(self, timeout_s: float) -> tuple[list[tuple[str, object]], dict]:
-        """Everything emitted since the last poll (waits up to `timeout_s` for something), and stats."""
+    async def poll(self, timeout_s: float) -> dict:
+        """Everything emitted since the last poll (waits up to `timeout_s` for an output), with stats and telemetry.
+
+        {"items": [(request_id, RequestOutput | error record)], "stats": the engine's stats(),
+         "telemetry": TelemetryRelay records, "telemetry_dropped": records the relay left out}.
+        Telemetry drained after the items covers at least the steps that made them.
+        """
         if not self.outbox:
             try:
                 await asyncio.wait_for(self.changed.wait(), timeout_s)
@@ -107,7 +204,8 @@ class TrunkWorker:
                 pass
         items, self.outbox = self.outbox, []
         self.changed.clear()
-        return items, self.engine.stats()
+        records, dropped = self.relay.drain()
+        return {"items": items, "stats": self.engine.stats(), "telemetry": records, "telemetry_dropped": dropped}
 
     async def shutdown(self, grace_s: float) -> None:
         await self.engine.shutdown(grace_s)
