@@ -104,6 +104,8 @@ class ServingFigures:
             "kv_blocks_used": int(stats.get("kv_blocks_used", 0)),
             "kv_blocks_total": int(stats.get("kv_blocks_total", 0)),
             "window_s": now.t - base.t,
+            # A TrunkPool's workers (serve --trunk-workers); absent (0) with the trunk in the edge's process.
+            **{k: int(stats.get(k, 0)) for k in ("trunk_workers", "trunk_workers_starting", "trunk_workers_draining")},
         }
         for name, counter in _RATES.items():
             # A restarted trunk worker starts its counters again: never report a negative rate.

@@ -9,6 +9,8 @@ as in-process workers, a fixed placement).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -102,6 +104,51 @@ def _start_autoscaler(controller, config):
     return runner
 
 
+@dataclass
+class ControlPlane:
+    """The embedded cluster's control plane, run in one process: the controller (a Ray actor; its handle),
+    the Admin API server beside it and the autoscaler (None when off)."""
+
+    controller: Any
+    admin: Any = None
+    autoscaler: Any = None
+    utilisation: Any = None  # cluster.group_utilisation.GroupUtilisationPoller, when serve runs one
+
+    def stop(self) -> None:
+        """Stop the autoscaler, the utilisation poller and the admin API (the controller and its groups stay)."""
+        for part in (self.autoscaler, self.utilisation):
+            if part is not None:
+                part.stop()
+        if self.admin is not None:
+            self.admin.stop(0)
+
+
+def start_control_plane(model_path: str, *, num_experts: int, dtype: str, num_groups: int = 2,
+                        resources: GroupResources | None = None, custom_resource: str | None = None,
+                        autoscaling=None) -> ControlPlane:
+    """Start (or join) Ray here, the controller and its `num_groups` expert-group actors holding the experts
+    of `model_path` in `dtype`, the Admin API and, with an `autoscaling` config, the autoscaler.
+
+    The trunk's dispatchers reach the groups through `ray_expert_backend(plane.controller)`, in this
+    process or in trunk workers (serve --trunk-workers), which is why this is apart from the model.
+    """
+    import ray
+
+    from moeserve.cluster.controller import ControllerConfig, start_controller
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, namespace="moeserve")
+    gpus = ray.cluster_resources().get("GPU", 0)
+    # One GPU each when there are enough; else the groups share what there is (one GPU: all on it).
+    res = resources or GroupResources(num_gpus=min(1.0, gpus / num_groups) if gpus else 0.0,
+                                      custom_resource=custom_resource, torch_threads=torch.get_num_threads())
+    cfg = ControllerConfig(weights=CheckpointWeights(str(model_path), dtype=dtype), num_experts=num_experts,
+                           num_groups=num_groups, resources=res)
+    controller = start_controller(cfg)
+    return ControlPlane(controller, _start_admin(controller),
+                        _start_autoscaler(controller, autoscaling) if autoscaling is not None else None)
+
+
 def embedded_expert_backend(model_path: str, *, transport: str = "ray", num_groups: int = 2,
                             resources: GroupResources | None = None, custom_resource: str | None = None,
                             autoscaling=None) -> Callable:
@@ -123,23 +170,12 @@ def embedded_expert_backend(model_path: str, *, transport: str = "ray", num_grou
         return local_expert_backend(str(model_path), num_groups=num_groups)
 
     def make(model) -> ExpertDispatcher:
-        import ray
-
-        from moeserve.cluster.controller import ControllerConfig, start_controller
-
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, namespace="moeserve")
         _, num_experts, _ = _model_layout(model)
-        gpus = ray.cluster_resources().get("GPU", 0)
-        # One GPU each when there are enough; else the groups share what there is (one GPU: all on it).
-        res = resources or GroupResources(num_gpus=min(1.0, gpus / num_groups) if gpus else 0.0,
-                                          custom_resource=custom_resource, torch_threads=torch.get_num_threads())
-        cfg = ControllerConfig(weights=checkpoint_weights(model_path, model), num_experts=num_experts,
-                               num_groups=num_groups, resources=res)
-        controller = start_controller(cfg)
-        dispatcher = ray_expert_backend(controller)(model)
-        dispatcher.admin = _start_admin(controller)
-        dispatcher.autoscaler = _start_autoscaler(controller, autoscaling) if autoscaling is not None else None
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        plane = start_control_plane(model_path, num_experts=num_experts, dtype=dtype, num_groups=num_groups,
+                                    resources=resources, custom_resource=custom_resource, autoscaling=autoscaling)
+        dispatcher = ray_expert_backend(plane.controller)(model)
+        dispatcher.admin, dispatcher.autoscaler = plane.admin, plane.autoscaler
         return dispatcher
 
     return make

@@ -155,6 +155,16 @@ class TrunkEngine:
             pass
         ray.kill(actor, no_restart=True)
 
+    @property
+    def in_flight(self):
+        """Ids of the requests this engine holds now (a read-only view)."""
+        return self._flights.keys()
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight (or the worker cannot be restarted); new ones may still come."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: not self._flights or self._failure is not None)
+
     async def wait_restarts(self, count: int) -> None:
         """Return once the worker has been restarted `count` times in all (the chaos suite waits on it)."""
         async with self._progress:

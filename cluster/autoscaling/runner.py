@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 
@@ -48,7 +48,8 @@ class EngineTrunk:
     running sequences, batch slots (its max_num_seqs) and admitted requests per second. From
     `telemetry` (this process's cluster.telemetry.Telemetry, on with serve --prometheus-port or
     --otlp-endpoint): the queue-wait, TTFT and TPOT quantiles, from its histograms' bucket deltas.
-    Without telemetry those stay empty (count 0): a policy sees the queue but no latency. The busy
+    Without telemetry those stay empty (count 0): a policy sees the queue but no latency. With trunk
+    workers (router.trunk_pool.TrunkPool) the replicas and pending counts are the pool's. The busy
     share stays 0 either way: a step's time includes the wait for the expert groups, so it does not
     tell the trunk's own load from theirs.
     """
@@ -64,7 +65,9 @@ class EngineTrunk:
 
     def __call__(self) -> TrunkSnapshot:
         now = self._read()
-        return trunk_from_readings(self._window.base(now), now, self.max_num_seqs)
+        # A TrunkPool (serve --trunk-workers) says how many workers serve and start; one engine is one.
+        replicas, pending = getattr(self.engine, "replicas", 1), getattr(self.engine, "pending", 0)
+        return replace(trunk_from_readings(self._window.base(now), now, self.max_num_seqs, replicas), pending=pending)
 
 
 class AutoscaleRunner:
@@ -76,7 +79,7 @@ class AutoscaleRunner:
         config: AutoscalingConfig,
         *,
         trunk: Callable[[], TrunkSnapshot] | None = None,
-        scale_trunk: Callable[[int], None] | None = None,
+        scale_trunk: Callable[[int], str | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         status_timeout_s: float = 30.0,
     ):
@@ -127,7 +130,13 @@ class AutoscaleRunner:
         if decision.trunk.replicas != signals.trunk.target:
             if self.scale_trunk is not None:
                 self._event("decision", "trunk", lines["trunk"])
-                self.scale_trunk(decision.trunk.replicas)
+                try:  # the scaler starts or drains workers in the background and says what it set going
+                    said = self.scale_trunk(decision.trunk.replicas)
+                except Exception as exc:  # noqa: BLE001 - logged; the next run decides again
+                    self._event("failed", "trunk", f"scale trunk to {decision.trunk.replicas} failed: {exc!r}",
+                                logging.WARNING)
+                else:
+                    self._event("done", "trunk", said or f"scale trunk to {decision.trunk.replicas} asked")
             else:
                 # Said when the target asked for changes, not every run (the reason's figures do).
                 self._once("trunk", f"trunk target {decision.trunk.replicas} not carried out: no trunk scaler "

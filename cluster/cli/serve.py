@@ -15,6 +15,8 @@ import os
 import shlex
 import signal
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 from moeserve.router.auth import TOKEN_ENV, load_tokens
 from moeserve.router.server import InferenceServer, ServerConfig, format_address
@@ -46,8 +48,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trunk-worker", action="store_true",
                    help="run the trunk (model, KV cache, scheduler) in its own process, a Ray actor that the edge "
                         "restarts if it dies, resubmitting the requests in flight")
+    g.add_argument("--trunk-workers", type=int, default=0, metavar="N",
+                   help="run N trunk workers (each as --trunk-worker), the edge sending each new request to the "
+                        "least busy; the autoscaling policy's trunk decisions add or drain them live "
+                        "(default 0: the trunk in the edge's process; --trunk-worker is --trunk-workers 1)")
+    g.add_argument("--trunk-resource", metavar="NAME", default=None,
+                   help="each trunk worker asks Ray for one unit of this custom resource, so it starts only on "
+                        "nodes that offer it and a worker that waits for one is demand for such a node "
+                        "(e.g. moeserve_trunk, which the Helm chart's trunk pods offer; needs --trunk-workers)")
     g.add_argument("--autoscaling-policy", metavar="FILE", default=None,
-                   help="scale the expert groups with this policy YAML (docs/autoscaling.md; needs --transport ray)")
+                   help="scale the expert groups (and, with --trunk-workers, the trunk workers) with this policy "
+                        "YAML (docs/autoscaling.md; needs --transport ray)")
     g.add_argument("--transport", choices=("local", "ray"), default=None,
                    help="how the trunk reaches the expert groups: local (in-process) or ray (actors; "
                         "the default when --expert-groups is given)")
@@ -57,12 +68,42 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "moeserve_expert_{group}, which the Helm chart's expert worker groups offer; needs Ray groups)")
 
 
-def engine_config(args: argparse.Namespace):
-    """The EngineConfig for `args`: the one place that builds it."""
+def check_resource_name(name: str, field: str) -> None:
+    """Raise ValueError naming `field` unless `name` is a custom Ray resource name (no {group} here)."""
+    from moeserve.experts.group import check_resource_template
+
+    if "{" in name or "}" in name:
+        raise ValueError(f"{field}: {name!r} is not a resource name: use letters, digits and _ . - only "
+                         "(e.g. moeserve_trunk)")
+    check_resource_template(name, field=field)
+
+
+def trunk_workers(args: argparse.Namespace) -> int:
+    """How many trunk workers the flags ask for (0: the trunk runs in the edge's process)."""
+    n = getattr(args, "trunk_workers", 0)
+    if n < 0:
+        raise ValueError(f"--trunk-workers: must be >= 0, got {n}")
+    n = n or int(bool(getattr(args, "trunk_worker", False)))
+    resource = getattr(args, "trunk_resource", None)
+    if resource is not None:
+        if not n:
+            raise ValueError("--trunk-resource: needs --trunk-workers (the trunk in the edge's process asks Ray for nothing)")
+        check_resource_name(resource, field="--trunk-resource")
+    return n
+
+
+def engine_config(args: argparse.Namespace, control_plane=None):
+    """The EngineConfig for `args`: the one place that builds it. With `control_plane` (Ray expert groups
+    started in the edge for trunk workers: `edge_control_plane`), the experts are reached through it."""
     from moeserve.router.config import EngineConfig
 
     model = args.model or _demo_model_dir()
-    backend = _expert_backend(args, model)
+    if control_plane is not None:
+        from moeserve.experts.backend import ray_expert_backend
+
+        backend = ray_expert_backend(control_plane.controller)
+    else:
+        backend = _expert_backend(args, model)
     return EngineConfig(
         model=model,
         expert_backend=backend,
@@ -82,15 +123,20 @@ def engine_config(args: argparse.Namespace):
     )
 
 
+def _wants_expert_groups(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "expert_groups", 0) or getattr(args, "transport", None) is not None
+                or getattr(args, "autoscaling_policy", None) is not None
+                or getattr(args, "expert_resource", None) is not None)
+
+
 def _expert_backend(args: argparse.Namespace, model: str | None):
     """The expert-group backend `--expert-groups` / `--transport` ask for (None: experts in the trunk)."""
     groups, transport = getattr(args, "expert_groups", 0), getattr(args, "transport", None)
     if groups < 0:
         raise ValueError(f"--expert-groups: must be >= 0, got {groups}")
-    policy = getattr(args, "autoscaling_policy", None)
-    resource = getattr(args, "expert_resource", None)
-    if not groups and transport is None and policy is None and resource is None:
+    if not _wants_expert_groups(args):
         return None
+    resource = getattr(args, "expert_resource", None)
     from moeserve.experts.backend import embedded_expert_backend
     from moeserve.experts.group import check_resource_template
 
@@ -99,15 +145,39 @@ def _expert_backend(args: argparse.Namespace, model: str | None):
             raise ValueError("--expert-resource: needs --transport ray (local groups are not Ray actors)")
         check_resource_template(resource, field="--expert-resource")
 
-    autoscaling = None
-    if policy is not None:
-        from moeserve.cluster.autoscaling import load_config
-
-        if transport == "local":
-            raise ValueError("--autoscaling-policy: needs --transport ray (local groups cannot be scaled)")
-        autoscaling = load_config(policy)  # a ConfigError names the field and its allowed range
     return embedded_expert_backend(model, transport=transport or "ray", num_groups=groups or 2,
-                                   custom_resource=resource, autoscaling=autoscaling)
+                                   custom_resource=resource, autoscaling=_autoscaling_config(args))
+
+
+def _autoscaling_config(args: argparse.Namespace):
+    policy = getattr(args, "autoscaling_policy", None)
+    if policy is None:
+        return None
+    from moeserve.cluster.autoscaling import load_config
+
+    if getattr(args, "transport", None) == "local":
+        raise ValueError("--autoscaling-policy: needs --transport ray (local groups cannot be scaled)")
+    return load_config(policy)  # a ConfigError names the field and its allowed range
+
+
+def edge_control_plane(args: argparse.Namespace):
+    """With trunk workers and Ray expert groups: the control plane (controller, admin API, autoscaler)
+    started here in the edge, shared by every trunk worker; else None (no groups, local groups in the
+    workers, or the trunk in this process, whose model starts the control plane itself)."""
+    if not trunk_workers(args) or not _wants_expert_groups(args) or args.transport == "local":
+        return None
+    from moeserve.experts.backend import start_control_plane
+    from moeserve.experts.group import check_resource_template
+    from moeserve.models.config import ModelConfig
+    from moeserve.router.config import EngineConfig
+
+    model = args.model or _demo_model_dir()
+    if args.expert_resource is not None:
+        check_resource_template(args.expert_resource, field="--expert-resource")
+    dtype = str(EngineConfig(model=model, device=args.device, dtype=args.dtype).torch_dtype).removeprefix("torch.")
+    return start_control_plane(model, num_experts=ModelConfig.from_dir(model).moe.n_routed_experts, dtype=dtype,
+                               num_groups=args.expert_groups or 2, custom_resource=args.expert_resource,
+                               autoscaling=_autoscaling_config(args))
 
 
 def _demo_model_dir() -> str | None:
@@ -192,85 +262,126 @@ def client_command(server: InferenceServer, args: argparse.Namespace) -> str:
     return prefix + shlex.join(cmd)
 
 
-def _trunk_engine(engine_cfg):
-    """The engine behind the edge when the trunk runs in its own process (router/trunk.py)."""
+def _trunk_pool(engine_cfg, args: argparse.Namespace, plane):
+    """The engine behind the edge when the trunk runs in trunk workers (router/trunk_pool.py)."""
+    import dataclasses
+
     import ray
 
-    from moeserve.router.trunk import TrunkEngine
+    from moeserve.router.trunk_pool import TrunkPool
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, namespace="moeserve")
-    return TrunkEngine(engine_cfg)
+    options: dict = {}
+    if engine_cfg.device.startswith("cuda"):  # each worker its own GPU, which it sees as cuda
+        options["num_gpus"] = 1
+        engine_cfg = dataclasses.replace(engine_cfg, device="cuda")
+    if args.trunk_resource is not None:
+        options["resources"] = {args.trunk_resource: 1}
+    autoscaler = getattr(plane, "autoscaler", None)
+    most = autoscaler.config.limits.trunk.max_replicas if autoscaler is not None else trunk_workers(args)
+    return TrunkPool(engine_cfg, replicas=trunk_workers(args), max_replicas=max(most, trunk_workers(args)),
+                     actor_options=options)
 
 
-def _experts_backend(engine):
-    """The expert backend of the model in this process (None: the experts in the trunk, or --trunk-worker)."""
-    return getattr(getattr(getattr(engine, "core", None), "model", None), "experts_backend", None)
+def _control_plane_of(engine):
+    """The control plane the model in this process started beside its Ray expert groups (None: the experts
+    in the trunk, or local groups)."""
+    from moeserve.experts.backend import ControlPlane
+
+    backend = getattr(getattr(getattr(engine, "core", None), "model", None), "experts_backend", None)
+    controller = getattr(getattr(backend, "source", None), "controller", None)
+    if controller is None:
+        return None
+    return ControlPlane(controller, getattr(backend, "admin", None), getattr(backend, "autoscaler", None))
 
 
-def _report_serving(engine, tel) -> None:
-    """Hand the control plane beside the embedded expert groups the edge's live figures: the admin API
-    (for `moeserve status`) and the autoscaler (the trunk's signals: queue, slots, arrivals, TTFT/TPOT).
-
-    Only where they run in this process: not with the experts in the trunk (there are none), nor
-    with --trunk-worker (they run in the worker's process, and its autoscaler sees no trunk).
+def _report_serving(engine, plane, tel) -> None:
+    """Hand the control plane the edge's live figures: the admin API (for `moeserve status`) and the
+    autoscaler (the trunk's signals: queue, slots, arrivals, TTFT/TPOT; with trunk workers, its scaler).
     """
-    backend = _experts_backend(engine)
-    admin = getattr(backend, "admin", None)
-    if admin is not None:
+    if plane.admin is not None:
         from moeserve.cluster.serving_status import ServingFigures
 
-        admin.report_serving(ServingFigures(engine, tel))
-    autoscaler = getattr(backend, "autoscaler", None)
+        plane.admin.report_serving(ServingFigures(engine, tel))
+    autoscaler = plane.autoscaler
     if autoscaler is not None:
         from moeserve.cluster.autoscaling.runner import EngineTrunk
 
         autoscaler.attach_trunk(EngineTrunk(engine, tel, window_s=autoscaler.config.window_s))
+        if hasattr(engine, "scaler"):  # trunk workers: the policy's trunk decisions add or drain them
+            autoscaler.scale_trunk = engine.scaler()
         if tel is None:
             print("moeserve: the autoscaling policy sees the queue and batch slots but no TTFT/TPOT: those need "
                   "telemetry (--prometheus-port or --otlp-endpoint)", flush=True)
 
 
-def _watch_group_utilisation(engine, tel) -> None:
+def _watch_group_utilisation(plane, tel) -> None:
     """Keep the telemetry's `expert_group_utilisation` current from the controller of the Ray expert groups
-    (as `backend.utilisation`, stopped by _serve or at exit). Nothing to watch with telemetry off, the
-    experts in the trunk, local groups (no controller) or --trunk-worker (the backend is in the worker).
-    """
-    backend = _experts_backend(engine)
-    controller = getattr(getattr(backend, "source", None), "controller", None)
-    if tel is None or controller is None:
+    (as `plane.utilisation`, stopped with the plane or at exit). Nothing to watch with telemetry off."""
+    if tel is None:
         return
     import atexit
 
     from moeserve.cluster.group_utilisation import GroupUtilisationPoller
 
-    backend.utilisation = GroupUtilisationPoller(controller, tel).start()
-    atexit.register(backend.utilisation.stop)
+    plane.utilisation = GroupUtilisationPoller(plane.controller, tel).start()
+    atexit.register(plane.utilisation.stop)
 
 
-async def start_server(args: argparse.Namespace) -> tuple[InferenceServer, object]:
-    """Build the engine and the edge the flags ask for and start serving; returns (server, Telemetry or None)."""
+@dataclass
+class Serving:
+    """What `start_server` started: the edge, its Telemetry (None when off) and the Ray expert groups'
+    control plane in this process (controller, admin API, autoscaler, utilisation poller; None without)."""
+
+    server: InferenceServer
+    telemetry: Any = None
+    control_plane: Any = None
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop the edge (in-flight requests get `grace_s`, by default the server's), then the control
+        plane's pollers and admin API, then the telemetry (flushing what the OTLP exporters hold)."""
+        await self.server.stop(grace_s)
+        if self.control_plane is not None:
+            self.control_plane.stop()
+        if self.telemetry is not None:
+            self.telemetry.shutdown()
+
+
+async def start_server(args: argparse.Namespace) -> Serving:
+    """Build the engine and the edge the flags ask for and start serving."""
     from moeserve.router.engine import AsyncEngine
 
     server_cfg = server_config(args)
     tel = telemetry(args)  # before the model is written or loaded: a metrics port in use fails fast
+    plane = None
     try:
-        engine_cfg = engine_config(args)
-        engine = _trunk_engine(engine_cfg) if args.trunk_worker else AsyncEngine.from_config(engine_cfg)
+        if trunk_workers(args):
+            plane = await asyncio.to_thread(edge_control_plane, args)
+            engine_cfg = engine_config(args, plane)
+            engine = _trunk_pool(engine_cfg, args, plane)
+        else:
+            engine_cfg = engine_config(args)
+            engine = AsyncEngine.from_config(engine_cfg)
+            plane = _control_plane_of(engine)
         server = InferenceServer(engine, server_cfg, model_name=os.path.basename(str(engine_cfg.model or "demo")),
                                  telemetry=tel)
         await server.start()
-        _report_serving(engine, tel)
-        _watch_group_utilisation(engine, tel)
+        if plane is not None:
+            _report_serving(engine, plane, tel)
+            _watch_group_utilisation(plane, tel)
     except BaseException:
+        if plane is not None:
+            plane.stop()
         if tel is not None:
             tel.shutdown()
         raise
-    return server, tel
+    return Serving(server, tel, plane)
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    server, tel = await start_server(args)
+    serving = await start_server(args)
+    server, tel = serving.server, serving.telemetry
     server_cfg = server.config
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -293,12 +404,7 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"moeserve: metrics on http://{format_address(args.prometheus_host, tel.prometheus_port)}/metrics",
               flush=True)
     await stop.wait()
-    await server.stop()
-    utilisation = getattr(_experts_backend(server.engine), "utilisation", None)
-    if utilisation is not None:
-        utilisation.stop()
-    if tel is not None:
-        tel.shutdown()  # flushes what the OTLP exporters still hold
+    await serving.stop()
     print("moeserve: stopped", flush=True)
     return 0
 

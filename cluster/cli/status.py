@@ -77,7 +77,7 @@ def format_status(s) -> str:
                      + "".join(f"  {by_layer[layer].get(e, 0):<6}" for layer in layers))
     lines.append("unavailable experts: " + (" ".join(map(str, s.unavailable_experts)) or "none"))
     lines += format_serving(s.serving) if s.HasField("serving") else [
-        "serving: no live figures (the admin API does not run in the edge's process, e.g. with --trunk-worker)"]
+        "serving: no live figures (the admin API runs beside the expert groups of another process, not the edge)"]
     return "\n".join(lines)
 
 
@@ -85,7 +85,10 @@ def format_serving(v) -> list[str]:
     """The lines of a ServingStatus."""
     kv = f"{v.kv_blocks_used}/{v.kv_blocks_total}" + (
         f" ({100 * v.kv_blocks_used / v.kv_blocks_total:.1f}%)" if v.kv_blocks_total else "")
-    lines = [f"serving  running {v.running}  waiting {v.waiting}  kv blocks {kv}",
+    workers = v.trunk_workers + v.trunk_workers_starting + v.trunk_workers_draining
+    trunk = (f"  trunk workers {v.trunk_workers} ({v.trunk_workers_starting} starting, "
+             f"{v.trunk_workers_draining} draining)" if workers else "")
+    lines = [f"serving  running {v.running}  waiting {v.waiting}  kv blocks {kv}{trunk}",
              f"  over the last {v.window_s:.1f}s: input {v.input_tokens_per_s:.1f} tokens/s  "
              f"output {v.output_tokens_per_s:.1f} tokens/s  {v.requests_per_s:.2f} requests/s"]
     for name, label in (("ttft", "ttft"), ("tpot", "tpot")):

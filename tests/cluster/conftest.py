@@ -26,7 +26,7 @@ def private_ray(request, tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 async def embedded_serve(private_ray, demo_model_dir):
-    """Factory: `await embedded_serve(*flags)` -> (server, telemetry or None, expert backend) of `moeserve serve
+    """Factory: `await embedded_serve(*flags)` -> (server, telemetry or None, control plane) of `moeserve serve
     --model <demo> --port 0 *flags` in this process, flags asking for Ray expert groups. After the test the
     edge, its pollers and admin API, and the controller with its groups are stopped."""
     import ray
@@ -37,22 +37,17 @@ async def embedded_serve(private_ray, demo_model_dir):
     started = []
 
     async def start(*flags: str):
-        server, tel = await start_server(build_parser().parse_args(
+        serving = await start_server(build_parser().parse_args(
             ["serve", "--model", str(demo_model_dir), "--port", "0", *flags]))
-        started.append((server, tel, server.engine.core.model.experts_backend))
-        return started[-1]
+        started.append(serving)
+        return serving.server, serving.telemetry, serving.control_plane
 
     yield start
-    for server, tel, backend in started:
-        controller = backend.source.controller
-        for poller in (getattr(backend, "utilisation", None), backend.autoscaler):
-            if poller is not None:
-                poller.stop()
-        await server.stop(0)
-        if tel is not None:
-            tel.shutdown()
-        backend.close()
-        if backend.admin is not None:
-            backend.admin.stop(0)
+    for serving in started:
+        controller = serving.control_plane.controller
+        await serving.stop(0)
+        model = getattr(getattr(serving.server.engine, "core", None), "model", None)
+        if model is not None:  # the trunk in this process: its dispatcher leaves the controller
+            model.experts_backend.close()
         ray.get(controller.shutdown.remote(), timeout=60)
         ray.kill(controller)

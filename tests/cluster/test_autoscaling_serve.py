@@ -41,10 +41,10 @@ async def test_serve_scales_a_group_up_on_the_edge_ttft(embedded_serve, tmp_path
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     caplog.set_level(logging.INFO, logger="moeserve.autoscaler")
-    server, _, backend = await embedded_serve("--expert-groups", "1", "--transport", "ray", "--autoscaling-policy",
+    server, _, plane = await embedded_serve("--expert-groups", "1", "--transport", "ray", "--autoscaling-policy",
                                               str(policy), "--prometheus-port", "0", "--num-kv-blocks", "64",
                                               "--max-num-seqs", str(MAX_NUM_SEQS))
-    runner, controller = backend.autoscaler, backend.autoscaler.controller
+    runner, controller = plane.autoscaler, plane.controller
     outs = []
     try:
         assert runner.trunk is not None, "serve attached no trunk report to the autoscaler"

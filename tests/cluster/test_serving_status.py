@@ -72,9 +72,9 @@ def _status(capsys, *argv: str) -> str:
 async def test_status_shows_the_live_serving_figures(embedded_serve, capsys):
     from moeserve.router.client import AsyncClient
 
-    server, _, backend = await embedded_serve("--expert-groups", "2", "--transport", "ray", "--prometheus-port", "0",
+    server, _, plane = await embedded_serve("--expert-groups", "2", "--transport", "ray", "--prometheus-port", "0",
                                               "--num-kv-blocks", "64")
-    address = backend.admin.address
+    address = plane.admin.address
     idle = await asyncio.to_thread(_status, capsys, "--address", address)
     assert "serving  running 0  waiting 0  kv blocks 0/64" in idle, idle
     async with AsyncClient(server.address) as client:

@@ -1,0 +1,110 @@
+"""Trunk workers scaled live (router/trunk_pool.py): a worker added and one drained while requests stream;
+every stream ends with the tokens of the undisturbed single-process run."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from moeserve.router.config import EngineConfig
+from moeserve.router.errors import InvalidRequestError
+from moeserve.router.llm_engine import LLMEngine
+from moeserve.router.sequence import SamplingParams
+from moeserve.router.trunk_pool import TrunkPool
+
+PROMPTS = [[5, 6, 7, 8], [100, 3], [42] * 9, [7, 300, 11, 12, 13], [1, 2, 3], [250, 251, 252]]
+MAX_TOKENS = 24
+
+
+def _config(model: str) -> EngineConfig:
+    return EngineConfig(model=model, max_num_seqs=8, max_num_batched_tokens=256, num_kv_blocks=64)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, demo_model_dir):
+    core = LLMEngine.from_config(_config(str(demo_model_dir)))
+    return [o.new_token_ids for o in core.generate_batch(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))]
+
+
+async def _consume(stream, progressed: asyncio.Event) -> tuple[list[int], str]:
+    ids, reason = [], None
+    async for out in stream:
+        ids += out.new_token_ids
+        reason = out.finish_reason
+        progressed.set()
+    return ids, reason
+
+
+async def _until(predicate, timeout_s: float = 120.0, what: str = "") -> None:
+    async def wait() -> None:
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.wait_for(wait(), timeout_s)
+    except TimeoutError:
+        raise AssertionError(f"{what or 'the condition'}: not reached in {timeout_s:.0f}s") from None
+
+
+async def test_trunk_workers_added_and_drained_under_load_lose_nothing(ray_cluster, demo_model_dir, reference):
+    pool = TrunkPool(_config(str(demo_model_dir)), replicas=1, max_replicas=3, torch_threads=1)
+    await pool.start()
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    try:
+        assert pool.replicas == 1 and pool.max_model_len > 0
+        progressed = asyncio.Event()
+        first = [asyncio.create_task(_consume(pool.generate(f"a{i}", p, params), progressed))
+                 for i, p in enumerate(PROMPTS)]
+        await progressed.wait()
+        said = pool.scale(2)
+        assert said.startswith("trunk workers: starting 1 (to 2)"), said
+        assert pool.replicas == 1 and pool.pending == 1
+        await _until(lambda: pool.replicas == 2)
+        # Least busy first: the new worker (holding nothing) takes at least half of the next requests.
+        second = [asyncio.create_task(_consume(pool.generate(f"b{i}", p, params), progressed))
+                  for i, p in enumerate(PROMPTS)]
+        newest = max(pool.members(), key=lambda m: m.index)
+        assert len(newest.engine.in_flight) >= len(PROMPTS) // 2
+        # Drain one at once, while both hold requests: it takes no more and finishes what it holds.
+        said = pool.scale(1)
+        assert said.startswith("trunk workers: draining 1 (to 1)"), said
+        draining = pool.members("draining")
+        assert len(draining) == 1 and len(draining[0].engine.in_flight) > 0
+        third = [asyncio.create_task(_consume(pool.generate(f"c{i}", p, params), progressed))
+                 for i, p in enumerate(PROMPTS)]
+        assert not any(f"c{i}" in draining[0].engine.in_flight for i in range(len(PROMPTS)))
+        got = await asyncio.wait_for(asyncio.gather(*first, *second, *third), 300)
+        await _until(lambda: not pool.members("draining"), what="the drain")
+        assert got == [(ids, "length") for ids in reference * 3]
+        assert pool.replicas == 1 and len(pool.members()) == 1
+        assert any("drained" in e and "request(s) finished there" in e for e in pool.events), pool.events
+        stats = pool.stats()
+        # The drained worker's counters stay in the sums.
+        assert stats["requests_finished"] == 3 * len(PROMPTS), stats
+        assert stats["tokens_generated"] == 3 * len(PROMPTS) * MAX_TOKENS, stats
+        assert stats["requests_in_flight"] == 0 and stats["kv_blocks_used"] == 0, stats
+        assert stats["trunk_workers"] == 1 and stats["trunk_workers_draining"] == 0, stats
+    finally:
+        await pool.shutdown(0)
+
+
+async def test_trunk_pool_refuses_what_it_cannot_do(ray_cluster, demo_model_dir):
+    pool = TrunkPool(_config(str(demo_model_dir)), replicas=1, max_replicas=2, torch_threads=1)
+    await pool.start()
+    try:
+        with pytest.raises(ValueError, match=r"trunk workers: must be in \[1, 2\], got 0"):
+            pool.scale(0)
+        with pytest.raises(ValueError, match=r"got 3"):
+            pool.scale(3)
+        assert pool.scale(1) == "trunk workers: already 1"
+        stream = pool.generate("same", PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True))
+        with pytest.raises(InvalidRequestError, match="already in flight"):
+            pool.generate("same", PROMPTS[1], SamplingParams(max_tokens=4))
+        pool.abort("same")
+        outs = [out async for out in stream]
+        assert outs[-1].finish_reason == "cancelled"
+    finally:
+        await pool.shutdown(0)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        TrunkPool(_config(str(demo_model_dir)), replicas=0)

@@ -1,0 +1,62 @@
+"""Trunk workers that ask for a custom resource (`serve --trunk-resource`): one the cluster cannot place waits,
+counted as starting (Ray's autoscaler sees it as demand for a node offering the resource, as it does a
+pending expert-group replica: tests/cluster/test_fake_multinode.py), the pool serves on meanwhile, and
+scaling back down gives the waiting worker up."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+RESOURCE = "moeserve_trunk"
+
+
+@pytest.fixture
+def ray_with_one_trunk_slot(tmp_path_factory):
+    """A Ray of this test's own whose one node offers a single unit of RESOURCE."""
+    import ray
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ray.init(num_cpus=2, resources={RESOURCE: 1}, _temp_dir=str(tmp_path_factory.mktemp("ray")),
+             include_dashboard=False, namespace="test-trunk-demand")
+    yield
+    ray.shutdown()
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.asyncio
+async def test_a_trunk_worker_without_a_slot_waits_and_is_given_up(ray_with_one_trunk_slot, demo_model_dir):
+    import ray
+
+    from moeserve.router.config import EngineConfig
+    from moeserve.router.sequence import SamplingParams
+    from moeserve.router.trunk_pool import TrunkPool
+
+    config = EngineConfig(model=str(demo_model_dir), max_num_seqs=4, num_kv_blocks=64)
+    pool = TrunkPool(config, replicas=1, max_replicas=2, torch_threads=1, actor_options={"resources": {RESOURCE: 1}})
+    await pool.start()
+    try:
+        assert ray.available_resources().get(RESOURCE, 0) == 0  # the first worker holds the only unit
+        pool.scale(2)
+        waiting = pool.members("starting")
+        assert len(waiting) == 1
+        # It cannot be placed: still starting a while later, and the one serving worker answers meanwhile.
+        out = [o async for o in pool.generate("r0", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True))]
+        await asyncio.sleep(2.0)
+        assert sum(len(o.new_token_ids) for o in out) == 8 and out[-1].finish_reason == "length"
+        assert pool.replicas == 1 and pool.pending == 1
+        assert pool.stats()["trunk_workers_starting"] == 1
+        said = pool.scale(1)
+        assert said.startswith("trunk workers: draining 1 (to 1)"), said
+        for _ in range(100):
+            if not pool.members("draining"):
+                break
+            await asyncio.sleep(0.05)
+        assert pool.replicas == 1 and pool.pending == 0 and len(pool.members()) == 1, pool.events
+        assert any(e == f"trunk worker #{waiting[0].index} stopped before it served" for e in pool.events), pool.events
+        assert ray.available_resources().get(RESOURCE, 0) == 0  # the serving worker still holds its unit
+    finally:
+        await pool.shutdown(0)
