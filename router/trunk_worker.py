@@ -209,3 +209,8 @@ class TrunkWorker:
 
     async def shutdown(self, grace_s: float) -> None:
         await self.engine.shutdown(grace_s)
+        # Its expert dispatcher leaves the controller now, so no drain of an expert replica waits for
+        # this worker's epoch acknowledgement (dispatcher_ttl_s) once it is gone.
+        backend = getattr(getattr(self.engine.core, "model", None), "experts_backend", None)
+        if backend is not None and hasattr(backend, "close"):
+            await asyncio.to_thread(backend.close)

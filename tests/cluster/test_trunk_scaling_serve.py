@@ -10,6 +10,7 @@ import logging
 import time
 
 import pytest
+import ray
 
 # Batch slots are the only pressure: the expert group is held at one replica and has no extra copies.
 POLICY = """\
@@ -83,6 +84,9 @@ async def test_serve_adds_a_trunk_worker_under_load_and_drains_it_when_calm(embe
         assert pool.stats()["requests_finished"] == served_before + 2 * len(PROMPTS)
     # Calm: after the downscale delay the policy drains one; it finishes (holding nothing) and stops.
     await _wait(lambda: pool.replicas == 1 and not pool.members("draining"), "the trunk back at one worker")
+    # The drained worker's dispatcher has left the controller: no expert drain waits for its acknowledgement.
+    status = await asyncio.to_thread(ray.get, plane.controller.status.remote(), timeout=30)
+    assert status["dispatchers"] == 1, status["dispatchers"]
     runner.stop()
     events = [f"{e.kind} {e.unit}: {e.message}" for e in runner.events]
     trunk = [e for e in runner.events if e.unit == "trunk"]
