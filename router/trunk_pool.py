@@ -33,9 +33,10 @@ from .trunk import TrunkEngine
 log = logging.getLogger(__name__)
 
 STARTING, SERVING, DRAINING = "starting", "serving", "draining"
-# Cumulative figures of LLMEngine.stats() (and the trunk's restarts): summed over every member that ever served.
+# Cumulative figures of LLMEngine.stats() (and the trunk's restarts and stalls): summed over every member that
+# ever served.
 COUNTERS = ("steps", "requests_added", "prompt_tokens", "tokens_computed", "tokens_generated", "requests_finished",
-            "preemptions", "trunk_restarts")
+            "preemptions", "trunk_restarts", "trunk_stalls")
 _GAUGES = ("waiting", "running", "kv_blocks_used", "kv_blocks_total", "requests_in_flight")
 
 
@@ -209,7 +210,8 @@ class TrunkPool:
         await member.engine.wait_idle()
         await member.engine.shutdown(0)
         self._remove(member)
-        self._say(f"trunk worker #{member.index} drained ({held} request(s) finished there; {self.replicas} serving)")
+        self._say(f"trunk worker #{member.index} drained: the {held} request(s) it held when asked to leave "
+                  f"finished there; {self.replicas} serving")
 
     def _remove(self, member: _Member) -> None:
         if member not in self._members:

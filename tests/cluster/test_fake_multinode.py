@@ -1,11 +1,13 @@
-"""Ray's own autoscaler turns expert-group replicas into nodes: the fake multi-node provider on this machine.
+"""Ray's own autoscaler turns expert-group replicas and trunk workers into nodes: the fake multi-node provider
+on this machine.
 
 `RAY_FAKE_CLUSTER=1 ray start --head --autoscaling-config tests/cluster/fake_cluster/autoscaling.yaml`
 (its own temp dir and free ports). Expert-group replicas ask for one `moeserve_expert` each; the head
 offers one, an `expert_worker` node offers one more. Traffic rises: the target-utilisation policy,
 run by AutoscaleRunner on the controller's live metrics, adds replicas; they stay pending until Ray's
 autoscaler adds expert_worker nodes; then they serve. Traffic stops: the policy drains replicas
-back to the minimum and the autoscaler removes the idle nodes. Every request completes.
+back to the minimum and the autoscaler removes the idle nodes. Every request completes. Trunk workers
+(router/trunk_pool.py) do the same with `moeserve_trunk` and a trunk_worker node type.
 """
 
 from __future__ import annotations
@@ -267,3 +269,132 @@ def test_traffic_drives_replicas_and_nodes_up_and_back(fake_cluster, hf_checkpoi
     assert not [e for e in runner.events if e.kind == "failed"]
     assert any("Adding" in line and "expert_worker" in line for line in autoscaler_log)
     assert any("Removing" in line and "expert_worker" in line for line in autoscaler_log)
+
+
+TRUNK_RESOURCE = "moeserve_trunk"
+TRUNK_POLICY = {
+    "policy": "target_utilisation",
+    "interval_s": 1.0,
+    "window_s": 4.0,
+    # Batch slots are the only pressure: twice MAX_SEQS requests in flight ask for the second trunk
+    # worker; none for the minimum. The expert group stays at one replica.
+    "params": {"sequence_slots": 0.75, "trunk_busy": 1.0, "expert_busy": 1.0, "tolerance": 0.0},
+    "limits": {
+        "trunk": {"min_replicas": 1, "max_replicas": 2},
+        "expert_groups": {"min_replicas": 1, "max_replicas": 1},
+        "upscale_delay_s": 0,
+        "downscale_delay_s": 3,
+    },
+    "redundant_experts": {"enabled": False},
+}
+
+
+def _trunk_nodes() -> list[str]:
+    return sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(TRUNK_RESOURCE)
+                  and "node:__internal_head__" not in n["Resources"])
+
+
+async def _until(predicate, timeout_s: float, what: str, runner: AutoscaleRunner) -> None:
+    import asyncio
+
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(predicate):
+        if time.monotonic() > deadline:
+            events = "\n".join(f"  {e.kind} {e.unit}: {e.message}" for e in runner.events)
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}; autoscaler events:\n{events}")
+        await asyncio.sleep(0.5)
+
+
+@pytest.mark.asyncio
+async def test_traffic_drives_trunk_workers_and_nodes_up_and_back(fake_cluster, hf_checkpoint):
+    """The trunk as the expert groups: trunk workers ask for `moeserve_trunk` (the head offers one, a
+    trunk_worker node one more). Queued requests make the policy add a trunk worker; it waits until
+    Ray's autoscaler adds a trunk_worker node, then serves; traffic stops, the policy drains it and Ray
+    removes the node. Every request completes."""
+    import asyncio
+
+    from moeserve.cluster.autoscaling.runner import EngineTrunk
+    from moeserve.router.trunk_pool import TrunkPool
+
+    path = str(hf_checkpoint("deepseek_v3"))
+    controller = await asyncio.to_thread(start_controller, ControllerConfig(
+        weights=CheckpointWeights(path), num_experts=8, num_groups=1, name="fake-trunk", namespace=NAMESPACE,
+        resources=GroupResources(num_cpus=0, custom_resource=RESOURCE, torch_threads=1),
+        load_window_s=4.0, start_timeout_s=180.0, drain_timeout_s=30.0, detached_groups=False,
+    ))
+    config = EngineConfig(model=path, num_kv_blocks=256, block_size=8, max_num_seqs=MAX_SEQS, load_experts=False,
+                          expert_backend=ray_expert_backend(controller))
+    pool = TrunkPool(config, replicas=1, max_replicas=2, torch_threads=1, start_timeout_s=240.0,
+                     actor_options={"resources": {TRUNK_RESOURCE: 1}})
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    outputs: dict[str, list[int]] = {}
+    reasons: dict[str, str] = {}
+    streams: set[asyncio.Task] = set()
+    timeline: list[str] = []
+    t0 = time.monotonic()
+    runner = None
+
+    def note(what: str) -> None:
+        timeline.append(f"t={time.monotonic() - t0:5.1f}s {what}")
+        log.info(timeline[-1])
+
+    async def consume(rid: str, stream) -> None:
+        async for out in stream:
+            outputs[rid] += out.new_token_ids
+            if out.finished:
+                reasons[rid] = out.finish_reason
+
+    async def traffic(stop: asyncio.Event) -> None:
+        """Keep twice the batch slots of one worker in flight until `stop`."""
+        while not stop.is_set():
+            while len(streams) < 2 * MAX_SEQS:
+                rid = f"r{len(outputs)}"
+                outputs[rid] = []
+                task = asyncio.create_task(consume(rid, pool.generate(
+                    rid, [(7 * len(outputs) + j) % 50 + 1 for j in range(8)], params)))
+                streams.add(task)
+                task.add_done_callback(streams.discard)
+            await asyncio.sleep(0.05)
+
+    await pool.start()
+    try:
+        assert pool.replicas == 1 and _trunk_nodes() == []
+        runner = AutoscaleRunner(controller, parse_config(TRUNK_POLICY), trunk=EngineTrunk(pool, window_s=4.0),
+                                 scale_trunk=pool.scaler()).start()
+        note("start: 1 trunk worker on the head, no trunk_worker node")
+        stop = asyncio.Event()
+        load = asyncio.create_task(traffic(stop))
+        await _until(lambda: pool.replicas == 2, 240, "2 serving trunk workers", runner)
+        nodes_up = _trunk_nodes()
+        note(f"scaled up: 2 trunk workers, {len(nodes_up)} trunk_worker node(s)")
+        assert len(nodes_up) == 1
+        newest = max(pool.members(), key=lambda m: m.index)
+        await _until(lambda: newest.engine.stats()["requests_finished"] > 0, 60, "the new worker serving", runner)
+        note("the new trunk worker serves requests")
+        stop.set()
+        await load
+        await asyncio.wait_for(asyncio.gather(*list(streams)), 120)
+        note(f"traffic stopped after {len(outputs)} requests")
+        await _until(lambda: pool.replicas == 1 and not pool.members("draining"), 120, "1 trunk worker", runner)
+        note("scaled down: 1 trunk worker")
+        await _until(lambda: _trunk_nodes() == [], 120, "the trunk_worker node to go", runner)
+        note("trunk_worker node removed")
+    finally:
+        if runner is not None:
+            runner.stop()
+        await pool.shutdown(0)
+        await asyncio.to_thread(ray.get, controller.shutdown.remote(), timeout=60)
+        ray.kill(controller)
+        autoscaler_log = fake_cluster.autoscaler_events()
+        events = [f"autoscaler {e.kind} {e.unit}: {e.message}" for e in (runner.events if runner else [])]
+        print("\n".join(timeline + events + pool.events + autoscaler_log))
+
+    # No request failed: every one ran to its full length.
+    assert len(reasons) == len(outputs) > 2 * MAX_SEQS
+    assert set(reasons.values()) == {"length"}
+    assert all(len(tokens) == params.max_tokens for tokens in outputs.values())
+    trunk = [e.message for e in runner.events if e.unit == "trunk" and e.kind == "decision"]
+    assert any(m.startswith("trunk 1 -> 2") for m in trunk) and any(m.startswith("trunk 2 -> 1") for m in trunk), trunk
+    assert not [e for e in runner.events if e.kind == "failed"]
+    assert any("Adding" in line and "trunk_worker" in line for line in autoscaler_log), autoscaler_log
+    assert any("Removing" in line and "trunk_worker" in line for line in autoscaler_log), autoscaler_log
