@@ -124,6 +124,9 @@ def engine_config(args: argparse.Namespace, control_plane=None):
 
 
 def _wants_expert_groups(args: argparse.Namespace) -> bool:
+    """Whether the flags ask for expert groups (Ray ones unless --transport local)."""
+    if getattr(args, "expert_groups", 0) < 0:
+        raise ValueError(f"--expert-groups: must be >= 0, got {args.expert_groups}")
     return bool(getattr(args, "expert_groups", 0) or getattr(args, "transport", None) is not None
                 or getattr(args, "autoscaling_policy", None) is not None
                 or getattr(args, "expert_resource", None) is not None)
@@ -132,8 +135,6 @@ def _wants_expert_groups(args: argparse.Namespace) -> bool:
 def _expert_backend(args: argparse.Namespace, model: str | None):
     """The expert-group backend `--expert-groups` / `--transport` ask for (None: experts in the trunk)."""
     groups, transport = getattr(args, "expert_groups", 0), getattr(args, "transport", None)
-    if groups < 0:
-        raise ValueError(f"--expert-groups: must be >= 0, got {groups}")
     if not _wants_expert_groups(args):
         return None
     resource = getattr(args, "expert_resource", None)

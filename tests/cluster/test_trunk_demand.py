@@ -60,3 +60,27 @@ async def test_a_trunk_worker_without_a_slot_waits_and_is_given_up(ray_with_one_
         assert ray.available_resources().get(RESOURCE, 0) == 0  # the serving worker still holds its unit
     finally:
         await pool.shutdown(0)
+
+
+def test_trunk_flags_are_checked():
+    from moeserve.cluster.cli import build_parser
+    from moeserve.cluster.cli.serve import edge_control_plane, trunk_workers
+
+    parse = build_parser().parse_args
+    assert trunk_workers(parse(["serve"])) == 0
+    assert trunk_workers(parse(["serve", "--trunk-worker"])) == 1
+    assert trunk_workers(parse(["serve", "--trunk-workers", "3", "--trunk-resource", RESOURCE])) == 3
+    for argv, message in (
+        (["--trunk-workers", "-1"], "--trunk-workers: must be >= 0, got -1"),
+        (["--trunk-resource", RESOURCE], "--trunk-resource: needs --trunk-workers"),
+        (["--trunk-workers", "2", "--trunk-resource", "GPU"], "--trunk-resource: 'GPU' is one of Ray's own"),
+        (["--trunk-workers", "2", "--trunk-resource", "trunk_{group}"], "--trunk-resource: 'trunk_{group}' is not"),
+        (["--trunk-workers", "2", "--trunk-resource", "two words"], "--trunk-resource: 'two words' is not"),
+    ):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("{", r"\{")):
+            trunk_workers(parse(["serve", *argv]))
+    with pytest.raises(ValueError, match="--expert-groups: must be >= 0, got -1"):
+        edge_control_plane(parse(["serve", "--trunk-workers", "2", "--expert-groups", "-1"]))
+    # No control plane in the edge without Ray expert groups (the workers hold local ones, or none).
+    assert edge_control_plane(parse(["serve", "--trunk-workers", "2"])) is None
+    assert edge_control_plane(parse(["serve", "--trunk-workers", "2", "--expert-groups", "2", "--transport", "local"])) is None
