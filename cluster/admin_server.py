@@ -108,6 +108,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         self.controller, self.config = controller, config
         self._tokens = TokenSet(list(config.tokens)) if config.tokens else None
         self.serving: Callable[[], dict] | None = None  # the edge's live figures, once it reports them
+        self.scale_trunk: Callable[[int], str] | None = None  # the edge's trunk workers, when it runs some
 
     def _call(self, context, ref_fn):
         if self._tokens is not None and self._tokens.match(bearer_token(context.invocation_metadata())) is None:
@@ -149,7 +150,23 @@ class AdminServicer(pb_grpc.AdminServicer):
             group = e.group_id if e.HasField("group_id") else None
             gid = self._call(context, lambda: self.controller.replicate_expert.remote(e.expert, group))
             return pb.ScaleResponse(epoch=self._epoch(context), group_id=gid)
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "target: set one of group or expert")
+        if which == "trunk_workers":
+            return pb.ScaleResponse(epoch=self._epoch(context), message=self._scale_trunk(request.trunk_workers, context))
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "target: set one of group, expert or trunk_workers")
+
+    def _scale_trunk(self, replicas: int, context) -> str:
+        if self.scale_trunk is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "trunk_workers: the server beside this admin API runs no trunk workers; start it with "
+                          "serve --trunk-workers N")
+        if replicas < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"trunk_workers: must be >= 1, got {replicas}")
+        try:
+            return self.scale_trunk(replicas)
+        except ValueError as exc:  # beyond the pool's most workers (the policy's limits.trunk.max_replicas)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the pool is stopping, or its event loop is gone
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"trunk_workers: {exc}")
 
     def Drain(self, request, context):
         which = request.WhichOneof("target")
@@ -172,6 +189,10 @@ class AdminServer:
         self._servicer = AdminServicer(controller, self.config)
         pb_grpc.add_AdminServicer_to_server(self._servicer, self._server)
         self.port: int | None = None
+
+    def attach_trunk_scaler(self, scale: Callable[[int], str]) -> None:
+        """Carry out Scale(trunk_workers=N) with `scale` (router.trunk_pool.TrunkPool.scaler()) from now on."""
+        self._servicer.scale_trunk = scale
 
     def report_serving(self, figures: Callable[[], dict]) -> None:
         """Add `figures()` (e.g. cluster.serving_status.ServingFigures) to every Status reply from now on."""

@@ -1,4 +1,4 @@
-"""`moeserve scale`: run N replicas of an expert group, or give a hot expert one more home."""
+"""`moeserve scale`: run N replicas of an expert group, give a hot expert one more home, or run N trunk workers."""
 
 from __future__ import annotations
 
@@ -11,8 +11,14 @@ def request_for(args: argparse.Namespace):
     """The ScaleRequest for the flags; ValueError names the flag at fault."""
     from moeserve.v1 import admin_pb2 as pb
 
+    if args.trunk_workers is not None:
+        if args.group is not None or args.expert is not None or args.replicas is not None:
+            raise ValueError("--trunk-workers goes alone, not with --group, --replicas or --expert")
+        if args.trunk_workers < 1:
+            raise ValueError(f"--trunk-workers: must be >= 1, got {args.trunk_workers}")
+        return pb.ScaleRequest(trunk_workers=args.trunk_workers)
     if args.group is None and args.expert is None:
-        raise ValueError("give --group G --replicas N, or --expert E [--group G]")
+        raise ValueError("give --group G --replicas N, --expert E [--group G], or --trunk-workers N")
     if args.expert is not None:
         if args.replicas is not None:
             raise ValueError("--replicas goes with --group alone, not with --expert")
@@ -37,7 +43,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     def show(r) -> None:
-        if request.WhichOneof("target") == "group":
+        if request.WhichOneof("target") == "trunk_workers":
+            print(r.message)
+        elif request.WhichOneof("target") == "group":
             print(f"group {args.group}: replicas {' '.join(r.replica_ids)}  (epoch {r.epoch})")
         else:
             print(f"expert {args.expert}: extra replica in group {r.group_id}  (epoch {r.epoch})")
@@ -46,12 +54,15 @@ def main(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("scale", help="scale an expert group or replicate a hot expert",
-                       description="Run exactly N replicas of an expert group (--group G --replicas N), or give a "
-                                   "hot expert one more home (--expert E [--group G]). Changes take effect at a step "
-                                   "boundary; no request fails.")
+    p = sub.add_parser("scale", help="scale an expert group or the trunk workers, or replicate a hot expert",
+                       description="Run exactly N replicas of an expert group (--group G --replicas N), give a "
+                                   "hot expert one more home (--expert E [--group G]), or run N trunk workers "
+                                   "(--trunk-workers N, a server started with serve --trunk-workers). Changes take "
+                                   "effect at a step boundary, and a trunk worker leaving finishes what it holds; "
+                                   "no request fails.")
     add_admin_args(p)
     p.add_argument("--group", type=int, help="expert group id")
     p.add_argument("--replicas", type=int, help="replicas the group should run (>= 1)")
     p.add_argument("--expert", type=int, help="logical expert id to give one more replica")
+    p.add_argument("--trunk-workers", type=int, metavar="N", help="trunk workers the server should run (>= 1)")
     p.set_defaults(func=main)

@@ -279,10 +279,10 @@ def _trunk_pool(engine_cfg, args: argparse.Namespace, plane):
         engine_cfg = dataclasses.replace(engine_cfg, device="cuda")
     if args.trunk_resource is not None:
         options["resources"] = {args.trunk_resource: 1}
+    # With a policy, its limits.trunk.max_replicas bounds the pool (`moeserve scale` too); else the pool's own.
     autoscaler = getattr(plane, "autoscaler", None)
-    most = autoscaler.config.limits.trunk.max_replicas if autoscaler is not None else trunk_workers(args)
-    return TrunkPool(engine_cfg, replicas=trunk_workers(args), max_replicas=max(most, trunk_workers(args)),
-                     actor_options=options)
+    bound = {"max_replicas": max(autoscaler.config.limits.trunk.max_replicas, trunk_workers(args))} if autoscaler else {}
+    return TrunkPool(engine_cfg, replicas=trunk_workers(args), actor_options=options, **bound)
 
 
 def _control_plane_of(engine):
@@ -305,6 +305,8 @@ def _report_serving(engine, plane, tel) -> None:
         from moeserve.cluster.serving_status import ServingFigures
 
         plane.admin.report_serving(ServingFigures(engine, tel))
+        if hasattr(engine, "scaler"):  # trunk workers: `moeserve scale --trunk-workers N`
+            plane.admin.attach_trunk_scaler(engine.scaler())
     autoscaler = plane.autoscaler
     if autoscaler is not None:
         from moeserve.cluster.autoscaling.runner import EngineTrunk

@@ -86,6 +86,13 @@ def test_bad_flags_name_the_field(cluster, capsys, monkeypatch):
     assert code == 2 and "--replicas: must be >= 1" in out
     code, out, _ = _run(capsys, monkeypatch, ["drain", "--address", address])
     assert code == 2 and "exactly one of --group G or --replica R" in out
+    code, out, _ = _run(capsys, monkeypatch, ["scale", "--address", address, "--trunk-workers", "0"])
+    assert code == 2 and "--trunk-workers: must be >= 1, got 0" in out
+    code, out, _ = _run(capsys, monkeypatch, ["scale", "--address", address, "--trunk-workers", "2", "--group", "0"])
+    assert code == 2 and "--trunk-workers goes alone" in out
+    # This admin API has no edge beside it, so no trunk workers to scale.
+    code, _, err = _run(capsys, monkeypatch, ["scale", "--address", address, "--trunk-workers", "2"])
+    assert code == 1 and "FAILED_PRECONDITION" in err and "serve --trunk-workers N" in err, err
 
 
 def test_admin_needs_the_admin_token(cluster, capsys, monkeypatch):

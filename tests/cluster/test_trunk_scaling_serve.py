@@ -101,3 +101,35 @@ async def test_serve_adds_a_trunk_worker_under_load_and_drains_it_when_calm(embe
     assert outs and all(o.token_ids == want[i % len(PROMPTS)] for i, o in enumerate(outs))
     stats = pool.stats()
     assert stats["requests_finished"] == len(outs) and stats["requests_in_flight"] == 0, stats
+
+
+@pytest.mark.asyncio
+async def test_moeserve_scale_sets_the_trunk_workers(embedded_serve, capsys):
+    """`moeserve scale --trunk-workers N` through the admin API: a worker added, serving, then drained."""
+    from moeserve.cluster.cli import main as cli
+    from moeserve.router.client import AsyncClient
+
+    server, _, plane = await embedded_serve("--trunk-workers", "1", "--expert-groups", "1", "--transport", "ray",
+                                            "--num-kv-blocks", "64")
+    pool, address = server.engine, plane.admin.address
+
+    capsys.readouterr()  # what serve printed at start
+
+    def scale(n: int) -> tuple[int, str]:
+        code = cli(["scale", "--address", address, "--trunk-workers", str(n)])
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    code, out = await asyncio.to_thread(scale, 2)
+    assert code == 0 and out.startswith("trunk workers: starting 1 (to 2)"), out
+    await _wait(lambda: pool.replicas == 2, "two trunk workers")
+    async with AsyncClient(server.address) as client:
+        outs = await asyncio.gather(*(client.generate(token_ids=p, max_tokens=MAX_TOKENS, ignore_eos=True)
+                                      for p in PROMPTS))
+    assert all(len(o.token_ids) == MAX_TOKENS for o in outs)
+    assert all(m.engine.stats()["requests_finished"] > 0 for m in pool.members()), "a worker served nothing"
+    code, out = await asyncio.to_thread(scale, 1)
+    assert code == 0 and out.startswith("trunk workers: draining 1 (to 1)"), out
+    await _wait(lambda: pool.replicas == 1 and not pool.members("draining"), "one trunk worker")
+    code, out = await asyncio.to_thread(scale, 100)
+    assert code == 1 and "INVALID_ARGUMENT" in out and "trunk workers: must be in [1, 64], got 100" in out, out
