@@ -31,6 +31,8 @@ class ClusterSpec:
     trunk_worker: bool = False  # the trunk in its own process (a TrunkWorker actor), not the edge's
     slow_transport: bool = False  # the ray transport behind a SlowTransport (trunk in the edge's process)
     dispatch_timeout_s: float = 2.0  # one send to an expert group; past it the group counts as stalled
+    # The trunk worker's: holding requests without a step for this long, it is killed and restarted.
+    trunk_stall_timeout_s: float = 60.0
     max_num_seqs: int = 32
     num_kv_blocks: int = 512
     # BLAS threads of the trunk and of every group; the runner's process (the in-process trunk, the
@@ -43,6 +45,8 @@ class ClusterSpec:
             raise ValueError(f"ClusterSpec.expert_groups must be >= 1, got {self.expert_groups}")
         if self.replicas_per_group < 1:
             raise ValueError(f"ClusterSpec.replicas_per_group must be >= 1, got {self.replicas_per_group}")
+        if not self.trunk_stall_timeout_s > 0:
+            raise ValueError(f"ClusterSpec.trunk_stall_timeout_s must be > 0, got {self.trunk_stall_timeout_s}")
         if self.slow_transport and self.trunk_worker:
             raise ValueError("ClusterSpec.slow_transport needs the trunk in the edge's process (trunk_worker=False)")
 
@@ -87,7 +91,8 @@ class EmbeddedCluster:
         if spec.trunk_worker:
             from moeserve.router.trunk import TrunkEngine
 
-            self.engine = TrunkEngine(engine_config, torch_threads=spec.torch_threads)
+            self.engine = TrunkEngine(engine_config, torch_threads=spec.torch_threads,
+                                      stall_timeout_s=spec.trunk_stall_timeout_s)
         else:
             from moeserve.router.engine import AsyncEngine
 

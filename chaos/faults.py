@@ -129,6 +129,30 @@ class KillTrunk(Fault):
         return self._record("trunk", start, f"{engine.resubmitted - resubmitted} requests resubmitted")
 
 
+class StallTrunk(Fault):
+    """Make the trunk worker sleep `stall_s` before every step, far past the edge's stall timeout (its actor
+    still answers polls); recovered when the edge has seen the stall, killed and restarted the worker
+    and resubmitted its requests."""
+
+    kind = "stall-trunk-worker"
+
+    def __init__(self, stall_s: float = 60.0):
+        super().__init__()
+        self.stall_s = stall_s
+
+    async def inject(self, cluster, load):
+        engine = cluster.engine
+        restarts, resubmitted, stalls = engine.restarts, engine.resubmitted, engine.stalls
+        await engine.worker.inject_delay.remote(self.stall_s)
+        start = time.monotonic()
+        await engine.wait_restarts(restarts + 1)
+        if engine.stalls == stalls:
+            raise RuntimeError(f"the trunk worker was restarted (restarts {engine.restarts}) without a stall "
+                               f"being detected: something other than the stall ended it")
+        return self._record("trunk", start, f"stalled {self.stall_s:.0f}s, "
+                                            f"{engine.resubmitted - resubmitted} requests resubmitted")
+
+
 class KillController(Fault):
     """Kill the controller actor (Ray restarts it and it recovers its state); recovered when it answers."""
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .cluster import ClusterSpec
 from .faults import (DrainDuringBurst, Fault, KillController, KillControllerMidRestart, KillExpertGroup, KillTrunk,
-                     SlowTransport, StallExpertGroup)
+                     SlowTransport, StallExpertGroup, StallTrunk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              ClusterSpec(dispatch_timeout_s=1.0), lambda: StallExpertGroup(stall_s=60.0)),
     Scenario("kill-trunk-worker", "ray.kill the trunk worker; the edge restarts it and resubmits its requests",
              ClusterSpec(trunk_worker=True), KillTrunk),
+    Scenario("stall-trunk-worker", "the trunk worker stops stepping, still answering; the edge restarts it after 2 s",
+             ClusterSpec(trunk_worker=True, trunk_stall_timeout_s=2.0), lambda: StallTrunk(stall_s=60.0)),
     Scenario("kill-controller", "kill the controller actor; Ray restarts it and it recovers its state",
              ClusterSpec(), KillController),
     Scenario("kill-controller-mid-restart", "kill a group, then the controller while it restarts the group",

@@ -5,8 +5,17 @@ gRPC server serves either; the engine itself runs in a `TrunkWorker` actor (rout
 whose outputs come back over one long poll. When the worker dies, the edge starts a new one and
 resubmits every request in flight with its prompt plus the tokens already streamed (a recompute, as
 after a preemption), so the client sees no error and, under greedy sampling, the same tokens. A
-seeded sampled request restarts its generator there; a worker that hangs without dying is not
-detected here.
+seeded sampled request restarts its generator there.
+
+A worker that hangs without dying is caught by its progress: its step thread can be stuck while its
+actor's event loop still answers polls, so the edge watches the `steps` counter each poll reports.
+When the worker holds requests of the edge's and `steps` has not moved for longer than
+`stall_timeout_s`, the edge logs it, counts it (`stalls`, `trunk_stalls` in stats) and kills the
+actor; the next poll fails and the restart above takes over. An idle worker is never taken for
+stalled: the clock starts again whenever the worker goes from idle to holding a request, and after
+every restart. The timeout must exceed the longest step the worker can legitimately take (a step
+waiting for an expert group to recover can last the dispatcher's recovery_timeout_s per MoE layer);
+a worker whose event loop stops answering polls altogether is not detected.
 
 Text and stop strings are decoded on the edge, not in the worker: text the worker held back (a
 possible stop string, half a UTF-8 character) would otherwise die with it.
@@ -41,6 +50,7 @@ log = logging.getLogger(__name__)
 
 _START_ATTEMPTS = 3  # a worker that fails to start this many times in a row fails the engine
 _POLL_S = 5.0  # one long poll; a dead worker ends it at once, so this only bounds idle round trips
+_MIN_POLL_S = 0.1  # the shortest long poll a small stall_timeout_s makes (half of it, at most _POLL_S)
 # The cumulative figures of the worker's stats() (LLMEngine.stats); the rest of its keys are gauges.
 WORKER_COUNTERS = ("steps", "requests_added", "prompt_tokens", "tokens_computed", "tokens_generated",
                    "requests_finished", "preemptions")
@@ -70,11 +80,14 @@ class TrunkEngine:
     """The AsyncEngine interface over a `TrunkWorker`, restarting it and resubmitting on its death."""
 
     def __init__(self, config: EngineConfig, *, torch_threads: int | None = None, actor_options: dict | None = None,
-                 max_restarts: int = 100, start_timeout_s: float = 300.0):
+                 max_restarts: int = 100, start_timeout_s: float = 300.0, stall_timeout_s: float = 60.0):
         from moeserve.models.config import ModelConfig
         from moeserve.models.demo import ensure_demo_model
         from moeserve.models.tokenizer import load_tokenizer
 
+        if not stall_timeout_s > 0:  # NaN too
+            raise ValueError(f"stall_timeout_s: must be > 0 (seconds a worker holding requests may go without "
+                             f"a step before it is killed and restarted), got {stall_timeout_s!r}")
         if config.model is None:
             config = dataclasses.replace(config, model=str(ensure_demo_model()))
         self.config = config
@@ -87,6 +100,12 @@ class TrunkEngine:
         self._options = actor_options or {}
         self._max_restarts = max_restarts
         self._start_timeout_s = start_timeout_s
+        self._stall_timeout_s = float(stall_timeout_s)
+        # Polls come back at least this often, so a stall is seen within about 1.5 x stall_timeout_s.
+        self._poll_s = min(_POLL_S, max(_MIN_POLL_S, self._stall_timeout_s / 2))
+        self._steps_seen = 0  # the live worker's `steps` at the last poll
+        self._step_clock = time.monotonic()  # when it last stepped, or last went from idle to busy
+        self._stall_killed = None  # the actor last killed as stalled (killed once; its next poll fails)
         self._flights: dict[str, _Flight] = {}
         self._actor = None
         self._incarnation = 0
@@ -102,6 +121,7 @@ class TrunkEngine:
         self._failure: BaseException | None = None
         self.restarts = 0
         self.resubmitted = 0  # requests carried over to a restarted worker, in all
+        self.stalls = 0  # workers killed for holding requests without a step for stall_timeout_s
 
     @property
     def worker(self):
@@ -129,6 +149,7 @@ class TrunkEngine:
             raise EngineStoppedError("the engine was shut down; build a new one")
         self._actor = await self._spawn()
         self._incarnation = 1
+        self._step_clock = time.monotonic()
         self._ready.set()
         self._pump_task = asyncio.get_running_loop().create_task(self._pump())
 
@@ -202,6 +223,8 @@ class TrunkEngine:
 
     def _submit(self, flight: _Flight) -> None:
         # No await between reading the worker and sending to it: a restart cannot slip in between.
+        if not self._holds_requests():  # an idle worker's stall clock starts with its first request
+            self._step_clock = time.monotonic()
         flight.incarnation = self._incarnation
         prompt, params = flight.resubmission()
         self._actor.submit.remote(flight.request_id, prompt, params)  # errors come back through the poll
@@ -225,7 +248,7 @@ class TrunkEngine:
         out = dict(self._stats)
         for key in WORKER_COUNTERS:
             out[key] = self._carried[key] + int(self._stats.get(key, 0))
-        out.update(trunk_restarts=self.restarts, requests_in_flight=len(self._flights))
+        out.update(trunk_restarts=self.restarts, trunk_stalls=self.stalls, requests_in_flight=len(self._flights))
         return out
 
     def observe(self, observer: Any) -> None:
@@ -240,7 +263,7 @@ class TrunkEngine:
         while True:
             actor = self._actor
             try:
-                polled = await actor.poll.remote(_POLL_S)
+                polled = await actor.poll.remote(self._poll_s)
             except RayActorError as exc:
                 if self._stopping:
                     return
@@ -256,13 +279,41 @@ class TrunkEngine:
                 flight = self._flights.get(request_id)
                 if flight is not None:
                     self._deliver(flight, item)
+            self._check_stall(actor)
+
+    def _holds_requests(self) -> bool:
+        """Whether the live worker has been given a request of the edge's that has not ended."""
+        return any(f.incarnation == self._incarnation for f in self._flights.values())
+
+    def _check_stall(self, actor) -> None:
+        """After every poll (empty ones too): kill `actor` if it holds requests and has not stepped for
+        longer than stall_timeout_s; the next poll then fails and `_restart` resubmits its requests."""
+        now = time.monotonic()
+        steps = int(self._stats.get("steps", 0))
+        if steps != self._steps_seen:
+            self._steps_seen, self._step_clock = steps, now
+            return
+        held = sum(1 for f in self._flights.values() if f.incarnation == self._incarnation)
+        if not held:  # idle: nothing to step for
+            self._step_clock = now
+            return
+        still = now - self._step_clock
+        if still <= self._stall_timeout_s or self._stall_killed is actor:
+            return
+        log.warning("trunk worker %d has made no step for %.1fs while holding %d request(s) (stall_timeout_s "
+                    "%.1fs); killing it to restart it and resubmit them", self._incarnation, still, held,
+                    self._stall_timeout_s)
+        self.stalls += 1
+        self._stall_killed = actor
+        ray.kill(actor, no_restart=True)
 
     async def _restart(self, dead, cause: BaseException) -> None:
         if self._actor is not dead:
             return
         self._ready.clear()
-        log.warning("trunk worker %d died (%s); restarting it and resubmitting %d request(s)",
-                    self._incarnation, type(cause).__name__, len(self._flights))
+        how = "was killed as stalled" if dead is self._stall_killed else "died"
+        log.warning("trunk worker %d %s (%s); restarting it and resubmitting %d request(s)",
+                    self._incarnation, how, type(cause).__name__, len(self._flights))
         if self.restarts >= self._max_restarts:
             self._fail(RuntimeError(f"{self.restarts} restarts already (max_restarts)"))
             return
@@ -278,6 +329,7 @@ class TrunkEngine:
         for key in WORKER_COUNTERS:  # what the dead worker had counted by its last poll
             self._carried[key] += int(self._stats.get(key, 0))
         self._stats = {}
+        self._steps_seen, self._step_clock = 0, time.monotonic()  # the new worker's clock starts now
         self._incarnation += 1
         self.restarts += 1
         for flight in list(self._flights.values()):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -161,6 +162,7 @@ class TrunkWorker:
         self.outbox: list[tuple[str, object]] = []
         self.tasks: dict[str, asyncio.Task] = {}
         self.changed = asyncio.Event()
+        self._delay_s = 0.0  # inject_delay's, read by the step thread before each step
 
     async def start(self) -> dict:
         await self.engine.start()
@@ -189,6 +191,27 @@ class TrunkWorker:
 
     async def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
+
+    async def inject_delay(self, seconds: float) -> None:
+        """Fault injection for the chaos suite (the expert group's `inject_delay`, for the trunk): from now
+        on every engine step first sleeps `seconds` on the step thread (0 = off).
+
+        The actor's event loop is not held, so polls, submits and aborts still answer: the worker looks
+        alive and only its `steps` counter stops, which is what the edge's stall detection watches.
+        """
+        self._delay_s = max(0.0, float(seconds))
+        core = self.engine.core
+        if "step" in vars(core):  # wrapped already
+            return
+        step = core.step
+
+        def delayed_step():
+            delay = self._delay_s
+            if delay > 0:
+                time.sleep(delay)
+            return step()
+
+        core.step = delayed_step  # the step thread looks it up before every step
 
     async def poll(self, timeout_s: float) -> dict:
         """Everything emitted since the last poll (waits up to `timeout_s` for an output), with stats and telemetry.

@@ -1,8 +1,11 @@
-"""Trunk-worker failover: the worker process dies mid-stream; every stream ends with the undisturbed tokens."""
+"""Trunk-worker failover: the worker dies, or stalls, mid-stream; every stream ends with the undisturbed tokens."""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
+import types
 
 import pytest
 
@@ -68,6 +71,112 @@ async def test_worker_death_loses_nothing(ray_cluster, demo_model_dir, reference
         assert engine.stats()["requests_in_flight"] == 0
     finally:
         await engine.shutdown(0)
+
+
+async def _start_streams(engine: TrunkEngine, stop: str) -> list[asyncio.Task]:
+    """Every prompt with and without the stop string; returns once each has streamed its first 3 tokens
+    (those that reach 3 before their stop string)."""
+    params = [SamplingParams(max_tokens=24, ignore_eos=True)] * len(PROMPTS)
+    params += [SamplingParams(max_tokens=24, ignore_eos=True, stop=(stop,))] * len(PROMPTS)
+    seen: list[int] = []
+    progressed = asyncio.Event()
+    tasks = []
+    for i, (prompt, p) in enumerate(zip(PROMPTS + PROMPTS, params)):
+        stream = engine.generate(f"r{i}", prompt, p)
+        tasks.append(asyncio.create_task(_consume(stream, seen, progressed, need=3)))
+    while len(seen) < len(PROMPTS):
+        progressed.clear()
+        await progressed.wait()
+    return tasks
+
+
+async def test_stalled_worker_is_restarted(ray_cluster, demo_model_dir, reference):
+    """A worker whose steps stop (its actor still answers polls) is killed after stall_timeout_s without a
+    step, restarted, and its requests resubmitted: every stream ends with the undisturbed tokens."""
+    stop, want = reference
+    engine = TrunkEngine(_config(str(demo_model_dir)), stall_timeout_s=2.0)
+    await engine.start()
+    try:
+        tasks = await _start_streams(engine, stop)
+        first = engine.worker
+        await first.inject_delay.remote(60.0)  # each step now sleeps 60 s first; polls still answer
+        stalled_at = time.monotonic()
+        # Without stall detection nothing ends the 60 s sleep: this times out.
+        await asyncio.wait_for(engine.wait_restarts(1), 45)
+        detected_after = time.monotonic() - stalled_at
+        got = await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        assert engine.stalls == 1 and engine.restarts == 1 and engine.worker is not first
+        assert engine.resubmitted > 0, "every request had finished before the stall: nothing was tested"
+        assert detected_after >= 2.0
+        assert got == want
+        stats = engine.stats()
+        assert stats["trunk_stalls"] == 1 and stats["trunk_restarts"] == 1 and stats["requests_in_flight"] == 0
+    finally:
+        await engine.shutdown(0)
+
+
+async def test_idle_worker_is_not_taken_for_stalled(ray_cluster, demo_model_dir, reference):
+    """No requests, no steps: with a stall timeout far below the idle time the worker is left alone, and
+    a request arriving after the idle spell is served by the same worker."""
+    stop, want = reference
+    engine = TrunkEngine(_config(str(demo_model_dir)), stall_timeout_s=0.5)
+    await engine.start()
+    try:
+        first = engine.worker
+        await asyncio.sleep(2.0)  # 8 empty polls (0.25 s each), 4 stall timeouts, no traffic
+        assert engine.stalls == 0 and engine.restarts == 0 and engine.worker is first
+        stream = engine.generate("late", PROMPTS[0], SamplingParams(max_tokens=24, ignore_eos=True))
+        ids = [t async for out in stream for t in out.new_token_ids]
+        assert ids == want[0][0]
+        await asyncio.sleep(1.0)  # idle again after a request
+        assert engine.stalls == 0 and engine.restarts == 0 and engine.worker is first
+        assert engine.stats()["trunk_stalls"] == 0
+    finally:
+        await engine.shutdown(0)
+
+
+def test_stall_clock(demo_model_dir, monkeypatch):
+    """The stall check after each poll, without Ray: idle never fires, a request arriving at an idle
+    worker restarts the clock, a step restarts it, and a stalled worker is killed once."""
+    import ray
+
+    from moeserve.router import trunk
+
+    killed = []
+    monkeypatch.setattr(ray, "kill", lambda actor, no_restart=True: killed.append(actor))
+    engine = TrunkEngine(_config(str(demo_model_dir)), stall_timeout_s=2.0)
+    actor = types.SimpleNamespace(submit=types.SimpleNamespace(remote=lambda *args: None))
+    engine._actor, engine._incarnation, engine.max_model_len = actor, 1, 1000
+    engine._ready.set()
+
+    def poll(steps: int, idle_s: float = 0.0) -> None:
+        """A poll that reports `steps`, `idle_s` seconds after the last time the clock restarted."""
+        engine._step_clock -= idle_s
+        engine._stats = {"steps": steps}
+        engine._check_stall(actor)
+
+    poll(0, idle_s=100.0)  # idle for long: nothing held, nothing done
+    assert not killed and engine.stalls == 0
+    engine._step_clock -= 100.0  # more idle time, no poll since
+    engine.generate("a", PROMPTS[0], SamplingParams(max_tokens=4))  # the clock starts now, not 100 s ago
+    poll(0)
+    assert not killed
+    poll(1, idle_s=3.0)  # it stepped: progress, whatever the time since
+    assert not killed
+    poll(1, idle_s=1.5)
+    assert not killed  # 1.5 s without a step, under the 2 s timeout
+    poll(1, idle_s=1.0)  # 2.5 s without a step while holding "a"
+    assert killed == [actor] and engine.stalls == 1
+    poll(1, idle_s=10.0)  # the killed actor may still answer once: it is not killed twice
+    assert killed == [actor] and engine.stalls == 1
+    assert engine.stats()["trunk_stalls"] == 1
+    assert trunk._MIN_POLL_S <= engine._poll_s == 1.0
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan])
+def test_stall_timeout_must_be_positive(demo_model_dir, bad):
+    with pytest.raises(ValueError, match="stall_timeout_s: must be > 0"):
+        TrunkEngine(_config(str(demo_model_dir)), stall_timeout_s=bad)
 
 
 async def test_without_restarts_the_streams_fail(ray_cluster, demo_model_dir):
