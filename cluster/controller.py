@@ -93,6 +93,7 @@ class ExpertController:
         self._lock = asyncio.Lock()  # one change of the serving set at a time
         self._cond = asyncio.Condition()  # epoch moved or a dispatcher acknowledged
         self._acks: dict[str, tuple[int, float]] = {}  # dispatcher -> (adopted epoch, last seen)
+        self._autoscaler_lease: tuple[str, float] | None = None  # (holder, monotonic expiry)
         self._watching: dict[str, int] = {}
         self._restarts: dict[str, asyncio.Task] = {}
         self._background: asyncio.Task | None = None
@@ -429,6 +430,30 @@ class ExpertController:
             kill_replica(rec)
             self.records.pop(rec.replica_id, None)
         self._persist()
+
+    # --- the autoscaler lease ------------------------------------------------------------------------------
+    @_retried_read
+    async def lease_autoscaler(self, owner: str, ttl_s: float) -> str:
+        """One autoscaler acts on this cluster at a time: `owner` holds (or takes, when free or expired) the
+        lease for `ttl_s` more seconds. Returns the holder after the call (`owner` when it may act).
+
+        Several edges with an autoscaling policy each (the Helm chart's trunk pods) would otherwise act
+        on the same groups with different views. A restarted controller forgets the lease; the next
+        runner to ask takes it.
+        """
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s: must be > 0, got {ttl_s}")
+        now = time.monotonic()
+        holder = self._autoscaler_lease
+        if holder is None or holder[0] == owner or holder[1] <= now:
+            self._autoscaler_lease = (owner, now + ttl_s)
+        return self._autoscaler_lease[0]
+
+    @_retried_read
+    async def release_autoscaler(self, owner: str) -> None:
+        """Give the lease up at once (a runner that stops), if `owner` holds it."""
+        if self._autoscaler_lease is not None and self._autoscaler_lease[0] == owner:
+            self._autoscaler_lease = None
 
     # --- reading ----------------------------------------------------------------------------------------------
     @_retried_read

@@ -12,6 +12,8 @@ is done. Every decision that changes something is logged with its reason.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -36,7 +38,7 @@ class ScalingEvent:
     """One line of the autoscaler's log: when, what, and why."""
 
     at_s: float
-    kind: str  # "decision", "done", "failed", "skipped"
+    kind: str  # "decision", "done", "failed", "skipped", "lease"
     unit: str
     message: str
 
@@ -95,6 +97,8 @@ class AutoscaleRunner:
         self._said: dict[str, str] = {}  # unit -> key of the last repeated message logged
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # This runner's name for the controller's autoscaler lease: one runner acts per cluster.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
 
     def attach_trunk(self, trunk: Callable[[], TrunkSnapshot]) -> None:
         """Read the trunk's report from `trunk` from the next run on. serve attaches its engine's once the
@@ -107,13 +111,26 @@ class AutoscaleRunner:
         trunk = self.trunk() if self.trunk else None
         return signals_from_status(status, self.clock(), self.config.window_s, trunk)
 
-    def tick(self) -> Decision:
-        """Observe, decide, act; returns the decision. Never waits for a change to finish."""
+    def tick(self) -> Decision | None:
+        """Observe, decide, act; returns the decision (None while another runner holds the controller's
+        autoscaler lease: this one stands by). Never waits for a change to finish."""
         self._reap()
+        if not self._leading():
+            return None
         signals = self.observe()
         decision = self.autoscaler.decide(signals)
         self._act(decision, signals)
         return decision
+
+    def _leading(self) -> bool:
+        """Hold (or take) the controller's autoscaler lease for three policy periods; say when that changes."""
+        ttl = max(3 * self.config.interval_s, 1.0)
+        holder = ray.get(self.controller.lease_autoscaler.remote(self.owner, ttl), timeout=self.status_timeout_s)
+        if holder == self.owner:
+            self._once("lease", f"acting on the cluster (autoscaler lease held by {self.owner})", kind="lease")
+            return True
+        self._once("lease", f"standing by: the autoscaler {holder} acts on this cluster", kind="lease")
+        return False
 
     def _act(self, decision: Decision, signals: Signals) -> None:
         lines = {line.split(" ", 1)[0]: line for line in decision.changes(signals)}
@@ -203,3 +220,7 @@ class AutoscaleRunner:
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+        try:  # a standby runner takes over at its next run, not after the lease expires
+            ray.get(self.controller.release_autoscaler.remote(self.owner), timeout=5.0)
+        except Exception:  # noqa: BLE001 - the controller may be gone; the lease then expires by itself
+            pass
