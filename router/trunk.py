@@ -80,7 +80,7 @@ class TrunkEngine:
     """The AsyncEngine interface over a `TrunkWorker`, restarting it and resubmitting on its death."""
 
     def __init__(self, config: EngineConfig, *, torch_threads: int | None = None, actor_options: dict | None = None,
-                 max_restarts: int = 100, start_timeout_s: float = 300.0, stall_timeout_s: float = 60.0):
+                 max_restarts: int = 100, start_timeout_s: float = 300.0, stall_timeout_s: float = 300.0):
         from moeserve.models.config import ModelConfig
         from moeserve.models.demo import ensure_demo_model
         from moeserve.models.tokenizer import load_tokenizer

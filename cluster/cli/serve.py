@@ -52,6 +52,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="run N trunk workers (each as --trunk-worker), the edge sending each new request to the "
                         "least busy; the autoscaling policy's trunk decisions add or drain them live "
                         "(default 0: the trunk in the edge's process; --trunk-worker is --trunk-workers 1)")
+    g.add_argument("--trunk-stall-timeout", type=float, default=300.0, metavar="S",
+                   help="a trunk worker holding requests that has not finished a step for S seconds is killed and "
+                        "restarted, its requests resubmitted (default 300: above the time a step may wait for an "
+                        "expert group to recover)")
     g.add_argument("--trunk-resource", metavar="NAME", default=None,
                    help="each trunk worker asks Ray for one unit of this custom resource, so it starts only on "
                         "nodes that offer it and a worker that waits for one is demand for such a node "
@@ -84,6 +88,9 @@ def trunk_workers(args: argparse.Namespace) -> int:
     if n < 0:
         raise ValueError(f"--trunk-workers: must be >= 0, got {n}")
     n = n or int(bool(getattr(args, "trunk_worker", False)))
+    stall = getattr(args, "trunk_stall_timeout", 300.0)
+    if not stall > 0:
+        raise ValueError(f"--trunk-stall-timeout: must be > 0 seconds, got {stall}")
     resource = getattr(args, "trunk_resource", None)
     if resource is not None:
         if not n:
@@ -282,7 +289,8 @@ def _trunk_pool(engine_cfg, args: argparse.Namespace, plane):
     # With a policy, its limits.trunk.max_replicas bounds the pool (`moeserve scale` too); else the pool's own.
     autoscaler = getattr(plane, "autoscaler", None)
     bound = {"max_replicas": max(autoscaler.config.limits.trunk.max_replicas, trunk_workers(args))} if autoscaler else {}
-    return TrunkPool(engine_cfg, replicas=trunk_workers(args), actor_options=options, **bound)
+    return TrunkPool(engine_cfg, replicas=trunk_workers(args), actor_options=options,
+                     stall_timeout_s=args.trunk_stall_timeout, **bound)
 
 
 def _control_plane_of(engine):
