@@ -39,6 +39,7 @@ def one(objects: list[dict], kind: str, name: str | None = None) -> dict:
 
 CI = CHART / "ci"
 MINIMAL, MULTI_GPU, TLS_AUTH_MON = (CI / f"{n}-values.yaml" for n in ("minimal-cpu", "multi-gpu", "tls-auth-monitoring"))
+TRUNK_WORKERS = CI / "trunk-workers-values.yaml"  # trunk.mode workers: the edge on the head
 FULLNAME = f"{RELEASE}-moeserve"
 
 

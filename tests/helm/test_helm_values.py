@@ -31,6 +31,7 @@ CASES = [
     (["tls.cert=not a certificate"], "at '/tls/cert'"),
     (["auth.tokens={short}"], "at '/auth/tokens/0': minLength: got 5, want 16"),
     (["trunk.rayStartParams.block=true"], "at '/trunk/rayStartParams/block': 'not' failed"),
+    (["trunk.mode=both"], "at '/trunk/mode': value must be one of 'edge', 'workers'"),
     # Rules across fields, checked by the templates.
     (["fullnameOverride=9lives"], 'the RayCluster would be named "9lives", and KubeRay wants a DNS-1035 label'),
     (["trunk.minReplicas=3"], "trunk: replicas 1 is outside minReplicas..maxReplicas (3..4)"),
@@ -38,6 +39,9 @@ CASES = [
     (["tls.enabled=true"], "tls.enabled: give tls.cert and tls.key"),
     (["autoscaling.policy.limits.trunk.max_replicas=5"],
      "autoscaling.policy.limits.trunk.max_replicas: 5 is above trunk.maxReplicas 4"),
+    (["trunk.mode=workers", "autoscaling.policy.limits.trunk.max_replicas=5"],
+     "autoscaling.policy.limits.trunk.max_replicas: 5 is above trunk.maxReplicas 4"),
+    (["trunk.mode=workers", "trunk.gpus=0"], "trunk.gpus: 0, but in trunk.mode workers with server.device cuda"),
     (["autoscaling.policy.limits.expert_groups.max_replicas=5"],
      "experts.workerGroups[0] (experts): its expert groups g0..g1 may ask for 10 replicas (autoscaling.policy.limits), "
      "but maxReplicas 8 x replicasPerPod 1 holds 8"),

@@ -126,3 +126,13 @@ states its command; eval because the generated command holds shell quoting (--re
 {{- define "moeserve.workerIdleTimeouts" -}}
 {{- if and .Values.rayAutoscaler.enabled (eq .Values.rayAutoscaler.version "v2") }}true{{ end }}
 {{- end }}
+
+{{/* "true" in trunk.mode workers: the edge runs on the head and trunk pods are plain Ray workers. */}}
+{{- define "moeserve.workersMode" -}}
+{{- if eq (.Values.trunk.mode | default "edge") "workers" }}true{{ end }}
+{{- end }}
+
+{{/* The component whose pods run `moeserve serve` (the gRPC edge): trunk, or head in workers mode. */}}
+{{- define "moeserve.edgeComponent" -}}
+{{- if include "moeserve.workersMode" . }}head{{ else }}trunk{{ end }}
+{{- end }}

@@ -1,10 +1,15 @@
 {{/*
-The trunk worker group: each pod joins Ray (`ray start` returns), then runs `moeserve serve`, the
-gRPC edge with the batcher, attention, KV cache and gating router. The gRPC Service selects these pods.
+The trunk worker group. trunk.mode edge: each pod joins Ray (`ray start` returns), then runs
+`moeserve serve`, the gRPC edge with the batcher, attention, KV cache and gating router; the gRPC
+Service selects these pods. trunk.mode workers: each pod only runs Ray (`ray start --block`, like the
+expert pods) and offers one unit of trunk.rayResource and its GPUs, for one trunk worker of the edge
+on the head (moeserve.trunkWorkerGroup).
 */}}
 {{- define "moeserve.trunkGroup" -}}
+{{- if include "moeserve.workersMode" . }}
+{{- include "moeserve.trunkWorkerGroup" . }}
+{{- else }}
 {{- $v := .Values }}
-{{- $fullname := include "moeserve.fullname" . }}
 {{- $idleTimeouts := include "moeserve.workerIdleTimeouts" . -}}
 - groupName: trunk
   replicas: {{ $v.trunk.replicas }}
@@ -56,80 +61,102 @@ gRPC edge with the batcher, attention, KV cache and gating router. The gRPC Serv
               eval "$KUBERAY_GEN_RAY_START_CMD" || exit 1
               exec moeserve serve {{ include "moeserve.serveArgs" . | trim }}
           env:
-            # The edge joins the Ray cluster through the node `ray start` just brought up.
-            - name: RAY_ADDRESS
-              value: auto
-            - name: MOESERVE_ADMIN_PORT
-              value: {{ if $v.admin.enabled }}{{ $v.admin.port | quote }}{{ else }}"off"{{ end }}
-            {{- if and $v.admin.enabled (or $v.admin.existingSecret $v.admin.tokens) }}
-            - name: MOESERVE_ADMIN_TOKEN
-              valueFrom:
-                secretKeyRef:
-                  name: {{ include "moeserve.adminSecretName" . }}
-                  key: {{ $v.admin.secretKey }}
-            {{- end }}
-            {{- with $v.server.env }}
-            {{- toYaml . | nindent 12 }}
-            {{- end }}
+            {{- include "moeserve.edgeEnv" . | nindent 12 }}
           ports:
-            - {name: grpc, containerPort: {{ $v.server.port }}, protocol: TCP}
-            {{- if include "moeserve.metricsEnabled" . }}
-            - {name: metrics, containerPort: {{ $v.metrics.port }}, protocol: TCP}
-            {{- end }}
-          startupProbe:
-            {{- include "moeserve.grpcProbe" (dict "ctx" . "service" "" "probe" $v.probes.startup) | trim | nindent 12 }}
-          readinessProbe:
-            {{- include "moeserve.grpcProbe" (dict "ctx" . "service" "moeserve.v1.Inference" "probe" $v.probes.readiness) | trim | nindent 12 }}
-          livenessProbe:
-            {{- include "moeserve.grpcProbe" (dict "ctx" . "service" "" "probe" $v.probes.liveness) | trim | nindent 12 }}
+            {{- include "moeserve.edgePorts" . | nindent 12 }}
+          {{- include "moeserve.edgeProbes" . | nindent 10 }}
           resources:
             {{- include "moeserve.gpuResources" (dict "resources" $v.trunk.resources "gpus" $v.trunk.gpus) | nindent 12 }}
           volumeMounts:
             {{- include "moeserve.commonMounts" . | nindent 12 }}
-            {{- if $v.autoscaling.enabled }}
-            - name: autoscaling
-              mountPath: /etc/moeserve/autoscaling
-              readOnly: true
-            {{- end }}
-            {{- if $v.auth.enabled }}
-            - name: auth
-              mountPath: /etc/moeserve/auth
-              readOnly: true
-            {{- end }}
-            {{- if $v.tls.enabled }}
-            - name: tls
-              mountPath: /etc/moeserve/tls
-              readOnly: true
-            - name: probe
-              mountPath: /etc/moeserve/probe
-              readOnly: true
-            {{- end }}
+            {{- with include "moeserve.edgeMounts" . }}{{ . | trim | nindent 12 }}{{ end }}
           {{- with $v.securityContext }}
           securityContext:
             {{- toYaml . | nindent 12 }}
           {{- end }}
       volumes:
         {{- include "moeserve.commonVolumes" . | nindent 8 }}
-        {{- if $v.autoscaling.enabled }}
-        - name: autoscaling
-          configMap:
-            name: {{ $fullname }}-autoscaling
-        {{- end }}
-        {{- if $v.auth.enabled }}
-        - name: auth
-          secret:
-            secretName: {{ include "moeserve.authSecretName" . }}
-            items:
-              - {key: {{ $v.auth.secretKey }}, path: tokens}
-        {{- end }}
-        {{- if $v.tls.enabled }}
-        - name: tls
-          secret:
-            secretName: {{ include "moeserve.tlsSecretName" . }}
-        - name: probe
-          configMap:
-            name: {{ $fullname }}-probe
-        {{- end }}
+        {{- with include "moeserve.edgeVolumes" . }}{{ . | trim | nindent 8 }}{{ end }}
+      {{- with $v.trunk.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.trunk.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.trunk.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The trunk worker group in trunk.mode workers: plain Ray workers, like the expert pods. Each pod offers
+one unit of trunk.rayResource and trunk.gpus GPUs; a trunk worker (serve --trunk-workers on the head)
+asks for one unit and, on CUDA, one GPU, so a worker no pod can take is node demand for this group.
+*/}}
+{{- define "moeserve.trunkWorkerGroup" -}}
+{{- $v := .Values }}
+{{- $idleTimeouts := include "moeserve.workerIdleTimeouts" . -}}
+- groupName: trunk
+  replicas: {{ $v.trunk.replicas }}
+  minReplicas: {{ $v.trunk.minReplicas }}
+  maxReplicas: {{ $v.trunk.maxReplicas }}
+  {{- if $idleTimeouts }}
+  idleTimeoutSeconds: {{ $v.trunk.idleTimeoutSeconds }}
+  {{- end }}
+  rayStartParams:
+    # One trunk worker per pod: it asks for one unit of {{ $v.trunk.rayResource }} (serve --trunk-resource) and, on CUDA, one GPU.
+    num-gpus: {{ $v.trunk.gpus | int | toString | quote }}
+    resources: {{ printf "%q" (toJson (dict $v.trunk.rayResource 1)) | quote }}
+    {{- with $v.trunk.rayStartParams }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  template:
+    metadata:
+      labels:
+        {{- include "moeserve.labels" . | nindent 8 }}
+        app.kubernetes.io/component: trunk
+        moeserve.io/worker-group: trunk
+      {{- with $v.trunk.podAnnotations }}
+      annotations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    spec:
+      serviceAccountName: {{ include "moeserve.serviceAccountName" . }}
+      automountServiceAccountToken: false
+      {{- with $v.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.podSecurityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      containers:
+        - name: ray-worker
+          image: {{ include "moeserve.image" . }}
+          imagePullPolicy: {{ $v.image.pullPolicy }}
+          command: ["/bin/bash", "-lc", "--"]
+          args:
+            {{- include "moeserve.rayStartArgs" . | nindent 12 }}
+          {{- with $v.server.env }}
+          # The trunk workers' processes inherit the environment of `ray start`.
+          env:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          resources:
+            {{- include "moeserve.gpuResources" (dict "resources" $v.trunk.resources "gpus" $v.trunk.gpus) | nindent 12 }}
+          volumeMounts:
+            {{- include "moeserve.commonMounts" . | nindent 12 }}
+          {{- with $v.securityContext }}
+          securityContext:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+      volumes:
+        {{- include "moeserve.commonVolumes" . | nindent 8 }}
       {{- with $v.trunk.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
@@ -145,7 +172,96 @@ gRPC edge with the batcher, attention, KV cache and gating router. The gRPC Serv
 {{- end }}
 
 {{/*
-Flags of `moeserve serve` on trunk pods, shell-quoted, on one line. The flags the chart relies on
+What the container running `moeserve serve` (the gRPC edge) carries, wherever it runs: the trunk pods
+in trunk.mode edge, the head in trunk.mode workers. edgeEnv, edgePorts, edgeMounts and edgeVolumes are
+list items; edgeProbes are container fields.
+*/}}
+{{- define "moeserve.edgeEnv" -}}
+{{- $v := .Values -}}
+# The edge joins the Ray cluster through the node `ray start` just brought up.
+- name: RAY_ADDRESS
+  value: auto
+- name: MOESERVE_ADMIN_PORT
+  value: {{ if $v.admin.enabled }}{{ $v.admin.port | quote }}{{ else }}"off"{{ end }}
+{{- if and $v.admin.enabled (or $v.admin.existingSecret $v.admin.tokens) }}
+- name: MOESERVE_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "moeserve.adminSecretName" . }}
+      key: {{ $v.admin.secretKey }}
+{{- end }}
+{{- with $v.server.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "moeserve.edgePorts" -}}
+{{- $v := .Values -}}
+- {name: grpc, containerPort: {{ $v.server.port }}, protocol: TCP}
+{{- if include "moeserve.metricsEnabled" . }}
+- {name: metrics, containerPort: {{ $v.metrics.port }}, protocol: TCP}
+{{- end }}
+{{- end }}
+
+{{- define "moeserve.edgeProbes" -}}
+{{- $v := .Values -}}
+startupProbe:
+  {{- include "moeserve.grpcProbe" (dict "ctx" . "service" "" "probe" $v.probes.startup) | trim | nindent 2 }}
+readinessProbe:
+  {{- include "moeserve.grpcProbe" (dict "ctx" . "service" "moeserve.v1.Inference" "probe" $v.probes.readiness) | trim | nindent 2 }}
+livenessProbe:
+  {{- include "moeserve.grpcProbe" (dict "ctx" . "service" "" "probe" $v.probes.liveness) | trim | nindent 2 }}
+{{- end }}
+
+{{- define "moeserve.edgeMounts" -}}
+{{- $v := .Values -}}
+{{- if $v.autoscaling.enabled }}
+- name: autoscaling
+  mountPath: /etc/moeserve/autoscaling
+  readOnly: true
+{{- end }}
+{{- if $v.auth.enabled }}
+- name: auth
+  mountPath: /etc/moeserve/auth
+  readOnly: true
+{{- end }}
+{{- if $v.tls.enabled }}
+- name: tls
+  mountPath: /etc/moeserve/tls
+  readOnly: true
+- name: probe
+  mountPath: /etc/moeserve/probe
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "moeserve.edgeVolumes" -}}
+{{- $v := .Values -}}
+{{- $fullname := include "moeserve.fullname" . -}}
+{{- if $v.autoscaling.enabled }}
+- name: autoscaling
+  configMap:
+    name: {{ $fullname }}-autoscaling
+{{- end }}
+{{- if $v.auth.enabled }}
+- name: auth
+  secret:
+    secretName: {{ include "moeserve.authSecretName" . }}
+    items:
+      - {key: {{ $v.auth.secretKey }}, path: tokens}
+{{- end }}
+{{- if $v.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "moeserve.tlsSecretName" . }}
+- name: probe
+  configMap:
+    name: {{ $fullname }}-probe
+{{- end }}
+{{- end }}
+
+{{/*
+Flags of `moeserve serve` (on trunk pods, or on the head in trunk.mode workers), shell-quoted, on one line. The flags the chart relies on
 are listed in the chart README.
 */}}
 {{- define "moeserve.serveArgs" -}}
@@ -165,6 +281,7 @@ are listed in the chart README.
 {{- end }}
 {{- if include "moeserve.metricsEnabled" . }}{{ $args = concat $args (list "--prometheus-port" (toString (int64 $v.metrics.port)) "--prometheus-host" "0.0.0.0") }}{{ end }}
 {{- if $v.metrics.otlpEndpoint }}{{ $args = concat $args (list "--otlp-endpoint" $v.metrics.otlpEndpoint "--trace-sample-ratio" (toString $v.metrics.traceSampleRatio)) }}{{ end }}
+{{- if include "moeserve.workersMode" . }}{{ $args = concat $args (list "--trunk-workers" (toString (int64 $v.trunk.replicas)) "--trunk-resource" $v.trunk.rayResource) }}{{ end }}
 {{- $args = concat $args $v.server.extraArgs }}
 {{- $quoted := list }}
 {{- range $args }}{{ $quoted = append $quoted (squote .) }}{{ end }}

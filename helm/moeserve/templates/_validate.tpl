@@ -19,6 +19,9 @@
 {{- if .Values.autoscaling.enabled }}
 {{- include "moeserve.validatePolicyFits" . }}
 {{- end }}
+{{- if and (include "moeserve.workersMode" .) (hasPrefix "cuda" .Values.server.device) (eq (int .Values.trunk.gpus) 0) }}
+{{- fail "trunk.gpus: 0, but in trunk.mode workers with server.device cuda every trunk worker asks Ray for one GPU of a trunk pod; give trunk pods GPUs or use server.device cpu" }}
+{{- end }}
 {{- if and .Values.tls.enabled .Values.tls.clientAuth (not .Values.tls.existingSecret) (not .Values.tls.clientCA) }}
 {{- fail "tls.clientAuth: give tls.clientCA (PEM of the CA that signs client certificates) or a tls.existingSecret with ca.crt" }}
 {{- end }}
@@ -29,7 +32,8 @@
 
 {{/*
 The policy's replica bounds must fit the worker groups: every replica of an expert group takes one
-of the `replicasPerPod` slots of a pod of its worker group, and a trunk worker is a trunk pod.
+of the `replicasPerPod` slots of a pod of its worker group, and a trunk worker is a trunk pod (in
+trunk.mode workers literally: each worker asks for the one unit of trunk.rayResource a pod offers).
 Replicas the policy may ask for beyond that would wait for nodes forever. Defaults are those of
 cluster/autoscaling/config.py (trunk 1..4, expert groups 1..8).
 */}}
