@@ -24,11 +24,6 @@ def head_spec(objects) -> dict:
     return cluster["spec"]["headGroupSpec"]
 
 
-def modern_kuberay_command(params: dict[str, str], head: bool) -> str:
-    """KubeRay 1.1+ (kuberay#1718) puts --block in the generated command whatever rayStartParams say."""
-    return kuberay_start_command({**params, "block": "true"}, head=head)
-
-
 @pytest.mark.parametrize("values,extra", CASES, ids=IDS)
 @pytest.mark.parametrize("kuberay", ["forces-block", "honours-block-false"])
 def test_head_starts_ray_then_serves_with_trunk_workers(render, values, extra, kuberay, tmp_path):
@@ -39,8 +34,8 @@ def test_head_starts_ray_then_serves_with_trunk_workers(render, values, extra, k
     head = head_spec(objects)
     pod = head["template"]["spec"]
     (container,) = pod["containers"]
-    make = modern_kuberay_command if kuberay == "forces-block" else kuberay_start_command
-    ray_argv, serve_argv = run_container(container, make(head["rayStartParams"], head=True), tmp_path)
+    start_cmd = kuberay_start_command(head["rayStartParams"], head=True, forces_block=kuberay == "forces-block")
+    ray_argv, serve_argv = run_container(container, start_cmd, tmp_path)
     assert ray_argv[:2] == ["start", "--head"] and "--num-cpus=0" in ray_argv
     assert "--block" not in ray_argv, "ray start must return so the edge can start"
     assert serve_argv is not None, "the head must run the edge"
@@ -85,7 +80,7 @@ def test_trunk_pods_only_run_ray_and_offer_the_resource(render, values, extra, t
     trunk = worker_groups(objects)["trunk"]
     pod = trunk["template"]["spec"]
     (container,) = pod["containers"]
-    ray_argv, serve_argv = run_container(container, modern_kuberay_command(trunk["rayStartParams"], head=False), tmp_path)
+    ray_argv, serve_argv = run_container(container, kuberay_start_command(trunk["rayStartParams"], head=False), tmp_path)
     assert serve_argv is None and "--block" in ray_argv  # like the expert pods
     assert ray_resources(ray_argv) == {"moeserve_trunk": 1}
     gpus = {TRUNK_WORKERS: 0, MULTI_GPU: 8, TLS_AUTH_MON: 1}[values]

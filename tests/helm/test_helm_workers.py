@@ -16,10 +16,12 @@ import yaml
 from chart_harness import CHART, FULLNAME, MINIMAL, MULTI_GPU, TLS_AUTH_MON, by_kind, one, worker_groups
 
 
-def kuberay_start_command(params: dict[str, str], head: bool) -> str:
+def kuberay_start_command(params: dict[str, str], head: bool, forces_block: bool = True) -> str:
     """The `ray start` line KubeRay puts in $KUBERAY_GEN_RAY_START_CMD: ` --key=value` per parameter,
-    "true" as a bare flag and "false" left out, values pasted in as they are."""
-    params = {"block": "true", **params}
+    "true" as a bare flag and "false" left out, values pasted in as they are. KubeRay 1.1+ (kuberay#1718,
+    the versions the chart supports) puts --block in whatever rayStartParams say; older ones honour
+    block: "false" (`forces_block=False`)."""
+    params = {**params, "block": "true"} if forces_block else {"block": "true", **params}
     if not head:
         params = {"address": "inference-moeserve-head-svc.llm.svc.cluster.local:6379", **params}
     flags = []

@@ -57,12 +57,7 @@ template:
         command: ["/bin/bash", "-lc", "--"]
         args:
           {{- if $workers }}
-          - |
-            ulimit -n 65536
-            # KubeRay 1.1+ puts --block in the generated command whatever block says: drop it so it returns.
-            start=" $KUBERAY_GEN_RAY_START_CMD "
-            eval "${start// --block / }" || exit 1
-            exec moeserve serve {{ include "moeserve.serveArgs" . | trim }}
+          {{- include "moeserve.edgeScript" . | nindent 10 }}
           {{- else }}
           {{- include "moeserve.rayStartArgs" . | nindent 10 }}
           {{- end }}

@@ -110,6 +110,19 @@ states its command; eval because the generated command holds shell quoting (--re
 - ulimit -n 65536; eval "exec $KUBERAY_GEN_RAY_START_CMD"
 {{- end }}
 
+{{/*
+Container script of a pod that runs the edge after joining Ray: `ray start` must return, but KubeRay
+1.1+ (kuberay#1718) puts --block in the generated command whatever rayStartParams say, so it is
+dropped here; then `moeserve serve`.
+*/}}
+{{- define "moeserve.edgeScript" -}}
+- |
+  ulimit -n 65536
+  start=" $KUBERAY_GEN_RAY_START_CMD "
+  eval "${start// --block / }" || exit 1
+  exec moeserve serve {{ include "moeserve.serveArgs" . | trim }}
+{{- end }}
+
 {{/* Container resources with nvidia.com/gpu added to limits (and requests) when gpus > 0. */}}
 {{- define "moeserve.gpuResources" -}}
 {{- $res := deepCopy (default dict .resources) }}

@@ -19,7 +19,8 @@ on the head (moeserve.trunkWorkerGroup).
   idleTimeoutSeconds: {{ $v.trunk.idleTimeoutSeconds }}
   {{- end }}
   rayStartParams:
-    # `ray start` returns once the node has joined, then the edge starts in the same container.
+    # `ray start` must return once the node has joined: the edge starts next in the same container.
+    # KubeRay 1.1+ puts --block in the generated command anyway; moeserve.edgeScript drops it.
     block: "false"
     # The trunk's GPUs belong to the edge process, never to Ray actors.
     num-gpus: "0"
@@ -56,10 +57,7 @@ on the head (moeserve.trunkWorkerGroup).
           imagePullPolicy: {{ $v.image.pullPolicy }}
           command: ["/bin/bash", "-lc", "--"]
           args:
-            - |
-              ulimit -n 65536
-              eval "$KUBERAY_GEN_RAY_START_CMD" || exit 1
-              exec moeserve serve {{ include "moeserve.serveArgs" . | trim }}
+            {{- include "moeserve.edgeScript" . | nindent 12 }}
           env:
             {{- include "moeserve.edgeEnv" . | nindent 12 }}
           ports:
