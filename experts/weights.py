@@ -34,9 +34,11 @@ class CheckpointWeights:
     dtype: str = "float32"
 
     def load(self, experts: list[int], device: torch.device | str) -> ExpertWeights:
+        from moeserve.models.demo import local_model_path
         from moeserve.models.loader import load_expert_weights
 
-        return load_expert_weights(self.path, list(experts), device=torch.device(device), dtype=parse_dtype(self.dtype))
+        return load_expert_weights(local_model_path(self.path), list(experts), device=torch.device(device),
+                                   dtype=parse_dtype(self.dtype))
 
 
 @dataclass(frozen=True, slots=True)

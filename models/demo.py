@@ -155,6 +155,18 @@ def default_cache_dir() -> Path:
     return base / "moeserve" / f"demo-{DEMO_VERSION}"
 
 
+def local_model_path(path: str) -> str:
+    """`path` as this machine has it. A process on another node (a trunk worker, an expert group) gets the
+    edge's path to the demo checkpoint, which is only in the edge's cache: when that path is missing
+    here and names the demo's cache directory, this machine's demo checkpoint stands in (written on
+    first use; it is seeded, so every machine writes the same tensors). Any other path is returned as it is.
+    """
+    p = Path(path)
+    if (p / "config.json").is_file() or p.name != default_cache_dir().name:
+        return path
+    return str(ensure_demo_model())
+
+
 def ensure_demo_model(cache_dir: str | Path | None = None) -> Path:
     """The demo checkpoint's directory, written (atomically: temp dir, then rename) on first use."""
     target = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -10,6 +10,7 @@ edge replays it into its own Telemetry.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 import time
@@ -154,8 +155,12 @@ class TrunkWorker:
 
         from .engine import AsyncEngine
 
+        from moeserve.models.demo import local_model_path
+
         if torch_threads:
             torch.set_num_threads(torch_threads)  # the same BLAS threads as the edge keep results bitwise equal
+        if config.model is not None:  # the edge's demo checkpoint is not on this node: this node's stands in
+            config = dataclasses.replace(config, model=local_model_path(config.model))
         self.engine = AsyncEngine.from_config(config)
         self.relay = TelemetryRelay()
         attach_relay(self.engine, self.relay)

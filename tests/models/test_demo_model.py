@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,21 @@ def test_cli_writes_and_refuses_to_overwrite(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["demo-model", str(tmp_path / "n"), "--config-override", "[1]"])
     assert set(PRESETS) >= {"demo", "deepseek-v2-lite", "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3"}
+
+
+def test_a_node_without_the_edges_demo_checkpoint_uses_its_own(tmp_path, monkeypatch, demo_model_dir):
+    """A trunk worker or expert group on another node gets the edge's demo path; this node's demo stands in."""
+    from moeserve.experts.weights import CheckpointWeights
+    from moeserve.models.demo import default_cache_dir, local_model_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "this-node"))
+    edges = str(tmp_path / "edge-node" / "moeserve" / default_cache_dir().name)  # not on this node
+    here = local_model_path(edges)
+    assert here == str(default_cache_dir()) and Path(here, "config.json").is_file()
+    # Seeded: the same tensors on every node (the session's demo was written with the same seed).
+    assert Path(here, "model.safetensors").read_bytes() == Path(demo_model_dir, "model.safetensors").read_bytes()
+    weights = CheckpointWeights(edges).load([0, 1], "cpu")
+    assert weights and all(w13.shape[0] == 2 for w13, _ in weights.values())
+    # Any other path is left alone (a missing real checkpoint fails where it is opened, naming it).
+    assert local_model_path(str(tmp_path / "no-such-model")) == str(tmp_path / "no-such-model")
+    assert local_model_path(str(demo_model_dir)) == str(demo_model_dir)
