@@ -153,23 +153,28 @@ class TrunkWorker:
     def __init__(self, config: EngineConfig, torch_threads: int | None = None):
         import torch
 
-        from .engine import AsyncEngine
-
         from moeserve.models.demo import local_model_path
 
         if torch_threads:
             torch.set_num_threads(torch_threads)  # the same BLAS threads as the edge keep results bitwise equal
         if config.model is not None:  # the edge's demo checkpoint is not on this node: this node's stands in
             config = dataclasses.replace(config, model=local_model_path(config.model))
-        self.engine = AsyncEngine.from_config(config)
+        self.config = config
+        self.engine = None  # built by start()
         self.relay = TelemetryRelay()
-        attach_relay(self.engine, self.relay)
         self.outbox: list[tuple[str, object]] = []
         self.tasks: dict[str, asyncio.Task] = {}
         self.changed = asyncio.Event()
         self._delay_s = 0.0  # inject_delay's, read by the step thread before each step
 
     async def start(self) -> dict:
+        """Load the model and start the engine. The load runs on a thread: it may wait on Ray (the expert
+        dispatcher asks the controller for the serving set), which must not block this actor's loop."""
+        from .engine import AsyncEngine
+
+        if self.engine is None:
+            self.engine = await asyncio.to_thread(AsyncEngine.from_config, self.config)
+            attach_relay(self.engine, self.relay)
         await self.engine.start()
         return {"max_model_len": self.engine.max_model_len, "pid": os.getpid()}
 
@@ -236,6 +241,8 @@ class TrunkWorker:
         return {"items": items, "stats": self.engine.stats(), "telemetry": records, "telemetry_dropped": dropped}
 
     async def shutdown(self, grace_s: float) -> None:
+        if self.engine is None:  # never started
+            return
         await self.engine.shutdown(grace_s)
         # Its expert dispatcher leaves the controller now, so no drain of an expert replica waits for
         # this worker's epoch acknowledgement (dispatcher_ttl_s) once it is gone.
