@@ -48,18 +48,8 @@ async def test_worker_death_loses_nothing(ray_cluster, demo_model_dir, reference
     engine = TrunkEngine(_config(str(demo_model_dir)))
     await engine.start()
     try:
-        params = [SamplingParams(max_tokens=24, ignore_eos=True)] * len(PROMPTS)
-        params += [SamplingParams(max_tokens=24, ignore_eos=True, stop=(stop,))] * len(PROMPTS)
-        seen: list[int] = []
-        progressed = asyncio.Event()
-        tasks = []
-        for i, (prompt, p) in enumerate(zip(PROMPTS + PROMPTS, params)):
-            stream = engine.generate(f"r{i}", prompt, p)
-            tasks.append(asyncio.create_task(_consume(stream, seen, progressed, need=3)))
         # Kill once every stream that will reach 3 tokens before its stop string has done so.
-        while len(seen) < len(PROMPTS):
-            progressed.clear()
-            await progressed.wait()
+        tasks = await _start_streams(engine, stop)
         first = engine.worker
         import ray
 
