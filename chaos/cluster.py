@@ -1,7 +1,7 @@
 """The embedded cluster a chaos scenario runs against: real gRPC edge on loopback, real Ray actors.
 
 Edge (InferenceServer) and load generator share this process and its event loop. The trunk runs
-in this process too, or in its own TrunkWorker actor; the routed experts run in Ray expert-group
+in this process too, or in its own TrunkWorker actor, or in several behind a TrunkPool; the routed experts run in Ray expert-group
 actors under a controller actor, reached over the `ray` transport (optionally slowed). Ray itself
 must already be initialised (the runner does it).
 """
@@ -29,6 +29,8 @@ class ClusterSpec:
     expert_groups: int = 2
     replicas_per_group: int = 1
     trunk_worker: bool = False  # the trunk in its own process (a TrunkWorker actor), not the edge's
+    # >= 2: the trunk in that many TrunkWorker actors behind a TrunkPool (scaled live); 0: not (see trunk_worker).
+    trunk_workers: int = 0
     slow_transport: bool = False  # the ray transport behind a SlowTransport (trunk in the edge's process)
     dispatch_timeout_s: float = 2.0  # one send to an expert group; past it the group counts as stalled
     # The trunk worker's: holding requests without a step for this long, it is killed and restarted.
@@ -47,8 +49,20 @@ class ClusterSpec:
             raise ValueError(f"ClusterSpec.replicas_per_group must be >= 1, got {self.replicas_per_group}")
         if not self.trunk_stall_timeout_s > 0:
             raise ValueError(f"ClusterSpec.trunk_stall_timeout_s must be > 0, got {self.trunk_stall_timeout_s}")
-        if self.slow_transport and self.trunk_worker:
-            raise ValueError("ClusterSpec.slow_transport needs the trunk in the edge's process (trunk_worker=False)")
+        if self.trunk_workers != 0 and self.trunk_workers < 2:
+            raise ValueError(f"ClusterSpec.trunk_workers must be 0 (no pool) or >= 2 (a TrunkPool of that many), "
+                             f"got {self.trunk_workers}; for one trunk worker use trunk_worker=True")
+        if self.trunk_worker and self.trunk_workers:
+            raise ValueError(f"ClusterSpec.trunk_worker=True (one TrunkEngine) and trunk_workers="
+                             f"{self.trunk_workers} (a TrunkPool) exclude each other; set one of them")
+        if self.slow_transport and (self.trunk_worker or self.trunk_workers):
+            raise ValueError("ClusterSpec.slow_transport needs the trunk in the edge's process "
+                             "(trunk_worker=False, trunk_workers=0)")
+
+    @property
+    def trunk_elsewhere(self) -> bool:
+        """Whether the trunk runs in TrunkWorker actors (one, or a pool) rather than the edge's process."""
+        return self.trunk_worker or self.trunk_workers > 0
 
 
 class EmbeddedCluster:
@@ -88,7 +102,12 @@ class EmbeddedCluster:
         engine_config = EngineConfig(model=self.model_dir, max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=512,
                                      num_kv_blocks=spec.num_kv_blocks, expert_backend=self._backend(),
                                      load_experts=False)
-        if spec.trunk_worker:
+        if spec.trunk_workers:
+            from moeserve.router.trunk_pool import TrunkPool
+
+            self.engine = TrunkPool(engine_config, replicas=spec.trunk_workers, torch_threads=spec.torch_threads,
+                                    stall_timeout_s=spec.trunk_stall_timeout_s)
+        elif spec.trunk_worker:
             from moeserve.router.trunk import TrunkEngine
 
             self.engine = TrunkEngine(engine_config, torch_threads=spec.torch_threads,
@@ -105,7 +124,7 @@ class EmbeddedCluster:
         from moeserve.router.dispatch import DispatchConfig
 
         dispatch = DispatchConfig(timeout_s=self.spec.dispatch_timeout_s, recovery_timeout_s=300.0, max_rounds=50)
-        if self.spec.trunk_worker:  # built in the worker's process: only picklable things travel
+        if self.spec.trunk_elsewhere:  # built in the workers' processes: only picklable things travel
             from moeserve.experts.backend import ray_expert_backend
 
             return ray_expert_backend(self.controller, config=dispatch)

@@ -3,6 +3,7 @@ recovery is seen (or raises); `clear` undoes whatever a fault may have left behi
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -151,6 +152,44 @@ class StallTrunk(Fault):
                                f"being detected: something other than the stall ended it")
         return self._record("trunk", start, f"stalled {self.stall_s:.0f}s, "
                                             f"{engine.resubmitted - resubmitted} requests resubmitted")
+
+
+class ScaleTrunkWorkers(Fault):
+    """Drain one of the pool's n trunk workers (`TrunkPool.scale(n - 1)`: the least busy takes no new request
+    and finishes what it holds, then stops) and, once it has stopped, add one back (`scale(n)`); recovered
+    when n serve again. Nothing is resubmitted: the drained worker's requests end where they started."""
+
+    kind = "scale-trunk-workers"
+
+    async def inject(self, cluster, load):
+        from moeserve.router.trunk_pool import DRAINING, STARTING
+
+        pool = cluster.engine
+        serving = pool.replicas
+        if serving < 2 or pool.pending or pool.members(DRAINING):
+            raise RuntimeError(f"the trunk pool is not settled at n >= 2 serving (serving {serving}, "
+                               f"starting {pool.pending}, draining {len(pool.members(DRAINING))})")
+        restarts = pool.restarts
+        start = time.monotonic()
+        pool.scale(serving - 1)
+        (leaving,) = pool.members(DRAINING)
+        held = len(leaving.engine.in_flight)
+        # The pool's own drain task: it ends once the worker has finished its requests and stopped (shielded,
+        # so a recovery timeout here does not cancel the drain).
+        await asyncio.shield(leaving.task)
+        if leaving in pool.members():
+            raise RuntimeError(f"trunk worker #{leaving.index}: its drain ended but it is still a member")
+        pool.scale(serving)
+        (joining,) = pool.members(STARTING)
+        await asyncio.shield(joining.task)  # ends once it serves, or once it failed to start (then it is gone)
+        if pool.replicas != serving:
+            raise RuntimeError(f"trunk worker #{joining.index} did not come to serve: {pool.replicas} serving, "
+                               f"not {serving}; last events {pool.events[-3:]}")
+        if pool.restarts != restarts:  # a drain resubmits nothing; a restart means a worker died or stalled
+            raise RuntimeError(f"a trunk worker was restarted during the scaling ({pool.restarts - restarts} "
+                               f"restart(s)): something other than the drain ended one")
+        return self._record(f"trunk #{leaving.index}", start,
+                            f"drained holding {held}, #{joining.index} serving")
 
 
 class KillController(Fault):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .cluster import ClusterSpec
 from .faults import (DrainDuringBurst, Fault, KillController, KillControllerMidRestart, KillExpertGroup, KillTrunk,
-                     SlowTransport, StallExpertGroup, StallTrunk)
+                     ScaleTrunkWorkers, SlowTransport, StallExpertGroup, StallTrunk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +27,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              ClusterSpec(trunk_worker=True), KillTrunk),
     Scenario("stall-trunk-worker", "the trunk worker stops stepping, still answering; the edge restarts it after 2 s",
              ClusterSpec(trunk_worker=True, trunk_stall_timeout_s=2.0), lambda: StallTrunk(stall_s=60.0)),
+    Scenario("scale-trunk-workers", "drain one of two trunk workers, then add one back; nothing is resubmitted",
+             ClusterSpec(trunk_workers=2), ScaleTrunkWorkers),
     Scenario("kill-controller", "kill the controller actor; Ray restarts it and it recovers its state",
              ClusterSpec(), KillController),
     Scenario("kill-controller-mid-restart", "kill a group, then the controller while it restarts the group",

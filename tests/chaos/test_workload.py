@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from moeserve.chaos.cluster import ClusterSpec
 from moeserve.chaos.scenarios import SCENARIOS, resolve
 from moeserve.chaos.workload import Workload
 
@@ -29,3 +30,17 @@ def test_resolve_scenarios():
     assert [s.name for s in resolve(["kill-controller", "slow-transport"])] == ["kill-controller", "slow-transport"]
     with pytest.raises(ValueError, match="nope"):
         resolve(["nope"])
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"trunk_workers": 1}, r"trunk_workers must be 0 \(no pool\) or >= 2 .* got 1; for one trunk worker use "
+                           r"trunk_worker=True"),
+    ({"trunk_workers": -2}, "got -2"),
+    ({"trunk_worker": True, "trunk_workers": 2}, "exclude each other"),
+    ({"slow_transport": True, "trunk_workers": 3}, "slow_transport needs the trunk in the edge's process"),
+])
+def test_cluster_spec_refuses_trunk_combinations(options, message):
+    with pytest.raises(ValueError, match=message):
+        ClusterSpec(**options)
+    assert ClusterSpec(trunk_workers=2).trunk_elsewhere and ClusterSpec(trunk_worker=True).trunk_elsewhere
+    assert not ClusterSpec().trunk_elsewhere
