@@ -72,6 +72,7 @@ class TrunkPool:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.events: list[str] = []  # what scale() did, oldest first (the last 1000)
+        self._start_errors: list[BaseException] = []
         first = self._add()  # the edge reads the model's facts from it before anything starts
         self.model_config = first.engine.model_config
         self.tokenizer = first.engine.tokenizer
@@ -111,21 +112,22 @@ class TrunkPool:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Start the first `replicas` members; the pool serves once all have started (one failing fails it)."""
+        """Start the first `replicas` members; return once one serves (the others go on starting in the
+        background: one may wait for a node the autoscaler has yet to add). Raises if none can start."""
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
         while len(self._members) < self._initial:
             self._add()
-        results = await asyncio.gather(*(m.engine.start() for m in self._members), return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            await asyncio.gather(*(m.engine.shutdown(0) for m in self._members), return_exceptions=True)
-            raise failed[0]
         for m in self._members:
-            m.state = SERVING
-        self.max_model_len = min(m.engine.max_model_len for m in self._members)
-        self._say(f"trunk workers: {len(self._members)} serving")
+            m.task = self._loop.create_task(self._start_member(m))
+        while not self.members(SERVING):
+            starting = [m.task for m in self.members(STARTING) if m.task is not None]
+            if not starting:
+                self._stopping = True
+                raise EngineStoppedError(f"no trunk worker could start: {self._start_errors[-1]!r}"
+                                         if self._start_errors else "no trunk worker could start")
+            await asyncio.wait(starting, return_when=asyncio.FIRST_COMPLETED)
 
     async def shutdown(self, grace_s: float = 5.0) -> None:
         """Stop every member: in-flight requests get `grace_s` to finish, the rest end as "cancelled"."""
@@ -195,6 +197,7 @@ class TrunkPool:
             return
         except Exception as exc:  # noqa: BLE001 - one member that cannot start leaves the others serving
             log.error("trunk worker #%d failed to start: %r", member.index, exc)
+            self._start_errors = [*self._start_errors[-9:], exc]
             await member.engine.shutdown(0)
             self._remove(member)
             self._say(f"trunk worker #{member.index} failed to start: {exc!r}")

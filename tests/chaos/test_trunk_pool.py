@@ -4,12 +4,13 @@ every stream ends with the tokens of the undisturbed single-process run."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 
 import pytest
 
 from moeserve.router.config import EngineConfig
-from moeserve.router.errors import InvalidRequestError
+from moeserve.router.errors import EngineStoppedError, InvalidRequestError
 from moeserve.router.llm_engine import LLMEngine
 from moeserve.router.sequence import SamplingParams
 from moeserve.router.trunk_pool import TrunkPool
@@ -110,3 +111,9 @@ async def test_trunk_pool_refuses_what_it_cannot_do(ray_cluster, demo_model_dir)
         await pool.shutdown(0)
     with pytest.raises(ValueError, match="must be >= 1"):
         TrunkPool(_config(str(demo_model_dir)), replicas=0)
+    # No worker can start (the KV cache cannot hold max_model_len): start says why instead of waiting.
+    bad = dataclasses.replace(_config(str(demo_model_dir)), num_kv_blocks=1, max_model_len=4096)
+    broken = TrunkPool(bad, replicas=1, torch_threads=1)
+    with pytest.raises(EngineStoppedError, match="no trunk worker could start: .*max_model_len"):
+        await asyncio.wait_for(broken.start(), 120)
+    assert not broken.members() and any("failed to start" in e for e in broken.events)

@@ -36,11 +36,12 @@ async def test_a_trunk_worker_without_a_slot_waits_and_is_given_up(ray_with_one_
     from moeserve.router.trunk_pool import TrunkPool
 
     config = EngineConfig(model=str(demo_model_dir), max_num_seqs=4, num_kv_blocks=64)
-    pool = TrunkPool(config, replicas=1, max_replicas=2, torch_threads=1, actor_options={"resources": {RESOURCE: 1}})
-    await pool.start()
+    # Two workers asked for at start: the pool serves once one has started, the other waits for a slot.
+    pool = TrunkPool(config, replicas=2, max_replicas=2, torch_threads=1, actor_options={"resources": {RESOURCE: 1}})
+    await asyncio.wait_for(pool.start(), 120)
     try:
         assert ray.available_resources().get(RESOURCE, 0) == 0  # the first worker holds the only unit
-        pool.scale(2)
+        assert pool.scale(2) == "trunk workers: already 2"  # the waiting one counts towards the target
         waiting = pool.members("starting")
         assert len(waiting) == 1
         # It cannot be placed: still starting a while later, and the one serving worker answers meanwhile.
