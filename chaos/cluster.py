@@ -119,6 +119,8 @@ class EmbeddedCluster:
         self.server = InferenceServer(self.engine, ServerConfig(port=0, max_streams_per_caller=100_000, grace_s=0),
                                       model_name="demo")
         await self.server.start()
+        if self.spec.trunk_workers:  # the pool serves once one worker does: let all of them start first
+            await self.engine.settled()
 
     def _backend(self):
         from moeserve.router.dispatch import DispatchConfig

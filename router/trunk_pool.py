@@ -129,6 +129,14 @@ class TrunkPool:
                                          if self._start_errors else "no trunk worker could start")
             await asyncio.wait(starting, return_when=asyncio.FIRST_COMPLETED)
 
+    async def settled(self) -> None:
+        """Return once no member is starting or draining (every start and drain set going has ended)."""
+        while True:
+            tasks = [m.task for m in self._members if m.task is not None and m.state in (STARTING, DRAINING)]
+            if not tasks:
+                return
+            await asyncio.wait(tasks)
+
     async def shutdown(self, grace_s: float = 5.0) -> None:
         """Stop every member: in-flight requests get `grace_s` to finish, the rest end as "cancelled"."""
         self._stopping = True
