@@ -1,9 +1,9 @@
 """The embedded cluster a chaos scenario runs against: real gRPC edge on loopback, real Ray actors.
 
 Edge (InferenceServer) and load generator share this process and its event loop. The trunk runs
-in this process too, or in its own TrunkWorker actor, or in several behind a TrunkPool; the routed experts run in Ray expert-group
-actors under a controller actor, reached over the `ray` transport (optionally slowed). Ray itself
-must already be initialised (the runner does it).
+in this process too, or in its own TrunkWorker actor, or in several behind a TrunkPool; the routed
+experts run in Ray expert-group actors under a controller actor, reached over the `ray` transport
+(optionally slowed). Ray itself must already be initialised (the runner does it).
 """
 
 from __future__ import annotations

@@ -179,16 +179,12 @@ class Telemetry:
     def watch_engine(self, engine) -> None:
         """Gauges from `engine.stats()`; step times and queue waits from the engine, if it reports them.
 
-        An expert dispatcher serving the engine's model (router.dispatch.ExpertDispatcher, which has a
-        `telemetry` slot) records per-expert token load and scaling events here too.
+        Through `observe`, an expert dispatcher serving the engine's model (router.dispatch.ExpertDispatcher)
+        records per-expert token load and scaling events here too.
         """
         self.add_gauge_source(lambda: engine_gauges(engine.stats()))
         if hasattr(engine, "observe"):
             engine.observe(self)
-        model = getattr(getattr(engine, "core", None), "model", None)
-        backend = getattr(model, "experts_backend", None)
-        if backend is not None and hasattr(backend, "telemetry") and backend.telemetry is None:
-            backend.telemetry = self
 
     # --- recorded by the engine (step thread) and the edge (event loop) -------------------
     def record_step(self, seconds: float, num_tokens: int) -> None:

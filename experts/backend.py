@@ -9,8 +9,6 @@ as in-process workers, a fixed placement).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -74,81 +72,6 @@ def ray_expert_backend(controller, *, config: DispatchConfig | None = None, watc
     return make
 
 
-def _start_admin(controller):
-    """The Admin API beside the embedded cluster (MOESERVE_ADMIN_PORT, default 50052; "off" disables it)."""
-    import atexit
-    import os
-
-    from moeserve.cluster.admin_server import ADMIN_PORT_ENV, AdminConfig, AdminServer
-
-    if os.environ.get(ADMIN_PORT_ENV, "").lower() == "off":
-        return None
-    server = AdminServer(controller, AdminConfig.from_env()).start()
-    print(f"moeserve: admin API (status, scale, drain) on {server.address}; try  moeserve status --address "
-          f"{server.address}", flush=True)
-    atexit.register(server.stop, 0)
-    return server
-
-
-def _start_autoscaler(controller, config):
-    """The autoscaling policy (cluster/autoscaling) running on the controller's live metrics; serve attaches
-    the edge's engine as the trunk's report once it is built (cluster/cli/serve.py)."""
-    import atexit
-
-    from moeserve.cluster.autoscaling.runner import AutoscaleRunner
-
-    runner = AutoscaleRunner(controller, config).start()
-    atexit.register(runner.stop)
-    print(f"moeserve: autoscaling expert groups with the {config.policy} policy every {config.interval_s:g}s",
-          flush=True)
-    return runner
-
-
-@dataclass
-class ControlPlane:
-    """The embedded cluster's control plane, run in one process: the controller (a Ray actor; its handle),
-    the Admin API server beside it and the autoscaler (None when off)."""
-
-    controller: Any
-    admin: Any = None
-    autoscaler: Any = None
-    utilisation: Any = None  # cluster.group_utilisation.GroupUtilisationPoller, when serve runs one
-
-    def stop(self) -> None:
-        """Stop the autoscaler, the utilisation poller and the admin API (the controller and its groups stay)."""
-        for part in (self.autoscaler, self.utilisation):
-            if part is not None:
-                part.stop()
-        if self.admin is not None:
-            self.admin.stop(0)
-
-
-def start_control_plane(model_path: str, *, num_experts: int, dtype: str, num_groups: int = 2,
-                        resources: GroupResources | None = None, custom_resource: str | None = None,
-                        autoscaling=None) -> ControlPlane:
-    """Start (or join) Ray here, the controller and its `num_groups` expert-group actors holding the experts
-    of `model_path` in `dtype`, the Admin API and, with an `autoscaling` config, the autoscaler.
-
-    The trunk's dispatchers reach the groups through `ray_expert_backend(plane.controller)`, in this
-    process or in trunk workers (serve --trunk-workers), which is why this is apart from the model.
-    """
-    import ray
-
-    from moeserve.cluster.controller import ControllerConfig, start_controller
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, namespace="moeserve")
-    gpus = ray.cluster_resources().get("GPU", 0)
-    # One GPU each when there are enough; else the groups share what there is (one GPU: all on it).
-    res = resources or GroupResources(num_gpus=min(1.0, gpus / num_groups) if gpus else 0.0,
-                                      custom_resource=custom_resource, torch_threads=torch.get_num_threads())
-    cfg = ControllerConfig(weights=CheckpointWeights(str(model_path), dtype=dtype), num_experts=num_experts,
-                           num_groups=num_groups, resources=res)
-    controller = start_controller(cfg)
-    return ControlPlane(controller, _start_admin(controller),
-                        _start_autoscaler(controller, autoscaling) if autoscaling is not None else None)
-
-
 def embedded_expert_backend(model_path: str, *, transport: str = "ray", num_groups: int = 2,
                             resources: GroupResources | None = None, custom_resource: str | None = None,
                             autoscaling=None) -> Callable:
@@ -172,10 +95,12 @@ def embedded_expert_backend(model_path: str, *, transport: str = "ray", num_grou
     def make(model) -> ExpertDispatcher:
         _, num_experts, _ = _model_layout(model)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        from moeserve.cluster.control_plane import start_control_plane
+
         plane = start_control_plane(model_path, num_experts=num_experts, dtype=dtype, num_groups=num_groups,
                                     resources=resources, custom_resource=custom_resource, autoscaling=autoscaling)
         dispatcher = ray_expert_backend(plane.controller)(model)
-        dispatcher.admin, dispatcher.autoscaler = plane.admin, plane.autoscaler
+        dispatcher.control_plane = plane  # serve hands it the edge's figures (cluster/cli/serve.py)
         return dispatcher
 
     return make

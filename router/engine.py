@@ -117,9 +117,19 @@ class AsyncEngine:
     def stats(self) -> dict:
         return self.core.stats()
 
+    @property
+    def experts_backend(self) -> Any:
+        """The routed-expert backend of the model in this engine (an ExpertDispatcher), or None."""
+        return getattr(self.core.model, "experts_backend", None)
+
     def observe(self, observer: Any) -> None:
-        """Report step times and queue waits to `observer` (cluster.telemetry.Telemetry)."""
+        """Report step times and queue waits to `observer` (cluster.telemetry.Telemetry, or the trunk
+        worker's relay); an expert dispatcher serving the model (its `telemetry` slot still free) reports
+        per-expert token load and scaling events there too."""
         self.core.observer = observer
+        backend = self.experts_backend
+        if backend is not None and hasattr(backend, "telemetry") and backend.telemetry is None:
+            backend.telemetry = observer
 
     # -- the step thread and its deliveries -------------------------------------------------------
     def _run(self) -> None:

@@ -223,7 +223,7 @@ class TrunkEngine:
 
     def _submit(self, flight: _Flight) -> None:
         # No await between reading the worker and sending to it: a restart cannot slip in between.
-        if not self._holds_requests():  # an idle worker's stall clock starts with its first request
+        if not self._held():  # an idle worker's stall clock starts with its first request
             self._step_clock = time.monotonic()
         flight.incarnation = self._incarnation
         prompt, params = flight.resubmission()
@@ -281,9 +281,9 @@ class TrunkEngine:
                     self._deliver(flight, item)
             self._check_stall(actor)
 
-    def _holds_requests(self) -> bool:
-        """Whether the live worker has been given a request of the edge's that has not ended."""
-        return any(f.incarnation == self._incarnation for f in self._flights.values())
+    def _held(self) -> int:
+        """Requests of the edge's given to the live worker that have not ended."""
+        return sum(1 for f in self._flights.values() if f.incarnation == self._incarnation)
 
     def _check_stall(self, actor) -> None:
         """After every poll (empty ones too): kill `actor` if it holds requests and has not stepped for
@@ -293,7 +293,7 @@ class TrunkEngine:
         if steps != self._steps_seen:
             self._steps_seen, self._step_clock = steps, now
             return
-        held = sum(1 for f in self._flights.values() if f.incarnation == self._incarnation)
+        held = self._held()
         if not held:  # idle: nothing to step for
             self._step_clock = now
             return

@@ -28,15 +28,14 @@ from dataclasses import dataclass
 from .config import EngineConfig
 from .errors import EngineStoppedError, InvalidRequestError
 from .sequence import RequestOutput, SamplingParams
-from .trunk import TrunkEngine
+from .trunk import WORKER_COUNTERS, TrunkEngine
 
 log = logging.getLogger(__name__)
 
 STARTING, SERVING, DRAINING = "starting", "serving", "draining"
 # Cumulative figures of LLMEngine.stats() (and the trunk's restarts and stalls): summed over every member that
 # ever served.
-COUNTERS = ("steps", "requests_added", "prompt_tokens", "tokens_computed", "tokens_generated", "requests_finished",
-            "preemptions", "trunk_restarts", "trunk_stalls")
+COUNTERS = (*WORKER_COUNTERS, "trunk_restarts", "trunk_stalls")
 _GAUGES = ("waiting", "running", "kv_blocks_used", "kv_blocks_total", "requests_in_flight")
 
 

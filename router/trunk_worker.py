@@ -134,16 +134,6 @@ class TelemetryRelay:
         return records, dropped
 
 
-def attach_relay(engine, relay: TelemetryRelay) -> None:
-    """Report `engine`'s step times and queue waits, and its expert dispatcher's load, to `relay`
-    (as cluster.telemetry.Telemetry.watch_engine does in the edge's process)."""
-    engine.observe(relay)
-    model = getattr(getattr(engine, "core", None), "model", None)
-    backend = getattr(model, "experts_backend", None)
-    if backend is not None and hasattr(backend, "telemetry") and backend.telemetry is None:
-        backend.telemetry = relay
-
-
 # -- the worker process -----------------------------------------------------------------------------------
 
 @ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)
@@ -174,7 +164,7 @@ class TrunkWorker:
 
         if self.engine is None:
             self.engine = await asyncio.to_thread(AsyncEngine.from_config, self.config)
-            attach_relay(self.engine, self.relay)
+            self.engine.observe(self.relay)  # the engine's figures and its expert dispatcher's
         await self.engine.start()
         return {"max_model_len": self.engine.max_model_len, "pid": os.getpid()}
 
@@ -246,6 +236,6 @@ class TrunkWorker:
         await self.engine.shutdown(grace_s)
         # Its expert dispatcher leaves the controller now, so no drain of an expert replica waits for
         # this worker's epoch acknowledgement (dispatcher_ttl_s) once it is gone.
-        backend = getattr(getattr(self.engine.core, "model", None), "experts_backend", None)
+        backend = self.engine.experts_backend
         if backend is not None and hasattr(backend, "close"):
             await asyncio.to_thread(backend.close)

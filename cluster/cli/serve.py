@@ -174,7 +174,7 @@ def edge_control_plane(args: argparse.Namespace):
     workers, or the trunk in this process, whose model starts the control plane itself)."""
     if not trunk_workers(args) or not _wants_expert_groups(args) or args.transport == "local":
         return None
-    from moeserve.experts.backend import start_control_plane
+    from moeserve.cluster.control_plane import start_control_plane
     from moeserve.experts.group import check_resource_template
     from moeserve.models.config import ModelConfig
     from moeserve.router.config import EngineConfig
@@ -296,13 +296,7 @@ def _trunk_pool(engine_cfg, args: argparse.Namespace, plane):
 def _control_plane_of(engine):
     """The control plane the model in this process started beside its Ray expert groups (None: the experts
     in the trunk, or local groups)."""
-    from moeserve.experts.backend import ControlPlane
-
-    backend = getattr(getattr(getattr(engine, "core", None), "model", None), "experts_backend", None)
-    controller = getattr(getattr(backend, "source", None), "controller", None)
-    if controller is None:
-        return None
-    return ControlPlane(controller, getattr(backend, "admin", None), getattr(backend, "autoscaler", None))
+    return getattr(engine.experts_backend, "control_plane", None)
 
 
 def _report_serving(engine, plane, tel) -> None:
@@ -313,15 +307,17 @@ def _report_serving(engine, plane, tel) -> None:
         from moeserve.cluster.serving_status import ServingFigures
 
         plane.admin.report_serving(ServingFigures(engine, tel))
-        if hasattr(engine, "scaler"):  # trunk workers: `moeserve scale --trunk-workers N`
-            plane.admin.attach_trunk_scaler(engine.scaler())
+    # Trunk workers (a TrunkPool): `moeserve scale --trunk-workers N` and the policy's trunk decisions.
+    scaler = engine.scaler() if hasattr(engine, "scaler") else None
+    if plane.admin is not None and scaler is not None:
+        plane.admin.attach_trunk_scaler(scaler)
     autoscaler = plane.autoscaler
     if autoscaler is not None:
         from moeserve.cluster.autoscaling.runner import EngineTrunk
 
         autoscaler.attach_trunk(EngineTrunk(engine, tel, window_s=autoscaler.config.window_s))
-        if hasattr(engine, "scaler"):  # trunk workers: the policy's trunk decisions add or drain them
-            autoscaler.scale_trunk = engine.scaler()
+        if scaler is not None:
+            autoscaler.scale_trunk = scaler
         if tel is None:
             print("moeserve: the autoscaling policy sees the queue and batch slots but no TTFT/TPOT: those need "
                   "telemetry (--prometheus-port or --otlp-endpoint)", flush=True)

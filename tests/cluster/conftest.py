@@ -46,8 +46,8 @@ async def embedded_serve(private_ray, demo_model_dir):
     for serving in started:
         controller = serving.control_plane.controller
         await serving.stop(0)
-        model = getattr(getattr(serving.server.engine, "core", None), "model", None)
-        if model is not None:  # the trunk in this process: its dispatcher leaves the controller
-            model.experts_backend.close()
+        backend = getattr(serving.server.engine, "experts_backend", None)
+        if backend is not None:  # the trunk in this process: its dispatcher leaves the controller
+            backend.close()
         ray.get(controller.shutdown.remote(), timeout=60)
         ray.kill(controller)
