@@ -77,14 +77,27 @@ def device_file_name(device_name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in device_name).strip("_") + ".json"
 
 
+# GPUs built on the same processor (same multiprocessors, tensor cores and shared memory; memory
+# differs): one with no table of its own borrows the first of its group that has one. The tiles that
+# win are set by the processor; faster memory moves where bandwidth-bound turns compute-bound, which
+# the GPU's own table (benchmarks/autotune_kernels.py) captures better.
+SAME_PROCESSOR = (
+    ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA H100", "NVIDIA H800", "NVIDIA H200 NVL",
+     "NVIDIA H100 NVL", "NVIDIA GH200 480GB"),
+)
+
+
 @functools.lru_cache(maxsize=None)
 def load_table(device_name: str) -> dict:
-    """The parsed table of a GPU, {} when the repo has none."""
-    path = CONFIG_DIR / device_file_name(device_name)
-    if not path.exists():
-        return {}
-    with path.open() as f:
-        return json.load(f)
+    """The parsed table of a GPU (or of a GPU with the same processor), {} when the repo has none."""
+    names = [device_name] + [other for group in SAME_PROCESSOR if device_name in group
+                             for other in group if other != device_name]
+    for name in names:
+        path = CONFIG_DIR / device_file_name(name)
+        if path.exists():
+            with path.open() as f:
+                return json.load(f)
+    return {}
 
 
 def default_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,

@@ -27,6 +27,29 @@ def test_nearest_bucket_and_default(tmp_path, monkeypatch):
         configs.get_config.cache_clear()
 
 
+def test_same_processor_borrows_a_table(tmp_path, monkeypatch):
+    """A GPU with no table of its own uses its processor's (an H200 the H100's); its own wins once
+    it exists; a GPU of another processor gets the defaults."""
+    a = MoeConfig(16, GemmConfig(block_n=32), GemmConfig(block_n=64))
+    b = MoeConfig(32, GemmConfig(block_n=64), GemmConfig(block_n=128))
+    key = configs.shape_key(128, 2048, 768, 8, "bf16")
+    (tmp_path / "NVIDIA_H100_80GB_HBM3.json").write_text(json.dumps({key: {"8": a.to_dict()}}))
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    configs.load_table.cache_clear()
+    configs.get_config.cache_clear()
+    try:
+        assert configs.get_config("NVIDIA H200", 8, 128, 2048, 768, 8) == a
+        assert configs.get_config("NVIDIA A100-SXM4-80GB", 8, 128, 2048, 768, 8) == \
+            configs.default_config(8, 128, 2048, 768, 8)
+        (tmp_path / "NVIDIA_H200.json").write_text(json.dumps({key: {"8": b.to_dict()}}))
+        configs.load_table.cache_clear()
+        configs.get_config.cache_clear()
+        assert configs.get_config("NVIDIA H200", 8, 128, 2048, 768, 8) == b
+    finally:
+        configs.load_table.cache_clear()
+        configs.get_config.cache_clear()
+
+
 @pytest.mark.parametrize("quant", ["bf16", "fp8", "int8"])
 @pytest.mark.parametrize("t", [1, 8, 64, 256, 1024, 4096])
 def test_defaults_are_valid(quant, t):
