@@ -7,6 +7,7 @@
 #   bash benchmarks/device_run.sh              # GPU tests, engine profile, serving benchmark (~5 min on an H100)
 #   bash benchmarks/device_run.sh tests        # only the GPU tests (serving path and kernels)
 #   bash benchmarks/device_run.sh serving      # only bench_serving (both models, moeserve and HF)
+#   TESTS="tests/kernels/test_paged_decode_attention.py" bash benchmarks/device_run.sh   # other GPU tests
 #
 # Each part has its own time limit, so one that hangs leaves the others their time.
 set -u
@@ -24,7 +25,7 @@ what=${1:-all}
 
 if [ "$what" = all ] || [ "$what" = tests ]; then
     timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-        tests/router/test_decode_graphs.py tests/models/test_padded_attention.py tests/kernels 2>&1 | tail -5
+        ${TESTS:-tests/router/test_decode_graphs.py tests/models/test_padded_attention.py tests/kernels} 2>&1 | tail -8
 fi
 if [ "$what" = all ] || [ "$what" = profile ]; then
     mkdir -p "$OUT/profile"

@@ -1,4 +1,5 @@
-"""The one place that chooses how MoE ops run: Triton kernels on CUDA, the plain-torch reference elsewhere.
+"""The one place that chooses how the kernel ops run (MoE experts, gating, paged decode attention):
+Triton kernels on CUDA, the plain-torch reference elsewhere.
 
 Models and expert groups call these functions and never import a kernel or the reference directly.
 The Triton modules are imported on the first CUDA call only, so CPU-only machines never need Triton
@@ -18,6 +19,7 @@ __all__ = [
     "fused_experts_quantized",
     "grouped_topk",
     "load_experts",
+    "paged_decode_attention",
     "quantize_experts",
     "softmax_topk",
     "stack_experts",
@@ -79,3 +81,23 @@ def grouped_topk(logits: torch.Tensor, k: int, **kwargs) -> tuple[torch.Tensor, 
 
         return gating.grouped_topk(logits, k, **kwargs)
     return reference.grouped_topk(logits, k, **kwargs)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_len: int,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """One query per sequence over its paged KV cache; see kernels/reference.py for the layouts."""
+    if _on_gpu(q):
+        from . import decode_attention
+
+        return decode_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                                       max_len, sliding_window)
+    return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, max_len,
+                                            sliding_window)

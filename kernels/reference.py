@@ -226,3 +226,46 @@ def fused_experts_int8(
     w13f = dequant_int8_channel(w13, w13_scale)
     w2f = dequant_int8_channel(w2, w2_scale)
     return fused_experts(hidden.float(), w13f, w2f, topk_ids, topk_weights.float()).to(hidden.dtype)
+
+
+GATHER_BYTES = 1 << 28  # the reference decode attention gathers at most this much per call
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_len: int,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """One query per sequence over its paged cache: q [B, Hq, Dk], caches [blocks, block_size, Hk, D]
+    -> [B, Hq, Dv] in q's dtype. Each sequence's first context_lens[b] cached rows (the last
+    sliding_window of them, if set) are attended; scores and softmax in float32, the probabilities
+    cast to the values' dtype before the weighted sum (as SDPA does)."""
+    b, hq, _ = q.shape
+    page, hk = k_cache.shape[1], k_cache.shape[2]
+    length = max(1, max_len)
+    row_bytes = length * hk * (k_cache.shape[-1] + v_cache.shape[-1]) * 4
+    step = max(1, GATHER_BYTES // row_bytes)
+    if b > step:  # bound the padded gather: a few sequences at a time
+        return torch.cat([paged_decode_attention(q[i:i + step], k_cache, v_cache, block_tables[i:i + step],
+                                                 context_lens[i:i + step], scale, max_len, sliding_window)
+                          for i in range(0, b, step)])
+    blocks = block_tables[:, : (length + page - 1) // page].long()
+    slots = (blocks[:, :, None] * page + torch.arange(page, device=q.device)).reshape(b, -1)[:, :length]
+    keys = k_cache.reshape(-1, hk, k_cache.shape[-1])[slots].float()  # [B, L, Hk, Dk]
+    values = v_cache.reshape(-1, hk, v_cache.shape[-1])[slots]  # [B, L, Hk, Dv]
+    qg = q.float().view(b, hk, hq // hk, -1)
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, keys) * scale
+    pos = torch.arange(length, device=q.device)[None, :]
+    lens = context_lens.to(q.device).long()[:, None]
+    visible = pos < lens
+    if sliding_window is not None:
+        visible &= pos >= lens - sliding_window
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    out = torch.einsum("bkgl,blkd->bkgd", probs, values)
+    return out.reshape(b, hq, -1).to(q.dtype)

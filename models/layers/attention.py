@@ -9,7 +9,9 @@ from ..batch import AttentionBatch
 from ..config import ModelConfig
 from .norm import RMSNorm
 from . import padded_attention as padded
-from .decode_attention import attend_decode, batched_fits, decode_mask, gather_heads, gather_padded, is_decode_only
+from moeserve.kernels import ops
+
+from .decode_attention import decode_lens, gather_padded, is_decode_only
 from .paged_attention import attend, attention_mask, gather_cache, sequences, write_cache
 from .rotary import RotaryEmbedding
 
@@ -58,10 +60,10 @@ class GQAttention(nn.Module):
         q, k = self.rotary.apply(q, *rope), self.rotary.apply(k, *rope)
         write_cache(self.k_cache, batch, k)
         write_cache(self.v_cache, batch, v)
-        if is_decode_only(batch) and batched_fits(batch, self.k_cache):  # one batched call, not one per sequence
-            keys = gather_heads(self.k_cache, batch).to(q.dtype)
-            values = gather_heads(self.v_cache, batch).to(q.dtype)
-            out = attend_decode(q, keys, values, self.scale, decode_mask(batch, x.device, self.sliding_window))
+        if is_decode_only(batch):  # one call for the batch, reading the paged cache in place
+            lens, longest = decode_lens(batch, x.device)
+            out = ops.paged_decode_attention(q, self.k_cache, self.v_cache, batch.block_tables, lens, self.scale,
+                                             longest, self.sliding_window)
             return self.o_proj(out.reshape(t, -1))
         key_bytes = 2 * self.num_kv_heads * self.head_dim * q.element_size()
         if padded.fits(batch, self.num_heads, key_bytes):  # prefill and mixed steps: one padded call

@@ -1,8 +1,9 @@
-"""Attention for a decode-only step (one new token per sequence) in one batched call, not one per sequence.
+"""Helpers of a decode-only step (one new token per sequence), attended in one call for the batch.
 
-A per-sequence loop costs a dozen kernel launches per sequence per layer, which on a GPU at batch 64
-is most of a decode step. Here every sequence's cache is gathered at once, padded to the longest
-context, and one masked attention call covers the batch; the mask is built once per step.
+GQA and MLA's absorbed path call kernels.ops.paged_decode_attention, which reads each sequence's
+cache in place through its block table (a Triton kernel on CUDA, a padded gather on CPU); the
+lengths cross to the device once per step (`decode_lens`). What remains here serves MLA's expanded
+path for contexts of a token or two, and the padded gather that prefill steps share.
 """
 
 from __future__ import annotations
@@ -39,20 +40,6 @@ def gather_padded(cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
     return cache.view(-1, *cache.shape[2:])[_padded_slots(batch, cache.device)]
 
 
-def gather_heads(cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-    """A cache [blocks, block_size, Hk, D] gathered head-major, [B, Hk, L, D], in one indexing kernel:
-    the layout the attention matmuls read without another copy."""
-    hk, d = cache.shape[2], cache.shape[3]
-    if hk == 1:
-        return gather_padded(cache, batch).transpose(1, 2)  # a view: [B, 1, L, D]
-    memo = batch.__dict__.setdefault("_decode_head_slots", {})
-    key = (cache.device, hk)
-    if key not in memo:
-        slots = _padded_slots(batch, cache.device)
-        memo[key] = slots[:, None, :] * hk + torch.arange(hk, device=cache.device)[None, :, None]
-    return cache.view(-1, d)[memo[key]]
-
-
 def _padded_slots(batch: AttentionBatch, device: torch.device) -> torch.Tensor:
     """[B, L] cache slots of every sequence's context; computed once per step, shared by all layers."""
     memo = batch.__dict__.setdefault("_decode_slots", {})
@@ -63,6 +50,20 @@ def _padded_slots(batch: AttentionBatch, device: torch.device) -> torch.Tensor:
         offsets = torch.arange(bs, device=device)
         memo[device] = (blocks[:, :, None] * bs + offsets).reshape(blocks.shape[0], -1)[:, :longest]
     return memo[device]
+
+
+def decode_lens(batch: AttentionBatch, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(context lengths [B] on the device, the launch length bounding them) for a decode step: the
+    graph path's device tensor and padded length, or the host lists copied once per step (pinned,
+    without waiting for the GPU) and kept on the batch for every layer."""
+    longest = batch.padded_len or max(batch.context_lens)
+    if batch.context_lens_tensor is not None:
+        return batch.context_lens_tensor, longest
+    memo = batch.__dict__.setdefault("_decode_lens", {})
+    if device not in memo:
+        lens = torch.tensor(batch.context_lens, dtype=torch.int32)
+        memo[device] = lens.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else lens.to(device)
+    return memo[device], longest
 
 
 def decode_mask(batch: AttentionBatch, device: torch.device, sliding_window: int | None) -> torch.Tensor:

@@ -15,7 +15,9 @@ from ..batch import AttentionBatch
 from ..config import ModelConfig
 from .norm import RMSNorm
 from . import padded_attention as padded
-from .decode_attention import attend_decode, batched_fits, decode_mask, gather_padded, is_decode_only
+from moeserve.kernels import ops
+
+from .decode_attention import attend_decode, batched_fits, decode_lens, decode_mask, gather_padded, is_decode_only
 from .paged_attention import attend, attention_mask, gather_cache, sequences, write_cache
 from .rotary import RotaryEmbedding, softmax_mscale
 
@@ -70,10 +72,15 @@ class MLAttention(nn.Module):
         write_cache(self.latent_cache, batch, torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1))
 
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        if is_decode_only(batch) and batched_fits(batch, self.latent_cache):  # one batched call, not one per sequence
-            cached = gather_padded(self.latent_cache, batch).to(x.dtype)
-            out = self._decode(q_nope, q_pe, cached, w_kv, decode_mask(batch, x.device, None))
-            return self.o_proj(out.reshape(t, -1))
+        if is_decode_only(batch):
+            lens, longest = decode_lens(batch, x.device)
+            if self.kv_lora_rank + self.rope_dim < longest * (self.nope_dim + self.v_dim):
+                out = self._decode_absorbed(q_nope, q_pe, w_kv, lens, longest, batch.block_tables)
+                return self.o_proj(out.reshape(t, -1))
+            if batched_fits(batch, self.latent_cache):  # contexts of a token or two: expanding is cheaper
+                cached = gather_padded(self.latent_cache, batch).to(x.dtype)
+                out = self._decode_expanded(q_nope, q_pe, cached, decode_mask(batch, x.device, None))
+                return self.o_proj(out.reshape(t, -1))
         # per padded key: the latent, and the expanded keys and values when the sizes favour expanding
         key_bytes = (self.kv_lora_rank + self.rope_dim
                      + self.num_heads * (self.nope_dim + self.rope_dim + self.v_dim)) * x.element_size()
@@ -89,16 +96,20 @@ class MLAttention(nn.Module):
                 out[rows] = self._attend_expanded(q_nope[rows], q_pe[rows], cached, mask)
         return self.o_proj(out.reshape(t, -1))
 
-    def _decode(self, q_nope, q_pe, cached, w_kv, mask) -> torch.Tensor:
-        """One query per sequence over cached [B, L, latent + rope], absorbed or expanded as in forward."""
+    def _decode_absorbed(self, q_nope, q_pe, w_kv, lens, longest, block_tables) -> torch.Tensor:
+        """One query per sequence attending the cached latents in place (paged decode attention with
+        one shared head: keys are latent + rope, values the latent), kv_b_proj absorbed around it."""
+        w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)
+        q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)
+        cache = self.latent_cache.unsqueeze(2)  # [blocks, block_size, 1, latent + rope]
+        out = ops.paged_decode_attention(torch.cat([q_latent, q_pe], dim=-1), cache, cache[..., : self.kv_lora_rank],
+                                         block_tables, lens, self.scale, longest)
+        return torch.einsum("bhr,hvr->bhv", out, w_uv)
+
+    def _decode_expanded(self, q_nope, q_pe, cached, mask) -> torch.Tensor:
+        """One query per sequence over cached [B, L, latent + rope] with keys and values expanded."""
         b, n = cached.shape[:2]
         latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        if self.kv_lora_rank + self.rope_dim < n * (self.nope_dim + self.v_dim):
-            w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)
-            q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)
-            out = attend_decode(torch.cat([q_latent, q_pe], dim=-1), cached.unsqueeze(1), latent.unsqueeze(1),
-                                self.scale, mask)
-            return torch.einsum("bhr,hvr->bhv", out, w_uv)
         kv = self.kv_b_proj(latent).view(b, n, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, n, self.num_heads, self.rope_dim)], dim=-1)

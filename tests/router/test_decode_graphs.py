@@ -85,24 +85,15 @@ def test_cuda_graph_decode_equals_eager(arch, capture_tokens, hf_checkpoint):
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
-def test_long_contexts_leave_the_batched_decode(arch, hf_checkpoint, monkeypatch):
-    """A step whose padded gather would pass MAX_GATHER_BYTES attends sequence by sequence, and the
-    fixed-shape path declines it: same tokens, and both paths were taken."""
-    from moeserve.models.layers import decode_attention, paged_attention
+def test_long_contexts_leave_the_fixed_shape_decode(arch, hf_checkpoint, monkeypatch):
+    """A step whose padded gather would pass MAX_GATHER_BYTES is declined by the fixed-shape path and
+    runs unpadded, where the reference decode attention splits its own gather into slices of
+    sequences: same tokens, and both paths were taken."""
+    from moeserve.kernels import reference
+    from moeserve.models.layers import decode_attention
 
     path = str(hf_checkpoint(arch, seed=1))
     want, _ = _serve(path, "off")
-    loops = []  # decode-only steps that went sequence by sequence
-    real = paged_attention.sequences
-
-    def counting(batch):
-        if decode_attention.is_decode_only(batch):
-            loops.append(batch.num_seqs)
-        return real(batch)
-
-    monkeypatch.setattr(paged_attention, "sequences", counting)
-    for module in ("moeserve.models.layers.mla", "moeserve.models.layers.attention"):
-        monkeypatch.setattr(f"{module}.sequences", paged_attention.sequences)
     engine = LLMEngine.from_config(EngineConfig(model=path, num_kv_blocks=24, block_size=4, max_model_len=96,
                                                 decode_graphs="padded"))
     cache = engine.model.kv_caches()[0]
@@ -110,8 +101,18 @@ def test_long_contexts_leave_the_batched_decode(arch, hf_checkpoint, monkeypatch
     monkeypatch.setattr(decode_attention, "MAX_GATHER_BYTES", decode_attention.gather_bytes(2, 32, cache))
     graphs = engine.runner.graphs
     assert graphs.supports(2, 8) and not graphs.supports(3, 8) and not graphs.supports(2, 9)
+    sliced = []  # decode calls of several sequences: each is sliced, one sequence at a time
+    real = reference.paged_decode_attention
+
+    def counting(q, *args, **kwargs):
+        if q.shape[0] > 1:
+            sliced.append(q.shape[0])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(reference, "paged_decode_attention", counting)
+    monkeypatch.setattr(reference, "GATHER_BYTES", 1)
     got, padded = _serve(path, "padded")
-    assert padded.runner.graphs.steps > 0 and loops, "fixed-shape and per-sequence decode steps were meant to run"
+    assert padded.runner.graphs.steps > 0 and sliced, "fixed-shape and sliced decode steps were meant to run"
     assert got == want
 
 

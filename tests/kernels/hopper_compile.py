@@ -1,0 +1,74 @@
+"""Compile Triton kernels for Hopper (sm_90) on a machine without a GPU.
+
+Triton's interpreter runs kernels on the CPU but checks no types: a kernel can pass every CPU test
+and still fail to compile on the GPU (seen: a loop bound that was int32 on one branch and int64 on
+the other). Triton's own compiler and ptxas run anywhere, so the tests compile each kernel for the
+GPU the benchmarks use, with the argument types the real call sites pass. The compile runs in a
+fresh process: this one has the interpreter switched on (tests/kernels/conftest.py), and Triton's
+modules take the mode they were imported in.
+
+    python tests/kernels/hopper_compile.py JOBS.json     # what compile_for_hopper runs
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Job:
+    """One kernel specialisation: module and name of the @triton.jit function, Triton type names of
+    its runtime arguments ('*bf16', '*i64', 'fp32'; arguments not named are i32), its constexprs."""
+
+    module: str
+    kernel: str
+    types: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int = 4
+    num_stages: int = 2
+    label: str = field(default="")
+
+
+def compile_for_hopper(jobs: list[Job], timeout: float = 300) -> dict[str, str]:
+    """Compile every job to an sm_90 cubin; returns {label: error} for those that fail (empty: all ok)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__], input=json.dumps([asdict(j) for j in jobs]),
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the compile process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _main() -> None:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    errors = {}
+    for i, job in enumerate(json.loads(sys.stdin.read())):
+        label = job["label"] or f"{job['kernel']}#{i}"
+        fn = getattr(importlib.import_module(job["module"]), job["kernel"])
+        names = fn.arg_names
+        consts = job["constexprs"]
+        unknown = (set(job["types"]) | set(consts)) - set(names)
+        if unknown:
+            errors[label] = f"not arguments of {job['kernel']}: {sorted(unknown)}"
+            continue
+        signature = {n: ("constexpr" if n in consts else job["types"].get(n, "i32")) for n in names}
+        src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()})
+        try:
+            triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
+        except Exception as exc:  # noqa: BLE001 -- reported per job
+            errors[label] = f"{type(exc).__name__}: {exc}"[-3000:]
+    print(json.dumps(errors))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,159 @@
+"""Paged decode attention: the Triton kernel against kernels/reference.py, and the reference against
+plain per-sequence softmax attention over each sequence's own rows."""
+
+import math
+
+import pytest
+import torch
+from kernel_cases import DEVICE, ON_GPU, gpu, rel_err, row_errs
+
+from moeserve.kernels import decode_attention
+from moeserve.kernels import reference as ref
+
+
+def _problem(gen, lens, hq, hk, dk, dv, page, dtype, mla=False, spare_blocks=3):
+    """Random q and caches with each sequence's blocks scattered through the cache (shuffled ids)."""
+    b = len(lens)
+    per_seq = [math.ceil(n / page) for n in lens]
+    num_blocks = sum(per_seq) + spare_blocks
+    order = torch.randperm(num_blocks, generator=gen, device=DEVICE).int()
+    width = max(per_seq)
+    tables = torch.zeros(b, width, dtype=torch.int32, device=DEVICE)
+    at = 0
+    for i, n in enumerate(per_seq):
+        tables[i, :n] = order[at:at + n]
+        at += n
+    q = torch.randn(b, hq, dk, generator=gen, device=DEVICE).to(dtype)
+    if mla:  # one latent "head": keys the whole row, values its leading dv columns (a view)
+        cache = torch.randn(num_blocks, page, 1, dk, generator=gen, device=DEVICE).to(dtype)
+        k_cache, v_cache = cache, cache[..., :dv]
+    else:
+        k_cache = torch.randn(num_blocks, page, hk, dk, generator=gen, device=DEVICE).to(dtype)
+        v_cache = torch.randn(num_blocks, page, hk, dv, generator=gen, device=DEVICE).to(dtype)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    return q, k_cache, v_cache, tables, lens_t
+
+
+def _naive(q, k_cache, v_cache, tables, lens, scale, window=None):
+    """Sequence by sequence, head by head, in float64: the plain definition."""
+    b, hq, _ = q.shape
+    page, hk = k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros(b, hq, v_cache.shape[-1], dtype=torch.float64)
+    for i in range(b):
+        n = int(lens[i])
+        slots = [int(tables[i, p // page]) * page + p % page for p in range(n)]
+        keep = slots[-window:] if window else slots
+        keys = k_cache.reshape(-1, hk, k_cache.shape[-1])[keep].double().cpu()
+        values = v_cache.reshape(-1, hk, v_cache.shape[-1])[keep].double().cpu()
+        for h in range(hq):
+            kh = h // (hq // hk)
+            w = torch.softmax(keys[:, kh] @ q[i, h].double().cpu() * scale, dim=0)
+            out[i, h] = w @ values[:, kh]
+    return out
+
+
+CASES = [  # (context lengths, Hq, Hk, Dk, Dv, page, mla)
+    ([1], 4, 4, 32, 32, 16, False),  # one sequence, one cached row
+    ([5, 17, 33, 64], 8, 2, 32, 32, 16, False),  # GQA; lengths off the page and tile sizes
+    ([300, 7, 129], 16, 4, 64, 64, 16, False),  # long context: several splits
+    ([40, 1, 90], 6, 2, 16, 16, 8, False),  # group of 3 (not a power of two), small pages
+    ([3, 70, 200], 16, 1, 48, 32, 16, True),  # MLA: 32 latent + 16 rope dims, values from the keys
+    ([50, 12], 40, 1, 48, 32, 16, True),  # MLA with more heads than one head block
+]
+
+
+@pytest.mark.parametrize("lens,hq,hk,dk,dv,page,mla", CASES)
+def test_kernel_matches_reference(lens, hq, hk, dk, dv, page, mla, gen):
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    q, kc, vc, tables, lens_t = _problem(gen, lens, hq, hk, dk, dv, page, dtype, mla)
+    scale = dk ** -0.5
+    got = decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t, scale, max(lens))
+    want = ref.paged_decode_attention(q, kc, vc, tables, lens_t, scale, max(lens))
+    assert got.shape == (len(lens), hq, dv) and got.dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert rel_err(got, want) < tol
+    assert (row_errs(got.flatten(0, 1), want.flatten(0, 1)) < 3 * tol).all()
+
+
+def test_padded_shape_and_sliding_window(gen):
+    """A launch shape longer than every context (the CUDA-graph case: splits past the end stay
+    empty) and a sliding window that drops the oldest rows."""
+    lens = [9, 60, 33]
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    q, kc, vc, tables, lens_t = _problem(gen, lens, 8, 2, 32, 32, 16, dtype, spare_blocks=20)
+    width = math.ceil(256 / 16)
+    tables = torch.cat([tables, torch.zeros(3, width - tables.shape[1], dtype=torch.int32, device=DEVICE)], 1)
+    for window in (None, 20):
+        got = decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t, 0.2, 256, window)
+        want = ref.paged_decode_attention(q, kc, vc, tables, lens_t, 0.2, 256, window)
+        assert rel_err(got, want) < (1e-2 if ON_GPU else 1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 10])
+def test_reference_is_plain_attention(window, gen):
+    lens = [1, 23, 48]
+    q, kc, vc, tables, lens_t = _problem(gen, lens, 6, 2, 16, 8, 8, torch.float64 if not ON_GPU else torch.float32)
+    got = ref.paged_decode_attention(q, kc, vc, tables, lens_t, 0.3, max(lens), window)
+    want = _naive(q, kc, vc, tables, lens_t, 0.3, window)
+    assert rel_err(got, want) < 1e-6
+
+
+def test_splits_depend_on_shape_only():
+    """Small batches split long contexts to fill the GPU; large batches of short ones do not."""
+    assert decode_attention.plan_splits(1, 4, 4096, 32)[0] > 1
+    assert decode_attention.plan_splits(64, 8, 256, 32)[0] == 1
+    splits, chunk = decode_attention.plan_splits(3, 1, 1000, 16)
+    assert chunk % 16 == 0 and (splits - 1) * chunk < 1000 <= splits * chunk
+
+
+@gpu
+@pytest.mark.parametrize("model", ["qwen3-30b-a3b", "deepseek-v2-lite"])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_real_shapes_on_gpu(model, batch, gen):
+    """Qwen3-30B-A3B (32 query heads over 4 KV heads of 128) and DeepSeek-V2-Lite's latent (16 heads
+    over 512 + 64 dims) in bf16, contexts up to 1200 tokens."""
+    lens = torch.randint(1, 1200, (batch,), generator=gen, device=DEVICE).tolist()
+    if model == "qwen3-30b-a3b":
+        args = (32, 4, 128, 128, 16, False)
+    else:
+        args = (16, 1, 576, 512, 16, True)
+    q, kc, vc, tables, lens_t = _problem(gen, lens, *args[:-2], args[-2], torch.bfloat16, args[-1])
+    got = decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t, 0.1, max(lens))
+    want = ref.paged_decode_attention(q, kc, vc, tables, lens_t, 0.1, max(lens))
+    assert rel_err(got, want) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("hq,hk,dk,dv,mla", [(32, 4, 128, 128, False), (16, 1, 576, 512, True)])
+def test_bf16_scores_stay_float32_with_large_logits(hq, hk, dk, dv, mla, gen):
+    """Logits in the hundreds: a bf16 score product would lose several %; the kernel's dots
+    accumulate in float32 and the result stays within bf16 rounding of the float64 definition.
+    (GPU only: Triton 3.9's interpreter computes bf16 dots wrongly, so CPU cases run in float32.)"""
+    lens = [200, 17, 120]
+    q, kc, vc, tables, lens_t = _problem(gen, lens, hq, hk, dk, dv, 16, torch.bfloat16, mla)
+    q = (q.float() * 8).bfloat16()
+    kc = (kc.float() * 8).bfloat16()
+    vc = kc[..., :dv] if mla else vc
+    got = decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t, dk ** -0.5, max(lens))
+    want = _naive(q, kc, vc, tables, lens_t, dk ** -0.5)
+    assert rel_err(got, want) < 1e-2
+
+
+def test_compiles_for_hopper():
+    """The kernels as the model calls them (Qwen3-30B-A3B's heads, DeepSeek-V2's latent) compile
+    for sm_90 with the types each path passes (eager steps int32 lengths, CUDA graphs int64): the
+    interpreter above checks values, not types."""
+    from hopper_compile import Job, compile_for_hopper
+
+    mod = "moeserve.kernels.decode_attention"
+    gqa = dict(GROUP=8, BLOCK_G=16, D1=128, D2=0, DV=128, BLOCK_N=32, PAGE=16, V_FROM_K=False, IEEE=False)
+    mla = dict(GROUP=16, BLOCK_G=16, D1=512, D2=64, DV=512, BLOCK_N=16, PAGE=16, V_FROM_K=True, IEEE=False)
+    jobs = []
+    for name, consts, warps in (("gqa", gqa, 4), ("mla", mla, 8)):
+        for lens in ("*i32", "*i64"):
+            types = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", tables_ptr="*i32", lens_ptr=lens,
+                         out_ptr="*fp32", lse_ptr="*fp32", scale="fp32")
+            jobs.append(Job(mod, "_split_kernel", types, consts, warps, label=f"split {name} lens {lens}"))
+        jobs.append(Job(mod, "_merge_kernel", dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*bf16"),
+                        dict(DV=consts["DV"], BLOCK_S=4), label=f"merge {name}"))
+    assert compile_for_hopper(jobs) == {}
