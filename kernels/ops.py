@@ -1,4 +1,5 @@
-"""The one place that chooses how the kernel ops run (MoE experts, gating, paged decode attention):
+"""The one place that chooses how the kernel ops run (MoE experts, gating, paged decode attention,
+RMSNorm and rotary embeddings):
 Triton kernels on CUDA, the plain-torch reference elsewhere.
 
 Models and expert groups call these functions and never import a kernel or the reference directly.
@@ -8,6 +9,8 @@ The Triton modules are imported on the first CUDA call only, so CPU-only machine
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import reference
@@ -15,19 +18,30 @@ from .weights import ExpertWeights, load_experts, quantize_experts, stack_expert
 
 __all__ = [
     "ExpertWeights",
+    "apply_rotary",
     "fused_experts",
     "fused_experts_quantized",
     "grouped_topk",
     "load_experts",
     "paged_decode_attention",
     "quantize_experts",
+    "rms_norm",
     "softmax_topk",
     "stack_experts",
 ]
 
 
-def _on_gpu(t: torch.Tensor) -> bool:
-    return t.is_cuda
+# Triton kernels an operator has switched off (comma-separated module names, e.g. "norm_rope"): those
+# ops run the reference on CUDA too. For isolating a suspected kernel fault without a new build.
+DISABLED = frozenset(filter(None, (n.strip() for n in os.environ.get("MOESERVE_DISABLE_KERNELS", "").split(","))))
+KERNEL_MODULES = ("fused_moe", "gating", "decode_attention", "norm_rope")
+if DISABLED - set(KERNEL_MODULES):
+    raise ValueError(f"MOESERVE_DISABLE_KERNELS names unknown kernels {sorted(DISABLED - set(KERNEL_MODULES))}; "
+                     f"choose from {', '.join(KERNEL_MODULES)}")
+
+
+def _on_gpu(t: torch.Tensor, kernel: str = "fused_moe") -> bool:
+    return t.is_cuda and kernel not in DISABLED
 
 
 def fused_experts(
@@ -67,7 +81,7 @@ def fused_experts_quantized(
 
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax gating: (weights [T, k] float32, ids [T, k] int64)."""
-    if _on_gpu(logits):
+    if _on_gpu(logits, "gating"):
         from . import gating
 
         return gating.softmax_topk(logits, k, renormalize)
@@ -76,7 +90,7 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch
 
 def grouped_topk(logits: torch.Tensor, k: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-limited gating (DeepSeek-V2/V3); keyword arguments as reference.grouped_topk."""
-    if _on_gpu(logits):
+    if _on_gpu(logits, "gating"):
         from . import gating
 
         return gating.grouped_topk(logits, k, **kwargs)
@@ -94,10 +108,28 @@ def paged_decode_attention(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """One query per sequence over its paged KV cache; see kernels/reference.py for the layouts."""
-    if _on_gpu(q):
+    if _on_gpu(q, "decode_attention"):
         from . import decode_attention
 
         return decode_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                                                        max_len, sliding_window)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, max_len,
                                             sliding_window)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension in float32, weight applied after the cast back (reference.rms_norm)."""
+    if _on_gpu(x, "norm_rope"):
+        from . import norm_rope
+
+        return norm_rope.rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotary embedding of x [T, heads, dim] by cos, sin [T, dim/2] (reference.apply_rotary)."""
+    if _on_gpu(x, "norm_rope"):
+        from . import norm_rope
+
+        return norm_rope.apply_rotary(x, cos, sin, interleaved)
+    return reference.apply_rotary(x, cos, sin, interleaved)

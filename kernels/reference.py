@@ -269,3 +269,23 @@ def paged_decode_attention(
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     out = torch.einsum("bkgl,blkd->bkgd", probs, values)
     return out.reshape(b, hq, -1).to(q.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps) over the last dimension, normalised in float32 and cast to
+    x's dtype before the weight multiplies it (as the HF implementations do)."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate x [T, heads, dim] by cos, sin [T, dim/2] (float32, cast to x's dtype first): halves
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), the halves being the two halves of the head or,
+    interleaved, its even and odd elements (which stay interleaved)."""
+    cos = cos.to(x.dtype)[:, None, :]
+    sin = sin.to(x.dtype)[:, None, :]
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

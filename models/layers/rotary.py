@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from moeserve.kernels import ops
+
 from ..config import RopeConfig
 
 
@@ -76,11 +78,4 @@ class RotaryEmbedding:
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, dim]; the interleaved layout stays interleaved (q.k is unchanged by it)."""
-        cos = cos.to(x.dtype)[:, None, :]
-        sin = sin.to(x.dtype)[:, None, :]
-        if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-            return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        half = self.dim // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return ops.apply_rotary(x, cos, sin, self.interleaved)

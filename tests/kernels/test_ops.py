@@ -1,5 +1,7 @@
 """kernels.ops: the reference on CPU tensors, the Triton kernels on CUDA tensors, same results."""
 
+import os
+
 import torch
 from kernel_cases import TOL, gpu, random_experts, random_hidden, random_routing, rel_err
 
@@ -35,3 +37,18 @@ def test_cuda_tensors_take_the_kernels(gen):
     got_w, got_ids = ops.softmax_topk(logits, 6, True)
     want_w, want_ids = ref.softmax_topk(logits, 6, True)
     assert torch.equal(got_ids, want_ids) and torch.allclose(got_w, want_w, atol=1e-6)
+
+
+def test_disabling_kernels_by_name():
+    """MOESERVE_DISABLE_KERNELS switches named Triton kernels off (their ops run the reference) and
+    refuses names it does not know, saying which it does."""
+    import subprocess
+    import sys
+
+    code = "from moeserve.kernels import ops; print(sorted(ops.DISABLED))"
+    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env={**os.environ, "MOESERVE_DISABLE_KERNELS": "norm_rope, decode_attention"})
+    assert ok.returncode == 0 and ok.stdout.strip() == "['decode_attention', 'norm_rope']"
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "MOESERVE_DISABLE_KERNELS": "rmsnorm"})
+    assert bad.returncode != 0 and "unknown kernels ['rmsnorm']" in bad.stderr and "norm_rope" in bad.stderr

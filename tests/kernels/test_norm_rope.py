@@ -1,0 +1,78 @@
+"""Triton RMSNorm and rotary embedding against kernels/reference.py (the models' CPU path)."""
+
+import pytest
+import torch
+from kernel_cases import DEVICE, ON_GPU, gpu, rel_err, row_errs
+
+from moeserve.kernels import norm_rope
+from moeserve.kernels import reference as ref
+
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32  # the interpreter's bf16 arithmetic is not trusted
+TOL = 1e-2 if ON_GPU else 1e-5
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (37, 48), (5, 4, 16), (0, 32)])
+def test_rms_norm(shape, gen):
+    x = (torch.randn(*shape, generator=gen, device=DEVICE) * 3).to(DTYPE)
+    w = (torch.rand(shape[-1], generator=gen, device=DEVICE) + 0.5).to(DTYPE)
+    got = norm_rope.rms_norm(x, w, 1e-6)
+    want = ref.rms_norm(x, w, 1e-6)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if x.numel():
+        assert rel_err(got, want) < TOL
+        assert (row_errs(got.reshape(-1, shape[-1]), want.reshape(-1, shape[-1])) < 3 * TOL).all()
+
+
+def test_rms_norm_of_a_strided_view(gen):
+    """MLA normalises the latent part of a wider row (a view whose rows are not contiguous)."""
+    wide = torch.randn(9, 48, generator=gen, device=DEVICE).to(DTYPE)
+    latent = wide[:, :32]
+    w = torch.rand(32, generator=gen, device=DEVICE).to(DTYPE)
+    assert rel_err(norm_rope.rms_norm(latent, w, 1e-5), ref.rms_norm(latent, w, 1e-5)) < TOL
+
+
+@pytest.mark.parametrize("t,heads,dim", [(1, 1, 16), (13, 3, 32), (6, 8, 64)])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary(t, heads, dim, interleaved, gen):
+    x = torch.randn(t, heads, dim, generator=gen, device=DEVICE).to(DTYPE)
+    angles = torch.rand(t, dim // 2, generator=gen, device=DEVICE) * 100
+    cos, sin = angles.cos(), angles.sin()
+    got = norm_rope.apply_rotary(x, cos, sin, interleaved)
+    want = ref.apply_rotary(x, cos, sin, interleaved)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert rel_err(got, want) < TOL
+
+
+def test_rotary_of_a_split_view(gen):
+    """MLA rotates the rope part of each head, a view into the wider q rows."""
+    q = torch.randn(7, 4, 48, generator=gen, device=DEVICE).to(DTYPE)
+    q_pe = q.split([32, 16], dim=-1)[1]
+    angles = torch.rand(7, 8, generator=gen, device=DEVICE) * 10
+    got = norm_rope.apply_rotary(q_pe, angles.cos(), angles.sin(), True)
+    assert rel_err(got, ref.apply_rotary(q_pe, angles.cos(), angles.sin(), True)) < TOL
+
+
+@gpu
+@pytest.mark.parametrize("d", [128, 512, 1536, 2048, 7168])
+def test_rms_norm_real_widths_bf16(d, gen):
+    """Head (q/k norm), latent, q_lora and hidden widths, 8192 rows: the same bf16 values as the
+    reference but for rare last-bit differences of the float32 sum's order."""
+    x = torch.randn(8192, d, generator=gen, device=DEVICE).bfloat16()
+    w = (torch.rand(d, generator=gen, device=DEVICE) + 0.5).bfloat16()
+    got, want = norm_rope.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6)
+    assert (got != want).float().mean() < 1e-3
+    assert rel_err(got, want) < 1e-3
+
+
+def test_compiles_for_hopper():
+    """As the models call them in bf16 (hidden and head widths, both rotary layouts), for sm_90."""
+    from hopper_compile import Job, compile_for_hopper
+
+    mod = "moeserve.kernels.norm_rope"
+    jobs = [Job(mod, "_rms_norm_kernel", dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", eps="fp32"),
+                dict(D=d, BLOCK_R=br, BLOCK_D=bd), warps, label=f"rms_norm {d}")
+            for d, br, bd, warps in ((2048, 2, 2048, 4), (128, 16, 128, 4), (576, 4, 1024, 4), (7168, 1, 8192, 8))]
+    jobs += [Job(mod, "_rotary_kernel", dict(x_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", out_ptr="*bf16"),
+                 dict(HALF=half, INTERLEAVED=inter, BLOCK_H=bh, BLOCK_HALF=half), 4, label=f"rotary {half} {inter}")
+             for half, inter, bh in ((64, False, 32), (32, True, 16))]
+    assert compile_for_hopper(jobs) == {}
