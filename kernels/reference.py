@@ -16,6 +16,11 @@ import torch
 import torch.nn.functional as F
 
 
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Gate logits x [T, H] @ weight [E, H]^T, computed in float32."""
+    return F.linear(x.float(), weight.float())
+
+
 def softmax_topk(
     logits: torch.Tensor, k: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

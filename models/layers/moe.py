@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...kernels import ops
@@ -33,7 +32,7 @@ class TopKGate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(topk_ids [T, k] int64, topk_weights [T, k] float32), weights final."""
         m = self.moe
-        logits = F.linear(x.float(), self.weight.float())
+        logits = ops.router_logits(x, self.weight)
         # DeepSeek-V2's released code scales by routed_scaling_factor only when it does not renormalise.
         scaling = 1.0 if (self.deepseek_v2 and m.norm_topk_prob) else m.routed_scaling_factor
         if m.topk_method == "greedy":
