@@ -72,3 +72,73 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+TRITON_TYPES = {
+    "torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float8_e4m3fn": "fp8e4nv",
+    "torch.int8": "i8", "torch.uint8": "u8", "torch.int16": "i16", "torch.int32": "i32", "torch.int64": "i64",
+    "torch.bool": "i1",
+}
+
+
+class LaunchRecorder:
+    """Records, while active, every kernel launch the Triton interpreter runs, as a Job with the
+    launch's argument types and constexprs (INTERPRET constexprs set False: the compiled build's).
+
+        with LaunchRecorder() as rec:
+            some_wrapper(...)          # under TRITON_INTERPRET=1
+        compile_for_hopper(rec.jobs())
+    """
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._patched = None
+
+    def __enter__(self) -> "LaunchRecorder":
+        from triton.runtime.interpreter import InterpretedFunction
+
+        original = InterpretedFunction.run
+        recorder = self
+
+        def run(fn_self, *args, grid, warmup, **kwargs):
+            recorder._record(fn_self, args, kwargs)
+            return original(fn_self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        InterpretedFunction.run = run
+        self._patched = (InterpretedFunction, original)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        cls, original = self._patched
+        cls.run = original
+
+    def jobs(self) -> list[Job]:
+        return list(self._jobs.values())
+
+    def _record(self, fn_self, args, kwargs) -> None:
+        import inspect
+
+        kwargs = dict(kwargs)
+        warps, stages = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 2)
+        params = inspect.signature(fn_self.fn).parameters
+        values = dict(zip(fn_self.arg_names, args)) | kwargs
+        types, consts = {}, {}
+        for name, value in values.items():
+            if "constexpr" in str(params[name].annotation) or value is None:
+                consts[name] = False if name == "INTERPRET" else value
+            elif hasattr(value, "dtype") and hasattr(value, "data_ptr"):
+                types[name] = "*" + TRITON_TYPES[str(value.dtype)]
+            elif isinstance(value, bool):
+                types[name] = "i1"
+            elif isinstance(value, int):
+                types[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            elif isinstance(value, float):
+                types[name] = "fp32"
+            else:
+                raise TypeError(f"cannot type argument {name}={value!r} of {fn_self.fn.__name__}")
+        module = fn_self.fn.__module__
+        key = json.dumps([module, fn_self.fn.__name__, types, {k: repr(v) for k, v in consts.items()},
+                          warps, stages], sort_keys=True)
+        if key not in self._jobs:
+            self._jobs[key] = Job(module, fn_self.fn.__name__, types, consts, warps, stages,
+                                  label=f"{fn_self.fn.__name__} {types} {consts}")
