@@ -41,7 +41,7 @@ if DISABLED - set(KERNEL_MODULES):
                      f"choose from {', '.join(KERNEL_MODULES)}")
 
 
-def _on_gpu(t: torch.Tensor, kernel: str = "fused_moe") -> bool:
+def _on_gpu(t: torch.Tensor, kernel: str) -> bool:
     return t.is_cuda and kernel not in DISABLED
 
 
@@ -53,7 +53,7 @@ def fused_experts(
     topk_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Weighted sum of the routed experts for hidden [T, H]; see kernels/reference.py for layouts."""
-    if _on_gpu(hidden):
+    if _on_gpu(hidden, "fused_moe"):
         from . import fused_moe
 
         return fused_moe.fused_experts(hidden, ExpertWeights(w13, w2), topk_ids, topk_weights)
@@ -67,7 +67,7 @@ def fused_experts_quantized(
     topk_weights: torch.Tensor,
 ) -> torch.Tensor:
     """fused_experts for any ExpertWeights (bf16, FP8 block-scaled or INT8 per-channel)."""
-    if _on_gpu(hidden):
+    if _on_gpu(hidden, "fused_moe"):
         from . import fused_moe
 
         return fused_moe.fused_experts(hidden, weights, topk_ids, topk_weights)

@@ -75,13 +75,8 @@ def decode_mask(batch: AttentionBatch, device: torch.device, sliding_window: int
     masks = batch.__dict__.setdefault("_decode_masks", {})
     key = (device, sliding_window)
     if key not in masks:
-        if batch.context_lens_tensor is not None:  # fixed-shape decode: lengths already on the device
-            lens = batch.context_lens_tensor.to(device=device, dtype=torch.long)
-        else:
-            lens = torch.tensor(batch.context_lens, dtype=torch.long)
-            if device.type == "cuda":
-                lens = lens.pin_memory().to(device, non_blocking=True)
-        pos = torch.arange(batch.padded_len or max(batch.context_lens), device=device)[None, :]
+        lens, longest = decode_lens(batch, device)
+        pos = torch.arange(longest, device=device)[None, :]
         mask = pos < lens[:, None]
         if sliding_window is not None:
             mask &= pos >= lens[:, None] - sliding_window

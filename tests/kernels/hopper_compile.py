@@ -7,7 +7,7 @@ GPU the benchmarks use, with the argument types the real call sites pass. The co
 fresh process: this one has the interpreter switched on (tests/kernels/conftest.py), and Triton's
 modules take the mode they were imported in.
 
-    python tests/kernels/hopper_compile.py JOBS.json     # what compile_for_hopper runs
+    python tests/kernels/hopper_compile.py < jobs.json   # what compile_for_hopper runs; prints {label: error}
 """
 
 from __future__ import annotations
