@@ -47,8 +47,11 @@ def _split_kernel(
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
+    W1: tl.constexpr, W2: tl.constexpr, WV: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, V_FROM_K: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # W1, W2, WV: the tile widths of D1, D2, DV, at least 16 (a dot's inner width); the columns past a
+    # head's own width are masked off (zeros), so they add nothing to scores or outputs
     b = tl.program_id(0)
     hg = tl.program_id(1)
     s = tl.program_id(2)
@@ -64,17 +67,20 @@ def _split_kernel(
     if window > 0:
         lo = tl.maximum(lo, ctx - window)
 
-    d1 = tl.arange(0, D1)
+    d1 = tl.arange(0, W1)
+    d1_ok = d1 < D1 if W1 > D1 else tl.full([W1], 1, tl.int1)  # a constant where nothing is padded
     q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
-    q1 = tl.load(q_rows + d1[None, :], mask=g_ok[:, None], other=0.0)
+    q1 = tl.load(q_rows + d1[None, :], mask=g_ok[:, None] & d1_ok[None, :], other=0.0)
     if D2 > 0:
-        d2 = tl.arange(0, D2)
-        q2 = tl.load(q_rows + D1 + d2[None, :], mask=g_ok[:, None], other=0.0)
-    dv = tl.arange(0, DV)
+        d2 = tl.arange(0, W2)
+        d2_ok = d2 < D2 if W2 > D2 else tl.full([W2], 1, tl.int1)
+        q2 = tl.load(q_rows + D1 + d2[None, :], mask=g_ok[:, None] & d2_ok[None, :], other=0.0)
+    dv = tl.arange(0, WV)
+    dv_ok = dv < DV if WV > DV else tl.full([WV], 1, tl.int1)
 
     m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, DV], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, WV], dtype=tl.float32)
     table = tables_ptr + b * stride_tb
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
@@ -82,13 +88,13 @@ def _split_kernel(
         block = tl.load(table + pos // PAGE, mask=p_ok, other=0).to(tl.int64)
         slot = pos % PAGE
         k_row = k_ptr + block * stride_kb + slot * stride_ks + kvh * stride_kh
-        k1 = tl.load(k_row[:, None] + d1[None, :], mask=p_ok[:, None], other=0.0)
+        k1 = tl.load(k_row[:, None] + d1[None, :], mask=p_ok[:, None] & d1_ok[None, :], other=0.0)
         if IEEE:
             scores = tl.dot(q1, tl.trans(k1), input_precision="ieee")
         else:
             scores = tl.dot(q1, tl.trans(k1))
         if D2 > 0:
-            k2 = tl.load(k_row[:, None] + D1 + d2[None, :], mask=p_ok[:, None], other=0.0)
+            k2 = tl.load(k_row[:, None] + D1 + d2[None, :], mask=p_ok[:, None] & d2_ok[None, :], other=0.0)
             if IEEE:
                 scores += tl.dot(q2, tl.trans(k2), input_precision="ieee")
             else:
@@ -102,7 +108,7 @@ def _split_kernel(
             v = k1
         else:
             v_row = v_ptr + block * stride_vb + slot * stride_vs + kvh * stride_vh
-            v = tl.load(v_row[:, None] + dv[None, :], mask=p_ok[:, None], other=0.0)
+            v = tl.load(v_row[:, None] + dv[None, :], mask=p_ok[:, None] & dv_ok[None, :], other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -113,7 +119,7 @@ def _split_kernel(
     out = acc / tl.where(empty_split, 1.0, l)[:, None]
     lse = tl.where(empty_split, float("-inf"), m + tl.log(tl.where(empty_split, 1.0, l)))
     o_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + s * stride_os
-    tl.store(o_rows + dv[None, :], out, mask=g_ok[:, None])
+    tl.store(o_rows + dv[None, :], out, mask=g_ok[:, None] & dv_ok[None, :])
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + s, lse, mask=g_ok)
 
 
@@ -205,7 +211,8 @@ def paged_decode_attention(
         block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
-        GROUP=group, BLOCK_G=block_g, D1=d1, D2=d2, DV=dv, BLOCK_N=block_n, PAGE=page, V_FROM_K=v_from_k,
+        GROUP=group, BLOCK_G=block_g, D1=d1, D2=d2, DV=dv, W1=max(16, d1), W2=max(16, d2) if d2 else 0,
+        WV=max(16, dv), BLOCK_N=block_n, PAGE=page, V_FROM_K=v_from_k,
         IEEE=q.dtype == torch.float32, num_warps=8 if big else 4, num_stages=2,
     )
     _merge_kernel[(b, hq)](

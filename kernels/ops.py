@@ -81,28 +81,9 @@ def fused_experts_quantized(
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T, H] @ weight [E, H]^T in float32 (reference.router_logits). On CUDA with bf16/fp16 operands
-    one tensor-core GEMM writes float32 directly: the products of such operands are exact in float32,
-    so only the summation order differs from casting both up first, which ran a float32 GEMM at a
-    tenth of the speed plus a cast of the weight on every call."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and _mm_to_fp32(x.device):
-        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    """x [T, H] @ weight [E, H]^T in float32 (reference.router_logits): the router's weight stays
+    float32 whatever the compute dtype (models/loader.py), so this is one float32 GEMM."""
     return reference.router_logits(x, weight)
-
-
-_MM_TO_FP32: dict[torch.device, bool] = {}
-
-
-def _mm_to_fp32(device: torch.device) -> bool:
-    """Whether this torch has mm(..., out_dtype=float32) for half operands on the device (probed once,
-    on the first call: a model's first forward runs before any CUDA-graph capture)."""
-    if device not in _MM_TO_FP32:
-        try:
-            a = torch.ones(2, 16, device=device, dtype=torch.bfloat16)
-            _MM_TO_FP32[device] = bool(torch.mm(a, a.t(), out_dtype=torch.float32).dtype == torch.float32)
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MM_TO_FP32[device] = False
-    return _MM_TO_FP32[device]
 
 
 def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,6 +59,8 @@ CASES = [  # (context lengths, Hq, Hk, Dk, Dv, page, mla)
     ([40, 1, 90], 6, 2, 16, 16, 8, False),  # group of 3 (not a power of two), small pages
     ([3, 70, 200], 16, 1, 48, 32, 16, True),  # MLA: 32 latent + 16 rope dims, values from the keys
     ([50, 12], 40, 1, 48, 32, 16, True),  # MLA with more heads than one head block
+    ([3, 20], 4, 1, 40, 32, 16, True),  # the test checkpoints' MLA: 8 rope dims, a tile padded to 16
+    ([5, 9], 4, 2, 8, 8, 16, False),  # heads narrower than a dot's 16: keys and values padded
 ]
 
 
@@ -139,21 +141,22 @@ def test_bf16_scores_stay_float32_with_large_logits(hq, hk, dk, dv, mla, gen):
     assert rel_err(got, want) < 1e-2
 
 
-def test_compiles_for_hopper():
-    """The kernels as the model calls them (Qwen3-30B-A3B's heads, DeepSeek-V2's latent) compile
-    for sm_90 with the types each path passes (eager steps int32 lengths, CUDA graphs int64): the
-    interpreter above checks values, not types."""
-    from hopper_compile import Job, compile_for_hopper
+def test_compiles_for_hopper(gen):
+    """Every specialisation the wrapper launches for the shapes above and the real models' (Qwen3-30B-A3B's
+    heads, DeepSeek-V2's latent), recorded from interpreter runs, compiles for sm_90: in bfloat16 and
+    float32 (the GPU tests' tiny models), with int32 and int64 lengths (eager steps, CUDA graphs). The
+    interpreter checks values, not types or a dot's minimum width."""
+    from hopper_compile import LaunchRecorder, compile_for_hopper
 
-    mod = "moeserve.kernels.decode_attention"
-    gqa = dict(GROUP=8, BLOCK_G=16, D1=128, D2=0, DV=128, BLOCK_N=32, PAGE=16, V_FROM_K=False, IEEE=False)
-    mla = dict(GROUP=16, BLOCK_G=16, D1=512, D2=64, DV=512, BLOCK_N=16, PAGE=16, V_FROM_K=True, IEEE=False)
-    jobs = []
-    for name, consts, warps in (("gqa", gqa, 4), ("mla", mla, 8)):
-        for lens in ("*i32", "*i64"):
-            types = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", tables_ptr="*i32", lens_ptr=lens,
-                         out_ptr="*fp32", lse_ptr="*fp32", scale="fp32")
-            jobs.append(Job(mod, "_split_kernel", types, consts, warps, label=f"split {name} lens {lens}"))
-        jobs.append(Job(mod, "_merge_kernel", dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*bf16"),
-                        dict(DV=consts["DV"], BLOCK_S=4), label=f"merge {name}"))
-    assert compile_for_hopper(jobs) == {}
+    from moeserve.kernels import launch
+
+    if not launch.interpreting():
+        pytest.skip("records the interpreter's launches; on a GPU the kernel tests run them")
+    real = [([3], 32, 4, 128, 128, 16, False), ([3], 16, 1, 576, 512, 16, True)]
+    with LaunchRecorder() as rec:
+        for i, (lens, hq, hk, dk, dv, page, mla) in enumerate(CASES + real):
+            for dtype in (torch.bfloat16, torch.float32) if i >= len(CASES) - 2 else (torch.bfloat16,):
+                q, kc, vc, tables, lens_t = _problem(gen, lens, hq, hk, dk, dv, page, dtype, mla)
+                for lens_type in (torch.int32, torch.int64):
+                    decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t.to(lens_type), 0.1, max(lens))
+    assert compile_for_hopper(rec.jobs()) == {}
