@@ -9,7 +9,9 @@ For each model (DeepSeek-V2-Lite and Qwen3-30B-A3B shapes), in one run:
   3. HF: the server is stopped (GPU memory back), then transformers builds the same shape with random
      bf16 weights (grouped_mm experts where supported) and runs `generate` at batch 1, 16 and 64.
 It prints a table and writes bench_serving.json (rewritten after every phase, so a run cut short
-still leaves what it measured) into --out-dir (default $OUT, else the current directory).
+still leaves what it measured) into --out-dir (default $OUT, else the current directory), with two
+traces per model: trace_<model>_server.json (every engine step: start, ms, tokens, graphed or not;
+and when Triton compiled a kernel) and trace_<model>_client.json (every request: sent, TTFT).
 
 Why weights are built on the GPU instead of written as checkpoints: the Qwen3-30B-A3B shape is
 ~61 GB in bf16 and the benchmark machine has 64 GiB of disk; writing and reading it back would take
@@ -233,6 +235,7 @@ async def _serve_random(args: argparse.Namespace) -> None:
                           max_model_len=args.max_model_len, max_queued_requests=4096,
                           decode_graphs="off" if args.enforce_eager else "auto")
     llm = LLMEngine(config, model, tokenizer=None)
+    trace = StepTrace(llm) if args.step_trace else None
     graphs = llm.runner.graphs
     print(f"server: {llm.stats()['kv_blocks_total']} KV blocks of {config.block_size} tokens; "
           f"{'decode graphs off' if graphs is None else graphs.describe()}", file=sys.stderr, flush=True)
@@ -245,6 +248,41 @@ async def _serve_random(args: argparse.Namespace) -> None:
     print(f"READY {server.port}", flush=True)
     await stop.wait()
     await server.stop(0)
+    if trace is not None:
+        trace.dump(Path(args.step_trace))
+
+
+class StepTrace:
+    """The server's every engine step (wall-clock start, seconds, tokens, whether a decode graph ran it)
+    and when Triton compiled each kernel it compiled (its cache entries' times), written at exit: what
+    a request's TTFT waited for."""
+
+    def __init__(self, llm) -> None:
+        self.llm, self.steps, self.waits = llm, [], []
+        self.started = time.time()
+        self._graph_steps = self._graphed()
+        llm.observer = self
+
+    def _graphed(self) -> int:
+        graphs = self.llm.runner.graphs
+        return 0 if graphs is None else graphs.steps
+
+    def record_step(self, seconds: float, num_tokens: int) -> None:
+        n = self._graphed()
+        self.steps.append([round(time.time() - seconds, 4), round(seconds * 1e3, 2), num_tokens,
+                           n != self._graph_steps])
+        self._graph_steps = n
+
+    def record_queue_wait(self, seconds: float) -> None:
+        self.waits.append(round(seconds * 1e3, 2))
+
+    def dump(self, path: Path) -> None:
+        cache = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+        compiled = sorted(
+            (round(f.stat().st_mtime, 4), f.parent.name[:12], f.name) for f in cache.glob("*/*.json")
+            if not f.name.startswith("__grp__") and f.stat().st_mtime >= self.started)
+        path.write_text(json.dumps(dict(steps_fields=["start", "ms", "tokens", "graphed"], steps=self.steps,
+                                        queue_wait_ms=self.waits, triton_compiles=compiled)))
 
 
 def start_server(name: str, args: argparse.Namespace, env: dict) -> tuple[subprocess.Popen, int]:
@@ -252,6 +290,8 @@ def start_server(name: str, args: argparse.Namespace, env: dict) -> tuple[subpro
            "--seed", str(args.seed), "--max-num-seqs", str(max(args.concurrency)),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
            "--max-model-len", str(args.max_model_len)] + (["--enforce-eager"] if args.enforce_eager else [])
+    if args.out_dir_path is not None:
+        cmd += ["--step-trace", str(args.out_dir_path / f"trace_{name}_server.json")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -289,7 +329,7 @@ async def drive_server(port: int, name: str, args: argparse.Namespace) -> dict[i
 
     prompt, out = bench.Distribution("fixed", args.prompt_len), bench.Distribution("fixed", args.output_len)
     vocab = preset(name)["vocab_size"]
-    results = {}
+    results, requests = {}, {}
     async with AsyncClient(f"127.0.0.1:{port}") as client:
         await client.wait_ready(60)
         for c in args.concurrency:
@@ -302,8 +342,9 @@ async def drive_server(port: int, name: str, args: argparse.Namespace) -> dict[i
             await bench.run(client, warm, bench.BenchConfig(num_requests=c, prompt_len=prompt, output_len=out,
                                                             concurrency=c))
             cfg = bench.BenchConfig(num_requests=n, prompt_len=prompt, output_len=out, concurrency=c, seed=args.seed)
+            started = time.time()
             res = await bench.run(client, items, cfg)
-            res.pop("requests")
+            requests[c] = dict(started=started, requests=res.pop("requests"))
             results[c] = res["summary"]
             s = res["summary"]
             print(f"  moeserve {name} concurrency {c}: {s['output_token_throughput']:.1f} tok/s "
@@ -320,6 +361,8 @@ async def drive_server(port: int, name: str, args: argparse.Namespace) -> dict[i
                   f"(TTFT p50/p99 {s['ttft_ms']['p50']:.0f}/{s['ttft_ms']['p99']:.0f} ms, "
                   f"TPOT p50/p99 {s['tpot_ms']['p50']:.1f}/{s['tpot_ms']['p99']:.1f} ms, {s['failed']} failed)",
                   flush=True)
+    if args.out_dir_path is not None:  # per request: when it was sent, its TTFT (client and server side)
+        (args.out_dir_path / f"trace_{name}_client.json").write_text(json.dumps(requests))
     return results
 
 
@@ -439,6 +482,7 @@ def main_bench(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out_dir or os.environ.get("OUT") or ".")
     out_dir.mkdir(parents=True, exist_ok=True)
+    args.out_dir_path = out_dir.resolve()
     out_file = out_dir / "bench_serving.json"
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     report = dict(device=device_name, torch=torch.__version__, prompt_len=args.prompt_len,
@@ -506,7 +550,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # _serve (the server process)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--step-trace", default=None, help="write the server's step trace here at exit")
     args = p.parse_args(argv)
+    args.out_dir_path = None  # main_bench sets it: where the trace files go
     if args.smoke:
         args.models, args.device, args.concurrency = ["tiny"], "cpu", [1, 2]
         args.prompt_len, args.output_len, args.max_model_len, args.min_requests = 16, 8, 64, 2

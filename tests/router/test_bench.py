@@ -108,6 +108,13 @@ def test_gpu_benchmark_script_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert report["models"]["tiny"]["floor"]["2"]["active_weight_bytes"] > 0
     md = (tmp_path / "benchmarks.md").read_text()
     assert "| tiny | 2 |" in md and "| tiny | 50 |" in md
+    # the traces: every server step, every request of each concurrency level with its TTFT
+    server = json.loads((tmp_path / "trace_tiny_server.json").read_text())
+    served = sum(r["completed"] for r in ours.values())
+    assert len(server["steps"]) > served and all(ms > 0 and tokens > 0 for _, ms, tokens, _ in server["steps"])
+    client = json.loads((tmp_path / "trace_tiny_client.json").read_text())
+    assert {k: len(v["requests"]) for k, v in client.items()} == {"1": ours["1"]["requests"], "2": ours["2"]["requests"]}
+    assert all(r["ttft"] > 0 for v in client.values() for r in v["requests"])
 
 
 def test_engine_profile_script_runs_on_a_tiny_model(tmp_path):
