@@ -25,6 +25,7 @@ __all__ = ["AsyncEngine", "EngineConfig", "LLMEngine", "RequestOutput", "Samplin
 
 _Item = RequestOutput | BaseException
 SWITCH_INTERVAL_S = 0.001  # the interpreter's GIL switch interval while an AsyncEngine runs (process-wide)
+ARRIVAL_GAP_S = 0.001  # a burst of requests is still arriving while one came within this long
 
 
 class AsyncEngine:
@@ -138,6 +139,7 @@ class AsyncEngine:
             with self._work:
                 while not self._exit and not core.has_unfinished():
                     self._work.wait()
+                self._wait_for_burst()
                 if self._exit:
                     return
             try:
@@ -150,6 +152,27 @@ class AsyncEngine:
                 return
             if outputs:
                 self._post(self._dispatch, outputs)
+
+    def _wait_for_burst(self) -> None:
+        """Hold the next step while a burst of requests is still arriving (called holding _work).
+
+        Clients that send at once reach the engine spread over a few milliseconds: the event loop takes
+        each call in turn. A step started at the first arrival prefills it alone, and the rest wait for
+        that whole step (tens of milliseconds eager on a GPU) before theirs; one step for the burst costs
+        little more than one for a single prompt. So while requests keep arriving (the last within
+        ARRIVAL_GAP_S) and the next step could still take another, the step waits, never longer than
+        config.batch_wait_ms after the first of them: a lone request waits ARRIVAL_GAP_S, a backlog
+        (its oldest request waiting longer than that already) not at all."""
+        limit = self.config.batch_wait_ms / 1e3
+        while limit > 0 and not self._exit:
+            span = self.core.admissible_arrivals()
+            if span is None:
+                return
+            now = time.monotonic()
+            until = min(span[1] + ARRIVAL_GAP_S, span[0] + limit)
+            if until <= now:
+                return
+            self._work.wait(until - now)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         try:

@@ -105,6 +105,11 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def admissible_arrivals(self) -> tuple[float, float] | None:
+        """Scheduler.admissible_arrivals (time.monotonic() times), under the engine's lock."""
+        with self.lock:
+            return self.scheduler.admissible_arrivals()
+
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; outputs for every request that got a token or ended."""

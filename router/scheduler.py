@@ -65,6 +65,18 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
+    def admissible_arrivals(self) -> tuple[float, float] | None:
+        """(oldest, newest) arrival time of the waiting requests when the next step could still take
+        one more of them in full (a free sequence slot, its prompt within the step's token budget);
+        None when nothing waits or no newcomer would join the next step anyway."""
+        if not self.waiting or len(self.running) + len(self.waiting) >= self.max_num_seqs:
+            return None
+        tokens = len(self.running) + sum(s.num_uncomputed_tokens for s in self.waiting)
+        if tokens >= self.max_num_batched_tokens:
+            return None
+        arrivals = [s.arrival_time for s in self.waiting]
+        return min(arrivals), max(arrivals)
+
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens

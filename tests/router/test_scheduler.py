@@ -115,6 +115,34 @@ def test_sequence_cap_and_fcfs_admission():
     assert [s.request_id for s in batch.seqs] == ["r0", "r1"] and len(sim.sched.waiting) == 2
 
 
+def test_admissible_arrivals_only_while_a_newcomer_could_join_the_next_step():
+    """What AsyncEngine's burst wait looks at: the waiting requests' arrival span, and only while the
+    next step has a free sequence slot and token budget for one more prompt."""
+    sim = Sim(num_blocks=64, block_size=4, max_num_seqs=4, budget=16)
+
+    def arrive(rid, prompt_len, at):
+        sim.seqs[rid] = Sequence(rid, [7] * prompt_len, SamplingParams(max_tokens=4), at)
+        sim.sched.add(sim.seqs[rid])
+
+    assert sim.sched.admissible_arrivals() is None  # nothing waits
+    arrive("a", 4, 10.0)
+    arrive("b", 4, 10.5)
+    assert sim.sched.admissible_arrivals() == (10.0, 10.5)
+    arrive("c", 4, 11.0)
+    arrive("d", 4, 11.2)
+    assert sim.sched.admissible_arrivals() is None  # four sequences fill max_num_seqs: no room for a fifth
+    assert sim.step().num_new_tokens == [4, 4, 4, 4]
+    sim.abort("c")
+    sim.abort("d")
+    arrive("e", 13, 12.0)
+    assert sim.sched.admissible_arrivals() == (12.0, 12.0)  # 2 decodes + 13 prompt tokens: room for one more
+    arrive("f", 1, 12.5)
+    assert sim.sched.admissible_arrivals() is None  # 2 + 13 + 1 tokens fill the budget of 16
+    sim.step()
+    sim.step()
+    assert not sim.sched.waiting and sim.sched.admissible_arrivals() is None
+
+
 def test_admission_by_kv_capacity_does_not_skip_the_head():
     sim = Sim(num_blocks=4, block_size=4, max_num_seqs=4, budget=64)
     sim.add("a", [1] * 8, 4)  # 2 blocks
