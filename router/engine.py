@@ -42,6 +42,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._work = threading.Condition()  # the step thread waits here while there is nothing to do
+        self._pending: list[RequestOutput] = []  # the last step's outputs, not yet handed to the loop
         self._exit = False
         self._stopping = False
         self._failure: BaseException | None = None
@@ -134,24 +135,39 @@ class AsyncEngine:
 
     # -- the step thread and its deliveries -------------------------------------------------------
     def _run(self) -> None:
+        """The step loop. A step's outputs reach the event loop at the next step's `ready` point (see
+        ModelRunner.run): after a decode graph is queued, the loop streams them while this thread waits
+        for the GPU without the GIL, rather than both threads contending while the step launches. Before
+        this thread waits for work, or when the next step fails or never runs, they are handed over at once."""
         core = self.core
         while True:
             with self._work:
+                if not core.has_unfinished():
+                    self._flush()
                 while not self._exit and not core.has_unfinished():
                     self._work.wait()
                 self._wait_for_burst()
                 if self._exit:
+                    self._flush()
                     return
             try:
-                outputs = core.step()
+                outputs = core.step(self._flush)
             except StepFailedError as exc:
+                self._flush()
                 self._post(self._fail, exc.request_ids, exc)
                 continue
             except BaseException as exc:  # a bug in the engine itself: end every request with it
+                self._flush()
                 self._post(self._die, exc)
                 return
-            if outputs:
-                self._post(self._dispatch, outputs)
+            self._flush()  # the step ran nothing (ready not called)
+            self._pending = outputs
+
+    def _flush(self) -> None:
+        """Hand the outputs held back from the last step to the event loop."""
+        outputs, self._pending = self._pending, []
+        if outputs:
+            self._post(self._dispatch, outputs)
 
     def _wait_for_burst(self) -> None:
         """Hold the next step while a burst of requests is still arriving (called holding _work).
@@ -172,6 +188,7 @@ class AsyncEngine:
             until = min(span[1] + ARRIVAL_GAP_S, span[0] + limit)
             if until <= now:
                 return
+            self._flush()
             self._work.wait(until - now)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -111,8 +111,9 @@ class LLMEngine:
             return self.scheduler.admissible_arrivals()
 
     # -- the step ---------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; outputs for every request that got a token or ended."""
+    def step(self, ready: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """Run one scheduled batch; outputs for every request that got a token or ended. `ready`: see
+        ModelRunner.run (not called when nothing was scheduled)."""
         with self.lock:
             start = time.monotonic()
             outputs = self._expire(start)
@@ -124,7 +125,7 @@ class LLMEngine:
         if not batch:
             return outputs
         try:
-            sampled = self.runner.run(batch)
+            sampled = self.runner.run(batch, ready)
         except Exception as exc:
             with self.lock:
                 failed = [s.request_id for s in batch.seqs if self.requests.get(s.request_id) is s]

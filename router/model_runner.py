@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -112,12 +112,26 @@ class ModelRunner:
         model.allocate_kv_cache(num_blocks + extra, config.block_size, device=self.device, dtype=config.torch_dtype)
         self.sampler = Sampler(self.device, config.seed)
         self._pin = self.device.type == "cuda"
+        self._warm_up_experts(config)
         if self.graphs is not None and self.graphs.capture:
             start = time.monotonic()
             with torch.inference_mode(), torch.cuda.device(self.device):
                 self.graphs.capture_ahead(config.graph_capture_tokens)
             log.info("%s in %.1f s (contexts up to %d tokens at start-up; longer ones on first use)",
                      self.graphs.describe(), time.monotonic() - start, config.graph_capture_tokens)
+
+    def _warm_up_experts(self, config: EngineConfig) -> None:
+        """On a GPU, compile the expert kernels of every step size up to max_num_batched_tokens now
+        (LocalExperts.warm_up), not in the middle of serving."""
+        backend = getattr(self.model, "experts_backend", None)
+        if self.device.type != "cuda" or not hasattr(backend, "warm_up"):
+            return
+        start = time.monotonic()
+        with torch.inference_mode(), torch.cuda.device(self.device):
+            counts = backend.warm_up(self.model.config.moe.num_experts_per_tok, config.max_num_batched_tokens,
+                                     config.torch_dtype)
+        log.info("expert kernels warmed up for %d step sizes (%s tokens) in %.1f s", len(counts),
+                 ", ".join(map(str, counts)), time.monotonic() - start)
 
     def _decode_graphs(self, config: EngineConfig, max_model_len: int | None) -> DecodeGraphs | None:
         from moeserve.models.local_experts import LocalExperts
@@ -151,14 +165,20 @@ class ModelRunner:
                 self._to_device(flat.sample_rows, torch.int64))
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[int]:
-        """Forward the batch; one sampled token per sequence that reaches its last token, in batch order."""
+    def run(self, batch: ScheduledBatch, ready: Callable[[], None] | None = None) -> list[int]:
+        """Forward the batch; one sampled token per sequence that reaches its last token, in batch order.
+
+        `ready` (called once) marks where this thread stops needing the interpreter for a while: after
+        a decode graph's replay and the sampler are queued, when only the wait for the GPU is left; at
+        the start of an eager step, whose launching is the step's CPU work anyway. AsyncEngine hands the
+        previous step's outputs to the event loop there, so the loop streams them while the GPU runs
+        instead of contending for the GIL with this step's launches."""
         if self._pin:  # on cuda:N, N the current device of the step's thread (graph replay, event, streams)
             with torch.cuda.device(self.device):
-                return self._run(batch)
-        return self._run(batch)
+                return self._run(batch, ready)
+        return self._run(batch, ready)
 
-    def _run(self, batch: ScheduledBatch) -> list[int]:
+    def _run(self, batch: ScheduledBatch, ready: Callable[[], None] | None) -> list[int]:
         hidden = None
         if (self.graphs is not None and all(n == 1 for n in batch.num_new_tokens)
                 and self.graphs.supports(len(batch.seqs), max(len(s.block_table) for s in batch.seqs))):
@@ -167,12 +187,18 @@ class ModelRunner:
                                      [s.block_table for s in batch.seqs])
             if hidden is not None:
                 sample_rows = self._to_device(flat.sample_rows, torch.int64)
-        if hidden is None:
+        graphed = hidden is not None
+        if not graphed:
+            if ready is not None:
+                ready()
             input_ids, positions, attn, sample_rows = self.prepare(batch)
             hidden = self.model.forward(input_ids, positions, attn)
         sampling = [s for s, f in zip(batch.seqs, batch.sample_flags) if f]
+        if sampling:
+            logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
+            tokens = self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        if graphed and ready is not None:
+            ready()
         if not sampling:
             return []
-        logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
-        tokens = self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])
         return tokens.tolist()  # the step's one host sync (torch waits for the GPU with the GIL released)

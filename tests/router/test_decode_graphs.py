@@ -138,3 +138,23 @@ def test_start_up_plan_and_padding_rows_touch_only_the_scratch_block(hf_checkpoi
         assert torch.isfinite(graphs._forward(b, width)).all()
     assert all(torch.equal(c[:graphs.pad_block], old) for c, old in zip(caches, before))
     assert all(c[graphs.pad_block].abs().sum() > 0 for c in caches)  # the padding rows wrote there
+
+
+@pytest.mark.parametrize("mode", ["off", "padded"])
+def test_step_calls_ready_once_before_its_tokens(mode, hf_checkpoint):
+    """LLMEngine.step(ready): called exactly once in every step that runs a batch (eager prefills and
+    fixed-shape decodes alike), before that step's tokens are taken (AsyncEngine hands the previous
+    step's outputs to the event loop there)."""
+    engine = LLMEngine.from_config(EngineConfig(model=str(hf_checkpoint("qwen3_moe", seed=1)), block_size=4,
+                                                num_kv_blocks=24, max_num_seqs=4, max_model_len=96,
+                                                decode_graphs=mode))
+    for i, n in enumerate((5, 9, 2)):
+        engine.add_request(f"r{i}", list(range(1, n + 1)), SamplingParams(max_tokens=6))
+    calls = []
+    while engine.has_unfinished():
+        engine.step(lambda: calls.append((engine.counters["steps"], engine.counters["tokens_generated"])))
+    steps = engine.counters["steps"]
+    assert [c[0] for c in calls] == list(range(steps))  # once per step, before the step is counted
+    assert calls[-1][1] < engine.counters["tokens_generated"]  # before the last step's tokens
+    if mode == "padded":
+        assert engine.runner.graphs.steps > 0
