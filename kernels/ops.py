@@ -60,6 +60,17 @@ def fused_experts(
     return reference.fused_experts(hidden, w13, w2, topk_ids, topk_weights)
 
 
+def warm_up_experts(w13: torch.Tensor, w2: torch.Tensor, top_k: int, max_tokens: int,
+                    dtype: torch.dtype) -> list[int]:
+    """Compile, by running them once, the expert kernels that calls of up to max_tokens tokens
+    launch (fused_moe.warm_up); nothing to do for the reference. Returns the token counts run."""
+    if not _on_gpu(w13, "fused_moe"):
+        return []
+    from . import fused_moe
+
+    return fused_moe.warm_up(ExpertWeights(w13, w2), top_k, max_tokens, dtype)
+
+
 def fused_experts_quantized(
     hidden: torch.Tensor,
     weights: ExpertWeights,

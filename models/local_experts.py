@@ -41,6 +41,14 @@ class LocalExperts:
             topk_ids = self._to_local(topk_ids)
         return ops.fused_experts(hidden, w13, w2, topk_ids, topk_weights)
 
+    def warm_up(self, top_k: int, max_tokens: int, dtype: torch.dtype) -> list[int]:
+        """Compile the kernels that calls of up to max_tokens tokens launch (ops.warm_up_experts), on
+        one layer's weights: every layer has the same shapes. Returns the token counts run."""
+        if not self.weights:
+            return []
+        w13, w2 = self.weights[self.layer_ids[0]]
+        return ops.warm_up_experts(w13, w2, top_k, max_tokens, dtype)
+
     def _to_local(self, ids: torch.Tensor) -> torch.Tensor:
         table = self._table.get(ids.device)
         if table is None:

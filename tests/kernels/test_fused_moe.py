@@ -149,3 +149,27 @@ def test_real_shapes_quantized(quant, name, t, gen):
         for prequant in (False, True):
             cfg = default_config(t, e, h, i, k, quant)
             check(hidden, weights, ids, w, MoeConfig(cfg.block_m, cfg.up, cfg.down, cfg.per_slot, prequant))
+
+
+def test_warm_up_runs_each_launch_signature_once(gen, monkeypatch):
+    """fused_moe.warm_up: one call, at its smallest token count, for each distinct launch signature of
+    1..max_tokens tokens, so every step size after it finds its kernels compiled. Here (no table for
+    this device: the default configuration) 1 token takes the per-slot path, 2..32 the small tiles,
+    33..40 the next ones."""
+    weights = ExpertWeights(*random_experts(4, 32, 16, gen))
+    ran = []
+    real = fused_moe.fused_experts
+
+    def counting(hidden, *args, **kwargs):
+        ran.append(hidden.shape[0])
+        return real(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(fused_moe, "fused_experts", counting)
+    counts = fused_moe.warm_up(weights, 2, 40, torch.float32)
+    assert counts == ran == [1, 2, 33]
+    device = weights.w13.device
+    every = {fused_moe.launch_signature(t, weights, 2, device) for t in range(1, 41)}
+    assert {fused_moe.launch_signature(t, weights, 2, device) for t in counts} == every
+    # past FUSED_MAX_SLOTS the number of counting chunks (rounded up to a power of two) is in it too
+    big = [fused_moe.launch_signature(t, weights, 2, device)[1:] for t in (2048, 2049, 4096, 4097, 8192)]
+    assert big == [(True, 1), (False, 2), (False, 2), (False, 4), (False, 4)]
