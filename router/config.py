@@ -51,7 +51,7 @@ class EngineConfig:
     graph_capture_tokens: int = 2048  # decode graphs captured at start-up for contexts up to this (0: on first use)
     # A step about to prefill requests that are still arriving (one within the last millisecond)
     # waits for the rest of the burst, at most this long after the first of them (0: never waits).
-    batch_wait_ms: float = 10.0
+    batch_wait_ms: float = 20.0
 
     def __post_init__(self) -> None:
         _require(self.model is None or (isinstance(self.model, str) and self.model != ""), "model", "a checkpoint directory or None", self.model)

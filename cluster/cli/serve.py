@@ -40,9 +40,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queued-requests", type=int, default=1024,
                    help="waiting requests beyond this are refused with RESOURCE_EXHAUSTED (default 1024)")
     g.add_argument("--seed", type=int, default=0, help="seed of requests that give none (default 0)")
-    g.add_argument("--batch-wait-ms", type=float, default=10.0,
+    g.add_argument("--batch-wait-ms", type=float, default=20.0,
                    help="a step about to prefill requests that are still arriving waits for the rest of the burst, "
-                        "at most this long (default 10; 0: never waits)")
+                        "at most this long (default 20; 0: never waits)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="decode without CUDA graphs (by default, on a GPU with the experts in the trunk's process, "
                         "decode steps replay captured graphs)")
@@ -130,7 +130,7 @@ def engine_config(args: argparse.Namespace, control_plane=None):
         max_queued_requests=args.max_queued_requests,
         seed=args.seed,
         decode_graphs="off" if getattr(args, "enforce_eager", False) else "auto",
-        batch_wait_ms=getattr(args, "batch_wait_ms", 10.0),
+        batch_wait_ms=getattr(args, "batch_wait_ms", 20.0),
     )
 
 
