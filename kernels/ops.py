@@ -135,6 +135,12 @@ def paged_decode_attention(
                                             sliding_window)
 
 
+def decode_attention_in_place(device: torch.device) -> bool:
+    """Whether paged_decode_attention reads the cache in place on this device (the kernel) rather than
+    gathering contexts into padded tensors (the reference, on CPU or with the kernel switched off)."""
+    return device.type == "cuda" and "decode_attention" not in DISABLED
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension in float32, weight applied after the cast back (reference.rms_norm)."""
     if _on_gpu(x, "norm_rope"):

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from moeserve.kernels import ops
 from moeserve.models.batch import AttentionBatch
 from moeserve.models.layers import decode_attention
 
@@ -95,15 +96,18 @@ class DecodeGraphs:
 
     def supports(self, num_seqs: int, blocks: int) -> bool:
         """Whether a decode step of num_seqs sequences, the longest holding `blocks` blocks, runs here:
-        within the batch buckets, and with every layer's padded gather within MAX_GATHER_BYTES."""
+        within the batch buckets and, where decode attention gathers contexts into padded tensors (not
+        the in-place kernel of a GPU), with every layer's padded gather within MAX_GATHER_BYTES."""
         b = self.bucket(num_seqs)
         if self.failed is not None or b is None:
             return False
-        if self._widest_cache is None:  # the caches are allocated after this object is built
-            self._widest_cache = max(self.model.kv_caches(), key=lambda c: c[0, 0].numel() * c.element_size())
         width = context_bucket(blocks, self.max_blocks)
         if (b, width) in self._refused:
             return False
+        if ops.decode_attention_in_place(self.device):
+            return True
+        if self._widest_cache is None:  # the caches are allocated after this object is built
+            self._widest_cache = max(self.model.kv_caches(), key=lambda c: c[0, 0].numel() * c.element_size())
         return (decode_attention.gather_bytes(b, width * self.block_size, self._widest_cache)
                 <= decode_attention.MAX_GATHER_BYTES)
 

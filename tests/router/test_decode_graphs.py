@@ -116,6 +116,40 @@ def test_long_contexts_leave_the_fixed_shape_decode(arch, hf_checkpoint, monkeyp
     assert got == want
 
 
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
+def test_in_place_decode_attention_lifts_the_gather_bound(arch, hf_checkpoint, monkeypatch):
+    """Where decode attention reads the cache in place (the GPU kernel) no gather bounds the
+    fixed-shape decode: with MAX_GATHER_BYTES below any step's gather, decode steps still take it and
+    give the eager engine's tokens. On the CPU the in-place check is patched to say so, and the
+    padded step runs the reference, which slices its own gather."""
+    from moeserve.kernels import ops
+    from moeserve.models.layers import decode_attention
+
+    path = str(hf_checkpoint(arch, seed=1))
+    want, _ = _serve(path, "off")
+    monkeypatch.setattr(decode_attention, "MAX_GATHER_BYTES", 1)
+    monkeypatch.setattr(ops, "decode_attention_in_place", lambda device: True)
+    got, padded = _serve(path, "padded")
+    graphs = padded.runner.graphs
+    assert graphs.supports(6, 24) and graphs.steps > 20
+    assert got == want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_take_contexts_past_the_gather_bound(hf_checkpoint, monkeypatch):
+    """On a GPU the decode-attention kernel reads the cache in place: graphs are captured and replayed
+    whatever MAX_GATHER_BYTES says, with the eager engine's tokens."""
+    from moeserve.models.layers import decode_attention
+
+    path = str(hf_checkpoint("qwen3_moe", seed=1))
+    want, _ = _serve(path, "off", device="cuda", dtype="float32")
+    monkeypatch.setattr(decode_attention, "MAX_GATHER_BYTES", 1)
+    got, engine = _serve(path, "auto", device="cuda", dtype="float32")
+    graphs = engine.runner.graphs
+    assert graphs.failed is None and graphs._graphs and graphs.steps > 20
+    assert got == want
+
+
 def test_start_up_plan_and_padding_rows_touch_only_the_scratch_block(hf_checkpoint):
     """The shapes captured at start-up, and the padding-only step each capture runs: it writes the
     scratch block and nothing else, so capturing ahead cannot disturb a cache in use."""
