@@ -205,11 +205,13 @@ class TrunkWorker:
             return
         step = core.step
 
-        def delayed_step():
+        def delayed_step(ready=None):
             delay = self._delay_s
             if delay > 0:
+                if ready is not None:  # as a step stalled in its forward would have: the last outputs are out
+                    ready()
                 time.sleep(delay)
-            return step()
+            return step(ready)
 
         core.step = delayed_step  # the step thread looks it up before every step
 
