@@ -224,11 +224,14 @@ class PendingMoE:
 
     # --- waiting and combining -------------------------------------------------------------------
     def wait(self) -> torch.Tensor:
+        start = time.monotonic()
         try:
             self._collect()
         except BaseException:
             self.d.begin_step()  # the step failed: it is over, so a pending serving set can be adopted
             raise
+        finally:
+            self.d.expert_wait_s += time.monotonic() - start
         self.d._layer_done(self.layer_id)
         return self._combine()
 
@@ -292,6 +295,9 @@ class ExpertDispatcher:
         self._last_layer = -1
         self.step = 0
         self.counters = {"sends": 0, "rows": 0, "recoveries": 0, "epochs_adopted": 0}
+        # Seconds the calling (step) thread has waited for the expert groups' answers, all told: the
+        # engine takes it out of its step time, so that its busy share is the trunk's own work.
+        self.expert_wait_s = 0.0
         self.load = RoutedLoad()
         self.telemetry = None  # cluster.telemetry.Telemetry: expert_tokens and scaling_events, if attached
         source.subscribe(self._offer)

@@ -62,8 +62,10 @@ class LLMEngine:
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self.lock = threading.Lock()
+        # busy_us: microseconds of step time, less any wait for expert groups in other processes (the
+        # backend's expert_wait_s): over a window, the share of wall time the trunk itself was busy.
         self.counters = dict(steps=0, requests_added=0, prompt_tokens=0, tokens_computed=0, tokens_generated=0,
-                             requests_finished=0)
+                             requests_finished=0, busy_us=0)
         # Telemetry (or anything with record_step and record_queue_wait); called on the step thread
         self.observer: Any = None
 
@@ -124,6 +126,8 @@ class LLMEngine:
                     seq.first_scheduled_time = start
         if not batch:
             return outputs
+        backend = getattr(self.model, "experts_backend", None)
+        waited = getattr(backend, "expert_wait_s", 0.0)
         try:
             sampled = self.runner.run(batch, ready)
         except Exception as exc:
@@ -136,6 +140,7 @@ class LLMEngine:
             now = time.monotonic()
             c = self.counters
             c["steps"] += 1
+            c["busy_us"] += max(0, round((now - start - (getattr(backend, "expert_wait_s", 0.0) - waited)) * 1e6))
             c["tokens_computed"] += batch.num_tokens
             for seq in self.scheduler.postprocess(batch, sampled):
                 outputs.append(self._on_token(seq, now))

@@ -84,7 +84,8 @@ def latency_from_buckets(bounds: Sequence[float], counts: Sequence[int]) -> Late
 
 def trunk_from_readings(base: EngineReading, now: EngineReading, max_num_seqs: int, replicas: int = 1) -> TrunkSnapshot:
     """A trunk snapshot over the window from `base` to `now`: the queue and slots as of `now`, arrivals
-    per second from the engine's `requests_added` counter, latency quantiles from the histogram deltas."""
+    per second from the engine's `requests_added` counter, the busy share from its `busy_us`, latency
+    quantiles from the histogram deltas."""
     span = now.t - base.t
     # A restarted trunk worker starts its counters again: never a negative rate.
     arrived = max(0.0, float(now.stats.get("requests_added", 0)) - float(base.stats.get("requests_added", 0)))
@@ -92,8 +93,11 @@ def trunk_from_readings(base: EngineReading, now: EngineReading, max_num_seqs: i
         name: latency_from_buckets(*histogram_delta(base.histograms.get(m), now.histograms.get(m))[:2])
         for name, m in LATENCY_HISTOGRAMS.items()
     }
+    # Busy share: step time less the waits for expert groups (LLMEngine's busy_us), per replica.
+    busy_s = max(0.0, float(now.stats.get("busy_us", 0)) - float(base.stats.get("busy_us", 0))) / 1e6
+    busy = min(1.0, busy_s / (span * max(1, replicas))) if span > 0 else 0.0
     return replace(trunk_from_engine_stats(now.stats, max_num_seqs, replicas),
-                   arrivals_per_s=arrived / span if span > 0 else 0.0, **latencies)
+                   arrivals_per_s=arrived / span if span > 0 else 0.0, busy=busy, **latencies)
 
 
 def redundant_copies(groups: Sequence[Mapping]) -> dict[int, int]:

@@ -52,8 +52,8 @@ class EngineTrunk:
     --otlp-endpoint): the queue-wait, TTFT and TPOT quantiles, from its histograms' bucket deltas.
     Without telemetry those stay empty (count 0): a policy sees the queue but no latency. With trunk
     workers (router.trunk_pool.TrunkPool) the replicas and pending counts are the pool's. The busy
-    share stays 0 either way: a step's time includes the wait for the expert groups, so it does not
-    tell the trunk's own load from theirs.
+    share is the engine's step time less its waits for the expert groups (`busy_us`), over the window
+    and per replica.
     """
 
     def __init__(self, engine, telemetry=None, *, window_s: float, clock: Callable[[], float] = time.monotonic):

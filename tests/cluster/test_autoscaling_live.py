@@ -151,3 +151,13 @@ def test_engine_trunk_reports_a_real_engine_over_the_window(demo_model_dir):
         assert idle.arrivals_per_s == 0.0 and idle.ttft.count == 0 and idle.queue_wait.count == 0
     finally:
         tel.shutdown()
+
+
+def test_trunk_busy_share_from_the_engines_busy_time():
+    """busy: the engine's busy_us over the window (step time less waits for expert groups), per replica."""
+    base = EngineReading(100.0, {"busy_us": 2_000_000})
+    now = EngineReading(110.0, {"busy_us": 7_000_000})
+    assert trunk_from_readings(base, now, max_num_seqs=4).busy == pytest.approx(0.5)
+    assert trunk_from_readings(base, now, max_num_seqs=4, replicas=2).busy == pytest.approx(0.25)
+    assert trunk_from_readings(base, EngineReading(110.0, {"busy_us": 1}), max_num_seqs=4).busy == 0.0
+    assert trunk_from_readings(base, EngineReading(100.0, {"busy_us": 9_000_000}), max_num_seqs=4).busy == 0.0

@@ -104,3 +104,33 @@ def test_serve_expert_resource_reaches_each_groups_actor(hf_checkpoint, ray_with
     assert [len(g["replicas"]) for g in status["groups"]] == [1, 1]
     assert held == {"moeserve_expert_0": 1, "moeserve_expert_1": 1}  # each group's replica holds its own unit
     assert len(out[0].new_token_ids) == 4
+
+
+def test_busy_time_leaves_out_the_wait_for_expert_groups(hf_checkpoint):
+    """LLMEngine's busy_us, behind the autoscaler's trunk busy share, is step time less the dispatcher's
+    waits for the expert groups' answers (expert_wait_s): with every send held back 20 ms by the chaos
+    suite's slow transport, the waits hold at least most of that delay per MoE layer call, and the busy
+    time is at most the run's wall time less them."""
+    import time
+
+    from moeserve.chaos.slow_transport import SlowTransport
+
+    path = str(hf_checkpoint("mixtral"))
+    make = embedded_expert_backend(path, transport="local", num_groups=2)
+
+    def slowed(model):
+        dispatcher = make(model)
+        dispatcher.transport = SlowTransport(dispatcher.transport)
+        dispatcher.transport.delay_s = 0.02
+        return dispatcher
+
+    engine = LLMEngine.from_config(EngineConfig(model=path, num_kv_blocks=32, block_size=8, load_experts=False,
+                                                expert_backend=slowed))
+    start = time.monotonic()
+    engine.generate_batch([[3, 1, 4, 1, 5], [9, 2, 6]], SamplingParams(max_tokens=4))
+    elapsed = time.monotonic() - start
+    waited = engine.model.experts_backend.expert_wait_s
+    calls = engine.stats()["steps"] * len(engine.model_config.moe.moe_layer_ids)
+    busy = engine.stats()["busy_us"] / 1e6
+    assert waited >= 0.5 * 0.02 * calls
+    assert 0 < busy <= elapsed - waited
