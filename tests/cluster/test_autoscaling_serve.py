@@ -1,6 +1,9 @@
 """`moeserve serve --expert-groups 1 --transport ray --autoscaling-policy FILE` scales an expert group on
 the trunk's signals: a real server (in this process, on a private Ray), real gRPC traffic, and an SLO
-policy whose only reason to grow the group is the edge's TTFT (the busy-share headroom never asks)."""
+policy whose only reason to grow the group is the edge's TTFT (the busy-share headroom never asks).
+The SLO policy gives latency pressure to the unit on the critical path, the busiest; the group is made
+that unit as a slow group would be, with the chaos suite's injected delay on its replica (on this
+tiny model the trunk's own step work would otherwise outweigh the group's)."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ redundant_experts: {enabled: false}
 """
 MAX_NUM_SEQS = 2
 DEADLINE_S = 40.0
+GROUP_DELAY_S = 0.02
 
 
 def _serving_replicas(controller) -> int:
@@ -49,6 +53,9 @@ async def test_serve_scales_a_group_up_on_the_edge_ttft(embedded_serve, tmp_path
     try:
         assert runner.trunk is not None, "serve attached no trunk report to the autoscaler"
         assert _serving_replicas(controller) == 1
+        serving = await controller.snapshot.remote()
+        for handle in serving.handles.values():  # every batch the group runs takes GROUP_DELAY_S more
+            await handle.inject_delay.remote(GROUP_DELAY_S)
 
         def scaled() -> bool:
             return any(e.kind == "done" and e.unit == "g0" for e in runner.events)
