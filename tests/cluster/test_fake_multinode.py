@@ -121,6 +121,10 @@ class FakeCluster:
         lines = path.read_text(errors="replace").splitlines() if path.exists() else []
         return [line.split(":event_summary:", 1)[1] for line in lines if ":event_summary:" in line]
 
+    def removed(self, node_type: str) -> bool:
+        """Whether Ray's autoscaler has logged removing a node of `node_type`."""
+        return any("Removing" in line and node_type in line for line in self.autoscaler_events())
+
     def stop(self) -> None:
         """Kill the head's process group: GCS, raylet, the autoscaler and every fake node it started."""
         if self.proc is not None and self.proc.poll() is None:
@@ -247,6 +251,9 @@ def test_traffic_drives_replicas_and_nodes_up_and_back(fake_cluster, hf_checkpoi
         note(f"scaled down: {[r['replica_id'] for r in serving()]}")
         _wait_until(lambda: _expert_nodes() == [], 120, "the expert_worker nodes to go", runner)
         note("expert_worker nodes removed")
+        # monitor.log gets the event summary at the end of the autoscaler's round, which can come
+        # after the node shows as gone
+        _wait_until(lambda: fake_cluster.removed("expert_worker"), 30, "Ray's autoscaler to log the removal", runner)
     finally:
         runner.stop()
         dispatcher.close()
@@ -379,6 +386,7 @@ async def test_traffic_drives_trunk_workers_and_nodes_up_and_back(fake_cluster, 
         note("scaled down: 1 trunk worker")
         await _until(lambda: _trunk_nodes() == [], 120, "the trunk_worker node to go", runner)
         note("trunk_worker node removed")
+        await _until(lambda: fake_cluster.removed("trunk_worker"), 30, "Ray's autoscaler to log the removal", runner)
     finally:
         if runner is not None:
             runner.stop()
