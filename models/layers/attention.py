@@ -11,7 +11,7 @@ from .norm import RMSNorm
 from . import padded_attention as padded
 from moeserve.kernels import ops
 
-from .decode_attention import decode_lens, gather_padded, is_decode_only
+from .decode_attention import decode_lens, gather_padded, is_decode_only, split_mixed
 from .paged_attention import attend, attention_mask, gather_cache, sequences, write_cache
 from .rotary import RotaryEmbedding
 
@@ -60,22 +60,31 @@ class GQAttention(nn.Module):
         q, k = self.rotary.apply(q, *rope), self.rotary.apply(k, *rope)
         write_cache(self.k_cache, batch, k)
         write_cache(self.v_cache, batch, v)
+        split = split_mixed(batch, x.device)
+        if split is None:
+            return self.o_proj(self._attend(q, batch).reshape(t, -1))
+        out = torch.empty(t, self.num_heads, self.head_dim, dtype=q.dtype, device=x.device)
+        for part in split:  # the decodes, then the prefill chunks, each attended its own way
+            out[part.rows] = self._attend(q.index_select(0, part.rows), part.batch)
+        return self.o_proj(out.reshape(t, -1))
+
+    def _attend(self, q: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """Queries q [T, Hq, D] of `batch` over the cache (their KV already written) -> [T, Hq, D]."""
+        t, device = q.shape[0], q.device
         if is_decode_only(batch):  # one call for the batch, reading the paged cache in place
-            lens, longest = decode_lens(batch, x.device)
-            out = ops.paged_decode_attention(q, self.k_cache, self.v_cache, batch.block_tables, lens, self.scale,
-                                             longest, self.sliding_window)
-            return self.o_proj(out.reshape(t, -1))
+            lens, longest = decode_lens(batch, device)
+            return ops.paged_decode_attention(q, self.k_cache, self.v_cache, batch.block_tables, lens, self.scale,
+                                              longest, self.sliding_window)
         key_bytes = 2 * self.num_kv_heads * self.head_dim * q.element_size()
-        if padded.fits(batch, self.num_heads, key_bytes):  # prefill and mixed steps: one padded call
+        if padded.fits(batch, self.num_heads, key_bytes):  # prefill steps: one padded call
             keys = gather_padded(self.k_cache, batch).to(q.dtype)
             values = gather_padded(self.v_cache, batch).to(q.dtype)
-            out = padded.attend_padded(q, keys, values, self.scale, padded.layout(batch, x.device),
-                                       padded.mask(batch, x.device, self.sliding_window))
-            return self.o_proj(out.reshape(t, -1))
-        out = torch.empty(t, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
+            return padded.attend_padded(q, keys, values, self.scale, padded.layout(batch, device),
+                                        padded.mask(batch, device, self.sliding_window))
+        out = torch.empty(t, self.num_heads, self.head_dim, dtype=q.dtype, device=device)
         for seq, rows, q_len, ctx_len in sequences(batch):
             keys = gather_cache(self.k_cache, batch, seq, ctx_len).to(q.dtype)
             values = gather_cache(self.v_cache, batch, seq, ctx_len).to(q.dtype)
-            mask = attention_mask(q_len, ctx_len, self.sliding_window, x.device)
+            mask = attention_mask(q_len, ctx_len, self.sliding_window, device)
             out[rows] = attend(q[rows], keys, values, self.scale, mask)
-        return self.o_proj(out.reshape(t, -1))
+        return out

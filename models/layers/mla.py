@@ -17,7 +17,8 @@ from .norm import RMSNorm
 from . import padded_attention as padded
 from moeserve.kernels import ops
 
-from .decode_attention import attend_decode, batched_fits, decode_lens, decode_mask, gather_padded, is_decode_only
+from .decode_attention import (attend_decode, batched_fits, decode_lens, decode_mask, gather_padded, is_decode_only,
+                               split_mixed)
 from .paged_attention import attend, attention_mask, gather_cache, sequences, write_cache
 from .rotary import RotaryEmbedding, softmax_mscale
 
@@ -72,29 +73,39 @@ class MLAttention(nn.Module):
         write_cache(self.latent_cache, batch, torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1))
 
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        split = split_mixed(batch, x.device)
+        if split is None:
+            return self.o_proj(self._attend(q_nope, q_pe, w_kv, batch).reshape(t, -1))
+        out = torch.empty(t, self.num_heads, self.v_dim, dtype=x.dtype, device=x.device)
+        for part in split:  # the decodes, then the prefill chunks, each attended its own way
+            out[part.rows] = self._attend(q_nope.index_select(0, part.rows), q_pe.index_select(0, part.rows), w_kv,
+                                          part.batch)
+        return self.o_proj(out.reshape(t, -1))
+
+    def _attend(self, q_nope, q_pe, w_kv, batch: AttentionBatch) -> torch.Tensor:
+        """Queries of `batch` over the cached latents (already written) -> [T, H, v_dim]."""
+        t, device, dtype = q_nope.shape[0], q_nope.device, q_nope.dtype
         if is_decode_only(batch):
-            lens, longest = decode_lens(batch, x.device)
+            lens, longest = decode_lens(batch, device)
             if self.kv_lora_rank + self.rope_dim < longest * (self.nope_dim + self.v_dim):
-                out = self._decode_absorbed(q_nope, q_pe, w_kv, lens, longest, batch.block_tables)
-                return self.o_proj(out.reshape(t, -1))
+                return self._decode_absorbed(q_nope, q_pe, w_kv, lens, longest, batch.block_tables)
             if batched_fits(batch, self.latent_cache):  # contexts of a token or two: expanding is cheaper
-                cached = gather_padded(self.latent_cache, batch).to(x.dtype)
-                out = self._decode_expanded(q_nope, q_pe, cached, decode_mask(batch, x.device, None))
-                return self.o_proj(out.reshape(t, -1))
+                cached = gather_padded(self.latent_cache, batch).to(dtype)
+                return self._decode_expanded(q_nope, q_pe, cached, decode_mask(batch, device, None))
         # per padded key: the latent, and the expanded keys and values when the sizes favour expanding
         key_bytes = (self.kv_lora_rank + self.rope_dim
-                     + self.num_heads * (self.nope_dim + self.rope_dim + self.v_dim)) * x.element_size()
-        if padded.fits(batch, self.num_heads, key_bytes):  # prefill and mixed steps: one padded call
-            return self.o_proj(self._attend_padded(q_nope, q_pe, w_kv, batch).reshape(t, -1))
-        out = torch.empty(t, self.num_heads, self.v_dim, dtype=x.dtype, device=x.device)
+                     + self.num_heads * (self.nope_dim + self.rope_dim + self.v_dim)) * q_nope.element_size()
+        if padded.fits(batch, self.num_heads, key_bytes):  # prefill steps: one padded call
+            return self._attend_padded(q_nope, q_pe, w_kv, batch)
+        out = torch.empty(t, self.num_heads, self.v_dim, dtype=dtype, device=device)
         for seq, rows, q_len, ctx_len in sequences(batch):
-            cached = gather_cache(self.latent_cache, batch, seq, ctx_len).to(x.dtype)
-            mask = attention_mask(q_len, ctx_len, None, x.device)
+            cached = gather_cache(self.latent_cache, batch, seq, ctx_len).to(dtype)
+            mask = attention_mask(q_len, ctx_len, None, device)
             if q_len * (self.kv_lora_rank + self.rope_dim) < ctx_len * (self.nope_dim + self.v_dim):
                 out[rows] = self._attend_absorbed(q_nope[rows], q_pe[rows], cached, w_kv, mask)
             else:
                 out[rows] = self._attend_expanded(q_nope[rows], q_pe[rows], cached, mask)
-        return self.o_proj(out.reshape(t, -1))
+        return out
 
     def _decode_absorbed(self, q_nope, q_pe, w_kv, lens, longest, block_tables) -> torch.Tensor:
         """One query per sequence attending the cached latents in place (paged decode attention with
