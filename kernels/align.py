@@ -42,6 +42,14 @@ class Alignment:
     num_slots: int
 
 
+def counting_plan(num_slots: int) -> tuple[bool, int]:
+    """(fused, num_chunks): each program counts every slot itself (one launch), or a counting launch
+    of num_chunks programs of CHUNK slots first. Its power-of-two round-up is a constexpr of the
+    scatter kernel: a new one means a new compile."""
+    fused = num_slots <= FUSED_MAX_SLOTS
+    return fused, 1 if fused else triton.cdiv(num_slots, CHUNK)
+
+
 def max_padded_slots(num_slots: int, num_experts: int, block_m: int) -> int:
     """Upper bound of the padded length: each expert that has pairs adds at most block_m - 1 pads."""
     return num_slots + min(num_experts, num_slots) * (block_m - 1)
@@ -138,8 +146,7 @@ def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
     num_padded = empty(1, dtype=torch.int32, device=dev)
     counts = empty(num_experts, dtype=torch.int32, device=dev)
     e_pad = triton.next_power_of_2(num_experts)
-    fused = s <= FUSED_MAX_SLOTS
-    num_chunks = 1 if fused else triton.cdiv(s, CHUNK)
+    fused, num_chunks = counting_plan(s)
     chunk_counts = ids
     if not fused:
         chunk_counts = empty(num_chunks, e_pad, dtype=torch.int32, device=dev)

@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import align
-from .align import Alignment, align_block_size
+from .align import Alignment, align_block_size, counting_plan
 from .configs import GemmConfig, MoeConfig, get_config
 from .launch import empty, interpreting
 from .weights import ExpertWeights
@@ -349,13 +348,11 @@ def fused_experts(
 
 def launch_signature(num_tokens: int, weights: ExpertWeights, top_k: int, device: torch.device) -> tuple:
     """What decides which compiled kernels a call of `num_tokens` tokens launches: its configuration
-    and the alignment's constexprs (kernels/align.py: one fused launch, or the number of counting
+    and the alignment's constexprs (align.counting_plan: one fused launch, or the number of counting
     chunks rounded up to a power of two). Two calls of one signature run the same compiled kernels."""
     cfg = get_config(_device_name(device), num_tokens, weights.num_experts, weights.hidden_size,
                      weights.intermediate_size, top_k, weights.quant)
-    slots = num_tokens * top_k
-    fused = slots <= align.FUSED_MAX_SLOTS
-    chunks = 1 if fused else triton.cdiv(slots, align.CHUNK)
+    fused, chunks = counting_plan(num_tokens * top_k)
     return cfg, fused, triton.next_power_of_2(chunks)
 
 

@@ -11,7 +11,7 @@ from .norm import RMSNorm
 from . import padded_attention as padded
 from moeserve.kernels import ops
 
-from .decode_attention import decode_lens, gather_padded, is_decode_only, split_mixed
+from .decode_attention import decode_lens, gather_padded, is_decode_only
 from .paged_attention import attend, attention_mask, gather_cache, sequences, write_cache
 from .rotary import RotaryEmbedding
 
@@ -60,7 +60,7 @@ class GQAttention(nn.Module):
         q, k = self.rotary.apply(q, *rope), self.rotary.apply(k, *rope)
         write_cache(self.k_cache, batch, k)
         write_cache(self.v_cache, batch, v)
-        split = split_mixed(batch, x.device)
+        split = padded.split_mixed(batch, x.device)
         if split is None:
             return self.o_proj(self._attend(q, batch).reshape(t, -1))
         out = torch.empty(t, self.num_heads, self.head_dim, dtype=q.dtype, device=x.device)

@@ -17,8 +17,7 @@ from .norm import RMSNorm
 from . import padded_attention as padded
 from moeserve.kernels import ops
 
-from .decode_attention import (attend_decode, batched_fits, decode_lens, decode_mask, gather_padded, is_decode_only,
-                               split_mixed)
+from .decode_attention import attend_decode, batched_fits, decode_lens, decode_mask, gather_padded, is_decode_only
 from .paged_attention import attend, attention_mask, gather_cache, sequences, write_cache
 from .rotary import RotaryEmbedding, softmax_mscale
 
@@ -73,7 +72,7 @@ class MLAttention(nn.Module):
         write_cache(self.latent_cache, batch, torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1))
 
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        split = split_mixed(batch, x.device)
+        split = padded.split_mixed(batch, x.device)
         if split is None:
             return self.o_proj(self._attend(q_nope, q_pe, w_kv, batch).reshape(t, -1))
         out = torch.empty(t, self.num_heads, self.v_dim, dtype=x.dtype, device=x.device)

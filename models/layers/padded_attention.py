@@ -1,4 +1,4 @@
-"""Attention for prefill and mixed steps in one padded call per layer, not one call per sequence.
+"""Attention for prefill chunks in one padded call per layer, not one call per sequence.
 
 The per-sequence loop (paged_attention.py) costs some fifteen kernel launches per sequence per
 layer; a step that prefills 32 prompts on a GPU spent most of its time launching them. Here the
@@ -11,11 +11,15 @@ The layout is built once per step on the device from three small host lists (que
 context lengths, row offsets) and kept on the AttentionBatch for every layer. Steps whose padded
 score matrix or padded keys would be very large (one long context beside many short ones) keep the
 per-sequence loop, which reads each sequence's own context only.
+
+A mixed step (decodes beside prefill chunks) is split first (`split_mixed`): its decodes go to the
+paged decode path, and only its chunks are padded here, among themselves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -88,3 +92,44 @@ def attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     out = F.scaled_dot_product_attention(qp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
                                          scale=scale, enable_gqa=hq != k.shape[2])
     return out.transpose(1, 2).reshape(b * lq, hq, v.shape[-1]).index_select(0, lay.out_index)
+
+
+@dataclass
+class Part:
+    """Some of a step's sequences: their rows in the step's flat batch, and a batch of them alone."""
+
+    rows: torch.Tensor  # [n] int64, on the model's device
+    batch: AttentionBatch
+
+
+def split_mixed(batch: AttentionBatch, device: torch.device) -> tuple[Part, Part] | None:
+    """A step with both decodes (one new token) and prefill chunks, as (decodes, prefills); None for a
+    step of one kind or a fixed-shape step. Attended as one padded call, every decode's single query
+    would be padded to the longest chunk (63 decodes beside one 256-token chunk: 64 x 256 query rows
+    for 319 real ones); apart, the decodes read the cache in place (paged decode attention) and the
+    chunks pad only among themselves. Built once per step, kept on the batch for every layer."""
+    if batch.padded_len is not None:
+        return None
+    memo = batch.__dict__.setdefault("_mixed_split", {})
+    if device not in memo:
+        decodes = [i for i, q in enumerate(batch.query_lens) if q == 1]
+        if not decodes or len(decodes) == batch.num_seqs:
+            memo[device] = None
+        else:
+            chunks = [i for i, q in enumerate(batch.query_lens) if q != 1]
+            starts = [0, *accumulate(batch.query_lens)]
+            memo[device] = tuple(_part(batch, seqs, starts, device) for seqs in (decodes, chunks))
+    return memo[device]
+
+
+def _part(batch: AttentionBatch, seqs: list[int], starts: list[int], device: torch.device) -> Part:
+    rows = [r for i in seqs for r in range(starts[i], starts[i] + batch.query_lens[i])]
+    host = torch.tensor(rows, dtype=torch.int64)
+    rows_t = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    index = torch.tensor(seqs, dtype=torch.int64)
+    tables = batch.block_tables.index_select(0, index.to(batch.block_tables.device, non_blocking=True))
+    slots = batch.slot_mapping.index_select(0, rows_t.to(batch.slot_mapping.device))
+    sub = AttentionBatch(query_lens=[batch.query_lens[i] for i in seqs],
+                         context_lens=[batch.context_lens[i] for i in seqs],
+                         block_tables=tables, slot_mapping=slots, block_size=batch.block_size)
+    return Part(rows_t, sub)

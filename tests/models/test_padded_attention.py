@@ -55,13 +55,11 @@ def test_padded_equals_per_sequence_loop(case, hf_checkpoint, monkeypatch):
 @pytest.mark.parametrize("case", ["deepseek_v3", "qwen3_moe", "mixtral-window"])
 def test_mixed_steps_split_equals_one_padded_call(case, hf_checkpoint, monkeypatch):
     """Mixed steps attend their decodes through the paged decode path and their prefill chunks padded
-    among themselves (decode_attention.split_mixed): the same tokens as the whole step in one padded
+    among themselves (padded_attention.split_mixed): the same tokens as the whole step in one padded
     call, with every decode's query padded to the longest chunk."""
-    from moeserve.models.layers import attention, mla
-
     path = str(hf_checkpoint(case.split("-")[0], seed=2, **CASES[case]))
     splits = []
-    real = attention.split_mixed
+    real = padded_attention.split_mixed
 
     def counting(batch, device):
         split = real(batch, device)
@@ -72,11 +70,9 @@ def test_mixed_steps_split_equals_one_padded_call(case, hf_checkpoint, monkeypat
             splits.append(1)
         return split
 
-    for module in (attention, mla):
-        monkeypatch.setattr(module, "split_mixed", counting)
+    monkeypatch.setattr(padded_attention, "split_mixed", counting)
     got, _ = _serve(path)
     assert splits, "mixed steps were meant to be split"
-    for module in (attention, mla):
-        monkeypatch.setattr(module, "split_mixed", lambda batch, device: None)
+    monkeypatch.setattr(padded_attention, "split_mixed", lambda batch, device: None)
     want, _ = _serve(path)
     assert got == want
