@@ -22,13 +22,16 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Tile and launch parameters of one grouped GEMM (block_m is shared, see MoeConfig)."""
+    """Tile and launch parameters of one grouped GEMM (block_m is shared, see MoeConfig); tma: weight
+    tiles (and the down GEMM's activation tiles) loaded by the tensor-memory accelerator (Hopper and
+    later) rather than per thread."""
 
     block_n: int = 64
     block_k: int = 64
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -89,15 +92,19 @@ SAME_PROCESSOR = (
 
 @functools.lru_cache(maxsize=None)
 def load_table(device_name: str) -> dict:
-    """The parsed table of a GPU (or of a GPU with the same processor), {} when the repo has none."""
+    """The parsed table of a GPU, {} when the repo has none. Token buckets it lacks come from the
+    tables of GPUs with the same processor (a table tuned only where it matters, e.g. an H200's large
+    batches, keeps the H100's entries for the rest); its own buckets win."""
     names = [device_name] + [other for group in SAME_PROCESSOR if device_name in group
                              for other in group if other != device_name]
-    for name in names:
+    merged: dict = {}
+    for name in reversed(names):
         path = CONFIG_DIR / device_file_name(name)
         if path.exists():
             with path.open() as f:
-                return json.load(f)
-    return {}
+                for key, buckets in json.load(f).items():
+                    merged.setdefault(key, {}).update(buckets)
+    return merged
 
 
 def default_config(num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,

@@ -15,12 +15,18 @@ their weights read.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side TMA descriptors: Triton 3.4 and later; before, `tma` configurations load per thread
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    TensorDescriptor = None
 
 from .align import Alignment, align_block_size, counting_plan
 from .configs import GemmConfig, MoeConfig, get_config
@@ -86,15 +92,20 @@ def _store_rounded(ptrs, x, mask, INTERPRET: tl.constexpr):
 @triton.jit(do_not_specialize=["S", "E", "top_k", "max_blocks", "gate_scale_rows"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, b_scale_ptr, topk_w_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, ids_ptr,
-    a_scale_ptr, N, K, S, E, top_k, max_blocks, gate_scale_rows,
+    a_scale_ptr, a_desc, b_desc, N, K, S, E, top_k, max_blocks, gate_scale_rows,
     stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn, stride_sk, stride_asm,
     A_BY_TOKEN: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, QUANT: tl.constexpr,
     INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, PER_SLOT: tl.constexpr, A_FP8: tl.constexpr,
+    TMA_A: tl.constexpr, TMA_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = A @ B[e].T over one BLOCK_M run of expert e; N output columns (I when GATED: the up rows
     sit N rows below the gate rows), K the reduction length. PER_SLOT: block m is slot m alone.
-    A_FP8: A is already e4m3 with one scale per row and 128-wide K group (a_scale_ptr)."""
+    A_FP8: A is already e4m3 with one scale per row and 128-wide K group (a_scale_ptr).
+    TMA_B: the weight tiles come through b_desc (B as [E * rows per expert, K], tiles [BLOCK_N,
+    BLOCK_K]) by the tensor-memory accelerator instead of per-thread loads; TMA_A likewise for A when
+    its rows are the block's own (the down GEMM), tiles [BLOCK_M, BLOCK_K]. Reads past K are zeros;
+    A's rows past the run are padding whose products are never stored."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_pid_n
@@ -133,19 +144,31 @@ def _moe_gemm_kernel(
         s_base = b_scale_ptr + expert * stride_se
         gate_srow = offs_n // 128
         up_srow = gate_scale_rows + offs_n // 128
+    if TMA_B:  # TMA coordinates are int32: E * rows per expert stays far below 2**31
+        b_row = expert.to(tl.int32) * (stride_be // stride_bn).to(tl.int32) + pid_n * BLOCK_N
+    if TMA_A:
+        a_row = pid_m * BLOCK_M
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if GATED:
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
+        if TMA_A:
+            a = a_desc.load([a_row, k0])
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+        if TMA_B:
+            b = b_desc.load([b_row, k0]).T
+            if GATED:
+                bu = b_desc.load([b_row + N, k0]).T
+        elif EVEN_K:
             b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
             if GATED:
                 bu = tl.load(b_ptrs + up_shift, mask=n_ok[None, :], other=0.0)
         else:
             k_ok = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if GATED:
                 bu = tl.load(b_ptrs + up_shift, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -253,10 +276,21 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
+def _descriptor(t: torch.Tensor | None, rows: int, cols: int, wanted: bool):
+    """A TMA descriptor of 2-D t in [rows, cols] tiles, or None when not wanted or not possible
+    (the accelerator needs 16-byte aligned base and row stride and a contiguous last dimension);
+    the kernel then loads the same tiles per thread."""
+    if not wanted or TensorDescriptor is None or t is None or t.dim() != 2 or t.stride(1) != 1:
+        return None
+    if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+        return None
+    return TensorDescriptor.from_tensor(t, [rows, cols])
+
+
 def _gemm(a, b, c, scale, topk_w, plan: SlotPlan, n, k, gate_scale_rows, cfg: GemmConfig, *,
           a_by_token: bool, gated: bool, mul_weight: bool, quant: str, a_scale: torch.Tensor | None = None):
     if quant == "fp8" and cfg.block_k != FP8_GROUP:
-        cfg = GemmConfig(cfg.block_n, FP8_GROUP, cfg.group_m, cfg.num_warps, cfg.num_stages)
+        cfg = dataclasses.replace(cfg, block_k=FP8_GROUP)
     max_blocks = plan.num_blocks
     grid = (max_blocks * triton.cdiv(n, cfg.block_n),)
     if scale is None:
@@ -266,14 +300,18 @@ def _gemm(a, b, c, scale, topk_w, plan: SlotPlan, n, k, gate_scale_rows, cfg: Ge
     runs = plan.runs
     sorted_ids, block_expert, num_padded = (plan.ids,) * 3 if runs is None else (
         runs.sorted_ids, runs.block_expert, runs.num_padded)
+    b_desc = _descriptor(b.view(-1, b.shape[-1]) if b.is_contiguous() else None, cfg.block_n, cfg.block_k, cfg.tma)
+    # A's rows can be a tile only where a block's rows are its own padded positions (the down GEMM).
+    a_desc = _descriptor(a, plan.block_m, cfg.block_k, cfg.tma and not a_by_token and runs is not None)
     _moe_gemm_kernel[grid](
         a, b, c, scale, topk_w, sorted_ids, block_expert, num_padded, plan.ids,
-        a if a_scale is None else a_scale, n, k, plan.ids.numel(), plan.num_experts, plan.top_k, max_blocks,
+        a if a_scale is None else a_scale, a_desc or a, b_desc or b,
+        n, k, plan.ids.numel(), plan.num_experts, plan.top_k, max_blocks,
         gate_scale_rows, a.stride(0), b.stride(0), b.stride(1), c.stride(0), *strides,
         0 if a_scale is None else a_scale.stride(0),
         A_BY_TOKEN=a_by_token, GATED=gated, MUL_WEIGHT=mul_weight, QUANT=QUANT_CODES[quant],
         INTERPRET=interpreting(), EVEN_K=k % cfg.block_k == 0, PER_SLOT=runs is None, A_FP8=a_scale is not None,
-        BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        TMA_A=a_desc is not None, TMA_B=b_desc is not None, BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

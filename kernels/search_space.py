@@ -7,6 +7,7 @@ memory would not fit are left out before anything is compiled.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from .configs import GemmConfig
@@ -36,7 +37,8 @@ def smem_bytes(block_m: int, cfg: GemmConfig, gated: bool, weight_bytes: int) ->
 
 
 def gemm_choices(block_m: int, quant: str, gated: bool) -> list[GemmConfig]:
-    """Candidate GemmConfigs for one GEMM (gated: the gate/up GEMM)."""
+    """Candidate GemmConfigs for one GEMM (gated: the gate/up GEMM). Tensor-core tiles (64 rows and
+    more) are tried with per-thread loads and with TMA loads; weight streaming keeps per-thread loads."""
     weight_bytes = 2 if quant == "bf16" else 1
     block_ks = [128] if quant == "fp8" else [64, 128, 256]
     if block_m <= 32:
@@ -52,6 +54,8 @@ def gemm_choices(block_m: int, quant: str, gated: bool) -> list[GemmConfig]:
             continue  # tiny tiles only pay with long K steps
         if smem_bytes(block_m, cfg, gated, weight_bytes) <= SMEM_LIMIT:
             out.append(cfg)
+            if block_m >= 64:
+                out.append(dataclasses.replace(cfg, tma=True))
     return out
 
 

@@ -128,6 +128,9 @@ class LaunchRecorder:
                 consts[name] = False if name == "INTERPRET" else value
             elif hasattr(value, "dtype") and hasattr(value, "data_ptr"):
                 types[name] = "*" + TRITON_TYPES[str(value.dtype)]
+            elif type(value).__name__ == "TensorDescriptor":  # e.g. 'tensordesc<bf16[32, 128]>'
+                from triton.runtime.jit import mangle_type
+                types[name] = mangle_type(value)
             elif isinstance(value, bool):
                 types[name] = "i1"
             elif isinstance(value, int):

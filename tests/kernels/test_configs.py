@@ -28,12 +28,13 @@ def test_nearest_bucket_and_default(tmp_path, monkeypatch):
 
 
 def test_same_processor_borrows_a_table(tmp_path, monkeypatch):
-    """A GPU with no table of its own uses its processor's (an H200 the H100's); its own wins once
-    it exists; a GPU of another processor gets the defaults."""
+    """A GPU with no table of its own uses its processor's (an H200 the H100's); its own buckets win
+    once it has them, the borrowed table still fills the rest; a GPU of another processor gets the
+    defaults."""
     a = MoeConfig(16, GemmConfig(block_n=32), GemmConfig(block_n=64))
     b = MoeConfig(32, GemmConfig(block_n=64), GemmConfig(block_n=128))
     key = configs.shape_key(128, 2048, 768, 8, "bf16")
-    (tmp_path / "NVIDIA_H100_80GB_HBM3.json").write_text(json.dumps({key: {"8": a.to_dict()}}))
+    (tmp_path / "NVIDIA_H100_80GB_HBM3.json").write_text(json.dumps({key: {"8": a.to_dict(), "1024": a.to_dict()}}))
     monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
     configs.load_table.cache_clear()
     configs.get_config.cache_clear()
@@ -45,6 +46,8 @@ def test_same_processor_borrows_a_table(tmp_path, monkeypatch):
         configs.load_table.cache_clear()
         configs.get_config.cache_clear()
         assert configs.get_config("NVIDIA H200", 8, 128, 2048, 768, 8) == b
+        assert configs.get_config("NVIDIA H200", 1024, 128, 2048, 768, 8) == a
+        assert configs.get_config("NVIDIA H100 80GB HBM3", 8, 128, 2048, 768, 8) == a
     finally:
         configs.load_table.cache_clear()
         configs.get_config.cache_clear()

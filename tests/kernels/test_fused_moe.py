@@ -4,6 +4,8 @@ Every buffer the wrappers allocate is poisoned with NaN (conftest), so an unwrit
 a kernel reading an unwritten intermediate row, fails the finite check.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from kernel_cases import DEVICE, ON_GPU, ROW_TOL, TOL, gpu, random_experts, random_hidden, random_routing, rel_err, row_errs
@@ -17,6 +19,11 @@ from moeserve.kernels.weights import ExpertWeights, quantize_experts
 SMALL = MoeConfig(16, GemmConfig(block_n=16, block_k=32), GemmConfig(block_n=32, block_k=32))
 WIDE_M = MoeConfig(32, GemmConfig(block_n=32, block_k=64), GemmConfig(block_n=32, block_k=64))
 PER_SLOT = MoeConfig(16, GemmConfig(block_n=16, block_k=32), GemmConfig(block_n=32, block_k=32), per_slot=True)
+# The same tiles loaded through TMA descriptors (weights; the down GEMM's activations too).
+SMALL_TMA = MoeConfig(16, GemmConfig(block_n=16, block_k=32, tma=True), GemmConfig(block_n=32, block_k=32, tma=True))
+WIDE_M_TMA = MoeConfig(32, GemmConfig(block_n=32, block_k=64, tma=True), GemmConfig(block_n=32, block_k=64, tma=True))
+PER_SLOT_TMA = MoeConfig(16, GemmConfig(block_n=16, block_k=32, tma=True), GemmConfig(block_n=32, block_k=32, tma=True),
+                         per_slot=True)
 
 
 def oracle(hidden, weights: ExpertWeights, ids, w):
@@ -53,6 +60,10 @@ CASES = [  # (T, H, I, E, k, drop, config)
     (1, 64, 32, 8, 2, 0.0, None),  # defaults at one token: the per-slot decode path
     (1, 80, 48, 8, 3, 0.0, PER_SLOT),  # per-slot, H and I not multiples of the blocks
     (11, 64, 32, 4, 3, 0.3, PER_SLOT),  # per-slot with experts shared by tokens and slots held elsewhere
+    (37, 80, 48, 8, 3, 0.0, SMALL_TMA),  # TMA: tiles past N, K and the runs' rows
+    (21, 64, 32, 6, 2, 0.3, SMALL_TMA),  # TMA with slots held elsewhere
+    (70, 64, 64, 4, 2, 0.0, WIDE_M_TMA),  # TMA, several blocks per expert
+    (1, 80, 48, 8, 3, 0.0, PER_SLOT_TMA),  # TMA on the per-slot path (weights only)
 ]
 
 
@@ -83,16 +94,21 @@ def test_token_with_no_expert_held_here_is_zero(gen):
     assert (out[2] == 0).all()
 
 
-@pytest.mark.parametrize("quant,prequant", [("fp8", False), ("fp8", True), ("int8", False)])
-@pytest.mark.parametrize("t,h,i,e,k,drop", [(1, 128, 64, 8, 2, 0.0), (29, 256, 192, 6, 3, 0.2), (6, 160, 96, 4, 4, 0.0)])
-def test_quantized_match_dequantized_reference(quant, prequant, t, h, i, e, k, drop, gen):
+QUANT_SHAPES = [(1, 128, 64, 8, 2, 0.0), (29, 256, 192, 6, 3, 0.2), (6, 160, 96, 4, 4, 0.0)]
+
+
+@pytest.mark.parametrize("quant,prequant,tma", [("fp8", False, False), ("fp8", True, False), ("int8", False, False),
+                                                ("fp8", False, True), ("fp8", True, True), ("int8", False, True)])
+@pytest.mark.parametrize("t,h,i,e,k,drop", QUANT_SHAPES)
+def test_quantized_match_dequantized_reference(quant, prequant, tma, t, h, i, e, k, drop, gen):
     """I = 96 / 192 are not multiples of 128: gate and up keep separate FP8 scale grids. prequant:
-    activations quantised once by their own kernel instead of inside the GEMMs."""
+    activations quantised once by their own kernel instead of inside the GEMMs. tma: FP8 / INT8
+    weight tiles (and prequantised activations) through TMA descriptors."""
     hidden = random_hidden(t, h, gen)
     weights = quantize_experts(ExpertWeights(*random_experts(e, h, i, gen)), quant)
     ids, w = random_routing(t, e, k, gen, drop=drop)
-    cfg = MoeConfig(16, GemmConfig(block_n=32, block_k=128), GemmConfig(block_n=64, block_k=128), per_slot=t == 1,
-                    prequant=prequant)
+    cfg = MoeConfig(16, GemmConfig(block_n=32, block_k=128, tma=tma), GemmConfig(block_n=64, block_k=128, tma=tma),
+                    per_slot=t == 1, prequant=prequant)
     check(hidden, weights, ids, w, cfg)
 
 
@@ -149,6 +165,23 @@ def test_real_shapes_quantized(quant, name, t, gen):
         for prequant in (False, True):
             cfg = default_config(t, e, h, i, k, quant)
             check(hidden, weights, ids, w, MoeConfig(cfg.block_m, cfg.up, cfg.down, cfg.per_slot, prequant))
+
+
+@gpu
+@pytest.mark.parametrize("quant", ["bf16", "fp8"])
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "deepseek-v2-lite", "mixtral-8x7b"])
+@pytest.mark.parametrize("t", [1, 64, 4096])
+def test_real_shapes_through_tma(quant, name, t, gen):
+    """The default tiles with their loads through TMA descriptors, whatever the table picked."""
+    h, i, e, k = REAL[name]
+    hidden = random_hidden(t, h, gen)
+    weights = ExpertWeights(*random_experts(e, h, i, gen))
+    if quant != "bf16":
+        weights = quantize_experts(weights, quant)
+    ids, w = random_routing(t, e, k, gen, drop=0.05)
+    cfg = default_config(t, e, h, i, k, quant)
+    check(hidden, weights, ids, w, dataclasses.replace(cfg, up=dataclasses.replace(cfg.up, tma=True),
+                                                       down=dataclasses.replace(cfg.down, tma=True)))
 
 
 def test_warm_up_runs_each_launch_signature_once(gen, monkeypatch):

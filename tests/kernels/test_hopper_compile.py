@@ -27,11 +27,13 @@ def test_moe_and_gating_kernels_compile_for_hopper(gen):
     w13, w2 = random_experts(e, h, i, gen)
     bf16 = ExpertWeights(w13, w2)
     small = GemmConfig(block_n=32, block_k=128, num_warps=4, num_stages=3)
+    tma = GemmConfig(block_n=32, block_k=128, num_warps=4, num_stages=3, tma=True)
     with LaunchRecorder() as rec:
         for weights in (bf16, quantize_experts(bf16, "fp8"), quantize_experts(bf16, "int8")):
             for t, cfg in ((1, MoeConfig(16, small, small, per_slot=True)),
                            (37, MoeConfig(16, small, small)),
-                           (37, MoeConfig(16, small, small, prequant=weights.quant == "fp8"))):
+                           (37, MoeConfig(16, small, small, prequant=weights.quant == "fp8")),
+                           (37, MoeConfig(16, tma, tma, prequant=weights.quant == "fp8"))):
                 ids, w = random_routing(t, e, k, gen)
                 fused_moe.fused_experts(random_hidden(t, h, gen), weights, ids, w, cfg)
         logits = torch.randn(37, 64, generator=gen).bfloat16()
@@ -40,6 +42,7 @@ def test_moe_and_gating_kernels_compile_for_hopper(gen):
                          correction_bias=torch.zeros(64), routed_scaling_factor=2.5)
     jobs = rec.jobs()
     assert len(jobs) >= 10
+    assert any("tensordesc" in t for j in jobs for t in j.types.values())  # the TMA loads were taken
     assert {j.kernel for j in jobs} >= {"_moe_gemm_kernel", "_combine_kernel", "_act_quant_kernel",
                                         "_softmax_topk_kernel", "_grouped_topk_kernel"}
     assert compile_for_hopper(jobs) == {}
