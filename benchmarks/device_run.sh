@@ -8,7 +8,7 @@
 #   bash benchmarks/device_run.sh tests        # only the GPU tests (serving path and kernels)
 #   bash benchmarks/device_run.sh serving      # only bench_serving (both models, moeserve and HF)
 #   TESTS="tests/kernels/test_paged_decode_attention.py" bash benchmarks/device_run.sh   # other GPU tests
-#   bash benchmarks/device_run.sh kernels      # kernel tests, autotune (TUNE_ARGS), bench_kernels (BENCH_ARGS);
+#   bash benchmarks/device_run.sh kernels      # kernel tests (TEST_S=0: none), autotune (TUNE_ARGS), bench_kernels (BENCH_ARGS);
 #                                              # the tuned table is copied to $OUT/configs
 #
 # Each part has its own time limit, so one that hangs leaves the others their time.
@@ -30,7 +30,9 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
         ${TESTS:-tests/router/test_decode_graphs.py tests/models/test_padded_attention.py tests/kernels} 2>&1 | tail -8
 fi
 if [ "$what" = kernels ]; then
-    timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -o addopts="" -n 4 tests/kernels 2>&1 | tail -8
+    if [ "${TEST_S:-150}" != 0 ]; then
+        timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -o addopts="" -n 4 tests/kernels 2>&1 | tail -8
+    fi
     timeout ${TUNE_S:-300} python3 benchmarks/autotune_kernels.py --log "$OUT/autotune.json" ${TUNE_ARGS:-} 2>&1 | tail -30
     mkdir -p "$OUT/configs" && cp kernels/configs/*.json "$OUT/configs/"
     timeout ${KBENCH_S:-200} python3 benchmarks/bench_kernels.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tail -45

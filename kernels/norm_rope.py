@@ -93,3 +93,104 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
                                                     HALF=half, INTERLEAVED=interleaved, BLOCK_H=block_h,
                                                     BLOCK_HALF=block_half, num_warps=4)
     return out
+
+
+@triton.jit
+def _norm_rope_heads(row, stride_h, heads, hb, w_ptr, c, s, eps, NORM: tl.constexpr, HALF: tl.constexpr,
+                     INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Heads hb*BLOCK_H.. of one token's row: RMSNorm (NORM) as _rms_norm_kernel rounds it, then the
+    rotation as _rotary_kernel computes it. Returns the two rotated halves (float32), the heads,
+    the element offsets of each half and the mask."""
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    i = tl.arange(0, BLOCK_HALF)
+    i_ok = i < HALF
+    ok = (h < heads)[:, None] & i_ok[None, :]
+    if INTERLEAVED:
+        first, second = 2 * i, 2 * i + 1
+    else:
+        first, second = i, i + HALF
+    src = row + h[:, None] * stride_h
+    x1 = tl.load(src + first[None, :], mask=ok, other=0.0)
+    dtype = x1.dtype
+    x1 = x1.to(tl.float32)
+    x2 = tl.load(src + second[None, :], mask=ok, other=0.0).to(tl.float32)
+    if NORM:
+        inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
+        w1 = tl.load(w_ptr + first, mask=i_ok, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + second, mask=i_ok, other=0.0).to(tl.float32)
+        x1 = ((x1 * inv[:, None]).to(dtype).to(tl.float32) * w1[None, :]).to(dtype).to(tl.float32)
+        x2 = ((x2 * inv[:, None]).to(dtype).to(tl.float32) * w2[None, :]).to(dtype).to(tl.float32)
+    o1 = x1 * c[None, :] - x2 * s[None, :]
+    o2 = x2 * c[None, :] + x1 * s[None, :]
+    return o1, o2, h, first, second, ok
+
+
+@triton.jit
+def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr, kc_ptr, vc_ptr, slot_ptr,
+                       hq, hk, q_blocks, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
+                       eps, NORM: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Token t (axis 0); axis 1: q_blocks blocks of query heads, then blocks of key/value heads.
+    Queries: normed, rotated, written to q_out [T, hq, D]. Keys: normed, rotated, written at the
+    token's cache slot; values copied there. Caches [slots, hk, D] contiguous."""
+    t = tl.program_id(0)
+    j = tl.program_id(1)
+    i = tl.arange(0, BLOCK_HALF)
+    i_ok = i < HALF
+    dtype = q_out_ptr.dtype.element_ty
+    # cos and sin are cast to the activations' dtype first, as the reference does before multiplying
+    c = tl.load(cos_ptr + t * stride_ct + i, mask=i_ok, other=0.0).to(dtype).to(tl.float32)
+    s = tl.load(sin_ptr + t * stride_ct + i, mask=i_ok, other=0.0).to(dtype).to(tl.float32)
+    t64 = t.to(tl.int64)
+    if j < q_blocks:
+        o1, o2, h, first, second, ok = _norm_rope_heads(q_ptr + t64 * stride_qt, stride_qh, hq, j, qw_ptr, c, s, eps,
+                                                        NORM, HALF, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+        q_dst = q_out_ptr + (t64 * hq + h[:, None]) * (2 * HALF)
+        tl.store(q_dst + first[None, :], o1.to(dtype), mask=ok)
+        tl.store(q_dst + second[None, :], o2.to(dtype), mask=ok)
+    else:
+        o1, o2, h, first, second, ok = _norm_rope_heads(k_ptr + t64 * stride_kt, stride_kh, hk, j - q_blocks, kw_ptr,
+                                                        c, s, eps, NORM, HALF, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        cache_dtype = kc_ptr.dtype.element_ty
+        at = (slot * hk + h[:, None]) * (2 * HALF)
+        tl.store(kc_ptr + at + first[None, :], o1.to(dtype).to(cache_dtype), mask=ok)
+        tl.store(kc_ptr + at + second[None, :], o2.to(dtype).to(cache_dtype), mask=ok)
+        v_row = v_ptr + t64 * stride_vt + h[:, None] * stride_vh
+        v1 = tl.load(v_row + first[None, :], mask=ok, other=0.0)
+        v2 = tl.load(v_row + second[None, :], mask=ok, other=0.0)
+        tl.store(vc_ptr + at + first[None, :], v1.to(cache_dtype), mask=ok)
+        tl.store(vc_ptr + at + second[None, :], v2.to(cache_dtype), mask=ok)
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                   eps: float = 0.0) -> torch.Tensor:
+    """One launch for what attention does to a step's new q, k, v [T, heads, D] (last dimension
+    contiguous) before attending: RMSNorm of q and k over D (when weights are given), the rotary
+    embedding of both by cos, sin [T, D/2], and k and v stored at slot_mapping [T] of the caches
+    [blocks, block_size, kv heads, D]. Returns the rotated q [T, heads, D]; the semantics of
+    reference.rope_and_cache."""
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("rope_and_cache writes contiguous KV caches")
+    tensors = []
+    for x in (q, k, v):
+        tensors.append(x if x.stride(-1) == 1 else x.contiguous())
+    q, k, v = tensors
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = empty(t, hq, d, dtype=q.dtype, device=q.device)
+    if t == 0:
+        return out
+    half = d // 2
+    block_half = triton.next_power_of_2(half)
+    block_h = max(1, min(triton.next_power_of_2(max(hq, hk)), 2048 // block_half))
+    q_blocks = triton.cdiv(hq, block_h)
+    norm = q_weight is not None
+    _rope_cache_kernel[(t, q_blocks + triton.cdiv(hk, block_h))](
+        q, k, v, q_weight if norm else q, k_weight if norm else k, cos, sin, out, k_cache, v_cache, slot_mapping,
+        hq, hk, q_blocks, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        eps, NORM=norm, HALF=half, INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4)
+    return out

@@ -26,6 +26,7 @@ __all__ = [
     "paged_decode_attention",
     "quantize_experts",
     "rms_norm",
+    "rope_and_cache",
     "router_logits",
     "softmax_topk",
     "stack_experts",
@@ -157,3 +158,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 
         return norm_rope.apply_rotary(x, cos, sin, interleaved)
     return reference.apply_rotary(x, cos, sin, interleaved)
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                   eps: float = 0.0) -> torch.Tensor:
+    """q/k RMSNorm (with weights), rotary embedding, and k, v into the paged caches; the rotated q
+    (reference.rope_and_cache). One launch on CUDA instead of six."""
+    if _on_gpu(q, "norm_rope"):
+        from . import norm_rope
+
+        return norm_rope.rope_and_cache(q, k, v, cos, sin, interleaved, k_cache, v_cache, slot_mapping,
+                                        q_weight, k_weight, eps)
+    return reference.rope_and_cache(q, k, v, cos, sin, interleaved, k_cache, v_cache, slot_mapping,
+                                    q_weight, k_weight, eps)

@@ -294,3 +294,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                   eps: float = 0.0) -> torch.Tensor:
+    """Attention's work on a step's new q, k, v [T, heads, D] before attending: RMSNorm of q and k
+    (when weights are given), the rotary embedding of both, k and v stored at slot_mapping [T] of the
+    caches [blocks, block_size, kv heads, D] (in the caches' dtype). Returns the rotated q."""
+    if q_weight is not None:
+        q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    q, k = apply_rotary(q, cos, sin, interleaved), apply_rotary(k, cos, sin, interleaved)
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping.to(cache.device), x.to(cache.dtype))
+    return q

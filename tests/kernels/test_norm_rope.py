@@ -64,6 +64,32 @@ def test_rms_norm_real_widths_bf16(d, gen):
     assert rel_err(got, want) < 1e-3
 
 
+@pytest.mark.parametrize("t,hq,hk,dim", [(1, 4, 2, 16), (13, 6, 2, 32), (5, 2, 2, 64)])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("norm", [False, True])
+def test_rope_and_cache(t, hq, hk, dim, interleaved, norm, gen):
+    """q/k norms, rotary and cache writes in one launch, against the reference's separate steps: the
+    same q, the same cache contents (slots written, every other slot untouched)."""
+    q = (torch.randn(t, hq + 2 * hk, dim, generator=gen, device=DEVICE) * 3).to(DTYPE)
+    q, k, v = q[:, :hq], q[:, hq:hq + hk], q[:, hq + hk:]  # views of one projection, rows strided
+    angles = torch.rand(t, dim // 2, generator=gen, device=DEVICE) * 100
+    cos, sin = angles.cos(), angles.sin()
+    weights = [(torch.rand(dim, generator=gen, device=DEVICE) + 0.5).to(DTYPE) for _ in range(2)] if norm else []
+    blocks, block_size = 5, 4
+    slots = torch.randperm(blocks * block_size, generator=torch.Generator().manual_seed(t))[:t].to(DEVICE)
+    caches = [torch.full((blocks, block_size, hk, dim), 7.0, device=DEVICE).to(DTYPE) for _ in range(4)]
+    got = norm_rope.rope_and_cache(q, k, v, cos, sin, interleaved, caches[0], caches[1], slots, *weights, eps=1e-6)
+    want = ref.rope_and_cache(q, k, v, cos, sin, interleaved, caches[2], caches[3], slots, *weights, eps=1e-6)
+    assert got.shape == want.shape and got.dtype == want.dtype and got.is_contiguous()
+    assert rel_err(got, want) < TOL
+    for mine, theirs in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert rel_err(mine, theirs) < TOL
+        untouched = torch.ones(blocks * block_size, dtype=torch.bool, device=DEVICE)
+        untouched[slots] = False
+        assert (mine.view(-1, hk, dim)[untouched] == 7.0).all()
+    assert torch.equal(caches[1], caches[3])  # values are copied, not computed
+
+
 def test_compiles_for_hopper():
     """As the models call them in bf16 (hidden and head widths, both rotary layouts), for sm_90."""
     from hopper_compile import Job, compile_for_hopper
@@ -75,4 +101,10 @@ def test_compiles_for_hopper():
     jobs += [Job(mod, "_rotary_kernel", dict(x_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", out_ptr="*bf16"),
                  dict(HALF=half, INTERLEAVED=inter, BLOCK_H=bh, BLOCK_HALF=half), 4, label=f"rotary {half} {inter}")
              for half, inter, bh in ((64, False, 32), (32, True, 16))]
+    jobs += [Job(mod, "_rope_cache_kernel", dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", qw_ptr="*bf16",
+                                                kw_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16", q_out_ptr="*bf16",
+                                                kc_ptr="*bf16", vc_ptr="*bf16", slot_ptr="*i64", eps="fp32"),
+                 dict(NORM=norm, HALF=64, INTERLEAVED=inter, BLOCK_H=16, BLOCK_HALF=64), 4,
+                 label=f"rope_and_cache norm={norm} interleaved={inter}")
+             for norm, inter in ((True, False), (False, False), (False, True))]
     assert compile_for_hopper(jobs) == {}
