@@ -19,14 +19,21 @@ from .launch import empty
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, rows, stride_x, eps, D: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, r_ptr, sum_ptr, rows, stride_x, stride_r, eps, D: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ADD: tl.constexpr):
+    """out = RMSNorm(x) * w; ADD: x + r first (rounded to x's dtype, as torch adds), the sum also
+    written to sum_ptr (the residual stream's next value)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
     r_ok = r < rows
     d_ok = d < D
     ok = r_ok[:, None] & d_ok[None, :]
-    x = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_x + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + r[:, None].to(tl.int64) * stride_x + d[None, :], mask=ok, other=0.0)
+    if ADD:
+        res = tl.load(r_ptr + r[:, None].to(tl.int64) * stride_r + d[None, :], mask=ok, other=0.0)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(sum_ptr + r[:, None].to(tl.int64) * D + d[None, :], x, mask=ok)
+    x = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
     y = (x * inv[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
@@ -34,22 +41,43 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, rows, stride_x, eps, D: tl.constexpr
              mask=ok)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * rms_norm(x in float32) cast to x's dtype, over the last dimension; any leading shape."""
-    d = x.shape[-1]
-    x2 = x.reshape(-1, d)  # a view unless the leading dimensions do not collapse
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    rows = x2.shape[0]
-    out = empty(rows, d, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])  # a view unless the leading dimensions do not collapse
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _launch_norm(x2, weight, out, eps, residual=None, total=None) -> None:
+    rows, d = x2.shape
     if rows == 0:
-        return out.view(x.shape)
+        return
     block_d = triton.next_power_of_2(d)
     block_r = max(1, min(16, 4096 // block_d))
     warps = 4 if block_d * block_r <= 4096 else 8
-    _rms_norm_kernel[(triton.cdiv(rows, block_r),)](x2, weight, out, rows, x2.stride(0), eps, D=d,
-                                                    BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+    add = residual is not None
+    _rms_norm_kernel[(triton.cdiv(rows, block_r),)](
+        x2, weight, out, residual if add else x2, total if add else out, rows, x2.stride(0),
+        residual.stride(0) if add else 0, eps, D=d, BLOCK_R=block_r, BLOCK_D=block_d, ADD=add, num_warps=warps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * rms_norm(x in float32) cast to x's dtype, over the last dimension; any leading shape."""
+    x2 = _rows(x)
+    out = empty(x2.shape[0], x2.shape[1], dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    _launch_norm(x2, weight, out, eps)
     return out.view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one launch; the sum in x's dtype, as torch adds."""
+    if x.shape != residual.shape or x.dtype != residual.dtype:
+        raise ValueError(f"add_rms_norm: x {tuple(x.shape)} {x.dtype} and residual {tuple(residual.shape)} "
+                         f"{residual.dtype} must match")
+    x2, r2 = _rows(x), _rows(residual)
+    out = empty(x2.shape[0], x2.shape[1], dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    total = empty(x2.shape[0], x2.shape[1], dtype=x.dtype, device=x.device)
+    _launch_norm(x2, weight, out, eps, r2, total)
+    return out.view(x.shape), total.view(x.shape)
 
 
 @triton.jit

@@ -18,6 +18,7 @@ from .weights import ExpertWeights, load_experts, quantize_experts, stack_expert
 
 __all__ = [
     "ExpertWeights",
+    "add_rms_norm",
     "apply_rotary",
     "fused_experts",
     "fused_experts_quantized",
@@ -149,6 +150,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
         return norm_rope.rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the residual add fused into the next norm on CUDA."""
+    if _on_gpu(x, "norm_rope"):
+        from . import norm_rope
+
+        return norm_rope.add_rms_norm(x, residual, weight, eps)
+    return reference.add_rms_norm(x, residual, weight, eps)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

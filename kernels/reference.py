@@ -282,6 +282,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): a pre-norm layer's residual add and next norm."""
+    total = x + residual
+    return rms_norm(total, weight, eps), total
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotate x [T, heads, dim] by cos, sin [T, dim/2] (float32, cast to x's dtype first): halves
     (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), the halves being the two halves of the head or,

@@ -30,9 +30,17 @@ class DecoderLayer(nn.Module):
         self.ffn_name = ffn_name
         self.add_module(ffn_name, ffn)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch)
-        return x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the feed-forward's output, the residual stream before it is added): each block's output
+        is added to the stream by the next norm (the next layer's, or the final one), one kernel
+        instead of an add and a norm. residual None: x is the embeddings, the stream's start."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h, residual = self.post_attention_layernorm.add_forward(self.self_attn(h, rope, batch), residual)
+        return getattr(self, self.ffn_name)(h), residual
 
 
 class DecoderStack(nn.Module):
@@ -92,9 +100,10 @@ class MoECausalLM(nn.Module, abc.ABC):
             )
         x = self.model.embed_tokens(input_ids)
         rope = tuple(t.to(x.dtype) for t in self.rotary.cos_sin(positions))  # cast once, not in every layer
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, rope, batch)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, batch)
+        return self.model.norm(x) if residual is None else self.model.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: [N, H] -> float32 logits [N, V]."""

@@ -17,3 +17,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the weight multiplies after the cast back, as HF does it; one Triton kernel on CUDA
         return ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): a block's output added to the residual stream and the
+        next norm taken, in one kernel on CUDA."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)

@@ -95,9 +95,11 @@ def test_compiles_for_hopper():
     from hopper_compile import Job, compile_for_hopper
 
     mod = "moeserve.kernels.norm_rope"
-    jobs = [Job(mod, "_rms_norm_kernel", dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", eps="fp32"),
-                dict(D=d, BLOCK_R=br, BLOCK_D=bd), warps, label=f"rms_norm {d}")
-            for d, br, bd, warps in ((2048, 2, 2048, 4), (128, 16, 128, 4), (576, 4, 1024, 4), (7168, 1, 8192, 8))]
+    norm_types = dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", r_ptr="*bf16", sum_ptr="*bf16", eps="fp32")
+    jobs = [Job(mod, "_rms_norm_kernel", norm_types, dict(D=d, BLOCK_R=br, BLOCK_D=bd, ADD=add), warps,
+                label=f"rms_norm {d} add={add}")
+            for d, br, bd, warps in ((2048, 2, 2048, 4), (128, 16, 128, 4), (576, 4, 1024, 4), (7168, 1, 8192, 8))
+            for add in (False, True)]
     jobs += [Job(mod, "_rotary_kernel", dict(x_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", out_ptr="*bf16"),
                  dict(HALF=half, INTERLEAVED=inter, BLOCK_H=bh, BLOCK_HALF=half), 4, label=f"rotary {half} {inter}")
              for half, inter, bh in ((64, False, 32), (32, True, 16))]
@@ -108,3 +110,17 @@ def test_compiles_for_hopper():
                  label=f"rope_and_cache norm={norm} interleaved={inter}")
              for norm, inter in ((True, False), (False, False), (False, True))]
     assert compile_for_hopper(jobs) == {}
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (37, 48), (0, 32)])
+def test_add_rms_norm(shape, gen):
+    """The residual add fused into the norm: the sum exactly as torch adds, the norm as rms_norm's."""
+    x, r = ((torch.randn(*shape, generator=gen, device=DEVICE) * 3).to(DTYPE) for _ in range(2))
+    w = (torch.rand(shape[-1], generator=gen, device=DEVICE) + 0.5).to(DTYPE)
+    normed, total = norm_rope.add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(total, x + r)
+    assert torch.equal(normed, norm_rope.rms_norm(x + r, w, 1e-6))
+    want, want_total = ref.add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(total, want_total)
+    if x.numel():
+        assert rel_err(normed, want) < TOL
