@@ -2,26 +2,58 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+
 import pytest
 
 
+def wait_dead(actor, timeout_s: float = 60.0) -> None:
+    """Wait until a killed actor is dead (its name free again): the next test of a module may start
+    an actor of the same name on the same Ray, and start_controller joins a live one of that name."""
+    import time
+
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except RayActorError:
+            return
+        except GetTimeoutError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"actor {actor} still alive {timeout_s:.0f}s after it was killed")
+        time.sleep(0.1)
+
+
 @pytest.fixture
-def private_ray(request, tmp_path_factory, monkeypatch):
-    """A Ray instance of this test's own (an embedded serve backend joins it); the admin API on a free port.
+def actor_gone():
+    """`actor_gone(handle)`: wait_dead, for tests' own fixtures."""
+    return wait_dead
+
+
+@pytest.fixture(scope="module")
+def private_ray(request, tmp_path_factory):
+    """A Ray instance of this module's own (an embedded serve backend joins it); the admin API on a free port.
+    Its tests share it: each stops (and waits out) the controller and groups it started.
 
     One torch thread meanwhile: the trunk and the expert groups share the machine's two cores.
     """
     import ray
     import torch
 
-    monkeypatch.setenv("MOESERVE_ADMIN_PORT", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False,
-             namespace=request.module.__name__.rsplit(".", 1)[-1].replace("_", "-"))
-    yield
-    ray.shutdown()
-    torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOESERVE_ADMIN_PORT", "0")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False,
+                 namespace=request.module.__name__.rsplit(".", 1)[-1].replace("_", "-"))
+        yield
+        ray.shutdown()
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -44,10 +76,17 @@ async def embedded_serve(private_ray, demo_model_dir):
 
     yield start
     for serving in started:
-        controller = serving.control_plane.controller
+        plane = serving.control_plane
+        controller = plane.controller
         await serving.stop(0)
+        # serve registered these with atexit; stopped here, they must not run again at exit (an autoscaler's
+        # stop there would start a new local Ray to release its lease)
+        for part in (plane.autoscaler, plane.utilisation, plane.admin):
+            if part is not None:
+                atexit.unregister(part.stop)
         backend = getattr(serving.server.engine, "experts_backend", None)
         if backend is not None:  # the trunk in this process: its dispatcher leaves the controller
             backend.close()
         ray.get(controller.shutdown.remote(), timeout=60)
         ray.kill(controller)
+        await asyncio.to_thread(wait_dead, controller)

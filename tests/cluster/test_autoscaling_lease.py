@@ -19,13 +19,14 @@ POLICY = {"policy": "target_utilisation", "interval_s": 0.5, "window_s": 5.0,
 
 
 @pytest.fixture
-def controller(private_ray, hf_checkpoint):
+def controller(private_ray, hf_checkpoint, actor_gone):
     handle = start_controller(ControllerConfig(
         weights=CheckpointWeights(str(hf_checkpoint("mixtral"))), num_experts=4, num_groups=1, name="lease",
         namespace="test-autoscaling-lease", resources=GroupResources(num_cpus=0, torch_threads=1)))
     yield handle
     ray.get(handle.shutdown.remote(), timeout=60)
     ray.kill(handle)
+    actor_gone(handle)  # the module's next test starts a controller of the same name on the same Ray
 
 
 def _said(runner: AutoscaleRunner) -> list[str]:
