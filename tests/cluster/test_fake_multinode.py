@@ -161,22 +161,39 @@ def _driver_auth_mode() -> str:
     return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"
 
 
-@pytest.fixture
-def fake_cluster(monkeypatch):
+@pytest.fixture(scope="module")
+def fake_cluster():
+    """One head for the module's tests: each leaves it as it found it (no expert_worker or trunk_worker
+    node, its controller and workers gone), and each looks only at its own node type's autoscaler events."""
     # A local ray.init earlier in this process turns token auth on for the process (token in
     # ~/.ray/auth_token); otherwise it stays off. The head must speak the same.
     mode = _driver_auth_mode()
-    monkeypatch.setenv("RAY_AUTH_MODE", mode)
-    cluster = FakeCluster(CONFIG, auth_mode=mode)
-    cluster.start()
-    try:
-        ray.init(address=cluster.address, namespace=NAMESPACE, logging_level=logging.WARNING)
-        yield cluster
-    finally:
-        for line in cluster.autoscaler_events():
-            log.info("ray autoscaler: %s", line)
-        ray.shutdown()
-        cluster.stop()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", mode)
+        cluster = FakeCluster(CONFIG, auth_mode=mode)
+        cluster.start()
+        try:
+            ray.init(address=cluster.address, namespace=NAMESPACE, logging_level=logging.WARNING)
+            yield cluster
+        finally:
+            for line in cluster.autoscaler_events():
+                log.info("ray autoscaler: %s", line)
+            ray.shutdown()
+            cluster.stop()
+
+
+def _head_free(timeout_s: float = 60.0) -> None:
+    """Wait until the head's expert and trunk slots are free again: the module's tests share the head,
+    and what the previous test killed gives its slot back shortly after."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        held = {r: total.get(r, 0) - free.get(r, 0) for r in (RESOURCE, TRUNK_RESOURCE)}
+        if not any(held.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the head's slots still held after {timeout_s:.0f}s: {held}")
+        time.sleep(0.2)
 
 
 def _status(controller) -> dict:
@@ -186,6 +203,7 @@ def _status(controller) -> dict:
 
 def test_traffic_drives_replicas_and_nodes_up_and_back(fake_cluster, hf_checkpoint):
     path = str(hf_checkpoint("deepseek_v3"))
+    _head_free()
     controller = start_controller(ControllerConfig(
         weights=CheckpointWeights(path), num_experts=8, num_groups=1, name="fake", namespace=NAMESPACE,
         resources=GroupResources(num_cpus=0, custom_resource=RESOURCE, torch_threads=1),
@@ -324,6 +342,7 @@ async def test_traffic_drives_trunk_workers_and_nodes_up_and_back(fake_cluster, 
     from moeserve.router.trunk_pool import TrunkPool
 
     path = str(hf_checkpoint("deepseek_v3"))
+    await asyncio.to_thread(_head_free)
     controller = await asyncio.to_thread(start_controller, ControllerConfig(
         weights=CheckpointWeights(path), num_experts=8, num_groups=1, name="fake-trunk", namespace=NAMESPACE,
         resources=GroupResources(num_cpus=0, custom_resource=RESOURCE, torch_threads=1),
