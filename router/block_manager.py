@@ -41,7 +41,8 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self.free_block_ids)
 
-    def _missing(self, seq: Sequence) -> int:
+    def blocks_missing(self, seq: Sequence) -> int:
+        """Blocks a sequence still needs to cover all its tokens (0 for one fully covered)."""
         return blocks_for(len(seq), self.block_size) - len(seq.block_table)
 
     def can_allocate(self, seq: Sequence) -> bool:
@@ -59,11 +60,11 @@ class BlockManager:
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether a running sequence's newest token has (or can get) a slot."""
-        return self._missing(seq) <= len(self.free_block_ids)
+        return self.blocks_missing(seq) <= len(self.free_block_ids)
 
     def append(self, seq: Sequence) -> None:
         """Grow a running sequence's block table to cover its newest token (at most one new block)."""
-        missing = self._missing(seq)
+        missing = self.blocks_missing(seq)
         if missing > len(self.free_block_ids):
             raise RuntimeError(f"{seq.request_id}: needs {missing} more blocks, {len(self.free_block_ids)} free")
         for _ in range(missing):
