@@ -65,13 +65,32 @@ class ClusterSpec:
         return self.trunk_worker or self.trunk_workers > 0
 
 
+def controller_config(spec: ClusterSpec, model_dir: str, name: str):
+    """The controller (and expert groups) of a cluster of `spec`'s shape, named `name`."""
+    from moeserve.cluster.controller import ControllerConfig
+    from moeserve.experts.group import GroupResources
+    from moeserve.experts.weights import CheckpointWeights
+    from moeserve.models.config import ModelConfig
+
+    return ControllerConfig(
+        weights=CheckpointWeights(model_dir, dtype="float32"),
+        num_experts=ModelConfig.from_dir(model_dir).moe.n_routed_experts,
+        num_groups=spec.expert_groups, replicas_per_group=spec.replicas_per_group,
+        resources=GroupResources(torch_threads=spec.torch_threads),
+        name=name, health_interval_s=1.0, max_restarts=10_000, drain_timeout_s=60.0,
+    )
+
+
 class EmbeddedCluster:
     """Start with `await start()`, stop with `await stop()`; `address` is the edge's loopback address."""
 
-    def __init__(self, spec: ClusterSpec, model_dir: str):
+    def __init__(self, spec: ClusterSpec, model_dir: str, controller=None):
+        """`controller`: a running controller (of `controller_config(spec, ...)`'s shape) to use instead of
+        starting one; `stop` then leaves it (and its groups) running, for its owner to stop."""
         self.spec, self.model_dir = spec, model_dir
         self.name = f"chaos-{uuid.uuid4().hex[:8]}"
-        self.controller = None
+        self.controller = controller
+        self._own_controller = controller is None
         self.engine = None
         self.server: InferenceServer | None = None
         self.transport: SlowTransport | None = None
@@ -82,23 +101,15 @@ class EmbeddedCluster:
         return self.server.address
 
     async def start(self) -> None:
-        from moeserve.cluster.controller import ControllerConfig, start_controller
-        from moeserve.experts.group import GroupResources
-        from moeserve.experts.weights import CheckpointWeights
-        from moeserve.models.config import ModelConfig
+        from moeserve.cluster.controller import start_controller
 
         spec = self.spec
         if torch.get_num_threads() != spec.torch_threads:
             raise ValueError(f"ClusterSpec.torch_threads is {spec.torch_threads} but this process runs "
                              f"{torch.get_num_threads()}; use chaos.runner.torch_threads() around the run")
-        num_experts = ModelConfig.from_dir(self.model_dir).moe.n_routed_experts
-        config = ControllerConfig(
-            weights=CheckpointWeights(self.model_dir, dtype="float32"), num_experts=num_experts,
-            num_groups=spec.expert_groups, replicas_per_group=spec.replicas_per_group,
-            resources=GroupResources(torch_threads=spec.torch_threads),
-            name=self.name, health_interval_s=1.0, max_restarts=10_000, drain_timeout_s=60.0,
-        )
-        self.controller = await asyncio.to_thread(start_controller, config)
+        if self.controller is None:
+            self.controller = await asyncio.to_thread(start_controller, controller_config(spec, self.model_dir,
+                                                                                          self.name))
         engine_config = EngineConfig(model=self.model_dir, max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=512,
                                      num_kv_blocks=spec.num_kv_blocks, expert_backend=self._backend(),
                                      load_experts=False)
@@ -147,12 +158,12 @@ class EmbeddedCluster:
         return make
 
     async def stop(self) -> None:
-        """Stop whatever `start` got to start (it may have failed half-way)."""
+        """Stop whatever `start` got to start (it may have failed half-way); a controller given is left running."""
         if self.server is not None:
             await self.server.stop(0)
         for dispatcher in self._dispatchers:
             await asyncio.to_thread(dispatcher.close)
-        if self.controller is not None:
+        if self.controller is not None and self._own_controller:
             try:
                 for attempt in range(3):  # a controller still restarting after a kill refuses the first calls
                     try:

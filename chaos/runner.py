@@ -1,4 +1,8 @@
-"""Run chaos scenarios: reference outputs once, then per scenario a fresh cluster, load and faults."""
+"""Run chaos scenarios: reference outputs once, then per scenario a fresh cluster, load and faults.
+
+A `SharedExperts` passed to `run_scenario` lends consecutive scenarios one controller with its expert
+groups (checked back to a fresh one's state before each); each scenario still gets its own edge and trunk.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ import contextlib
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
-from .cluster import EmbeddedCluster
+from .cluster import ClusterSpec, EmbeddedCluster, controller_config
 from .faults import Fault
 from .load import LoadGenerator
 from .report import ChaosReport, FaultRecord, build_report
@@ -17,6 +22,7 @@ from .scenarios import Scenario
 from .workload import Workload, reference_outputs
 
 RECOVERY_TIMEOUT_S = 300.0  # a fault not recovered from in this long is reported as a fault error
+SETTLE_S = 5.0  # a shared controller not back to a fresh one's state this long after a scenario is replaced
 
 
 @contextlib.contextmanager
@@ -49,6 +55,96 @@ def torch_threads(count: int = 1) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+class SharedExperts:
+    """One controller with its expert groups, lent to the clusters of consecutive scenarios (each still with
+    its own edge, trunk, dispatchers and faults) instead of each starting groups of its own. A scenario
+    whose fault kills the controller (`Scenario.own_controller`) is not lent one: it starts its own.
+
+    Before each lend after the first the controller must be as a freshly started one: every group with
+    its experts of the intended placement and `replicas_per_group` replicas, all serving (none restarting,
+    draining or failed), no expert uncovered, no dispatcher or observer still registered (the last
+    scenario's all gone); and no replica keeps an injected delay (set back to 0 on each). One that is not
+    within SETTLE_S (a trunk worker killed by a fault never tells the controller its dispatcher is gone),
+    or is of another shape, is shut down and a fresh one started.
+    """
+
+    def __init__(self, model_dir: str, log: Callable[[str], None] = print):
+        self.model_dir, self.log = model_dir, log
+        self.controller = None
+        self.started = 0  # controllers started
+        self.lent = 0  # scenarios lent the current one
+        self._shape: tuple | None = None
+        self._config = None
+
+    @staticmethod
+    def shape(spec: ClusterSpec) -> tuple:
+        """What of a cluster's spec its controller and groups are made of."""
+        return spec.expert_groups, spec.replicas_per_group, spec.torch_threads
+
+    async def lend(self, spec: ClusterSpec):
+        """A running controller of `spec`'s shape, as a fresh one (see the class docstring)."""
+        from moeserve.cluster.controller import start_controller
+
+        if self.controller is not None:
+            why = "another shape" if self.shape(spec) != self._shape else await self._unsettled(spec)
+            if why is not None:
+                self.log(f"chaos: a fresh controller: the shared one after {self.lent} scenario(s) is not as new "
+                         f"({why})")
+                await self.close()
+        if self.controller is None:
+            self._config = controller_config(spec, self.model_dir, f"chaos-shared-{uuid.uuid4().hex[:8]}")
+            self.controller = await asyncio.to_thread(start_controller, self._config)
+            self._shape, self.started, self.lent = self.shape(spec), self.started + 1, 0
+        else:
+            serving = await self.controller.snapshot.remote()
+            # No fault an earlier scenario injected stays (each replica answers: none is gone or stuck).
+            await asyncio.wait_for(asyncio.gather(*(handle.inject_delay.remote(0.0)
+                                                    for handle in serving.handles.values())), 60.0)
+        self.lent += 1
+        return self.controller
+
+    async def _unsettled(self, spec: ClusterSpec) -> str | None:
+        """None once the controller is as a fresh one; else (after SETTLE_S) what is not."""
+        from moeserve.cluster.placement import contiguous_groups
+
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            status = await self.controller.status.remote()
+            why = _unlike_fresh(status, contiguous_groups(self._config.num_experts, spec.expert_groups),
+                                spec.replicas_per_group)
+            if why is None or time.monotonic() > deadline:
+                return why
+            await asyncio.sleep(0.2)  # polling the controller's status; it has no wait for this
+
+    async def close(self) -> None:
+        """Shut the controller and its groups down (a scenario may start a new one after)."""
+        import ray
+
+        controller, self.controller = self.controller, None
+        if controller is not None:
+            try:
+                await asyncio.wait_for(controller.shutdown.remote(), 120.0)
+            finally:
+                ray.kill(controller, no_restart=True)
+
+
+def _unlike_fresh(status: dict, groups, replicas_per_group: int) -> str | None:
+    """How a controller's `status()` differs from a fresh one's with `groups` (GroupSpecs) of
+    `replicas_per_group` serving replicas each, and no dispatcher; None when it does not."""
+    placed = [(g["group_id"], tuple(g["experts"])) for g in status["groups"]]
+    if placed != [(g.group_id, tuple(g.experts)) for g in groups]:
+        return f"placement {placed}"
+    for g in status["groups"]:
+        states = [(r["replica_id"], r["state"], r["serving"]) for r in g["replicas"]]
+        if len(states) != replicas_per_group or not all(state == "serving" and serving for _, state, serving in states):
+            return f"group {g['group_id']} replicas {states}"
+    if status["unavailable_experts"]:
+        return f"experts {status['unavailable_experts']} uncovered"
+    if status["dispatchers"]:
+        return f"{status['dispatchers']} dispatcher(s) still registered"
+    return None
+
+
 async def _inject(fault: Fault, cluster: EmbeddedCluster, load: LoadGenerator, count: int, warmup: int,
                   spacing: int, every_s: float | None, records: list[FaultRecord], errors: list[str]) -> None:
     """`count` faults: the first once `warmup` requests have completed; each next one `every_s` seconds
@@ -70,12 +166,18 @@ async def _inject(fault: Fault, cluster: EmbeddedCluster, load: LoadGenerator, c
 
 
 async def run_scenario(scenario: Scenario, workload: Workload, faults: int, model_dir: str,
-                       prompts: list[list[int]], expected: list[list[int]], every_s: float | None = None) -> ChaosReport:
+                       prompts: list[list[int]], expected: list[list[int]], every_s: float | None = None,
+                       experts: SharedExperts | None = None) -> ChaosReport:
     """One scenario on a fresh embedded cluster: steady load until `workload.requests` are sent and `faults` done.
 
-    Faults are spread over the requests, or come `every_s` seconds apart (after each recovery).
+    Faults are spread over the requests, or come `every_s` seconds apart (after each recovery). With
+    `experts`, the cluster's controller and expert groups are the shared ones (unless the scenario needs
+    its own controller); its edge and trunk are its own.
     """
-    cluster = EmbeddedCluster(scenario.spec, model_dir)
+    controller = None
+    if experts is not None and not scenario.own_controller:
+        controller = await experts.lend(scenario.spec)
+    cluster = EmbeddedCluster(scenario.spec, model_dir, controller)
     try:
         await cluster.start()
         load = LoadGenerator(cluster.address, workload, prompts)

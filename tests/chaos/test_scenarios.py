@@ -1,5 +1,9 @@
 """Every chaos scenario, shortened: a live embedded cluster under steady load, two faults, nothing lost.
 
+The scenarios share one controller with its expert groups (chaos.runner.SharedExperts: checked back to a
+fresh one's state before each, replaced when it is not); each has its own edge and trunk. Those whose
+fault kills the controller start their own.
+
 The full runs (200+ requests, 10+ faults each) are `moeserve chaos all`; docs/chaos.md has their results.
 """
 
@@ -7,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from moeserve.chaos.runner import run_scenario
+from moeserve.chaos.runner import SharedExperts, run_scenario
 from moeserve.chaos.scenarios import SCENARIOS
 from moeserve.chaos.workload import Workload, reference_outputs
 
@@ -24,10 +28,26 @@ def fault_free(ray_cluster, demo_model_dir):
     return prompts, reference_outputs(str(demo_model_dir), prompts, WORKLOAD.max_tokens)
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
-async def test_scenario_loses_nothing(name, ray_cluster, demo_model_dir, fault_free):
+@pytest.fixture(scope="module")
+def shared_experts(ray_cluster, demo_model_dir):
+    import asyncio
+
+    experts = SharedExperts(str(demo_model_dir))
+    yield experts
+    asyncio.run(experts.close())
+
+
+# The order the shared controller lasts longest in: one trunk worker's scenarios (trunk_worker=True) after
+# the others, since their faults end the worker without its dispatcher leaving the controller (the
+# controller is replaced after each); those with a controller of their own last.
+ORDER = [s.name for s in sorted(SCENARIOS.values(), key=lambda s: (s.own_controller, s.spec.trunk_worker))]
+
+
+@pytest.mark.parametrize("name", ORDER)
+async def test_scenario_loses_nothing(name, ray_cluster, demo_model_dir, fault_free, shared_experts):
     prompts, expected = fault_free
-    report = await run_scenario(SCENARIOS[name], WORKLOAD, FAULTS, str(demo_model_dir), prompts, expected)
+    report = await run_scenario(SCENARIOS[name], WORKLOAD, FAULTS, str(demo_model_dir), prompts, expected,
+                                experts=shared_experts)
     print(report.format())
     assert report.faults == FAULTS, report.format()
     assert report.sent >= WORKLOAD.requests

@@ -44,3 +44,34 @@ def test_cluster_spec_refuses_trunk_combinations(options, message):
         ClusterSpec(**options)
     assert ClusterSpec(trunk_workers=2).trunk_elsewhere and ClusterSpec(trunk_worker=True).trunk_elsewhere
     assert not ClusterSpec().trunk_elsewhere
+
+
+def _status(replicas=(("g0r0", "serving", True), ("g1r0", "serving", True)), experts=((0, 1), (2, 3)),
+            uncovered=(), dispatchers=0) -> dict:
+    """A controller's status() of two groups, as far as a shared controller's check reads it."""
+    groups = [{"group_id": g, "experts": list(e), "replicas": [
+        {"replica_id": r, "state": state, "serving": serving} for r, state, serving in replicas if r[1] == str(g)]}
+        for g, e in enumerate(experts)]
+    return {"groups": groups, "unavailable_experts": list(uncovered), "dispatchers": dispatchers}
+
+
+@pytest.mark.parametrize("status,why", [
+    (_status(), None),
+    (_status(replicas=(("g0r1", "serving", True), ("g1r2", "serving", True))), None),  # restarted, drained: as new
+    (_status(experts=((0, 1, 2), (2, 3))), "placement"),  # an extra copy of expert 2
+    (_status(experts=((0, 1, 2, 3),)), "placement"),  # a group gone
+    (_status(replicas=(("g0r0", "restarting", True), ("g1r0", "serving", True))), "group 0 replicas"),
+    (_status(replicas=(("g0r0", "serving", True), ("g0r1", "draining", False), ("g1r0", "serving", True))),
+     "group 0 replicas"),
+    (_status(replicas=(("g0r0", "serving", True), ("g1r0", "failed", False))), "group 1 replicas"),
+    (_status(replicas=(("g0r0", "serving", True), ("g0r1", "serving", True), ("g1r0", "serving", True))),
+     "group 0 replicas"),  # a replica more than the spec's
+    (_status(uncovered=(2,)), "uncovered"),
+    (_status(dispatchers=2), "2 dispatcher(s) still registered"),  # a killed trunk worker's, say
+])
+def test_a_shared_controller_is_lent_again_only_as_new(status, why):
+    from moeserve.chaos.runner import _unlike_fresh
+    from moeserve.cluster.placement import contiguous_groups
+
+    said = _unlike_fresh(status, contiguous_groups(4, 2), replicas_per_group=1)
+    assert said is None if why is None else why in said, said
