@@ -97,6 +97,7 @@ class AutoscaleRunner:
         self._said: dict[str, str] = {}  # unit -> key of the last repeated message logged
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._asked_lease = False  # asked the controller for its lease since the last stop(): stop releases it
         # This runner's name for the controller's autoscaler lease: one runner acts per cluster.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
 
@@ -125,6 +126,7 @@ class AutoscaleRunner:
     def _leading(self) -> bool:
         """Hold (or take) the controller's autoscaler lease for three policy periods; say when that changes."""
         ttl = max(3 * self.config.interval_s, 1.0)
+        self._asked_lease = True
         holder = ray.get(self.controller.lease_autoscaler.remote(self.owner, ttl), timeout=self.status_timeout_s)
         if holder == self.owner:
             self._once("lease", f"acting on the cluster (autoscaler lease held by {self.owner})", kind="lease")
@@ -201,8 +203,9 @@ class AutoscaleRunner:
 
     # --- the loop -----------------------------------------------------------------------------------
     def run(self) -> None:
-        """Run the policy every interval_s until `stop()`; one failed run is logged, not fatal."""
-        while not self._stop.is_set():
+        """Run the policy every interval_s until `stop()` (or until Ray is shut down under it: a call to the
+        controller then would start a new local Ray); one failed run is logged, not fatal."""
+        while not self._stop.is_set() and ray.is_initialized():
             try:
                 self.tick()
             except Exception:  # noqa: BLE001 - the loop outlives one bad observation
@@ -216,10 +219,18 @@ class AutoscaleRunner:
         return self
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the loop and give the autoscaler lease up. Safe to call again (serve also registers it to run
+        at exit): a runner already stopped does nothing, and neither does one whose Ray is shut down (a
+        call to the controller would start a new local Ray; the lease expires by itself)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout_s)
+        if not self._asked_lease:  # stopped already (or never asked for the lease): nothing to give up
+            return
+        self._asked_lease = False
+        if not ray.is_initialized():
+            return
         try:  # a standby runner takes over at its next run, not after the lease expires
             ray.get(self.controller.release_autoscaler.remote(self.owner), timeout=5.0)
         except Exception:  # noqa: BLE001 - the controller may be gone; the lease then expires by itself

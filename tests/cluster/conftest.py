@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 
 import pytest
 
@@ -76,14 +75,10 @@ async def embedded_serve(private_ray, demo_model_dir):
 
     yield start
     for serving in started:
-        plane = serving.control_plane
-        controller = plane.controller
+        controller = serving.control_plane.controller
+        # Its autoscaler, poller and admin API too; serve's at-exit stops of them then do nothing (none starts a
+        # new local Ray to reach the controller of the Ray this module shut down)
         await serving.stop(0)
-        # serve registered these with atexit; stopped here, they must not run again at exit (an autoscaler's
-        # stop there would start a new local Ray to release its lease)
-        for part in (plane.autoscaler, plane.utilisation, plane.admin):
-            if part is not None:
-                atexit.unregister(part.stop)
         backend = getattr(serving.server.engine, "experts_backend", None)
         if backend is not None:  # the trunk in this process: its dispatcher leaves the controller
             backend.close()
