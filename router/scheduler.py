@@ -7,8 +7,8 @@ is preempted: its blocks are freed and it goes back to the front of the waiting 
 recomputed (prompt and completion so far) when it is admitted again.
 
 One exception to decodes first: when the decodes are all that keeps the prompts still to read
-(running chunks and the waiting requests a free slot would take) out of this step, the decodes sit
-this step out, never two steps running. A burst of 64 prompts of 256 tokens under a budget of 8192
+(running chunks and every waiting request) out of this step, the decodes sit this step out, at most
+once in DEFER_EVERY steps (so a steady stream of prompts cannot halve the decodes' rate). A burst of 64 prompts of 256 tokens under a budget of 8192
 then takes two prefill steps followed by a pure decode step (CUDA graphs), instead of a third mixed
 step of 64 decodes and the last 32 prompt tokens, run eagerly: on a GPU that one step cost as much
 as three graphed ones.
@@ -46,6 +46,9 @@ class ScheduledBatch:
         return bool(self.seqs)
 
 
+DEFER_EVERY = 8  # steps from one deferral of the decodes to the next at the earliest
+
+
 class Scheduler:
     """Picks each step's work; owns the waiting and running queues and the block manager."""
 
@@ -60,7 +63,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
-        self.decodes_deferred = False  # the last step left the decodes out (never twice in a row)
+        self.decodes_deferred = False  # the last step left the decodes out
+        self._since_deferral = DEFER_EVERY  # steps scheduled since the decodes were last left out
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -92,7 +96,10 @@ class Scheduler:
 
         # 1. Decodes, oldest first; a decode short of a block preempts from the newest end. Deferred
         # decodes still get their block (the newest token's slot), only not a place in this step.
-        defer = self.decodes_deferred = not self.decodes_deferred and self._defer_decodes()
+        self._since_deferral += 1
+        defer = self.decodes_deferred = self._since_deferral > DEFER_EVERY and self._defer_decodes()
+        if defer:
+            self._since_deferral = 0
         i = 0
         while i < len(self.running):
             seq = self.running[i]
@@ -134,25 +141,25 @@ class Scheduler:
             batch.add(seq, n)
             budget -= n
         if defer and not batch:  # nothing came in after all: the decodes go after all
-            self.decodes_deferred = True
+            self._since_deferral = 0  # (re-entered below, which counts one step)
             return self.schedule()
         return batch
 
     def _defer_decodes(self) -> bool:
         """Whether leaving this step's decodes out lets it read every prompt token still to read (the
-        running chunks and the waiting requests the sequence cap lets in), which the decodes would
-        otherwise push into one more step."""
+        running chunks and every waiting request, within the sequence cap), which the decodes would
+        otherwise push into one more step: the next step is then decodes alone."""
         decodes = sum(1 for s in self.running if s.num_uncomputed_tokens == 1)
-        if not decodes:
+        slots = self.max_num_seqs - len(self.running)
+        if not decodes or len(self.waiting) > slots:
             return False
         prompt = sum(s.num_uncomputed_tokens for s in self.running if s.num_uncomputed_tokens > 1)
-        slots = self.max_num_seqs - len(self.running)
-        prompt += sum(s.num_uncomputed_tokens for s, _ in zip(self.waiting, range(slots)))
+        prompt += sum(s.num_uncomputed_tokens for s in self.waiting)
         if not prompt or prompt > self.max_num_batched_tokens or prompt + decodes <= self.max_num_batched_tokens:
             return False
         # every one of those waiting requests must fit the free KV blocks too, or the step would not take them all
         bm = self.block_manager
-        need = sum(blocks_for(len(s), bm.block_size) for s, _ in zip(self.waiting, range(slots)))
+        need = sum(blocks_for(len(s), bm.block_size) for s in self.waiting)
         need += sum(bm.blocks_missing(s) for s in self.running)  # the deferred decodes' next slots
         return need <= bm.num_free_blocks
 

@@ -108,25 +108,27 @@ def test_decodes_first_then_prefill_chunks_fill_the_budget():
 
 
 def test_decodes_sit_out_one_step_when_that_lets_every_waiting_prompt_in():
-    """Deferred only when the decodes alone would push the last prompt tokens into another step;
-    never two steps running; the decodes keep their blocks meanwhile."""
+    """Deferred only when the decodes alone would push the last prompt tokens into another step, at
+    most once in DEFER_EVERY steps; the decodes keep their blocks meanwhile."""
+    from moeserve.router.scheduler import DEFER_EVERY
+
     sim = Sim(num_blocks=64, block_size=4, max_num_seqs=6, budget=8)
-    a, b = sim.add("a", [1] * 4, 8), sim.add("b", [2] * 4, 8)
+    a, b = sim.add("a", [1] * 4, 16), sim.add("b", [2] * 4, 16)
     assert sim.step().num_new_tokens == [4, 4]
-    c, d = sim.add("c", [3] * 4, 8), sim.add("d", [4] * 4, 8)
+    c, d = sim.add("c", [3] * 4, 16), sim.add("d", [4] * 4, 16)
     batch = sim.step()  # 2 decodes + 8 prompt tokens > 8: the decodes wait, c and d are read whole
     assert batch.seqs == [c, d] and batch.num_new_tokens == [4, 4] and sim.sched.decodes_deferred
-    e, f = sim.add("e", [5] * 4, 8), sim.add("f", [6] * 4, 8)
-    batch = sim.step()  # the same situation, but the decodes waited last step: they go first now
-    assert batch.seqs[:4] == [a, b, c, d] and batch.num_new_tokens[:4] == [1, 1, 1, 1]
-    assert batch.seqs[4:] == [e] and batch.num_new_tokens[4:] == [4]
-    batch = sim.step()  # five decodes and f's 4 prompt tokens: 9 > 8, deferred again
-    assert batch.seqs == [f] and batch.num_new_tokens == [4] and sim.sched.decodes_deferred
-    assert sim.step().num_new_tokens == [1] * 6
-    g = sim.add("g", [7] * 20, 2)  # a prompt longer than the budget: deferring cannot let it in whole
-    while not all(s.num_uncomputed_tokens == 1 for s in sim.sched.running):
-        batch = sim.step()
-        assert not sim.sched.decodes_deferred
+    assert sim.step().num_new_tokens == [1, 1, 1, 1]  # decodes alone
+    e, f = sim.add("e", [5] * 4, 16), sim.add("f", [6] * 4, 16)
+    batch = sim.step()  # the same situation within DEFER_EVERY steps: decodes first, e whole, f waits
+    assert batch.seqs == [a, b, c, d, e] and batch.num_new_tokens == [1, 1, 1, 1, 4]
+    assert not sim.sched.decodes_deferred
+    batch = sim.step()
+    assert batch.seqs == [a, b, c, d, e, f] and batch.num_new_tokens == [1, 1, 1, 1, 1, 3]
+    for _ in range(DEFER_EVERY):
+        sim.step()
+    g = sim.add("g", [7] * 4, 4)  # past the cool-down, but 6 sequences run: g has no slot
+    assert sim.step().seqs == [a, b, c, d, e, f] and not sim.sched.decodes_deferred
 
 
 def test_sequence_cap_and_fcfs_admission():
