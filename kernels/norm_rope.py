@@ -204,10 +204,7 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     hk = k.shape[1]
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("rope_and_cache writes contiguous KV caches")
-    tensors = []
-    for x in (q, k, v):
-        tensors.append(x if x.stride(-1) == 1 else x.contiguous())
-    q, k, v = tensors
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     cos, sin = cos.contiguous(), sin.contiguous()
     out = empty(t, hq, d, dtype=q.dtype, device=q.device)
     if t == 0:

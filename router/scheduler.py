@@ -64,8 +64,12 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
-        self.decodes_deferred = False  # the last step left the decodes out
         self._since_deferral = DEFER_EVERY  # steps scheduled since the decodes were last left out
+
+    @property
+    def decodes_deferred(self) -> bool:
+        """Whether the last step scheduled left the decodes out."""
+        return self._since_deferral == 0
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -98,7 +102,7 @@ class Scheduler:
         # 1. Decodes, oldest first; a decode short of a block preempts from the newest end. Deferred
         # decodes still get their block (the newest token's slot), only not a place in this step.
         self._since_deferral += 1
-        defer = self.decodes_deferred = self._since_deferral > DEFER_EVERY and self._defer_decodes()
+        defer = self._since_deferral > DEFER_EVERY and self._defer_decodes()
         if defer:
             self._since_deferral = 0
         i = 0
@@ -141,15 +145,14 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             batch.add(seq, n)
             budget -= n
-        if defer and not batch:  # nothing came in after all: the decodes go after all
-            self._since_deferral = 0  # (re-entered below, which counts one step)
-            return self.schedule()
         return batch
 
     def _defer_decodes(self) -> bool:
         """Whether leaving this step's decodes out lets it read every prompt token still to read (the
         running chunks and every waiting request, within the sequence cap), which the decodes would
-        otherwise push into one more step: the next step is then decodes alone."""
+        otherwise push into one more step: the next step is then decodes alone. What it checks (the
+        sequence cap, the token budget, the free blocks) is what admission needs, so a deferring step
+        takes every waiting request and is never empty."""
         decodes = sum(1 for s in self.running if s.num_uncomputed_tokens == 1)
         slots = self.max_num_seqs - len(self.running)
         if not decodes or len(self.waiting) > slots:

@@ -12,7 +12,7 @@ from . import padded_attention as padded
 from moeserve.kernels import ops
 
 from .decode_attention import decode_lens, gather_padded, is_decode_only
-from .paged_attention import attend, attention_mask, gather_cache, sequences
+from .paged_attention import attend, attention_mask, check_block_size, gather_cache, sequences
 from .rotary import RotaryEmbedding
 
 
@@ -55,9 +55,7 @@ class GQAttention(nn.Module):
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if self.k_cache.shape[1] != batch.block_size:
-            raise ValueError(f"batch.block_size={batch.block_size} but the KV cache was allocated with "
-                             f"{self.k_cache.shape[1]}")
+        check_block_size(self.k_cache, batch)
         # q/k norms, rotary embedding and the cache writes: one kernel on a GPU
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
         q = ops.rope_and_cache(q, k, v, *rope, self.rotary.interleaved, self.k_cache, self.v_cache,

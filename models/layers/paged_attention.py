@@ -16,10 +16,15 @@ import torch.nn.functional as F
 from ..batch import AttentionBatch
 
 
-def write_cache(cache: torch.Tensor, batch: AttentionBatch, values: torch.Tensor) -> None:
-    """Store values [T, ...] at the step's slots of cache [num_blocks, block_size, ...]."""
+def check_block_size(cache: torch.Tensor, batch: AttentionBatch) -> None:
+    """The step's slots address blocks of the size the cache [num_blocks, block_size, ...] was allocated with."""
     if cache.shape[1] != batch.block_size:
         raise ValueError(f"batch.block_size={batch.block_size} but the KV cache was allocated with {cache.shape[1]}")
+
+
+def write_cache(cache: torch.Tensor, batch: AttentionBatch, values: torch.Tensor) -> None:
+    """Store values [T, ...] at the step's slots of cache [num_blocks, block_size, ...]."""
+    check_block_size(cache, batch)
     flat = cache.view(-1, *cache.shape[2:])
     flat.index_copy_(0, batch.slot_mapping.to(cache.device), values.to(cache.dtype))
 
