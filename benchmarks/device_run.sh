@@ -43,5 +43,6 @@ if [ "$what" = all ] || [ "$what" = profile ]; then
         | grep -v "USDT\|^\s*$\|_warn" | tail -12
 fi
 if [ "$what" = all ] || [ "$what" = serving ]; then
-    timeout 300 python3 benchmarks/bench_serving.py --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 | grep -v "^\s*$" | tail -30
+    timeout 300 python3 benchmarks/bench_serving.py --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/serving.log" \
+        | grep -v "^\s*$" | tail -30
 fi

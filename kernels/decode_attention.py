@@ -36,7 +36,10 @@ TARGET_PROGRAMS = 264  # two per multiprocessor of an H100/H200: enough to hide 
 MAX_SPLITS = 64
 
 
-@triton.jit
+# Launch arguments that vary from step to step (table widths, split counts and the strides made from
+# them) are not specialised on: each new value class (1, a multiple of 16, other) would otherwise
+# compile a variant in the middle of serving, a stall of hundreds of milliseconds in an eager step.
+@triton.jit(do_not_specialize=["chunk", "window", "stride_tb", "stride_ob", "stride_oh", "stride_lb", "stride_lh"])
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr,
     scale, chunk, window,
@@ -123,24 +126,31 @@ def _split_kernel(
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + s, lse, mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits", "stride_pb", "stride_ph", "stride_lb", "stride_lh"])
 def _merge_kernel(
     part_ptr, lse_ptr, out_ptr, splits,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-    DV: tl.constexpr, BLOCK_S: tl.constexpr,
+    DV: tl.constexpr, MAX_S: tl.constexpr, TILE_S: tl.constexpr,
 ):
+    # one variant for every split count: the weights from all MAX_S log-sum-exps at once, then the
+    # partial outputs TILE_S splits at a time (a [MAX_S, DV] tile would not fit in registers for MLA)
     b = tl.program_id(0)
     h = tl.program_id(1)
-    s = tl.arange(0, BLOCK_S)
-    s_ok = s < splits
-    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + s, mask=s_ok, other=float("-inf"))
+    lse_row = lse_ptr + b * stride_lb + h * stride_lh
+    s = tl.arange(0, MAX_S)
+    lse = tl.load(lse_row + s, mask=s < splits, other=float("-inf"))
     top = tl.max(lse, axis=0)
-    w = tl.where(s_ok & (lse > float("-inf")), tl.exp(lse - top), 0.0)
-    w = w / tl.maximum(tl.sum(w, axis=0), 1e-30)  # a sequence with no context gives zeros, not NaN
+    top = tl.where(top > float("-inf"), top, 0.0)
+    total = tl.maximum(tl.sum(tl.exp(lse - top), axis=0), 1e-30)  # no context: zeros, not NaN
     dv = tl.arange(0, DV)
-    part = tl.load(part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + dv[None, :],
-                   mask=s_ok[:, None], other=0.0)
-    out = tl.sum(part * w[:, None], axis=0)
+    out = tl.zeros([DV], dtype=tl.float32)
+    for s0 in range(0, splits, TILE_S):
+        t = s0 + tl.arange(0, TILE_S)
+        t_ok = t < splits
+        w = tl.exp(tl.load(lse_row + t, mask=t_ok, other=float("-inf")) - top) / total
+        part = tl.load(part_ptr + b * stride_pb + h * stride_ph + t[:, None] * stride_ps + dv[None, :],
+                       mask=t_ok[:, None], other=0.0)
+        out += tl.sum(part * w[:, None], axis=0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + dv, out.to(out_ptr.dtype.element_ty))
 
 
@@ -218,6 +228,6 @@ def paged_decode_attention(
     _merge_kernel[(b, hq)](
         part, lse, out, splits,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        DV=dv, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
+        DV=dv, MAX_S=MAX_SPLITS, TILE_S=16, num_warps=4,
     )
     return out

@@ -61,6 +61,7 @@ CASES = [  # (context lengths, Hq, Hk, Dk, Dv, page, mla)
     ([50, 12], 40, 1, 48, 32, 16, True),  # MLA with more heads than one head block
     ([3, 20], 4, 1, 40, 32, 16, True),  # the test checkpoints' MLA: 8 rope dims, a tile padded to 16
     ([5, 9], 4, 2, 8, 8, 16, False),  # heads narrower than a dot's 16: keys and values padded
+    ([900, 40], 4, 1, 16, 16, 16, False),  # 29 splits: the merge takes them in two tiles
 ]
 
 
@@ -123,6 +124,34 @@ def test_real_shapes_on_gpu(model, batch, gen):
     got = decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t, 0.1, max(lens))
     want = ref.paged_decode_attention(q, kc, vc, tables, lens_t, 0.1, max(lens))
     assert rel_err(got, want) < 1e-2
+
+
+def test_many_splits_are_merged_in_tiles():
+    """The case above that needs more than one merge tile does (the merge reads 16 splits at a time)."""
+    assert decode_attention.plan_splits(2, 1, 900, 32)[0] > 16
+
+
+@gpu
+@pytest.mark.parametrize("mla", [False, True])
+def test_step_shapes_compile_no_new_variant(mla, gen):
+    """Eager steps differ in batch size, table width and number of splits (1, a multiple of 16, any
+    other); none of that compiles a new variant of either kernel, which would stall a serving step for
+    hundreds of milliseconds (seen in a benchmark's eager prefill steps before these arguments were
+    left unspecialised)."""
+    args = (16, 1, 576, 512, 16) if mla else (32, 4, 128, 128, 16)
+    kernels = (decode_attention._split_kernel, decode_attention._merge_kernel)
+
+    def variants():
+        return [sum(len(cache[0]) for cache in k.device_caches.values()) for k in kernels]
+
+    seen = []
+    for lens in ([5], [1200], [17, 300, 33], [64] * 64, [100] * 7, [16 * 33] * 16):
+        q, kc, vc, tables, lens_t = _problem(gen, lens, *args, torch.bfloat16, mla)
+        got = decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t, 0.1, max(lens))
+        want = ref.paged_decode_attention(q, kc, vc, tables, lens_t, 0.1, max(lens))
+        assert rel_err(got, want) < 1e-2
+        seen.append(variants())
+    assert seen[-1] == seen[0], seen
 
 
 @gpu
