@@ -7,8 +7,10 @@ is preempted: its blocks are freed and it goes back to the front of the waiting 
 recomputed (prompt and completion so far) when it is admitted again.
 
 One exception to decodes first: when the decodes are all that keeps the prompts still to read
-(running chunks and every waiting request) out of this step, the decodes sit this step out, at most
-once in DEFER_EVERY steps (so a steady stream of prompts cannot halve the decodes' rate). A burst of
+(running chunks and every waiting request) out of this step, the decodes sit this step out, each
+decode at most once in DEFER_EVERY steps (so a steady stream of prompts cannot halve a request's
+decode rate; counted per request, so a deferral of requests since finished does not hold back the
+next burst's, as it did between a benchmark's warm-up wave and its measured one). A burst of
 64 prompts of 256 tokens under a budget of 8192 then takes two prefill steps followed by pure decode
 steps (CUDA graphs), instead of a third, mixed step of 63 decodes and the last 32 prompt tokens, run
 eagerly (on an H200: 72-203 ms against ~19 ms for a graphed step; with the deferral Qwen3-30B-A3B
@@ -47,7 +49,7 @@ class ScheduledBatch:
         return bool(self.seqs)
 
 
-DEFER_EVERY = 8  # steps from one deferral of the decodes to the next at the earliest
+DEFER_EVERY = 8  # steps from one deferral of a request's decode to the next at the earliest
 
 
 class Scheduler:
@@ -64,12 +66,13 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
-        self._since_deferral = DEFER_EVERY  # steps scheduled since the decodes were last left out
+        self._step = 0  # steps scheduled so far
+        self._deferred_step = -1  # the last one that left the decodes out
 
     @property
     def decodes_deferred(self) -> bool:
         """Whether the last step scheduled left the decodes out."""
-        return self._since_deferral == 0
+        return self._deferred_step == self._step
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -101,10 +104,10 @@ class Scheduler:
 
         # 1. Decodes, oldest first; a decode short of a block preempts from the newest end. Deferred
         # decodes still get their block (the newest token's slot), only not a place in this step.
-        self._since_deferral += 1
-        defer = self._since_deferral > DEFER_EVERY and self._defer_decodes()
+        self._step += 1
+        defer = self._defer_decodes()
         if defer:
-            self._since_deferral = 0
+            self._deferred_step = self._step
         i = 0
         while i < len(self.running):
             seq = self.running[i]
@@ -117,7 +120,9 @@ class Scheduler:
                         break
                 else:
                     bm.append(seq)
-                    if not defer:
+                    if defer:
+                        seq.deferred_at_step = self._step
+                    else:
                         batch.add(seq, 1)
                         budget -= 1
             i += 1
@@ -152,8 +157,12 @@ class Scheduler:
         running chunks and every waiting request, within the sequence cap), which the decodes would
         otherwise push into one more step: the next step is then decodes alone. What it checks (the
         sequence cap, the token budget, the free blocks) is what admission needs, so a deferring step
-        takes every waiting request and is never empty."""
-        decodes = sum(1 for s in self.running if s.num_uncomputed_tokens == 1)
+        takes every waiting request and is never empty. Not when any of the decodes sat out one of the
+        last DEFER_EVERY steps."""
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        if any(s.deferred_at_step is not None and self._step - s.deferred_at_step <= DEFER_EVERY for s in decodes):
+            return False
+        decodes = len(decodes)
         slots = self.max_num_seqs - len(self.running)
         if not decodes or len(self.waiting) > slots:
             return False

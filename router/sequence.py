@@ -105,7 +105,7 @@ class Sequence:
     __slots__ = (
         "request_id", "params", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table",
         "status", "finish_reason", "arrival_time", "first_token_time", "deadline", "generator",
-        "detokenizer", "num_emitted_tokens", "first_scheduled_time",
+        "detokenizer", "num_emitted_tokens", "first_scheduled_time", "deferred_at_step",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -125,6 +125,7 @@ class Sequence:
         self.detokenizer: IncrementalDetokenizer | None = None
         self.num_emitted_tokens = 0  # completion tokens already handed to the caller
         self.first_scheduled_time: float | None = None  # when it first got a step (queue wait ends)
+        self.deferred_at_step: int | None = None  # the scheduler step that last left its decode out
 
     def __len__(self) -> int:
         return len(self.token_ids)

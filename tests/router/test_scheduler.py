@@ -131,6 +131,22 @@ def test_decodes_sit_out_one_step_when_that_lets_every_waiting_prompt_in():
     assert sim.step().seqs == [a, b, c, d, e, f] and not sim.sched.decodes_deferred
 
 
+def test_a_deferral_counts_against_the_requests_it_deferred_only():
+    """Requests deferred and since finished do not hold back the next burst's deferral: a benchmark's
+    warm-up wave deferred its decodes, and the measured wave, five steps later, ran an extra mixed step."""
+    sim = Sim(num_blocks=64, block_size=4, max_num_seqs=6, budget=8)
+    a, b = sim.add("a", [1] * 4, 2), sim.add("b", [2] * 4, 2)
+    assert sim.step().num_new_tokens == [4, 4]
+    c, d = sim.add("c", [3] * 4, 16), sim.add("d", [4] * 4, 16)
+    assert sim.step().seqs == [c, d] and sim.sched.decodes_deferred  # a and b sit out
+    batch = sim.step()  # a and b take their second (last) token
+    assert batch.seqs == [a, b, c, d] and not sim.sched.running.count(a) and not sim.sched.running.count(b)
+    e, f = sim.add("e", [5] * 4, 16), sim.add("f", [6] * 4, 16)
+    batch = sim.step()  # c and d were never left out: they sit this one out, e and f are read whole
+    assert batch.seqs == [e, f] and batch.num_new_tokens == [4, 4] and sim.sched.decodes_deferred
+    assert sim.step().seqs == [c, d, e, f]
+
+
 def test_sequence_cap_and_fcfs_admission():
     sim = Sim(num_blocks=64, block_size=4, max_num_seqs=2, budget=64)
     for i in range(4):
