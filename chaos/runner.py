@@ -64,8 +64,7 @@ class SharedExperts:
     its experts of the intended placement and `replicas_per_group` replicas, all serving (none restarting,
     draining or failed), no expert uncovered, no dispatcher or observer still registered (the last
     scenario's all gone); and no replica keeps an injected delay (set back to 0 on each). One that is not
-    within SETTLE_S (a trunk worker killed by a fault never tells the controller its dispatcher is gone),
-    or is of another shape, is shut down and a fresh one started.
+    within SETTLE_S, or is of another shape, is shut down and a fresh one started.
     """
 
     def __init__(self, model_dir: str, log: Callable[[str], None] = print):

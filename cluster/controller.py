@@ -58,7 +58,8 @@ class ControllerConfig:
     max_restarts: int = 5  # per replica within restart_window_s; beyond that the replica is failed
     restart_window_s: float = 600.0
     drain_timeout_s: float = 60.0
-    dispatcher_ttl_s: float = 30.0  # a dispatcher silent this long no longer holds up a drain
+    # A dispatcher neither watching nor heard from this long no longer holds up a drain and is forgotten.
+    dispatcher_ttl_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
@@ -69,7 +70,8 @@ class ControllerConfig:
             raise ValueError(f"replicas_per_group: must be >= 1, got {self.replicas_per_group}")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts: must be >= 0, got {self.max_restarts}")
-        for name in ("start_timeout_s", "health_interval_s", "health_timeout_s", "stall_timeout_s", "drain_timeout_s"):
+        for name in ("start_timeout_s", "health_interval_s", "health_timeout_s", "stall_timeout_s", "drain_timeout_s",
+                     "dispatcher_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
 
@@ -92,9 +94,9 @@ class ExpertController:
         self.serial: dict[int, int] = {}
         self._lock = asyncio.Lock()  # one change of the serving set at a time
         self._cond = asyncio.Condition()  # epoch moved or a dispatcher acknowledged
-        self._acks: dict[str, tuple[int, float]] = {}  # dispatcher -> (adopted epoch, last seen)
+        self._acks: dict[str, tuple[int, float]] = {}  # live dispatcher -> (adopted epoch, last seen)
         self._autoscaler_lease: tuple[str, float] | None = None  # (holder, monotonic expiry)
-        self._watching: dict[str, int] = {}
+        self._watching: dict[str, int] = {}  # dispatcher -> its watch calls running now (none: absent)
         self._restarts: dict[str, asyncio.Task] = {}
         self._background: asyncio.Task | None = None
         self._recover()
@@ -229,6 +231,7 @@ class ExpertController:
         Calling it says that `dispatcher_id` routes with `adopted_epoch` now (the drain acknowledgement).
         """
         self._ensure_background()
+        self._prune_dispatchers()
         self._acks[dispatcher_id] = (adopted_epoch, time.monotonic())
         self._watching[dispatcher_id] = self._watching.get(dispatcher_id, 0) + 1
         try:
@@ -239,31 +242,50 @@ class ExpertController:
         except asyncio.TimeoutError:
             return None
         finally:
-            self._watching[dispatcher_id] -= 1
+            left = self._watching.pop(dispatcher_id) - 1
+            if left:
+                self._watching[dispatcher_id] = left
+            # A set just returned is adopted at the caller's next step boundary and it may route with its old
+            # epoch until then: seen now, it holds a drain up for dispatcher_ttl_s more. Forgotten: stays so.
             if dispatcher_id in self._acks:
                 self._acks[dispatcher_id] = (self._acks[dispatcher_id][0], time.monotonic())
 
     @_retried_read
     async def forget_dispatcher(self, dispatcher_id: str) -> None:
+        """`dispatcher_id` routes no more (closed, or its process is gone): no drain waits for it from now on.
+
+        A call of its still running (a dead caller's long poll, which Ray does not cancel) does not bring it back.
+        """
         self._acks.pop(dispatcher_id, None)
         async with self._cond:
             self._cond.notify_all()
 
+    def _prune_dispatchers(self) -> float | None:
+        """Forget the dispatchers neither watching nor heard from for dispatcher_ttl_s (a process that died
+        without `forget_dispatcher`); the seconds until the next one would be, None if none can be."""
+        now, ttl = time.monotonic(), self.cfg.dispatcher_ttl_s
+        for d, (_, seen) in list(self._acks.items()):
+            if d not in self._watching and now - seen >= ttl:
+                del self._acks[d]
+        return min((seen + ttl - now for d, (_, seen) in self._acks.items() if d not in self._watching), default=None)
+
     async def _wait_acks(self, epoch: int, timeout_s: float) -> bool:
         """Until every live dispatcher routes with `epoch` or later; False if `timeout_s` passed first."""
-
-        def done() -> bool:
-            now = time.monotonic()
-            return all(e >= epoch for d, (e, seen) in self._acks.items()
-                       if self._watching.get(d, 0) > 0 or now - seen < self.cfg.dispatcher_ttl_s)
-
-        try:
-            async with self._cond:
-                await asyncio.wait_for(self._cond.wait_for(done), timeout_s)
-            return True
-        except asyncio.TimeoutError:
-            log.warning("dispatchers did not all adopt epoch %d in %.0fs: %s", epoch, timeout_s, self._acks)
-            return False
+        deadline = time.monotonic() + timeout_s
+        async with self._cond:
+            while True:
+                expiry = self._prune_dispatchers()
+                if all(e >= epoch for e, _ in self._acks.values()):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.warning("dispatchers did not all adopt epoch %d in %.0fs: %s", epoch, timeout_s, self._acks)
+                    return False
+                # Woken by an acknowledgement, a forget or a new epoch; else when the next silent one expires.
+                try:
+                    await asyncio.wait_for(self._cond.wait(), remaining if expiry is None else min(remaining, expiry))
+                except asyncio.TimeoutError:
+                    pass
 
     # --- failures --------------------------------------------------------------------------------------
     @_retried_read
@@ -462,8 +484,9 @@ class ExpertController:
 
     @_retried_read
     async def status(self) -> dict:
-        """Groups, replicas, experts held, per-expert load over the window, and the epoch."""
+        """Groups, replicas, experts held, per-expert load over the window, the epoch, and the live dispatchers."""
         self._ensure_background()
+        self._prune_dispatchers()
         stats = await self._collect_stats()
         groups = []
         for g in self.placement.groups:

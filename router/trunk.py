@@ -5,7 +5,9 @@ gRPC server serves either; the engine itself runs in a `TrunkWorker` actor (rout
 whose outputs come back over one long poll. When the worker dies, the edge starts a new one and
 resubmits every request in flight with its prompt plus the tokens already streamed (a recompute, as
 after a preemption), so the client sees no error and, under greedy sampling, the same tokens. A
-seeded sampled request restarts its generator there.
+seeded sampled request restarts its generator there. The dead worker's expert dispatcher cannot leave
+the controller itself, so the edge has the controller forget it at once: no drain of an expert replica
+waits for its epoch acknowledgement.
 
 A worker that hangs without dying is caught by its progress: its step thread can be stuck while its
 actor's event loop still answers polls, so the edge watches the `steps` counter each poll reports.
@@ -108,6 +110,7 @@ class TrunkEngine:
         self._stall_killed = None  # the actor last killed as stalled (killed once; its next poll fails)
         self._flights: dict[str, _Flight] = {}
         self._actor = None
+        self._dispatcher = None  # (controller, dispatcher id) of the live worker's expert dispatcher, if it has one
         self._incarnation = 0
         self._ready = asyncio.Event()
         self._progress = asyncio.Condition()  # notified when a request ends or the worker restarts
@@ -140,6 +143,7 @@ class TrunkEngine:
             ray.kill(actor, no_restart=True)
             raise
         self.max_model_len = info["max_model_len"]
+        self._dispatcher = info.get("dispatcher")
         return actor
 
     async def start(self) -> None:
@@ -175,6 +179,7 @@ class TrunkEngine:
         except Exception:  # noqa: BLE001 - it may be dead already; it is killed next either way
             pass
         ray.kill(actor, no_restart=True)
+        self._forget_dispatcher()  # its own shutdown did, unless it was dead or hung
 
     @property
     def in_flight(self):
@@ -311,6 +316,10 @@ class TrunkEngine:
         if self._actor is not dead:
             return
         self._ready.clear()
+        # Surely gone (a RayActorError may also mean unreachable), so its dispatcher routes no more: the controller
+        # forgets it now rather than hold an expert drain up for its acknowledgement (dispatcher_ttl_s).
+        ray.kill(dead, no_restart=True)
+        self._forget_dispatcher()
         how = "was killed as stalled" if dead is self._stall_killed else "died"
         log.warning("trunk worker %d %s (%s); restarting it and resubmitting %d request(s)",
                     self._incarnation, how, type(cause).__name__, len(self._flights))
@@ -338,6 +347,17 @@ class TrunkEngine:
                 self.resubmitted += 1
         self._ready.set()
         self._changed()
+
+    def _forget_dispatcher(self) -> None:
+        """Tell the controller that the worker's expert dispatcher is gone (a worker that dies cannot)."""
+        dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is None:
+            return
+        controller, dispatcher_id = dispatcher
+        try:
+            controller.forget_dispatcher.remote(dispatcher_id)  # retried across a controller restart
+        except Exception:  # noqa: BLE001 - Ray shut down under us: no controller waits for it either
+            log.debug("could not tell the controller that dispatcher %s is gone", dispatcher_id, exc_info=True)
 
     def _replay(self, records: list[tuple], dropped: int) -> None:
         """Hand the worker's telemetry records to the observer (none attached: they are dropped)."""

@@ -166,7 +166,11 @@ class TrunkWorker:
             self.engine = await asyncio.to_thread(AsyncEngine.from_config, self.config)
             self.engine.observe(self.relay)  # the engine's figures and its expert dispatcher's
         await self.engine.start()
-        return {"max_model_len": self.engine.max_model_len, "pid": os.getpid()}
+        # Where its expert dispatcher is registered, (controller, dispatcher id) or None: the edge tells the
+        # controller it is gone when this worker dies (a killed worker cannot), so no drain waits for it.
+        source = getattr(self.engine.experts_backend, "source", None)
+        dispatcher = (source.controller, source.dispatcher_id) if hasattr(source, "dispatcher_id") else None
+        return {"max_model_len": self.engine.max_model_len, "pid": os.getpid(), "dispatcher": dispatcher}
 
     def _emit(self, request_id: str, item: object) -> None:
         self.outbox.append((request_id, item))

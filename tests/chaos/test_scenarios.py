@@ -37,10 +37,8 @@ def shared_experts(ray_cluster, demo_model_dir):
     asyncio.run(experts.close())
 
 
-# The order the shared controller lasts longest in: one trunk worker's scenarios (trunk_worker=True) after
-# the others, since their faults end the worker without its dispatcher leaving the controller (the
-# controller is replaced after each); those with a controller of their own last.
-ORDER = [s.name for s in sorted(SCENARIOS.values(), key=lambda s: (s.own_controller, s.spec.trunk_worker))]
+# Those with a controller of their own last: the shared one serves every other scenario in between.
+ORDER = [s.name for s in sorted(SCENARIOS.values(), key=lambda s: s.own_controller)]
 
 
 @pytest.mark.parametrize("name", ORDER)

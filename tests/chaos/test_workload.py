@@ -67,7 +67,7 @@ def _status(replicas=(("g0r0", "serving", True), ("g1r0", "serving", True)), exp
     (_status(replicas=(("g0r0", "serving", True), ("g0r1", "serving", True), ("g1r0", "serving", True))),
      "group 0 replicas"),  # a replica more than the spec's
     (_status(uncovered=(2,)), "uncovered"),
-    (_status(dispatchers=2), "2 dispatcher(s) still registered"),  # a killed trunk worker's, say
+    (_status(dispatchers=2), "2 dispatcher(s) still registered"),  # a last scenario's not yet closed, say
 ])
 def test_a_shared_controller_is_lent_again_only_as_new(status, why):
     from moeserve.chaos.runner import _unlike_fresh

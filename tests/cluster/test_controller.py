@@ -1,8 +1,9 @@
 """The controller as a restartable Ray actor, and how a drain waits for in-flight rows and for every
-dispatcher to adopt the new epoch."""
+dispatcher to adopt the new epoch (and for no dispatcher that is gone)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -20,6 +21,7 @@ from moeserve.models.loader import load_expert_weights
 from moeserve.router.dispatch import ExpertDispatcher
 from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
 from moeserve.router.transport.ray import RayTransport
+from moeserve.router.trunk_pool import TrunkPool
 
 NAMESPACE = "test-controller"
 RESOURCES = GroupResources(num_cpus=0.1, torch_threads=1)
@@ -33,6 +35,18 @@ def ray_cluster(tmp_path_factory):
     yield
     ray.shutdown()
     torch.set_num_threads(threads)
+
+
+def _until(predicate, what: str, timeout_s: float = 60.0) -> None:
+    """Poll `predicate` (a status read: the controller has no wait for it) until true, at most `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not reached in {timeout_s:.0f}s"
+        time.sleep(0.1)
+
+
+def _dispatchers(controller) -> int:
+    return ray.get(controller.status.remote(), timeout=60)["dispatchers"]
 
 
 def _config(path: str, name: str, **overrides) -> ControllerConfig:
@@ -114,5 +128,57 @@ def test_drain_finishes_rows_in_flight_and_waits_for_adoption(ray_cluster, hf_ch
         assert dispatcher.serving.placement.all_replicas() == ("g0r1",)
     finally:
         dispatcher.close()
+        ray.get(controller.shutdown.remote())
+        ray.kill(controller)
+
+
+def test_a_dispatcher_gone_silent_is_forgotten_and_no_drain_waits_for_it(ray_cluster, hf_checkpoint):
+    """One that polled once and then went silent (its process died without a word) leaves status() once its
+    dispatcher_ttl_s has passed, and a drain ends then, not at drain_timeout_s; a live one stays and is waited for."""
+    path = str(hf_checkpoint("mixtral"))
+    controller = start_controller(_config(path, "silent", num_experts=4, num_groups=1, replicas_per_group=2,
+                                          dispatcher_ttl_s=3.0, drain_timeout_s=600.0))
+    live = ControllerSource(controller, dispatcher_id="live")
+    adopted: list[int] = []
+    try:
+        epoch = live.current().epoch
+        assert ray.get(controller.watch.remote("gone", epoch, 0.1)) is None  # its one poll, at the current epoch
+        live.subscribe(lambda serving: (adopted.append(serving.epoch), live.ack(serving.epoch)))
+        _until(lambda: _dispatchers(controller) == 1, "the silent dispatcher forgotten, the live one kept")
+        # No one tells the controller that "gone" went: only its own clock lets the drain end.
+        drained = ray.get(controller.drain.remote(replica_id="g0r1"), timeout=120)
+        assert drained == ["g0r1"] and adopted == [epoch + 1]  # the live one adopted the drain's epoch
+        assert _dispatchers(controller) == 1
+    finally:
+        live.close()
+        ray.get(controller.shutdown.remote())
+        ray.kill(controller)
+
+
+async def test_a_killed_trunk_workers_dispatcher_is_forgotten_at_once(ray_cluster, hf_checkpoint):
+    """The pool restarts a killed trunk worker and has the controller forget the dead one's dispatcher: only the
+    new worker's is registered, and a drain does not wait for the dead one (its TTL here is ten minutes)."""
+    path = str(hf_checkpoint("mixtral"))
+    controller = start_controller(_config(path, "trunk-killed", num_experts=4, num_groups=1, replicas_per_group=2,
+                                          dispatcher_ttl_s=600.0, drain_timeout_s=600.0))
+    config = EngineConfig(model=path, num_kv_blocks=64, block_size=8, load_experts=False,
+                          expert_backend=ray_expert_backend(controller))
+    pool = TrunkPool(config, replicas=1, torch_threads=1)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    try:
+        await pool.start()
+        assert await asyncio.to_thread(_dispatchers, controller) == 1
+        (member,) = pool.members()
+        first = pool.worker
+        ray.kill(first, no_restart=True)
+        await asyncio.wait_for(member.engine.wait_restarts(1), 120)
+        assert pool.worker is not first
+        await asyncio.to_thread(_until, lambda: _dispatchers(controller) == 1, "the new worker's dispatcher alone")
+        drained = await asyncio.wait_for(controller.drain.remote(replica_id="g0r1"), 120)
+        assert drained == ["g0r1"]
+        outs = [out async for out in pool.generate("after", [5, 6, 7], params)]  # served by g0r0 alone
+        assert outs[-1].finish_reason == "length" and sum(len(o.new_token_ids) for o in outs) == 4
+    finally:
+        await pool.shutdown(0)
         ray.get(controller.shutdown.remote())
         ray.kill(controller)
