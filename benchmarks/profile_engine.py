@@ -64,6 +64,87 @@ def _kernel_table(prof, rows: int) -> str:
     return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
 
 
+def _mixed_step(engine, b: int, args: argparse.Namespace, tag: str, run, prompt_len: int | None = None) -> object:
+    """b - 1 sequences decoding and one new prompt: the step that reads the prompt beside the decodes
+    (eager; a closed-loop client's late request makes one each wave) is run by `run`; then drained."""
+    _fill(engine, b - 1, args.prompt_len, 8, args.seed + 5, tag)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.requests.values()):
+        engine.step()
+    _fill(engine, 1, prompt_len or args.prompt_len, 2, args.seed + 6, tag + "x")
+    _sync(args.device)
+    result = run()
+    _drain(engine)
+    return result
+
+
+def _mixed_steps(engine, b: int, args, activities, r: dict, text: list[str], name: str) -> None:
+    """Time mixed steps, profile one (by GPU time and by CPU time), and list where it waits for the GPU
+    (torch's CUDA sync debug mode: each synchronising call, with the moeserve line that made it)."""
+    import traceback
+    import warnings
+
+    import torch
+    from torch.profiler import profile
+
+    times = [_mixed_step(engine, b, args, f"x{i}-", lambda: _timed_steps(engine, 1, args.device)[0])
+             for i in range(3)]
+    # every mixed step of a server has a shape of its own (the prompt's length, its context): a new
+    # prompt length each time, as the engine runs them (cuDNN's attention off) and with it on
+    new_shapes = {}
+    for label, cudnn in (("moeserve", False), ("cuDNN attention on", True)):
+        def timed(cudnn=cudnn):
+            was = torch.backends.cuda.cudnn_sdp_enabled()
+            torch.backends.cuda.enable_cudnn_sdp(cudnn)
+            try:
+                return _timed_steps(engine, 1, args.device)[0]
+            finally:
+                torch.backends.cuda.enable_cudnn_sdp(was)
+        first = 5 if cudnn else 1  # lengths neither run saw before
+        lens = [args.prompt_len - max(1, args.prompt_len // 32) * i for i in range(first, first + 4)]
+        new_shapes[label] = [round(_mixed_step(engine, b, args, f"n{cudnn}{n}-", timed, n), 1) for n in lens]
+    r["mixed_step_new_shape_ms"] = new_shapes
+
+    def profiled():
+        with profile(activities=activities) as prof:
+            _timed_steps(engine, 1, args.device)
+        return prof
+
+    prof = _mixed_step(engine, b, args, "xp-", profiled)
+    gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    r["mixed_step_ms"], r["mixed_step_gpu_ms"] = times, gpu_ms
+    text += [f"== {name}: one mixed step ({b - 1} decodes + one {args.prompt_len}-token prompt); "
+             f"{sorted(times)[1]:.1f} ms (median of 3), GPU busy {gpu_ms:.1f} ms", _kernel_table(prof, args.rows),
+             f"== {name}: the same step by CPU time",
+             prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60)]
+    syncs: dict[str, int] = {}
+    if args.device.startswith("cuda"):
+        repo = os.path.realpath(Path(__file__).resolve().parent.parent)
+
+        def where(message, category, filename, lineno, file=None, line=None) -> None:
+            ours = [f for f in traceback.extract_stack()[:-1]
+                    if os.path.realpath(f.filename).startswith(repo) and "benchmarks" not in f.filename]
+            at = f"{ours[-1].filename}:{ours[-1].lineno} ({ours[-1].line})" if ours else f"{filename}:{lineno}"
+            key = f"{at}: {str(message)[:60]}"
+            syncs[key] = syncs.get(key, 0) + 1
+
+        def run() -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.showwarning = where
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    engine.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+
+        _mixed_step(engine, b, args, "xs-", run)
+    r["mixed_step_syncs"] = syncs
+    text += [f"== {name}: synchronising calls in one mixed step ({sum(syncs.values())})"] + \
+        [f"{n:5d}  {k}" for k, n in sorted(syncs.items(), key=lambda kv: -kv[1])]
+    print(f"{name}: mixed step {[round(t, 1) for t in times]} ms, a new shape each {new_shapes}, GPU busy {gpu_ms:.1f} ms, "
+          f"{sum(syncs.values())} synchronising calls", flush=True)
+
+
 def profile_model(name: str, args: argparse.Namespace, report: dict, text: list[str]) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -110,8 +191,11 @@ def profile_model(name: str, args: argparse.Namespace, report: dict, text: list[
                          decode_graph_tok_s=b / med(with_graphs) * 1e3, decode_eager_tok_s=b / med(eager) * 1e3)
         print(f"{name} batch {b}: prefill steps {[round(x) for x in prefill]} ms; decode step "
               f"{med(with_graphs):.2f} ms with graphs, {med(eager):.2f} ms eager", flush=True)
-    # one profiled prefill step at the largest batch
     b = max(args.batches)
+    if b > 1:
+        _mixed_steps(engine, b, args, activities, r, text, name)
+    # one profiled prefill step at the largest batch
+
     _fill(engine, b, args.prompt_len, 2, args.seed + 3, "p-")
     with profile(activities=activities) as prof:
         _timed_steps(engine, 1, args.device)

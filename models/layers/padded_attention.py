@@ -68,10 +68,13 @@ def layout(batch: AttentionBatch, device: torch.device) -> PaddedLayout:
     return memo[device]
 
 
-def mask(batch: AttentionBatch, device: torch.device, sliding_window: int | None) -> torch.Tensor:
-    """[B, 1, Lq, Lk] True where each query may attend; built once per step and window."""
+def mask(batch: AttentionBatch, device: torch.device, sliding_window: int | None, group: int = 1) -> torch.Tensor:
+    """[B, 1, group * Lq, Lk] True where each query may attend (for `group` query heads per KV head,
+    laid side by side as attend_padded lays them); built once per step, window and group."""
     masks = batch.__dict__.setdefault("_padded_masks", {})
-    key = (device, sliding_window)
+    key = (device, sliding_window, group)
+    if key not in masks and group > 1:
+        masks[key] = mask(batch, device, sliding_window).repeat(1, 1, group, 1)
     if key not in masks:
         lay = layout(batch, device)
         pos = lay.q_pos[:, :, None]
@@ -85,13 +88,24 @@ def mask(batch: AttentionBatch, device: torch.device, sliding_window: int | None
 
 def attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, lay: PaddedLayout,
                   attn_mask: torch.Tensor) -> torch.Tensor:
-    """Packed queries q [T, Hq, D] over padded k [B, Lk, Hk, D], v [B, Lk, Hk, Dv] -> packed [T, Hq, Dv]."""
+    """Packed queries q [T, Hq, D] over padded k [B, Lk, Hk, D], v [B, Lk, Hk, Dv] -> packed [T, Hq, Dv];
+    attn_mask from mask(..., group=Hq // Hk).
+
+    With several query heads per KV head (GQA, MLA's absorbed latent) each KV head's query heads are
+    laid end to end as one longer query [B, Hk, G * Lq, D]: an ordinary attention any backend runs
+    (with a mask, SDPA's enable_gqa leaves only its slow math path, which repeats every key G times).
+    """
     b, lq = lay.q_index.shape
-    hq = q.shape[1]
-    qp = q[lay.q_index].transpose(1, 2)  # [B, Hq, Lq, D]
-    out = F.scaled_dot_product_attention(qp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
-                                         scale=scale, enable_gqa=hq != k.shape[2])
-    return out.transpose(1, 2).reshape(b * lq, hq, v.shape[-1]).index_select(0, lay.out_index)
+    hq, hk, dv = q.shape[1], k.shape[2], v.shape[-1]
+    g = hq // hk
+    if attn_mask.shape[2] != g * lq:
+        raise ValueError(f"attention mask for {attn_mask.shape[2] // lq} query heads per KV head, not {g}: "
+                         f"build it with mask(..., group={g})")
+    qp = q[lay.q_index]  # [B, Lq, Hq, D]
+    qp = qp.view(b, lq, hk, g, -1).permute(0, 2, 3, 1, 4).reshape(b, hk, g * lq, -1) if g > 1 else qp.transpose(1, 2)
+    out = F.scaled_dot_product_attention(qp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=scale)
+    out = out.view(b, hk, g, lq, dv).permute(0, 3, 1, 2, 4) if g > 1 else out.transpose(1, 2)
+    return out.reshape(b * lq, hq, dv).index_select(0, lay.out_index)
 
 
 @dataclass

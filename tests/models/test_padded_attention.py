@@ -76,3 +76,33 @@ def test_mixed_steps_split_equals_one_padded_call(case, hf_checkpoint, monkeypat
     monkeypatch.setattr(padded_attention, "split_mixed", lambda batch, device: None)
     want, _ = _serve(path)
     assert got == want
+
+
+@pytest.mark.parametrize("hq,hk,window", [(8, 2, None), (6, 1, 3), (4, 4, None)])
+def test_query_heads_of_a_kv_head_side_by_side_equal_attention_head_by_head(hq, hk, window):
+    """attend_padded lays the query heads of each KV head end to end (GQA, MLA's one latent head):
+    every head equals its own softmax over its KV head's keys, in float64, padding and window masked."""
+    from moeserve.models.batch import AttentionBatch
+
+    q_lens, ctx_lens, d, dv = [3, 1, 5], [7, 4, 5], 8, 6
+    batch = AttentionBatch(query_lens=q_lens, context_lens=ctx_lens, block_tables=torch.zeros(3, 2, dtype=torch.int32),
+                           slot_mapping=torch.zeros(sum(q_lens), dtype=torch.int64), block_size=4)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(sum(q_lens), hq, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(3, max(ctx_lens), hk, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(3, max(ctx_lens), hk, dv, generator=gen, dtype=torch.float64)
+    cpu = torch.device("cpu")
+    lay = padded_attention.layout(batch, cpu)
+    got = padded_attention.attend_padded(q, k, v, 0.3, lay, padded_attention.mask(batch, cpu, window, hq // hk))
+    row = 0
+    for b, (n, ctx) in enumerate(zip(q_lens, ctx_lens)):
+        for i in range(n):
+            pos = ctx - n + i
+            keys = [j for j in range(pos + 1) if window is None or j > pos - window]
+            for h in range(hq):
+                w = torch.softmax(k[b, keys, h // (hq // hk)] @ q[row, h] * 0.3, dim=0)
+                torch.testing.assert_close(got[row, h], w @ v[b, keys, h // (hq // hk)])
+            row += 1
+    if hq != hk:
+        with pytest.raises(ValueError, match=f"group={hq // hk}"):
+            padded_attention.attend_padded(q, k, v, 0.3, lay, padded_attention.mask(batch, cpu, window))
