@@ -81,7 +81,7 @@ class GQAttention(nn.Module):
             values = gather_padded(self.v_cache, batch).to(q.dtype)
             return padded.attend_padded(q, keys, values, self.scale, padded.layout(batch, device),
                                         padded.mask(batch, device, self.sliding_window,
-                                                    self.num_heads // self.num_kv_heads))
+                                                    self.num_heads // self.num_kv_heads, q.dtype))
         out = torch.empty(t, self.num_heads, self.head_dim, dtype=q.dtype, device=device)
         for seq, rows, q_len, ctx_len in sequences(batch):
             keys = gather_cache(self.k_cache, batch, seq, ctx_len).to(q.dtype)

@@ -134,10 +134,11 @@ class MLAttention(nn.Module):
         if q_nope.shape[0] * (self.kv_lora_rank + self.rope_dim) < b * n * (self.nope_dim + self.v_dim):
             w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)
             q_latent = torch.einsum("thn,hnr->thr", q_nope, w_uk)
+            mask = padded.mask(batch, q_nope.device, None, self.num_heads, q_nope.dtype)  # one latent KV head
             out = padded.attend_padded(torch.cat([q_latent, q_pe], dim=-1), cached.unsqueeze(2), latent.unsqueeze(2),
-                                       self.scale, lay, padded.mask(batch, q_nope.device, None, self.num_heads))
+                                       self.scale, lay, mask)
             return torch.einsum("thr,hvr->thv", out, w_uv)
-        mask = padded.mask(batch, q_nope.device, None)
+        mask = padded.mask(batch, q_nope.device, None, dtype=q_nope.dtype)
         kv = self.kv_b_proj(latent).view(b, n, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, n, self.num_heads, self.rope_dim)], dim=-1)

@@ -68,11 +68,16 @@ def layout(batch: AttentionBatch, device: torch.device) -> PaddedLayout:
     return memo[device]
 
 
-def mask(batch: AttentionBatch, device: torch.device, sliding_window: int | None, group: int = 1) -> torch.Tensor:
+def mask(batch: AttentionBatch, device: torch.device, sliding_window: int | None, group: int = 1,
+         dtype: torch.dtype | None = None) -> torch.Tensor:
     """[B, 1, group * Lq, Lk] True where each query may attend (for `group` query heads per KV head,
-    laid side by side as attend_padded lays them); built once per step, window and group."""
+    laid side by side as attend_padded lays them); with `dtype`, the same as an additive bias (0 or
+    -inf), which SDPA would otherwise make from the boolean mask in every layer. Built once per step."""
     masks = batch.__dict__.setdefault("_padded_masks", {})
-    key = (device, sliding_window, group)
+    key = (device, sliding_window, group, dtype)
+    if key not in masks and dtype is not None:
+        allowed = mask(batch, device, sliding_window, group)
+        masks[key] = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
     if key not in masks and group > 1:
         masks[key] = mask(batch, device, sliding_window).repeat(1, 1, group, 1)
     if key not in masks:

@@ -94,6 +94,8 @@ def test_query_heads_of_a_kv_head_side_by_side_equal_attention_head_by_head(hq, 
     cpu = torch.device("cpu")
     lay = padded_attention.layout(batch, cpu)
     got = padded_attention.attend_padded(q, k, v, 0.3, lay, padded_attention.mask(batch, cpu, window, hq // hk))
+    bias = padded_attention.mask(batch, cpu, window, hq // hk, torch.float64)  # the additive form: the same
+    torch.testing.assert_close(padded_attention.attend_padded(q, k, v, 0.3, lay, bias), got, rtol=0, atol=0)
     row = 0
     for b, (n, ctx) in enumerate(zip(q_lens, ctx_lens)):
         for i in range(n):
