@@ -1,4 +1,4 @@
-"""One real Ray instance for the chaos tests, started and shut down here (never `ray stop`).
+"""The chaos tests' Ray: the one lent to test modules (tests/ray_session.py; never `ray stop`).
 
 Fixtures that compute reference outputs depend on `ray_cluster` so they run on its one BLAS thread.
 """
@@ -9,10 +9,10 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray instance of our own per module, so the next module (or folder) can start its own."""
-    from moeserve.chaos.runner import ray_running, torch_threads
+def ray_cluster(shared_ray):
+    """A local Ray (2 CPUs), as fresh as a new one, for the module."""
+    from moeserve.chaos.runner import torch_threads
 
     # One BLAS thread here, as in the chaos cluster's trunk and groups (equal bits, no spinning pools).
-    with torch_threads(1), ray_running(num_cpus=2):
+    with torch_threads(1):
         yield

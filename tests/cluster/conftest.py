@@ -35,23 +35,19 @@ def actor_gone():
 
 
 @pytest.fixture(scope="module")
-def private_ray(request, tmp_path_factory):
-    """A Ray instance of this module's own (an embedded serve backend joins it); the admin API on a free port.
-    Its tests share it: each stops (and waits out) the controller and groups it started.
+def private_ray(shared_ray):
+    """A Ray as fresh as one of this module's own (tests/ray_session.py; an embedded serve backend joins it); the
+    admin API on a free port. Its tests share it: each stops (and waits out) the controller and groups it started.
 
     One torch thread meanwhile: the trunk and the expert groups share the machine's two cores.
     """
-    import ray
     import torch
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOESERVE_ADMIN_PORT", "0")
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False,
-                 namespace=request.module.__name__.rsplit(".", 1)[-1].replace("_", "-"))
         yield
-        ray.shutdown()
         torch.set_num_threads(threads)
 
 

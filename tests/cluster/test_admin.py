@@ -20,11 +20,10 @@ ADMIN_TOKEN = "admin-token-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, hf_checkpoint):
+def cluster(shared_ray, hf_checkpoint):
     """(controller, admin address) with some traffic already served, so the load is not empty."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the groups (torch_threads=1): equal bits, no OpenMP pools spinning on 2 cores
-    ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False, namespace=NAMESPACE)
     path = str(hf_checkpoint("deepseek_v3"))
     controller = start_controller(ControllerConfig(
         weights=CheckpointWeights(path), num_experts=8, num_groups=2, name="adm", namespace=NAMESPACE,
@@ -38,7 +37,6 @@ def cluster(tmp_path_factory, hf_checkpoint):
     server.stop()
     ray.get(controller.shutdown.remote())
     ray.kill(controller)
-    ray.shutdown()
     torch.set_num_threads(threads)
 
 

@@ -23,12 +23,10 @@ RESOURCES = GroupResources(num_cpus=0.1, torch_threads=1)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
+def ray_cluster(shared_ray):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the groups (torch_threads=1): equal bits, no OpenMP pools spinning on 2 cores
-    ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False, namespace=NAMESPACE)
     yield
-    ray.shutdown()
     torch.set_num_threads(threads)
 
 

@@ -25,13 +25,10 @@ NUM_REQUESTS, MAX_TOKENS, MAX_STEPS_PER_CHANGE = 32, 40, 4
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
+def ray_cluster(shared_ray):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the groups (torch_threads=1): equal bits, no OpenMP pools spinning on 2 cores
-    ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False,
-             namespace="test-live-scaling")
     yield
-    ray.shutdown()
     torch.set_num_threads(threads)
 
 

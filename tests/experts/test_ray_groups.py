@@ -28,13 +28,10 @@ RESOURCES = GroupResources(num_cpus=0.1, torch_threads=1)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
+def ray_cluster(shared_ray):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False,
-             namespace="test-ray-groups")
     yield
-    ray.shutdown()
     torch.set_num_threads(threads)
 
 
