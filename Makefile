@@ -8,6 +8,9 @@ CONSTRAINTS := constraints/cpu.txt
 WHEELS := $(wildcard /opt/wheels)
 PIP_FLAGS := -c $(CONSTRAINTS) $(if $(WHEELS),--find-links $(WHEELS),)
 PYTEST_ARGS ?=
+# pytest-xdist workers: the tests that start a Ray run in one, one after another (tests/ray_session.py), the rest
+# beside them; 0 runs every test in pytest's own process.
+PYTEST_WORKERS ?= 2
 # extra flags for `make run`, e.g. make run SERVE_ARGS="--port 50052 --host 0.0.0.0"
 SERVE_ARGS ?=
 
@@ -31,7 +34,7 @@ run: setup
 	$(VENV)/bin/moeserve serve $(SERVE_ARGS)
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/moeserve/v1/*_pb2*.py* protos/moeserve/v1/__init__.py

@@ -60,13 +60,77 @@ def shared_ray(request, _ray_session):
 
 
 def pytest_collection_modifyitems(items):
-    """The modules using `shared_ray` run last, one after another (each keeps its own order): the lent Ray starts
-    once for all of them, and the modules that start a Ray of their own run before it is up."""
-    borrowers = {item.path for item in items if "shared_ray" in getattr(item, "fixturenames", ())}
-    items[:] = [i for i in items if i.path not in borrowers] + [i for i in items if i.path in borrowers]
+    from ray_session import order
+
+    order(items)
+
+
+# -- pytest-xdist: `make test` runs two workers (tests/ray_session.py says how the Ray tests keep to one) ----------
+
+_WORKER_SUMMARIES = pytest.StashKey()
+_SHORT_BASETEMP = pytest.StashKey()
+_current_item = None
+
+
+def _xdist_controller(config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+
+
+@pytest.hookimpl(tryfirst=True)  # before the tmp_path plugin reads --basetemp
+def pytest_configure(config):
+    # A worker's temp dir is <basetemp>/popen-gwN: under the default basetemp (/tmp/pytest-of-<user>/pytest-<N>) a
+    # Ray session's socket paths in it come within a byte or two of AF_UNIX's 107, past it once N has 4 digits.
+    if _xdist_controller(config) and config.option.basetemp is None:
+        import tempfile
+
+        config.option.basetemp = config.stash[_SHORT_BASETEMP] = tempfile.mkdtemp(prefix="pytest-", dir="/tmp")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from ray_session import xdist_scheduler
+
+    return xdist_scheduler(config, log)
+
+
+def pytest_collection_finish(session):
+    if hasattr(session.config, "workerinput"):
+        from ray_session import guard_ray_init, starts_ray
+
+        guard_ray_init(lambda: _current_item is not None and starts_ray(_current_item.nodeid))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item):
+    global _current_item
+    _current_item = item
+    yield
+    _current_item = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    ray_session = config.stash.get(_RAY_SESSION, None)
+    if hasattr(config, "workeroutput") and ray_session is not None:
+        config.workeroutput["ray_session"] = ray_session.summary()
+    basetemp = config.stash.get(_SHORT_BASETEMP, None)
+    if basetemp is not None and exitstatus == 0:  # kept after a failure, as pytest keeps its own
+        import shutil
+
+        shutil.rmtree(basetemp, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    summary = getattr(node, "workeroutput", {}).get("ray_session")
+    if summary:
+        node.config.stash.setdefault(_WORKER_SUMMARIES, []).append(f"[{node.gateway.id}] {summary}")
 
 
 def pytest_terminal_summary(terminalreporter, config):
     session = config.stash.get(_RAY_SESSION, None)
-    if session is not None:
-        terminalreporter.write_line(session.summary())
+    for line in [session.summary()] if session is not None else config.stash.get(_WORKER_SUMMARIES, []):
+        terminalreporter.write_line(line)
+    basetemp = config.stash.get(_SHORT_BASETEMP, None)
+    if basetemp is not None and Path(basetemp).is_dir():
+        terminalreporter.write_line(f"temporary files kept in {basetemp}")

@@ -8,6 +8,11 @@ leaves anything is not followed by its leftovers: the Ray is shut down and the n
 
 Modules that need a Ray of their own (custom resources, a head of their own, one they shut down themselves) keep
 calling ray.init; tests/conftest.py runs them before the borrowers, so no lent Ray is up when they do.
+
+Under pytest-xdist (`make test` runs two workers) every module that starts a Ray, listed in RAY_MODULES, goes to
+one worker (`xdist_scheduler`): they run there one after another, as without xdist, so no two Rays of this run are
+ever up at once and the Ray tests share the machine only with the other worker's tests. A test outside RAY_MODULES
+that starts a Ray fails at once (`guard_ray_init`) and says to list its module.
 """
 
 from __future__ import annotations
@@ -16,6 +21,28 @@ import time
 from pathlib import Path
 from typing import Callable
 
+# Every test module that starts a Ray (paths under tests/): the `shared_ray` borrowers and those with a Ray of their own.
+RAY_MODULES = (
+    "chaos/test_scenarios.py",
+    "chaos/test_trunk.py",
+    "chaos/test_trunk_pool.py",
+    "chaos/test_trunk_telemetry.py",
+    "cluster/test_admin.py",
+    "cluster/test_autoscaling_lease.py",
+    "cluster/test_autoscaling_serve.py",
+    "cluster/test_autoscaling_stop.py",  # its own, shut down inside the test
+    "cluster/test_controller.py",  # its own
+    "cluster/test_expert_failures.py",
+    "cluster/test_fake_multinode.py",  # its own: a `ray start --head` with Ray's fake multi-node autoscaler
+    "cluster/test_live_scaling.py",
+    "cluster/test_metrics.py",
+    "cluster/test_serving_status.py",
+    "cluster/test_trunk_demand.py",  # its own, with a custom resource
+    "cluster/test_trunk_scaling_serve.py",
+    "experts/test_backend.py",  # its own, with custom resources
+    "experts/test_ray_groups.py",
+)
+RAY_SCOPE = "ray"
 NAMESPACE = "moeserve-tests"
 NUM_CPUS = 2
 SETTLE_S = 10.0
@@ -94,3 +121,46 @@ def leftovers() -> list[str]:
     if keys:
         found.append(f"KV keys {sorted(keys)}")
     return found
+
+
+def order(items: list) -> None:
+    """Borrowers of the lent Ray last, whole modules in their own order: it starts once, and the modules that start
+    a Ray of their own run before it is up."""
+    borrowers = {item.path for item in items if "shared_ray" in getattr(item, "fixturenames", ())}
+    items[:] = [i for i in items if i.path not in borrowers] + [i for i in items if i.path in borrowers]
+
+
+def starts_ray(nodeid: str) -> bool:
+    """Whether the test `nodeid` (rootdir-relative, as pytest writes it) is in one of RAY_MODULES."""
+    module = nodeid.split("::", 1)[0]
+    return module.startswith("tests/") and module[len("tests/"):] in RAY_MODULES
+
+
+def xdist_scheduler(config, log):
+    """pytest-xdist's loadscope with whole modules as units, and all of RAY_MODULES as one unit: one worker runs
+    those (largest unit, so first) in collection order, the others share the rest."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayScopeScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return RAY_SCOPE if starts_ray(nodeid) else nodeid.split("::", 1)[0]
+
+    return RayScopeScheduling(config, log)
+
+
+def guard_ray_init(allowed: Callable[[], bool]) -> None:
+    """Make ray.init fail, in this process, when `allowed()` is false (an xdist worker, not in a RAY_MODULES test)."""
+    import functools
+
+    import ray
+
+    real = ray.init
+
+    @functools.wraps(real)
+    def init(*args, **kwargs):
+        if not allowed():
+            raise RuntimeError("this test starts a Ray, beside the Ray tests of the other xdist worker: add its "
+                               "module to RAY_MODULES in tests/ray_session.py")
+        return real(*args, **kwargs)
+
+    ray.init = init
