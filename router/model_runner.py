@@ -107,7 +107,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             # cuDNN's fused attention builds an execution plan for every new shape of the padded prefill
             # attention, and a server's mixed steps each have a shape of their own: on an H200 that cost
-            # 1.1-1.3 s for the first and 45-100 ms for each after (benchmarks/profile_engine.py). SDPA's
+            # 1.2-1.6 s for the first and 45-100 ms for each after (benchmarks/profile_engine.py). SDPA's
             # other backends need no plan. (A process-wide switch: this process serves the model.)
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.block_size = config.block_size

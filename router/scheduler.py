@@ -159,10 +159,10 @@ class Scheduler:
         sequence cap, the token budget, the free blocks) is what admission needs, so a deferring step
         takes every waiting request and is never empty. Not when any of the decodes sat out one of the
         last DEFER_EVERY steps."""
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        if any(s.deferred_at_step is not None and self._step - s.deferred_at_step <= DEFER_EVERY for s in decodes):
+        decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        if any(s.deferred_at_step is not None and self._step - s.deferred_at_step <= DEFER_EVERY for s in decoding):
             return False
-        decodes = len(decodes)
+        decodes = len(decoding)
         slots = self.max_num_seqs - len(self.running)
         if not decodes or len(self.waiting) > slots:
             return False

@@ -75,12 +75,14 @@ def mask(batch: AttentionBatch, device: torch.device, sliding_window: int | None
     -inf), which SDPA would otherwise make from the boolean mask in every layer. Built once per step."""
     masks = batch.__dict__.setdefault("_padded_masks", {})
     key = (device, sliding_window, group, dtype)
-    if key not in masks and dtype is not None:
+    if key in masks:
+        return masks[key]
+    if dtype is not None:
         allowed = mask(batch, device, sliding_window, group)
         masks[key] = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
-    if key not in masks and group > 1:
+    elif group > 1:
         masks[key] = mask(batch, device, sliding_window).repeat(1, 1, group, 1)
-    if key not in masks:
+    else:
         lay = layout(batch, device)
         pos = lay.q_pos[:, :, None]
         k = torch.arange(lay.num_keys, device=device)[None, None, :]
