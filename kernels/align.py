@@ -8,10 +8,13 @@ Output layout, all on the device and sized from shapes alone (no host synchronis
 - `num_padded` [1] int32: the used length of `sorted_ids`.
 - `counts` [E] int32: pairs per expert (ids of -1 or >= E are counted nowhere).
 
-One program per expert places that expert's slots (a running count over the slots keeps them in
-order), so the work spreads over the GPU at any batch size; each learns every expert's total from a
-histogram of all slots (up to FUSED_MAX_SLOTS: one launch) or from per-chunk counts written by a
-counting launch. One more program fills the unused tail.
+Up to FUSED_MAX_SLOTS slots, one launch: one program per expert places that expert's slots (a
+running count over the slots keeps them in order), learning every expert's total from a histogram of
+all slots. Beyond that a counting launch first writes per-chunk counts, and the placing launch has
+one program per expert and chunk of CHUNK slots, each starting its running count at the expert's
+slots in earlier chunks: the serial scan of a program stays CHUNK long at any batch size (at 32768
+slots one program per expert walking them all took ~45 us on an H200). One more program fills the
+unused tail.
 """
 
 from __future__ import annotations
@@ -80,33 +83,44 @@ def _count_kernel(ids_ptr, chunk_counts_ptr, S, E, CHUNK: tl.constexpr, SCAN: tl
 @triton.jit(do_not_specialize=["S", "E", "num_chunks", "max_padded"])
 def _scatter_kernel(ids_ptr, chunk_counts_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, counts_ptr,
                     S, E, num_chunks, max_padded,
-                    FUSED: tl.constexpr, SCAN: tl.constexpr, E_PAD: tl.constexpr, NC_PAD: tl.constexpr,
-                    BLOCK_M: tl.constexpr, TAIL_BLOCK: tl.constexpr):
-    """Program e < E places expert e's slots (stable), its padding and its blocks; program E fills
-    everything past the used length and writes the totals."""
+                    FUSED: tl.constexpr, SCAN: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr,
+                    NC_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_BLOCK: tl.constexpr):
+    """Program (e < E, c) places expert e's slots of chunk c (stable; FUSED: one chunk, every slot) and,
+    for c == 0, its padding and its blocks; program (E, 0) fills everything past the used length and
+    writes the totals."""
     e = tl.program_id(0)
+    c = tl.program_id(1)
     bins = tl.arange(0, E_PAD)
     if FUSED:
         total = tl.zeros([E_PAD], dtype=tl.int32)
         for s0 in range(0, S, SCAN):
             total += _histogram(ids_ptr, s0, S, E, SCAN, E_PAD)
+        before = tl.zeros([E_PAD], dtype=tl.int32)
+        lo = 0
+        hi = S
     else:
-        c = tl.arange(0, NC_PAD)
-        cc = tl.load(chunk_counts_ptr + c[:, None] * E_PAD + bins[None, :], mask=(c < num_chunks)[:, None], other=0)
+        chunks = tl.arange(0, NC_PAD)
+        cc = tl.load(chunk_counts_ptr + chunks[:, None] * E_PAD + bins[None, :],
+                     mask=(chunks < num_chunks)[:, None], other=0)
         total = tl.sum(cc, axis=0)
+        before = tl.sum(tl.where((chunks < c)[:, None], cc, 0), axis=0)  # each expert's slots in earlier chunks
+        lo = c * CHUNK
+        hi = tl.minimum(lo + CHUNK, S)
     total = tl.where(bins < E, total, 0)
     padded = tl.cdiv(total, BLOCK_M) * BLOCK_M
     pad_end = tl.cumsum(padded, axis=0)
     num_padded = tl.sum(padded, axis=0)
     if e == E:
-        tl.store(num_padded_ptr, num_padded)
-        tl.store(counts_ptr + bins, total, mask=bins < E)
-        for p0 in range(num_padded, max_padded, TAIL_BLOCK):
-            p = p0 + tl.arange(0, TAIL_BLOCK)
-            tl.store(sorted_ptr + p, tl.zeros_like(p) + S, mask=p < max_padded)
-            # Block b is unused when it starts at or past num_padded; num_padded is a multiple of BLOCK_M.
-            b = p // BLOCK_M
-            tl.store(block_expert_ptr + b, tl.full([TAIL_BLOCK], -1, tl.int32), mask=(p < max_padded) & (p % BLOCK_M == 0))
+        if c == 0:
+            tl.store(num_padded_ptr, num_padded)
+            tl.store(counts_ptr + bins, total, mask=bins < E)
+            for p0 in range(num_padded, max_padded, TAIL_BLOCK):
+                p = p0 + tl.arange(0, TAIL_BLOCK)
+                tl.store(sorted_ptr + p, tl.zeros_like(p) + S, mask=p < max_padded)
+                # Block b is unused when it starts at or past num_padded; num_padded is a multiple of BLOCK_M.
+                b = p // BLOCK_M
+                tl.store(block_expert_ptr + b, tl.full([TAIL_BLOCK], -1, tl.int32),
+                         mask=(p < max_padded) & (p % BLOCK_M == 0))
     else:
         mine = bins == e
         count = tl.sum(tl.where(mine, total, 0), axis=0)
@@ -114,19 +128,20 @@ def _scatter_kernel(ids_ptr, chunk_counts_ptr, sorted_ptr, block_expert_ptr, num
             start = tl.sum(tl.where(mine, pad_end - padded, 0), axis=0)
             size = tl.sum(tl.where(mine, padded, 0), axis=0)
             # Slots of expert e in slot order: an exclusive running count gives each its place.
-            running = count * 0
-            for s0 in range(0, S, SCAN):
+            running = tl.sum(tl.where(mine, before, 0), axis=0)
+            for s0 in range(lo, hi, SCAN):
                 offs = s0 + tl.arange(0, SCAN)
-                ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1)
+                ids = tl.load(ids_ptr + offs, mask=offs < hi, other=-1)
                 hit = (ids == e).to(tl.int32)
                 rank = running + tl.cumsum(hit, axis=0) - hit
                 tl.store(sorted_ptr + start + rank, offs, mask=hit > 0)
                 running += tl.sum(hit, axis=0)
-            rows = tl.arange(0, BLOCK_M)
-            tl.store(sorted_ptr + start + count + rows, tl.zeros_like(rows) + S, mask=count + rows < size)
-            for b0 in range(start // BLOCK_M, (start + size) // BLOCK_M, TAIL_BLOCK):
-                b = b0 + tl.arange(0, TAIL_BLOCK)
-                tl.store(block_expert_ptr + b, tl.zeros_like(b) + e, mask=b < (start + size) // BLOCK_M)
+            if c == 0:
+                rows = tl.arange(0, BLOCK_M)
+                tl.store(sorted_ptr + start + count + rows, tl.zeros_like(rows) + S, mask=count + rows < size)
+                for b0 in range(start // BLOCK_M, (start + size) // BLOCK_M, TAIL_BLOCK):
+                    b = b0 + tl.arange(0, TAIL_BLOCK)
+                    tl.store(block_expert_ptr + b, tl.zeros_like(b) + e, mask=b < (start + size) // BLOCK_M)
 
 
 def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Alignment:
@@ -152,9 +167,9 @@ def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
         chunk_counts = empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
         _count_kernel[(num_chunks,)](ids, chunk_counts, s, num_experts, CHUNK=CHUNK, SCAN=SCAN, E_PAD=e_pad,
                                      num_warps=4)
-    _scatter_kernel[(num_experts + 1,)](
+    _scatter_kernel[(num_experts + 1, num_chunks)](
         ids, chunk_counts, sorted_ids, block_expert, num_padded, counts, s, num_experts, num_chunks, max_padded,
-        FUSED=fused, SCAN=SCAN, E_PAD=e_pad, NC_PAD=triton.next_power_of_2(num_chunks), BLOCK_M=block_m,
+        FUSED=fused, SCAN=SCAN, CHUNK=CHUNK, E_PAD=e_pad, NC_PAD=triton.next_power_of_2(num_chunks), BLOCK_M=block_m,
         TAIL_BLOCK=TAIL_BLOCK, num_warps=4,
     )
     return Alignment(sorted_ids, block_expert, num_padded, counts, block_m, s)

@@ -40,6 +40,7 @@ CASES = [  # (T, k, E, block_m, drop)
     (64, 8, 128, 32, 0.0),
     (300, 6, 64, 64, 0.1),
     (700, 6, 16, 64, 0.1),  # > 4096 slots: the counting launch first
+    (1500, 8, 32, 64, 0.1),  # 3 chunks of slots placed by separate programs, one expert's run across them
     (0, 4, 8, 16, 0.0),  # no tokens
 ]
 
