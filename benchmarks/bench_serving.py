@@ -233,7 +233,8 @@ async def _serve_random(args: argparse.Namespace) -> None:
     config = EngineConfig(device=args.device, dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, max_queued_requests=4096,
-                          decode_graphs="off" if args.enforce_eager else "auto")
+                          decode_graphs="off" if args.enforce_eager else "auto",
+                          **({} if args.prefill_hold_ms is None else {"prefill_hold_ms": args.prefill_hold_ms}))
     llm = LLMEngine(config, model, tokenizer=None)
     trace = StepTrace(llm) if args.step_trace else None
     graphs = llm.runner.graphs
@@ -290,6 +291,8 @@ def start_server(name: str, args: argparse.Namespace, env: dict) -> tuple[subpro
            "--seed", str(args.seed), "--max-num-seqs", str(max(args.concurrency)),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
            "--max-model-len", str(args.max_model_len)] + (["--enforce-eager"] if args.enforce_eager else [])
+    if args.prefill_hold_ms is not None:
+        cmd += ["--prefill-hold-ms", str(args.prefill_hold_ms)]
     if args.out_dir_path is not None:
         cmd += ["--step-trace", str(args.out_dir_path / f"trace_{name}_server.json")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
@@ -547,6 +550,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, small numbers: checks the script")
     p.add_argument("--enforce-eager", action="store_true",
                    help="moeserve decodes without CUDA graphs (as `moeserve serve --enforce-eager`)")
+    p.add_argument("--prefill-hold-ms", type=float, default=None,
+                   help="the server's EngineConfig.prefill_hold_ms (as `moeserve serve --prefill-hold-ms`; default: its default)")
     # _serve (the server process)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--max-num-seqs", type=int, default=64)

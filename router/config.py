@@ -52,6 +52,10 @@ class EngineConfig:
     # A step about to prefill requests that are still arriving (one within the last millisecond)
     # waits for the rest of the burst, at most this long after the first of them (0: never waits).
     batch_wait_ms: float = 20.0
+    # Prompts arriving while decodes run wait for a prefill step of their own, at most this long after
+    # the first of them, so that the decode steps in between replay CUDA graphs (router/scheduler.py;
+    # only where decode graphs run; 0: a prompt joins the next step, which then runs eagerly).
+    prefill_hold_ms: float = 50.0
 
     def __post_init__(self) -> None:
         _require(self.model is None or (isinstance(self.model, str) and self.model != ""), "model", "a checkpoint directory or None", self.model)
@@ -82,6 +86,9 @@ class EngineConfig:
         _require(isinstance(self.batch_wait_ms, (int, float)) and not isinstance(self.batch_wait_ms, bool)
                  and 0.0 <= self.batch_wait_ms <= 1000.0, "batch_wait_ms", "a number of milliseconds in [0, 1000]",
                  self.batch_wait_ms)
+        _require(isinstance(self.prefill_hold_ms, (int, float)) and not isinstance(self.prefill_hold_ms, bool)
+                 and 0.0 <= self.prefill_hold_ms <= 10000.0, "prefill_hold_ms",
+                 "a number of milliseconds in [0, 10000]", self.prefill_hold_ms)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -59,6 +59,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_queued_requests)
         self.runner = ModelRunner(model, config, blocks, self.max_model_len)
+        if self.runner.graphs is not None:  # holding prompts back only pays where decode steps are graphs
+            self.scheduler.prefill_hold_s = config.prefill_hold_ms / 1e3
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self.lock = threading.Lock()

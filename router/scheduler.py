@@ -15,11 +15,21 @@ next burst's, as it did between a benchmark's warm-up wave and its measured one)
 steps (CUDA graphs), instead of a third, mixed step of 63 decodes and the last 32 prompt tokens, run
 eagerly (on an H200: 72-203 ms against ~19 ms for a graphed step; with the deferral Qwen3-30B-A3B
 at batch 64 went from 2376-2467 to 2811 output tokens/s, docs/benchmarks.md).
+
+Prompts arriving while decodes run are held back for up to `prefill_hold_s` (EngineConfig's
+prefill_hold_ms; only where decode-only steps replay CUDA graphs): a step that reads a prompt runs
+eagerly, and under a steady stream of arrivals every step would otherwise be one (on an H200, a
+Poisson stream of 20 requests/s put every running request's decode at 46-52 ms a token instead of
+9-13). Held prompts are admitted together once the oldest has waited that long, or at once when
+they fill a step's sequence slots or token budget, when no decode is running, or when the step
+reads a prompt anyway (a running prefill chunk).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager, blocks_for
@@ -56,9 +66,12 @@ class Scheduler:
     """Picks each step's work; owns the waiting and running queues and the block manager."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_queued_requests: int):
+                 max_queued_requests: int, prefill_hold_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs so every decode fits a step")
+        self.prefill_hold_s = prefill_hold_s  # see the module docstring; 0 admits at the first step
+        self.clock = clock  # the clock of Sequence.arrival_time
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -88,8 +101,11 @@ class Scheduler:
     def admissible_arrivals(self) -> tuple[float, float] | None:
         """(oldest, newest) arrival time of the waiting requests when the next step could still take
         one more of them in full (a free sequence slot, its prompt within the step's token budget);
-        None when nothing waits or no newcomer would join the next step anyway."""
+        None when nothing waits or no newcomer would join the next step anyway (it is full, or holds
+        the prompts back)."""
         if not self.waiting or len(self.running) + len(self.waiting) >= self.max_num_seqs:
+            return None
+        if self._hold_prompts():
             return None
         tokens = len(self.running) + sum(s.num_uncomputed_tokens for s in self.waiting)
         if tokens >= self.max_num_batched_tokens:
@@ -105,7 +121,8 @@ class Scheduler:
         # 1. Decodes, oldest first; a decode short of a block preempts from the newest end. Deferred
         # decodes still get their block (the newest token's slot), only not a place in this step.
         self._step += 1
-        defer = self._defer_decodes()
+        hold = self._hold_prompts()
+        defer = not hold and self._defer_decodes()
         if defer:
             self._deferred_step = self._step
         i = 0
@@ -136,8 +153,9 @@ class Scheduler:
                 batch.add(seq, n)
                 budget -= n
 
-        # 3. Admission, first come first served, by KV capacity; none while this step had to preempt.
-        if batch.preempted:
+        # 3. Admission, first come first served, by KV capacity; none while this step had to preempt
+        # or holds the prompts back.
+        if batch.preempted or hold:
             return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -151,6 +169,22 @@ class Scheduler:
             batch.add(seq, n)
             budget -= n
         return batch
+
+    def _hold_prompts(self) -> bool:
+        """Whether this step leaves the waiting prompts out so that it stays decodes alone (see the
+        module docstring)."""
+        if self.prefill_hold_s <= 0 or not self.waiting:
+            return False
+        decodes = 0
+        for s in self.running:
+            if s.num_uncomputed_tokens > 1:
+                return False  # a prompt chunk runs this step: it is eager anyway
+            decodes += s.num_uncomputed_tokens == 1
+        if not decodes or len(self.waiting) >= self.max_num_seqs - len(self.running):
+            return False
+        if sum(s.num_uncomputed_tokens for s in self.waiting) >= self.max_num_batched_tokens - decodes:
+            return False
+        return self.clock() - min(s.arrival_time for s in self.waiting) < self.prefill_hold_s
 
     def _defer_decodes(self) -> bool:
         """Whether leaving this step's decodes out lets it read every prompt token still to read (the

@@ -207,6 +207,48 @@ async def test_a_burst_of_arrivals_is_prefilled_in_one_step(ckpt, alone, monkeyp
         assert sum((o.new_token_ids for o in outs), []) == want.new_token_ids
 
 
+async def test_a_prompt_arriving_while_decodes_run_is_held_for_a_step_of_its_own(ckpt, alone):
+    """With the padded decode steps (what replays as CUDA graphs on a GPU) and a prefill hold longer
+    than the test, a prompt that arrives while another request decodes waits until that one is done:
+    no step mixes a decode with prompt tokens, and both requests get exactly their own tokens."""
+    steps = []
+
+    class StepTokens:
+        def record_step(self, seconds, num_tokens):
+            steps.append(num_tokens)
+
+        def record_queue_wait(self, seconds):
+            pass
+
+    engine = AsyncEngine.from_config(EngineConfig(model=str(ckpt), num_kv_blocks=48, block_size=8, max_num_seqs=4,
+                                                  max_num_batched_tokens=256, decode_graphs="padded",
+                                                  graph_capture_tokens=0, prefill_hold_ms=10_000))
+    assert engine.core.scheduler.prefill_hold_s == 10.0
+    engine.observe(StepTokens())
+    await engine.start()
+    try:
+        first = engine.generate("a", PROMPTS[1], SamplingParams(max_tokens=12))
+        a_outs = [await first.__anext__()]
+        second = engine.generate("b", PROMPTS[3], SamplingParams(max_tokens=12))
+        a_outs += await _collect(first)
+        b_outs = await _collect(second)
+    finally:
+        await engine.shutdown(grace_s=0)
+    assert sum((o.new_token_ids for o in a_outs), []) == alone[1].new_token_ids
+    assert sum((o.new_token_ids for o in b_outs), []) == alone[3].new_token_ids
+    n_a, n_b = len(alone[1].new_token_ids), len(alone[3].new_token_ids)
+    assert steps == [len(PROMPTS[1])] + [1] * (n_a - 1) + [len(PROMPTS[3])] + [1] * (n_b - 1)
+
+
+def test_prefill_hold_applies_only_where_decode_steps_are_graphs(ckpt):
+    eager = LLMEngine.from_config(EngineConfig(model=str(ckpt), num_kv_blocks=16, decode_graphs="off"))
+    assert eager.scheduler.prefill_hold_s == 0.0
+    with pytest.raises(ValueError, match="prefill_hold_ms"):
+        EngineConfig(prefill_hold_ms=-1)
+    with pytest.raises(ValueError, match="prefill_hold_ms"):
+        EngineConfig(prefill_hold_ms=True)
+
+
 def test_batch_wait_is_validated():
     with pytest.raises(ValueError, match="batch_wait_ms"):
         EngineConfig(batch_wait_ms=-1)

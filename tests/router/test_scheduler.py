@@ -30,15 +30,16 @@ def alone(prompt: list[int], max_tokens: int) -> list[int]:
 
 
 class Sim:
-    def __init__(self, num_blocks, block_size, max_num_seqs, budget, max_queued=10_000):
+    def __init__(self, num_blocks, block_size, max_num_seqs, budget, max_queued=10_000, prefill_hold_s=0.0):
         self.bm = BlockManager(num_blocks, block_size)
-        self.sched = Scheduler(self.bm, max_num_seqs, budget, max_queued)
+        self.now = 0.0  # the scheduler's clock (seconds), moved by the test
+        self.sched = Scheduler(self.bm, max_num_seqs, budget, max_queued, prefill_hold_s, clock=lambda: self.now)
         self.budget, self.max_num_seqs, self.block_size = budget, max_num_seqs, block_size
         self.cache: dict[int, int] = {}
         self.seqs: dict[str, Sequence] = {}
 
     def add(self, rid, prompt, max_tokens):
-        seq = Sequence(rid, prompt, SamplingParams(max_tokens=max_tokens))
+        seq = Sequence(rid, prompt, SamplingParams(max_tokens=max_tokens), self.now)
         self.sched.add(seq)
         self.seqs[rid] = seq
         return seq
@@ -147,6 +148,53 @@ def test_a_deferral_counts_against_the_requests_it_deferred_only():
     assert sim.step().seqs == [c, d, e, f]
 
 
+def test_prompts_arriving_while_decodes_run_are_held_until_the_oldest_has_waited():
+    """With a prefill hold, the steps stay decodes alone (CUDA graphs on a GPU) while newcomers wait,
+    then one step takes every held prompt; the burst wait is not asked to wait for them meanwhile."""
+    sim = Sim(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, prefill_hold_s=0.05)
+    a = sim.add("a", [1] * 4, 20)
+    assert sim.step().seqs == [a]  # nothing decodes yet: admitted at once
+    sim.now = 1.0
+    b = sim.add("b", [2] * 4, 20)
+    sim.now = 1.02
+    c = sim.add("c", [3] * 5, 20)
+    for t in (1.02, 1.03, 1.049):
+        sim.now = t
+        assert sim.sched.admissible_arrivals() is None
+        batch = sim.step()
+        assert batch.seqs == [a] and batch.num_new_tokens == [1]
+    sim.now = 1.05  # b has waited the whole hold: b and c go in together
+    assert sim.sched.admissible_arrivals() == (1.0, 1.02)
+    batch = sim.step()
+    assert batch.seqs == [a, b, c] and batch.num_new_tokens == [1, 4, 5]
+    assert sim.step().num_new_tokens == [1, 1, 1]
+
+
+@pytest.mark.parametrize("case", ["no decode runs", "slots full", "budget full", "chunk running"])
+def test_held_prompts_go_in_at_once_when_waiting_gains_nothing(case):
+    """No hold when nothing decodes, when the newcomers already fill the step's free sequence slots or
+    its token budget, or when the step reads a prompt chunk anyway (it runs eagerly)."""
+    sim = Sim(num_blocks=64, block_size=4, max_num_seqs=3, budget=12, prefill_hold_s=10.0)
+    if case == "no decode runs":
+        a = sim.add("a", [1] * 4, 4)
+        assert sim.step().seqs == [a]
+        return
+    a = sim.add("a", [1] * 4, 20)
+    sim.step()
+    if case == "slots full":
+        b, c = sim.add("b", [2] * 2, 4), sim.add("c", [3] * 2, 4)  # 2 waiting, 2 free slots
+        assert sim.step().seqs == [a, b, c]
+    elif case == "budget full":
+        b = sim.add("b", [2] * 11, 4)  # 1 decode + 11 prompt tokens = the budget of 12
+        assert sim.step().seqs == [a, b]
+    else:
+        b = sim.add("b", [2] * 20, 4)  # read in chunks: 11 tokens now, the rest next step
+        assert sim.step().num_new_tokens == [1, 11]
+        c = sim.add("c", [3] * 2, 4)
+        batch = sim.step()  # b's last 9 tokens make this step eager: c joins it
+        assert batch.seqs == [a, b, c] and batch.num_new_tokens == [1, 9, 2]
+
+
 def test_sequence_cap_and_fcfs_admission():
     sim = Sim(num_blocks=64, block_size=4, max_num_seqs=2, budget=64)
     for i in range(4):
@@ -247,12 +295,16 @@ request = st.tuples(
     spare_blocks=st.integers(0, 20),
     max_num_seqs=st.integers(1, 6),
     extra_budget=st.integers(0, 24),
+    hold_steps=st.sampled_from([0, 1, 4]),
 )
-def test_outputs_equal_serving_alone_whatever_the_schedule(requests, block_size, spare_blocks, max_num_seqs, extra_budget):
+def test_outputs_equal_serving_alone_whatever_the_schedule(requests, block_size, spare_blocks, max_num_seqs, extra_budget,
+                                                           hold_steps):
     longest = max(len(p) + m for p, m, _, _ in requests)
-    sim = Sim(blocks_for(longest, block_size) + spare_blocks, block_size, max_num_seqs, max_num_seqs + extra_budget)
+    sim = Sim(blocks_for(longest, block_size) + spare_blocks, block_size, max_num_seqs, max_num_seqs + extra_budget,
+              prefill_hold_s=hold_steps)  # the clock counts steps
     step = 0
     while step <= 10 or sim.sched.has_unfinished():
+        sim.now = step
         for i, (prompt, max_tokens, arrival, abort_at) in enumerate(requests):
             rid = f"r{i}"
             if arrival == step:
