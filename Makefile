@@ -33,8 +33,13 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/moeserve serve $(SERVE_ARGS)
 
+# Bytecode is written (into the venv, not beside the sources), also where the environment says not to
+# (PYTHONDONTWRITEBYTECODE=1): the Ray tests start many Python processes (Ray workers and actors, Ray's agents),
+# and without .pyc files each compiled ray, torch and the rest from source again, ~5 s of a core per process.
+PYCACHE := $(abspath $(VENV))/pycache
+
 test: setup
-	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(PYCACHE) $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/moeserve/v1/*_pb2*.py* protos/moeserve/v1/__init__.py
