@@ -38,8 +38,10 @@ run: setup
 # and without .pyc files each compiled ray, torch and the rest from source again, ~5 s of a core per process.
 PYCACHE := $(abspath $(VENV))/pycache
 
+# PYTHONSAFEPATH=1: pytest (and each xdist worker) does not put the checkout's root on sys.path, where its
+# kernels/ folder would stand in for the PyPI package `kernels` that transformers imports (from 5.25 on).
 test: setup
-	PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(PYCACHE) $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	PYTHONSAFEPATH=1 PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(PYCACHE) $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/moeserve/v1/*_pb2*.py* protos/moeserve/v1/__init__.py
