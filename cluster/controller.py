@@ -97,6 +97,7 @@ class ExpertController:
         self._acks: dict[str, tuple[int, float]] = {}  # live dispatcher -> (adopted epoch, last seen)
         self._autoscaler_lease: tuple[str, float] | None = None  # (holder, monotonic expiry)
         self._watching: dict[str, int] = {}  # dispatcher -> its watch calls running now (none: absent)
+        self._forgotten: dict[str, float] = {}  # dispatcher -> when forget_dispatcher said it is gone
         self._restarts: dict[str, asyncio.Task] = {}
         self._background: asyncio.Task | None = None
         self._recover()
@@ -232,8 +233,12 @@ class ExpertController:
         """
         self._ensure_background()
         self._prune_dispatchers()
-        self._acks[dispatcher_id] = (adopted_epoch, time.monotonic())
-        self._watching[dispatcher_id] = self._watching.get(dispatcher_id, 0) + 1
+        # A call that reaches the controller after its dispatcher was forgotten (sent by a worker just before
+        # it was killed, delivered after the edge's forget) is answered but does not bring it back.
+        live = dispatcher_id not in self._forgotten
+        if live:
+            self._acks[dispatcher_id] = (adopted_epoch, time.monotonic())
+            self._watching[dispatcher_id] = self._watching.get(dispatcher_id, 0) + 1
         try:
             async with self._cond:
                 self._cond.notify_all()
@@ -242,8 +247,8 @@ class ExpertController:
         except asyncio.TimeoutError:
             return None
         finally:
-            left = self._watching.pop(dispatcher_id) - 1
-            if left:
+            left = self._watching.pop(dispatcher_id, 0) - 1 if live else 0
+            if left > 0:
                 self._watching[dispatcher_id] = left
             # A set just returned is adopted at the caller's next step boundary and it may route with its old
             # epoch until then: seen now, it holds a drain up for dispatcher_ttl_s more. Forgotten: stays so.
@@ -257,6 +262,7 @@ class ExpertController:
         A call of its still running (a dead caller's long poll, which Ray does not cancel) does not bring it back.
         """
         self._acks.pop(dispatcher_id, None)
+        self._forgotten[dispatcher_id] = time.monotonic()
         async with self._cond:
             self._cond.notify_all()
 
@@ -264,6 +270,9 @@ class ExpertController:
         """Forget the dispatchers neither watching nor heard from for dispatcher_ttl_s (a process that died
         without `forget_dispatcher`); the seconds until the next one would be, None if none can be."""
         now, ttl = time.monotonic(), self.cfg.dispatcher_ttl_s
+        for d, when in list(self._forgotten.items()):  # a call still in flight after this long is not expected
+            if now - when >= ttl:
+                del self._forgotten[d]
         for d, (_, seen) in list(self._acks.items()):
             if d not in self._watching and now - seen >= ttl:
                 del self._acks[d]

@@ -134,7 +134,8 @@ def test_drain_finishes_rows_in_flight_and_waits_for_adoption(ray_cluster, hf_ch
 
 def test_a_dispatcher_gone_silent_is_forgotten_and_no_drain_waits_for_it(ray_cluster, hf_checkpoint):
     """One that polled once and then went silent (its process died without a word) leaves status() once its
-    dispatcher_ttl_s has passed, and a drain ends then, not at drain_timeout_s; a live one stays and is waited for."""
+    dispatcher_ttl_s has passed, and a drain ends then, not at drain_timeout_s; a live one stays and is waited for.
+    A forgotten one's late poll does not bring it back."""
     path = str(hf_checkpoint("mixtral"))
     controller = start_controller(_config(path, "silent", num_experts=4, num_groups=1, replicas_per_group=2,
                                           dispatcher_ttl_s=3.0, drain_timeout_s=600.0))
@@ -148,6 +149,11 @@ def test_a_dispatcher_gone_silent_is_forgotten_and_no_drain_waits_for_it(ray_clu
         # No one tells the controller that "gone" went: only its own clock lets the drain end.
         drained = ray.get(controller.drain.remote(replica_id="g0r1"), timeout=120)
         assert drained == ["g0r1"] and adopted == [epoch + 1]  # the live one adopted the drain's epoch
+        assert _dispatchers(controller) == 1
+        # A poll that reaches the controller after its dispatcher was forgotten (sent by a worker just before it
+        # was killed) is answered, but does not register the dead dispatcher again.
+        ray.get(controller.forget_dispatcher.remote("late"))
+        assert ray.get(controller.watch.remote("late", epoch, 0.1)) is not None  # the epoch moved: the set
         assert _dispatchers(controller) == 1
     finally:
         live.close()
