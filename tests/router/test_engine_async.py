@@ -43,6 +43,19 @@ async def served(ckpt):
     await engine.shutdown(grace_s=0)
 
 
+class StepTokens:
+    """An engine observer that keeps each step's token count."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+
+    def record_step(self, seconds, num_tokens):
+        self.tokens.append(num_tokens)
+
+    def record_queue_wait(self, seconds):
+        pass
+
+
 async def _collect(stream):
     outs = [out async for out in stream]
     return outs
@@ -181,18 +194,10 @@ async def test_a_burst_of_arrivals_is_prefilled_in_one_step(ckpt, alone, monkeyp
     from moeserve.router import engine as engine_module
 
     monkeypatch.setattr(engine_module, "ARRIVAL_GAP_S", 0.5)
-    steps = []
-
-    class StepTokens:
-        def record_step(self, seconds, num_tokens):
-            steps.append(num_tokens)
-
-        def record_queue_wait(self, seconds):
-            pass
-
+    steps = StepTokens()
     engine = AsyncEngine.from_config(EngineConfig(model=str(ckpt), num_kv_blocks=48, block_size=8, max_num_seqs=4,
                                                   max_num_batched_tokens=256, batch_wait_ms=1000))
-    engine.observe(StepTokens())
+    engine.observe(steps)
     await engine.start()
     try:
         streams = []
@@ -202,7 +207,7 @@ async def test_a_burst_of_arrivals_is_prefilled_in_one_step(ckpt, alone, monkeyp
         results = await asyncio.gather(*(_collect(s) for s in streams))
     finally:
         await engine.shutdown(grace_s=0)
-    assert steps[0] == sum(len(p) for p in PROMPTS[:3])
+    assert steps.tokens[0] == sum(len(p) for p in PROMPTS[:3])
     for outs, want in zip(results, alone):
         assert sum((o.new_token_ids for o in outs), []) == want.new_token_ids
 
@@ -211,20 +216,12 @@ async def test_a_prompt_arriving_while_decodes_run_is_held_for_a_step_of_its_own
     """With the padded decode steps (what replays as CUDA graphs on a GPU) and a prefill hold longer
     than the test, a prompt that arrives while another request decodes waits until that one is done:
     no step mixes a decode with prompt tokens, and both requests get exactly their own tokens."""
-    steps = []
-
-    class StepTokens:
-        def record_step(self, seconds, num_tokens):
-            steps.append(num_tokens)
-
-        def record_queue_wait(self, seconds):
-            pass
-
+    steps = StepTokens()
     engine = AsyncEngine.from_config(EngineConfig(model=str(ckpt), num_kv_blocks=48, block_size=8, max_num_seqs=4,
                                                   max_num_batched_tokens=256, decode_graphs="padded",
                                                   graph_capture_tokens=0, prefill_hold_ms=10_000))
     assert engine.core.scheduler.prefill_hold_s == 10.0
-    engine.observe(StepTokens())
+    engine.observe(steps)
     await engine.start()
     try:
         first = engine.generate("a", PROMPTS[1], SamplingParams(max_tokens=12))
@@ -237,7 +234,7 @@ async def test_a_prompt_arriving_while_decodes_run_is_held_for_a_step_of_its_own
     assert sum((o.new_token_ids for o in a_outs), []) == alone[1].new_token_ids
     assert sum((o.new_token_ids for o in b_outs), []) == alone[3].new_token_ids
     n_a, n_b = len(alone[1].new_token_ids), len(alone[3].new_token_ids)
-    assert steps == [len(PROMPTS[1])] + [1] * (n_a - 1) + [len(PROMPTS[3])] + [1] * (n_b - 1)
+    assert steps.tokens == [len(PROMPTS[1])] + [1] * (n_a - 1) + [len(PROMPTS[3])] + [1] * (n_b - 1)
 
 
 def test_prefill_hold_applies_only_where_decode_steps_are_graphs(ckpt):
