@@ -8,8 +8,8 @@ CONSTRAINTS := constraints/cpu.txt
 WHEELS := $(wildcard /opt/wheels)
 PIP_FLAGS := -c $(CONSTRAINTS) $(if $(WHEELS),--find-links $(WHEELS),)
 PYTEST_ARGS ?=
-# pytest-xdist workers: the tests that start a Ray run in one, one after another (tests/ray_session.py), the rest
-# beside them; 0 runs every test in pytest's own process.
+# pytest-xdist workers: the tests that start a Ray run in two chains, one a worker, each one test after another
+# (tests/ray_session.py), the rest where a worker is free; 0 runs every test in pytest's own process.
 PYTEST_WORKERS ?= 2
 # extra flags for `make run`, e.g. make run SERVE_ARGS="--port 50052 --host 0.0.0.0"
 SERVE_ARGS ?=

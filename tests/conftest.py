@@ -59,13 +59,21 @@ def shared_ray(request, _ray_session):
     _ray_session.release(request.module.__name__)
 
 
+@pytest.fixture(scope="module")
+def no_lent_ray(_ray_session):
+    """For a module with a Ray of its own that may run after borrowers in this process (an OWN_PORTS module under
+    xdist, tests/ray_session.py): the lent Ray, if up, is shut down first; the next borrower starts a new one."""
+    if _ray_session.up:
+        _ray_session.stop()
+
+
 def pytest_collection_modifyitems(items):
     from ray_session import order
 
     order(items)
 
 
-# -- pytest-xdist: `make test` runs two workers (tests/ray_session.py says how the Ray tests keep to one) ----------
+# -- pytest-xdist: `make test` runs two workers (tests/ray_session.py says how the Ray tests share them) -----------
 
 _WORKER_SUMMARIES = pytest.StashKey()
 _SHORT_BASETEMP = pytest.StashKey()
@@ -95,9 +103,10 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_collection_finish(session):
     if hasattr(session.config, "workerinput"):
-        from ray_session import guard_ray_init, starts_ray
+        from ray_session import free_agent_port, guard_ray_init, starts_ray
 
         guard_ray_init(lambda: _current_item is not None and starts_ray(_current_item.nodeid))
+        free_agent_port()
 
 
 @pytest.hookimpl(hookwrapper=True)

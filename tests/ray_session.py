@@ -9,10 +9,14 @@ leaves anything is not followed by its leftovers: the Ray is shut down and the n
 Modules that need a Ray of their own (custom resources, a head of their own, one they shut down themselves) keep
 calling ray.init; tests/conftest.py runs them before the borrowers, so no lent Ray is up when they do.
 
-Under pytest-xdist (`make test` runs two workers) every module that starts a Ray, listed in RAY_MODULES, goes to
-one worker (`xdist_scheduler`): they run there one after another, as without xdist, so no two Rays of this run are
-ever up at once and the Ray tests share the machine only with the other worker's tests. A test outside RAY_MODULES
-that starts a Ray fails at once (`guard_ray_init`) and says to list its module.
+Under pytest-xdist (`make test` runs two workers) the modules that start a Ray, listed in RAY_MODULES, make two
+chains (`xdist_scheduler`), each one unit of work that runs in collection order on one worker, as without xdist:
+the first has every module with a Ray of its own and some borrowers, the second (SECOND_CHAIN) only borrowers,
+lent a Ray of their worker's own; the modules of OWN_PORTS (a Ray on free ports they pick) are units of their
+own. So two Rays may be up at once, one per worker: in a worker every local Ray's dashboard agent listens on a free
+port (`free_agent_port`), not on Ray's fixed 52365. A module with a Ray of its own that a worker gets after
+borrowing shuts the lent Ray down first (`no_lent_ray`). A test outside RAY_MODULES that starts a Ray fails at once
+(`guard_ray_init`) and says to list its module.
 """
 
 from __future__ import annotations
@@ -42,7 +46,27 @@ RAY_MODULES = (
     "experts/test_backend.py",  # its own, with custom resources
     "experts/test_ray_groups.py",
 )
+# The borrowers that make the second chain under xdist, the other worker's (seconds of a clean-clone run with both
+# workers busy): ~355 s of ~800 s of Ray tests; the first chain's test_scenarios alone is ~275 s.
+SECOND_CHAIN = (
+    "chaos/test_trunk.py",
+    "chaos/test_trunk_pool.py",
+    "chaos/test_trunk_telemetry.py",
+    "cluster/test_admin.py",
+    "cluster/test_autoscaling_lease.py",
+    "cluster/test_autoscaling_serve.py",
+    "cluster/test_expert_failures.py",
+    "cluster/test_live_scaling.py",
+    "cluster/test_metrics.py",
+    "cluster/test_serving_status.py",
+    "cluster/test_trunk_scaling_serve.py",
+    "experts/test_ray_groups.py",
+)
+# Those of RAY_MODULES whose Ray takes only free ports (`ray start` with every port given): units of their own.
+# test_fake_multinode waits ~1.5 min on Ray's autoscaler.
+OWN_PORTS = ("cluster/test_fake_multinode.py",)
 RAY_SCOPE = "ray"
+SECOND_SCOPE = "ray-2"
 NAMESPACE = "moeserve-tests"
 NUM_CPUS = 2
 SETTLE_S = 10.0
@@ -130,22 +154,65 @@ def order(items: list) -> None:
     items[:] = [i for i in items if i.path not in borrowers] + [i for i in items if i.path in borrowers]
 
 
-def starts_ray(nodeid: str) -> bool:
-    """Whether the test `nodeid` (rootdir-relative, as pytest writes it) is in one of RAY_MODULES."""
+def _module(nodeid: str) -> str:
+    """The module of the test `nodeid` (rootdir-relative, as pytest writes it), as a path under tests/."""
     module = nodeid.split("::", 1)[0]
-    return module.startswith("tests/") and module[len("tests/"):] in RAY_MODULES
+    return module[len("tests/"):] if module.startswith("tests/") else ""
+
+
+def starts_ray(nodeid: str) -> bool:
+    """Whether the test `nodeid` is in one of RAY_MODULES."""
+    return _module(nodeid) in RAY_MODULES
+
+
+def _chain(nodeid: str) -> str | None:
+    """The scope of the Ray chain that the test `nodeid` (or a module path) is in; None: it is in none."""
+    module = _module(nodeid)
+    if module not in RAY_MODULES or module in OWN_PORTS:
+        return None
+    return SECOND_SCOPE if module in SECOND_CHAIN else RAY_SCOPE
 
 
 def xdist_scheduler(config, log):
-    """pytest-xdist's loadscope with whole modules as units, and all of RAY_MODULES as one unit: one worker runs
-    those (largest unit, so first) in collection order, the others share the rest."""
+    """pytest-xdist's loadscope with whole modules as units, and each Ray chain (`_chain`) as one unit. The chains go
+    out first (the first worker the first chain, the next worker the second), then the OWN_PORTS modules, then the
+    rest, largest first."""
     from xdist.scheduler import LoadScopeScheduling
+
+    def rank(scope: str) -> int:
+        return {RAY_SCOPE: 0, SECOND_SCOPE: 1}.get(scope, 2 if _module(scope) in OWN_PORTS else 3)
 
     class RayScopeScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return RAY_SCOPE if starts_ray(nodeid) else nodeid.split("::", 1)[0]
+            return _chain(nodeid) or nodeid.split("::", 1)[0]
+
+        def _assign_work_unit(self, node) -> None:
+            for scope in sorted((s for s in self.workqueue if rank(s) < 3), key=rank, reverse=True):
+                self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
 
     return RayScopeScheduling(config, log)
+
+
+def free_agent_port() -> None:
+    """In this process, a local Ray's dashboard agent listens on a free port rather than on Ray's fixed 52365 (which
+    ray.init has no argument for): the other worker's Ray may be up meanwhile."""
+    import functools
+    import socket
+
+    from ray._private.parameter import RayParams
+
+    real = RayParams.__init__
+
+    @functools.wraps(real)
+    def init(self, *args, **kwargs):
+        if "dashboard_agent_listen_port" not in kwargs:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                kwargs["dashboard_agent_listen_port"] = s.getsockname()[1]
+        real(self, *args, **kwargs)
+
+    RayParams.__init__ = init
 
 
 def guard_ray_init(allowed: Callable[[], bool]) -> None:

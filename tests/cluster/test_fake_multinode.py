@@ -162,7 +162,7 @@ def _driver_auth_mode() -> str:
 
 
 @pytest.fixture(scope="module")
-def fake_cluster():
+def fake_cluster(no_lent_ray):
     """One head for the module's tests: each leaves it as it found it (no expert_worker or trunk_worker
     node, its controller and workers gone), and each looks only at its own node type's autoscaler events."""
     # A local ray.init earlier in this process turns token auth on for the process (token in
