@@ -28,10 +28,11 @@ def test_buckets():
 
 def _serve(path: str, mode: str, device: str = "cpu", dtype: str = "auto",
            capture_tokens: int = 2048) -> tuple[dict[str, list[int]], LLMEngine]:
-    """Staggered arrivals, a KV cache small enough to preempt, greedy: every request's tokens."""
+    """Staggered arrivals, a KV cache small enough to preempt, greedy: every request's tokens. No prefill
+    hold: it goes by the clock, and the schedule (preemptions, fixed-shape steps) must not."""
     config = EngineConfig(model=path, device=device, dtype=dtype, block_size=4, num_kv_blocks=24, max_num_seqs=6,
                           max_num_batched_tokens=24, max_model_len=96, decode_graphs=mode,
-                          graph_capture_tokens=capture_tokens)
+                          graph_capture_tokens=capture_tokens, prefill_hold_ms=0)
     engine = LLMEngine.from_config(config)
     vocab = engine.model_config.vocab_size
     prompts = [torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(7 + i)).tolist()
