@@ -469,7 +469,8 @@ def markdown(report: dict) -> str:
     poisson = [(name, key[4:], v) for name, r in report["models"].items()
                for key, v in r.get("moeserve", {}).items() if key.startswith("rate")]
     if poisson:
-        lines += ["Open loop (Poisson arrivals):", "", "| model | req/s | output tok/s | TTFT p50 / p99 ms | "
+        hold = report.get("prefill_hold_ms")
+        lines += [f"Open loop (Poisson arrivals{'' if hold is None else f'; prefill hold {hold:g} ms'}):", "", "| model | req/s | output tok/s | TTFT p50 / p99 ms | "
                   "TPOT p50 / p99 ms | failed |", "|---|---|---|---|---|---|"]
         lines += [f"| {name} | {rate} | {v['output_token_throughput']:.1f} | {v['ttft_ms']['p50']:.0f} / "
                   f"{v['ttft_ms']['p99']:.0f} | {v['tpot_ms']['p50']:.1f} / {v['tpot_ms']['p99']:.1f} | {v['failed']} |"
@@ -488,9 +489,15 @@ def main_bench(args: argparse.Namespace) -> int:
     args.out_dir_path = out_dir.resolve()
     out_file = out_dir / "bench_serving.json"
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    from moeserve.router.config import EngineConfig
+
+    hold = EngineConfig().prefill_hold_ms if args.prefill_hold_ms is None else args.prefill_hold_ms
+    if args.enforce_eager or not args.device.startswith("cuda"):
+        hold = 0.0  # the engine holds prompts only where decode steps are CUDA graphs
     report = dict(device=device_name, torch=torch.__version__, prompt_len=args.prompt_len,
                   output_len=args.output_len, concurrency=args.concurrency, models={},
-                  decode="eager" if args.enforce_eager else "CUDA graphs", hf_reference_h100=HF_REFERENCE)
+                  decode="eager" if args.enforce_eager else "CUDA graphs", prefill_hold_ms=hold,
+                  hf_reference_h100=HF_REFERENCE)
 
     def save() -> None:
         out_file.write_text(json.dumps(report, indent=2))
