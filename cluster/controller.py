@@ -247,9 +247,10 @@ class ExpertController:
         except asyncio.TimeoutError:
             return None
         finally:
-            left = self._watching.pop(dispatcher_id, 0) - 1 if live else 0
-            if left > 0:
-                self._watching[dispatcher_id] = left
+            if live:
+                left = self._watching.pop(dispatcher_id) - 1
+                if left:
+                    self._watching[dispatcher_id] = left
             # A set just returned is adopted at the caller's next step boundary and it may route with its old
             # epoch until then: seen now, it holds a drain up for dispatcher_ttl_s more. Forgotten: stays so.
             if dispatcher_id in self._acks:

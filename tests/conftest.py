@@ -60,6 +60,17 @@ def shared_ray(request, _ray_session):
 
 
 @pytest.fixture(scope="module")
+def ray_cluster(shared_ray):
+    """The lent Ray with this process's torch on one BLAS thread, as the Ray trunk and expert groups run (equal bits,
+    and no OpenMP pools spinning against each other on two cores). Fixtures that compute reference outputs depend on
+    it so that they run on that one thread too. test_controller has a Ray of its own under this name."""
+    from moeserve.chaos.runner import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
 def no_lent_ray(_ray_session):
     """For a module with a Ray of its own that may run after borrowers in this process (an OWN_PORTS module under
     xdist, tests/ray_session.py): the lent Ray, if up, is shut down first; the next borrower starts a new one."""

@@ -25,29 +25,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
-# Every test module that starts a Ray (paths under tests/): the `shared_ray` borrowers and those with a Ray of their own.
-RAY_MODULES = (
+# The test modules that start a Ray (paths under tests/), as the chains they make under xdist. The first chain: the
+# modules with a Ray of their own, then test_scenarios (a borrower of the lent Ray, ~275 s alone).
+FIRST_CHAIN = (
     "chaos/test_scenarios.py",
-    "chaos/test_trunk.py",
-    "chaos/test_trunk_pool.py",
-    "chaos/test_trunk_telemetry.py",
-    "cluster/test_admin.py",
-    "cluster/test_autoscaling_lease.py",
-    "cluster/test_autoscaling_serve.py",
     "cluster/test_autoscaling_stop.py",  # its own, shut down inside the test
     "cluster/test_controller.py",  # its own
-    "cluster/test_expert_failures.py",
-    "cluster/test_fake_multinode.py",  # its own: a `ray start --head` with Ray's fake multi-node autoscaler
-    "cluster/test_live_scaling.py",
-    "cluster/test_metrics.py",
-    "cluster/test_serving_status.py",
     "cluster/test_trunk_demand.py",  # its own, with a custom resource
-    "cluster/test_trunk_scaling_serve.py",
     "experts/test_backend.py",  # its own, with custom resources
-    "experts/test_ray_groups.py",
 )
-# The borrowers that make the second chain under xdist, the other worker's (seconds of a clean-clone run with both
-# workers busy): ~355 s of ~800 s of Ray tests; the first chain's test_scenarios alone is ~275 s.
+# The other worker's chain, borrowers only (seconds of a clean-clone run with both workers busy): ~355 s of ~800 s
+# of Ray tests.
 SECOND_CHAIN = (
     "chaos/test_trunk.py",
     "chaos/test_trunk_pool.py",
@@ -62,9 +50,11 @@ SECOND_CHAIN = (
     "cluster/test_trunk_scaling_serve.py",
     "experts/test_ray_groups.py",
 )
-# Those of RAY_MODULES whose Ray takes only free ports (`ray start` with every port given): units of their own.
-# test_fake_multinode waits ~1.5 min on Ray's autoscaler.
+# Those whose Ray takes only free ports (`ray start` with every port given): units of their own, in no chain.
+# test_fake_multinode (a `ray start --head` with Ray's fake multi-node autoscaler) waits ~1.5 min on the autoscaler.
 OWN_PORTS = ("cluster/test_fake_multinode.py",)
+# Every test module that starts a Ray.
+RAY_MODULES = FIRST_CHAIN + SECOND_CHAIN + OWN_PORTS
 RAY_SCOPE = "ray"
 SECOND_SCOPE = "ray-2"
 NAMESPACE = "moeserve-tests"

@@ -35,20 +35,13 @@ def actor_gone():
 
 
 @pytest.fixture(scope="module")
-def private_ray(shared_ray):
-    """A Ray as fresh as one of this module's own (tests/ray_session.py; an embedded serve backend joins it); the
-    admin API on a free port. Its tests share it: each stops (and waits out) the controller and groups it started.
-
-    One torch thread meanwhile: the trunk and the expert groups share the machine's two cores.
-    """
-    import torch
-
+def private_ray(ray_cluster):
+    """A Ray as fresh as one of this module's own (tests/ray_session.py; an embedded serve backend joins it), on one
+    torch thread (`ray_cluster`); the admin API on a free port. Its tests share it: each stops (and waits out) the
+    controller and groups it started."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOESERVE_ADMIN_PORT", "0")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         yield
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture

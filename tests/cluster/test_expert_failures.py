@@ -22,13 +22,6 @@ NUM_REQUESTS, MAX_TOKENS = 32, 32
 RESOURCES = GroupResources(num_cpus=0.1, torch_threads=1)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(shared_ray):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the groups (torch_threads=1): equal bits, no OpenMP pools spinning on 2 cores
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def model(ray_cluster, hf_checkpoint):

@@ -24,13 +24,6 @@ from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
 NUM_REQUESTS, MAX_TOKENS, MAX_STEPS_PER_CHANGE = 32, 40, 4
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(shared_ray):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the groups (torch_threads=1): equal bits, no OpenMP pools spinning on 2 cores
-    yield
-    torch.set_num_threads(threads)
-
 
 def _prompts(vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(5)

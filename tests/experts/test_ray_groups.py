@@ -27,13 +27,6 @@ ARCHS = ("deepseek_v3", "qwen3_moe", "mixtral")
 RESOURCES = GroupResources(num_cpus=0.1, torch_threads=1)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(shared_ray):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
