@@ -13,7 +13,6 @@ only loads them. Cases run in priority order and the table is saved after each, 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import multiprocessing as mp
@@ -28,7 +27,7 @@ from moeserve.kernels import fused_moe
 from moeserve.kernels.configs import CONFIG_DIR, MoeConfig, device_file_name, shape_key
 from moeserve.kernels.problems import random_batch, random_experts, rotation
 from moeserve.kernels.roofline import SHAPES, ExpertShape
-from moeserve.kernels.search_space import activation_choices, block_m_choices, gemm_choices, per_slot_choices
+from moeserve.kernels.search_space import block_m_choices, gemm_choices, per_slot_choices, prequant_choices
 from moeserve.kernels.timing import graph_ms
 
 TOKENS = (1, 8, 64, 256, 1024, 4096)
@@ -47,11 +46,11 @@ def cases(shapes: list[str], tokens: list[int], quants: list[str]) -> list[tuple
 
 
 def layouts(shape: ExpertShape, quant: str, t: int) -> list[MoeConfig]:
-    """The (block_m, per_slot, prequant, a16) combinations tried for one case, as GEMM-less MoeConfigs."""
-    return [MoeConfig(bm, per_slot=per_slot, prequant=pq, a16=a16)
+    """The (block_m, per_slot, prequant) combinations tried for one case, as GEMM-less MoeConfigs."""
+    return [MoeConfig(bm, per_slot=per_slot, prequant=pq)
             for per_slot in per_slot_choices(t)
             for bm in ([16] if per_slot else block_m_choices(t, shape.experts, shape.top_k))
-            for pq, a16 in activation_choices(quant)]
+            for pq in prequant_choices(quant)]
 
 
 def options(shape: ExpertShape, quant: str, t: int) -> list[tuple[MoeConfig, str, object]]:
@@ -78,9 +77,9 @@ def _compile_one(task) -> str | None:
     weights, batch = _WORKER_PROBLEMS[key]
     try:
         plan = fused_moe.plan_slots(batch.ids, 1, lay)
-        act = fused_moe.gate_up(batch.hidden, weights, plan, cfg, lay.prequant, lay.a16)
+        act = fused_moe.gate_up(batch.hidden, weights, plan, cfg, lay.prequant)
         if gemm == "down":
-            fused_moe.down(act, weights, plan, batch.weights, cfg, lay.prequant, lay.a16)
+            fused_moe.down(act, weights, plan, batch.weights, cfg, lay.prequant)
         torch.cuda.synchronize()
         return None
     except Exception as exc:  # out of shared memory or registers: the timing loop skips it too
@@ -143,22 +142,21 @@ def tune_case(shape: ExpertShape, quant: str, t: int, weights, reps: int) -> tup
         plans = [fused_moe.plan_slots(b.ids, shape.experts, lay) for b in batches]
 
         def time_up(cfg):
-            return graph_ms([functools.partial(fused_moe.gate_up, b.hidden, weights, p, cfg, lay.prequant, lay.a16)
+            return graph_ms([functools.partial(fused_moe.gate_up, b.hidden, weights, p, cfg, lay.prequant)
                              for b, p in zip(batches, plans)], reps=reps)
 
         up, _ = _best("gate/up", gemm_choices(lay.block_m, quant, True), time_up)
-        acts = [fused_moe.gate_up(b.hidden, weights, p, up, lay.prequant, lay.a16) for b, p in zip(batches, plans)]
+        acts = [fused_moe.gate_up(b.hidden, weights, p, up, lay.prequant) for b, p in zip(batches, plans)]
 
         def time_down(cfg):
-            return graph_ms([functools.partial(fused_moe.down, a, weights, p, b.weights, cfg, lay.prequant, lay.a16)
+            return graph_ms([functools.partial(fused_moe.down, a, weights, p, b.weights, cfg, lay.prequant)
                              for a, b, p in zip(acts, batches, plans)], reps=reps)
 
         dn, _ = _best("down", gemm_choices(lay.block_m, quant, False), time_down)
-        config = dataclasses.replace(lay, up=up, down=dn)
+        config = MoeConfig(lay.block_m, up, dn, lay.per_slot, lay.prequant)
         ms = graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights, config)
                        for b in batches], reps=reps)
-        label = (f"block_m={lay.block_m}" + (",per_slot" if lay.per_slot else "") + (",prequant" if lay.prequant else "")
-                 + (",a16" if lay.a16 else ""))
+        label = f"block_m={lay.block_m}" + (",per_slot" if lay.per_slot else "") + (",prequant" if lay.prequant else "")
         scores[label] = round(ms, 4)
         if ms < best_ms:
             best, best_ms = config, ms

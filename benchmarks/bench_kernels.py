@@ -66,13 +66,13 @@ def parts_ms(shape: ExpertShape, weights: ExpertWeights, batches, reps: int) -> 
     """Each step of the call alone, at the configuration the call uses: where the time goes."""
     cfg = fused_moe.select_config(batches[0].hidden, weights, shape.top_k)
     plans = [fused_moe.plan_slots(b.ids, shape.experts, cfg) for b in batches]
-    pq, a16 = cfg.prequant, cfg.a16
-    acts = [fused_moe.gate_up(b.hidden, weights, p, cfg.up, pq, a16) for b, p in zip(batches, plans)]
-    ys = [fused_moe.down(a, weights, p, b.weights, cfg.down, pq, a16) for a, b, p in zip(acts, batches, plans)]
+    pq = cfg.prequant
+    acts = [fused_moe.gate_up(b.hidden, weights, p, cfg.up, pq) for b, p in zip(batches, plans)]
+    ys = [fused_moe.down(a, weights, p, b.weights, cfg.down, pq) for a, b, p in zip(acts, batches, plans)]
     steps = {
-        "gate_up": [functools.partial(fused_moe.gate_up, b.hidden, weights, p, cfg.up, pq, a16)
+        "gate_up": [functools.partial(fused_moe.gate_up, b.hidden, weights, p, cfg.up, pq)
                     for b, p in zip(batches, plans)],
-        "down": [functools.partial(fused_moe.down, a, weights, p, b.weights, cfg.down, pq, a16)
+        "down": [functools.partial(fused_moe.down, a, weights, p, b.weights, cfg.down, pq)
                  for a, b, p in zip(acts, batches, plans)],
         "combine": [functools.partial(fused_moe.combine, y, b.ids, shape.experts, torch.bfloat16)
                     for y, b in zip(ys, batches)],

@@ -49,22 +49,17 @@ class MoeConfig:
     """block_m (rows per expert block, shared by the permutation and both GEMMs) and the two GEMMs;
     per_slot skips the permutation and gives each slot its own block (decode: one or a few tokens);
     prequant (FP8) quantises each GEMM's activations once up front rather than in every program
-    (pays when many programs share the same rows: large batches); a16 (FP8) does not quantise them at
-    all and multiplies bf16 activations by the widened weights (W8A16: pays where the call only
-    streams weights, so that quantising is pure latency)."""
+    (pays when many programs share the same rows: large batches)."""
 
     block_m: int = 16
     up: GemmConfig = field(default_factory=GemmConfig)
     down: GemmConfig = field(default_factory=GemmConfig)
     per_slot: bool = False
     prequant: bool = False
-    a16: bool = False
 
     def __post_init__(self) -> None:
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
             raise ValueError(f"MoeConfig.block_m must be a power of two >= 16, got {self.block_m}")
-        if self.prequant and self.a16:
-            raise ValueError("MoeConfig.prequant and a16 exclude each other: a16 quantises no activations")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,8 +67,7 @@ class MoeConfig:
     @staticmethod
     def from_dict(d: dict) -> "MoeConfig":
         return MoeConfig(block_m=int(d["block_m"]), up=GemmConfig(**d["up"]), down=GemmConfig(**d["down"]),
-                         per_slot=bool(d.get("per_slot", False)), prequant=bool(d.get("prequant", False)),
-                         a16=bool(d.get("a16", False)))
+                         per_slot=bool(d.get("per_slot", False)), prequant=bool(d.get("prequant", False)))
 
 
 def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, quant: str) -> str:

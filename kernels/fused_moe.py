@@ -1,9 +1,6 @@
 """Fused expert MLP in Triton: permute, gate/up GEMM with SiLU(gate)*up, down GEMM with the routing
 weight, combine in token order. bf16 activations with fp32 accumulation; weights bf16, FP8 e4m3 with
-128x128 block scales, or INT8 with per-output-channel scales. FP8 GEMMs quantise their activations
-per 1x128 group and multiply on FP8 tensor cores (W8A8, as DeepSeek-V3 is served), or, where the
-table says `a16`, keep the activations bf16 and widen the weights in registers (W8A16: no activation
-quantisation and its launches, for the few-token calls that only stream weights).
+128x128 block scales, or INT8 with per-output-channel scales.
 
 Data flow for hidden [T, H], k slots per token, S = T*k:
 1. align_block_size: slot indices sorted by expert into BLOCK_M-aligned runs (align.py); skipped on
@@ -99,14 +96,12 @@ def _moe_gemm_kernel(
     stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn, stride_sk, stride_asm,
     A_BY_TOKEN: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, QUANT: tl.constexpr,
     INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, PER_SLOT: tl.constexpr, A_FP8: tl.constexpr,
-    A16: tl.constexpr, TMA_A: tl.constexpr, TMA_B: tl.constexpr,
+    TMA_A: tl.constexpr, TMA_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = A @ B[e].T over one BLOCK_M run of expert e; N output columns (I when GATED: the up rows
     sit N rows below the gate rows), K the reduction length. PER_SLOT: block m is slot m alone.
     A_FP8: A is already e4m3 with one scale per row and 128-wide K group (a_scale_ptr).
-    A16 (FP8 weights): A stays bf16; each e4m3 weight tile widens to bf16 (exactly) for the dot, and
-    the product takes the weight block's scale.
     TMA_B: the weight tiles come through b_desc (B as [E * rows per expert, K], tiles [BLOCK_N,
     BLOCK_K]) by the tensor-memory accelerator instead of per-thread loads; TMA_A likewise for A when
     its rows are the block's own (the down GEMM), tiles [BLOCK_M, BLOCK_K]. Reads past K are zeros;
@@ -177,16 +172,7 @@ def _moe_gemm_kernel(
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if GATED:
                 bu = tl.load(b_ptrs + up_shift, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if QUANT == 1 and A16:
-            kb = k0 // 128
-            wide = tl.float32 if INTERPRET else a.dtype  # e4m3 values are exact in bf16
-            af = a.to(tl.float32) if INTERPRET else a
-            bs = tl.load(s_base + gate_srow * stride_sn + kb * stride_sk, mask=n_ok, other=0.0)
-            acc += tl.dot(af, b.to(wide)) * bs[None, :]
-            if GATED:
-                bus = tl.load(s_base + up_srow * stride_sn + kb * stride_sk, mask=n_ok, other=0.0)
-                acc_up += tl.dot(af, bu.to(wide)) * bus[None, :]
-        elif QUANT == 1:
+        if QUANT == 1:
             kb = k0 // 128
             if A_FP8:
                 aq = a
@@ -302,8 +288,7 @@ def _descriptor(t: torch.Tensor | None, rows: int, cols: int, wanted: bool):
 
 
 def _gemm(a, b, c, scale, topk_w, plan: SlotPlan, n, k, gate_scale_rows, cfg: GemmConfig, *,
-          a_by_token: bool, gated: bool, mul_weight: bool, quant: str, a_scale: torch.Tensor | None = None,
-          a16: bool = False):
+          a_by_token: bool, gated: bool, mul_weight: bool, quant: str, a_scale: torch.Tensor | None = None):
     if quant == "fp8" and cfg.block_k != FP8_GROUP:
         cfg = dataclasses.replace(cfg, block_k=FP8_GROUP)
     max_blocks = plan.num_blocks
@@ -326,34 +311,33 @@ def _gemm(a, b, c, scale, topk_w, plan: SlotPlan, n, k, gate_scale_rows, cfg: Ge
         0 if a_scale is None else a_scale.stride(0),
         A_BY_TOKEN=a_by_token, GATED=gated, MUL_WEIGHT=mul_weight, QUANT=QUANT_CODES[quant],
         INTERPRET=interpreting(), EVEN_K=k % cfg.block_k == 0, PER_SLOT=runs is None, A_FP8=a_scale is not None,
-        A16=a16 and quant == "fp8", TMA_A=a_desc is not None, TMA_B=b_desc is not None,
+        TMA_A=a_desc is not None, TMA_B=b_desc is not None,
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
 def gate_up(hidden: torch.Tensor, weights: ExpertWeights, plan: SlotPlan, cfg: GemmConfig,
-            prequant: bool = False, a16: bool = False) -> torch.Tensor:
+            prequant: bool = False) -> torch.Tensor:
     """Step 2: act [plan.act_rows, I] = silu(x @ gate.T) * (x @ up.T) per held row (others unwritten).
-    FP8 only: prequant quantises x once here instead of in every program of the GEMM; a16 does not
-    quantise it at all (W8A16)."""
+    prequant (FP8 only): quantise x once here instead of in every program of the GEMM."""
     inter = weights.intermediate_size
     act = empty(plan.act_rows, inter, dtype=hidden.dtype, device=hidden.device)
-    a, a_scale = quantize_activations(hidden) if prequant and not a16 and weights.quant == "fp8" else (hidden, None)
+    a, a_scale = quantize_activations(hidden) if prequant and weights.quant == "fp8" else (hidden, None)
     _gemm(a, weights.w13, act, weights.w13_scale, hidden, plan, inter, weights.hidden_size,
           triton.cdiv(inter, FP8_GROUP), cfg, a_by_token=True, gated=True, mul_weight=False, quant=weights.quant,
-          a_scale=a_scale, a16=a16)
+          a_scale=a_scale)
     return act
 
 
 def down(act: torch.Tensor, weights: ExpertWeights, plan: SlotPlan, topk_w: torch.Tensor,
-         cfg: GemmConfig, prequant: bool = False, a16: bool = False) -> torch.Tensor:
+         cfg: GemmConfig, prequant: bool = False) -> torch.Tensor:
     """Step 3: y [T*k, H], each held slot's expert output times its routing weight (float32 topk_w)."""
     h = weights.hidden_size
     y = empty(plan.ids.numel(), h, dtype=act.dtype, device=act.device)
-    a, a_scale = quantize_activations(act) if prequant and not a16 and weights.quant == "fp8" else (act, None)
+    a, a_scale = quantize_activations(act) if prequant and weights.quant == "fp8" else (act, None)
     _gemm(a, weights.w2, y, weights.w2_scale, topk_w, plan, h, weights.intermediate_size, 0, cfg,
-          a_by_token=False, gated=False, mul_weight=True, quant=weights.quant, a_scale=a_scale, a16=a16)
+          a_by_token=False, gated=False, mul_weight=True, quant=weights.quant, a_scale=a_scale)
     return y
 
 
@@ -396,8 +380,8 @@ def fused_experts(
         return empty(0, h, dtype=hidden.dtype, device=hidden.device)
     cfg = config or select_config(hidden, weights, topk_ids.shape[1])
     plan = plan_slots(topk_ids, weights.num_experts, cfg)
-    act = gate_up(hidden, weights, plan, cfg.up, cfg.prequant, cfg.a16)
-    y = down(act, weights, plan, topk_w, cfg.down, cfg.prequant, cfg.a16)
+    act = gate_up(hidden, weights, plan, cfg.up, cfg.prequant)
+    y = down(act, weights, plan, topk_w, cfg.down, cfg.prequant)
     return combine(y, topk_ids, weights.num_experts, hidden.dtype)
 
 

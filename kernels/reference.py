@@ -196,19 +196,16 @@ def fused_experts_fp8(
     w2_scale_inv: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
-    quantize_activations: bool = True,
 ) -> torch.Tensor:
     """Routed experts with FP8 block-scaled weights (layouts in kernels/weights.py), computed as the
-    FP8 kernels do: activations quantised per 1x128 group before each GEMM (W8A8; left as they are
-    when quantize_activations is False: W8A16), the SwiGLU output rounded to hidden's dtype before
-    the down GEMM, float32 arithmetic elsewhere."""
-    fake_quant = (lambda x: act_dequant_fp8(*act_quant_fp8(x))) if quantize_activations else (lambda x: x.float())
+    FP8 kernels do: activations quantised per 1x128 group before each GEMM, the SwiGLU output
+    rounded to hidden's dtype before its quantisation, float32 arithmetic elsewhere."""
     w13f = dequant_w13_fp8(w13, w13_scale_inv)
     w2f = block_dequant(w2, w2_scale_inv)
     num_experts = w13.shape[0]
     order, _, offsets = permute(topk_ids, num_experts)
     k = topk_ids.shape[1]
-    x = fake_quant(hidden[order // k])
+    x = act_dequant_fp8(*act_quant_fp8(hidden[order // k]))
     y = torch.empty(x.shape[0], w2.shape[1], dtype=torch.float32, device=hidden.device)
     bounds = offsets.tolist()
     for e in range(num_experts):
@@ -216,7 +213,7 @@ def fused_experts_fp8(
         if hi > lo:
             gate, up = (x[lo:hi] @ w13f[e].t()).chunk(2, dim=-1)
             act = (F.silu(gate) * up).to(hidden.dtype)
-            y[lo:hi] = fake_quant(act) @ w2f[e].t()
+            y[lo:hi] = act_dequant_fp8(*act_quant_fp8(act)) @ w2f[e].t()
     return combine(y, order, topk_weights.float(), hidden.shape[0]).to(hidden.dtype)
 
 

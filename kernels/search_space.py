@@ -59,11 +59,11 @@ def gemm_choices(block_m: int, quant: str, gated: bool) -> list[GemmConfig]:
     return out
 
 
-def activation_choices(quant: str) -> list[tuple[bool, bool]]:
-    """(prequant, a16) pairs to time for FP8 activations: quantised in every program of the GEMM,
-    quantised once up front (an extra launch per GEMM; pays once many programs share rows), or not
-    quantised (W8A16: bf16 dots, no quantisation on the decode path's critical chain)."""
-    return [(False, False), (True, False), (False, True)] if quant == "fp8" else [(False, False)]
+def prequant_choices(quant: str) -> list[bool]:
+    """Whether to time FP8 activations quantised once up front: an extra launch per GEMM, against
+    quantising in every program (costly once many programs share rows, and on the decode path's
+    critical chain)."""
+    return [False, True] if quant == "fp8" else [False]
 
 
 def per_slot_choices(num_tokens: int) -> list[bool]:

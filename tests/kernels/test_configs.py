@@ -90,15 +90,3 @@ def test_bad_config_is_rejected():
         GemmConfig(block_n=48)
     with pytest.raises(ValueError, match="block_m"):
         MoeConfig(block_m=8)
-    with pytest.raises(ValueError, match="exclude each other"):
-        MoeConfig(prequant=True, a16=True)
-
-
-def test_activation_mode_survives_the_table():
-    """a16 (FP8 weights against bf16 activations) is read back from a table entry; entries written
-    before it existed mean W8A8."""
-    cfg = MoeConfig(16, per_slot=True, a16=True)
-    assert MoeConfig.from_dict(cfg.to_dict()) == cfg
-    old = cfg.to_dict()
-    del old["a16"]
-    assert MoeConfig.from_dict(old).a16 is False

@@ -3,8 +3,8 @@
 import pytest
 
 from moeserve.kernels.configs import MoeConfig
-from moeserve.kernels.search_space import (SMEM_LIMIT, activation_choices, block_m_choices, gemm_choices,
-                                           per_slot_choices, rows_per_expert, smem_bytes)
+from moeserve.kernels.search_space import (SMEM_LIMIT, block_m_choices, gemm_choices, per_slot_choices,
+                                           prequant_choices, rows_per_expert, smem_bytes)
 
 
 def test_block_m_follows_rows_per_expert():
@@ -35,10 +35,6 @@ def test_per_slot_only_for_few_tokens():
     assert per_slot_choices(64) == [False]
 
 
-def test_activation_choices_only_for_fp8():
-    """FP8 activations quantised in the GEMM, up front (prequant) or not at all (a16); each pair is a
-    valid MoeConfig."""
-    assert activation_choices("fp8") == [(False, False), (True, False), (False, True)]
-    assert activation_choices("bf16") == activation_choices("int8") == [(False, False)]
-    for prequant, a16 in activation_choices("fp8"):
-        MoeConfig(16, prequant=prequant, a16=a16)
+def test_prequant_only_for_fp8():
+    assert prequant_choices("fp8") == [False, True]
+    assert prequant_choices("bf16") == prequant_choices("int8") == [False]
