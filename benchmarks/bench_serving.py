@@ -470,7 +470,8 @@ def markdown(report: dict) -> str:
                for key, v in r.get("moeserve", {}).items() if key.startswith("rate")]
     if poisson:
         hold = report.get("prefill_hold_ms")
-        lines += [f"Open loop (Poisson arrivals{'' if hold is None else f'; prefill hold {hold:g} ms'}):", "", "| model | req/s | output tok/s | TTFT p50 / p99 ms | "
+        held = "" if hold is None else f"; prefill hold {hold:g} ms"
+        lines += [f"Open loop (Poisson arrivals{held}):", "", "| model | req/s | output tok/s | TTFT p50 / p99 ms | "
                   "TPOT p50 / p99 ms | failed |", "|---|---|---|---|---|---|"]
         lines += [f"| {name} | {rate} | {v['output_token_throughput']:.1f} | {v['ttft_ms']['p50']:.0f} / "
                   f"{v['ttft_ms']['p99']:.0f} | {v['tpot_ms']['p50']:.1f} / {v['tpot_ms']['p99']:.1f} | {v['failed']} |"

@@ -20,9 +20,9 @@ Prompts arriving while decodes run are held back for up to `prefill_hold_s` (Eng
 prefill_hold_ms; only where decode-only steps replay CUDA graphs): a step that reads a prompt runs
 eagerly, and under a steady stream of arrivals every step would otherwise be one (on an H200, a
 Poisson stream of 20 requests/s put every running request's decode at 46-52 ms a token, against
-13-21 ms in closed loop at batch 64). Held prompts are admitted together once the oldest has waited that long, or at once when
-they fill a step's sequence slots or token budget, when no decode is running, or when the step
-reads a prompt anyway (a running prefill chunk).
+13-21 ms in closed loop at batch 64). Held prompts are admitted together once the oldest has waited
+that long, or at once when they fill a step's sequence slots or token budget, when no decode is
+running, or when the step reads a prompt anyway (a running prefill chunk).
 """
 
 from __future__ import annotations

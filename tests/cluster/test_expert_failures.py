@@ -22,7 +22,6 @@ NUM_REQUESTS, MAX_TOKENS = 32, 32
 RESOURCES = GroupResources(num_cpus=0.1, torch_threads=1)
 
 
-
 @pytest.fixture(scope="module")
 def model(ray_cluster, hf_checkpoint):
     """(checkpoint path, prompts, the undisturbed single-process outputs)."""

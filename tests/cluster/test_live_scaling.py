@@ -24,7 +24,6 @@ from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
 NUM_REQUESTS, MAX_TOKENS, MAX_STEPS_PER_CHANGE = 32, 40, 4
 
 
-
 def _prompts(vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(5)
     return [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in torch.randint(1, 24, (NUM_REQUESTS,), generator=g)]

@@ -27,7 +27,6 @@ ARCHS = ("deepseek_v3", "qwen3_moe", "mixtral")
 RESOURCES = GroupResources(num_cpus=0.1, torch_threads=1)
 
 
-
 def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
             for n in (1, 4, 9, 17, 30)]
