@@ -24,7 +24,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 class GemmConfig:
     """Tile and launch parameters of one grouped GEMM (block_m is shared, see MoeConfig); tma: weight
     tiles (and the down GEMM's activation tiles) loaded by the tensor-memory accelerator (Hopper and
-    later) rather than per thread."""
+    later) rather than per thread; swap_ab: the tensor cores compute C.T = B @ A.T, so that BLOCK_N
+    (the weights' rows) fills the instruction's M and few token rows its N (decode on Hopper)."""
 
     block_n: int = 64
     block_k: int = 64
@@ -32,6 +33,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False
+    swap_ab: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):

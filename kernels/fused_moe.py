@@ -81,6 +81,28 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, R, K, stride_x, stride_q, stride_s,
 
 
 @triton.jit
+def _dot(a, b, acc, SWAP_AB: tl.constexpr):
+    """acc + a @ b for a [M, K], b [K, N]; with SWAP_AB, acc and the result are transposed ([N, M]):
+    the weights' N becomes the tensor-core tile's M, so a block of one or a few token rows still
+    fills a Hopper warpgroup instruction (64 rows) instead of a 16-row one."""
+    if SWAP_AB:
+        out = tl.dot(tl.trans(b), tl.trans(a), acc)
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _scale2d(row_scale, col_scale, SWAP_AB: tl.constexpr):
+    """row_scale [M] times col_scale [N] as the [M, N] (or with SWAP_AB [N, M]) accumulator's factor."""
+    if SWAP_AB:
+        out = col_scale[:, None] * row_scale[None, :]
+    else:
+        out = row_scale[:, None] * col_scale[None, :]
+    return out
+
+
+@triton.jit
 def _store_rounded(ptrs, x, mask, INTERPRET: tl.constexpr):
     if INTERPRET:
         if ptrs.dtype.element_ty == tl.bfloat16:
@@ -96,7 +118,7 @@ def _moe_gemm_kernel(
     stride_am, stride_be, stride_bn, stride_cm, stride_se, stride_sn, stride_sk, stride_asm,
     A_BY_TOKEN: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, QUANT: tl.constexpr,
     INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, PER_SLOT: tl.constexpr, A_FP8: tl.constexpr,
-    TMA_A: tl.constexpr, TMA_B: tl.constexpr,
+    TMA_A: tl.constexpr, TMA_B: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C = A @ B[e].T over one BLOCK_M run of expert e; N output columns (I when GATED: the up rows
@@ -105,7 +127,8 @@ def _moe_gemm_kernel(
     TMA_B: the weight tiles come through b_desc (B as [E * rows per expert, K], tiles [BLOCK_N,
     BLOCK_K]) by the tensor-memory accelerator instead of per-thread loads; TMA_A likewise for A when
     its rows are the block's own (the down GEMM), tiles [BLOCK_M, BLOCK_K]. Reads past K are zeros;
-    A's rows past the run are padding whose products are never stored."""
+    A's rows past the run are padding whose products are never stored. SWAP_AB: C.T = B[e] @ A.T is
+    accumulated instead (see _dot), and transposed back for the epilogue."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_pid_n
@@ -149,9 +172,12 @@ def _moe_gemm_kernel(
     if TMA_A:
         a_row = pid_m * BLOCK_M
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if GATED:
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros_like(acc)
     for k0 in range(0, K, BLOCK_K):
         if TMA_A:
             a = a_desc.load([a_row, k0])
@@ -182,10 +208,10 @@ def _moe_gemm_kernel(
                 # next to the weight stream when few rows share each weight tile.
                 aq, a_scale = _quantize_group(a, INTERPRET)
             bs = tl.load(s_base + gate_srow * stride_sn + kb * stride_sk, mask=n_ok, other=0.0)
-            acc += tl.dot(aq, b) * (a_scale[:, None] * bs[None, :])
+            acc += _dot(aq, b, None, SWAP_AB) * _scale2d(a_scale, bs, SWAP_AB)
             if GATED:
                 bus = tl.load(s_base + up_srow * stride_sn + kb * stride_sk, mask=n_ok, other=0.0)
-                acc_up += tl.dot(aq, bu) * (a_scale[:, None] * bus[None, :])
+                acc_up += _dot(aq, bu, None, SWAP_AB) * _scale2d(a_scale, bus, SWAP_AB)
         else:
             if QUANT == 2:  # int8 values are exact in bf16 (the interpreter's int8->bf16 is broken)
                 b = b.to(tl.float32 if INTERPRET else a.dtype)
@@ -196,12 +222,16 @@ def _moe_gemm_kernel(
                 b = b.to(tl.float32)
                 if GATED:
                     bu = bu.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+            acc = _dot(a, b, acc, SWAP_AB)
             if GATED:
-                acc_up = tl.dot(a, bu, acc_up)
+                acc_up = _dot(a, bu, acc_up, SWAP_AB)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
+    if SWAP_AB:
+        acc = tl.trans(acc)
+        if GATED:
+            acc_up = tl.trans(acc_up)
     if QUANT == 2:  # per-output-channel scales
         s_base = b_scale_ptr + expert * stride_se
         acc *= tl.load(s_base + offs_n * stride_sn, mask=n_ok, other=0.0)[None, :]
@@ -311,7 +341,7 @@ def _gemm(a, b, c, scale, topk_w, plan: SlotPlan, n, k, gate_scale_rows, cfg: Ge
         0 if a_scale is None else a_scale.stride(0),
         A_BY_TOKEN=a_by_token, GATED=gated, MUL_WEIGHT=mul_weight, QUANT=QUANT_CODES[quant],
         INTERPRET=interpreting(), EVEN_K=k % cfg.block_k == 0, PER_SLOT=runs is None, A_FP8=a_scale is not None,
-        TMA_A=a_desc is not None, TMA_B=b_desc is not None,
+        TMA_A=a_desc is not None, TMA_B=b_desc is not None, SWAP_AB=cfg.swap_ab,
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -38,7 +38,8 @@ def smem_bytes(block_m: int, cfg: GemmConfig, gated: bool, weight_bytes: int) ->
 
 def gemm_choices(block_m: int, quant: str, gated: bool) -> list[GemmConfig]:
     """Candidate GemmConfigs for one GEMM (gated: the gate/up GEMM). Tensor-core tiles (64 rows and
-    more) are tried with per-thread loads and with TMA loads; weight streaming keeps per-thread loads."""
+    more) are tried with per-thread loads and with TMA loads; weight streaming keeps per-thread loads,
+    and tiles of 64 weight rows and more are also tried swapped (GemmConfig.swap_ab)."""
     weight_bytes = 2 if quant == "bf16" else 1
     block_ks = [128] if quant == "fp8" else [64, 128, 256]
     if block_m <= 32:
@@ -56,6 +57,8 @@ def gemm_choices(block_m: int, quant: str, gated: bool) -> list[GemmConfig]:
             out.append(cfg)
             if block_m >= 64:
                 out.append(dataclasses.replace(cfg, tma=True))
+            elif bn >= 64:  # swapped, 64+ weight rows fill a warpgroup tile whatever the token rows
+                out.append(dataclasses.replace(cfg, swap_ab=True))
     return out
 
 

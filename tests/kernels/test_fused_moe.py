@@ -24,6 +24,10 @@ SMALL_TMA = MoeConfig(16, GemmConfig(block_n=16, block_k=32, tma=True), GemmConf
 WIDE_M_TMA = MoeConfig(32, GemmConfig(block_n=32, block_k=64, tma=True), GemmConfig(block_n=32, block_k=64, tma=True))
 PER_SLOT_TMA = MoeConfig(16, GemmConfig(block_n=16, block_k=32, tma=True), GemmConfig(block_n=32, block_k=32, tma=True),
                          per_slot=True)
+# Swapped operands (C.T = B @ A.T): the accumulator is transposed back before the epilogue.
+SMALL_SWAP = MoeConfig(16, GemmConfig(block_n=16, block_k=32, swap_ab=True), GemmConfig(block_n=32, block_k=32, swap_ab=True))
+PER_SLOT_SWAP = MoeConfig(16, GemmConfig(block_n=16, block_k=32, swap_ab=True),
+                          GemmConfig(block_n=32, block_k=32, swap_ab=True), per_slot=True)
 
 
 def oracle(hidden, weights: ExpertWeights, ids, w):
@@ -64,6 +68,10 @@ CASES = [  # (T, H, I, E, k, drop, config)
     (21, 64, 32, 6, 2, 0.3, SMALL_TMA),  # TMA with slots held elsewhere
     (70, 64, 64, 4, 2, 0.0, WIDE_M_TMA),  # TMA, several blocks per expert
     (1, 80, 48, 8, 3, 0.0, PER_SLOT_TMA),  # TMA on the per-slot path (weights only)
+    (37, 80, 48, 8, 3, 0.0, SMALL_SWAP),  # swapped operands, tiles past N, K and the runs' rows
+    (21, 64, 32, 6, 2, 0.3, SMALL_SWAP),
+    (1, 80, 48, 8, 3, 0.0, PER_SLOT_SWAP),  # swapped on the per-slot decode path
+    (11, 64, 32, 4, 3, 0.3, PER_SLOT_SWAP),
 ]
 
 
@@ -97,18 +105,20 @@ def test_token_with_no_expert_held_here_is_zero(gen):
 QUANT_SHAPES = [(1, 128, 64, 8, 2, 0.0), (29, 256, 192, 6, 3, 0.2), (6, 160, 96, 4, 4, 0.0)]
 
 
-@pytest.mark.parametrize("quant,prequant,tma", [("fp8", False, False), ("fp8", True, False), ("int8", False, False),
-                                                ("fp8", False, True), ("fp8", True, True), ("int8", False, True)])
+@pytest.mark.parametrize("quant,prequant,tma,swap", [
+    ("fp8", False, False, False), ("fp8", True, False, False), ("int8", False, False, False),
+    ("fp8", False, True, False), ("fp8", True, True, False), ("int8", False, True, False),
+    ("fp8", False, False, True), ("fp8", True, False, True), ("int8", False, False, True)])
 @pytest.mark.parametrize("t,h,i,e,k,drop", QUANT_SHAPES)
-def test_quantized_match_dequantized_reference(quant, prequant, tma, t, h, i, e, k, drop, gen):
+def test_quantized_match_dequantized_reference(quant, prequant, tma, swap, t, h, i, e, k, drop, gen):
     """I = 96 / 192 are not multiples of 128: gate and up keep separate FP8 scale grids. prequant:
     activations quantised once by their own kernel instead of inside the GEMMs. tma: FP8 / INT8
-    weight tiles (and prequantised activations) through TMA descriptors."""
+    weight tiles (and prequantised activations) through TMA descriptors. swap: C.T = B @ A.T."""
     hidden = random_hidden(t, h, gen)
     weights = quantize_experts(ExpertWeights(*random_experts(e, h, i, gen)), quant)
     ids, w = random_routing(t, e, k, gen, drop=drop)
-    cfg = MoeConfig(16, GemmConfig(block_n=32, block_k=128, tma=tma), GemmConfig(block_n=64, block_k=128, tma=tma),
-                    per_slot=t == 1, prequant=prequant)
+    cfg = MoeConfig(16, GemmConfig(block_n=32, block_k=128, tma=tma, swap_ab=swap),
+                    GemmConfig(block_n=64, block_k=128, tma=tma, swap_ab=swap), per_slot=t == 1, prequant=prequant)
     check(hidden, weights, ids, w, cfg)
 
 
@@ -182,6 +192,26 @@ def test_real_shapes_through_tma(quant, name, t, gen):
     cfg = default_config(t, e, h, i, k, quant)
     check(hidden, weights, ids, w, dataclasses.replace(cfg, up=dataclasses.replace(cfg.up, tma=True),
                                                        down=dataclasses.replace(cfg.down, tma=True)))
+
+
+@gpu
+@pytest.mark.parametrize("quant", ["bf16", "fp8", "int8"])
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "deepseek-v2-lite", "mixtral-8x7b"])
+@pytest.mark.parametrize("t", [1, 8, 64])
+def test_real_shapes_swapped(quant, name, t, gen):
+    """Decode tiles with swapped operands (64 weight rows: a Hopper warpgroup tile), each activation
+    path, whatever the table picked."""
+    h, i, e, k = REAL[name]
+    hidden = random_hidden(t, h, gen)
+    weights = ExpertWeights(*random_experts(e, h, i, gen))
+    if quant != "bf16":
+        weights = quantize_experts(weights, quant)
+    ids, w = random_routing(t, e, k, gen, drop=0.05)
+    cfg = default_config(t, e, h, i, k, quant)
+    up = dataclasses.replace(cfg.up, block_n=64, swap_ab=True)
+    dn = dataclasses.replace(cfg.down, block_n=64, swap_ab=True)
+    for prequant in ([False, True] if quant == "fp8" else [False]):
+        check(hidden, weights, ids, w, MoeConfig(16, up, dn, cfg.per_slot, prequant))
 
 
 def test_warm_up_runs_each_launch_signature_once(gen, monkeypatch):

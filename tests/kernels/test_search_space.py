@@ -1,5 +1,7 @@
 """The autotuner's candidate launch configurations."""
 
+import dataclasses
+
 import pytest
 
 from moeserve.kernels.configs import MoeConfig
@@ -38,3 +40,12 @@ def test_per_slot_only_for_few_tokens():
 def test_prequant_only_for_fp8():
     assert prequant_choices("fp8") == [False, True]
     assert prequant_choices("bf16") == prequant_choices("int8") == [False]
+
+
+@pytest.mark.parametrize("quant", ["bf16", "fp8"])
+def test_swapped_tiles_only_where_weight_rows_fill_a_warpgroup_tile(quant):
+    small = gemm_choices(16, quant, True)
+    swapped = [c for c in small if c.swap_ab]
+    assert swapped and all(c.block_n >= 64 for c in swapped)
+    assert {dataclasses.replace(c, swap_ab=False) for c in swapped} <= set(small)  # each beside its unswapped twin
+    assert not any(c.swap_ab for c in gemm_choices(64, quant, True))  # 64-row tiles fill it already
