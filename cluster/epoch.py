@@ -32,6 +32,9 @@ class ControllerSource:
         self.watch_timeout_s = watch_timeout_s
         self._current: ServingSet = ray.get(controller.snapshot.remote(), timeout=connect_timeout_s)
         self._acked = self._current.epoch
+        # Registered from here on, routing with the snapshot's epoch, not from the watch thread's first poll: a
+        # drain between the two would not wait for this dispatcher. (A newer set reaches it by that first poll.)
+        ray.get(controller.watch.remote(self.dispatcher_id, self._acked, 0.0), timeout=connect_timeout_s)
         self._callback: Callable[[ServingSet], None] | None = None
         self._cond = threading.Condition()
         self._stopped = False

@@ -9,6 +9,8 @@ as in-process workers, a fixed placement).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -58,18 +60,31 @@ def checkpoint_weights(path: str, model) -> CheckpointWeights:
     return CheckpointWeights(str(path), dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
 
 
-def ray_expert_backend(controller, *, config: DispatchConfig | None = None, watch_timeout_s: float = 10.0) -> Callable:
-    """Factory: the model's experts in the Ray expert groups that `controller` (an actor handle) runs."""
+@dataclass(frozen=True)
+class RayExpertBackend:
+    """Factory (model -> ExpertDispatcher): the model's experts in the Ray expert groups that `controller` (an
+    actor handle) runs. `dispatcher_id` is the name the dispatcher registers under with the controller (None: a
+    fresh one); who picks it can have the controller forget it when the process that registered it dies before it
+    could say so (a trunk worker killed while starting), instead of a drain waiting dispatcher_ttl_s for it."""
 
-    def make(model) -> ExpertDispatcher:
+    controller: Any
+    config: DispatchConfig | None = None
+    watch_timeout_s: float = 10.0
+    dispatcher_id: str | None = None
+
+    def __call__(self, model) -> ExpertDispatcher:
         from moeserve.cluster.epoch import ControllerSource
         from moeserve.router.transport.ray import RayTransport
 
         layers, num_experts, _ = _model_layout(model)
-        source = ControllerSource(controller, watch_timeout_s=watch_timeout_s)
-        return ExpertDispatcher(source, RayTransport(), layers, num_experts=num_experts, config=config)
+        source = ControllerSource(self.controller, dispatcher_id=self.dispatcher_id, watch_timeout_s=self.watch_timeout_s)
+        return ExpertDispatcher(source, RayTransport(), layers, num_experts=num_experts, config=self.config)
 
-    return make
+
+def ray_expert_backend(controller, *, config: DispatchConfig | None = None,
+                       watch_timeout_s: float = 10.0) -> RayExpertBackend:
+    """Factory: the model's experts in the Ray expert groups that `controller` (an actor handle) runs."""
+    return RayExpertBackend(controller, config, watch_timeout_s)
 
 
 def embedded_expert_backend(model_path: str, *, transport: str = "ray", num_groups: int = 2,

@@ -34,6 +34,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,14 +137,23 @@ class TrunkEngine:
         import torch
 
         threads = self._threads or torch.get_num_threads()
-        actor = TrunkWorker.options(**self._options).remote(self.config, threads)
+        config, named = self.config, None
+        backend = config.expert_backend
+        if dataclasses.is_dataclass(backend) and hasattr(backend, "controller") and hasattr(backend, "dispatcher_id"):
+            # Its expert dispatcher's name is picked here, so that the controller can be told to forget it even
+            # if the worker dies after registering it and before start() returns it.
+            named = (backend.controller, f"trunk-{uuid.uuid4().hex[:12]}")
+            config = dataclasses.replace(config, expert_backend=dataclasses.replace(backend, dispatcher_id=named[1]))
+        actor = TrunkWorker.options(**self._options).remote(config, threads)
         try:
             info = await asyncio.wait_for(actor.start.remote(), self._start_timeout_s)
         except BaseException:
             ray.kill(actor, no_restart=True)
+            self._dispatcher = named
+            self._forget_dispatcher()
             raise
         self.max_model_len = info["max_model_len"]
-        self._dispatcher = info.get("dispatcher")
+        self._dispatcher = info.get("dispatcher") or named
         return actor
 
     async def start(self) -> None:

@@ -21,6 +21,7 @@ from moeserve.models.loader import load_expert_weights
 from moeserve.router.dispatch import ExpertDispatcher
 from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
 from moeserve.router.transport.ray import RayTransport
+from moeserve.router.trunk import TrunkEngine
 from moeserve.router.trunk_pool import TrunkPool
 
 NAMESPACE = "test-controller"
@@ -186,5 +187,29 @@ async def test_a_killed_trunk_workers_dispatcher_is_forgotten_at_once(ray_cluste
         assert outs[-1].finish_reason == "length" and sum(len(o.new_token_ids) for o in outs) == 4
     finally:
         await pool.shutdown(0)
+        ray.get(controller.shutdown.remote())
+        ray.kill(controller)
+
+
+async def test_a_trunk_worker_that_fails_to_start_leaves_no_dispatcher(ray_cluster, hf_checkpoint):
+    """A worker whose expert dispatcher registered (it does so on creation) and which then failed to start (a KV
+    cache budget too small for one block, found after the model and its dispatcher were built) is killed, and the
+    edge has the controller forget the dispatcher it named for it: none is left, and a drain does not wait for
+    it (its TTL here is ten minutes)."""
+    path = str(hf_checkpoint("mixtral"))
+    controller = start_controller(_config(path, "trunk-start-fails", num_experts=4, num_groups=1, replicas_per_group=2,
+                                          dispatcher_ttl_s=600.0, drain_timeout_s=600.0))
+    config = EngineConfig(model=path, kv_cache_memory_bytes=1, block_size=8, load_experts=False,
+                          expert_backend=ray_expert_backend(controller))
+    engine = TrunkEngine(config, torch_threads=1)
+    try:
+        with pytest.raises(Exception, match="KV cache budget holds no block"):
+            await engine.start()
+        await asyncio.to_thread(_until, lambda: _dispatchers(controller) == 0, "the failed worker's dispatcher gone",
+                                20.0)
+        drained = await asyncio.wait_for(controller.drain.remote(replica_id="g0r1"), 120)
+        assert drained == ["g0r1"]
+    finally:
+        await engine.shutdown(0)
         ray.get(controller.shutdown.remote())
         ray.kill(controller)
