@@ -177,19 +177,25 @@ def test_real_shapes_quantized(quant, name, t, gen):
             check(hidden, weights, ids, w, MoeConfig(cfg.block_m, cfg.up, cfg.down, cfg.per_slot, prequant))
 
 
-@gpu
-@pytest.mark.parametrize("quant", ["bf16", "fp8"])
-@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "deepseek-v2-lite", "mixtral-8x7b"])
-@pytest.mark.parametrize("t", [1, 64, 4096])
-def test_real_shapes_through_tma(quant, name, t, gen):
-    """The default tiles with their loads through TMA descriptors, whatever the table picked."""
+def real_problem(name, t, quant, gen):
+    """A real shape's random experts (quantised unless bf16), t tokens with 5% of slots held elsewhere,
+    and the default configuration for them: (hidden, weights, ids, w, config)."""
     h, i, e, k = REAL[name]
     hidden = random_hidden(t, h, gen)
     weights = ExpertWeights(*random_experts(e, h, i, gen))
     if quant != "bf16":
         weights = quantize_experts(weights, quant)
     ids, w = random_routing(t, e, k, gen, drop=0.05)
-    cfg = default_config(t, e, h, i, k, quant)
+    return hidden, weights, ids, w, default_config(t, e, h, i, k, quant)
+
+
+@gpu
+@pytest.mark.parametrize("quant", ["bf16", "fp8"])
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "deepseek-v2-lite", "mixtral-8x7b"])
+@pytest.mark.parametrize("t", [1, 64, 4096])
+def test_real_shapes_through_tma(quant, name, t, gen):
+    """The default tiles with their loads through TMA descriptors, whatever the table picked."""
+    hidden, weights, ids, w, cfg = real_problem(name, t, quant, gen)
     check(hidden, weights, ids, w, dataclasses.replace(cfg, up=dataclasses.replace(cfg.up, tma=True),
                                                        down=dataclasses.replace(cfg.down, tma=True)))
 
@@ -201,13 +207,7 @@ def test_real_shapes_through_tma(quant, name, t, gen):
 def test_real_shapes_swapped(quant, name, t, gen):
     """Decode tiles with swapped operands (64 weight rows: a Hopper warpgroup tile), each activation
     path, whatever the table picked."""
-    h, i, e, k = REAL[name]
-    hidden = random_hidden(t, h, gen)
-    weights = ExpertWeights(*random_experts(e, h, i, gen))
-    if quant != "bf16":
-        weights = quantize_experts(weights, quant)
-    ids, w = random_routing(t, e, k, gen, drop=0.05)
-    cfg = default_config(t, e, h, i, k, quant)
+    hidden, weights, ids, w, cfg = real_problem(name, t, quant, gen)
     up = dataclasses.replace(cfg.up, block_n=64, swap_ab=True)
     dn = dataclasses.replace(cfg.down, block_n=64, swap_ab=True)
     for prequant in ([False, True] if quant == "fp8" else [False]):
