@@ -79,6 +79,17 @@ class _Flight:
         return self.prompt + self.generated, params
 
 
+def _forget(dispatcher: tuple[Any, str] | None) -> None:
+    """Have the controller forget a worker's expert dispatcher, (controller, dispatcher id); None: there is none."""
+    if dispatcher is None:
+        return
+    controller, dispatcher_id = dispatcher
+    try:
+        controller.forget_dispatcher.remote(dispatcher_id)  # retried across a controller restart
+    except Exception:  # noqa: BLE001 - Ray shut down under us: no controller waits for it either
+        log.debug("could not tell the controller that dispatcher %s is gone", dispatcher_id, exc_info=True)
+
+
 class TrunkEngine:
     """The AsyncEngine interface over a `TrunkWorker`, restarting it and resubmitting on its death."""
 
@@ -136,10 +147,12 @@ class TrunkEngine:
     async def _spawn(self):
         import torch
 
+        from moeserve.experts.backend import RayExpertBackend
+
         threads = self._threads or torch.get_num_threads()
         config, named = self.config, None
         backend = config.expert_backend
-        if dataclasses.is_dataclass(backend) and hasattr(backend, "controller") and hasattr(backend, "dispatcher_id"):
+        if isinstance(backend, RayExpertBackend):
             # Its expert dispatcher's name is picked here, so that the controller can be told to forget it even
             # if the worker dies after registering it and before start() returns it.
             named = (backend.controller, f"trunk-{uuid.uuid4().hex[:12]}")
@@ -149,11 +162,10 @@ class TrunkEngine:
             info = await asyncio.wait_for(actor.start.remote(), self._start_timeout_s)
         except BaseException:
             ray.kill(actor, no_restart=True)
-            self._dispatcher = named
-            self._forget_dispatcher()
+            _forget(named)
             raise
         self.max_model_len = info["max_model_len"]
-        self._dispatcher = info.get("dispatcher") or named
+        self._dispatcher = info.get("dispatcher")
         return actor
 
     async def start(self) -> None:
@@ -361,13 +373,7 @@ class TrunkEngine:
     def _forget_dispatcher(self) -> None:
         """Tell the controller that the worker's expert dispatcher is gone (a worker that dies cannot)."""
         dispatcher, self._dispatcher = self._dispatcher, None
-        if dispatcher is None:
-            return
-        controller, dispatcher_id = dispatcher
-        try:
-            controller.forget_dispatcher.remote(dispatcher_id)  # retried across a controller restart
-        except Exception:  # noqa: BLE001 - Ray shut down under us: no controller waits for it either
-            log.debug("could not tell the controller that dispatcher %s is gone", dispatcher_id, exc_info=True)
+        _forget(dispatcher)
 
     def _replay(self, records: list[tuple], dropped: int) -> None:
         """Hand the worker's telemetry records to the observer (none attached: they are dropped)."""

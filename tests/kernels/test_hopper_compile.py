@@ -12,8 +12,8 @@ from moeserve.kernels.weights import ExpertWeights, quantize_experts
 def test_moe_and_gating_kernels_compile_for_hopper(gen):
     """Every specialisation the MoE and gating wrappers launch (bf16, FP8 and INT8 weights; one token
     through the per-slot path, a batch through the permutation; FP8 activations quantised up front or
-    in the GEMM), recorded from interpreter runs in bf16, compiles for sm_90: the interpreter checks
-    values, not types. Run through the interpreter only (on a GPU they simply run)."""
+    in the GEMM; TMA loads; swapped operands), recorded from interpreter runs in bf16, compiles for
+    sm_90: the interpreter checks values, not types. Run through the interpreter only (on a GPU they simply run)."""
     from moeserve.kernels import launch
 
     if not launch.interpreting():
@@ -28,12 +28,14 @@ def test_moe_and_gating_kernels_compile_for_hopper(gen):
     bf16 = ExpertWeights(w13, w2)
     small = GemmConfig(block_n=32, block_k=128, num_warps=4, num_stages=3)
     tma = GemmConfig(block_n=32, block_k=128, num_warps=4, num_stages=3, tma=True)
+    swapped = GemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)
     with LaunchRecorder() as rec:
         for weights in (bf16, quantize_experts(bf16, "fp8"), quantize_experts(bf16, "int8")):
             for t, cfg in ((1, MoeConfig(16, small, small, per_slot=True)),
                            (37, MoeConfig(16, small, small)),
                            (37, MoeConfig(16, small, small, prequant=weights.quant == "fp8")),
-                           (37, MoeConfig(16, tma, tma, prequant=weights.quant == "fp8"))):
+                           (37, MoeConfig(16, tma, tma, prequant=weights.quant == "fp8")),
+                           (1, MoeConfig(16, swapped, swapped, per_slot=True, prequant=weights.quant == "fp8"))):
                 ids, w = random_routing(t, e, k, gen)
                 fused_moe.fused_experts(random_hidden(t, h, gen), weights, ids, w, cfg)
         logits = torch.randn(37, 64, generator=gen).bfloat16()
