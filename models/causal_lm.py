@@ -132,3 +132,14 @@ class MoECausalLM(nn.Module, abc.ABC):
         for layer in self.model.layers:
             layer.self_attn.allocate_cache(num_blocks, block_size, device, dtype)
         self.kv_block_size = block_size
+        self.fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Projections that read the same input become one GEMM each (q/k/v; MLA's first query
+        projection with kv_a; a dense MLP's gate and up): on CUDA, where each GEMM of a decode step
+        costs a launch (layers/fused_linear.py). Their parameters become views of the fused weights,
+        so names, state_dict and memory do not change. Called when the KV cache is allocated, once
+        the weights are loaded and placed; a no-op on the CPU."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "fuse_projections"):
+                module.fuse_projections()

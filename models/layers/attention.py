@@ -7,6 +7,7 @@ from torch import nn
 
 from ..batch import AttentionBatch
 from ..config import ModelConfig
+from .fused_linear import fuse
 from .norm import RMSNorm
 from . import padded_attention as padded
 from moeserve.kernels import ops
@@ -36,6 +37,11 @@ class GQAttention(nn.Module):
         self.rotary = rotary
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.qkv = None  # q, k and v as one GEMM once fuse_projections ran (CUDA)
+
+    def fuse_projections(self) -> None:
+        if self.qkv is None:
+            self.qkv = fuse([self.q_proj, self.k_proj, self.v_proj])
 
     def cache_elements_per_token(self) -> int:
         return 2 * self.num_kv_heads * self.head_dim
@@ -52,9 +58,10 @@ class GQAttention(nn.Module):
         if self.k_cache is None:
             raise RuntimeError("no KV cache: call model.allocate_kv_cache(num_blocks, block_size) first")
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         check_block_size(self.k_cache, batch)
         # q/k norms, rotary embedding and the cache writes: one kernel on a GPU
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..batch import AttentionBatch
 from ..config import ModelConfig
+from .fused_linear import fuse
 from .norm import RMSNorm
 from . import padded_attention as padded
 from moeserve.kernels import ops
@@ -46,6 +47,12 @@ class MLAttention(nn.Module):
         self.scale = qk_dim**-0.5 * softmax_mscale(config.rope) ** 2
         self.rotary = rotary
         self.latent_cache: torch.Tensor | None = None
+        self.in_proj = None  # the query's first projection and kv_a_proj_with_mqa as one GEMM (CUDA)
+
+    def fuse_projections(self) -> None:
+        if self.in_proj is None:
+            first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+            self.in_proj = fuse([first, self.kv_a_proj_with_mqa])
 
     def cache_elements_per_token(self) -> int:
         return self.kv_lora_rank + self.rope_dim
@@ -60,14 +67,16 @@ class MLAttention(nn.Module):
         if self.latent_cache is None:
             raise RuntimeError("no KV cache: call model.allocate_kv_cache(num_blocks, block_size) first")
         t = x.shape[0]
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
+        if self.in_proj is not None:
+            q, kv_a = self.in_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(t, self.num_heads, self.nope_dim + self.rope_dim)
+            q, kv_a = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        q = q.reshape(t, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = self.rotary.apply(q_pe, *rope)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         k_pe = self.rotary.apply(k_pe.unsqueeze(1), *rope).squeeze(1)
         write_cache(self.latent_cache, batch, torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1))
 
