@@ -38,6 +38,7 @@ __all__ = [
 # ops run the reference on CUDA too. For isolating a suspected kernel fault without a new build.
 DISABLED = frozenset(filter(None, (n.strip() for n in os.environ.get("MOESERVE_DISABLE_KERNELS", "").split(","))))
 KERNEL_MODULES = ("fused_moe", "gating", "decode_attention", "norm_rope")
+ROUTER_GEMV_MAX_TOKENS = 16  # the router's logits in one Triton launch up to here (decode), cuBLAS beyond
 if DISABLED - set(KERNEL_MODULES):
     raise ValueError(f"MOESERVE_DISABLE_KERNELS names unknown kernels {sorted(DISABLED - set(KERNEL_MODULES))}; "
                      f"choose from {', '.join(KERNEL_MODULES)}")
@@ -95,7 +96,12 @@ def fused_experts_quantized(
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [T, H] @ weight [E, H]^T in float32 (reference.router_logits): the router's weight stays
-    float32 whatever the compute dtype (models/loader.py), so this is one float32 GEMM."""
+    float32 whatever the compute dtype (models/loader.py). Decode sizes on CUDA: one Triton launch
+    (gating.router_logits); else one float32 GEMM."""
+    if _on_gpu(x, "gating") and 1 <= x.shape[0] <= ROUTER_GEMV_MAX_TOKENS:
+        from . import gating
+
+        return gating.router_logits(x, weight)
     return reference.router_logits(x, weight)
 
 

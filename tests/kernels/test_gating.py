@@ -28,6 +28,7 @@ SOFTMAX_CASES = [  # (T, E, k)
     (19, 8, 8),  # top-k == number of experts
     (37, 60, 6),  # E not a power of two, T not a multiple of the token block
     (5, 128, 8),
+    (83, 60, 6),  # past ONE_TOKEN_BLOCKS_MAX: several tokens per program
 ]
 
 
@@ -53,6 +54,7 @@ GROUPED_CASES = [  # (T, E, k, n_group, topk_group)
     (37, 32, 6, 8, 3),
     (9, 16, 8, 4, 4),  # every group kept
     (20, 64, 8, 8, 4),
+    (70, 32, 6, 8, 3),  # several tokens per program
 ]
 
 
@@ -97,3 +99,21 @@ def test_gating_real_shapes(t, gen):
     w, ids = gating.grouped_topk(logits, 8, **kw)
     ref_w, ref_ids = ref.grouped_topk(logits, 8, **kw)
     _check_topk(w, ids, ref_w, ref_ids, torch.sigmoid(logits) + bias)
+
+
+@pytest.mark.parametrize("t,e,h", [(1, 128, 256), (5, 60, 200), (16, 8, 64), (3, 256, 130)])
+def test_router_logits_match_float32_reference(t, e, h, gen):
+    """The decode-size router GEMV: bf16 activations times the float32 router weight, in float32."""
+    x = torch.randn(t, h, generator=gen, device=DEVICE).to(torch.bfloat16)
+    w = torch.randn(e, h, generator=gen, device=DEVICE)
+    torch.testing.assert_close(gating.router_logits(x, w), ref.router_logits(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_router_logits_refuse_what_they_do_not_take(gen):
+    from moeserve.kernels.ops import ROUTER_GEMV_MAX_TOKENS
+
+    w = torch.randn(8, 64, generator=gen, device=DEVICE)
+    with pytest.raises(ValueError, match="tokens"):
+        gating.router_logits(torch.zeros(ROUTER_GEMV_MAX_TOKENS + 1, 64, device=DEVICE), w)
+    with pytest.raises(ValueError, match="columns"):
+        gating.router_logits(torch.zeros(2, 32, device=DEVICE), w)
