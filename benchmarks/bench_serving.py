@@ -239,7 +239,8 @@ async def _serve_random(args: argparse.Namespace) -> None:
     trace = StepTrace(llm) if args.step_trace else None
     graphs = llm.runner.graphs
     print(f"server: {llm.stats()['kv_blocks_total']} KV blocks of {config.block_size} tokens; "
-          f"{'decode graphs off' if graphs is None else graphs.describe()}", file=sys.stderr, flush=True)
+          f"{'decode graphs off' if graphs is None else graphs.describe() + ', ' + llm.runner.prompts.describe()}",
+          file=sys.stderr, flush=True)
     engine = AsyncEngine(llm)
     server = InferenceServer(engine, ServerConfig(port=0, max_streams_per_caller=4096, grace_s=5),
                              model_name=args.preset)

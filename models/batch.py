@@ -25,6 +25,11 @@ class AttentionBatch:
     # captured step serves any lengths up to padded_len. The lists then only give the batch's shape.
     padded_len: int | None = None
     context_lens_tensor: torch.Tensor | None = None
+    # Fixed-shape prompt (the prompt-graph path): one sequence whose every token is new (nothing cached),
+    # padded at its end to num_tokens. Attention is causal over the step's own keys, read back from
+    # the slots just written, so the step's shape is its token count alone; padding rows come after
+    # every real one, so no real query sees them.
+    fresh: bool = False
 
     @property
     def num_seqs(self) -> int:

@@ -21,7 +21,7 @@ runs eagerly: that is how the CPU test suite checks everything here but the capt
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -48,17 +48,88 @@ def context_bucket(blocks: int, max_blocks: int) -> int:
     return min(width, max_blocks)
 
 
-class DecodeGraphs:
+class _Graphs:
+    """Captured CUDA graphs of fixed-shape steps, keyed by shape, sharing one memory pool and one
+    capture stream: what decode and prompt graphs have in common."""
+
+    kind = "step"
+
+    def __init__(self, model: Any, device: torch.device, capture: bool):
+        self.model = model
+        self.device = device
+        self.capture = capture
+        self._graphs: dict[Any, tuple[Any, torch.Tensor]] = {}
+        self._pool = None
+        self.failed: str | None = None  # why capture was given up (then every step runs eagerly)
+        self._refused: set[Any] = set()  # shapes whose capture ran out of memory
+        self._stream: Any = None  # this object's capture stream, on its own device
+
+    @property
+    def captured(self) -> int:
+        return len(self._graphs)
+
+    def describe(self) -> str:
+        """One line for logs and benchmark reports: how many graphs, and what failed."""
+        text = f"{self.captured} {self.kind} graphs captured"
+        if self._refused:
+            text += f", {len(self._refused)} shapes refused for memory"
+        return text + (f", capture FAILED ({self.failed}): {self.kind} steps run eagerly" if self.failed else "")
+
+    def _replay(self, key: Any, forward: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """The output of `forward` for this key's shape: replayed from its graph (captured now if new),
+        or None when it cannot be captured."""
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(key, forward)
+            if entry is None:
+                return None
+        graph, out = entry
+        graph.replay()
+        return out
+
+    def _capture(self, key: Any, forward: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor] | None:
+        try:
+            with torch.cuda.device(self.device):
+                forward()  # warm-up: Triton compiles, caches fill, outside the capture
+                torch.cuda.synchronize(self.device)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                    # Our own capture stream on our device: torch.cuda.graph's default one is made once per
+                    # process, on whichever device was current at the first capture anywhere.
+                    self._stream = torch.cuda.Stream(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.stream(self._stream):  # restored here even if ending the capture fails
+                    with torch.cuda.graph(graph, pool=self._pool, stream=self._stream,
+                                          capture_error_mode="thread_local"):
+                        out = forward()
+        except torch.cuda.OutOfMemoryError as exc:  # this shape only: smaller ones may still fit
+            self._refused.add(key)
+            torch.cuda.empty_cache()
+            log.warning("no memory to capture the %s graph %s (%s); such steps run unpadded, eagerly",
+                        self.kind, key, exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 -- a capture failure must not take serving down
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.error("CUDA graph capture failed for the %s graph %s; %s steps run eagerly from now on",
+                      self.kind, key, self.kind, exc_info=True)
+            self._graphs.clear()
+            return None
+        log.info("captured the %s graph %s", self.kind, key)
+        self._graphs[key] = (graph, out)
+        return graph, out
+
+
+class DecodeGraphs(_Graphs):
     """Fixed-shape decode steps over static input buffers; on CUDA, captured once per bucket and replayed."""
+
+    kind = "decode"
 
     def __init__(self, model: Any, device: torch.device, max_num_seqs: int, max_blocks_per_seq: int,
                  block_size: int, pad_block: int, capture: bool):
-        self.model = model
-        self.device = device
+        super().__init__(model, device, capture)
         self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
         self.pad_block = pad_block
-        self.capture = capture
         self.buckets = batch_buckets(max_num_seqs)
         n, w = self.buckets[-1], max_blocks_per_seq
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
@@ -68,25 +139,9 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, w, dtype=torch.int64, device=device)
         # host staging, one pinned buffer per step: [ids | positions | slots | lens | tables], b rows each
         self._stage = torch.zeros(n * (4 + w), dtype=torch.int64, pin_memory=device.type == "cuda")
-        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
-        self._pool = None
-        self.failed: str | None = None  # why capture was given up (then every step runs eagerly)
         self.steps = 0  # decode steps run through here
         self._widest_cache: torch.Tensor | None = None
-        self._refused: set[tuple[int, int]] = set()  # shapes whose capture ran out of memory
         self._staged: Any = None  # CUDA event after the last step's copies out of _stage
-        self._stream: Any = None  # this object's capture stream, on its own device
-
-    @property
-    def captured(self) -> int:
-        return len(self._graphs)
-
-    def describe(self) -> str:
-        """One line for logs and benchmark reports: how many graphs, and what failed."""
-        text = f"{self.captured} decode graphs captured"
-        if self._refused:
-            text += f", {len(self._refused)} shapes refused for memory"
-        return text + (f", capture FAILED ({self.failed}): decode runs eagerly" if self.failed else "")
 
     def bucket(self, num_seqs: int) -> int | None:
         for b in self.buckets:
@@ -122,17 +177,10 @@ class DecodeGraphs:
         width = context_bucket(max(len(t) for t in block_tables), self.max_blocks)
         self._load(num, b, input_ids, positions, slot_mapping, context_lens, block_tables, width)
         self.steps += 1
-        key = (b, width)
         if not self.capture:
             return self._forward(b, width)[:num]
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._capture(b, width)
-            if entry is None:  # no graph: this step (and later ones, unless only memory ran out) runs unpadded
-                return None
-        graph, out = entry
-        graph.replay()
-        return out[:num]
+        out = self._replay((b, width), lambda: self._forward(b, width))
+        return None if out is None else out[:num]  # None: no graph, the step runs unpadded
 
     def plan_ahead(self, max_tokens: int) -> list[tuple[int, int]]:
         """The (batch bucket, context blocks) pairs to capture at start-up for contexts up to max_tokens:
@@ -160,7 +208,7 @@ class DecodeGraphs:
             if (b, width) in self._graphs:
                 continue
             self._load(0, b, [], [], [], [], [], width)
-            if self._capture(b, width) is not None:
+            if self._capture((b, width), lambda: self._forward(b, width)) is not None:
                 count += 1
             elif self.failed is not None:
                 break
@@ -202,33 +250,91 @@ class DecodeGraphs:
     def _forward(self, b: int, width: int) -> torch.Tensor:
         return self.model.forward(self.input_ids[:b], self.positions[:b], self._batch(b, width))
 
-    def _capture(self, b: int, width: int) -> tuple[Any, torch.Tensor] | None:
-        try:
-            with torch.cuda.device(self.device):
-                self._forward(b, width)  # warm-up: Triton compiles, caches fill, outside the capture
-                torch.cuda.synchronize(self.device)
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                    # Our own capture stream on our device: torch.cuda.graph's default one is made once per
-                    # process, on whichever device was current at the first capture anywhere.
-                    self._stream = torch.cuda.Stream(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.stream(self._stream):  # restored here even if ending the capture fails
-                    with torch.cuda.graph(graph, pool=self._pool, stream=self._stream,
-                                          capture_error_mode="thread_local"):
-                        out = self._forward(b, width)
-        except torch.cuda.OutOfMemoryError as exc:  # this shape only: smaller ones may still fit
-            self._refused.add((b, width))
-            torch.cuda.empty_cache()
-            log.warning("no memory to capture the decode graph for batch %d x %d blocks (%s); such steps run "
-                        "unpadded, eagerly", b, width, exc)
-            return None
-        except Exception as exc:  # noqa: BLE001 -- a capture failure must not take serving down
-            self.failed = f"{type(exc).__name__}: {exc}"
-            log.error("CUDA graph capture failed for batch %d x %d blocks; decode steps run eagerly from now on",
-                      b, width, exc_info=True)
-            self._graphs.clear()
-            return None
-        log.info("captured the decode graph for batch %d, context %d tokens", b, width * self.block_size)
-        self._graphs[(b, width)] = (graph, out)
-        return graph, out
+
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+class PromptGraphs(_Graphs):
+    """Whole prompts in fixed-shape steps: a step that is one sequence's first chunk (nothing of it
+    cached yet) is padded at its end to a bucket of PROMPT_BUCKETS tokens and, on CUDA, replayed from
+    the graph captured for that bucket. An eager prompt step launches its kernels from Python layer by
+    layer: on an H200 a 256-token Qwen3-30B-A3B prompt took 43 ms of which the GPU was busy 11.
+
+    Attention takes the batch's `fresh` form (models/batch.py): causal over the step's own keys, read
+    back from the slots the step wrote, so the shape is the token count alone. Padding rows read token
+    0 at the positions after the prompt's, write their KV to the scratch block (as decode padding does)
+    and come after every real row, so causal attention keeps them out of every real row; they are
+    dropped before sampling. The buckets are captured at start-up; with `capture=False` the same
+    padded step runs eagerly (the CPU test suite's check of everything but the capture)."""
+
+    kind = "prompt"
+
+    def __init__(self, model: Any, device: torch.device, max_tokens: int, block_size: int, pad_block: int,
+                 capture: bool):
+        super().__init__(model, device, capture)
+        self.block_size = block_size
+        self.pad_slot = pad_block * block_size
+        self.buckets = [b for b in PROMPT_BUCKETS if b <= max_tokens]
+        n = self.buckets[-1] if self.buckets else 0
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.arange(n, dtype=torch.int64, device=device)  # a fresh prompt's are 0, 1, ...
+        self.slot_mapping = torch.full((n,), self.pad_slot, dtype=torch.int64, device=device)
+        self._stage = torch.zeros(2 * n, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._staged: Any = None
+        self._tables = torch.zeros(1, 1, dtype=torch.int32, device=device)  # not read: keys come by slot
+        self.steps = 0  # prompt steps run through here
+
+    def bucket(self, num_tokens: int) -> int | None:
+        return next((b for b in self.buckets if b >= num_tokens), None)
+
+    def supports(self, num_tokens: int) -> bool:
+        b = self.bucket(num_tokens)
+        return self.failed is None and b is not None and b not in self._refused
+
+    def run(self, input_ids: list[int], slot_mapping: list[int]) -> torch.Tensor | None:
+        """Hidden states [n, H] of one sequence's first n tokens, or None when the bucket's graph could
+        not be captured (the caller runs the step its usual way)."""
+        num = len(input_ids)
+        b = self.bucket(num)
+        if b is None or num == 0:
+            raise ValueError(f"a prompt step of {num} tokens is outside the prompt buckets {self.buckets}")
+        self._load(num, b, input_ids, slot_mapping)
+        self.steps += 1
+        if not self.capture:
+            return self._forward(b)[:num]
+        out = self._replay(b, lambda: self._forward(b))
+        return None if out is None else out[:num]
+
+    def capture_ahead(self) -> int:
+        """Capture every bucket now (padding rows only: they write nothing but the scratch block)."""
+        if not self.capture:
+            return 0
+        count = 0
+        for b in reversed(self.buckets):  # largest first: the smaller ones reuse its pool
+            if b in self._graphs:
+                continue
+            self._load(0, b, [], [])
+            if self._capture(b, lambda b=b: self._forward(b)) is not None:
+                count += 1
+            elif self.failed is not None:
+                break
+        return count
+
+    def _load(self, num: int, b: int, input_ids: list[int], slot_mapping: list[int]) -> None:
+        pad = b - num
+        data = input_ids + [0] * pad + slot_mapping + [self.pad_slot] * pad
+        if self._staged is not None:  # the previous step's copies may still be reading the pinned buffer
+            self._staged.synchronize()
+        stage = self._stage[:len(data)]
+        stage.copy_(torch.tensor(data, dtype=torch.int64))
+        nb = self.device.type == "cuda"
+        self.input_ids[:b].copy_(stage[:b], non_blocking=nb)
+        self.slot_mapping[:b].copy_(stage[b:], non_blocking=nb)
+        if nb:
+            self._staged = torch.cuda.Event()
+            self._staged.record()
+
+    def _forward(self, b: int) -> torch.Tensor:
+        batch = AttentionBatch(query_lens=[b], context_lens=[b], block_tables=self._tables,
+                               slot_mapping=self.slot_mapping[:b], block_size=self.block_size, fresh=True)
+        return self.model.forward(self.input_ids[:b], self.positions[:b], batch)

@@ -2,8 +2,9 @@
 
 One host sync per step (the sampled ids coming back as a list). The batch is built in Python
 lists once per step and copied to the device in one go per tensor (pinned, non-blocking on CUDA).
-Decode-only steps go through DecodeGraphs (router/cuda_graphs.py) where configured: padded to a
-bucket and replayed from a captured CUDA graph on a GPU.
+Decode-only steps go through DecodeGraphs, and a step that is one sequence's first chunk through
+PromptGraphs (router/cuda_graphs.py), where configured: padded to a bucket and replayed from a
+captured CUDA graph on a GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from moeserve.models.layers import decode_attention
 
 from .block_manager import num_blocks_for_budget
 from .config import DEFAULT_CPU_KV_BYTES, EngineConfig
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, PromptGraphs
 from .sampler import Sampler
 from .scheduler import ScheduledBatch
 
@@ -113,6 +114,10 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_blocks = num_blocks
         self.graphs = self._decode_graphs(config, max_model_len)
+        # Prompt graphs go with decode graphs (same mode), their token buckets within one step's budget.
+        self.prompts = None if self.graphs is None else PromptGraphs(
+            model, self.device, min(config.max_num_batched_tokens, max_model_len), config.block_size,
+            pad_block=num_blocks, capture=self.graphs.capture)
         # With decode graphs, one block past the block manager's takes the padding rows' KV writes.
         extra = 1 if self.graphs is not None else 0
         model.allocate_kv_cache(num_blocks + extra, config.block_size, device=self.device, dtype=config.torch_dtype)
@@ -123,8 +128,10 @@ class ModelRunner:
             start = time.monotonic()
             with torch.inference_mode(), torch.cuda.device(self.device):
                 self.graphs.capture_ahead(config.graph_capture_tokens)
-            log.info("%s in %.1f s (contexts up to %d tokens at start-up; longer ones on first use)",
-                     self.graphs.describe(), time.monotonic() - start, config.graph_capture_tokens)
+                self.prompts.capture_ahead()
+            log.info("%s, %s in %.1f s (decode contexts up to %d tokens at start-up; longer ones on first use)",
+                     self.graphs.describe(), self.prompts.describe(), time.monotonic() - start,
+                     config.graph_capture_tokens)
 
     def _warm_up_experts(self, config: EngineConfig) -> None:
         """On a GPU, compile the expert kernels of every step size up to max_num_batched_tokens now
@@ -186,7 +193,13 @@ class ModelRunner:
 
     def _run(self, batch: ScheduledBatch, ready: Callable[[], None] | None) -> list[int]:
         hidden = None
-        if (self.graphs is not None and all(n == 1 for n in batch.num_new_tokens)
+        if (self.prompts is not None and len(batch.seqs) == 1 and batch.seqs[0].num_computed_tokens == 0
+                and self.prompts.supports(batch.num_new_tokens[0])):
+            flat = flatten(batch, self.block_size, tables=False)
+            hidden = self.prompts.run(flat.input_ids, flat.slot_mapping)
+            if hidden is not None:
+                sample_rows = self._to_device(flat.sample_rows, torch.int64)
+        elif (self.graphs is not None and all(n == 1 for n in batch.num_new_tokens)
                 and self.graphs.supports(len(batch.seqs), max(len(s.block_table) for s in batch.seqs))):
             flat = flatten(batch, self.block_size, tables=False)
             hidden = self.graphs.run(flat.input_ids, flat.positions, flat.slot_mapping, flat.context_lens,

@@ -78,6 +78,10 @@ class GQAttention(nn.Module):
     def _attend(self, q: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """Queries q [T, Hq, D] of `batch` over the cache (their KV already written) -> [T, Hq, D]."""
         t, device = q.shape[0], q.device
+        if batch.fresh:  # a whole prompt in a fixed-shape step: causal over its own keys
+            keys = self.k_cache.view(-1, *self.k_cache.shape[2:]).index_select(0, batch.slot_mapping).to(q.dtype)
+            values = self.v_cache.view(-1, *self.v_cache.shape[2:]).index_select(0, batch.slot_mapping).to(q.dtype)
+            return attend(q, keys, values, self.scale, attention_mask(t, t, self.sliding_window, device))
         if is_decode_only(batch):  # one call for the batch, reading the paged cache in place
             lens, longest = decode_lens(batch, device)
             return ops.paged_decode_attention(q, self.k_cache, self.v_cache, batch.block_tables, lens, self.scale,

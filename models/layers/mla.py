@@ -93,6 +93,10 @@ class MLAttention(nn.Module):
     def _attend(self, q_nope, q_pe, w_kv, batch: AttentionBatch) -> torch.Tensor:
         """Queries of `batch` over the cached latents (already written) -> [T, H, v_dim]."""
         t, device, dtype = q_nope.shape[0], q_nope.device, q_nope.dtype
+        if batch.fresh:  # a whole prompt in a fixed-shape step: causal over its own latents, expanded
+            cache = self.latent_cache.view(-1, self.latent_cache.shape[-1])
+            cached = cache.index_select(0, batch.slot_mapping).to(dtype)
+            return self._attend_expanded(q_nope, q_pe, cached, attention_mask(t, t, None, device))
         if is_decode_only(batch):
             lens, longest = decode_lens(batch, device)
             if self.kv_lora_rank + self.rope_dim < longest * (self.nope_dim + self.v_dim):

@@ -129,7 +129,7 @@ def split_mixed(batch: AttentionBatch, device: torch.device) -> tuple[Part, Part
     would be padded to the longest chunk (63 decodes beside one 256-token chunk: 64 x 256 query rows
     for 319 real ones); apart, the decodes read the cache in place (paged decode attention) and the
     chunks pad only among themselves. Built once per step, kept on the batch for every layer."""
-    if batch.padded_len is not None:
+    if batch.padded_len is not None or batch.fresh:
         return None
     memo = batch.__dict__.setdefault("_mixed_split", {})
     if device not in memo:

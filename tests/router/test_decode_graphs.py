@@ -63,6 +63,50 @@ def test_padded_decode_equals_eager(arch, hf_checkpoint):
     assert got == want
 
 
+def _one_at_a_time(path: str, mode: str, lens: list[int], device: str = "cpu",
+                   dtype: str = "auto") -> tuple[list[list[int]], LLMEngine]:
+    """Each prompt served alone (its prompt step has the GPU to itself), greedy: the tokens of each."""
+    config = EngineConfig(model=path, device=device, dtype=dtype, block_size=4, num_kv_blocks=24, max_num_seqs=4,
+                          max_num_batched_tokens=40, max_model_len=64, decode_graphs=mode, prefill_hold_ms=0)
+    engine = LLMEngine.from_config(config)
+    vocab = engine.model_config.vocab_size
+    got = []
+    for i, n in enumerate(lens):
+        prompt = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(i)).tolist()
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=6))
+        tokens = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens += out.new_token_ids
+        got.append(tokens)
+    return got, engine
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "qwen3_moe", "mixtral"])
+def test_padded_prompt_equals_eager(arch, hf_checkpoint):
+    """A prompt step alone is padded to a bucket of 16 or 32 tokens (attention causal over its own
+    keys, padding rows after the real ones); longer prompts keep the eager step. Same tokens."""
+    path = str(hf_checkpoint(arch, seed=2))
+    lens = [1, 5, 16, 9, 17, 32, 38]
+    want, _ = _one_at_a_time(path, "off", lens)
+    got, padded = _one_at_a_time(path, "padded", lens)
+    assert padded.runner.prompts.buckets == [16, 32]
+    assert padded.runner.prompts.steps == 6  # all but the 38-token prompt
+    assert got == want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "qwen3_moe", "mixtral"])
+def test_cuda_graph_prompt_equals_eager(arch, hf_checkpoint):
+    path = str(hf_checkpoint(arch, seed=2))
+    lens = [1, 5, 16, 9, 17, 32, 38]
+    want, _ = _one_at_a_time(path, "off", lens, device="cuda", dtype="float32")
+    got, engine = _one_at_a_time(path, "auto", lens, device="cuda", dtype="float32")
+    prompts = engine.runner.prompts
+    assert prompts.captured == 2 and prompts.failed is None and prompts.steps == 6
+    assert got == want
+
+
 def test_auto_is_eager_on_cpu(hf_checkpoint):
     engine = LLMEngine.from_config(EngineConfig(model=str(hf_checkpoint("qwen3_moe", seed=1)), num_kv_blocks=16))
     assert engine.runner.graphs is None
