@@ -63,6 +63,8 @@ class _Graphs:
         self.failed: str | None = None  # why capture was given up (then every step runs eagerly)
         self._refused: set[Any] = set()  # shapes whose capture ran out of memory
         self._stream: Any = None  # this object's capture stream, on its own device
+        self._stage: torch.Tensor | None = None  # pinned host staging of a step's inputs (subclasses size it)
+        self._staged: Any = None  # CUDA event after the last step's copies out of _stage
 
     @property
     def captured(self) -> int:
@@ -74,6 +76,22 @@ class _Graphs:
         if self._refused:
             text += f", {len(self._refused)} shapes refused for memory"
         return text + (f", capture FAILED ({self.failed}): {self.kind} steps run eagerly" if self.failed else "")
+
+    def _upload(self, data: list[int], buffers: list[torch.Tensor]) -> None:
+        """The step's host integers into the static buffers, through the pinned stage: each buffer
+        takes the next numel() values, one host-to-device copy each."""
+        if self._staged is not None:  # the previous step's copies may still be reading the pinned buffer
+            self._staged.synchronize()
+        stage = self._stage[:len(data)]
+        stage.copy_(torch.tensor(data, dtype=torch.int64))
+        nb = self.device.type == "cuda"
+        at = 0
+        for buf in buffers:
+            buf.copy_(stage[at:at + buf.numel()].view(buf.shape), non_blocking=nb)
+            at += buf.numel()
+        if nb:
+            self._staged = torch.cuda.Event()
+            self._staged.record()
 
     def _replay(self, key: Any, forward: Callable[[], torch.Tensor]) -> torch.Tensor | None:
         """The output of `forward` for this key's shape: replayed from its graph (captured now if new),
@@ -141,7 +159,6 @@ class DecodeGraphs(_Graphs):
         self._stage = torch.zeros(n * (4 + w), dtype=torch.int64, pin_memory=device.type == "cuda")
         self.steps = 0  # decode steps run through here
         self._widest_cache: torch.Tensor | None = None
-        self._staged: Any = None  # CUDA event after the last step's copies out of _stage
 
     def bucket(self, num_seqs: int) -> int | None:
         for b in self.buckets:
@@ -223,19 +240,8 @@ class DecodeGraphs(_Graphs):
         for t in block_tables:
             data += t[:width] + [0] * (width - len(t))
         data += ([self.pad_block] + [0] * (width - 1)) * pad
-        if self._staged is not None:  # the previous step's copies may still be reading the pinned buffer
-            self._staged.synchronize()
-        stage = self._stage[:len(data)]
-        stage.copy_(torch.tensor(data, dtype=torch.int64))
-        nb = self.device.type == "cuda"
-        self.input_ids[:b].copy_(stage[:b], non_blocking=nb)
-        self.positions[:b].copy_(stage[b:2 * b], non_blocking=nb)
-        self.slot_mapping[:b].copy_(stage[2 * b:3 * b], non_blocking=nb)
-        self.context_lens[:b].copy_(stage[3 * b:4 * b], non_blocking=nb)
-        self.block_tables[:b, :width].copy_(stage[4 * b:].view(b, width), non_blocking=nb)
-        if nb:
-            self._staged = torch.cuda.Event()
-            self._staged.record()
+        self._upload(data, [self.input_ids[:b], self.positions[:b], self.slot_mapping[:b], self.context_lens[:b],
+                            self.block_tables[:b, :width]])
 
     def _batch(self, b: int, width: int) -> AttentionBatch:
         # A new AttentionBatch each time: the attention layers memoise per-step tensors on it, and a
@@ -280,7 +286,6 @@ class PromptGraphs(_Graphs):
         self.positions = torch.arange(n, dtype=torch.int64, device=device)  # a fresh prompt's are 0, 1, ...
         self.slot_mapping = torch.full((n,), self.pad_slot, dtype=torch.int64, device=device)
         self._stage = torch.zeros(2 * n, dtype=torch.int64, pin_memory=device.type == "cuda")
-        self._staged: Any = None
         self._tables = torch.zeros(1, 1, dtype=torch.int32, device=device)  # not read: keys come by slot
         self.steps = 0  # prompt steps run through here
 
@@ -323,16 +328,7 @@ class PromptGraphs(_Graphs):
     def _load(self, num: int, b: int, input_ids: list[int], slot_mapping: list[int]) -> None:
         pad = b - num
         data = input_ids + [0] * pad + slot_mapping + [self.pad_slot] * pad
-        if self._staged is not None:  # the previous step's copies may still be reading the pinned buffer
-            self._staged.synchronize()
-        stage = self._stage[:len(data)]
-        stage.copy_(torch.tensor(data, dtype=torch.int64))
-        nb = self.device.type == "cuda"
-        self.input_ids[:b].copy_(stage[:b], non_blocking=nb)
-        self.slot_mapping[:b].copy_(stage[b:], non_blocking=nb)
-        if nb:
-            self._staged = torch.cuda.Event()
-            self._staged.record()
+        self._upload(data, [self.input_ids[:b], self.slot_mapping[:b]])
 
     def _forward(self, b: int) -> torch.Tensor:
         batch = AttentionBatch(query_lens=[b], context_lens=[b], block_tables=self._tables,
