@@ -25,10 +25,10 @@ class AttentionBatch:
     # captured step serves any lengths up to padded_len. The lists then only give the batch's shape.
     padded_len: int | None = None
     context_lens_tensor: torch.Tensor | None = None
-    # Fixed-shape prompt (the prompt-graph path): one sequence whose every token is new (nothing cached),
-    # padded at its end to num_tokens. Attention is causal over the step's own keys, read back from
-    # the slots just written, so the step's shape is its token count alone; padding rows come after
-    # every real one, so no real query sees them.
+    # Fixed-shape prompts (the prompt-graph path): sequences whose every token is new (nothing cached),
+    # each padded at its end to the same length query_lens[0], back to back. Attention is causal over
+    # each sequence's own keys, read back from the slots just written, so the step's shape is (number
+    # of sequences, length) alone; padding rows come after every real one, so no real query sees them.
     fresh: bool = False
 
     @property

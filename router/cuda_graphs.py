@@ -257,80 +257,108 @@ class DecodeGraphs(_Graphs):
         return self.model.forward(self.input_ids[:b], self.positions[:b], self._batch(b, width))
 
 
-PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512)
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512)  # padded prompt lengths
+# The largest padded step (sequences x length) captured. Graphs pay where launching is the step's
+# cost; a step of thousands of tokens keeps the GPU busy while Python launches, and padding it to a
+# shape adds work: on an H200, graphing 16 x 256-token prompts (4096 tokens) lowered Qwen3's served
+# tokens/s at concurrency 16 by 6% and raised its TTFT p50 from 89 to 125 ms (docs/benchmarks.md).
+PROMPT_GRAPH_TOKENS = 1024
 
 
 class PromptGraphs(_Graphs):
-    """Whole prompts in fixed-shape steps: a step that is one sequence's first chunk (nothing of it
-    cached yet) is padded at its end to a bucket of PROMPT_BUCKETS tokens and, on CUDA, replayed from
-    the graph captured for that bucket. An eager prompt step launches its kernels from Python layer by
-    layer: on an H200 a 256-token Qwen3-30B-A3B prompt took 43 ms of which the GPU was busy 11.
+    """Whole prompts in fixed-shape steps: a step whose every sequence is at its first chunk (nothing
+    of it cached yet) pads each sequence at its end to one length of PROMPT_BUCKETS, and their number
+    to a batch bucket (as decode graphs do), and on CUDA replays the graph captured for that shape.
+    An eager prompt step launches its kernels from Python layer by layer: on an H200 a 256-token
+    Qwen3-30B-A3B prompt took 43 ms of which the GPU was busy 11.
 
-    Attention takes the batch's `fresh` form (models/batch.py): causal over the step's own keys, read
-    back from the slots the step wrote, so the shape is the token count alone. Padding rows read token
-    0 at the positions after the prompt's, write their KV to the scratch block (as decode padding does)
-    and come after every real row, so causal attention keeps them out of every real row; they are
-    dropped before sampling. The buckets are captured at start-up; with `capture=False` the same
-    padded step runs eagerly (the CPU test suite's check of everything but the capture)."""
+    Attention takes the batch's `fresh` form (models/batch.py): each sequence causal over its own
+    keys, read back from the slots the step wrote, so the shape is (sequences, length) alone. Padding
+    rows read token 0, write their KV to the scratch block (as decode padding does) and come after
+    every real row of their sequence, so causal attention keeps them out of every real row; they are
+    never sampled. Shapes up to PROMPT_GRAPH_TOKENS padded tokens (and the step budget) are captured
+    at start-up; with `capture=False` the same padded step runs eagerly (the CPU test suite's check
+    of everything but the capture)."""
 
     kind = "prompt"
 
-    def __init__(self, model: Any, device: torch.device, max_tokens: int, block_size: int, pad_block: int,
-                 capture: bool):
+    def __init__(self, model: Any, device: torch.device, max_num_seqs: int, max_tokens: int, block_size: int,
+                 pad_block: int, capture: bool):
         super().__init__(model, device, capture)
         self.block_size = block_size
         self.pad_slot = pad_block * block_size
-        self.buckets = [b for b in PROMPT_BUCKETS if b <= max_tokens]
-        n = self.buckets[-1] if self.buckets else 0
+        self.max_tokens = min(max_tokens, PROMPT_GRAPH_TOKENS)
+        self.lengths = [n for n in PROMPT_BUCKETS if n <= self.max_tokens]
+        self.batches = batch_buckets(max_num_seqs)
+        n = self.max_tokens
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.arange(n, dtype=torch.int64, device=device)  # a fresh prompt's are 0, 1, ...
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((n,), self.pad_slot, dtype=torch.int64, device=device)
-        self._stage = torch.zeros(2 * n, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self._stage = torch.zeros(3 * n, dtype=torch.int64, pin_memory=device.type == "cuda")
         self._tables = torch.zeros(1, 1, dtype=torch.int32, device=device)  # not read: keys come by slot
         self.steps = 0  # prompt steps run through here
 
-    def bucket(self, num_tokens: int) -> int | None:
-        return next((b for b in self.buckets if b >= num_tokens), None)
+    def shape(self, num_seqs: int, longest: int) -> tuple[int, int] | None:
+        """(sequences, length) of the padded step for num_seqs prompts, the longest of `longest`
+        tokens; None when no captured shape holds them."""
+        b = next((x for x in self.batches if x >= num_seqs), None)
+        n = next((x for x in self.lengths if x >= longest), None)
+        if b is None or n is None or b * n > self.max_tokens:
+            return None
+        return b, n
 
-    def supports(self, num_tokens: int) -> bool:
-        b = self.bucket(num_tokens)
-        return self.failed is None and b is not None and b not in self._refused
+    def supports(self, num_seqs: int, longest: int) -> bool:
+        key = self.shape(num_seqs, longest)
+        return self.failed is None and key is not None and key not in self._refused
 
-    def run(self, input_ids: list[int], slot_mapping: list[int]) -> torch.Tensor | None:
-        """Hidden states [n, H] of one sequence's first n tokens, or None when the bucket's graph could
-        not be captured (the caller runs the step its usual way)."""
-        num = len(input_ids)
-        b = self.bucket(num)
-        if b is None or num == 0:
-            raise ValueError(f"a prompt step of {num} tokens is outside the prompt buckets {self.buckets}")
-        self._load(num, b, input_ids, slot_mapping)
+    def run(self, input_ids: list[list[int]], slot_mapping: list[list[int]]) -> tuple[torch.Tensor, int] | None:
+        """(hidden states [b * n, H] of the padded step, n) for the sequences' first chunks (token ids
+        and KV slots per sequence): sequence i's token j is row i * n + j. None when the shape's graph
+        could not be captured (the caller runs the step its usual way)."""
+        key = self.shape(len(input_ids), max(map(len, input_ids)))
+        if key is None:
+            raise ValueError(f"no prompt graph holds {len(input_ids)} prompts of up to "
+                             f"{max(map(len, input_ids))} tokens")
+        self._load(key, input_ids, slot_mapping)
         self.steps += 1
         if not self.capture:
-            return self._forward(b)[:num]
-        out = self._replay(b, lambda: self._forward(b))
-        return None if out is None else out[:num]
+            return self._forward(*key), key[1]
+        out = self._replay(key, lambda: self._forward(*key))
+        return None if out is None else (out, key[1])
+
+    def plan_ahead(self) -> list[tuple[int, int]]:
+        """Every captured shape, the largest steps first (the smaller ones reuse their pool)."""
+        keys = [(b, n) for b in self.batches for n in self.lengths if b * n <= self.max_tokens]
+        return sorted(keys, key=lambda k: (-k[0] * k[1], -k[1]))
 
     def capture_ahead(self) -> int:
-        """Capture every bucket now (padding rows only: they write nothing but the scratch block)."""
+        """Capture every shape now (padding rows only: they write nothing but the scratch block)."""
         if not self.capture:
             return 0
         count = 0
-        for b in reversed(self.buckets):  # largest first: the smaller ones reuse its pool
-            if b in self._graphs:
+        for key in self.plan_ahead():
+            if key in self._graphs:
                 continue
-            self._load(0, b, [], [])
-            if self._capture(b, lambda b=b: self._forward(b)) is not None:
+            self._load(key, [], [])
+            if self._capture(key, lambda key=key: self._forward(*key)) is not None:
                 count += 1
             elif self.failed is not None:
                 break
         return count
 
-    def _load(self, num: int, b: int, input_ids: list[int], slot_mapping: list[int]) -> None:
-        pad = b - num
-        data = input_ids + [0] * pad + slot_mapping + [self.pad_slot] * pad
-        self._upload(data, [self.input_ids[:b], self.slot_mapping[:b]])
+    def _load(self, key: tuple[int, int], input_ids: list[list[int]], slot_mapping: list[list[int]]) -> None:
+        b, n = key
+        ids, slots = [], []
+        for i in range(b):
+            seq_ids = input_ids[i] if i < len(input_ids) else []
+            pad = n - len(seq_ids)
+            ids += seq_ids + [0] * pad
+            slots += (slot_mapping[i] if i < len(input_ids) else []) + [self.pad_slot] * pad
+        positions = list(range(n)) * b  # a fresh prompt's are 0, 1, ...
+        self._upload(ids + positions + slots,
+                     [self.input_ids[:b * n], self.positions[:b * n], self.slot_mapping[:b * n]])
 
-    def _forward(self, b: int) -> torch.Tensor:
-        batch = AttentionBatch(query_lens=[b], context_lens=[b], block_tables=self._tables,
-                               slot_mapping=self.slot_mapping[:b], block_size=self.block_size, fresh=True)
-        return self.model.forward(self.input_ids[:b], self.positions[:b], batch)
+    def _forward(self, b: int, n: int) -> torch.Tensor:
+        batch = AttentionBatch(query_lens=[n] * b, context_lens=[n] * b, block_tables=self._tables,
+                               slot_mapping=self.slot_mapping[:b * n], block_size=self.block_size, fresh=True)
+        return self.model.forward(self.input_ids[:b * n], self.positions[:b * n], batch)

@@ -21,7 +21,7 @@ from moeserve.models.layers import decode_attention
 
 from .block_manager import num_blocks_for_budget
 from .config import DEFAULT_CPU_KV_BYTES, EngineConfig
-from .cuda_graphs import DecodeGraphs, PromptGraphs
+from .cuda_graphs import PROMPT_GRAPH_TOKENS, DecodeGraphs, PromptGraphs
 from .sampler import Sampler
 from .scheduler import ScheduledBatch
 
@@ -46,7 +46,10 @@ def activation_bytes(config: EngineConfig, model: Any) -> int:
     per_token = (8 * mc.hidden_size + 4 * widest) * elt
     logits = config.max_num_seqs * mc.vocab_size * 4 * 4  # float32 logits, probs, sort buffers
     # Decode graphs keep their own memory pool; its peak is about one layer's padded K and V gathers.
-    graphs = 2 * decode_attention.MAX_GATHER_BYTES if config.decode_graphs == "auto" else 0
+    # Prompt graphs keep another, as large as the activations of their largest step.
+    graphs = 0
+    if config.decode_graphs == "auto":
+        graphs = 2 * decode_attention.MAX_GATHER_BYTES + min(config.max_num_batched_tokens, PROMPT_GRAPH_TOKENS) * per_token
     return config.max_num_batched_tokens * per_token + logits + graphs
 
 
@@ -116,7 +119,7 @@ class ModelRunner:
         self.graphs = self._decode_graphs(config, max_model_len)
         # Prompt graphs go with decode graphs (same mode), their token buckets within one step's budget.
         self.prompts = None if self.graphs is None else PromptGraphs(
-            model, self.device, min(config.max_num_batched_tokens, max_model_len), config.block_size,
+            model, self.device, config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
             pad_block=num_blocks, capture=self.graphs.capture)
         # With decode graphs, one block past the block manager's takes the padding rows' KV writes.
         extra = 1 if self.graphs is not None else 0
@@ -191,14 +194,27 @@ class ModelRunner:
                 return self._run(batch, ready)
         return self._run(batch, ready)
 
+    def _run_prompts(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A step of first chunks through the prompt graphs: (hidden states of the padded step, the
+        rows to sample), or (None, None) when its graph could not be captured."""
+        flat = flatten(batch, self.block_size, tables=False)
+        ids, slots, at = [], [], 0
+        for n in batch.num_new_tokens:
+            ids.append(flat.input_ids[at:at + n])
+            slots.append(flat.slot_mapping[at:at + n])
+            at += n
+        out = self.prompts.run(ids, slots)
+        if out is None:
+            return None, None
+        hidden, length = out
+        rows = [i * length + n - 1 for i, (n, f) in enumerate(zip(batch.num_new_tokens, batch.sample_flags)) if f]
+        return hidden, self._to_device(rows, torch.int64)
+
     def _run(self, batch: ScheduledBatch, ready: Callable[[], None] | None) -> list[int]:
         hidden = None
-        if (self.prompts is not None and len(batch.seqs) == 1 and batch.seqs[0].num_computed_tokens == 0
-                and self.prompts.supports(batch.num_new_tokens[0])):
-            flat = flatten(batch, self.block_size, tables=False)
-            hidden = self.prompts.run(flat.input_ids, flat.slot_mapping)
-            if hidden is not None:
-                sample_rows = self._to_device(flat.sample_rows, torch.int64)
+        if (self.prompts is not None and batch.seqs and all(s.num_computed_tokens == 0 for s in batch.seqs)
+                and self.prompts.supports(len(batch.seqs), max(batch.num_new_tokens))):
+            hidden, sample_rows = self._run_prompts(batch)
         elif (self.graphs is not None and all(n == 1 for n in batch.num_new_tokens)
                 and self.graphs.supports(len(batch.seqs), max(len(s.block_table) for s in batch.seqs))):
             flat = flatten(batch, self.block_size, tables=False)

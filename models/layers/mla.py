@@ -19,7 +19,7 @@ from . import padded_attention as padded
 from moeserve.kernels import ops
 
 from .decode_attention import attend_decode, batched_fits, decode_lens, decode_mask, gather_padded, is_decode_only
-from .paged_attention import attend, attention_mask, gather_cache, sequences, write_cache
+from .paged_attention import attend, attend_fresh, attention_mask, gather_cache, sequences, write_cache
 from .rotary import RotaryEmbedding, softmax_mscale
 
 
@@ -93,10 +93,10 @@ class MLAttention(nn.Module):
     def _attend(self, q_nope, q_pe, w_kv, batch: AttentionBatch) -> torch.Tensor:
         """Queries of `batch` over the cached latents (already written) -> [T, H, v_dim]."""
         t, device, dtype = q_nope.shape[0], q_nope.device, q_nope.dtype
-        if batch.fresh:  # a whole prompt in a fixed-shape step: causal over its own latents, expanded
+        if batch.fresh:  # whole prompts in a fixed-shape step: each causal over its own latents, expanded
             cache = self.latent_cache.view(-1, self.latent_cache.shape[-1])
-            cached = cache.index_select(0, batch.slot_mapping).to(dtype)
-            return self._attend_expanded(q_nope, q_pe, cached, attention_mask(t, t, None, device))
+            k, v = self._expand(cache.index_select(0, batch.slot_mapping).to(dtype))
+            return attend_fresh(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale, batch.query_lens[0], None)
         if is_decode_only(batch):
             lens, longest = decode_lens(batch, device)
             if self.kv_lora_rank + self.rope_dim < longest * (self.nope_dim + self.v_dim):
@@ -157,12 +157,16 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, n, self.num_heads, self.rope_dim)], dim=-1)
         return padded.attend_padded(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale, lay, mask)
 
-    def _attend_expanded(self, q_nope, q_pe, cached, mask) -> torch.Tensor:
+    def _expand(self, cached) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys [n, H, nope + rope] and values [n, H, v_dim] of cached latents [n, latent + rope]."""
         n = cached.shape[0]
         latent, k_pe = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(latent).view(n, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, None, :].expand(n, self.num_heads, self.rope_dim)], dim=-1)
+        return torch.cat([k_nope, k_pe[:, None, :].expand(n, self.num_heads, self.rope_dim)], dim=-1), v
+
+    def _attend_expanded(self, q_nope, q_pe, cached, mask) -> torch.Tensor:
+        k, v = self._expand(cached)
         return attend(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale, mask)
 
     def _attend_absorbed(self, q_nope, q_pe, cached, w_kv, mask) -> torch.Tensor:

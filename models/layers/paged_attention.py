@@ -76,3 +76,21 @@ def attend(
         enable_gqa=q.shape[1] != k.shape[1],
     )
     return out[0].transpose(0, 1)
+
+
+def attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, seq_len: int,
+                 sliding_window: int | None) -> torch.Tensor:
+    """Causal attention of a fresh-prompt step (AttentionBatch.fresh): rows are sequences of
+    `seq_len` tokens back to back, each attending its own keys only. q [B*L, Hq, D], k [B*L, Hk, D],
+    v [B*L, Hk, Dv] -> [B*L, Hq, Dv]."""
+    b = q.shape[0] // seq_len
+    mask = attention_mask(seq_len, seq_len, sliding_window, q.device)
+    out = F.scaled_dot_product_attention(
+        q.view(b, seq_len, *q.shape[1:]).transpose(1, 2),
+        k.view(b, seq_len, *k.shape[1:]).transpose(1, 2),
+        v.view(b, seq_len, *v.shape[1:]).transpose(1, 2),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], v.shape[-1])

@@ -63,35 +63,43 @@ def test_padded_decode_equals_eager(arch, hf_checkpoint):
     assert got == want
 
 
-def _one_at_a_time(path: str, mode: str, lens: list[int], device: str = "cpu",
-                   dtype: str = "auto") -> tuple[list[list[int]], LLMEngine]:
-    """Each prompt served alone (its prompt step has the GPU to itself), greedy: the tokens of each."""
-    config = EngineConfig(model=path, device=device, dtype=dtype, block_size=4, num_kv_blocks=24, max_num_seqs=4,
-                          max_num_batched_tokens=40, max_model_len=64, decode_graphs=mode, prefill_hold_ms=0)
+def _prompts_in_turn(path: str, mode: str, groups: list[list[int]], device: str = "cpu",
+                     dtype: str = "auto") -> tuple[list[list[int]], LLMEngine]:
+    """Each group of prompts (their lengths) arrives at once and is served to the end before the next
+    arrives, so its prompt step has the engine to itself; greedy: the tokens of each prompt."""
+    config = EngineConfig(model=path, device=device, dtype=dtype, block_size=4, num_kv_blocks=40, max_num_seqs=4,
+                          max_num_batched_tokens=40, max_model_len=64, decode_graphs=mode, prefill_hold_ms=0,
+                          batch_wait_ms=0)
     engine = LLMEngine.from_config(config)
     vocab = engine.model_config.vocab_size
-    got = []
-    for i, n in enumerate(lens):
-        prompt = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(i)).tolist()
-        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=6))
-        tokens = []
+    got: dict[str, list[int]] = {}
+    for g, lens in enumerate(groups):
+        for i, n in enumerate(lens):
+            rid = f"r{g}-{i}"
+            got[rid] = []
+            prompt = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(100 * g + i)).tolist()
+            engine.add_request(rid, prompt, SamplingParams(max_tokens=6))
         while engine.has_unfinished():
             for out in engine.step():
-                tokens += out.new_token_ids
-        got.append(tokens)
-    return got, engine
+                got[out.request_id] += out.new_token_ids
+    return list(got.values()), engine
+
+
+# one prompt at a time (16 and 32 tokens: the lengths captured within the 40-token budget), two at
+# once (2 x 16 fits the budget, 2 x 32 does not), and prompts past the longest length
+PROMPT_GROUPS = [[1], [5], [16], [9], [17], [32], [38], [5, 12], [16, 3], [20, 9]]
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "qwen3_moe", "mixtral"])
 def test_padded_prompt_equals_eager(arch, hf_checkpoint):
-    """A prompt step alone is padded to a bucket of 16 or 32 tokens (attention causal over its own
-    keys, padding rows after the real ones); longer prompts keep the eager step. Same tokens."""
+    """Prompt steps padded to (sequences, length) shapes (attention causal over each sequence's own
+    keys, padding rows after the real ones); other prompt steps stay eager. Same tokens."""
     path = str(hf_checkpoint(arch, seed=2))
-    lens = [1, 5, 16, 9, 17, 32, 38]
-    want, _ = _one_at_a_time(path, "off", lens)
-    got, padded = _one_at_a_time(path, "padded", lens)
-    assert padded.runner.prompts.buckets == [16, 32]
-    assert padded.runner.prompts.steps == 6  # all but the 38-token prompt
+    want, _ = _prompts_in_turn(path, "off", PROMPT_GROUPS)
+    got, padded = _prompts_in_turn(path, "padded", PROMPT_GROUPS)
+    prompts = padded.runner.prompts
+    assert prompts.lengths == [16, 32] and prompts.plan_ahead() == [(1, 32), (2, 16), (1, 16)]
+    assert prompts.steps == 8  # all but the 38-token prompt and the 20 + 9 pair
     assert got == want
 
 
@@ -99,12 +107,26 @@ def test_padded_prompt_equals_eager(arch, hf_checkpoint):
 @pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "qwen3_moe", "mixtral"])
 def test_cuda_graph_prompt_equals_eager(arch, hf_checkpoint):
     path = str(hf_checkpoint(arch, seed=2))
-    lens = [1, 5, 16, 9, 17, 32, 38]
-    want, _ = _one_at_a_time(path, "off", lens, device="cuda", dtype="float32")
-    got, engine = _one_at_a_time(path, "auto", lens, device="cuda", dtype="float32")
+    want, _ = _prompts_in_turn(path, "off", PROMPT_GROUPS, device="cuda", dtype="float32")
+    got, engine = _prompts_in_turn(path, "auto", PROMPT_GROUPS, device="cuda", dtype="float32")
     prompts = engine.runner.prompts
-    assert prompts.captured == 2 and prompts.failed is None and prompts.steps == 6
+    assert prompts.captured == 3 and prompts.failed is None and prompts.steps == 8
     assert got == want
+
+
+def test_prompt_graph_shapes():
+    """Sequences padded to a batch bucket, each to a length of 16-512, within PROMPT_GRAPH_TOKENS."""
+    from moeserve.router.cuda_graphs import PROMPT_GRAPH_TOKENS, PromptGraphs
+
+    graphs = PromptGraphs(None, torch.device("cpu"), max_num_seqs=64, max_tokens=8192, block_size=16,
+                          pad_block=0, capture=False)
+    assert graphs.max_tokens == PROMPT_GRAPH_TOKENS == 1024
+    assert graphs.shape(1, 1) == (1, 16) and graphs.shape(1, 512) == (1, 512) and graphs.shape(1, 513) is None
+    assert graphs.shape(3, 100) == (4, 128) and graphs.shape(4, 200) == (4, 256)
+    assert graphs.shape(16, 256) is None and graphs.shape(64, 16) == (64, 16) and graphs.shape(40, 20) is None
+    plan = graphs.plan_ahead()
+    assert len(plan) == 32 and plan[0] == (2, 512) and plan[-1] == (1, 16)
+    assert all(b * n <= 1024 for b, n in plan)
 
 
 def test_auto_is_eager_on_cpu(hf_checkpoint):
