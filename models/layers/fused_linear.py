@@ -23,14 +23,17 @@ class FusedLinears:
         if len({lin.bias is None for lin in linears}) != 1:
             raise ValueError("fused projections need biases on all or on none")
         self.sizes = [w.shape[0] for w in weights]
-        self.weight = torch.cat([w.detach() for w in weights])
-        for lin, part in zip(linears, self.weight.split(self.sizes)):
-            lin.weight.data = part
-        self.bias = None
-        if linears[0].bias is not None:
-            self.bias = torch.cat([lin.bias.detach() for lin in linears])
-            for lin, part in zip(linears, self.bias.split(self.sizes)):
-                lin.bias.data = part
+        # Ordinary tensors even when called under inference_mode (greedy_generate): the parameters
+        # become views of these and must stay usable as they were.
+        with torch.inference_mode(False):
+            self.weight = torch.cat([w.detach() for w in weights])
+            for lin, part in zip(linears, self.weight.split(self.sizes)):
+                lin.weight.data = part
+            self.bias = None
+            if linears[0].bias is not None:
+                self.bias = torch.cat([lin.bias.detach() for lin in linears])
+                for lin, part in zip(linears, self.bias.split(self.sizes)):
+                    lin.bias.data = part
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each projection's output, in the order given (views of one [.., sum of outputs] result)."""

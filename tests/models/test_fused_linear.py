@@ -37,6 +37,14 @@ def test_fused_linears_give_each_projection_and_share_its_memory(bias):
     torch.testing.assert_close(fused(x)[1], linears[1](x))
 
 
+def test_fused_under_inference_mode_keeps_ordinary_parameters():
+    """greedy_generate allocates the KV cache (and so fuses) under inference_mode."""
+    linears = [nn.Linear(8, 4), nn.Linear(8, 2)]
+    with torch.inference_mode():
+        FusedLinears(linears)
+    assert not any(p.is_inference() for lin in linears for p in lin.parameters())
+
+
 def test_fused_linears_refuse_mismatched_inputs():
     with pytest.raises(ValueError, match="input width"):
         FusedLinears([nn.Linear(8, 4), nn.Linear(6, 4)])
