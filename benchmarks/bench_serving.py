@@ -220,6 +220,16 @@ def build_random_model(hf: dict, device: str, dtype, seed: int):
     return model
 
 
+def server_facts(llm) -> dict:
+    """What the server runs with, as its engine set it up (not as the bench would guess it): the
+    prefill hold in force (the engine holds prompts only where decode steps are graphs), its graphs
+    and its KV blocks."""
+    runner = llm.runner
+    graphs = "decode graphs off" if runner.graphs is None else f"{runner.graphs.describe()}, {runner.prompts.describe()}"
+    return dict(prefill_hold_ms=llm.scheduler.prefill_hold_s * 1e3, graphs=graphs,
+                kv_blocks=llm.stats()["kv_blocks_total"])
+
+
 async def _serve_random(args: argparse.Namespace) -> None:
     import torch
 
@@ -237,9 +247,8 @@ async def _serve_random(args: argparse.Namespace) -> None:
                           **({} if args.prefill_hold_ms is None else {"prefill_hold_ms": args.prefill_hold_ms}))
     llm = LLMEngine(config, model, tokenizer=None)
     trace = StepTrace(llm) if args.step_trace else None
-    graphs = llm.runner.graphs
-    print(f"server: {llm.stats()['kv_blocks_total']} KV blocks of {config.block_size} tokens; "
-          f"{'decode graphs off' if graphs is None else graphs.describe() + ', ' + llm.runner.prompts.describe()}",
+    facts = server_facts(llm)
+    print(f"server: {facts['kv_blocks']} KV blocks of {config.block_size} tokens; {facts['graphs']}",
           file=sys.stderr, flush=True)
     engine = AsyncEngine(llm)
     server = InferenceServer(engine, ServerConfig(port=0, max_streams_per_caller=4096, grace_s=5),
@@ -247,7 +256,7 @@ async def _serve_random(args: argparse.Namespace) -> None:
     await server.start()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    print(f"READY {server.port}", flush=True)
+    print(f"READY {server.port} {json.dumps(facts)}", flush=True)
     await stop.wait()
     await server.stop(0)
     if trace is not None:
@@ -287,7 +296,8 @@ class StepTrace:
                                         queue_wait_ms=self.waits, triton_compiles=compiled)))
 
 
-def start_server(name: str, args: argparse.Namespace, env: dict) -> tuple[subprocess.Popen, int]:
+def start_server(name: str, args: argparse.Namespace, env: dict) -> tuple[subprocess.Popen, int, dict]:
+    """The server process, its port, and server_facts() as it reported them."""
     cmd = [sys.executable, __file__, "_serve", "--preset", name, "--device", args.device,
            "--seed", str(args.seed), "--max-num-seqs", str(max(args.concurrency)),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
@@ -315,7 +325,8 @@ def start_server(name: str, args: argparse.Namespace, env: dict) -> tuple[subpro
         if line is None:
             raise SystemExit(f"the {name} server exited ({proc.wait()}) before it was ready")
         if line.startswith("READY "):
-            return proc, int(line.split()[1])
+            _, port, facts = line.split(" ", 2)
+            return proc, int(port), json.loads(facts)
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -491,14 +502,10 @@ def main_bench(args: argparse.Namespace) -> int:
     args.out_dir_path = out_dir.resolve()
     out_file = out_dir / "bench_serving.json"
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    from moeserve.router.config import EngineConfig
-
-    hold = EngineConfig().prefill_hold_ms if args.prefill_hold_ms is None else args.prefill_hold_ms
-    if args.enforce_eager or not args.device.startswith("cuda"):
-        hold = 0.0  # the engine holds prompts only where decode steps are CUDA graphs
+    # prefill_hold_ms: as the server reports it once started (server_facts)
     report = dict(device=device_name, torch=torch.__version__, prompt_len=args.prompt_len,
                   output_len=args.output_len, concurrency=args.concurrency, models={},
-                  decode="eager" if args.enforce_eager else "CUDA graphs", prefill_hold_ms=hold,
+                  decode="eager" if args.enforce_eager else "CUDA graphs", prefill_hold_ms=None,
                   hf_reference_h100=HF_REFERENCE)
 
     def save() -> None:
@@ -517,7 +524,9 @@ def main_bench(args: argparse.Namespace) -> int:
         if not args.skip_moeserve:
             print(f"{name}: moeserve", flush=True)
             with _phase(r, "moeserve"):
-                proc, port = start_server(name, args, env)
+                proc, port, r["server"] = start_server(name, args, env)
+                report["prefill_hold_ms"] = r["server"]["prefill_hold_ms"]
+                save()
                 try:
                     r["moeserve"] = {str(k): v for k, v in asyncio.run(drive_server(port, name, args)).items()}
                 finally:

@@ -106,7 +106,12 @@ def test_gpu_benchmark_script_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert set(ours) == {"1", "2", "rate50"}  # fixed concurrency 1 and 2, then Poisson arrivals
     assert all(r["failed"] == 0 and r["output_token_throughput"] > 0 for r in ours.values())
     assert report["models"]["tiny"]["floor"]["2"]["active_weight_bytes"] > 0
+    # what the server set up, as it reported it: on the CPU no graphs, so no prefill hold
+    facts = report["models"]["tiny"]["server"]
+    assert facts["graphs"] == "decode graphs off" and facts["kv_blocks"] > 0
+    assert facts["prefill_hold_ms"] == report["prefill_hold_ms"] == 0.0
     md = (tmp_path / "benchmarks.md").read_text()
+    assert "prefill hold 0 ms" in md
     assert "| tiny | 2 |" in md and "| tiny | 50 |" in md
     # the traces: every server step, every request of each concurrency level with its TTFT
     server = json.loads((tmp_path / "trace_tiny_server.json").read_text())
