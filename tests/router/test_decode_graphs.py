@@ -90,11 +90,15 @@ def _prompts_in_turn(path: str, mode: str, groups: list[list[int]], device: str 
 PROMPT_GROUPS = [[1], [5], [16], [9], [17], [32], [38], [5, 12], [16, 3], [20, 9]]
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "qwen3_moe", "mixtral"])
+PROMPT_ARCHS = {"deepseek_v3": {}, "deepseek_v2": {}, "qwen3_moe": {}, "mixtral": {},
+                "mixtral-window": {"sliding_window": 6}}  # a window shorter than most prompts
+
+
+@pytest.mark.parametrize("arch", list(PROMPT_ARCHS))
 def test_padded_prompt_equals_eager(arch, hf_checkpoint):
     """Prompt steps padded to (sequences, length) shapes (attention causal over each sequence's own
     keys, padding rows after the real ones); other prompt steps stay eager. Same tokens."""
-    path = str(hf_checkpoint(arch, seed=2))
+    path = str(hf_checkpoint(arch.split("-")[0], seed=2, **PROMPT_ARCHS[arch]))
     want, _ = _prompts_in_turn(path, "off", PROMPT_GROUPS)
     got, padded = _prompts_in_turn(path, "padded", PROMPT_GROUPS)
     prompts = padded.runner.prompts
@@ -104,9 +108,9 @@ def test_padded_prompt_equals_eager(arch, hf_checkpoint):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", list(PROMPT_ARCHS))
 def test_cuda_graph_prompt_equals_eager(arch, hf_checkpoint):
-    path = str(hf_checkpoint(arch, seed=2))
+    path = str(hf_checkpoint(arch.split("-")[0], seed=2, **PROMPT_ARCHS[arch]))
     want, _ = _prompts_in_turn(path, "off", PROMPT_GROUPS, device="cuda", dtype="float32")
     got, engine = _prompts_in_turn(path, "auto", PROMPT_GROUPS, device="cuda", dtype="float32")
     prompts = engine.runner.prompts
