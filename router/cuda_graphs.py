@@ -257,7 +257,7 @@ class DecodeGraphs(_Graphs):
         return self.model.forward(self.input_ids[:b], self.positions[:b], self._batch(b, width))
 
 
-PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512)  # padded prompt lengths
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # padded prompt lengths
 # The largest padded step (sequences x length) captured. Graphs pay where launching is the step's
 # cost; a step of thousands of tokens keeps the GPU busy while Python launches, and padding it to a
 # shape adds work: on an H200, graphing 16 x 256-token prompts (4096 tokens) lowered Qwen3's served

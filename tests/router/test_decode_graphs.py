@@ -119,17 +119,18 @@ def test_cuda_graph_prompt_equals_eager(arch, hf_checkpoint):
 
 
 def test_prompt_graph_shapes():
-    """Sequences padded to a batch bucket, each to a length of 16-512, within PROMPT_GRAPH_TOKENS."""
+    """Sequences padded to a batch bucket, each to a length of 16-1024, within PROMPT_GRAPH_TOKENS."""
     from moeserve.router.cuda_graphs import PROMPT_GRAPH_TOKENS, PromptGraphs
 
     graphs = PromptGraphs(None, torch.device("cpu"), max_num_seqs=64, max_tokens=8192, block_size=16,
                           pad_block=0, capture=False)
     assert graphs.max_tokens == PROMPT_GRAPH_TOKENS == 1024
-    assert graphs.shape(1, 1) == (1, 16) and graphs.shape(1, 512) == (1, 512) and graphs.shape(1, 513) is None
+    assert graphs.shape(1, 1) == (1, 16) and graphs.shape(1, 513) == (1, 1024) and graphs.shape(1, 1025) is None
+    assert graphs.shape(2, 513) is None
     assert graphs.shape(3, 100) == (4, 128) and graphs.shape(4, 200) == (4, 256)
     assert graphs.shape(16, 256) is None and graphs.shape(64, 16) == (64, 16) and graphs.shape(40, 20) is None
     plan = graphs.plan_ahead()
-    assert len(plan) == 32 and plan[0] == (2, 512) and plan[-1] == (1, 16)
+    assert len(plan) == 33 and plan[0] == (1, 1024) and plan[-1] == (1, 16)
     assert all(b * n <= 1024 for b, n in plan)
 
 
