@@ -2,9 +2,9 @@
 
 One host sync per step (the sampled ids coming back as a list). The batch is built in Python
 lists once per step and copied to the device in one go per tensor (pinned, non-blocking on CUDA).
-Decode-only steps go through DecodeGraphs, and a step that is one sequence's first chunk through
-PromptGraphs (router/cuda_graphs.py), where configured: padded to a bucket and replayed from a
-captured CUDA graph on a GPU.
+Decode-only steps go through DecodeGraphs, steps of first chunks through PromptGraphs, and a step of
+decodes beside first chunks through both, one replay after the other (router/cuda_graphs.py), where
+configured: padded to a bucket and replayed from a captured CUDA graph on a GPU.
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ class ModelRunner:
         extra = 1 if self.graphs is not None else 0
         model.allocate_kv_cache(num_blocks + extra, config.block_size, device=self.device, dtype=config.torch_dtype)
         self.sampler = Sampler(self.device, config.seed)
+        self.split_steps = 0  # steps of decodes beside first chunks run as two graph replays
         self._pin = self.device.type == "cuda"
         self._warm_up_experts(config)
         if self.graphs is not None and self.graphs.capture:
@@ -210,18 +211,52 @@ class ModelRunner:
         rows = [i * length + n - 1 for i, (n, f) in enumerate(zip(batch.num_new_tokens, batch.sample_flags)) if f]
         return hidden, self._to_device(rows, torch.int64)
 
+    def _run_decodes(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A decode-only step through the decode graphs: (hidden states, the rows to sample), or
+        (None, None) when its graph could not be captured."""
+        flat = flatten(batch, self.block_size, tables=False)
+        hidden = self.graphs.run(flat.input_ids, flat.positions, flat.slot_mapping, flat.context_lens,
+                                 [s.block_table for s in batch.seqs])
+        return (None, None) if hidden is None else (hidden, self._to_device(flat.sample_rows, torch.int64))
+
+    def _graphed(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(hidden states, the rows of them to sample in batch order) of a step the graphs can run, else
+        (None, None): first chunks alone (prompt graphs), decodes alone (decode graphs), or decodes
+        beside first chunks, run as two replays one after the other (their sequences, and so the KV
+        slots they write and read, are disjoint). A step with a later prompt chunk in it runs eagerly."""
+        if self.graphs is None or not batch.seqs:
+            return None, None
+        fresh = [s.num_computed_tokens == 0 for s in batch.seqs]
+        decode = [n == 1 and not f for n, f in zip(batch.num_new_tokens, fresh)]
+        prompts = [i for i, f in enumerate(fresh) if f]
+        decodes = [i for i, d in enumerate(decode) if d]
+        if len(prompts) + len(decodes) != len(batch.seqs):
+            return None, None
+        if prompts and not self.prompts.supports(len(prompts), max(batch.num_new_tokens[i] for i in prompts)):
+            return None, None
+        if decodes and not self.graphs.supports(len(decodes), max(len(batch.seqs[i].block_table) for i in decodes)):
+            return None, None
+        if not decodes:
+            return self._run_prompts(batch)
+        if not prompts:
+            return self._run_decodes(batch)
+        parts = []
+        for rows, run in ((prompts, self._run_prompts), (decodes, self._run_decodes)):
+            hidden, sample_rows = run(ScheduledBatch([batch.seqs[i] for i in rows],
+                                                     [batch.num_new_tokens[i] for i in rows],
+                                                     [batch.sample_flags[i] for i in rows]))
+            if hidden is None:  # the eager step then rewrites the same KV, harmlessly
+                return None, None
+            parts.append(hidden.index_select(0, sample_rows))
+        self.split_steps += 1
+        # the sampled rows: the prompts' then the decodes', each in batch order; back to batch order
+        sampled = [i for i, f in enumerate(batch.sample_flags) if f]
+        source = [i for i in prompts if batch.sample_flags[i]] + [i for i in decodes if batch.sample_flags[i]]
+        at = {i: k for k, i in enumerate(source)}
+        return torch.cat(parts), self._to_device([at[i] for i in sampled], torch.int64)
+
     def _run(self, batch: ScheduledBatch, ready: Callable[[], None] | None) -> list[int]:
-        hidden = None
-        if (self.prompts is not None and batch.seqs and all(s.num_computed_tokens == 0 for s in batch.seqs)
-                and self.prompts.supports(len(batch.seqs), max(batch.num_new_tokens))):
-            hidden, sample_rows = self._run_prompts(batch)
-        elif (self.graphs is not None and all(n == 1 for n in batch.num_new_tokens)
-                and self.graphs.supports(len(batch.seqs), max(len(s.block_table) for s in batch.seqs))):
-            flat = flatten(batch, self.block_size, tables=False)
-            hidden = self.graphs.run(flat.input_ids, flat.positions, flat.slot_mapping, flat.context_lens,
-                                     [s.block_table for s in batch.seqs])
-            if hidden is not None:
-                sample_rows = self._to_device(flat.sample_rows, torch.int64)
+        hidden, sample_rows = self._graphed(batch)
         graphed = hidden is not None
         if not graphed:
             if ready is not None:

@@ -60,6 +60,8 @@ def test_padded_decode_equals_eager(arch, hf_checkpoint):
     graphs = padded.runner.graphs
     assert graphs is not None and graphs.steps > 20, "decode steps were meant to take the fixed-shape path"
     assert padded.stats()["preemptions"] > 0, "the KV budget was meant to force preemption"
+    # arrivals while others decode: decodes beside a first chunk ran as a prompt and a decode replay
+    assert padded.runner.split_steps > 0 and padded.runner.prompts.steps > padded.runner.split_steps
     assert got == want
 
 
@@ -118,6 +120,38 @@ def test_cuda_graph_prompt_equals_eager(arch, hf_checkpoint):
     assert got == want
 
 
+def _overlapping(path: str, mode: str, device: str = "cpu", dtype: str = "auto") -> tuple[dict, LLMEngine]:
+    """Prompts arriving while others decode (short enough for one chunk each), greedy: each one's tokens."""
+    config = EngineConfig(model=path, device=device, dtype=dtype, block_size=4, num_kv_blocks=40, max_num_seqs=4,
+                          max_num_batched_tokens=40, max_model_len=64, decode_graphs=mode, prefill_hold_ms=0,
+                          batch_wait_ms=0)
+    engine = LLMEngine.from_config(config)
+    vocab = engine.model_config.vocab_size
+    arrivals = {0: [5], 2: [9, 3], 5: [14], 6: [1]}  # step -> prompt lengths arriving before it
+    got: dict[str, list[int]] = {}
+    step = 0
+    while step <= max(arrivals) or engine.has_unfinished():
+        for n in arrivals.get(step, []):
+            rid = f"r{len(got)}"
+            got[rid] = []
+            prompt = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(len(got))).tolist()
+            engine.add_request(rid, prompt, SamplingParams(max_tokens=7))
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+        step += 1
+    return got, engine
+
+
+@pytest.mark.parametrize("arch", list(PROMPT_ARCHS))
+def test_decodes_beside_first_chunks_equal_eager(arch, hf_checkpoint):
+    """A step of decodes and first chunks runs as a prompt replay and a decode replay: same tokens."""
+    path = str(hf_checkpoint(arch.split("-")[0], seed=3, **PROMPT_ARCHS[arch]))
+    want, _ = _overlapping(path, "off")
+    got, padded = _overlapping(path, "padded")
+    assert padded.runner.split_steps == 3  # the arrivals at steps 2, 5 and 6
+    assert got == want
+
+
 def test_prompt_graph_shapes():
     """Sequences padded to a batch bucket, each to a length of 16-1024, within PROMPT_GRAPH_TOKENS."""
     from moeserve.router.cuda_graphs import PROMPT_GRAPH_TOKENS, PromptGraphs
@@ -132,6 +166,16 @@ def test_prompt_graph_shapes():
     plan = graphs.plan_ahead()
     assert len(plan) == 33 and plan[0] == (1, 1024) and plan[-1] == (1, 16)
     assert all(b * n <= 1024 for b, n in plan)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", list(PROMPT_ARCHS))
+def test_cuda_graphs_decodes_beside_first_chunks_equal_eager(arch, hf_checkpoint):
+    path = str(hf_checkpoint(arch.split("-")[0], seed=3, **PROMPT_ARCHS[arch]))
+    want, _ = _overlapping(path, "off", device="cuda", dtype="float32")
+    got, engine = _overlapping(path, "auto", device="cuda", dtype="float32")
+    assert engine.runner.split_steps == 3 and engine.runner.prompts.failed is None
+    assert got == want
 
 
 def test_auto_is_eager_on_cpu(hf_checkpoint):
