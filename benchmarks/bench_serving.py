@@ -224,9 +224,7 @@ def server_facts(llm) -> dict:
     """What the server runs with, as its engine set it up (not as the bench would guess it): the
     prefill hold in force (the engine holds prompts only where decode steps are graphs), its graphs
     and its KV blocks."""
-    runner = llm.runner
-    graphs = "decode graphs off" if runner.graphs is None else f"{runner.graphs.describe()}, {runner.prompts.describe()}"
-    return dict(prefill_hold_ms=llm.scheduler.prefill_hold_s * 1e3, graphs=graphs,
+    return dict(prefill_hold_ms=llm.scheduler.prefill_hold_s * 1e3, graphs=llm.runner.describe_graphs() or "decode graphs off",
                 kv_blocks=llm.stats()["kv_blocks_total"])
 
 

@@ -202,7 +202,7 @@ def profile_model(name: str, args: argparse.Namespace, report: dict, text: list[
     text += [f"== {name}: one prefill step ({b} x {args.prompt_len} tokens, token budget "
              f"{args.max_num_batched_tokens})", _kernel_table(prof, args.rows)]
     _drain(engine)
-    r["graphs"] = graphs.describe() + ", " + engine.runner.prompts.describe() if graphs is not None else "off"
+    r["graphs"] = engine.runner.describe_graphs() or "off"
     r["engine"] = engine.stats()
     del engine, model, graphs  # the graphs hold the model: all three go before the next model is built
     import gc

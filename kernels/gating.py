@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .launch import empty
 from .ops import ROUTER_GEMV_MAX_TOKENS
+
 ONE_TOKEN_BLOCKS_MAX = 64  # token counts up to this get one program (and few warps) per token
 
 

@@ -1,4 +1,5 @@
-"""Decode steps replayed from captured CUDA graphs.
+"""Decode steps (DecodeGraphs) and prompts' first chunks (PromptGraphs) replayed from captured CUDA
+graphs; _Graphs holds what both share (capture, replay, input staging, the eager `capture=False` mode).
 
 An eager decode step launches some twenty kernels per layer from Python; at batch 1 on a GPU the
 launches, not the weights, set the step time. A decode-only step has a shape fixed by two numbers,
@@ -93,17 +94,43 @@ class _Graphs:
             self._staged = torch.cuda.Event()
             self._staged.record()
 
-    def _replay(self, key: Any, forward: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-        """The output of `forward` for this key's shape: replayed from its graph (captured now if new),
-        or None when it cannot be captured."""
+    def _forward(self, *key: int) -> torch.Tensor:
+        """The model's fixed-shape step of this shape over the static buffers (subclasses)."""
+        raise NotImplementedError
+
+    def _load_padding(self, key: Any) -> None:
+        """Static buffers holding padding rows only, for a capture ahead of use (subclasses)."""
+        raise NotImplementedError
+
+    def _run_shape(self, key: Any) -> torch.Tensor | None:
+        """The step of this shape over the loaded buffers: eagerly without capture, else replayed from
+        its graph (captured now if new); None when it cannot be captured."""
+        if not self.capture:
+            return self._forward(*key)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._capture(key, forward)
+            entry = self._capture(key, lambda: self._forward(*key))
             if entry is None:
                 return None
         graph, out = entry
         graph.replay()
         return out
+
+    def _capture_all(self, keys: list[Any]) -> int:
+        """Capture these shapes now, so serving does not stall on a first use; the number captured.
+        Padding rows only: they write nothing but the scratch block."""
+        if not self.capture:
+            return 0
+        count = 0
+        for key in keys:
+            if key in self._graphs:
+                continue
+            self._load_padding(key)
+            if self._capture(key, lambda key=key: self._forward(*key)) is not None:
+                count += 1
+            elif self.failed is not None:
+                break
+        return count
 
     def _capture(self, key: Any, forward: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor] | None:
         try:
@@ -194,9 +221,7 @@ class DecodeGraphs(_Graphs):
         width = context_bucket(max(len(t) for t in block_tables), self.max_blocks)
         self._load(num, b, input_ids, positions, slot_mapping, context_lens, block_tables, width)
         self.steps += 1
-        if not self.capture:
-            return self._forward(b, width)[:num]
-        out = self._replay((b, width), lambda: self._forward(b, width))
+        out = self._run_shape((b, width))
         return None if out is None else out[:num]  # None: no graph, the step runs unpadded
 
     def plan_ahead(self, max_tokens: int) -> list[tuple[int, int]]:
@@ -216,20 +241,12 @@ class DecodeGraphs(_Graphs):
                 if self.supports(b, width)]
 
     def capture_ahead(self, max_tokens: int) -> int:
-        """Capture plan_ahead(max_tokens) now, so serving does not stall on a first use; the number
-        captured. Padding rows only: they write nothing but the scratch block."""
-        if not self.capture:
-            return 0
-        count = 0
-        for b, width in self.plan_ahead(max_tokens):
-            if (b, width) in self._graphs:
-                continue
-            self._load(0, b, [], [], [], [], [], width)
-            if self._capture((b, width), lambda: self._forward(b, width)) is not None:
-                count += 1
-            elif self.failed is not None:
-                break
-        return count
+        """Capture plan_ahead(max_tokens) now; the number captured."""
+        return self._capture_all(self.plan_ahead(max_tokens))
+
+    def _load_padding(self, key: tuple[int, int]) -> None:
+        b, width = key
+        self._load(0, b, [], [], [], [], [], width)
 
     def _load(self, num, b, input_ids, positions, slot_mapping, context_lens, block_tables, width) -> None:
         """Write the step and its padding rows into the static buffers: one staged host-to-device copy each."""
@@ -321,9 +338,7 @@ class PromptGraphs(_Graphs):
                              f"{max(map(len, input_ids))} tokens")
         self._load(key, input_ids, slot_mapping)
         self.steps += 1
-        if not self.capture:
-            return self._forward(*key), key[1]
-        out = self._replay(key, lambda: self._forward(*key))
+        out = self._run_shape(key)
         return None if out is None else (out, key[1])
 
     def plan_ahead(self) -> list[tuple[int, int]]:
@@ -332,19 +347,11 @@ class PromptGraphs(_Graphs):
         return sorted(keys, key=lambda k: (-k[0] * k[1], -k[1]))
 
     def capture_ahead(self) -> int:
-        """Capture every shape now (padding rows only: they write nothing but the scratch block)."""
-        if not self.capture:
-            return 0
-        count = 0
-        for key in self.plan_ahead():
-            if key in self._graphs:
-                continue
-            self._load(key, [], [])
-            if self._capture(key, lambda key=key: self._forward(*key)) is not None:
-                count += 1
-            elif self.failed is not None:
-                break
-        return count
+        """Capture every shape now; the number captured."""
+        return self._capture_all(self.plan_ahead())
+
+    def _load_padding(self, key: tuple[int, int]) -> None:
+        self._load(key, [], [])
 
     def _load(self, key: tuple[int, int], input_ids: list[list[int]], slot_mapping: list[list[int]]) -> None:
         b, n = key

@@ -133,9 +133,12 @@ class ModelRunner:
             with torch.inference_mode(), torch.cuda.device(self.device):
                 self.graphs.capture_ahead(config.graph_capture_tokens)
                 self.prompts.capture_ahead()
-            log.info("%s, %s in %.1f s (decode contexts up to %d tokens at start-up; longer ones on first use)",
-                     self.graphs.describe(), self.prompts.describe(), time.monotonic() - start,
-                     config.graph_capture_tokens)
+            log.info("%s in %.1f s (decode contexts up to %d tokens at start-up; longer ones on first use)",
+                     self.describe_graphs(), time.monotonic() - start, config.graph_capture_tokens)
+
+    def describe_graphs(self) -> str | None:
+        """One line on the decode and prompt graphs (for logs and benchmark reports); None when off."""
+        return None if self.graphs is None else f"{self.graphs.describe()}, {self.prompts.describe()}"
 
     def _warm_up_experts(self, config: EngineConfig) -> None:
         """On a GPU, compile the expert kernels of every step size up to max_num_batched_tokens now

@@ -13,7 +13,8 @@ from . import padded_attention as padded
 from moeserve.kernels import ops
 
 from .decode_attention import decode_lens, gather_padded, is_decode_only
-from .paged_attention import attend, attend_fresh, attention_mask, check_block_size, gather_cache, sequences
+from .paged_attention import (attend, attend_fresh, attention_mask, check_block_size, gather_cache, read_slots,
+                              sequences)
 from .rotary import RotaryEmbedding
 
 
@@ -79,8 +80,8 @@ class GQAttention(nn.Module):
         """Queries q [T, Hq, D] of `batch` over the cache (their KV already written) -> [T, Hq, D]."""
         t, device = q.shape[0], q.device
         if batch.fresh:  # whole prompts in a fixed-shape step: each causal over its own keys
-            keys = self.k_cache.view(-1, *self.k_cache.shape[2:]).index_select(0, batch.slot_mapping).to(q.dtype)
-            values = self.v_cache.view(-1, *self.v_cache.shape[2:]).index_select(0, batch.slot_mapping).to(q.dtype)
+            keys = read_slots(self.k_cache, batch.slot_mapping).to(q.dtype)
+            values = read_slots(self.v_cache, batch.slot_mapping).to(q.dtype)
             return attend_fresh(q, keys, values, self.scale, batch.query_lens[0], self.sliding_window)
         if is_decode_only(batch):  # one call for the batch, reading the paged cache in place
             lens, longest = decode_lens(batch, device)

@@ -19,7 +19,7 @@ from . import padded_attention as padded
 from moeserve.kernels import ops
 
 from .decode_attention import attend_decode, batched_fits, decode_lens, decode_mask, gather_padded, is_decode_only
-from .paged_attention import attend, attend_fresh, attention_mask, gather_cache, sequences, write_cache
+from .paged_attention import attend, attend_fresh, attention_mask, gather_cache, read_slots, sequences, write_cache
 from .rotary import RotaryEmbedding, softmax_mscale
 
 
@@ -49,10 +49,14 @@ class MLAttention(nn.Module):
         self.latent_cache: torch.Tensor | None = None
         self.in_proj = None  # the query's first projection and kv_a_proj_with_mqa as one GEMM (CUDA)
 
+    @property
+    def _q_first(self) -> nn.Linear:
+        """The query's projection that reads the hidden state: q_proj, or q_a_proj with a q LoRA."""
+        return self.q_proj if self.q_lora_rank is None else self.q_a_proj
+
     def fuse_projections(self) -> None:
         if self.in_proj is None:
-            first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
-            self.in_proj = fuse([first, self.kv_a_proj_with_mqa])
+            self.in_proj = fuse([self._q_first, self.kv_a_proj_with_mqa])
 
     def cache_elements_per_token(self) -> int:
         return self.kv_lora_rank + self.rope_dim
@@ -67,10 +71,7 @@ class MLAttention(nn.Module):
         if self.latent_cache is None:
             raise RuntimeError("no KV cache: call model.allocate_kv_cache(num_blocks, block_size) first")
         t = x.shape[0]
-        if self.in_proj is not None:
-            q, kv_a = self.in_proj(x)
-        else:
-            q, kv_a = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+        q, kv_a = self.in_proj(x) if self.in_proj is not None else (self._q_first(x), self.kv_a_proj_with_mqa(x))
         if self.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.reshape(t, self.num_heads, self.nope_dim + self.rope_dim)
@@ -94,8 +95,7 @@ class MLAttention(nn.Module):
         """Queries of `batch` over the cached latents (already written) -> [T, H, v_dim]."""
         t, device, dtype = q_nope.shape[0], q_nope.device, q_nope.dtype
         if batch.fresh:  # whole prompts in a fixed-shape step: each causal over its own latents, expanded
-            cache = self.latent_cache.view(-1, self.latent_cache.shape[-1])
-            k, v = self._expand(cache.index_select(0, batch.slot_mapping).to(dtype))
+            k, v = self._expand(read_slots(self.latent_cache, batch.slot_mapping).to(dtype))
             return attend_fresh(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale, batch.query_lens[0], None)
         if is_decode_only(batch):
             lens, longest = decode_lens(batch, device)

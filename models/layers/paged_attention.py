@@ -29,6 +29,11 @@ def write_cache(cache: torch.Tensor, batch: AttentionBatch, values: torch.Tensor
     flat.index_copy_(0, batch.slot_mapping.to(cache.device), values.to(cache.dtype))
 
 
+def read_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The entries of cache [num_blocks, block_size, ...] at flat slots [N] (as write_cache addresses them)."""
+    return cache.view(-1, *cache.shape[2:]).index_select(0, slots)
+
+
 def sequences(batch: AttentionBatch) -> Iterator[tuple[int, slice, int, int]]:
     """(sequence index, its rows in the flat batch, query_len, context_len) for each sequence."""
     start = 0
