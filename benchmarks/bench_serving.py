@@ -225,7 +225,7 @@ def server_facts(llm) -> dict:
     prefill hold in force (the engine holds prompts only where decode steps are graphs), its graphs
     and its KV blocks."""
     return dict(prefill_hold_ms=llm.scheduler.prefill_hold_s * 1e3, graphs=llm.runner.describe_graphs() or "decode graphs off",
-                kv_blocks=llm.stats()["kv_blocks_total"])
+                kv_blocks=llm.stats()["kv_blocks_total"], overlap_decode=llm.overlap_decode)
 
 
 async def _serve_random(args: argparse.Namespace) -> None:
@@ -241,12 +241,13 @@ async def _serve_random(args: argparse.Namespace) -> None:
     config = EngineConfig(device=args.device, dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, max_queued_requests=4096,
-                          decode_graphs="off" if args.enforce_eager else "auto",
+                          decode_graphs="off" if args.enforce_eager else "auto", overlap_decode=args.overlap_decode,
                           **({} if args.prefill_hold_ms is None else {"prefill_hold_ms": args.prefill_hold_ms}))
     llm = LLMEngine(config, model, tokenizer=None)
     trace = StepTrace(llm) if args.step_trace else None
     facts = server_facts(llm)
-    print(f"server: {facts['kv_blocks']} KV blocks of {config.block_size} tokens; {facts['graphs']}",
+    print(f"server: {facts['kv_blocks']} KV blocks of {config.block_size} tokens; {facts['graphs']}; "
+          f"decode overlap {'on' if facts['overlap_decode'] else 'off'}",
           file=sys.stderr, flush=True)
     engine = AsyncEngine(llm)
     server = InferenceServer(engine, ServerConfig(port=0, max_streams_per_caller=4096, grace_s=5),
@@ -302,6 +303,8 @@ def start_server(name: str, args: argparse.Namespace, env: dict) -> tuple[subpro
            "--max-model-len", str(args.max_model_len)] + (["--enforce-eager"] if args.enforce_eager else [])
     if args.prefill_hold_ms is not None:
         cmd += ["--prefill-hold-ms", str(args.prefill_hold_ms)]
+    if not args.overlap_decode:
+        cmd += ["--no-overlap-decode"]
     if args.out_dir_path is not None:
         cmd += ["--step-trace", str(args.out_dir_path / f"trace_{name}_server.json")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
@@ -568,6 +571,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="moeserve decodes without CUDA graphs (as `moeserve serve --enforce-eager`)")
     p.add_argument("--prefill-hold-ms", type=float, default=None,
                    help="the server's EngineConfig.prefill_hold_ms (as `moeserve serve --prefill-hold-ms`; default: its default)")
+    p.add_argument("--no-overlap-decode", dest="overlap_decode", action="store_false",
+                   help="the server waits for each decode step's tokens before queuing the next (as `moeserve serve "
+                        "--no-overlap-decode`)")
     # _serve (the server process)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--max-num-seqs", type=int, default=64)

@@ -41,9 +41,9 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self.free_block_ids)
 
-    def blocks_missing(self, seq: Sequence) -> int:
-        """Blocks a sequence still needs to cover all its tokens (0 for one fully covered)."""
-        return blocks_for(len(seq), self.block_size) - len(seq.block_table)
+    def blocks_missing(self, seq: Sequence, extra: int = 0) -> int:
+        """Blocks a sequence still needs to cover all its tokens and `extra` more (0 for one fully covered)."""
+        return max(0, blocks_for(len(seq) + extra, self.block_size) - len(seq.block_table))
 
     def can_allocate(self, seq: Sequence) -> bool:
         """Whether the blocks for all of a waiting sequence's tokens are free."""
@@ -58,13 +58,14 @@ class BlockManager:
             raise RuntimeError(f"{seq.request_id}: needs {need} blocks, {len(self.free_block_ids)} free")
         seq.block_table = [self.free_block_ids.popleft() for _ in range(need)]
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Whether a running sequence's newest token has (or can get) a slot."""
-        return self.blocks_missing(seq) <= len(self.free_block_ids)
+    def can_append(self, seq: Sequence, extra: int = 0) -> bool:
+        """Whether a running sequence's newest token (and `extra` tokens past it) has or can get a slot."""
+        return self.blocks_missing(seq, extra) <= len(self.free_block_ids)
 
-    def append(self, seq: Sequence) -> None:
-        """Grow a running sequence's block table to cover its newest token (at most one new block)."""
-        missing = self.blocks_missing(seq)
+    def append(self, seq: Sequence, extra: int = 0) -> None:
+        """Grow a running sequence's block table to cover its newest token, and `extra` tokens past it
+        (a decode launched before the token it reads is known, LLMEngine's look-ahead)."""
+        missing = self.blocks_missing(seq, extra)
         if missing > len(self.free_block_ids):
             raise RuntimeError(f"{seq.request_id}: needs {missing} more blocks, {len(self.free_block_ids)} free")
         for _ in range(missing):

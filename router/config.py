@@ -56,6 +56,10 @@ class EngineConfig:
     # the first of them, so that the decode steps in between replay CUDA graphs (router/scheduler.py;
     # only where decode graphs run; 0: a prompt joins the next step, which then runs eagerly).
     prefill_hold_ms: float = 50.0
+    # Where decode steps replay graphs, queue each decode step on the device before the previous
+    # step's tokens are back on the host, so the GPU does not wait for the host's bookkeeping
+    # (LLMEngine.step; `moeserve serve --no-overlap-decode` turns it off).
+    overlap_decode: bool = True
 
     def __post_init__(self) -> None:
         _require(self.model is None or (isinstance(self.model, str) and self.model != ""), "model", "a checkpoint directory or None", self.model)
@@ -86,6 +90,7 @@ class EngineConfig:
         _require(isinstance(self.batch_wait_ms, (int, float)) and not isinstance(self.batch_wait_ms, bool)
                  and 0.0 <= self.batch_wait_ms <= 1000.0, "batch_wait_ms", "a number of milliseconds in [0, 1000]",
                  self.batch_wait_ms)
+        _require(isinstance(self.overlap_decode, bool), "overlap_decode", "True or False", self.overlap_decode)
         _require(isinstance(self.prefill_hold_ms, (int, float)) and not isinstance(self.prefill_hold_ms, bool)
                  and 0.0 <= self.prefill_hold_ms <= 10000.0, "prefill_hold_ms",
                  "a number of milliseconds in [0, 10000]", self.prefill_hold_ms)

@@ -211,15 +211,19 @@ class DecodeGraphs(_Graphs):
                 <= decode_attention.MAX_GATHER_BYTES)
 
     def run(self, input_ids: list[int], positions: list[int], slot_mapping: list[int], context_lens: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor | None:
+            block_tables: list[list[int]], input_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
         """Hidden states [B, H] of a decode-only step (one token per sequence, B <= max_num_seqs), or
-        None when its graph could not be captured (the caller runs the step its usual, unpadded way)."""
+        None when its graph could not be captured (the caller runs the step its usual, unpadded way).
+        `input_tokens` [B], on the device, replaces input_ids: a step queued before the ids it reads
+        reach the host (they are copied in stream order, after the step that samples them)."""
         num = len(input_ids)
         b = self.bucket(num)
         if b is None:
             raise ValueError(f"a decode step of {num} sequences is beyond the largest graph bucket {self.buckets[-1]}")
         width = context_bucket(max(len(t) for t in block_tables), self.max_blocks)
         self._load(num, b, input_ids, positions, slot_mapping, context_lens, block_tables, width)
+        if input_tokens is not None:
+            self.input_ids[:num].copy_(input_tokens)
         self.steps += 1
         out = self._run_shape((b, width))
         return None if out is None else out[:num]  # None: no graph, the step runs unpadded

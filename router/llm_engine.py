@@ -20,8 +20,8 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import EngineStoppedError, InvalidRequestError, StepFailedError
 from .model_runner import ModelRunner, num_kv_blocks
 from .scheduler import Scheduler
-from .sequence import (RequestMetrics, RequestOutput, SamplingParams, Sequence, check_admission, length_reached,
-                       token_stop_reason)
+from .sequence import (RequestMetrics, RequestOutput, SamplingParams, Sequence, SequenceStatus, check_admission,
+                       length_reached, token_stop_reason)
 
 
 def load(config: EngineConfig) -> tuple[Any, Any]:
@@ -66,8 +66,11 @@ class LLMEngine:
         self.lock = threading.Lock()
         # busy_us: microseconds of step time, less any wait for expert groups in other processes (the
         # backend's expert_wait_s): over a window, the share of wall time the trunk itself was busy.
+        # steps_ahead: decode steps queued before the previous step's tokens were back (look-ahead)
         self.counters = dict(steps=0, requests_added=0, prompt_tokens=0, tokens_computed=0, tokens_generated=0,
-                             requests_finished=0, busy_us=0)
+                             requests_finished=0, busy_us=0, steps_ahead=0)
+        self.overlap_decode = config.overlap_decode and self.runner.graphs is not None
+        self._inflight: tuple[Any, Any] | None = None  # (ScheduledBatch, Launched) queued ahead, not yet processed
         # Telemetry (or anything with record_step and record_queue_wait); called on the step thread
         self.observer: Any = None
 
@@ -117,11 +120,23 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
     def step(self, ready: Callable[[], None] | None = None) -> list[RequestOutput]:
         """Run one scheduled batch; outputs for every request that got a token or ended. `ready`: see
-        ModelRunner.run (not called when nothing was scheduled)."""
+        ModelRunner.run (not called when nothing was scheduled).
+
+        With look-ahead (EngineConfig.overlap_decode, where decode steps replay graphs), a decode step
+        is queued on the device before the previous step's tokens come back to the host
+        (Scheduler.next_decode), so the GPU runs it while this thread does the bookkeeping of the one
+        before; the next call processes it. A sequence that ended in between has its row dropped."""
+        ready = _once(ready)
         with self.lock:
             start = time.monotonic()
             outputs = self._expire(start)
-            batch = self.scheduler.schedule()
+            inflight, self._inflight = self._inflight, None
+            if inflight is not None and not any(s.status is SequenceStatus.RUNNING for s in inflight[0].seqs):
+                inflight = None  # every sequence in it ended meanwhile: its tokens are not needed
+            if inflight is None:
+                batch, launched = self.scheduler.schedule(), None
+            else:
+                batch, launched = inflight
             waits = [start - s.arrival_time for s in batch.seqs if s.first_scheduled_time is None]
             for seq in batch.seqs:
                 if seq.first_scheduled_time is None:
@@ -131,8 +146,14 @@ class LLMEngine:
         backend = getattr(self.model, "experts_backend", None)
         waited = getattr(backend, "expert_wait_s", 0.0)
         try:
-            sampled = self.runner.run(batch, ready)
+            if launched is None:
+                launched = self.runner.launch(batch, ready)
+            if self.overlap_decode and launched.decode_graph:
+                self._launch_ahead(batch, launched)
+            ready()
+            sampled = launched.result()
         except Exception as exc:
+            self._inflight = None
             with self.lock:
                 failed = [s.request_id for s in batch.seqs if self.requests.get(s.request_id) is s]
                 for rid in failed:
@@ -151,6 +172,22 @@ class LLMEngine:
             for wait in waits:
                 self.observer.record_queue_wait(wait)
         return outputs
+
+    def _launch_ahead(self, batch, launched) -> None:
+        """Queue the decode step after `batch` (still on the device) when the scheduler says it is
+        the one that follows (Scheduler.next_decode); it becomes the next call's step."""
+        with self.lock:
+            nxt = self.scheduler.next_decode(batch)
+        if nxt is None:
+            return
+        rows = None
+        if len(nxt.seqs) != len(batch.seqs):
+            index = {id(s): i for i, s in enumerate(batch.seqs)}
+            rows = [index[id(s)] for s in nxt.seqs]
+        ahead = self.runner.launch_next(nxt, launched, rows)
+        if ahead is not None:
+            self._inflight = (nxt, ahead)
+            self.counters["steps_ahead"] += 1
 
     def _on_token(self, seq: Sequence, now: float) -> RequestOutput:
         token = seq.token_ids[-1]
@@ -220,6 +257,18 @@ class LLMEngine:
                 preemptions=self.scheduler.num_preemptions,
                 **self.counters,
             )
+
+
+def _once(fn: Callable[[], None] | None) -> Callable[[], None]:
+    """fn, callable any number of times but run at most once (a no-op for None)."""
+    done = fn is None
+
+    def call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            fn()
+    return call
 
 
 def _max_model_len(config: EngineConfig, model_max: int, num_blocks: int) -> int:

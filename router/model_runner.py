@@ -81,11 +81,11 @@ def flatten(batch: ScheduledBatch, block_size: int, tables: bool = True) -> Flat
     """Lay out the scheduled chunks back to back: each sequence's tokens [computed, computed + n)."""
     bs = block_size
     flat = FlatBatch([], [], [], [], [], [])
-    for seq, n, samples in zip(batch.seqs, batch.num_new_tokens, batch.sample_flags):
-        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-        flat.input_ids.extend(seq.token_ids[start:end])
+    for n, samples, start, chunk, table in zip(batch.num_new_tokens, batch.sample_flags, batch.starts, batch.chunks,
+                                              batch.tables):
+        end = start + n
+        flat.input_ids.extend(chunk)
         flat.positions.extend(range(start, end))
-        table = seq.block_table
         pos = start
         while pos < end:  # one range per block touched, not one Python step per token
             lo = pos % bs
@@ -97,8 +97,8 @@ def flatten(batch: ScheduledBatch, block_size: int, tables: bool = True) -> Flat
         if samples:
             flat.sample_rows.append(len(flat.input_ids) - 1)
     if tables:  # padded block tables (the graph path takes the sequences' own)
-        width = max((len(s.block_table) for s in batch.seqs), default=0)
-        flat.block_tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+        width = max(map(len, batch.tables), default=0)
+        flat.block_tables = [t + [0] * (width - len(t)) for t in batch.tables]
     return flat
 
 
@@ -189,14 +189,52 @@ class ModelRunner:
         """Forward the batch; one sampled token per sequence that reaches its last token, in batch order.
 
         `ready` (called once) marks where this thread stops needing the interpreter for a while: after
-        a decode graph's replay and the sampler are queued, when only the wait for the GPU is left; at
-        the start of an eager step, whose launching is the step's CPU work anyway. AsyncEngine hands the
+        a graph's replay and the sampler are queued, when only the wait for the GPU is left; at the
+        start of an eager step, whose launching is the step's CPU work anyway. AsyncEngine hands the
         previous step's outputs to the event loop there, so the loop streams them while the GPU runs
         instead of contending for the GIL with this step's launches."""
+        launched = self.launch(batch, ready)
+        if launched.graphed and ready is not None:
+            ready()
+        return launched.result()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, ready: Callable[[], None] | None = None) -> "Launched":
+        """Queue the batch's forward and sampling; the tokens stay on the device (Launched.result).
+        `ready` as in run(), but called here only for an eager step (at its start): after a graph
+        step the caller calls it, once it has queued what it wants to queue."""
         if self._pin:  # on cuda:N, N the current device of the step's thread (graph replay, event, streams)
             with torch.cuda.device(self.device):
-                return self._run(batch, ready)
-        return self._run(batch, ready)
+                return self._launch(batch, ready)
+        return self._launch(batch, ready)
+
+    @torch.inference_mode()
+    def launch_next(self, batch: ScheduledBatch, prev: "Launched", rows: list[int] | None) -> "Launched | None":
+        """Queue the decode step after `prev` (Scheduler.next_decode's batch) behind it on the device:
+        its input ids are prev's sampled ids, rows `rows` of them (None: all), copied device to device,
+        so the host never waits between the two steps. None when no decode graph runs it (the step is
+        then scheduled the usual way once prev is back)."""
+        if self.graphs is None or not self.graphs.supports(len(batch.seqs), max(map(len, batch.tables))):
+            return None
+        if self._pin:
+            with torch.cuda.device(self.device):
+                return self._launch_next(batch, prev, rows)
+        return self._launch_next(batch, prev, rows)
+
+    def _launch_next(self, batch: ScheduledBatch, prev: "Launched", rows: list[int] | None) -> "Launched | None":
+        bs = self.block_size
+        positions = batch.starts
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(batch.tables, positions)]
+        ids = prev.tokens if rows is None else prev.tokens.index_select(0, self._to_device(rows, torch.int64))
+        hidden = self.graphs.run([0] * len(positions), positions, slots, [p + 1 for p in positions], batch.tables,
+                                 input_tokens=ids)
+        if hidden is None:
+            return None
+        return Launched(self._sample(hidden, batch.seqs), graphed=True, decode_graph=True)
+
+    def _sample(self, hidden: torch.Tensor, seqs: list) -> torch.Tensor:
+        logits = self.model.compute_logits(hidden)
+        return self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
 
     def _run_prompts(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """A step of first chunks through the prompt graphs: (hidden states of the padded step, the
@@ -219,7 +257,7 @@ class ModelRunner:
         (None, None) when its graph could not be captured."""
         flat = flatten(batch, self.block_size, tables=False)
         hidden = self.graphs.run(flat.input_ids, flat.positions, flat.slot_mapping, flat.context_lens,
-                                 [s.block_table for s in batch.seqs])
+                                 batch.tables)
         return (None, None) if hidden is None else (hidden, self._to_device(flat.sample_rows, torch.int64))
 
     def _graphed(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -229,7 +267,7 @@ class ModelRunner:
         slots they write and read, are disjoint). A step with a later prompt chunk in it runs eagerly."""
         if self.graphs is None or not batch.seqs:
             return None, None
-        fresh = [s.num_computed_tokens == 0 for s in batch.seqs]
+        fresh = [start == 0 for start in batch.starts]
         decode = [n == 1 and not f for n, f in zip(batch.num_new_tokens, fresh)]
         prompts = [i for i, f in enumerate(fresh) if f]
         decodes = [i for i, d in enumerate(decode) if d]
@@ -237,7 +275,7 @@ class ModelRunner:
             return None, None
         if prompts and not self.prompts.supports(len(prompts), max(batch.num_new_tokens[i] for i in prompts)):
             return None, None
-        if decodes and not self.graphs.supports(len(decodes), max(len(batch.seqs[i].block_table) for i in decodes)):
+        if decodes and not self.graphs.supports(len(decodes), max(len(batch.tables[i]) for i in decodes)):
             return None, None
         if not decodes:
             return self._run_prompts(batch)
@@ -245,9 +283,7 @@ class ModelRunner:
             return self._run_decodes(batch)
         parts = []
         for rows, run in ((prompts, self._run_prompts), (decodes, self._run_decodes)):
-            hidden, sample_rows = run(ScheduledBatch([batch.seqs[i] for i in rows],
-                                                     [batch.num_new_tokens[i] for i in rows],
-                                                     [batch.sample_flags[i] for i in rows]))
+            hidden, sample_rows = run(batch.subset(rows))
             if hidden is None:  # the eager step then rewrites the same KV, harmlessly
                 return None, None
             parts.append(hidden.index_select(0, sample_rows))
@@ -258,7 +294,7 @@ class ModelRunner:
         at = {i: k for k, i in enumerate(source)}
         return torch.cat(parts), self._to_device([at[i] for i in sampled], torch.int64)
 
-    def _run(self, batch: ScheduledBatch, ready: Callable[[], None] | None) -> list[int]:
+    def _launch(self, batch: ScheduledBatch, ready: Callable[[], None] | None) -> "Launched":
         hidden, sample_rows = self._graphed(batch)
         graphed = hidden is not None
         if not graphed:
@@ -267,11 +303,31 @@ class ModelRunner:
             input_ids, positions, attn, sample_rows = self.prepare(batch)
             hidden = self.model.forward(input_ids, positions, attn)
         sampling = [s for s, f in zip(batch.seqs, batch.sample_flags) if f]
-        if sampling:
-            logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
-            tokens = self.sampler(logits, [s.params for s in sampling], [s.generator for s in sampling])
-        if graphed and ready is not None:
-            ready()
-        if not sampling:
+        tokens = self._sample(hidden.index_select(0, sample_rows), sampling) if sampling else None
+        decode = graphed and all(n == 1 for n in batch.num_new_tokens) and all(batch.sample_flags) and all(batch.starts)
+        return Launched(tokens, graphed=graphed, decode_graph=decode)
+
+
+class Launched:
+    """A step queued on the device. Its sampled ids are copied to pinned host memory behind it, with
+    an event, so that result() waits for this step alone and not for a step queued after it."""
+
+    def __init__(self, tokens: torch.Tensor | None, graphed: bool, decode_graph: bool):
+        self.tokens = tokens  # [N] one per sampling sequence, in batch order; None when none samples
+        self.graphed = graphed  # replayed CUDA graphs (or their padded eager twin)
+        self.decode_graph = decode_graph  # decode-only, through the decode graphs: the next decode may queue behind it
+        self._host = self._event = None
+        if tokens is not None and tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> list[int]:
+        """The sampled ids on the host: the step's one wait for the device (GIL released)."""
+        if self.tokens is None:
             return []
-        return tokens.tolist()  # the step's one host sync (torch waits for the GPU with the GIL released)
+        if self._event is None:
+            return self.tokens.tolist()
+        self._event.synchronize()
+        return self._host.tolist()

@@ -31,7 +31,7 @@ class Sampler:
             return greedy_ids
         n, vocab = logits.shape
         dev = logits.device
-        temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=dev, dtype=logits.dtype)
+        temps = _small([p.temperature if not p.greedy else 1.0 for p in params], logits.dtype, dev)
         scaled = logits / temps.unsqueeze(1)
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params if not p.greedy):
             scaled = _top_k_top_p(scaled, params, vocab)
@@ -42,21 +42,29 @@ class Sampler:
             q.exponential_(generator=self.generator)
         else:
             if unseeded:
-                idx = torch.tensor(unseeded, device=dev)
+                idx = _small(unseeded, torch.int64, dev)
                 q[idx] = torch.empty((len(unseeded), vocab), device=dev, dtype=q.dtype).exponential_(generator=self.generator)
             for i, g in enumerate(generators):
                 if g is not None:
                     q[i].exponential_(generator=g)
         sampled = (probs / q.clamp_min_(1e-20)).argmax(dim=-1)
-        greedy = torch.tensor([p.greedy for p in params], device=dev)
+        greedy = _small([p.greedy for p in params], torch.bool, dev)
         return torch.where(greedy, greedy_ids, sampled)
+
+
+def _small(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-row tensor on the device. On CUDA through pinned memory, without blocking: a plain
+    copy waits for the device, and with it for any step queued ahead (LLMEngine's look-ahead)."""
+    if device.type != "cuda":
+        return torch.tensor(data, dtype=dtype, device=device)
+    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams], vocab: int) -> torch.Tensor:
     """Mask to -inf every token outside each row's top-k and top-p nucleus (the top token always stays)."""
     dev = logits.device
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=logits.dtype)
+    top_k = _small([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.int64, dev)
+    top_p = _small([p.top_p for p in params], logits.dtype, dev)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=dev).unsqueeze(0)
     drop = ranks >= top_k.unsqueeze(1)

@@ -39,17 +39,44 @@ from .sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    """The sequences of one step, in batch order, with how many new tokens each runs."""
+    """The sequences of one step, in batch order, with how many new tokens each runs.
+
+    What the step reads of each sequence (where its chunk starts, the chunk's token ids, its block
+    table) is copied here when it is scheduled, under the engine's lock: the step runs without the
+    lock, and a cancel meanwhile frees the sequence's blocks and empties its table."""
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     sample_flags: list[bool] = field(default_factory=list)  # reaches its last token, so samples the next
     preempted: list[Sequence] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # position of each chunk's first token
+    chunks: list[list[int]] = field(default_factory=list)  # each chunk's token ids (empty: read ahead)
+    tables: list[list[int]] = field(default_factory=list)  # each sequence's block table
 
     def add(self, seq: Sequence, n: int) -> None:
+        start = seq.num_computed_tokens
+        self._add(seq, n, start + n == len(seq), start, seq.token_ids[start:start + n])
+
+    def add_ahead(self, seq: Sequence) -> None:
+        """A decode of the token a pending step samples for seq (at position len(seq); its id is not
+        known on the host yet: Scheduler.next_decode)."""
+        self._add(seq, 1, True, len(seq), [])
+
+    def _add(self, seq: Sequence, n: int, samples: bool, start: int, chunk: list[int]) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(n)
-        self.sample_flags.append(seq.num_computed_tokens + n == len(seq))
+        self.sample_flags.append(samples)
+        self.starts.append(start)
+        self.chunks.append(chunk)
+        self.tables.append(list(seq.block_table))
+
+    def subset(self, rows: list[int]) -> "ScheduledBatch":
+        """These rows of the batch, in this order, as a batch of their own."""
+        part = ScheduledBatch()
+        for name in ("seqs", "num_new_tokens", "sample_flags", "starts", "chunks", "tables"):
+            values = getattr(self, name)
+            setattr(part, name, [values[i] for i in rows])
+        return part
 
     @property
     def num_tokens(self) -> int:
@@ -169,6 +196,32 @@ class Scheduler:
             batch.add(seq, n)
             budget -= n
         return batch
+
+    def next_decode(self, batch: ScheduledBatch) -> ScheduledBatch | None:
+        """The decode step that follows `batch` (a decode-only step whose sampled tokens are not back
+        yet), for its sequences that go on: what schedule() would give once they are, when nothing
+        else would join or change it. LLMEngine launches it before `batch`'s tokens reach the host.
+
+        None when the next step could differ: a sequence of `batch` ended or was preempted, prompts
+        wait that would be admitted (not held back), or a sequence would need a block that is not free
+        (no preemption here). A sequence whose token from `batch` reaches its max_tokens is left out;
+        one that ends otherwise (EOS, a stop) is only known later, and its row is then dropped. Each
+        sequence's block table grows to cover the token it will read (position len(seq))."""
+        if (not batch or any(n != 1 for n in batch.num_new_tokens) or not all(batch.sample_flags)
+                or batch.preempted or (self.waiting and not self._hold_prompts())):
+            return None
+        if len(self.running) != len(batch.seqs) or any(s.status is not SequenceStatus.RUNNING for s in batch.seqs):
+            return None
+        going = [s for s in batch.seqs if s.num_completion_tokens + 1 < s.params.max_tokens]
+        bm = self.block_manager
+        if not going or sum(bm.blocks_missing(s, 1) for s in going) > bm.num_free_blocks:
+            return None
+        self._step += 1
+        nxt = ScheduledBatch()
+        for seq in going:
+            bm.append(seq, 1)
+            nxt.add_ahead(seq)
+        return nxt
 
     def _hold_prompts(self) -> bool:
         """Whether this step leaves the waiting prompts out so that it stays decodes alone (see the

@@ -50,6 +50,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true",
                    help="decode without CUDA graphs (by default, on a GPU with the experts in the trunk's process, "
                         "decode steps replay captured graphs)")
+    g.add_argument("--no-overlap-decode", dest="overlap_decode", action="store_false",
+                   help="wait for each decode step's tokens before queuing the next (by default, where decode steps "
+                        "replay graphs, the next one is queued on the GPU first)")
     g.add_argument("--expert-groups", type=int, default=0, metavar="N",
                    help="run the routed experts in N expert groups (default 0: inside the trunk's process)")
     g.add_argument("--trunk-worker", action="store_true",
@@ -136,6 +139,7 @@ def engine_config(args: argparse.Namespace, control_plane=None):
         decode_graphs="off" if getattr(args, "enforce_eager", False) else "auto",
         batch_wait_ms=getattr(args, "batch_wait_ms", 20.0),
         prefill_hold_ms=getattr(args, "prefill_hold_ms", 50.0),
+        overlap_decode=getattr(args, "overlap_decode", True),
     )
 
 
