@@ -53,9 +53,10 @@ class EngineConfig:
     # waits for the rest of the burst, at most this long after the first of them (0: never waits).
     batch_wait_ms: float = 20.0
     # Prompts arriving while decodes run wait for a prefill step of their own, at most this long after
-    # the first of them, so that the decode steps in between replay CUDA graphs (router/scheduler.py;
-    # only where decode graphs run; 0: a prompt joins the next step, which then runs eagerly).
-    prefill_hold_ms: float = 50.0
+    # the first of them, so that more of the decode steps in between are decodes alone (router/scheduler.py;
+    # only where decode graphs run). 0 (the default): a prompt joins the next step. A hold trades TTFT
+    # for TPOT under steady arrivals (docs/benchmarks.md).
+    prefill_hold_ms: float = 0.0
     # Where decode steps replay graphs, queue each decode step on the device before the previous
     # step's tokens are back on the host, so the GPU does not wait for the host's bookkeeping
     # (LLMEngine.step; `moeserve serve --no-overlap-decode` turns it off).

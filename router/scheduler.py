@@ -16,13 +16,14 @@ steps (CUDA graphs), instead of a third, mixed step of 63 decodes and the last 3
 eagerly (on an H200: 72-203 ms against ~19 ms for a graphed step; with the deferral Qwen3-30B-A3B
 at batch 64 went from 2376-2467 to 2811 output tokens/s, docs/benchmarks.md).
 
-Prompts arriving while decodes run are held back for up to `prefill_hold_s` (EngineConfig's
-prefill_hold_ms; only where decode-only steps replay CUDA graphs): a step that reads a prompt runs
-eagerly, and under a steady stream of arrivals every step would otherwise be one (on an H200, a
-Poisson stream of 20 requests/s put every running request's decode at 46-52 ms a token, against
-13-21 ms in closed loop at batch 64). Held prompts are admitted together once the oldest has waited
+Prompts arriving while decodes run may be held back for up to `prefill_hold_s` (EngineConfig's
+prefill_hold_ms, 0 by default; only where decode-only steps replay CUDA graphs), so that under a
+steady stream of arrivals fewer steps carry a prompt beside the decodes: every running request's
+next token waits for such a step. Held prompts are admitted together once the oldest has waited
 that long, or at once when they fill a step's sequence slots or token budget, when no decode is
-running, or when the step reads a prompt anyway (a running prefill chunk).
+running, or when the step reads a prompt anyway (a running prefill chunk). The hold was worth 15-53%
+of TPOT when such steps ran eagerly; since they replay graphs it trades TTFT for TPOT more evenly
+(docs/benchmarks.md), so it is off unless asked for.
 """
 
 from __future__ import annotations
