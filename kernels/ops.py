@@ -25,6 +25,7 @@ __all__ = [
     "grouped_topk",
     "load_experts",
     "paged_decode_attention",
+    "paged_prefill_attention",
     "quantize_experts",
     "rms_norm",
     "rope_and_cache",
@@ -37,7 +38,7 @@ __all__ = [
 # Triton kernels an operator has switched off (comma-separated module names, e.g. "norm_rope"): those
 # ops run the reference on CUDA too. For isolating a suspected kernel fault without a new build.
 DISABLED = frozenset(filter(None, (n.strip() for n in os.environ.get("MOESERVE_DISABLE_KERNELS", "").split(","))))
-KERNEL_MODULES = ("fused_moe", "gating", "decode_attention", "norm_rope")
+KERNEL_MODULES = ("fused_moe", "gating", "decode_attention", "prefill_attention", "norm_rope")
 ROUTER_GEMV_MAX_TOKENS = 16  # the router's logits in one Triton launch up to here (decode), cuBLAS beyond
 if DISABLED - set(KERNEL_MODULES):
     raise ValueError(f"MOESERVE_DISABLE_KERNELS names unknown kernels {sorted(DISABLED - set(KERNEL_MODULES))}; "
@@ -147,6 +148,37 @@ def decode_attention_in_place(device: torch.device) -> bool:
     """Whether paged_decode_attention reads the cache in place on this device (the kernel) rather than
     gathering contexts into padded tensors (the reference, on CPU or with the kernel switched off)."""
     return device.type == "cuda" and "decode_attention" not in DISABLED
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Prompt chunks (any cached prefix) over their paged KV cache; see kernels/reference.py."""
+    if _on_gpu(q, "prefill_attention"):
+        from . import prefill_attention
+
+        return prefill_attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_lens,
+                                                         context_lens, scale, sliding_window)
+    return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale,
+                                             sliding_window)
+
+
+def prefill_attention_in_place(device: torch.device, head_dim: int, value_dim: int, num_heads: int,
+                               num_kv_heads: int) -> bool:
+    """Whether paged_prefill_attention runs the kernel for these heads on this device (reading the cache
+    in place); else the models keep their padded prefill attention (CPU, other widths, switched off)."""
+    if device.type != "cuda" or "prefill_attention" in DISABLED:
+        return False
+    from . import prefill_attention
+
+    return prefill_attention.supports(head_dim, value_dim, num_heads, num_kv_heads)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -276,6 +276,45 @@ def paged_decode_attention(
     return out.reshape(b, hq, -1).to(q.dtype)
 
 
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Prompt chunks over their paged caches, sequence by sequence: q [T, Hq, Dk] (each sequence's
+    query_lens[i] new tokens, back to back; their KV already written), caches [blocks, block_size,
+    Hk, D] -> [T, Hq, Dv] in q's dtype. Token j of sequence i's chunk is at position
+    context_lens[i] - query_lens[i] + j and sees the keys at positions up to its own (the last
+    sliding_window of them, if set); float32 scores and softmax, probabilities cast to the values'
+    dtype before the weighted sum."""
+    t, hq, _ = q.shape
+    page, hk = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty(t, hq, v_cache.shape[-1], dtype=q.dtype, device=q.device)
+    first = 0
+    for i, (q_len, ctx) in enumerate(zip(query_lens, context_lens)):
+        pos = torch.arange(ctx, device=q.device)
+        slots = block_tables[i, pos // page].long() * page + pos % page
+        keys = k_cache.reshape(-1, hk, k_cache.shape[-1])[slots].float()  # [L, Hk, Dk]
+        values = v_cache.reshape(-1, hk, v_cache.shape[-1])[slots]
+        qg = q[first:first + q_len].float().view(q_len, hk, hq // hk, -1)
+        scores = torch.einsum("tkgd,lkd->tkgl", qg, keys) * scale
+        q_pos = pos[ctx - q_len:, None]
+        visible = pos[None, :] <= q_pos
+        if sliding_window is not None:
+            visible &= pos[None, :] > q_pos - sliding_window
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        o = torch.einsum("tkgl,lkd->tkgd", probs, values)
+        out[first:first + q_len] = o.reshape(q_len, hq, -1).to(q.dtype)
+        first += q_len
+    return out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / sqrt(mean(x^2) + eps) over the last dimension, normalised in float32 and cast to
     x's dtype before the weight multiplies it (as the HF implementations do)."""

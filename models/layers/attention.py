@@ -87,6 +87,10 @@ class GQAttention(nn.Module):
             lens, longest = decode_lens(batch, device)
             return ops.paged_decode_attention(q, self.k_cache, self.v_cache, batch.block_tables, lens, self.scale,
                                               longest, self.sliding_window)
+        if ops.prefill_attention_in_place(device, self.head_dim, self.head_dim, self.num_heads, self.num_kv_heads):
+            # prefill chunks on a GPU: one kernel reading the paged cache in place, any cached prefix
+            return ops.paged_prefill_attention(q, self.k_cache, self.v_cache, batch.block_tables, batch.query_lens,
+                                               batch.context_lens, self.scale, self.sliding_window)
         key_bytes = 2 * self.num_kv_heads * self.head_dim * q.element_size()
         if padded.fits(batch, self.num_heads, key_bytes):  # prefill steps: one padded call
             keys = gather_padded(self.k_cache, batch).to(q.dtype)

@@ -17,9 +17,9 @@ PROMPT_LENS = [2, 19, 7, 33, 1, 26, 11]
 CASES = {"deepseek_v3": {}, "qwen3_moe": {}, "mixtral": {}, "mixtral-window": {"sliding_window": 6}}
 
 
-def _serve(path: str) -> tuple[dict[str, list[int]], int]:
+def _serve(path: str, **kw) -> tuple[dict[str, list[int]], int]:
     config = EngineConfig(model=path, block_size=4, num_kv_blocks=20, max_num_seqs=4, max_num_batched_tokens=16,
-                          max_model_len=64)
+                          max_model_len=64, **kw)
     engine = LLMEngine.from_config(config)
     vocab = engine.model_config.vocab_size
     got: dict[str, list[int]] = {}
@@ -108,3 +108,21 @@ def test_query_heads_of_a_kv_head_side_by_side_equal_attention_head_by_head(hq, 
     if hq != hk:
         with pytest.raises(ValueError, match=f"group={hq // hk}"):
             padded_attention.attend_padded(q, k, v, 0.3, lay, padded_attention.mask(batch, cpu, window))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", ["qwen3_moe", "mixtral", "mixtral-window"])
+def test_prefill_kernel_equals_padded_path_on_gpu(case, hf_checkpoint, monkeypatch):
+    """On a GPU the GQA prefill chunks (fresh, after a cached prefix, beside decodes) go through the
+    paged prefill kernel (kernels/prefill_attention.py): the same greedy tokens as the padded path,
+    float32, eager steps."""
+    from moeserve.kernels import ops
+
+    path = str(hf_checkpoint(case.split("-")[0], seed=3, **CASES[case]))
+    gpu = dict(device="cuda", dtype="float32", decode_graphs="off")
+    assert ops.prefill_attention_in_place(torch.device("cuda"), 16, 16, 4, 2)
+    got, preempted = _serve(path, **gpu)
+    monkeypatch.setattr(ops, "DISABLED", ops.DISABLED | {"prefill_attention"})
+    assert not ops.prefill_attention_in_place(torch.device("cuda"), 16, 16, 4, 2)
+    want, _ = _serve(path, **gpu)
+    assert preempted > 0 and got == want
