@@ -2,8 +2,8 @@
 CUDA graphs, and the top kernels of each kind of step from torch.profiler.
 
 Same random-weight models as bench_serving.py. For each model and batch size B: B requests of
---prompt-len random tokens are added at once; the prefill steps are timed, then --decode-steps pure
-decode steps with CUDA graphs, then as many eagerly. One profiled eager decode step at the largest
+--prompt-len random tokens are added at once; the prefill steps are timed one by one, then --decode-steps
+pure decode steps with CUDA graphs, then as many eagerly, each run back to back (their mean). One profiled eager decode step at the largest
 batch and one profiled prefill step give the kernel tables. Writes profile_engine.json and
 profile_engine.txt into --out-dir (default $OUT, else .).
 
@@ -57,6 +57,18 @@ def _timed_steps(engine, n: int, device: str) -> list[float]:
         engine.step()
         times.append((time.perf_counter() - t) * 1e3)
     return times
+
+
+def _steady_steps(engine, n: int, device: str) -> list[float]:
+    """n steps run back to back, as a server runs them, with one sync before and one after: [mean ms
+    per step]. Timing each step between syncs would hide the GPU time of a decode step that the engine
+    queued ahead (LLMEngine's look-ahead) outside the timed span."""
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(n):
+        engine.step()
+    _sync(device)
+    return [(time.perf_counter() - t) * 1e3 / n]
 
 
 def _kernel_table(prof, rows: int) -> str:
@@ -173,9 +185,9 @@ def profile_model(name: str, args: argparse.Namespace, report: dict, text: list[
         while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.requests.values()):
             prefill += _timed_steps(engine, 1, args.device)
         _timed_steps(engine, 2, args.device)
-        with_graphs = _timed_steps(engine, steps, args.device)
+        with_graphs = _steady_steps(engine, steps, args.device)
         saved, engine.runner.graphs = engine.runner.graphs, None
-        eager = _timed_steps(engine, steps, args.device)
+        eager = _steady_steps(engine, steps, args.device)
         if b == max(args.batches):
             with profile(activities=activities) as prof:
                 _timed_steps(engine, 1, args.device)
@@ -190,7 +202,8 @@ def profile_model(name: str, args: argparse.Namespace, report: dict, text: list[
         r[str(b)] = dict(preemptions_so_far=engine.stats()["preemptions"], prefill_steps_ms=prefill, decode_graph_ms=med(with_graphs), decode_eager_ms=med(eager),
                          decode_graph_tok_s=b / med(with_graphs) * 1e3, decode_eager_tok_s=b / med(eager) * 1e3)
         print(f"{name} batch {b}: prefill steps {[round(x) for x in prefill]} ms; decode step "
-              f"{med(with_graphs):.2f} ms with graphs, {med(eager):.2f} ms eager", flush=True)
+              f"{med(with_graphs):.2f} ms with graphs, {med(eager):.2f} ms eager (mean of {steps} back to back)",
+              flush=True)
     b = max(args.batches)
     if b > 1:
         _mixed_steps(engine, b, args, activities, r, text, name)
