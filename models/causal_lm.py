@@ -131,6 +131,9 @@ class MoECausalLM(nn.Module, abc.ABC):
         dtype = dtype or weight.dtype
         for layer in self.model.layers:
             layer.self_attn.allocate_cache(num_blocks, block_size, device, dtype)
+            warm_up = getattr(layer.self_attn, "warm_up_kernels", None)
+            if warm_up is not None:
+                warm_up()
         self.kv_block_size = block_size
         self.fuse_projections()
 

@@ -187,7 +187,8 @@ class LLMEngine:
         ahead = self.runner.launch_next(nxt, launched, rows)
         if ahead is not None:
             self._inflight = (nxt, ahead)
-            self.counters["steps_ahead"] += 1
+            with self.lock:
+                self.counters["steps_ahead"] += 1
 
     def _on_token(self, seq: Sequence, now: float) -> RequestOutput:
         token = seq.token_ids[-1]

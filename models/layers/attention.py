@@ -55,6 +55,16 @@ class GQAttention(nn.Module):
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
 
+    def warm_up_kernels(self) -> None:
+        """On a GPU, compile the prefill attention kernel now (one launch over block 0, nothing
+        written), not in the first step that needs it (Triton compiles on first use)."""
+        device = self.k_cache.device
+        if not ops.prefill_attention_in_place(device, self.head_dim, self.head_dim, self.num_heads, self.num_kv_heads):
+            return
+        q = torch.zeros(1, self.num_heads, self.head_dim, dtype=self.k_cache.dtype, device=device)
+        tables = torch.zeros(1, 1, dtype=torch.int32, device=device)
+        ops.paged_prefill_attention(q, self.k_cache, self.v_cache, tables, [1], [1], self.scale, self.sliding_window)
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
         if self.k_cache is None:
             raise RuntimeError("no KV cache: call model.allocate_kv_cache(num_blocks, block_size) first")

@@ -126,3 +126,17 @@ def test_prefill_kernel_equals_padded_path_on_gpu(case, hf_checkpoint, monkeypat
     assert not ops.prefill_attention_in_place(torch.device("cuda"), 16, 16, 4, 2)
     want, _ = _serve(path, **gpu)
     assert preempted > 0 and got == want
+
+
+@pytest.mark.parametrize("arch, layers", [("qwen3_moe", 3), ("deepseek_v3", 0)])
+def test_prefill_kernel_warmed_up_when_the_cache_is_allocated(arch, layers, hf_checkpoint, monkeypatch):
+    """Where the prefill kernel serves a GQA layer, allocating the KV cache runs it once per layer
+    (Triton compiles on first use: at start-up, not in a request's step). MLA layers do not use it."""
+    from moeserve.kernels import ops
+
+    calls = []
+    real = ops.paged_prefill_attention
+    monkeypatch.setattr(ops, "prefill_attention_in_place", lambda *a: True)
+    monkeypatch.setattr(ops, "paged_prefill_attention", lambda *a, **k: calls.append(a[4:6]) or real(*a, **k))
+    LLMEngine.from_config(EngineConfig(model=str(hf_checkpoint(arch, seed=3)), num_kv_blocks=8, block_size=4))
+    assert calls == [([1], [1])] * layers
