@@ -220,6 +220,16 @@ def build_random_model(hf: dict, device: str, dtype, seed: int):
     return model
 
 
+def add_script_args(p) -> None:
+    """The arguments profile_engine.py and routing_spread.py share: which models, where, the seed,
+    where results go, and --smoke (a tiny model on CPU: checks the script)."""
+    p.add_argument("--models", type=lambda s: s.split(","), default=list(BENCH_MODELS))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script")
+
+
 def server_facts(llm) -> dict:
     """What the server runs with, as its engine set it up (not as the bench would guess it): the
     prefill hold in force (the engine holds prompts only where decode steps are graphs), its graphs

@@ -227,17 +227,13 @@ def profile_model(name: str, args: argparse.Namespace, report: dict, text: list[
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", type=lambda s: s.split(","), default=list(bs.BENCH_MODELS))
+    bs.add_script_args(p)
     p.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",") if x], default=[1, 16, 64])
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--decode-steps", type=int, default=20)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--rows", type=int, default=25, help="kernels per profiler table")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=None)
-    p.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script")
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.device, args.batches, args.prompt_len, args.decode_steps = ["tiny"], "cpu", [1, 2], 8, 3

@@ -90,15 +90,11 @@ def measure(name: str, batch: int, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", type=lambda s: s.split(","), default=list(bs.BENCH_MODELS))
+    bs.add_script_args(p)
     p.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",")], default=[1, 64])
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--decode-steps", type=int, default=4)
     p.add_argument("--kv-gib", type=int, default=4)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=None)
-    p.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script")
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.device, args.batches, args.prompt_len, args.kv_gib = ["tiny"], "cpu", [1, 3], 16, 1
