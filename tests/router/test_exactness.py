@@ -56,11 +56,14 @@ def test_served_alone_equals_hf(case):
     assert engine.stats()["kv_blocks_used"] == 0
 
 
-def test_served_concurrently_equals_served_alone(case):
+@pytest.mark.parametrize("mode", ["off", "padded"])
+def test_served_concurrently_equals_served_alone(case, mode):
+    """mode "padded": decode and prompt steps take the fixed shapes of CUDA graphs (uncaptured on the
+    CPU), and decode steps are queued one ahead of their tokens (look-ahead decode)."""
     path, prompts, want = case
     # 40 blocks of 4 = 160 token slots for 17 sequences of up to 86 tokens: preemption is certain.
     config = EngineConfig(model=path, block_size=4, num_kv_blocks=40, max_num_seqs=8, max_num_batched_tokens=24,
-                          max_model_len=160)
+                          max_model_len=160, decode_graphs=mode)
     engine = LLMEngine.from_config(config)
     got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
     reasons: dict[str, str] = {}
@@ -86,6 +89,7 @@ def test_served_concurrently_equals_served_alone(case):
         assert step < 2000
     stats = engine.stats()
     assert stats["preemptions"] > 0, "the KV budget was meant to force preemption"
+    assert (stats["steps_ahead"] > 0) == (mode == "padded")
     assert stats["kv_blocks_used"] == 0 and stats["waiting"] == stats["running"] == 0
     for i, w in enumerate(want):
         rid = f"r{i}"
