@@ -16,9 +16,12 @@ def ckpt(tmp_path_factory):
     return checkpoint_with_tokenizer(tmp_path_factory.mktemp("engine") / "tok-ckpt")
 
 
-@pytest.fixture(scope="module")
-def engine(ckpt):
-    return LLMEngine.from_config(EngineConfig(model=str(ckpt), num_kv_blocks=128, block_size=8))
+@pytest.fixture(scope="module", params=["off", "padded"])
+def engine(ckpt, request):
+    """The engine eager, and with fixed-shape steps and look-ahead decode ("padded": the stop checks
+    then see a token while the next decode step is already queued)."""
+    return LLMEngine.from_config(EngineConfig(model=str(ckpt), num_kv_blocks=128, block_size=8,
+                                              decode_graphs=request.param))
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +133,7 @@ def test_stop_string_across_tokens(engine, greedy):
     assert out.finish_reason == "stop" and out.new_text == text[: text.find(stop)]
     assert out.new_token_ids == tokens[: len(out.new_token_ids)]
     assert stop in tok.decode(out.new_token_ids) and stop not in tok.decode(out.new_token_ids[:-1])
+    assert (engine.counters["steps_ahead"] > 0) == (engine.config.decode_graphs == "padded")
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(engine, ckpt):
