@@ -22,6 +22,7 @@ runs eagerly: that is how the CPU test suite checks everything here but the capt
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 import torch
@@ -49,7 +50,7 @@ def context_bucket(blocks: int, max_blocks: int) -> int:
     return min(width, max_blocks)
 
 
-class _Graphs:
+class _Graphs(ABC):
     """Captured CUDA graphs of fixed-shape steps, keyed by shape, sharing one memory pool and one
     capture stream: what decode and prompt graphs have in common."""
 
@@ -94,13 +95,13 @@ class _Graphs:
             self._staged = torch.cuda.Event()
             self._staged.record()
 
+    @abstractmethod
     def _forward(self, *key: int) -> torch.Tensor:
-        """The model's fixed-shape step of this shape over the static buffers (subclasses)."""
-        raise NotImplementedError
+        """The model's fixed-shape step of this shape over the static buffers."""
 
+    @abstractmethod
     def _load_padding(self, key: Any) -> None:
-        """Static buffers holding padding rows only, for a capture ahead of use (subclasses)."""
-        raise NotImplementedError
+        """Static buffers holding padding rows only, for a capture ahead of use."""
 
     def _run_shape(self, key: Any) -> torch.Tensor | None:
         """The step of this shape over the loaded buffers: eagerly without capture, else replayed from

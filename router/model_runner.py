@@ -222,12 +222,8 @@ class ModelRunner:
         return self._launch_next(batch, prev, rows)
 
     def _launch_next(self, batch: ScheduledBatch, prev: "Launched", rows: list[int] | None) -> "Launched | None":
-        bs = self.block_size
-        positions = batch.starts
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(batch.tables, positions)]
         ids = prev.tokens if rows is None else prev.tokens.index_select(0, self._to_device(rows, torch.int64))
-        hidden = self.graphs.run([0] * len(positions), positions, slots, [p + 1 for p in positions], batch.tables,
-                                 input_tokens=ids)
+        hidden, _ = self._run_decodes(batch, input_tokens=ids)
         if hidden is None:
             return None
         return Launched(self._sample(hidden, batch.seqs), graphed=True, decode_graph=True)
@@ -252,13 +248,18 @@ class ModelRunner:
         rows = [i * length + n - 1 for i, (n, f) in enumerate(zip(batch.num_new_tokens, batch.sample_flags)) if f]
         return hidden, self._to_device(rows, torch.int64)
 
-    def _run_decodes(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _run_decodes(self, batch: ScheduledBatch, input_tokens: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """A decode-only step through the decode graphs: (hidden states, the rows to sample), or
-        (None, None) when its graph could not be captured."""
+        (None, None) when its graph could not be captured. input_tokens: the ids, on the device, of a
+        look-ahead step (its chunks are empty: the ids are not on the host yet)."""
         flat = flatten(batch, self.block_size, tables=False)
-        hidden = self.graphs.run(flat.input_ids, flat.positions, flat.slot_mapping, flat.context_lens,
-                                 batch.tables)
-        return (None, None) if hidden is None else (hidden, self._to_device(flat.sample_rows, torch.int64))
+        ids = flat.input_ids if input_tokens is None else [0] * len(batch.seqs)
+        hidden = self.graphs.run(ids, flat.positions, flat.slot_mapping, flat.context_lens, batch.tables,
+                                 input_tokens=input_tokens)
+        if hidden is None or input_tokens is not None:  # a look-ahead step samples every row, in order
+            return hidden, None
+        return hidden, self._to_device(flat.sample_rows, torch.int64)
 
     def _graphed(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(hidden states, the rows of them to sample in batch order) of a step the graphs can run, else
@@ -304,8 +305,7 @@ class ModelRunner:
             hidden = self.model.forward(input_ids, positions, attn)
         sampling = [s for s, f in zip(batch.seqs, batch.sample_flags) if f]
         tokens = self._sample(hidden.index_select(0, sample_rows), sampling) if sampling else None
-        decode = graphed and all(n == 1 for n in batch.num_new_tokens) and all(batch.sample_flags) and all(batch.starts)
-        return Launched(tokens, graphed=graphed, decode_graph=decode)
+        return Launched(tokens, graphed=graphed, decode_graph=graphed and batch.decode_only)
 
 
 class Launched:

@@ -80,6 +80,13 @@ class ScheduledBatch:
         return part
 
     @property
+    def decode_only(self) -> bool:
+        """Every sequence runs its last token, one, after a cached prefix, and samples the next (a
+        prompt's one-token middle chunk does not)."""
+        return (bool(self.seqs) and all(n == 1 for n in self.num_new_tokens) and all(self.starts)
+                and all(self.sample_flags))
+
+    @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
@@ -208,8 +215,7 @@ class Scheduler:
         (no preemption here). A sequence whose token from `batch` reaches its max_tokens is left out;
         one that ends otherwise (EOS, a stop) is only known later, and its row is then dropped. Each
         sequence's block table grows to cover the token it will read (position len(seq))."""
-        if (not batch or any(n != 1 for n in batch.num_new_tokens) or not all(batch.sample_flags)
-                or batch.preempted or (self.waiting and not self._hold_prompts())):
+        if not batch.decode_only or batch.preempted or (self.waiting and not self._hold_prompts()):
             return None
         if len(self.running) != len(batch.seqs) or any(s.status is not SequenceStatus.RUNNING for s in batch.seqs):
             return None
