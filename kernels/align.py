@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .launch import empty
+from .pdl import enter, launch_args
 
 SCAN = 1024  # slots one program compares against its expert per step
 FUSED_MAX_SLOTS = 4096  # up to here each program counts every expert itself: one launch
@@ -71,8 +72,10 @@ def _histogram(ids_ptr, base, S, E, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["S", "E"])
-def _count_kernel(ids_ptr, chunk_counts_ptr, S, E, CHUNK: tl.constexpr, SCAN: tl.constexpr, E_PAD: tl.constexpr):
+def _count_kernel(ids_ptr, chunk_counts_ptr, S, E, CHUNK: tl.constexpr, SCAN: tl.constexpr, E_PAD: tl.constexpr,
+                  PDL: tl.constexpr):
     """Pairs per expert of one chunk of slots."""
+    enter(PDL)
     c = tl.program_id(0)
     total = tl.zeros([E_PAD], dtype=tl.int32)
     for s0 in range(0, CHUNK, SCAN):
@@ -84,10 +87,11 @@ def _count_kernel(ids_ptr, chunk_counts_ptr, S, E, CHUNK: tl.constexpr, SCAN: tl
 def _scatter_kernel(ids_ptr, chunk_counts_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, counts_ptr,
                     S, E, num_chunks, max_padded,
                     FUSED: tl.constexpr, SCAN: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr,
-                    NC_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_BLOCK: tl.constexpr):
+                    NC_PAD: tl.constexpr, BLOCK_M: tl.constexpr, TAIL_BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (e < E, c) places expert e's slots of chunk c (stable; FUSED: one chunk, every slot) and,
     for c == 0, its padding and its blocks; program (E, 0) fills everything past the used length and
     writes the totals."""
+    enter(PDL)
     e = tl.program_id(0)
     c = tl.program_id(1)
     bins = tl.arange(0, E_PAD)
@@ -166,10 +170,10 @@ def align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> 
     if not fused:
         chunk_counts = empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
         _count_kernel[(num_chunks,)](ids, chunk_counts, s, num_experts, CHUNK=CHUNK, SCAN=SCAN, E_PAD=e_pad,
-                                     num_warps=4)
+                                     num_warps=4, **launch_args(ids))
     _scatter_kernel[(num_experts + 1, num_chunks)](
         ids, chunk_counts, sorted_ids, block_expert, num_padded, counts, s, num_experts, num_chunks, max_padded,
         FUSED=fused, SCAN=SCAN, CHUNK=CHUNK, E_PAD=e_pad, NC_PAD=triton.next_power_of_2(num_chunks), BLOCK_M=block_m,
-        TAIL_BLOCK=TAIL_BLOCK, num_warps=4,
+        TAIL_BLOCK=TAIL_BLOCK, num_warps=4, **launch_args(ids),
     )
     return Alignment(sorted_ids, block_expert, num_padded, counts, block_m, s)

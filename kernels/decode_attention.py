@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .launch import empty
+from .pdl import enter, launch_args
 
 TARGET_PROGRAMS = 264  # two per multiprocessor of an H100/H200: enough to hide memory latency
 MAX_SPLITS = 64
@@ -51,10 +52,11 @@ def _split_kernel(
     stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
     W1: tl.constexpr, W2: tl.constexpr, WV: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, V_FROM_K: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, V_FROM_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     # W1, W2, WV: the tile widths of D1, D2, DV, at least 16 (a dot's inner width); the columns past a
     # head's own width are masked off (zeros), so they add nothing to scores or outputs
+    enter(PDL)
     b = tl.program_id(0)
     hg = tl.program_id(1)
     s = tl.program_id(2)
@@ -130,10 +132,11 @@ def _split_kernel(
 def _merge_kernel(
     part_ptr, lse_ptr, out_ptr, splits,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-    DV: tl.constexpr, MAX_S: tl.constexpr, TILE_S: tl.constexpr,
+    DV: tl.constexpr, MAX_S: tl.constexpr, TILE_S: tl.constexpr, PDL: tl.constexpr,
 ):
     # one variant for every split count: the weights from all MAX_S log-sum-exps at once, then the
     # partial outputs TILE_S splits at a time (a [MAX_S, DV] tile would not fit in registers for MLA)
+    enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     lse_row = lse_ptr + b * stride_lb + h * stride_lh
@@ -223,11 +226,11 @@ def paged_decode_attention(
         lse.stride(0), lse.stride(1),
         GROUP=group, BLOCK_G=block_g, D1=d1, D2=d2, DV=dv, W1=max(16, d1), W2=max(16, d2) if d2 else 0,
         WV=max(16, dv), BLOCK_N=block_n, PAGE=page, V_FROM_K=v_from_k,
-        IEEE=q.dtype == torch.float32, num_warps=8 if big else 4, num_stages=2,
+        IEEE=q.dtype == torch.float32, num_warps=8 if big else 4, num_stages=2, **launch_args(q),
     )
     _merge_kernel[(b, hq)](
         part, lse, out, splits,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        DV=dv, MAX_S=MAX_SPLITS, TILE_S=16, num_warps=4,
+        DV=dv, MAX_S=MAX_SPLITS, TILE_S=16, num_warps=4, **launch_args(part),
     )
     return out

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 from .align import Alignment, align_block_size, counting_plan
 from .configs import GemmConfig, MoeConfig, get_config
 from .launch import empty, interpreting
+from .pdl import enter, launch_args
 from .weights import ExpertWeights
 
 FP8_GROUP = 128  # activation and weight scale block along K (DeepSeek-V3)
@@ -68,8 +69,9 @@ def _quantize_group(x, INTERPRET: tl.constexpr):
 
 @triton.jit(do_not_specialize=["R"])
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, R, K, stride_x, stride_q, stride_s,
-                      INTERPRET: tl.constexpr, BLOCK_R: tl.constexpr):
+                      INTERPRET: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
     """x [R, K] -> e4m3 q [R, K] and scales s [R, cdiv(K, 128)], one 128-wide group per program column."""
+    enter(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * 128 + tl.arange(0, 128)
     ok = (rows < R)[:, None] & (cols < K)[None, :]
@@ -119,7 +121,7 @@ def _moe_gemm_kernel(
     A_BY_TOKEN: tl.constexpr, GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, QUANT: tl.constexpr,
     INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, PER_SLOT: tl.constexpr, A_FP8: tl.constexpr,
     TMA_A: tl.constexpr, TMA_B: tl.constexpr, SWAP_AB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
 ):
     """C = A @ B[e].T over one BLOCK_M run of expert e; N output columns (I when GATED: the up rows
     sit N rows below the gate rows), K the reduction length. PER_SLOT: block m is slot m alone.
@@ -129,6 +131,7 @@ def _moe_gemm_kernel(
     its rows are the block's own (the down GEMM), tiles [BLOCK_M, BLOCK_K]. Reads past K are zeros;
     A's rows past the run are padding whose products are never stored. SWAP_AB: C.T = B[e] @ A.T is
     accumulated instead (see _dot), and transposed back for the epilogue."""
+    enter(PDL)
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_pid_n
@@ -250,8 +253,9 @@ def _moe_gemm_kernel(
 
 @triton.jit(do_not_specialize=["E"])
 def _combine_kernel(y_ptr, ids_ptr, out_ptr, H, E, stride_y, stride_o,
-                    K: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+                    K: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
     """out[t] = sum of y[t*K + j] over the slots j whose expert is held here."""
+    enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs < H
@@ -302,7 +306,8 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = empty(r, triton.cdiv(k, FP8_GROUP), dtype=torch.float32, device=x.device)
     block_r = 16
     _act_quant_kernel[(triton.cdiv(r, block_r), triton.cdiv(k, FP8_GROUP))](
-        x, q, s, r, k, x.stride(0), q.stride(0), s.stride(0), INTERPRET=interpreting(), BLOCK_R=block_r, num_warps=4)
+        x, q, s, r, k, x.stride(0), q.stride(0), s.stride(0), INTERPRET=interpreting(), BLOCK_R=block_r, num_warps=4,
+        **launch_args(x))
     return q, s
 
 
@@ -343,7 +348,7 @@ def _gemm(a, b, c, scale, topk_w, plan: SlotPlan, n, k, gate_scale_rows, cfg: Ge
         INTERPRET=interpreting(), EVEN_K=k % cfg.block_k == 0, PER_SLOT=runs is None, A_FP8=a_scale is not None,
         TMA_A=a_desc is not None, TMA_B=b_desc is not None, SWAP_AB=cfg.swap_ab,
         BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(a),
     )
 
 
@@ -379,7 +384,7 @@ def combine(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, dtype: to
     block_h = min(1024, triton.next_power_of_2(h))
     _combine_kernel[(t, triton.cdiv(h, block_h))](
         y, topk_ids, out, h, num_experts, y.stride(0), out.stride(0),
-        K=top_k, BLOCK_H=block_h, INTERPRET=interpreting(), num_warps=4,
+        K=top_k, BLOCK_H=block_h, INTERPRET=interpreting(), num_warps=4, **launch_args(y),
     )
     return out
 

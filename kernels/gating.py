@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .launch import empty
+from .pdl import enter, launch_args
 from .ops import ROUTER_GEMV_MAX_TOKENS
 
 ONE_TOKEN_BLOCKS_MAX = 64  # token counts up to this get one program (and few warps) per token
@@ -29,8 +30,9 @@ def _topk_launch(t: int, block_e: int) -> tuple[int, int]:
 
 @triton.jit
 def _router_logits_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_x, stride_w, stride_o,
-                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     """out[t, e] = sum over h of x[t, h] * w[e, h] in float32; BLOCK_E experts of every token per program."""
+    enter(PDL)
     es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     ts = tl.arange(0, BLOCK_T)
     hs = tl.arange(0, BLOCK_H)
@@ -65,7 +67,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     block_h = max(64, min(1024, 4096 // (block_t * block_e)))
     _router_logits_kernel[(triton.cdiv(e, block_e),)](
         x, weight, out, t, e, h, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=block_h, num_warps=4,
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=block_h, num_warps=4, **launch_args(x),
     )
     return out
 
@@ -75,7 +77,9 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _softmax_topk_kernel(
     logits_ptr, weights_ptr, ids_ptr, T, E, stride_t,
     K: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    enter(PDL)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     row_ok = rows < T
@@ -122,7 +126,7 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch
     _softmax_topk_kernel[(triton.cdiv(t, block_t),)](
         logits, weights, ids, t, e, logits.stride(0),
         K=k, RENORM=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k),
-        num_warps=warps,
+        num_warps=warps, **launch_args(logits),
     )
     return weights, ids
 
@@ -132,8 +136,9 @@ def _grouped_topk_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, T, E, stride_t, scaling,
     K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    enter(PDL)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     row_ok = rows < T
@@ -239,6 +244,6 @@ def grouped_topk(
         K=k, N_GROUP=n_group, TOPK_GROUP=topk_group, GROUP_SIZE=e // n_group,
         SIGMOID=scoring == "sigmoid", HAS_BIAS=correction_bias is not None, RENORM=renormalize,
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_G=triton.next_power_of_2(n_group),
-        BLOCK_K=triton.next_power_of_2(k), num_warps=warps,
+        BLOCK_K=triton.next_power_of_2(k), num_warps=warps, **launch_args(logits),
     )
     return weights, ids

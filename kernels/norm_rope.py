@@ -16,13 +16,15 @@ import triton
 import triton.language as tl
 
 from .launch import empty
+from .pdl import enter, launch_args
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, r_ptr, sum_ptr, rows, stride_x, stride_r, eps, D: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ADD: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
     """out = RMSNorm(x) * w; ADD: x + r first (rounded to x's dtype, as torch adds), the sum also
     written to sum_ptr (the residual stream's next value)."""
+    enter(PDL)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
     r_ok = r < rows
@@ -56,7 +58,8 @@ def _launch_norm(x2, weight, out, eps, residual=None, total=None) -> None:
     add = residual is not None
     _rms_norm_kernel[(triton.cdiv(rows, block_r),)](
         x2, weight, out, residual if add else x2, total if add else out, rows, x2.stride(0),
-        residual.stride(0) if add else 0, eps, D=d, BLOCK_R=block_r, BLOCK_D=block_d, ADD=add, num_warps=warps)
+        residual.stride(0) if add else 0, eps, D=d, BLOCK_R=block_r, BLOCK_D=block_d, ADD=add, num_warps=warps,
+        **launch_args(x2))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -82,7 +85,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 @triton.jit
 def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, stride_xt, stride_xh, stride_ct,
-                   HALF: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                   HALF: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                   PDL: tl.constexpr):
+    enter(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     i = tl.arange(0, BLOCK_HALF)
@@ -119,7 +124,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     block_h = max(1, min(triton.next_power_of_2(heads), 2048 // block_half))
     _rotary_kernel[(t, triton.cdiv(heads, block_h))](x, cos, sin, out, heads, x.stride(0), x.stride(1), cos.stride(0),
                                                     HALF=half, INTERLEAVED=interleaved, BLOCK_H=block_h,
-                                                    BLOCK_HALF=block_half, num_warps=4)
+                                                    BLOCK_HALF=block_half, num_warps=4, **launch_args(x))
     return out
 
 
@@ -157,10 +162,11 @@ def _norm_rope_heads(row, stride_h, heads, hb, w_ptr, c, s, eps, NORM: tl.conste
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr, kc_ptr, vc_ptr, slot_ptr,
                        hq, hk, q_blocks, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
                        eps, NORM: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                       BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
     """Token t (axis 0); axis 1: q_blocks blocks of query heads, then blocks of key/value heads.
     Queries: normed, rotated, written to q_out [T, hq, D]. Keys: normed, rotated, written at the
     token's cache slot; values copied there. Caches [slots, hk, D] contiguous."""
+    enter(PDL)
     t = tl.program_id(0)
     j = tl.program_id(1)
     i = tl.arange(0, BLOCK_HALF)
@@ -217,5 +223,6 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     _rope_cache_kernel[(t, q_blocks + triton.cdiv(hk, block_h))](
         q, k, v, q_weight if norm else q, k_weight if norm else k, cos, sin, out, k_cache, v_cache, slot_mapping,
         hq, hk, q_blocks, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
-        eps, NORM=norm, HALF=half, INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4)
+        eps, NORM=norm, HALF=half, INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4,
+        **launch_args(q))
     return out

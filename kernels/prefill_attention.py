@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .launch import empty
+from .pdl import enter, launch_args
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -39,8 +40,9 @@ def _prefill_kernel(
     stride_tb,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
+    enter(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP
@@ -162,6 +164,6 @@ def paged_prefill_attention(
         out.stride(0), out.stride(1),
         GROUP=hq // hk, D=dk, DV=dv, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PAGE=page,
         IEEE=q.dtype == torch.float32,
-        num_warps=4 if max(dk, dv) <= 64 else 8, num_stages=2,
+        num_warps=4 if max(dk, dv) <= 64 else 8, num_stages=2, **launch_args(q),
     )
     return out

@@ -120,12 +120,14 @@ class LaunchRecorder:
 
         kwargs = dict(kwargs)
         warps, stages = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 2)
+        kwargs.pop("launch_pdl", None)  # a launch option; the kernel's PDL constexpr is compiled as on Hopper
         params = inspect.signature(fn_self.fn).parameters
         values = dict(zip(fn_self.arg_names, args)) | kwargs
         types, consts = {}, {}
         for name, value in values.items():
             if "constexpr" in str(params[name].annotation) or value is None:
-                consts[name] = False if name == "INTERPRET" else value
+                # as a Hopper GPU launches it: not interpreting, with programmatic dependent launch
+                consts[name] = {"INTERPRET": False, "PDL": True}.get(name, value)
             elif hasattr(value, "dtype") and hasattr(value, "data_ptr"):
                 types[name] = "*" + TRITON_TYPES[str(value.dtype)]
             elif type(value).__name__ == "TensorDescriptor":  # e.g. 'tensordesc<bf16[32, 128]>'

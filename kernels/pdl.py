@@ -1,0 +1,55 @@
+"""Programmatic dependent launch (Hopper and later): a kernel may be put on the GPU while the one
+before it in the stream is still finishing, and waits inside for that kernel's writes.
+
+A decode step at batch 1 is some 600 small launches (about 13 per layer); between two dependent
+launches the GPU idles while the first kernel drains and the next one's programs are placed and set
+up. Each Triton kernel here starts with `enter(PDL)`: with PDL on it waits for the previous kernel
+(griddepcontrol.wait: all of its memory operations complete and visible) before touching any
+memory, then lets the next kernel be launched at once. Launched with `launch_pdl=True`, that wait is
+what orders it after its predecessor; launched plainly (PDL off, another kernel library, or the
+CPU interpreter), the stream orders it as usual and `enter` does nothing.
+
+The chain stays safe because every PDL kernel waits before it reads or writes: when kernel N+1
+runs past its wait, kernel N has completed, and kernel N had itself waited for N-1. Captured in a
+CUDA graph, the launches become programmatic edges and replay the same way.
+
+MOESERVE_PDL=0 launches every kernel plainly (for measuring what it brings, or ruling it out).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import interpreting
+
+
+@functools.lru_cache(maxsize=None)
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def enabled(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device launch with programmatic dependent launch."""
+    if not t.is_cuda or interpreting() or os.environ.get("MOESERVE_PDL", "1") == "0":
+        return False
+    return _capable(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+@triton.jit
+def enter(PDL: tl.constexpr):
+    """First statement of every kernel: with PDL, wait for the previous kernel, then let the next
+    one launch."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+def launch_args(t: torch.Tensor) -> dict:
+    """The keyword arguments that launch a kernel of this package for tensors on t's device."""
+    on = enabled(t)
+    return {"PDL": on, "launch_pdl": on}
