@@ -226,3 +226,73 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
         eps, NORM=norm, HALF=half, INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4,
         **launch_args(q))
     return out
+
+
+@triton.jit
+def _mla_rope_cache_kernel(q_ptr, lat_ptr, kpe_ptr, w_ptr, cos_ptr, sin_ptr, q_out_ptr, cache_ptr, slot_ptr,
+                           hq, q_blocks, stride_qt, stride_qh, stride_lt, stride_kt, stride_ct, eps,
+                           L: tl.constexpr, BLOCK_L: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
+    """Token t (axis 0); axis 1: q_blocks blocks of query heads, then one program for the token's
+    cache row. Queries' rope parts: rotated, written to q_out [T, hq, 2 * HALF]. The row: the latent
+    RMSNorm-ed (rounded as _rms_norm_kernel rounds it), then the rotated k_pe, at the token's slot of
+    the cache [slots, L + 2 * HALF]."""
+    enter(PDL)
+    t = tl.program_id(0)
+    j = tl.program_id(1)
+    i = tl.arange(0, BLOCK_HALF)
+    i_ok = i < HALF
+    dtype = q_out_ptr.dtype.element_ty
+    c = tl.load(cos_ptr + t * stride_ct + i, mask=i_ok, other=0.0).to(dtype).to(tl.float32)
+    s = tl.load(sin_ptr + t * stride_ct + i, mask=i_ok, other=0.0).to(dtype).to(tl.float32)
+    t64 = t.to(tl.int64)
+    if j < q_blocks:
+        o1, o2, h, first, second, ok = _norm_rope_heads(q_ptr + t64 * stride_qt, stride_qh, hq, j, w_ptr, c, s, eps,
+                                                        False, HALF, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+        q_dst = q_out_ptr + (t64 * hq + h[:, None]) * (2 * HALF)
+        tl.store(q_dst + first[None, :], o1.to(dtype), mask=ok)
+        tl.store(q_dst + second[None, :], o2.to(dtype), mask=ok)
+    else:
+        cache_dtype = cache_ptr.dtype.element_ty
+        row = cache_ptr + tl.load(slot_ptr + t).to(tl.int64) * (L + 2 * HALF)
+        d = tl.arange(0, BLOCK_L)
+        d_ok = d < L
+        x = tl.load(lat_ptr + t64 * stride_lt + d, mask=d_ok, other=0.0)
+        x32 = x.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / L + eps)
+        w = tl.load(w_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        y = (x32 * inv).to(x.dtype).to(tl.float32) * w
+        tl.store(row + d, y.to(w_ptr.dtype.element_ty).to(cache_dtype), mask=d_ok)
+        # (names of their own: a variable set in both branches must have one type)
+        k1, k2, _, k_first, k_second, k_ok = _norm_rope_heads(kpe_ptr + t64 * stride_kt, 0, 1, 0, w_ptr, c, s, eps,
+                                                              False, HALF, INTERLEAVED, 1, BLOCK_HALF)  # one "head"
+        tl.store(row + L + k_first[None, :], k1.to(dtype).to(cache_dtype), mask=k_ok)
+        tl.store(row + L + k_second[None, :], k2.to(dtype).to(cache_dtype), mask=k_ok)
+
+
+def mla_rope_and_cache(q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, weight: torch.Tensor, eps: float,
+                       cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> torch.Tensor:
+    """One launch for what MLA does to a step's new rows before attending: the rotary embedding of
+    the queries' rope parts q_pe [T, heads, R], and the cache row [RMSNorm(latent [T, L]) by weight,
+    rotated k_pe [T, R]] stored at slot_mapping [T] of cache [blocks, block_size, L + R]. Returns
+    the rotated q_pe [T, heads, R]; the semantics of reference.mla_rope_and_cache."""
+    t, hq, r = q_pe.shape
+    lat = latent.shape[1]
+    if not cache.is_contiguous() or cache.shape[-1] != lat + r:
+        raise ValueError(f"mla_rope_and_cache writes a contiguous cache of rows {lat} + {r} wide, "
+                         f"got {tuple(cache.shape)}")
+    q_pe, latent, k_pe = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_pe, latent, k_pe))
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = empty(t, hq, r, dtype=q_pe.dtype, device=q_pe.device)
+    if t == 0:
+        return out
+    half = r // 2
+    block_half = triton.next_power_of_2(half)
+    block_h = max(1, min(triton.next_power_of_2(hq), 2048 // block_half))
+    q_blocks = triton.cdiv(hq, block_h)
+    _mla_rope_cache_kernel[(t, q_blocks + 1)](
+        q_pe, latent, k_pe, weight, cos, sin, out, cache, slot_mapping, hq, q_blocks, q_pe.stride(0), q_pe.stride(1),
+        latent.stride(0), k_pe.stride(0), cos.stride(0), eps, L=lat, BLOCK_L=triton.next_power_of_2(lat), HALF=half,
+        INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4, **launch_args(q_pe))
+    return out

@@ -1,5 +1,5 @@
 """The one place that chooses how the kernel ops run (MoE experts, gating, paged decode attention,
-RMSNorm and rotary embeddings):
+RMSNorm and rotary embeddings, decode-size linear layers):
 Triton kernels on CUDA, the plain-torch reference elsewhere.
 
 Models and expert groups call these functions and never import a kernel or the reference directly.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 from .weights import ExpertWeights, load_experts, quantize_experts, stack_experts
@@ -23,6 +24,8 @@ __all__ = [
     "fused_experts",
     "fused_experts_quantized",
     "grouped_topk",
+    "linear",
+    "mla_rope_and_cache",
     "load_experts",
     "paged_decode_attention",
     "paged_prefill_attention",
@@ -38,8 +41,11 @@ __all__ = [
 # Triton kernels an operator has switched off (comma-separated module names, e.g. "norm_rope"): those
 # ops run the reference on CUDA too. For isolating a suspected kernel fault without a new build.
 DISABLED = frozenset(filter(None, (n.strip() for n in os.environ.get("MOESERVE_DISABLE_KERNELS", "").split(","))))
-KERNEL_MODULES = ("fused_moe", "gating", "decode_attention", "prefill_attention", "norm_rope")
+KERNEL_MODULES = ("fused_moe", "gating", "decode_attention", "prefill_attention", "norm_rope", "gemv")
 ROUTER_GEMV_MAX_TOKENS = 16  # the router's logits in one Triton launch up to here (decode), cuBLAS beyond
+# Linear layers as a Triton GEMV up to here, cuBLAS beyond: on an H200 (benchmarks/bench_gemv.py) the GEMV took
+# 0.51-0.85x cuBLAS's time at one row and 1.2-2.2x at eight (each row reduced on its own)
+LINEAR_GEMV_MAX_ROWS = 1
 if DISABLED - set(KERNEL_MODULES):
     raise ValueError(f"MOESERVE_DISABLE_KERNELS names unknown kernels {sorted(DISABLED - set(KERNEL_MODULES))}; "
                      f"choose from {', '.join(KERNEL_MODULES)}")
@@ -93,6 +99,18 @@ def fused_experts_quantized(
         return reference.fused_experts_int8(hidden, weights.w13, weights.w13_scale, weights.w2,
                                             weights.w2_scale, topk_ids, topk_weights)
     return reference.fused_experts(hidden, weights.w13, weights.w2, topk_ids, topk_weights)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [..., K]. On CUDA, up to LINEAR_GEMV_MAX_ROWS rows in bf16 or
+    fp16 run as one Triton GEMV (kernels/gemv.py); everything else, and the CPU, is F.linear itself."""
+    if _on_gpu(x, "gemv") and x.dim() >= 2 and x.numel() <= LINEAR_GEMV_MAX_ROWS * x.shape[-1]:
+        from . import gemv
+
+        x2 = x.reshape(-1, x.shape[-1])
+        if gemv.supports(x2, weight):
+            return gemv.linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -222,3 +240,16 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
                                         q_weight, k_weight, eps)
     return reference.rope_and_cache(q, k, v, cos, sin, interleaved, k_cache, v_cache, slot_mapping,
                                     q_weight, k_weight, eps)
+
+
+def mla_rope_and_cache(q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, weight: torch.Tensor, eps: float,
+                       cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> torch.Tensor:
+    """MLA's rotary embeddings, latent RMSNorm and cache write (reference.mla_rope_and_cache); one
+    launch on CUDA instead of five."""
+    if _on_gpu(q_pe, "norm_rope"):
+        from . import norm_rope
+
+        return norm_rope.mla_rope_and_cache(q_pe, latent, k_pe, weight, eps, cos, sin, interleaved, cache,
+                                            slot_mapping)
+    return reference.mla_rope_and_cache(q_pe, latent, k_pe, weight, eps, cos, sin, interleaved, cache, slot_mapping)

@@ -355,3 +355,16 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     for cache, x in ((k_cache, k), (v_cache, v)):
         cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping.to(cache.device), x.to(cache.dtype))
     return q
+
+
+def mla_rope_and_cache(q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, weight: torch.Tensor, eps: float,
+                       cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> torch.Tensor:
+    """MLA's work on a step's new rows before attending: the rotary embedding of the queries' rope
+    parts q_pe [T, heads, R]; the cache row [rms_norm(latent [T, L]), rotated k_pe [T, R]] stored at
+    slot_mapping [T] of cache [blocks, block_size, L + R] (in the cache's dtype). Returns the rotated q_pe."""
+    q_pe = apply_rotary(q_pe, cos, sin, interleaved)
+    k_pe = apply_rotary(k_pe.unsqueeze(1), cos, sin, interleaved).squeeze(1)
+    row = torch.cat([rms_norm(latent, weight, eps), k_pe], dim=-1)
+    cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping.to(cache.device), row.to(cache.dtype))
+    return q_pe

@@ -11,8 +11,9 @@ are kept, so the CPU path's results stay bit-identical to the HF oracle's.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from moeserve.kernels import ops
 
 
 class FusedLinears:
@@ -37,7 +38,7 @@ class FusedLinears:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each projection's output, in the order given (views of one [.., sum of outputs] result)."""
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return ops.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 def fuse(linears: list[nn.Linear]) -> FusedLinears | None:

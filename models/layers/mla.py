@@ -19,7 +19,8 @@ from . import padded_attention as padded
 from moeserve.kernels import ops
 
 from .decode_attention import attend_decode, batched_fits, decode_lens, decode_mask, gather_padded, is_decode_only
-from .paged_attention import attend, attend_fresh, attention_mask, gather_cache, read_slots, sequences, write_cache
+from .paged_attention import (attend, attend_fresh, attention_mask, check_block_size, gather_cache, read_slots,
+                              sequences)
 from .rotary import RotaryEmbedding, softmax_mscale
 
 
@@ -67,29 +68,35 @@ class MLAttention(nn.Module):
     def allocate_cache(self, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
         self.latent_cache = torch.zeros(num_blocks, block_size, self.cache_elements_per_token(), device=device, dtype=dtype)
 
+    def _out(self, attn: torch.Tensor) -> torch.Tensor:
+        """o_proj of the attention's output [T, heads * value width]; ops.linear: at decode sizes on a
+        GPU, a GEMV."""
+        return ops.linear(attn, self.o_proj.weight, self.o_proj.bias)
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
         if self.latent_cache is None:
             raise RuntimeError("no KV cache: call model.allocate_kv_cache(num_blocks, block_size) first")
         t = x.shape[0]
         q, kv_a = self.in_proj(x) if self.in_proj is not None else (self._q_first(x), self.kv_a_proj_with_mqa(x))
         if self.q_lora_rank is not None:
-            q = self.q_b_proj(self.q_a_layernorm(q))
+            q = ops.linear(self.q_a_layernorm(q), self.q_b_proj.weight)
         q = q.reshape(t, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = self.rotary.apply(q_pe, *rope)
         latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        k_pe = self.rotary.apply(k_pe.unsqueeze(1), *rope).squeeze(1)
-        write_cache(self.latent_cache, batch, torch.cat([self.kv_a_layernorm(latent), k_pe], dim=-1))
+        check_block_size(self.latent_cache, batch)
+        # the rope parts rotated, the latent normed and its cache row written: one kernel on a GPU
+        q_pe = ops.mla_rope_and_cache(q_pe, latent, k_pe, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, *rope,
+                                      self.rotary.interleaved, self.latent_cache, batch.slot_mapping)
 
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         split = padded.split_mixed(batch, x.device)
         if split is None:
-            return self.o_proj(self._attend(q_nope, q_pe, w_kv, batch).reshape(t, -1))
+            return self._out(self._attend(q_nope, q_pe, w_kv, batch).reshape(t, -1))
         out = torch.empty(t, self.num_heads, self.v_dim, dtype=x.dtype, device=x.device)
         for part in split:  # the decodes, then the prefill chunks, each attended its own way
             out[part.rows] = self._attend(q_nope.index_select(0, part.rows), q_pe.index_select(0, part.rows), w_kv,
                                           part.batch)
-        return self.o_proj(out.reshape(t, -1))
+        return self._out(out.reshape(t, -1))
 
     def _attend(self, q_nope, q_pe, w_kv, batch: AttentionBatch) -> torch.Tensor:
         """Queries of `batch` over the cached latents (already written) -> [T, H, v_dim]."""

@@ -22,15 +22,8 @@ def check_block_size(cache: torch.Tensor, batch: AttentionBatch) -> None:
         raise ValueError(f"batch.block_size={batch.block_size} but the KV cache was allocated with {cache.shape[1]}")
 
 
-def write_cache(cache: torch.Tensor, batch: AttentionBatch, values: torch.Tensor) -> None:
-    """Store values [T, ...] at the step's slots of cache [num_blocks, block_size, ...]."""
-    check_block_size(cache, batch)
-    flat = cache.view(-1, *cache.shape[2:])
-    flat.index_copy_(0, batch.slot_mapping.to(cache.device), values.to(cache.dtype))
-
-
 def read_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """The entries of cache [num_blocks, block_size, ...] at flat slots [N] (as write_cache addresses them)."""
+    """The entries of cache [num_blocks, block_size, ...] at flat slots [N] (as the step's slot_mapping addresses them)."""
     return cache.view(-1, *cache.shape[2:]).index_select(0, slots)
 
 

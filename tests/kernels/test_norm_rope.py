@@ -109,6 +109,14 @@ def test_compiles_for_hopper():
                  dict(NORM=norm, HALF=64, INTERLEAVED=inter, BLOCK_H=16, BLOCK_HALF=64), 4,
                  label=f"rope_and_cache norm={norm} interleaved={inter}")
              for norm, inter in ((True, False), (False, False), (False, True))]
+    jobs += [Job(mod, "_mla_rope_cache_kernel", dict(q_ptr="*bf16", lat_ptr="*bf16", kpe_ptr="*bf16", w_ptr="*bf16",
+                                                    cos_ptr="*fp32", sin_ptr="*fp32", q_out_ptr="*bf16",
+                                                    cache_ptr="*bf16", slot_ptr="*i64", eps="fp32"),
+                 dict(L=512, BLOCK_L=512, HALF=32, INTERLEAVED=inter, BLOCK_H=16, BLOCK_HALF=32), 4,
+                 label=f"mla_rope_and_cache interleaved={inter}")
+             for inter in (False, True)]
+    for job in jobs:  # launched on Hopper with programmatic dependent launch
+        job.constexprs["PDL"] = True
     assert compile_for_hopper(jobs) == {}
 
 
@@ -124,3 +132,30 @@ def test_add_rms_norm(shape, gen):
     assert torch.equal(total, want_total)
     if x.numel():
         assert rel_err(normed, want) < TOL
+
+
+@pytest.mark.parametrize("t,hq,lat,rope", [(1, 4, 32, 16), (13, 3, 48, 32), (5, 16, 512, 64)])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_mla_rope_and_cache(t, hq, lat, rope, interleaved, gen):
+    """MLA's rope parts rotated, latent normed and cache row written in one launch, against the
+    reference's separate steps: the same rotated q_pe, the same rows at the slots, every other slot
+    untouched. Inputs are views of wider projections, as the model passes them."""
+    q = (torch.randn(t, hq, 40 + rope, generator=gen, device=DEVICE) * 3).to(DTYPE)
+    kv = (torch.randn(t, 8 + lat + rope, generator=gen, device=DEVICE) * 3).to(DTYPE)
+    q_pe, latent, k_pe = q[..., 40:], kv[:, 8:8 + lat], kv[:, 8 + lat:]
+    angles = torch.rand(t, rope // 2, generator=gen, device=DEVICE) * 100
+    cos, sin = angles.cos(), angles.sin()
+    w = (torch.rand(lat, generator=gen, device=DEVICE) + 0.5).to(DTYPE)
+    blocks, block_size = 5, 4
+    slots = torch.randperm(blocks * block_size, generator=torch.Generator().manual_seed(t))[:t].to(DEVICE)
+    caches = [torch.full((blocks, block_size, lat + rope), 7.0, device=DEVICE).to(DTYPE) for _ in range(2)]
+    got = norm_rope.mla_rope_and_cache(q_pe, latent, k_pe, w, 1e-6, cos, sin, interleaved, caches[0], slots)
+    want = ref.mla_rope_and_cache(q_pe, latent, k_pe, w, 1e-6, cos, sin, interleaved, caches[1], slots)
+    assert got.shape == want.shape == (t, hq, rope) and got.dtype == want.dtype and got.is_contiguous()
+    assert rel_err(got, want) < TOL
+    rows, want_rows = caches[0].view(-1, lat + rope), caches[1].view(-1, lat + rope)
+    assert rel_err(rows[slots], want_rows[slots]) < TOL
+    assert (row_errs(rows[slots], want_rows[slots]) < 3 * TOL).all()
+    untouched = torch.ones(blocks * block_size, dtype=torch.bool, device=DEVICE)
+    untouched[slots] = False
+    assert (rows[untouched] == 7.0).all()

@@ -1,0 +1,77 @@
+"""Triton GEMV for decode-size linear layers: y = x @ w.T (+ b) for a few rows of x.
+
+At batch 1 an H200 decode step of Qwen3-30B-A3B spent 16 us per layer in cuBLAS for the attention's
+two projections (q/k/v as one GEMV of 21 MB, 7.6 us; o_proj of 17 MB, split-K, 7.1 + 1.7 us for its
+reduction), against about 9 us of HBM time for their bytes. Both are launched plainly, so they also
+break the chain of programmatic dependent launches (kernels/pdl.py) that the Triton kernels around
+them form.
+
+Here each program owns BLOCK_N output columns and holds their whole weight rows ([BLOCK_N, K], K
+padded to a power of two) in registers. It loads them *before* it waits for the previous kernel:
+weights are never written by a step, so with PDL the weight stream of this GEMV overlaps the tail
+of the kernel before it. Then it waits, reads the few rows of x and writes each row's BLOCK_N
+outputs, accumulated in float32. Every row is computed alone, in the same order, so a row's result
+does not depend on how many rows the call has (a CUDA graph padded to 8 rows gives the eager
+step's values for the same rows).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import empty
+from .pdl import enter, launch_args
+
+MAX_ROWS = 8  # rows of x per call: decode batches up to here
+MAX_K = 8192  # input width: a program's weight rows stay in registers
+TILE = 8192  # weight elements per program (BLOCK_N * padded K)
+WARPS = 4
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.arange(0, BLOCK_K)
+    n_ok = n < N
+    k_ok = k < K
+    # the weights first: nothing in a step writes them, so they may be read before the wait
+    w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    enter(PDL)
+    for m in range(M):
+        x = tl.load(x_ptr + m * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)
+        y = tl.sum(w * x[None, :], axis=1)
+        if HAS_BIAS:
+            y += bias
+        tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear() takes this call: 1..MAX_ROWS rows, K <= MAX_K, 16-bit floats, unit strides."""
+    return (x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and weight.dim() == 2 and x.shape[1] == weight.shape[1]
+            and x.shape[1] <= MAX_K and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and x.stride(1) == 1 and weight.stride(1) == 1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile: int = TILE,
+           num_warps: int = WARPS) -> torch.Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in x's dtype, for calls supports() takes.
+    tile (weight elements per program) and num_warps: the launch, for benchmarks/bench_gemv.py."""
+    if not supports(x, weight):
+        raise ValueError(f"gemv takes 1..{MAX_ROWS} rows of at most {MAX_K} 16-bit features matching the weight, "
+                         f"got x {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} {weight.dtype}")
+    m, k = x.shape
+    n = weight.shape[0]
+    y = empty(m, n, dtype=x.dtype, device=x.device)
+    block_k = triton.next_power_of_2(k)
+    block_n = max(1, min(64, tile // block_k))
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, weight if bias is None else bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **launch_args(x),
+    )
+    return y

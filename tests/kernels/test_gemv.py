@@ -1,0 +1,109 @@
+"""The decode-size GEMV (kernels/gemv.py) against a float64 reference, and ops.linear's choice."""
+
+import pytest
+import torch
+from kernel_cases import DEVICE, ON_GPU, gpu, rel_err, row_errs
+
+from moeserve.kernels import gemv, ops
+
+# bf16 operands, float32 accumulation, one bf16 rounding of the output: ~2e-3 relative
+TOL = 1e-2
+
+
+def _problem(m, n, k, gen, dtype=torch.bfloat16, bias=False):
+    x = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype)
+    w = (torch.randn(n, k, generator=gen, device=DEVICE) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=gen, device=DEVICE).to(dtype) if bias else None
+    return x, w, b
+
+
+def _want(x, w, b):
+    y = x.double() @ w.double().T
+    return y if b is None else y + b.double()
+
+
+CASES = [  # (rows, N, K): one row and a batch; N and K not multiples of the tiles; K not a power of two
+    (1, 64, 32),
+    (3, 37, 96),
+    (8, 130, 200),
+    (1, 5, 1000),  # few outputs, a wide row: one program
+]
+
+
+@pytest.mark.parametrize("m,n,k", CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_float64(m, n, k, bias, gen):
+    x, w, b = _problem(m, n, k, gen, bias=bias)
+    got = gemv.linear(x, w, b)
+    assert got.shape == (m, n) and got.dtype == x.dtype
+    assert rel_err(got, _want(x, w, b)) < TOL
+    assert (row_errs(got, _want(x, w, b)) < 3 * TOL).all()
+
+
+def test_gemv_half_and_strided_rows(gen):
+    """fp16, and rows of x taken from a wider tensor (a row stride larger than K)."""
+    wide = torch.randn(4, 160, generator=gen, device=DEVICE).half()
+    x = wide[:, :128]
+    w = (torch.randn(48, 128, generator=gen, device=DEVICE) / 128**0.5).half()
+    assert rel_err(gemv.linear(x, w), _want(x, w, None)) < TOL
+
+
+def test_gemv_rows_do_not_depend_on_the_batch(gen):
+    """Each row is computed alone and in one order: a row's output is the same bits in a call of 8
+    rows (a CUDA graph padded to 8) as alone (an eager step of one)."""
+    x, w, b = _problem(8, 96, 256, gen, bias=True)
+    together = gemv.linear(x, w, b)
+    for i in range(8):
+        assert torch.equal(gemv.linear(x[i:i + 1], w, b), together[i:i + 1])
+
+
+def test_gemv_refuses_what_it_does_not_take(gen):
+    w = torch.zeros(16, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="rows"):
+        gemv.linear(torch.zeros(gemv.MAX_ROWS + 1, 64, dtype=torch.bfloat16, device=DEVICE), w)
+    with pytest.raises(ValueError, match="16-bit"):
+        gemv.linear(torch.zeros(2, 64, device=DEVICE), w.float())
+    with pytest.raises(ValueError, match="weight"):
+        gemv.linear(torch.zeros(2, 32, dtype=torch.bfloat16, device=DEVICE), w)
+
+
+def test_ops_linear_is_f_linear_off_the_gpu(gen):
+    """The CPU path (the HF oracle's) is F.linear itself, bit for bit, whatever the size."""
+    if ON_GPU:
+        pytest.skip("on a GPU ops.linear takes the kernel at decode sizes")
+    for m in (1, 8, 40):
+        x, w, b = _problem(m, 24, 32, gen, dtype=torch.float32, bias=True)
+        assert torch.equal(ops.linear(x, w, b), torch.nn.functional.linear(x, w, b))
+
+
+def test_gemv_compiles_for_hopper(gen):
+    """The launches above (bf16 and fp16, with and without bias) compile for sm_90 with PDL."""
+    from moeserve.kernels import launch
+
+    if not launch.interpreting():
+        pytest.skip("records the interpreter's launches; on a GPU the kernel tests run them")
+    from hopper_compile import LaunchRecorder, compile_for_hopper
+
+    with LaunchRecorder() as rec:
+        for dtype in (torch.bfloat16, torch.float16):
+            for bias in (False, True):
+                x, w, b = _problem(3, 40, 2048, gen, dtype=dtype, bias=bias)
+                gemv.linear(x, w, b)
+    jobs = rec.jobs()
+    assert {j.kernel for j in jobs} == {"_gemv_kernel"} and len(jobs) == 4
+    assert compile_for_hopper(jobs) == {}
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("n,k", [(5120, 2048), (2048, 4096), (3648, 2048), (2048, 2816)])
+def test_gemv_real_shapes_on_gpu(m, n, k, gen):
+    """The projections it serves: Qwen3-30B-A3B's q/k/v and o_proj, DeepSeek-V2-Lite's q + kv_a and
+    its shared experts' down projection; and ops.linear takes the kernel for them at decode sizes."""
+    x, w, b = _problem(m, n, k, gen)
+    got = gemv.linear(x, w, b)
+    assert rel_err(got, _want(x, w, b)) < TOL
+    assert (row_errs(got, _want(x, w, b)) < 3 * TOL).all()
+    # ops.linear takes the kernel up to LINEAR_GEMV_MAX_ROWS rows, cuBLAS beyond
+    assert torch.equal(ops.linear(x, w), got if m <= ops.LINEAR_GEMV_MAX_ROWS else torch.nn.functional.linear(x, w))
+    assert torch.equal(ops.linear(x.float(), w.float()), torch.nn.functional.linear(x.float(), w.float()))
