@@ -32,6 +32,7 @@ __all__ = [
     "quantize_experts",
     "rms_norm",
     "rope_and_cache",
+    "silu_mul",
     "router_logits",
     "softmax_topk",
     "stack_experts",
@@ -41,7 +42,8 @@ __all__ = [
 # Triton kernels an operator has switched off (comma-separated module names, e.g. "norm_rope"): those
 # ops run the reference on CUDA too. For isolating a suspected kernel fault without a new build.
 DISABLED = frozenset(filter(None, (n.strip() for n in os.environ.get("MOESERVE_DISABLE_KERNELS", "").split(","))))
-KERNEL_MODULES = ("fused_moe", "gating", "decode_attention", "prefill_attention", "norm_rope", "gemv")
+KERNEL_MODULES = ("fused_moe", "gating", "decode_attention", "prefill_attention", "norm_rope", "gemv",
+                  "activation")
 ROUTER_GEMV_MAX_TOKENS = 16  # the router's logits in one Triton launch up to here (decode), cuBLAS beyond
 # Linear layers as a Triton GEMV up to here, cuBLAS beyond: on an H200 (benchmarks/bench_gemv.py) the GEMV took
 # 0.51-0.85x cuBLAS's time at one row and 1.2-2.2x at eight (each row reduced on its own)
@@ -253,3 +255,12 @@ def mla_rope_and_cache(q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Ten
         return norm_rope.mla_rope_and_cache(q_pe, latent, k_pe, weight, eps, cos, sin, interleaved, cache,
                                             slot_mapping)
     return reference.mla_rope_and_cache(q_pe, latent, k_pe, weight, eps, cos, sin, interleaved, cache, slot_mapping)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of a SwiGLU MLP (reference.silu_mul): one launch on CUDA instead of two."""
+    if _on_gpu(gate, "activation") and gate.dim() == 2:
+        from . import activation
+
+        return activation.silu_mul(gate, up)
+    return reference.silu_mul(gate, up)

@@ -368,3 +368,8 @@ def mla_rope_and_cache(q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Ten
     row = torch.cat([rms_norm(latent, weight, eps), k_pe], dim=-1)
     cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping.to(cache.device), row.to(cache.dtype))
     return q_pe
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's SiLU(gate) * up, as the HF MLPs compute it."""
+    return F.silu(gate) * up

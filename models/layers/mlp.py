@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeserve.kernels import ops
@@ -25,4 +24,4 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
-        return ops.linear(F.silu(gate) * up, self.down_proj.weight)
+        return ops.linear(ops.silu_mul(gate, up), self.down_proj.weight)
