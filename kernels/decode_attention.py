@@ -25,6 +25,7 @@ kv_lora_rank columns, taken from the key tile already loaded rather than read ag
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -157,11 +158,28 @@ def _merge_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + dv, out.to(out_ptr.dtype.element_ty))
 
 
-def plan_splits(num_seqs: int, programs_per_seq: int, max_len: int, block_n: int) -> tuple[int, int]:
+@dataclass(frozen=True)
+class Launch:
+    """How the split kernel runs: BLOCK_N cached rows per step, warps, pipeline stages, and the
+    programs the splits aim for (benchmarks/bench_decode_attention.py times the choices)."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int = 2
+    target_programs: int = TARGET_PROGRAMS
+
+
+def default_launch(dk: int, dv: int) -> Launch:
+    """Wide heads (MLA's 576-wide latent rows): 16 rows a step over 8 warps; else 32 over 4."""
+    return Launch(16, 8) if max(dk, dv) > 256 else Launch(32, 4)
+
+
+def plan_splits(num_seqs: int, programs_per_seq: int, max_len: int, block_n: int,
+                target_programs: int = TARGET_PROGRAMS) -> tuple[int, int]:
     """(splits, positions per split) for a batch shape: enough programs to fill the GPU, each with at
     least one tile of BLOCK_N positions; a function of the shape alone (see the module docstring)."""
     tiles = max(1, math.ceil(max_len / block_n))
-    want = math.ceil(TARGET_PROGRAMS / max(1, num_seqs * programs_per_seq))
+    want = math.ceil(target_programs / max(1, num_seqs * programs_per_seq))
     splits = max(1, min(want, tiles, MAX_SPLITS))
     chunk = math.ceil(tiles / splits) * block_n
     return math.ceil(max_len / chunk), chunk
@@ -185,6 +203,7 @@ def paged_decode_attention(
     scale: float,
     max_len: int,
     sliding_window: int | None = None,
+    launch: Launch | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, Dk] over caches [blocks, block_size, Hk, Dk] / [..., Hk, Dv] -> [B, Hq, Dv] (q's dtype).
 
@@ -206,9 +225,9 @@ def paged_decode_attention(
     group = hq // hk
     block_g = max(16, min(32, triton.next_power_of_2(group)))
     g_blocks = math.ceil(group / block_g)
-    big = max(dk, dv) > 256
-    block_n = 16 if big else 32
-    splits, chunk = plan_splits(b, hk * g_blocks, max(1, max_len), block_n)
+    launch = launch or default_launch(dk, dv)
+    block_n = launch.block_n
+    splits, chunk = plan_splits(b, hk * g_blocks, max(1, max_len), block_n, launch.target_programs)
     v_from_k = (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride() and dv == d1)
     part = empty(b, hq, splits, dv, dtype=torch.float32, device=q.device)
     lse = empty(b, hq, splits, dtype=torch.float32, device=q.device)
@@ -226,7 +245,7 @@ def paged_decode_attention(
         lse.stride(0), lse.stride(1),
         GROUP=group, BLOCK_G=block_g, D1=d1, D2=d2, DV=dv, W1=max(16, d1), W2=max(16, d2) if d2 else 0,
         WV=max(16, dv), BLOCK_N=block_n, PAGE=page, V_FROM_K=v_from_k,
-        IEEE=q.dtype == torch.float32, num_warps=8 if big else 4, num_stages=2, **launch_args(q),
+        IEEE=q.dtype == torch.float32, num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_args(q),
     )
     _merge_kernel[(b, hq)](
         part, lse, out, splits,

@@ -189,3 +189,15 @@ def test_compiles_for_hopper(gen):
                 for lens_type in (torch.int32, torch.int64):
                     decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t.to(lens_type), 0.1, max(lens))
     assert compile_for_hopper(rec.jobs()) == {}
+
+
+@pytest.mark.parametrize("launch", [decode_attention.Launch(16, 4, 1, 132), decode_attention.Launch(64, 8, 3, 528)])
+def test_other_launches_give_the_same_attention(launch, gen):
+    """The launch choices benchmarks/bench_decode_attention.py times (rows per step, warps, stages,
+    programs aimed for, hence the split count) compute the same attention, MLA's latent rows included."""
+    for lens, hq, hk, dk, dv, mla in (([5, 70, 33], 8, 2, 32, 32, False), ([40, 3], 16, 1, 48, 32, True)):
+        dtype = torch.bfloat16 if ON_GPU else torch.float32
+        q, kc, vc, tables, lens_t = _problem(gen, lens, hq, hk, dk, dv, 16, dtype, mla)
+        got = decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t, 0.2, max(lens), launch=launch)
+        want = ref.paged_decode_attention(q, kc, vc, tables, lens_t, 0.2, max(lens))
+        assert rel_err(got, want) < (2e-2 if ON_GPU else 1e-5)

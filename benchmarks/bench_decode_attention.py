@@ -1,0 +1,94 @@
+"""Paged decode attention (kernels/decode_attention.py): every launch choice of the split kernel
+(rows per step, warps, stages, programs aimed for) timed at the benchmark models' decode shapes,
+against the HBM limit (every cached row read once).
+
+Each timed unit is a CUDA graph of calls over distinct caches (>= 256 MB in all), so no call finds
+its rows in L2, as in a decode step. The default launch is marked.
+
+    python3 benchmarks/bench_decode_attention.py --batches 1,16,64 --context 320 --out-dir $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from moeserve.kernels import decode_attention as da
+from moeserve.kernels.timing import device_ceilings, graph_ms
+
+MODELS = {  # name: (query heads, KV heads, key width, value width); MLA: one latent "head", values from keys
+    "deepseek-v2-lite (MLA)": (16, 1, 576, 512),
+    "qwen3-30b-a3b": (32, 4, 128, 128),
+}
+CHOICES = dict(block_n=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2, 3), target_programs=(132, 264, 528))
+
+
+def _problem(b: int, ctx: int, hq: int, hk: int, dk: int, dv: int, page: int = 16):
+    blocks = b * -(-ctx // page)
+    k = torch.randn(blocks, page, hk, dk, device="cuda", dtype=torch.bfloat16)
+    v = k[..., :dv] if dv < dk else torch.randn(blocks, page, hk, dv, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(blocks, device="cuda", dtype=torch.int32).view(b, -1)
+    lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(b, hq, dk, device="cuda", dtype=torch.bfloat16)
+    return q, k, v, tables, lens
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--context", type=int, default=320)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    bandwidth, _ = device_ceilings()
+    print(f"{torch.cuda.get_device_name()}, copy {bandwidth / 1e9:.0f} GB/s, "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, context {args.context}", flush=True)
+    print("| model | batch | limit us | default us | best us | best launch | default / best |")
+    print("|---|---:|---:|---:|---:|---|---:|")
+    results = []
+    for name in args.models.split(","):
+        hq, hk, dk, dv = MODELS[name]
+        for b in (int(x) for x in args.batches.split(",")):
+            one = _problem(b, args.context, hq, hk, dk, dv)
+            row_bytes = hk * (dk + (0 if dv < dk else dv)) * 2
+            copies = max(2, -(-(256 << 20) // max(1, b * args.context * row_bytes)))
+            problems = [one] + [_problem(b, args.context, hq, hk, dk, dv) for _ in range(copies - 1)]
+            scale = dk ** -0.5
+            want = da.paged_decode_attention(*one, scale, args.context)
+            timed = {}
+            for values in itertools.product(*CHOICES.values()):
+                launch = da.Launch(**dict(zip(CHOICES, values)))
+                try:
+                    got = da.paged_decode_attention(*one, scale, args.context, launch=launch)
+                    if not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2):
+                        raise AssertionError("differs from the default launch")
+                    timed[launch] = graph_ms([lambda pr=pr, la=launch: da.paged_decode_attention(
+                        *pr, scale, args.context, launch=la) for pr in problems], reps=args.reps) * 1e3
+                except Exception as exc:  # a launch that does not compile (shared memory) is skipped
+                    print(f"  skipped {launch}: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
+            default = da.default_launch(dk, dv)
+            best = min(timed, key=timed.get)
+            limit_us = b * args.context * row_bytes / bandwidth * 1e6
+            results.append(dict(model=name, batch=b, context=args.context, limit_us=limit_us,
+                                timed_us={str(k): v for k, v in timed.items()}, default=str(default), best=str(best)))
+            print(f"| {name} | {b} | {limit_us:.1f} | {timed[default]:.1f} | {timed[best]:.1f} | "
+                  f"{best.block_n} rows, {best.num_warps} warps, {best.num_stages} stages, "
+                  f"{best.target_programs} programs | {timed[default] / timed[best]:.2f} |", flush=True)
+            del problems, one
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_decode_attention.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
+                                                                     copy_bytes_per_s=bandwidth, results=results),
+                                                                indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
