@@ -170,8 +170,11 @@ class Launch:
 
 
 def default_launch(dk: int, dv: int) -> Launch:
-    """Wide heads (MLA's 576-wide latent rows): 16 rows a step over 8 warps; else 32 over 4."""
-    return Launch(16, 8) if max(dk, dv) > 256 else Launch(32, 4)
+    """The launch that stayed within 9% (MLA's 576-wide latent rows) and 6% (Qwen3-30B-A3B's heads)
+    of the best at batch 1, 16 and 64 on an H200 (benchmarks/bench_decode_attention.py, context 320;
+    docs/benchmarks.md). For MLA, fewer and longer splits: each program holds the accumulators of
+    all 16 heads, and at batch 64 the partial outputs of more splits cost more than they hid."""
+    return Launch(32, 4, 2, 132) if max(dk, dv) > 256 else Launch(32, 4, 3, 528)
 
 
 def plan_splits(num_seqs: int, programs_per_seq: int, max_len: int, block_n: int,
