@@ -159,6 +159,30 @@ def _norm_rope_heads(row, stride_h, heads, hb, w_ptr, c, s, eps, NORM: tl.conste
 
 
 @triton.jit
+def _token_cos_sin(cos_ptr, sin_ptr, t, stride_ct, out_ptr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Token t's cos and sin (float32), cast to the activations' (out_ptr's) dtype first, as the
+    reference does before multiplying."""
+    i = tl.arange(0, BLOCK_HALF)
+    i_ok = i < HALF
+    dtype = out_ptr.dtype.element_ty
+    c = tl.load(cos_ptr + t * stride_ct + i, mask=i_ok, other=0.0).to(dtype).to(tl.float32)
+    s = tl.load(sin_ptr + t * stride_ct + i, mask=i_ok, other=0.0).to(dtype).to(tl.float32)
+    return c, s
+
+
+@triton.jit
+def _rope_queries(q_ptr, q_out_ptr, t64, j, hq, stride_qt, stride_qh, w_ptr, c, s, eps, NORM: tl.constexpr,
+                  HALF: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Query heads j*BLOCK_H.. of token t64: normed (NORM), rotated, written to q_out [T, hq, 2 * HALF]."""
+    o1, o2, h, first, second, ok = _norm_rope_heads(q_ptr + t64 * stride_qt, stride_qh, hq, j, w_ptr, c, s, eps,
+                                                    NORM, HALF, INTERLEAVED, BLOCK_H, BLOCK_HALF)
+    dtype = q_out_ptr.dtype.element_ty
+    q_dst = q_out_ptr + (t64 * hq + h[:, None]) * (2 * HALF)
+    tl.store(q_dst + first[None, :], o1.to(dtype), mask=ok)
+    tl.store(q_dst + second[None, :], o2.to(dtype), mask=ok)
+
+
+@triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr, kc_ptr, vc_ptr, slot_ptr,
                        hq, hk, q_blocks, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
                        eps, NORM: tl.constexpr, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
@@ -169,19 +193,12 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_
     enter(PDL)
     t = tl.program_id(0)
     j = tl.program_id(1)
-    i = tl.arange(0, BLOCK_HALF)
-    i_ok = i < HALF
     dtype = q_out_ptr.dtype.element_ty
-    # cos and sin are cast to the activations' dtype first, as the reference does before multiplying
-    c = tl.load(cos_ptr + t * stride_ct + i, mask=i_ok, other=0.0).to(dtype).to(tl.float32)
-    s = tl.load(sin_ptr + t * stride_ct + i, mask=i_ok, other=0.0).to(dtype).to(tl.float32)
+    c, s = _token_cos_sin(cos_ptr, sin_ptr, t, stride_ct, q_out_ptr, HALF, BLOCK_HALF)
     t64 = t.to(tl.int64)
     if j < q_blocks:
-        o1, o2, h, first, second, ok = _norm_rope_heads(q_ptr + t64 * stride_qt, stride_qh, hq, j, qw_ptr, c, s, eps,
-                                                        NORM, HALF, INTERLEAVED, BLOCK_H, BLOCK_HALF)
-        q_dst = q_out_ptr + (t64 * hq + h[:, None]) * (2 * HALF)
-        tl.store(q_dst + first[None, :], o1.to(dtype), mask=ok)
-        tl.store(q_dst + second[None, :], o2.to(dtype), mask=ok)
+        _rope_queries(q_ptr, q_out_ptr, t64, j, hq, stride_qt, stride_qh, qw_ptr, c, s, eps, NORM, HALF, INTERLEAVED,
+                      BLOCK_H, BLOCK_HALF)
     else:
         o1, o2, h, first, second, ok = _norm_rope_heads(k_ptr + t64 * stride_kt, stride_kh, hk, j - q_blocks, kw_ptr,
                                                         c, s, eps, NORM, HALF, INTERLEAVED, BLOCK_H, BLOCK_HALF)
@@ -240,18 +257,12 @@ def _mla_rope_cache_kernel(q_ptr, lat_ptr, kpe_ptr, w_ptr, cos_ptr, sin_ptr, q_o
     enter(PDL)
     t = tl.program_id(0)
     j = tl.program_id(1)
-    i = tl.arange(0, BLOCK_HALF)
-    i_ok = i < HALF
     dtype = q_out_ptr.dtype.element_ty
-    c = tl.load(cos_ptr + t * stride_ct + i, mask=i_ok, other=0.0).to(dtype).to(tl.float32)
-    s = tl.load(sin_ptr + t * stride_ct + i, mask=i_ok, other=0.0).to(dtype).to(tl.float32)
+    c, s = _token_cos_sin(cos_ptr, sin_ptr, t, stride_ct, q_out_ptr, HALF, BLOCK_HALF)
     t64 = t.to(tl.int64)
     if j < q_blocks:
-        o1, o2, h, first, second, ok = _norm_rope_heads(q_ptr + t64 * stride_qt, stride_qh, hq, j, w_ptr, c, s, eps,
-                                                        False, HALF, INTERLEAVED, BLOCK_H, BLOCK_HALF)
-        q_dst = q_out_ptr + (t64 * hq + h[:, None]) * (2 * HALF)
-        tl.store(q_dst + first[None, :], o1.to(dtype), mask=ok)
-        tl.store(q_dst + second[None, :], o2.to(dtype), mask=ok)
+        _rope_queries(q_ptr, q_out_ptr, t64, j, hq, stride_qt, stride_qh, w_ptr, c, s, eps, False, HALF, INTERLEAVED,
+                      BLOCK_H, BLOCK_HALF)
     else:
         cache_dtype = cache_ptr.dtype.element_ty
         row = cache_ptr + tl.load(slot_ptr + t).to(tl.int64) * (L + 2 * HALF)
@@ -263,7 +274,6 @@ def _mla_rope_cache_kernel(q_ptr, lat_ptr, kpe_ptr, w_ptr, cos_ptr, sin_ptr, q_o
         w = tl.load(w_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
         y = (x32 * inv).to(x.dtype).to(tl.float32) * w
         tl.store(row + d, y.to(w_ptr.dtype.element_ty).to(cache_dtype), mask=d_ok)
-        # (names of their own: a variable set in both branches must have one type)
         k1, k2, _, k_first, k_second, k_ok = _norm_rope_heads(kpe_ptr + t64 * stride_kt, 0, 1, 0, w_ptr, c, s, eps,
                                                               False, HALF, INTERLEAVED, 1, BLOCK_HALF)  # one "head"
         tl.store(row + L + k_first[None, :], k1.to(dtype).to(cache_dtype), mask=k_ok)
