@@ -20,6 +20,17 @@ from .pdl import enter, launch_args
 
 
 @triton.jit
+def _rms_scaled(x, w_ptr, d, d_ok, D: tl.constexpr, eps):
+    """RMSNorm of the rows of x [R, BLOCK_D] times the weight, in float32, rounded as
+    reference.rms_norm rounds: normalised in float32, cast to x's dtype, then multiplied by w."""
+    x32 = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=1) / D + eps)
+    y = (x32 * inv[:, None]).to(x.dtype).to(tl.float32)
+    w = tl.load(w_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    return y * w[None, :]
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, r_ptr, sum_ptr, rows, stride_x, stride_r, eps, D: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
     """out = RMSNorm(x) * w; ADD: x + r first (rounded to x's dtype, as torch adds), the sum also
@@ -35,12 +46,8 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, r_ptr, sum_ptr, rows, stride_x, stri
         res = tl.load(r_ptr + r[:, None].to(tl.int64) * stride_r + d[None, :], mask=ok, other=0.0)
         x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(sum_ptr + r[:, None].to(tl.int64) * D + d[None, :], x, mask=ok)
-    x = x.to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-    y = (x * inv[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + r[:, None].to(tl.int64) * D + d[None, :], (y * w[None, :]).to(out_ptr.dtype.element_ty),
-             mask=ok)
+    y = _rms_scaled(x, w_ptr, d, d_ok, D, eps)
+    tl.store(out_ptr + r[:, None].to(tl.int64) * D + d[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -268,12 +275,9 @@ def _mla_rope_cache_kernel(q_ptr, lat_ptr, kpe_ptr, w_ptr, cos_ptr, sin_ptr, q_o
         row = cache_ptr + tl.load(slot_ptr + t).to(tl.int64) * (L + 2 * HALF)
         d = tl.arange(0, BLOCK_L)
         d_ok = d < L
-        x = tl.load(lat_ptr + t64 * stride_lt + d, mask=d_ok, other=0.0)
-        x32 = x.to(tl.float32)
-        inv = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / L + eps)
-        w = tl.load(w_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-        y = (x32 * inv).to(x.dtype).to(tl.float32) * w
-        tl.store(row + d, y.to(w_ptr.dtype.element_ty).to(cache_dtype), mask=d_ok)
+        x = tl.load(lat_ptr + t64 * stride_lt + d[None, :], mask=d_ok[None, :], other=0.0)  # one row
+        y = _rms_scaled(x, w_ptr, d, d_ok, L, eps)
+        tl.store(row + d[None, :], y.to(w_ptr.dtype.element_ty).to(cache_dtype), mask=d_ok[None, :])
         k1, k2, _, k_first, k_second, k_ok = _norm_rope_heads(kpe_ptr + t64 * stride_kt, 0, 1, 0, w_ptr, c, s, eps,
                                                               False, HALF, INTERLEAVED, 1, BLOCK_HALF)  # one "head"
         tl.store(row + L + k_first[None, :], k1.to(dtype).to(cache_dtype), mask=k_ok)

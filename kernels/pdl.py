@@ -27,6 +27,8 @@ import triton.language as tl
 
 from .launch import interpreting
 
+SWITCHED_OFF = os.environ.get("MOESERVE_PDL", "1") == "0"  # read once: enabled() runs at every launch
+
 
 @functools.lru_cache(maxsize=None)
 def _capable(index: int) -> bool:
@@ -35,7 +37,7 @@ def _capable(index: int) -> bool:
 
 def enabled(t: torch.Tensor) -> bool:
     """Whether kernels on t's device launch with programmatic dependent launch."""
-    if not t.is_cuda or interpreting() or os.environ.get("MOESERVE_PDL", "1") == "0":
+    if SWITCHED_OFF or not t.is_cuda or interpreting():
         return False
     return _capable(t.device.index if t.device.index is not None else torch.cuda.current_device())
 

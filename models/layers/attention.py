@@ -7,7 +7,7 @@ from torch import nn
 
 from ..batch import AttentionBatch
 from ..config import ModelConfig
-from .fused_linear import fuse
+from .fused_linear import fuse, project
 from .norm import RMSNorm
 from . import padded_attention as padded
 from moeserve.kernels import ops
@@ -65,11 +65,6 @@ class GQAttention(nn.Module):
         tables = torch.zeros(1, 1, dtype=torch.int32, device=device)
         ops.paged_prefill_attention(q, self.k_cache, self.v_cache, tables, [1], [1], self.scale, self.sliding_window)
 
-    def _out(self, attn: torch.Tensor) -> torch.Tensor:
-        """o_proj of the attention's output [T, heads * value width]; ops.linear: at decode sizes on a
-        GPU, a GEMV."""
-        return ops.linear(attn, self.o_proj.weight, self.o_proj.bias)
-
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
         if self.k_cache is None:
             raise RuntimeError("no KV cache: call model.allocate_kv_cache(num_blocks, block_size) first")
@@ -85,11 +80,11 @@ class GQAttention(nn.Module):
                                batch.slot_mapping, *norms)
         split = padded.split_mixed(batch, x.device)
         if split is None:
-            return self._out(self._attend(q, batch).reshape(t, -1))
+            return project(self.o_proj, self._attend(q, batch).reshape(t, -1))
         out = torch.empty(t, self.num_heads, self.head_dim, dtype=q.dtype, device=x.device)
         for part in split:  # the decodes, then the prefill chunks, each attended its own way
             out[part.rows] = self._attend(q.index_select(0, part.rows), part.batch)
-        return self._out(out.reshape(t, -1))
+        return project(self.o_proj, out.reshape(t, -1))
 
     def _attend(self, q: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """Queries q [T, Hq, D] of `batch` over the cache (their KV already written) -> [T, Hq, D]."""

@@ -41,6 +41,11 @@ class FusedLinears:
         return ops.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
+def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) through ops.linear: at decode sizes on a GPU a Triton GEMV, else F.linear as nn.Linear."""
+    return ops.linear(x, linear.weight, linear.bias)
+
+
 def fuse(linears: list[nn.Linear]) -> FusedLinears | None:
     """FusedLinears over `linears` when their weights are on a CUDA device, else None."""
     return FusedLinears(linears) if linears[0].weight.is_cuda else None

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..batch import AttentionBatch
 from ..config import ModelConfig
-from .fused_linear import fuse
+from .fused_linear import fuse, project
 from .norm import RMSNorm
 from . import padded_attention as padded
 from moeserve.kernels import ops
@@ -68,18 +68,13 @@ class MLAttention(nn.Module):
     def allocate_cache(self, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
         self.latent_cache = torch.zeros(num_blocks, block_size, self.cache_elements_per_token(), device=device, dtype=dtype)
 
-    def _out(self, attn: torch.Tensor) -> torch.Tensor:
-        """o_proj of the attention's output [T, heads * value width]; ops.linear: at decode sizes on a
-        GPU, a GEMV."""
-        return ops.linear(attn, self.o_proj.weight, self.o_proj.bias)
-
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
         if self.latent_cache is None:
             raise RuntimeError("no KV cache: call model.allocate_kv_cache(num_blocks, block_size) first")
         t = x.shape[0]
         q, kv_a = self.in_proj(x) if self.in_proj is not None else (self._q_first(x), self.kv_a_proj_with_mqa(x))
         if self.q_lora_rank is not None:
-            q = ops.linear(self.q_a_layernorm(q), self.q_b_proj.weight)
+            q = project(self.q_b_proj, self.q_a_layernorm(q))
         q = q.reshape(t, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -91,12 +86,12 @@ class MLAttention(nn.Module):
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         split = padded.split_mixed(batch, x.device)
         if split is None:
-            return self._out(self._attend(q_nope, q_pe, w_kv, batch).reshape(t, -1))
+            return project(self.o_proj, self._attend(q_nope, q_pe, w_kv, batch).reshape(t, -1))
         out = torch.empty(t, self.num_heads, self.v_dim, dtype=x.dtype, device=x.device)
         for part in split:  # the decodes, then the prefill chunks, each attended its own way
             out[part.rows] = self._attend(q_nope.index_select(0, part.rows), q_pe.index_select(0, part.rows), w_kv,
                                           part.batch)
-        return self._out(out.reshape(t, -1))
+        return project(self.o_proj, out.reshape(t, -1))
 
     def _attend(self, q_nope, q_pe, w_kv, batch: AttentionBatch) -> torch.Tensor:
         """Queries of `batch` over the cached latents (already written) -> [T, H, v_dim]."""

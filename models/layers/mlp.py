@@ -7,7 +7,7 @@ from torch import nn
 
 from moeserve.kernels import ops
 
-from .fused_linear import fuse
+from .fused_linear import fuse, project
 
 
 class MLP(nn.Module):
@@ -24,4 +24,4 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
-        return ops.linear(ops.silu_mul(gate, up), self.down_proj.weight)
+        return project(self.down_proj, ops.silu_mul(gate, up))
