@@ -2,7 +2,8 @@
 
 For each expert shape, weight format and token bucket it times every candidate of
 kernels/search_space.py: the gate/up GEMM and the down GEMM separately for each BLOCK_M (and the
-per-slot decode path at few tokens), then the whole call with the best of each, keeping the fastest.
+per-slot decode path and the expert GEMVs at few tokens), then the whole call with the best of each,
+keeping the fastest.
 Candidates are compiled first by worker processes into Triton's on-disk cache, so the timing loop
 only loads them. Cases run in priority order and the table is saved after each, so a run stopped by
 --budget-s still leaves every finished case in the file.
@@ -13,6 +14,7 @@ only loads them. Cases run in priority order and the table is saved after each, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import multiprocessing as mp
@@ -23,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from moeserve.kernels import fused_moe
-from moeserve.kernels.configs import CONFIG_DIR, MoeConfig, device_file_name, shape_key
+from moeserve.kernels import fused_moe, moe_gemv
+from moeserve.kernels.configs import CONFIG_DIR, GemvConfig, MoeConfig, device_file_name, shape_key
 from moeserve.kernels.problems import random_batch, random_experts, rotation
 from moeserve.kernels.roofline import SHAPES, ExpertShape
-from moeserve.kernels.search_space import block_m_choices, gemm_choices, per_slot_choices, prequant_choices
+from moeserve.kernels.search_space import (block_m_choices, gemm_choices, gemv_down_choices, gemv_up_choices,
+                                           per_slot_choices, prequant_choices)
 from moeserve.kernels.timing import graph_ms
 
 TOKENS = (1, 8, 64, 256, 1024, 4096)
@@ -53,10 +56,23 @@ def layouts(shape: ExpertShape, quant: str, t: int) -> list[MoeConfig]:
             for pq in prequant_choices(quant)]
 
 
+def gemv_options(shape: ExpertShape, quant: str, t: int) -> tuple[list[GemvConfig], list[GemvConfig]]:
+    """The expert GEMVs' candidates for one case: gate/up ones, and down ones (with the gate/up defaults);
+    FP8 with its activations quantised in the GEMV's programs and by a launch of their own."""
+    pqs = prequant_choices(quant)
+    up = [GemvConfig(up_rows=rows, up_warps=warps, up_prequant=pq)
+          for rows, warps in gemv_up_choices(t, shape.hidden, quant) for pq in pqs]
+    down = [GemvConfig(down_rows=rows, down_warps=warps, combine=combine, down_prequant=pq)
+            for rows, warps, combine in gemv_down_choices(t, shape.inter, shape.top_k, quant) for pq in pqs]
+    return up, down
+
+
 def options(shape: ExpertShape, quant: str, t: int) -> list[tuple[MoeConfig, str, object]]:
-    """Every (layout, gemm, config) the tuner will time for one case."""
-    return [(lay, gemm, c) for lay in layouts(shape, quant, t) for gemm in ("up", "down")
-            for c in gemm_choices(lay.block_m, quant, gemm == "up")]
+    """Every (layout, gemm, config) the tuner will time for one case; the GEMVs' as gemm 'gemv_up' / 'gemv_down'."""
+    up, down = gemv_options(shape, quant, t)
+    return ([(lay, gemm, c) for lay in layouts(shape, quant, t) for gemm in ("up", "down")
+             for c in gemm_choices(lay.block_m, quant, gemm == "up")]
+            + [(MoeConfig(), "gemv_up", c) for c in up] + [(MoeConfig(), "gemv_down", c) for c in down])
 
 
 # ---- compile phase (worker processes) --------------------------------------------------------
@@ -76,6 +92,12 @@ def _compile_one(task) -> str | None:
         _WORKER_PROBLEMS[key] = (random_experts(one, quant, gen), random_batch(one, 1, gen))
     weights, batch = _WORKER_PROBLEMS[key]
     try:
+        if gemm.startswith("gemv"):
+            act = moe_gemv.gate_up(batch.hidden, weights, batch.ids.view(-1), 1, cfg)
+            if gemm == "gemv_down":  # one slot: combine or not, the kernel's SLOTS differ from the real k's
+                fused_moe.gemv_down(act, weights, batch.ids, batch.weights, cfg)
+            torch.cuda.synchronize()
+            return None
         plan = fused_moe.plan_slots(batch.ids, 1, lay)
         act = fused_moe.gate_up(batch.hidden, weights, plan, cfg, lay.prequant)
         if gemm == "down":
@@ -90,6 +112,8 @@ def _signature(name: str, quant: str, lay: MoeConfig, gemm: str, cfg) -> tuple:
     """What Triton specialises on besides the config: K's divisibility by BLOCK_K, and for FP8 the
     scale strides' divisibility by 16 (shape dependent)."""
     s = SHAPES[name]
+    if gemm.startswith("gemv"):
+        return (quant, gemm, cfg, s.hidden, s.inter)
     k = s.hidden if gemm == "up" else s.inter
     scale = ()
     if quant == "fp8":
@@ -97,10 +121,12 @@ def _signature(name: str, quant: str, lay: MoeConfig, gemm: str, cfg) -> tuple:
     return (quant, lay, gemm, cfg, k % (128 if quant == "fp8" else cfg.block_k) == 0, scale)
 
 
-def precompile(todo: list[tuple[str, str, int]], workers: int) -> None:
+def precompile(todo: list[tuple[str, str, int]], workers: int, gemv_only: bool = False) -> None:
     tasks, seen = [], set()
     for name, quant, t in todo:
         for lay, gemm, cfg in options(SHAPES[name], quant, t):
+            if gemv_only and not gemm.startswith("gemv"):
+                continue
             sig = _signature(name, quant, lay, gemm, cfg)
             if sig not in seen:
                 seen.add(sig)
@@ -114,7 +140,8 @@ def precompile(todo: list[tuple[str, str, int]], workers: int) -> None:
 
 # ---- timing phase ----------------------------------------------------------------------------
 
-def _best(label: str, candidates, time_one) -> tuple[object, float]:
+def _best(label: str, candidates, time_one, seen: dict | None = None) -> tuple[object, float]:
+    """The fastest candidate and its time; seen, when given, gets every candidate's time by its repr."""
     best, best_ms = None, float("inf")
     for cfg in candidates:
         try:
@@ -122,6 +149,8 @@ def _best(label: str, candidates, time_one) -> tuple[object, float]:
         except Exception:  # a candidate that cannot launch here (resources) is simply not chosen
             torch.cuda.synchronize()
             continue
+        if seen is not None:
+            seen[repr(cfg)] = round(ms, 4)
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
@@ -129,16 +158,23 @@ def _best(label: str, candidates, time_one) -> tuple[object, float]:
     return best, best_ms
 
 
-def tune_case(shape: ExpertShape, quant: str, t: int, weights, reps: int) -> tuple[MoeConfig, float, dict]:
-    """The fastest MoeConfig for one case, its time per call (ms) and what each option scored."""
+def tune_case(shape: ExpertShape, quant: str, t: int, weights, reps: int,
+              gemv_only: bool = False) -> tuple[MoeConfig, float, dict]:
+    """The fastest MoeConfig for one case, its time per call (ms) and what each option scored. The
+    configuration calls take now (the table's entry, or the default) is one of the options, so a
+    retune never keeps something slower; gemv_only times the expert GEMVs against it alone."""
     gen = torch.Generator(device="cuda").manual_seed(1000 + t)
     batches = [random_batch(shape, t, gen) for _ in range(rotation(t))]
-    scores, best, best_ms = {}, None, float("inf")
+    scores = {}
     # About 30 ms of replays per candidate: many for decode, a few for 4096-token prefill.
     probe = graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights)
                       for b in batches], reps=2)
     reps = max(3, min(reps, round(30 / (probe * len(batches)))))
-    for lay in layouts(shape, quant, t):
+    best = fused_moe.select_config(batches[0].hidden, weights, shape.top_k)
+    best_ms = graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights, best)
+                        for b in batches], reps=reps)
+    scores["current"] = round(best_ms, 4)
+    for lay in [] if gemv_only else layouts(shape, quant, t):
         plans = [fused_moe.plan_slots(b.ids, shape.experts, lay) for b in batches]
 
         def time_up(cfg):
@@ -160,7 +196,41 @@ def tune_case(shape: ExpertShape, quant: str, t: int, weights, reps: int) -> tup
         scores[label] = round(ms, 4)
         if ms < best_ms:
             best, best_ms = config, ms
+    gemv = tune_gemv(shape, quant, t, weights, batches, reps, scores)
+    if gemv is not None:
+        if gemv[1] < best_ms:
+            best, best_ms = gemv
     return best, best_ms, scores
+
+
+def tune_gemv(shape: ExpertShape, quant: str, t: int, weights, batches, reps: int,
+              scores: dict) -> tuple[MoeConfig, float] | None:
+    """The fastest expert-GEMV configuration for one case and its time per call, or None where the
+    GEMVs are not tried (too many tokens, or reductions too long for registers). Each candidate's
+    time goes into scores['gemv_up'] and scores['gemv_down'] (the down ones with their combine)."""
+    up_choices, down_choices = gemv_options(shape, quant, t)
+    if not up_choices or not down_choices or not moe_gemv.supports(weights):
+        return None
+    k = shape.top_k
+
+    def time_up(cfg):
+        return graph_ms([functools.partial(moe_gemv.gate_up, b.hidden, weights, b.ids.view(-1), k, cfg)
+                         for b in batches], reps=reps)
+
+    up, _ = _best("gemv gate/up", up_choices, time_up, scores.setdefault("gemv_up", {}))
+    acts = [moe_gemv.gate_up(b.hidden, weights, b.ids.view(-1), k, up) for b in batches]
+
+    def time_down(cfg):
+        return graph_ms([functools.partial(fused_moe.gemv_down, a, weights, b.ids, b.weights, cfg)
+                         for a, b in zip(acts, batches)], reps=reps)
+
+    down, _ = _best("gemv down", down_choices, time_down, scores.setdefault("gemv_down", {}))
+    config = MoeConfig(gemv=dataclasses.replace(down, up_rows=up.up_rows, up_warps=up.up_warps,
+                                                up_prequant=up.up_prequant))
+    ms = graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights, config)
+                   for b in batches], reps=reps)
+    scores["gemv"] = round(ms, 4)
+    return config, ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new cases after this long")
     ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--gemv-only", action="store_true",
+                    help="time only the expert GEMVs, against the configuration calls take now")
     ap.add_argument("--out", type=Path, help="table file (default kernels/configs/<gpu>.json)")
     ap.add_argument("--log", type=Path, help="JSON log of every case's scores")
     args = ap.parse_args(argv)
@@ -182,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or CONFIG_DIR / device_file_name(gpu)
     table = json.loads(out.read_text()) if out.exists() else {}
     todo = cases(args.shapes.split(","), [int(t) for t in args.tokens.split(",")], args.quants.split(","))
-    precompile(todo, args.workers)
+    precompile(todo, args.workers, args.gemv_only)
     log, loaded = [], {}
     torch.set_grad_enabled(False)
     for name, quant, t in todo:
@@ -194,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             loaded.clear()  # one shape's weights on the GPU at a time
             torch.cuda.empty_cache()
             loaded[(name, quant)] = random_experts(shape, quant, torch.Generator(device="cuda").manual_seed(0))
-        config, ms, scores = tune_case(shape, quant, t, loaded[(name, quant)], args.reps)
+        config, ms, scores = tune_case(shape, quant, t, loaded[(name, quant)], args.reps, args.gemv_only)
         key = shape_key(shape.experts, shape.hidden, shape.inter, shape.top_k, quant)
         table.setdefault(key, {})[str(t)] = config.to_dict()
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         log.append({"shape": name, "quant": quant, "tokens": t, "ms": ms, "scores": scores, "config": config.to_dict()})
         if args.log:
             args.log.write_text(json.dumps({"gpu": gpu, "cases": log}, indent=1))
-        print(f"{name:18s} {quant:5s} T={t:5d} {ms * 1e3:9.1f} us  {scores}  [{time.time() - start:.0f}s]", flush=True)
+        brief = {k: v for k, v in scores.items() if not isinstance(v, dict)}
+        print(f"{name:18s} {quant:5s} T={t:5d} {ms * 1e3:9.1f} us  {brief}  [{time.time() - start:.0f}s]", flush=True)
     print(f"wrote {out}")
     return 0
 

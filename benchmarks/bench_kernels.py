@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from moeserve.kernels import fused_moe
+from moeserve.kernels import fused_moe, moe_gemv
 from moeserve.kernels.problems import random_batch, random_experts, rotation
 from moeserve.kernels.roofline import SHAPES, ExpertShape, flops, limit_ms, min_bytes
 from moeserve.kernels.timing import device_ceilings, eager_ms, graph_ms
@@ -65,6 +65,19 @@ def timed(calls, reps: int) -> tuple[float, str]:
 def parts_ms(shape: ExpertShape, weights: ExpertWeights, batches, reps: int) -> dict:
     """Each step of the call alone, at the configuration the call uses: where the time goes."""
     cfg = fused_moe.select_config(batches[0].hidden, weights, shape.top_k)
+    if cfg.gemv is not None and moe_gemv.supports(weights):
+        k, g = shape.top_k, cfg.gemv
+        acts = [moe_gemv.gate_up(b.hidden, weights, b.ids.view(-1), k, g) for b in batches]
+        steps = {"gemv_gate_up": [functools.partial(moe_gemv.gate_up, b.hidden, weights, b.ids.view(-1), k, g)
+                                  for b in batches],
+                 "gemv_down" + ("_combine" if g.combine else ""): [
+                     functools.partial(moe_gemv.down, a, weights, b.ids.view(-1), b.weights.view(-1), k, g)
+                     for a, b in zip(acts, batches)]}
+        if not g.combine:
+            ys = [moe_gemv.down(a, weights, b.ids.view(-1), b.weights.view(-1), k, g) for a, b in zip(acts, batches)]
+            steps["combine"] = [functools.partial(fused_moe.combine, y, b.ids, shape.experts, torch.bfloat16)
+                                for y, b in zip(ys, batches)]
+        return {name: graph_ms(calls, reps=reps) for name, calls in steps.items()}
     plans = [fused_moe.plan_slots(b.ids, shape.experts, cfg) for b in batches]
     pq = cfg.prequant
     acts = [fused_moe.gate_up(b.hidden, weights, p, cfg.up, pq) for b, p in zip(batches, plans)]

@@ -47,17 +47,41 @@ class GemmConfig:
 
 
 @dataclass(frozen=True)
+class GemvConfig:
+    """The expert GEMVs of moe_gemv.py (decode): output columns per program of the gate/up and the
+    down GEMV, their warps, whether the down GEMV also sums each token's slots (no combine launch),
+    and whether FP8 activations are quantised by a launch of their own before each GEMV (prequant)
+    rather than in every program."""
+
+    up_rows: int = 4
+    down_rows: int = 8
+    up_warps: int = 4
+    down_warps: int = 4
+    combine: bool = True
+    up_prequant: bool = False
+    down_prequant: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("up_rows", "down_rows", "up_warps", "down_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"GemvConfig.{name} must be a power of two, got {v}")
+
+
+@dataclass(frozen=True)
 class MoeConfig:
     """block_m (rows per expert block, shared by the permutation and both GEMMs) and the two GEMMs;
     per_slot skips the permutation and gives each slot its own block (decode: one or a few tokens);
     prequant (FP8) quantises each GEMM's activations once up front rather than in every program
-    (pays when many programs share the same rows: large batches)."""
+    (pays when many programs share the same rows: large batches); gemv, when set, runs the call as
+    moe_gemv.py's GEMVs instead of the tensor-core GEMMs (decode: a row per expert)."""
 
     block_m: int = 16
     up: GemmConfig = field(default_factory=GemmConfig)
     down: GemmConfig = field(default_factory=GemmConfig)
     per_slot: bool = False
     prequant: bool = False
+    gemv: GemvConfig | None = None
 
     def __post_init__(self) -> None:
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
@@ -69,7 +93,8 @@ class MoeConfig:
     @staticmethod
     def from_dict(d: dict) -> "MoeConfig":
         return MoeConfig(block_m=int(d["block_m"]), up=GemmConfig(**d["up"]), down=GemmConfig(**d["down"]),
-                         per_slot=bool(d.get("per_slot", False)), prequant=bool(d.get("prequant", False)))
+                         per_slot=bool(d.get("per_slot", False)), prequant=bool(d.get("prequant", False)),
+                         gemv=GemvConfig(**d["gemv"]) if d.get("gemv") else None)
 
 
 def shape_key(num_experts: int, hidden: int, inter: int, top_k: int, quant: str) -> str:

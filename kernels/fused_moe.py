@@ -10,7 +10,7 @@ Data flow for hidden [T, H], k slots per token, S = T*k:
 3. down GEMM over runs: y[slot] = w[slot] * act[p] @ w2.T, written [S, H].
 4. combine: out[t] = sum over held slots j of y[t*k + j], in fp32, in slot order (deterministic).
 A program exits at once when its block lies past the used runs, so only experts with tokens have
-their weights read.
+their weights read. With MoeConfig.gemv, steps 2-4 are moe_gemv.py's GEMVs instead (decode).
 """
 
 from __future__ import annotations
@@ -28,58 +28,15 @@ try:  # host-side TMA descriptors: Triton 3.4 and later; before, `tma` configura
 except ImportError:  # pragma: no cover - depends on the installed Triton
     TensorDescriptor = None
 
+from . import moe_gemv
 from .align import Alignment, align_block_size, counting_plan
-from .configs import GemmConfig, MoeConfig, get_config
+from .configs import GemmConfig, GemvConfig, MoeConfig, get_config
 from .launch import empty, interpreting
+from .numerics import FP8_GROUP, quantize_activations, quantize_group, store_rounded
 from .pdl import enter, launch_args
 from .weights import ExpertWeights
 
-FP8_GROUP = 128  # activation and weight scale block along K (DeepSeek-V3)
-FP8_MAX = 448.0
 QUANT_CODES = {"bf16": 0, "fp8": 1, "int8": 2}
-
-
-@triton.jit
-def _rtne_bf16(x):
-    """x (float32) rounded to the bfloat16 grid, to nearest even. The CPU interpreter truncates when
-    it converts float32 to bf16; rounding first makes its results those of the GPU."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _rtne_e4m3(y):
-    """y (float32, |y| <= 448) rounded to the e4m3 grid, to nearest even; for the interpreter, as above."""
-    e = tl.maximum(tl.floor(tl.log2(tl.maximum(tl.abs(y), 1e-30))), -6.0)
-    step = tl.exp2(e - 3.0)
-    return ((y / step + 12582912.0) - 12582912.0) * step  # 1.5 * 2**23 rounds to an integer
-
-
-@triton.jit
-def _quantize_group(x, INTERPRET: tl.constexpr):
-    """Rows of x [R, 128] to e4m3 with one float32 scale each (amax / 448, DeepSeek-V3 act_quant)."""
-    x = x.to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0
-    q = tl.clamp(x / scale[:, None], -448.0, 448.0)
-    if INTERPRET:
-        q = _rtne_e4m3(q)
-    return q.to(tl.float8e4nv), scale
-
-
-@triton.jit(do_not_specialize=["R"])
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, R, K, stride_x, stride_q, stride_s,
-                      INTERPRET: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
-    """x [R, K] -> e4m3 q [R, K] and scales s [R, cdiv(K, 128)], one 128-wide group per program column."""
-    enter(PDL)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * 128 + tl.arange(0, 128)
-    ok = (rows < R)[:, None] & (cols < K)[None, :]
-    r64 = rows.to(tl.int64)
-    x = tl.load(x_ptr + r64[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
-    q, scale = _quantize_group(x, INTERPRET)
-    tl.store(q_ptr + r64[:, None] * stride_q + cols[None, :], q, mask=ok)
-    tl.store(s_ptr + r64 * stride_s + tl.program_id(1), scale, mask=rows < R)
 
 
 @triton.jit
@@ -102,14 +59,6 @@ def _scale2d(row_scale, col_scale, SWAP_AB: tl.constexpr):
     else:
         out = row_scale[:, None] * col_scale[None, :]
     return out
-
-
-@triton.jit
-def _store_rounded(ptrs, x, mask, INTERPRET: tl.constexpr):
-    if INTERPRET:
-        if ptrs.dtype.element_ty == tl.bfloat16:
-            x = _rtne_bf16(x)
-    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
 
 
 # Token and slot counts change every call; specialising on them would recompile per batch size.
@@ -209,7 +158,7 @@ def _moe_gemm_kernel(
             else:
                 # One scale per row and 128-wide K group (BLOCK_K == 128), quantised here: cheap
                 # next to the weight stream when few rows share each weight tile.
-                aq, a_scale = _quantize_group(a, INTERPRET)
+                aq, a_scale = quantize_group(a, INTERPRET)
             bs = tl.load(s_base + gate_srow * stride_sn + kb * stride_sk, mask=n_ok, other=0.0)
             acc += _dot(aq, b, None, SWAP_AB) * _scale2d(a_scale, bs, SWAP_AB)
             if GATED:
@@ -248,7 +197,7 @@ def _moe_gemm_kernel(
     if MUL_WEIGHT:
         acc *= tl.load(topk_w_ptr + slot, mask=row_ok, other=0.0)[:, None]
     c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :]
-    _store_rounded(c_ptrs, acc, row_ok[:, None] & n_ok[None, :], INTERPRET)
+    store_rounded(c_ptrs, acc, row_ok[:, None] & n_ok[None, :], INTERPRET)
 
 
 @triton.jit(do_not_specialize=["E"])
@@ -264,7 +213,7 @@ def _combine_kernel(y_ptr, ids_ptr, out_ptr, H, E, stride_y, stride_o,
         e = tl.load(ids_ptr + t * K + j)
         limit = tl.where((e >= 0) & (e < E), H, 0)  # slots of experts held elsewhere were never written
         acc += tl.load(y_ptr + (t * K + j) * stride_y + offs, mask=offs < limit, other=0.0).to(tl.float32)
-    _store_rounded(out_ptr + t * stride_o + offs, acc, h_ok, INTERPRET)
+    store_rounded(out_ptr + t * stride_o + offs, acc, h_ok, INTERPRET)
 
 
 @functools.lru_cache(maxsize=None)
@@ -297,18 +246,6 @@ def plan_slots(topk_ids: torch.Tensor, num_experts: int, config: MoeConfig) -> S
     """Step 1 (or nothing, on the per-slot path): the walk of both GEMMs for topk_ids [T, k]."""
     runs = None if config.per_slot else align_block_size(topk_ids, num_experts, config.block_m)
     return SlotPlan(topk_ids.reshape(-1), topk_ids.shape[1], num_experts, config.block_m, runs)
-
-
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, K] bf16 -> (e4m3 [R, K], float32 scales [R, cdiv(K, 128)]), as the FP8 GEMMs quantise."""
-    r, k = x.shape
-    q = empty(r, k, dtype=torch.float8_e4m3fn, device=x.device)
-    s = empty(r, triton.cdiv(k, FP8_GROUP), dtype=torch.float32, device=x.device)
-    block_r = 16
-    _act_quant_kernel[(triton.cdiv(r, block_r), triton.cdiv(k, FP8_GROUP))](
-        x, q, s, r, k, x.stride(0), q.stride(0), s.stride(0), INTERPRET=interpreting(), BLOCK_R=block_r, num_warps=4,
-        **launch_args(x))
-    return q, s
 
 
 def _descriptor(t: torch.Tensor | None, rows: int, cols: int, wanted: bool):
@@ -389,6 +326,13 @@ def combine(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, dtype: to
     return out
 
 
+def gemv_down(act: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+              cfg: GemvConfig) -> torch.Tensor:
+    """Steps 3 and 4 on the GEMV path (MoeConfig.gemv): out [T, H] from act [T*k, I] and float32 topk_w."""
+    y = moe_gemv.down(act, weights, topk_ids.view(-1), topk_w.view(-1), topk_ids.shape[1], cfg)
+    return y if cfg.combine else combine(y, topk_ids, weights.num_experts, act.dtype)
+
+
 def select_config(hidden: torch.Tensor, weights: ExpertWeights, top_k: int) -> MoeConfig:
     """The table's (or the default) configuration for this call's shape, GPU and token count."""
     t, h = hidden.shape
@@ -414,6 +358,9 @@ def fused_experts(
     if t == 0:
         return empty(0, h, dtype=hidden.dtype, device=hidden.device)
     cfg = config or select_config(hidden, weights, topk_ids.shape[1])
+    if cfg.gemv is not None and moe_gemv.supports(weights):
+        act = moe_gemv.gate_up(hidden, weights, topk_ids.view(-1), topk_ids.shape[1], cfg.gemv)
+        return gemv_down(act, weights, topk_ids, topk_w, cfg.gemv)
     plan = plan_slots(topk_ids, weights.num_experts, cfg)
     act = gate_up(hidden, weights, plan, cfg.up, cfg.prequant)
     y = down(act, weights, plan, topk_w, cfg.down, cfg.prequant)

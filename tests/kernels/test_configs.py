@@ -5,7 +5,7 @@ import json
 import pytest
 
 from moeserve.kernels import configs
-from moeserve.kernels.configs import GemmConfig, MoeConfig
+from moeserve.kernels.configs import GemmConfig, GemvConfig, MoeConfig
 
 
 def test_nearest_bucket_and_default(tmp_path, monkeypatch):
@@ -85,7 +85,15 @@ def test_shipped_tables_parse():
                 MoeConfig.from_dict(entry)  # validates
 
 
+def test_gemv_config_round_trips():
+    cfg = MoeConfig(gemv=GemvConfig(up_rows=2, down_rows=16, up_warps=8, down_warps=4, combine=False))
+    assert MoeConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert MoeConfig.from_dict(MoeConfig().to_dict()).gemv is None
+
+
 def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="up_rows"):
+        GemvConfig(up_rows=3)
     with pytest.raises(ValueError, match="block_n"):
         GemmConfig(block_n=48)
     with pytest.raises(ValueError, match="block_m"):

@@ -12,7 +12,7 @@ from kernel_cases import DEVICE, ON_GPU, ROW_TOL, TOL, gpu, random_experts, rand
 
 from moeserve.kernels import fused_moe
 from moeserve.kernels import reference as ref
-from moeserve.kernels.configs import GemmConfig, MoeConfig, default_config
+from moeserve.kernels.configs import GemmConfig, GemvConfig, MoeConfig, default_config
 from moeserve.kernels.weights import ExpertWeights, quantize_experts
 
 # Small tiles so that the CPU interpreter's tiny shapes still span several blocks in every dimension.
@@ -28,6 +28,13 @@ PER_SLOT_TMA = MoeConfig(16, GemmConfig(block_n=16, block_k=32, tma=True), GemmC
 SMALL_SWAP = MoeConfig(16, GemmConfig(block_n=16, block_k=32, swap_ab=True), GemmConfig(block_n=32, block_k=32, swap_ab=True))
 PER_SLOT_SWAP = MoeConfig(16, GemmConfig(block_n=16, block_k=32, swap_ab=True),
                           GemmConfig(block_n=32, block_k=32, swap_ab=True), per_slot=True)
+# The expert GEMVs (moe_gemv.py): per-slot down rows summed by the combine kernel, or combined in the GEMV.
+GEMV = MoeConfig(gemv=GemvConfig(up_rows=8, down_rows=16, combine=False))
+GEMV_COMBINE = MoeConfig(gemv=GemvConfig(up_rows=4, down_rows=8, up_warps=8, combine=True))
+# FP8 activations quantised by their own launch before each GEMV
+GEMV_PREQUANT = MoeConfig(gemv=GemvConfig(up_rows=8, down_rows=16, combine=False, up_prequant=True, down_prequant=True))
+GEMV_COMBINE_PREQUANT = MoeConfig(gemv=GemvConfig(up_rows=4, down_rows=8, combine=True, up_prequant=True,
+                                                  down_prequant=True))
 
 
 def oracle(hidden, weights: ExpertWeights, ids, w):
@@ -72,6 +79,11 @@ CASES = [  # (T, H, I, E, k, drop, config)
     (21, 64, 32, 6, 2, 0.3, SMALL_SWAP),
     (1, 80, 48, 8, 3, 0.0, PER_SLOT_SWAP),  # swapped on the per-slot decode path
     (11, 64, 32, 4, 3, 0.3, PER_SLOT_SWAP),
+    (1, 64, 32, 8, 2, 0.0, GEMV),  # the GEMVs at one token
+    (1, 80, 48, 8, 3, 0.0, GEMV_COMBINE),  # H and I not multiples of the columns per program
+    (5, 64, 32, 4, 4, 0.0, GEMV_COMBINE),  # top-k == number of experts, experts shared by tokens
+    (11, 80, 48, 6, 3, 0.3, GEMV),  # slots held elsewhere
+    (11, 80, 48, 6, 3, 0.3, GEMV_COMBINE),
 ]
 
 
@@ -120,6 +132,19 @@ def test_quantized_match_dequantized_reference(quant, prequant, tma, swap, t, h,
     cfg = MoeConfig(16, GemmConfig(block_n=32, block_k=128, tma=tma, swap_ab=swap),
                     GemmConfig(block_n=64, block_k=128, tma=tma, swap_ab=swap), per_slot=t == 1, prequant=prequant)
     check(hidden, weights, ids, w, cfg)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "int8"])
+@pytest.mark.parametrize("config", [GEMV, GEMV_COMBINE, GEMV_PREQUANT, GEMV_COMBINE_PREQUANT],
+                         ids=["gemv", "gemv_combine", "gemv_prequant", "gemv_combine_prequant"])
+@pytest.mark.parametrize("t,h,i,e,k,drop", QUANT_SHAPES)
+def test_quantized_gemv_matches_dequantized_reference(quant, config, t, h, i, e, k, drop, gen):
+    """The GEMVs quantise each activation row per 128-wide group themselves, or read rows quantised
+    by their own launch (FP8; INT8 ignores it); H = 160 and I = 96 / 192 leave partial scale groups."""
+    hidden = random_hidden(t, h, gen)
+    weights = quantize_experts(ExpertWeights(*random_experts(e, h, i, gen)), quant)
+    ids, w = random_routing(t, e, k, gen, drop=drop)
+    check(hidden, weights, ids, w, config)
 
 
 @pytest.mark.parametrize("r,k", [(1, 128), (37, 200)])
@@ -212,6 +237,19 @@ def test_real_shapes_swapped(quant, name, t, gen):
     dn = dataclasses.replace(cfg.down, block_n=64, swap_ab=True)
     for prequant in ([False, True] if quant == "fp8" else [False]):
         check(hidden, weights, ids, w, MoeConfig(16, up, dn, cfg.per_slot, prequant))
+
+
+@gpu
+@pytest.mark.parametrize("quant", ["bf16", "fp8", "int8"])
+@pytest.mark.parametrize("name", list(REAL))
+@pytest.mark.parametrize("t", [1, 4])
+@pytest.mark.parametrize("combine", [False, True])
+def test_real_shapes_gemv(quant, name, t, combine, gen):
+    """The expert GEMVs at decode sizes, whatever the table picked; FP8 also with prequantised rows."""
+    hidden, weights, ids, w, _ = real_problem(name, t, quant, gen)
+    for prequant in ([False, True] if quant == "fp8" else [False]):
+        check(hidden, weights, ids, w, MoeConfig(gemv=GemvConfig(up_rows=2, down_rows=2, combine=combine,
+                                                                 up_prequant=prequant, down_prequant=prequant)))
 
 
 def test_warm_up_runs_each_launch_signature_once(gen, monkeypatch):

@@ -12,7 +12,7 @@ from moeserve.kernels.weights import ExpertWeights, quantize_experts
 def test_moe_and_gating_kernels_compile_for_hopper(gen):
     """Every specialisation the MoE and gating wrappers launch (bf16, FP8 and INT8 weights; one token
     through the per-slot path, a batch through the permutation; FP8 activations quantised up front or
-    in the GEMM; TMA loads; swapped operands), recorded from interpreter runs in bf16, compiles for
+    in the GEMM; TMA loads; swapped operands; the expert GEMVs), recorded from interpreter runs in bf16, compiles for
     sm_90: the interpreter checks values, not types. Run through the interpreter only (on a GPU they simply run)."""
     from moeserve.kernels import launch
 
@@ -21,7 +21,7 @@ def test_moe_and_gating_kernels_compile_for_hopper(gen):
     from hopper_compile import LaunchRecorder, compile_for_hopper
 
     from moeserve.kernels import fused_moe, gating
-    from moeserve.kernels.configs import GemmConfig, MoeConfig
+    from moeserve.kernels.configs import GemmConfig, GemvConfig, MoeConfig
 
     e, h, i, k = 8, 128, 128, 2
     w13, w2 = random_experts(e, h, i, gen)
@@ -35,7 +35,10 @@ def test_moe_and_gating_kernels_compile_for_hopper(gen):
                            (37, MoeConfig(16, small, small)),
                            (37, MoeConfig(16, small, small, prequant=weights.quant == "fp8")),
                            (37, MoeConfig(16, tma, tma, prequant=weights.quant == "fp8")),
-                           (1, MoeConfig(16, swapped, swapped, per_slot=True, prequant=weights.quant == "fp8"))):
+                           (1, MoeConfig(16, swapped, swapped, per_slot=True, prequant=weights.quant == "fp8")),
+                           (1, MoeConfig(gemv=GemvConfig(combine=False))),
+                           (3, MoeConfig(gemv=GemvConfig(combine=True))),
+                           (1, MoeConfig(gemv=GemvConfig(up_prequant=True, down_prequant=True)))):
                 ids, w = random_routing(t, e, k, gen)
                 fused_moe.fused_experts(random_hidden(t, h, gen), weights, ids, w, cfg)
         logits = torch.randn(37, 64, generator=gen).bfloat16()
@@ -48,5 +51,6 @@ def test_moe_and_gating_kernels_compile_for_hopper(gen):
     assert len(jobs) >= 10
     assert any("tensordesc" in t for j in jobs for t in j.types.values())  # the TMA loads were taken
     assert {j.kernel for j in jobs} >= {"_moe_gemm_kernel", "_combine_kernel", "_act_quant_kernel",
+                                        "_gemv_up_kernel", "_gemv_down_kernel",
                                         "_softmax_topk_kernel", "_grouped_topk_kernel", "_router_logits_kernel"}
     assert compile_for_hopper(jobs) == {}

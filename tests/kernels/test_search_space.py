@@ -5,8 +5,9 @@ import dataclasses
 import pytest
 
 from moeserve.kernels.configs import MoeConfig
-from moeserve.kernels.search_space import (SMEM_LIMIT, block_m_choices, gemm_choices, per_slot_choices,
-                                           prequant_choices, rows_per_expert, smem_bytes)
+from moeserve.kernels.search_space import (SMEM_LIMIT, block_m_choices, gemm_choices, gemv_down_choices,
+                                           gemv_tile, gemv_up_choices, per_slot_choices, prequant_choices,
+                                           rows_per_expert, smem_bytes)
 
 
 def test_block_m_follows_rows_per_expert():
@@ -49,3 +50,17 @@ def test_swapped_tiles_only_where_weight_rows_fill_a_warpgroup_tile(quant):
     assert swapped and all(c.block_n >= 64 for c in swapped)
     assert {dataclasses.replace(c, swap_ab=False) for c in swapped} <= set(small)  # each beside its unswapped twin
     assert not any(c.swap_ab for c in gemm_choices(64, quant, True))  # 64-row tiles fill it already
+
+
+@pytest.mark.parametrize("quant", ["bf16", "fp8", "int8"])
+def test_gemv_candidates_fit_registers_and_stop_past_few_tokens(quant):
+    """The expert GEMVs are tried at decode sizes only, with tiles that fit gemv_tile(): qwen3's H 2048
+    and I 768 (padded to 1024), top-8, whose combined down program holds eight slots' rows."""
+    up = gemv_up_choices(1, 2048, quant)
+    down = gemv_down_choices(1, 768, 8, quant)
+    assert up and down and len(set(up)) == len(up) and len(set(down)) == len(down)
+    assert all(2 * rows * 2048 <= gemv_tile(quant) for rows, _ in up)
+    assert all((8 if combine else 1) * rows * 1024 <= gemv_tile(quant) for rows, _, combine in down)
+    assert gemv_tile("fp8") == 2 * gemv_tile("bf16")  # the same bytes in flight
+    assert {combine for _, _, combine in down} == {False, True}
+    assert gemv_up_choices(16, 2048, quant) == gemv_down_choices(16, 768, 8, quant) == []

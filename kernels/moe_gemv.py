@@ -1,0 +1,235 @@
+"""Expert GEMVs for decode-size calls (one token, or a few): the fused expert MLP without tensor cores.
+
+At one token each of the k experts sees one row, so the tensor-core GEMMs of fused_moe.py use one
+row of their tile, and a call is bounded by how fast its programs stream the weights. On an H200 a
+one-token Qwen3-30B-A3B call took 26.0 us in bf16 and 22.3 us in FP8 against 17.8 and 8.9 us of
+HBM time: FP8 paid two activation-quantisation launches and the GEMMs' ramps, which halving the
+bytes does not shorten. Here, as in gemv.py, every program holds whole weight rows in registers
+and reduces them with float32 multiply-adds:
+
+1. gate_up: grid (slots, I / UP_ROWS). A program reads its slot's expert, its UP_ROWS gate and up
+   rows and the token's row, and writes act[slot] = silu(gate) * up for those columns.
+2. down: grid (slots, H / DOWN_ROWS), writing y[slot] = w[slot] * act[slot] @ w2[e].T, summed per
+   token by fused_moe.combine; or, with GemvConfig.combine, grid (tokens, H / DOWN_ROWS): a program
+   takes the token's k slots at once and writes the combined row, one launch fewer.
+
+The down programs read the expert ids, routing weights and down rows *before* their programmatic-
+dependent-launch wait (pdl.py), so that weight stream overlaps the gate/up kernel's tail. That is
+safe because ids and weights come from the gating, two launches back: the gate/up kernel in between
+waits for the gating before it lets this kernel launch. Only the activations, the gate/up kernel's
+own output, are read after the wait.
+
+FP8 (e4m3, 128x128 block scales): each program quantises its activation row per 128-wide group
+itself (DeepSeek-V3 act_quant, as fused_moe's GEMMs do), or, with GemvConfig.up_prequant /
+down_prequant, one launch quantises the rows before the GEMV; the activation and weight scales are
+folded into the activation vector (_fp8_operand), so the weights are only widened.
+INT8: per-output-channel scales. A row's result does not depend on the call's other rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import GemvConfig
+from .launch import empty, interpreting
+from .numerics import FP8_GROUP, quantize_activations, quantize_group, rtne_bf16, store_rounded
+from .pdl import enter, launch_args
+from .weights import ExpertWeights
+
+MAX_K = 16384  # reduction length a program holds in registers (H for gate/up, I for down)
+QUANT_CODES = {"bf16": 0, "fp8": 1, "int8": 2}
+
+
+@triton.jit
+def _fp8_groups(x, KP: tl.constexpr, INTERPRET: tl.constexpr):
+    """Activations x [R, KP] float32 quantised per 128-wide group (act_quant): the e4m3 values as
+    float32 [R * KP // 128, 128] and each group's scale [R * KP // 128]."""
+    R: tl.constexpr = x.shape[0]
+    q, s = quantize_group(tl.reshape(x, [R * (KP // 128), 128]), INTERPRET)
+    return q.to(tl.float32), s
+
+
+@triton.jit
+def _fp8_operand(q, s, w_scale, KP: tl.constexpr):
+    """The float32 [R, KP] that e4m3 weight rows are dotted with: the groups q of _fp8_groups times
+    their scales s and the weights' block scales w_scale [R, KP // 128]. A program's rows lie in one
+    128-row scale block, so one weight scale per group covers all of them and the weights are only
+    widened, never scaled."""
+    R: tl.constexpr = w_scale.shape[0]
+    return tl.reshape(q * (s * tl.reshape(w_scale, [R * (KP // 128)]))[:, None], [R, KP])
+
+
+@triton.jit
+def _round_as(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """x (float32) rounded to dtype and back, as a store of it and a reload would give."""
+    out = x.to(dtype).to(tl.float32)
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            out = rtne_bf16(x)
+    return out
+
+
+@triton.jit(do_not_specialize=["E", "top_k", "gate_scale_rows"])
+def _gemv_up_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, ids_ptr, act_ptr, I, K, E, top_k, gate_scale_rows,
+                    stride_x, stride_xs, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_act,
+                    QUANT: tl.constexpr, PREQUANT: tl.constexpr, INTERPRET: tl.constexpr, ROWS: tl.constexpr,
+                    KP: tl.constexpr, PDL: tl.constexpr):
+    """act[slot, n] = silu(x[slot // top_k] . gate[e, n]) * (x[slot // top_k] . up[e, n]) for ROWS columns.
+    PREQUANT (FP8): x is already e4m3, with its group scales at xs_ptr."""
+    slot = tl.program_id(0)
+    n = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    k = tl.arange(0, KP)
+    n_ok = n < I
+    k_ok = k < K
+    enter(PDL)  # the ids are the gating's output, the kernel just before
+    e = tl.load(ids_ptr + slot)
+    if (e < 0) | (e >= E):
+        return
+    e64 = e.to(tl.int64)
+    w_rows = w_ptr + e64 * stride_we + k[None, :]
+    mask = n_ok[:, None] & k_ok[None, :]
+    wg = tl.load(w_rows + n[:, None].to(tl.int64) * stride_wn, mask=mask, other=0.0)
+    wu = tl.load(w_rows + (n + I)[:, None].to(tl.int64) * stride_wn, mask=mask, other=0.0)
+    token = (slot // top_k).to(tl.int64)
+    x = tl.load(x_ptr + token * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    xg = x
+    xu = x
+    if QUANT == 1:
+        grp = tl.arange(0, KP // 128)
+        s_row = s_ptr + e64 * stride_se + grp * stride_sk
+        s_ok = grp < tl.cdiv(K, 128)
+        block = tl.program_id(1) * ROWS // 128
+        sg = tl.load(s_row + block * stride_sn, mask=s_ok, other=0.0)
+        su = tl.load(s_row + (gate_scale_rows + block) * stride_sn, mask=s_ok, other=0.0)
+        if PREQUANT:
+            q = tl.reshape(x, [KP // 128, 128])
+            qs = tl.load(xs_ptr + token * stride_xs + grp, mask=s_ok, other=0.0)
+        else:
+            q, qs = _fp8_groups(x, KP, INTERPRET)  # once for the gate and the up rows
+        xg = _fp8_operand(q, qs, sg[None, :], KP)
+        xu = _fp8_operand(q, qs, su[None, :], KP)
+    g = tl.sum(wg.to(tl.float32) * xg, axis=1)
+    u = tl.sum(wu.to(tl.float32) * xu, axis=1)
+    if QUANT == 2:  # per output channel
+        s_row = s_ptr + e64 * stride_se
+        g *= tl.load(s_row + n * stride_sn, mask=n_ok, other=0.0)
+        u *= tl.load(s_row + (I + n) * stride_sn, mask=n_ok, other=0.0)
+    store_rounded(act_ptr + slot.to(tl.int64) * stride_act + n, g / (1.0 + tl.exp(-g)) * u, n_ok, INTERPRET)
+
+
+@triton.jit(do_not_specialize=["E"])
+def _gemv_down_kernel(act_ptr, as_ptr, w_ptr, s_ptr, ids_ptr, tw_ptr, out_ptr, H, K, E,
+                      stride_act, stride_as, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_out,
+                      SLOTS: tl.constexpr, SLOTS_P: tl.constexpr, QUANT: tl.constexpr, PREQUANT: tl.constexpr,
+                      INTERPRET: tl.constexpr, ROWS: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr):
+    """Program (r, n-block) takes the SLOTS slots r*SLOTS .. r*SLOTS + SLOTS - 1 and writes
+    out[r, n] = sum over those held of round(w[slot] * act[slot] . w2[e, n]), in float32. SLOTS = 1:
+    one slot's row (fused_moe.combine sums them); SLOTS = top_k: the token's combined row. PREQUANT
+    (FP8): act is already e4m3, with its group scales at as_ptr."""
+    r = tl.program_id(0)
+    n = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    k = tl.arange(0, KP)
+    j = tl.arange(0, SLOTS_P)
+    n_ok = n < H
+    k_ok = k < K
+    slot = r * SLOTS + j
+    # Before the wait: ids, routing weights and down rows come from before the gate/up kernel (module docstring).
+    e = tl.load(ids_ptr + slot, mask=j < SLOTS, other=-1)
+    held = (j < SLOTS) & (e >= 0) & (e < E)
+    e64 = tl.where(held, e, 0).to(tl.int64)
+    rows = held[:, None] & n_ok[None, :]  # [SLOTS_P, ROWS]
+    w = tl.load(w_ptr + e64[:, None, None] * stride_we + n[None, :, None].to(tl.int64) * stride_wn
+                + k[None, None, :], mask=rows[:, :, None] & k_ok[None, None, :], other=0.0)
+    tw = tl.load(tw_ptr + slot, mask=held, other=0.0)
+    ws = 0.0
+    if QUANT == 1:  # [SLOTS_P, KP // 128]: the program's rows share one 128-row scale block
+        grp = tl.arange(0, KP // 128)
+        ws = tl.load(s_ptr + e64[:, None] * stride_se + (tl.program_id(1) * ROWS // 128) * stride_sn
+                     + grp[None, :] * stride_sk, mask=held[:, None] & (grp < tl.cdiv(K, 128))[None, :], other=0.0)
+    elif QUANT == 2:
+        ws = tl.load(s_ptr + e64[:, None] * stride_se + n[None, :] * stride_sn, mask=rows, other=0.0)
+    enter(PDL)
+    a = tl.load(act_ptr + slot.to(tl.int64)[:, None] * stride_act + k[None, :], mask=held[:, None] & k_ok[None, :],
+                other=0.0).to(tl.float32)
+    if QUANT == 1:
+        if PREQUANT:
+            q = tl.reshape(a, [SLOTS_P * (KP // 128), 128])
+            qs = tl.load(as_ptr + slot.to(tl.int64)[:, None] * stride_as + grp[None, :],
+                         mask=held[:, None] & (grp < tl.cdiv(K, 128))[None, :], other=0.0)
+            qs = tl.reshape(qs, [SLOTS_P * (KP // 128)])
+        else:
+            q, qs = _fp8_groups(a, KP, INTERPRET)
+        a = _fp8_operand(q, qs, ws, KP)
+    y = tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)  # [SLOTS_P, ROWS]
+    if QUANT == 2:
+        y *= ws
+    y *= tw[:, None]
+    y = _round_as(y, out_ptr.dtype.element_ty, INTERPRET)  # as y[slot] is stored before fused_moe's combine
+    store_rounded(out_ptr + r.to(tl.int64) * stride_out + n, tl.sum(y, axis=0), n_ok, INTERPRET)
+
+
+def _check(cfg: GemvConfig) -> None:
+    if max(cfg.up_rows, cfg.down_rows) > FP8_GROUP:
+        raise ValueError(f"GEMV programs take at most {FP8_GROUP} columns (one FP8 scale block), got {cfg}")
+
+
+def supports(weights: ExpertWeights) -> bool:
+    """Whether the GEMVs take these experts: both reduction lengths held in registers."""
+    return max(weights.hidden_size, weights.intermediate_size) <= MAX_K
+
+
+def padded_k(k: int, quant: str) -> int:
+    """The register width of a reduction of length k (a power of two; FP8 whole 128-wide groups)."""
+    return max(FP8_GROUP if quant == "fp8" else 16, triton.next_power_of_2(k))
+
+
+def _activations(x: torch.Tensor, weights: ExpertWeights, prequant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, scales) a GEMV reads: FP8 with prequant, x quantised once here (e4m3 and its group
+    scales); otherwise x twice (the kernel ignores the second)."""
+    if prequant and weights.quant == "fp8":
+        return quantize_activations(x)
+    return x, x
+
+
+def _scale_strides(scale: torch.Tensor | None) -> tuple[int, int, int]:
+    if scale is None:
+        return 0, 0, 0
+    return tuple(scale.stride()) + (0,) * (3 - scale.dim())
+
+
+def gate_up(hidden: torch.Tensor, weights: ExpertWeights, ids: torch.Tensor, top_k: int,
+            cfg: GemvConfig) -> torch.Tensor:
+    """act [S, I] for flat ids [S] (rows of slots whose expert is not held here stay unwritten)."""
+    _check(cfg)
+    h, inter = weights.hidden_size, weights.intermediate_size
+    act = empty(ids.numel(), inter, dtype=hidden.dtype, device=hidden.device)
+    scale = weights.w13_scale
+    x, xs = _activations(hidden, weights, cfg.up_prequant)
+    _gemv_up_kernel[(ids.numel(), triton.cdiv(inter, cfg.up_rows))](
+        x, xs, weights.w13, weights.w13 if scale is None else scale, ids, act, inter, h, weights.num_experts,
+        top_k, triton.cdiv(inter, FP8_GROUP), x.stride(0), xs.stride(0), weights.w13.stride(0), weights.w13.stride(1),
+        *_scale_strides(scale), act.stride(0),
+        QUANT=QUANT_CODES[weights.quant], PREQUANT=xs is not x, INTERPRET=interpreting(), ROWS=cfg.up_rows,
+        KP=padded_k(h, weights.quant), num_warps=cfg.up_warps, **launch_args(hidden))
+    return act
+
+
+def down(act: torch.Tensor, weights: ExpertWeights, ids: torch.Tensor, topk_w: torch.Tensor, top_k: int,
+         cfg: GemvConfig) -> torch.Tensor:
+    """With cfg.combine, out [T, H] (the tokens' combined rows); else y [S, H], each slot's row times its
+    routing weight, for fused_moe.combine. ids and float32 topk_w are flat [S]."""
+    _check(cfg)
+    h, inter = weights.hidden_size, weights.intermediate_size
+    slots = top_k if cfg.combine else 1
+    out = empty(ids.numel() // slots, h, dtype=act.dtype, device=act.device)
+    scale = weights.w2_scale
+    a, a_s = _activations(act, weights, cfg.down_prequant)
+    _gemv_down_kernel[(out.shape[0], triton.cdiv(h, cfg.down_rows))](
+        a, a_s, weights.w2, weights.w2 if scale is None else scale, ids, topk_w, out, h, inter, weights.num_experts,
+        a.stride(0), a_s.stride(0), weights.w2.stride(0), weights.w2.stride(1), *_scale_strides(scale),
+        out.stride(0), SLOTS=slots, SLOTS_P=triton.next_power_of_2(slots), QUANT=QUANT_CODES[weights.quant],
+        PREQUANT=a_s is not a, INTERPRET=interpreting(), ROWS=cfg.down_rows, KP=padded_k(inter, weights.quant),
+        num_warps=cfg.down_warps, **launch_args(act))
+    return out
