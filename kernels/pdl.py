@@ -9,9 +9,13 @@ memory, then lets the next kernel be launched at once. Launched with `launch_pdl
 what orders it after its predecessor; launched plainly (PDL off, another kernel library, or the
 CPU interpreter), the stream orders it as usual and `enter` does nothing.
 
-The chain stays safe because every PDL kernel waits before it reads or writes: when kernel N+1
-runs past its wait, kernel N has completed, and kernel N had itself waited for N-1. Captured in a
-CUDA graph, the launches become programmatic edges and replay the same way.
+The chain stays safe because every PDL kernel waits before it writes, and lets the next one launch
+only after its wait: when kernel N+1 starts, kernel N-1 and everything before it have completed.
+So before its wait a kernel may read weights (no step writes them) and anything kernel N does not
+write (gemv.py's weight rows; moe_gemv.py's down GEMV reads the gating's expert ids and routing
+weights, two launches back, and its weights). A plainly launched kernel never lets the next one
+start before it completes. Captured in a CUDA graph, the launches become programmatic edges and
+replay the same way.
 
 MOESERVE_PDL=0 launches every kernel plainly (for measuring what it brings, or ruling it out).
 """
