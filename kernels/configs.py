@@ -20,6 +20,13 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
+def _check_powers_of_two(config, names: tuple[str, ...]) -> None:
+    for name in names:
+        v = getattr(config, name)
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{type(config).__name__}.{name} must be a power of two, got {v}")
+
+
 @dataclass(frozen=True)
 class GemmConfig:
     """Tile and launch parameters of one grouped GEMM (block_m is shared, see MoeConfig); tma: weight
@@ -36,10 +43,7 @@ class GemmConfig:
     swap_ab: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("block_n", "block_k", "num_warps"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"GemmConfig.{name} must be a power of two, got {v}")
+        _check_powers_of_two(self, ("block_n", "block_k", "num_warps"))
         if self.block_n < 16 or self.block_k < 16:
             raise ValueError("GemmConfig.block_n and block_k must be >= 16 (tensor-core tile)")
         if self.num_stages < 1 or self.group_m < 1:
@@ -62,10 +66,7 @@ class GemvConfig:
     down_prequant: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("up_rows", "down_rows", "up_warps", "down_warps"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"GemvConfig.{name} must be a power of two, got {v}")
+        _check_powers_of_two(self, ("up_rows", "down_rows", "up_warps", "down_warps"))
 
 
 @dataclass(frozen=True)
