@@ -15,9 +15,9 @@ and reduces them with float32 multiply-adds:
 
 The down programs read the expert ids, routing weights and down rows *before* their programmatic-
 dependent-launch wait (pdl.py), so that weight stream overlaps the gate/up kernel's tail. That is
-safe because ids and weights come from the gating, two launches back: the gate/up kernel in between
-waits for the gating before it lets this kernel launch. Only the activations, the gate/up kernel's
-own output, are read after the wait.
+safe because ids and weights come from the gating, two or more launches back: the kernels in between
+(the gate/up GEMV, and an activation-quantisation launch with prequant) wait before they let the next
+one launch (pdl.py). The activations, written by the kernel just before, are read after the wait.
 
 FP8 (e4m3, 128x128 block scales): each program quantises its activation row per 128-wide group
 itself (DeepSeek-V3 act_quant, as fused_moe's GEMMs do), or, with GemvConfig.up_prequant /
