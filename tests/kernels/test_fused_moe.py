@@ -137,10 +137,11 @@ def test_quantized_match_dequantized_reference(quant, prequant, tma, swap, t, h,
 @pytest.mark.parametrize("quant", ["fp8", "int8"])
 @pytest.mark.parametrize("config", [GEMV, GEMV_COMBINE, GEMV_PREQUANT, GEMV_COMBINE_PREQUANT],
                          ids=["gemv", "gemv_combine", "gemv_prequant", "gemv_combine_prequant"])
-@pytest.mark.parametrize("t,h,i,e,k,drop", QUANT_SHAPES)
+@pytest.mark.parametrize("t,h,i,e,k,drop", [(1, 128, 64, 8, 2, 0.0), (4, 256, 192, 6, 3, 0.2), (6, 160, 96, 4, 4, 0.0)])
 def test_quantized_gemv_matches_dequantized_reference(quant, config, t, h, i, e, k, drop, gen):
     """The GEMVs quantise each activation row per 128-wide group themselves, or read rows quantised
-    by their own launch (FP8; INT8 ignores it); H = 160 and I = 96 / 192 leave partial scale groups."""
+    by their own launch (FP8; INT8 ignores it), at decode sizes; H = 160 and I = 96 / 192 leave
+    partial scale groups."""
     hidden = random_hidden(t, h, gen)
     weights = quantize_experts(ExpertWeights(*random_experts(e, h, i, gen)), quant)
     ids, w = random_routing(t, e, k, gen, drop=drop)
