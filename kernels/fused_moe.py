@@ -32,11 +32,9 @@ from . import moe_gemv
 from .align import Alignment, align_block_size, counting_plan
 from .configs import GemmConfig, GemvConfig, MoeConfig, get_config
 from .launch import empty, interpreting
-from .numerics import FP8_GROUP, quantize_activations, quantize_group, store_rounded
+from .numerics import FP8_GROUP, QUANT_CODES, quantize_activations, quantize_group, store_rounded
 from .pdl import enter, launch_args
 from .weights import ExpertWeights
-
-QUANT_CODES = {"bf16": 0, "fp8": 1, "int8": 2}
 
 
 @triton.jit

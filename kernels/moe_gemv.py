@@ -34,12 +34,11 @@ import triton.language as tl
 
 from .configs import GemvConfig
 from .launch import empty, interpreting
-from .numerics import FP8_GROUP, quantize_activations, quantize_group, rtne_bf16, store_rounded
+from .numerics import FP8_GROUP, QUANT_CODES, quantize_activations, quantize_group, rtne_bf16, store_rounded
 from .pdl import enter, launch_args
 from .weights import ExpertWeights
 
 MAX_K = 16384  # reduction length a program holds in registers (H for gate/up, I for down)
-QUANT_CODES = {"bf16": 0, "fp8": 1, "int8": 2}
 
 
 @triton.jit

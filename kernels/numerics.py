@@ -12,6 +12,7 @@ from .launch import empty, interpreting
 from .pdl import enter, launch_args
 
 FP8_GROUP = 128  # activation and weight scale block along K (DeepSeek-V3)
+QUANT_CODES = {"bf16": 0, "fp8": 1, "int8": 2}  # the expert kernels' QUANT constexpr, by weight format
 
 
 @triton.jit
