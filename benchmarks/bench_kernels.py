@@ -106,7 +106,8 @@ def bench_case(shape: ExpertShape, t: int, bf16: ExpertWeights, fp8: ExpertWeigh
         ms, how = timed(calls, reps)
         lim = limit_ms(min_bytes(shape, t, hit, quant), flops(shape, held), *ceilings)
         row[quant] = {"ms": ms, "timing": how, "limit_ms": lim, "share_of_limit": lim / ms,
-                      "eager_ms": eager_ms(calls, reps=reps), "parts_ms": parts_ms(shape, weights, batches, reps)}
+                      "eager_ms": eager_ms(calls, reps=reps), "parts_ms": parts_ms(shape, weights, batches, reps),
+                      "config": fused_moe.select_config(batches[0].hidden, weights, shape.top_k).to_dict()}
     hf_calls = [functools.partial(hf, b.hidden, b.ids, b.weights.to(torch.bfloat16)) for b in batches]
     ms, how = timed(hf_calls, reps)
     row["hf_grouped_mm"] = {"ms": ms, "timing": how, "eager_ms": eager_ms(hf_calls, reps=reps)}
