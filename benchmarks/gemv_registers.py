@@ -1,0 +1,113 @@
+"""Registers, spills and occupancy of the expert GEMVs (kernels/moe_gemv.py) as a GPU table runs them.
+
+For every one-token entry of a table that takes the GEMV path, compiles the gate/up and the down
+GEMV for Hopper (sm_90) with the constexprs the wrappers pass, reads each cubin's resource usage
+(cuobjdump, shipped with Triton) and prints registers per thread, local-memory (spill) bytes and
+how many warps of the kernel one multiprocessor can hold (65536 registers, at most 64 warps and
+32 blocks). Runs on a machine without a GPU: Triton's compiler and tools run anywhere.
+
+    python benchmarks/gemv_registers.py                      # kernels/configs/NVIDIA_H200.json
+    python benchmarks/gemv_registers.py --table kernels/configs/NVIDIA_H100_80GB_HBM3.json --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from moeserve.kernels import moe_gemv
+from moeserve.kernels.configs import CONFIG_DIR, MoeConfig
+
+REGISTERS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+WEIGHT_TYPES = {"bf16": "*bf16", "fp8": "*fp8e4nv", "int8": "*i8"}
+
+
+def resources(fn, types: dict[str, str], constexprs: dict, num_warps: int) -> dict:
+    """{'REG': .., 'LOCAL': .., 'SHARED': ..} of fn compiled for sm_90 (arguments not typed are i32)."""
+    names = fn.arg_names
+    signature = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in names}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=2))
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"gemv_registers_{os.getpid()}.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    try:
+        out = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        cubin.unlink(missing_ok=True)
+    return {k: int(v) for k, v in re.findall(r"\b(REG|LOCAL|SHARED):(\d+)", out)}
+
+
+def resident_warps(registers: int, num_warps: int) -> int:
+    """Warps of one kernel a multiprocessor holds at once, bounded by registers, warps and blocks."""
+    per_block = max(1, registers) * 32 * num_warps
+    blocks = min(REGISTERS_PER_SM // per_block, MAX_WARPS_PER_SM // num_warps, MAX_BLOCKS_PER_SM)
+    return blocks * num_warps
+
+
+def entry_kernels(key: str, cfg: MoeConfig) -> list[tuple[str, object, dict, dict, int]]:
+    """(label, kernel, argument types, constexprs, warps) of the two GEMVs of one table entry."""
+    fields = dict(part.split("=") for part in key.split(",")[:4])
+    quant = key.split(",")[4]
+    h, inter, top_k = int(fields["H"]), int(fields["I"]), int(fields["k"])
+    g = cfg.gemv
+    fp8 = quant == "fp8"
+    act = "*fp8e4nv" if fp8 and g.up_prequant else "*bf16"
+    up_types = {"x_ptr": act, "xs_ptr": "*fp32" if fp8 and g.up_prequant else act, "w_ptr": WEIGHT_TYPES[quant],
+                "s_ptr": "*fp32", "ids_ptr": "*i64", "act_ptr": "*bf16"}
+    up_consts = dict(QUANT=moe_gemv.QUANT_CODES[quant], PREQUANT=fp8 and g.up_prequant, INTERPRET=False,
+                     ROWS=g.up_rows, KP=moe_gemv.padded_k(h, quant), PDL=True)
+    slots = top_k if g.combine else 1
+    a = "*fp8e4nv" if fp8 and g.down_prequant else "*bf16"
+    down_types = {"act_ptr": a, "as_ptr": "*fp32" if fp8 and g.down_prequant else a, "w_ptr": WEIGHT_TYPES[quant],
+                  "s_ptr": "*fp32", "ids_ptr": "*i64", "tw_ptr": "*fp32", "out_ptr": "*bf16"}
+    down_consts = dict(SLOTS=slots, SLOTS_P=triton.next_power_of_2(slots), QUANT=moe_gemv.QUANT_CODES[quant],
+                       PREQUANT=fp8 and g.down_prequant, INTERPRET=False, ROWS=g.down_rows,
+                       KP=moe_gemv.padded_k(inter, quant), PDL=True)
+    return [(f"{key} gate/up rows={g.up_rows}", moe_gemv._gemv_up_kernel, up_types, up_consts, g.up_warps),
+            (f"{key} down rows={g.down_rows}" + (" combine" if g.combine else ""), moe_gemv._gemv_down_kernel,
+             down_types, down_consts, g.down_warps)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--table", type=Path, default=CONFIG_DIR / "NVIDIA_H200.json")
+    ap.add_argument("--bucket", default="1", help="token bucket of the table (default 1)")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args(argv)
+    table = json.loads(args.table.read_text())
+    rows = []
+    for key, buckets in sorted(table.items()):
+        entry = buckets.get(args.bucket)
+        cfg = MoeConfig.from_dict(entry) if entry else None
+        if cfg is None or cfg.gemv is None:
+            continue
+        for label, fn, types, consts, warps in entry_kernels(key, cfg):
+            use = resources(fn, types, consts, warps)
+            row = {"kernel": label, "warps": warps, "registers": use.get("REG", 0), "spill_bytes": use.get("LOCAL", 0),
+                   "resident_warps": resident_warps(use.get("REG", 0), warps)}
+            rows.append(row)
+            print(f"{label:52s} warps {warps}: {row['registers']:3d} registers, {row['spill_bytes']:4d} B spilled, "
+                  f"{row['resident_warps']:2d} of {MAX_WARPS_PER_SM} warps resident per SM", flush=True)
+    if not rows:
+        print(f"{args.table} has no GEMV entry in bucket {args.bucket}", file=sys.stderr)
+        return 1
+    if args.json:
+        args.json.write_text(json.dumps({"table": str(args.table), "bucket": args.bucket, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
