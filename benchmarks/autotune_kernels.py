@@ -81,20 +81,23 @@ _WORKER_PROBLEMS: dict = {}
 
 
 def _compile_one(task) -> str | None:
-    """Launch one candidate on a one-token, one-expert problem of the real H and I, so that Triton
-    compiles exactly the specialisation the timing loop will use and caches it on disk."""
+    """Launch one candidate on a one-token problem of the real H and I, so that Triton compiles
+    exactly the specialisation the timing loop will use and caches it on disk: one expert for the
+    GEMMs; for the GEMVs, whose down kernel specialises on top_k, top_k experts and slots."""
     name, quant, lay, gemm, cfg = task
-    key = (name, quant)
+    gemv = gemm.startswith("gemv")
+    key = (name, quant, gemv)
     if key not in _WORKER_PROBLEMS:
         s = SHAPES[name]
-        one = ExpertShape(s.name, s.hidden, s.inter, 1, 1)
+        k = s.top_k if gemv else 1
+        small = ExpertShape(s.name, s.hidden, s.inter, k, k)
         gen = torch.Generator(device="cuda").manual_seed(0)
-        _WORKER_PROBLEMS[key] = (random_experts(one, quant, gen), random_batch(one, 1, gen))
+        _WORKER_PROBLEMS[key] = (random_experts(small, quant, gen), random_batch(small, 1, gen))
     weights, batch = _WORKER_PROBLEMS[key]
     try:
-        if gemm.startswith("gemv"):
-            act = moe_gemv.gate_up(batch.hidden, weights, batch.ids.view(-1), 1, cfg)
-            if gemm == "gemv_down":  # one slot: combine or not, the kernel's SLOTS differ from the real k's
+        if gemv:
+            act = moe_gemv.gate_up(batch.hidden, weights, batch.ids.view(-1), batch.ids.shape[1], cfg)
+            if gemm == "gemv_down":
                 fused_moe.gemv_down(act, weights, batch.ids, batch.weights, cfg)
             torch.cuda.synchronize()
             return None

@@ -65,7 +65,7 @@ def timed(calls, reps: int) -> tuple[float, str]:
 def parts_ms(shape: ExpertShape, weights: ExpertWeights, batches, reps: int) -> dict:
     """Each step of the call alone, at the configuration the call uses: where the time goes."""
     cfg = fused_moe.select_config(batches[0].hidden, weights, shape.top_k)
-    if cfg.gemv is not None and moe_gemv.supports(weights):
+    if fused_moe.uses_gemv(cfg, weights):
         k, g = shape.top_k, cfg.gemv
         acts = [moe_gemv.gate_up(b.hidden, weights, b.ids.view(-1), k, g) for b in batches]
         steps = {"gemv_gate_up": [functools.partial(moe_gemv.gate_up, b.hidden, weights, b.ids.view(-1), k, g)

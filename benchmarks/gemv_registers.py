@@ -63,19 +63,16 @@ def entry_kernels(key: str, cfg: MoeConfig) -> list[tuple[str, object, dict, dic
     quant = key.split(",")[4]
     h, inter, top_k = int(fields["H"]), int(fields["I"]), int(fields["k"])
     g = cfg.gemv
-    fp8 = quant == "fp8"
-    act = "*fp8e4nv" if fp8 and g.up_prequant else "*bf16"
-    up_types = {"x_ptr": act, "xs_ptr": "*fp32" if fp8 and g.up_prequant else act, "w_ptr": WEIGHT_TYPES[quant],
+    up_consts = moe_gemv.up_constexprs(h, quant, g)
+    down_consts = moe_gemv.down_constexprs(inter, top_k, quant, g)
+    act = "*fp8e4nv" if up_consts["PREQUANT"] else "*bf16"
+    up_types = {"x_ptr": act, "xs_ptr": "*fp32" if up_consts["PREQUANT"] else act, "w_ptr": WEIGHT_TYPES[quant],
                 "s_ptr": "*fp32", "ids_ptr": "*i64", "act_ptr": "*bf16"}
-    up_consts = dict(QUANT=moe_gemv.QUANT_CODES[quant], PREQUANT=fp8 and g.up_prequant, INTERPRET=False,
-                     ROWS=g.up_rows, KP=moe_gemv.padded_k(h, quant), PDL=True)
-    slots = top_k if g.combine else 1
-    a = "*fp8e4nv" if fp8 and g.down_prequant else "*bf16"
-    down_types = {"act_ptr": a, "as_ptr": "*fp32" if fp8 and g.down_prequant else a, "w_ptr": WEIGHT_TYPES[quant],
+    a = "*fp8e4nv" if down_consts["PREQUANT"] else "*bf16"
+    down_types = {"act_ptr": a, "as_ptr": "*fp32" if down_consts["PREQUANT"] else a, "w_ptr": WEIGHT_TYPES[quant],
                   "s_ptr": "*fp32", "ids_ptr": "*i64", "tw_ptr": "*fp32", "out_ptr": "*bf16"}
-    down_consts = dict(SLOTS=slots, SLOTS_P=triton.next_power_of_2(slots), QUANT=moe_gemv.QUANT_CODES[quant],
-                       PREQUANT=fp8 and g.down_prequant, INTERPRET=False, ROWS=g.down_rows,
-                       KP=moe_gemv.padded_k(inter, quant), PDL=True)
+    up_consts.update(INTERPRET=False, PDL=True)
+    down_consts.update(INTERPRET=False, PDL=True)
     return [(f"{key} gate/up rows={g.up_rows}", moe_gemv._gemv_up_kernel, up_types, up_consts, g.up_warps),
             (f"{key} down rows={g.down_rows}" + (" combine" if g.combine else ""), moe_gemv._gemv_down_kernel,
              down_types, down_consts, g.down_warps)]

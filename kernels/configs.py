@@ -67,6 +67,8 @@ class GemvConfig:
 
     def __post_init__(self) -> None:
         _check_powers_of_two(self, ("up_rows", "down_rows", "up_warps", "down_warps"))
+        if max(self.up_rows, self.down_rows) > 128:  # a program's columns share one FP8 128-row scale block
+            raise ValueError(f"GemvConfig rows per program must be <= 128, got {self.up_rows} and {self.down_rows}")
 
 
 @dataclass(frozen=True)

@@ -324,6 +324,11 @@ def combine(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, dtype: to
     return out
 
 
+def uses_gemv(cfg: MoeConfig, weights: ExpertWeights) -> bool:
+    """Whether a call of this configuration runs as the expert GEMVs (else the tensor-core GEMMs)."""
+    return cfg.gemv is not None and moe_gemv.supports(weights)
+
+
 def gemv_down(act: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor, topk_w: torch.Tensor,
               cfg: GemvConfig) -> torch.Tensor:
     """Steps 3 and 4 on the GEMV path (MoeConfig.gemv): out [T, H] from act [T*k, I] and float32 topk_w."""
@@ -356,7 +361,7 @@ def fused_experts(
     if t == 0:
         return empty(0, h, dtype=hidden.dtype, device=hidden.device)
     cfg = config or select_config(hidden, weights, topk_ids.shape[1])
-    if cfg.gemv is not None and moe_gemv.supports(weights):
+    if uses_gemv(cfg, weights):
         act = moe_gemv.gate_up(hidden, weights, topk_ids.view(-1), topk_ids.shape[1], cfg.gemv)
         return gemv_down(act, weights, topk_ids, topk_w, cfg.gemv)
     plan = plan_slots(topk_ids, weights.num_experts, cfg)

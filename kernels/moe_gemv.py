@@ -169,11 +169,6 @@ def _gemv_down_kernel(act_ptr, as_ptr, w_ptr, s_ptr, ids_ptr, tw_ptr, out_ptr, H
     store_rounded(out_ptr + r.to(tl.int64) * stride_out + n, tl.sum(y, axis=0), n_ok, INTERPRET)
 
 
-def _check(cfg: GemvConfig) -> None:
-    if max(cfg.up_rows, cfg.down_rows) > FP8_GROUP:
-        raise ValueError(f"GEMV programs take at most {FP8_GROUP} columns (one FP8 scale block), got {cfg}")
-
-
 def supports(weights: ExpertWeights) -> bool:
     """Whether the GEMVs take these experts: both reduction lengths held in registers."""
     return max(weights.hidden_size, weights.intermediate_size) <= MAX_K
@@ -184,12 +179,24 @@ def padded_k(k: int, quant: str) -> int:
     return max(FP8_GROUP if quant == "fp8" else 16, triton.next_power_of_2(k))
 
 
-def _activations(x: torch.Tensor, weights: ExpertWeights, prequant: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, scales) a GEMV reads: FP8 with prequant, x quantised once here (e4m3 and its group
-    scales); otherwise x twice (the kernel ignores the second)."""
-    if prequant and weights.quant == "fp8":
-        return quantize_activations(x)
-    return x, x
+def up_constexprs(hidden: int, quant: str, cfg: GemvConfig) -> dict:
+    """The gate/up GEMV's compile-time arguments for experts of this hidden size and weight format
+    (INTERPRET and PDL come from the launch)."""
+    return dict(QUANT=QUANT_CODES[quant], PREQUANT=quant == "fp8" and cfg.up_prequant, ROWS=cfg.up_rows,
+                KP=padded_k(hidden, quant))
+
+
+def down_constexprs(inter: int, top_k: int, quant: str, cfg: GemvConfig) -> dict:
+    """The down GEMV's compile-time arguments, as up_constexprs."""
+    slots = top_k if cfg.combine else 1
+    return dict(SLOTS=slots, SLOTS_P=triton.next_power_of_2(slots), QUANT=QUANT_CODES[quant],
+                PREQUANT=quant == "fp8" and cfg.down_prequant, ROWS=cfg.down_rows, KP=padded_k(inter, quant))
+
+
+def _activations(x: torch.Tensor, prequant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, scales) a GEMV reads: with prequant, x quantised once here (e4m3 and its group scales);
+    otherwise x twice (the kernel does not read the second)."""
+    return quantize_activations(x) if prequant else (x, x)
 
 
 def _scale_strides(scale: torch.Tensor | None) -> tuple[int, int, int]:
@@ -201,17 +208,16 @@ def _scale_strides(scale: torch.Tensor | None) -> tuple[int, int, int]:
 def gate_up(hidden: torch.Tensor, weights: ExpertWeights, ids: torch.Tensor, top_k: int,
             cfg: GemvConfig) -> torch.Tensor:
     """act [S, I] for flat ids [S] (rows of slots whose expert is not held here stay unwritten)."""
-    _check(cfg)
     h, inter = weights.hidden_size, weights.intermediate_size
     act = empty(ids.numel(), inter, dtype=hidden.dtype, device=hidden.device)
     scale = weights.w13_scale
-    x, xs = _activations(hidden, weights, cfg.up_prequant)
+    consts = up_constexprs(h, weights.quant, cfg)
+    x, xs = _activations(hidden, consts["PREQUANT"])
     _gemv_up_kernel[(ids.numel(), triton.cdiv(inter, cfg.up_rows))](
         x, xs, weights.w13, weights.w13 if scale is None else scale, ids, act, inter, h, weights.num_experts,
         top_k, triton.cdiv(inter, FP8_GROUP), x.stride(0), xs.stride(0), weights.w13.stride(0), weights.w13.stride(1),
         *_scale_strides(scale), act.stride(0),
-        QUANT=QUANT_CODES[weights.quant], PREQUANT=xs is not x, INTERPRET=interpreting(), ROWS=cfg.up_rows,
-        KP=padded_k(h, weights.quant), num_warps=cfg.up_warps, **launch_args(hidden))
+        INTERPRET=interpreting(), num_warps=cfg.up_warps, **consts, **launch_args(hidden))
     return act
 
 
@@ -219,16 +225,13 @@ def down(act: torch.Tensor, weights: ExpertWeights, ids: torch.Tensor, topk_w: t
          cfg: GemvConfig) -> torch.Tensor:
     """With cfg.combine, out [T, H] (the tokens' combined rows); else y [S, H], each slot's row times its
     routing weight, for fused_moe.combine. ids and float32 topk_w are flat [S]."""
-    _check(cfg)
     h, inter = weights.hidden_size, weights.intermediate_size
-    slots = top_k if cfg.combine else 1
-    out = empty(ids.numel() // slots, h, dtype=act.dtype, device=act.device)
+    consts = down_constexprs(inter, top_k, weights.quant, cfg)
+    out = empty(ids.numel() // consts["SLOTS"], h, dtype=act.dtype, device=act.device)
     scale = weights.w2_scale
-    a, a_s = _activations(act, weights, cfg.down_prequant)
+    a, a_s = _activations(act, consts["PREQUANT"])
     _gemv_down_kernel[(out.shape[0], triton.cdiv(h, cfg.down_rows))](
         a, a_s, weights.w2, weights.w2 if scale is None else scale, ids, topk_w, out, h, inter, weights.num_experts,
         a.stride(0), a_s.stride(0), weights.w2.stride(0), weights.w2.stride(1), *_scale_strides(scale),
-        out.stride(0), SLOTS=slots, SLOTS_P=triton.next_power_of_2(slots), QUANT=QUANT_CODES[weights.quant],
-        PREQUANT=a_s is not a, INTERPRET=interpreting(), ROWS=cfg.down_rows, KP=padded_k(inter, weights.quant),
-        num_warps=cfg.down_warps, **launch_args(act))
+        out.stride(0), INTERPRET=interpreting(), num_warps=cfg.down_warps, **consts, **launch_args(act))
     return out

@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 
 from .configs import GemmConfig
+from .moe_gemv import padded_k
 
 SMEM_LIMIT = 200 * 1024  # of the H100's 227 KB per block, leaving room for the epilogue
 PER_SLOT_MAX_TOKENS = 8  # beyond this a token's experts repeat across tokens and re-reads cost more
@@ -76,10 +77,6 @@ def per_slot_choices(num_tokens: int) -> list[bool]:
     return [False, True] if num_tokens <= PER_SLOT_MAX_TOKENS else [False]
 
 
-def _padded(k: int, quant: str) -> int:
-    return max(128 if quant == "fp8" else 16, 1 << (k - 1).bit_length())
-
-
 def gemv_tile(quant: str) -> int:
     """Weight elements one GEMV program may hold (GEMV_TILE_BYTES of them)."""
     return GEMV_TILE_BYTES // (2 if quant == "bf16" else 1)
@@ -90,7 +87,7 @@ def gemv_up_choices(num_tokens: int, hidden: int, quant: str) -> list[tuple[int,
     a program's gate and up rows must fit gemv_tile()."""
     if num_tokens > GEMV_MAX_TOKENS:
         return []
-    kp = _padded(hidden, quant)
+    kp = padded_k(hidden, quant)
     return [(rows, warps) for rows in (1, 2, 4, 8, 16, 32) for warps in (4, 8) if 2 * rows * kp <= gemv_tile(quant)]
 
 
@@ -99,7 +96,7 @@ def gemv_down_choices(num_tokens: int, inter: int, top_k: int, quant: str) -> li
     holds the rows of all top_k slots (padded to a power of two)."""
     if num_tokens > GEMV_MAX_TOKENS:
         return []
-    kp = _padded(inter, quant)
+    kp = padded_k(inter, quant)
     slots = 1 << (top_k - 1).bit_length()
     return [(rows, warps, combine) for combine in (False, True) for rows in (1, 2, 4, 8, 16, 32, 64)
             for warps in (4, 8) if (slots if combine else 1) * rows * kp <= gemv_tile(quant)]
