@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 import triton
-from triton.backends.compiler import GPUTarget
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
 from moeserve.kernels import moe_gemv
@@ -33,11 +34,38 @@ MAX_BLOCKS_PER_SM = 32
 WEIGHT_TYPES = {"bf16": "*bf16", "fp8": "*fp8e4nv", "int8": "*i8"}
 
 
-def resources(fn, types: dict[str, str], constexprs: dict, num_warps: int) -> dict:
-    """{'REG': .., 'LOCAL': .., 'SHARED': ..} of fn compiled for sm_90 (arguments not typed are i32)."""
+def specialise(fn, types: dict[str, str], values: dict[str, int], constexprs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of fn as Triton's JIT would compile it for a launch with these
+    integer arguments: an integer equal to 1 becomes a constant and one divisible by 16 is marked so
+    (unless the kernel says do_not_specialize), and every pointer is taken 16-byte aligned, as torch
+    allocates. Without this, compiled code assumes nothing about strides or alignment: no vector loads,
+    and several times the registers a real launch uses."""
+    signature, consts, attrs = {}, dict(constexprs), {}
+    for i, p in enumerate(fn.params):
+        name = p.name
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            kind, spec = native_specialize_impl(BaseBackend, values[name], False, not p.do_not_specialize, True)
+            if kind == "constexpr":
+                signature[name], consts[name] = "constexpr", spec
+            else:
+                signature[name] = kind
+                if spec == "D":
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, consts, attrs
+
+
+def resources(fn, types: dict[str, str], values: dict[str, int], constexprs: dict, num_warps: int) -> dict:
+    """{'REG': .., 'LOCAL': .., 'SHARED': ..} of fn compiled for sm_90 as a launch with these pointer
+    types and integer arguments would compile it (specialise)."""
     names = fn.arg_names
-    signature = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in names}
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    signature, consts, attrs = specialise(fn, types, values, constexprs)
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()},
+                    attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=2))
     cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"gemv_registers_{os.getpid()}.cubin"
     cubin.write_bytes(kernel.asm["cubin"])
@@ -57,25 +85,44 @@ def resident_warps(registers: int, num_warps: int) -> int:
     return blocks * num_warps
 
 
-def entry_kernels(key: str, cfg: MoeConfig) -> list[tuple[str, object, dict, dict, int]]:
-    """(label, kernel, argument types, constexprs, warps) of the two GEMVs of one table entry."""
+def _scale_strides(quant: str, rows: int, cols: int) -> tuple[int, int, int]:
+    """Strides the wrappers pass for one expert stack's scales (kernels/weights.py's layouts): FP8
+    [E, ceil(rows/128), ceil(cols/128)] block scales, INT8 [E, rows] per row, none for bf16."""
+    if quant == "fp8":
+        blocks = -(-cols // 128)
+        return -(-rows // 128) * blocks, blocks, 1
+    return (rows, 1, 0) if quant == "int8" else (0, 0, 0)
+
+
+def entry_kernels(key: str, cfg: MoeConfig) -> list[tuple[str, object, dict, dict, dict, int]]:
+    """(label, kernel, pointer types, integer arguments, constexprs, warps) of the two GEMVs of one
+    table entry, as a one-token call launches them."""
     fields = dict(part.split("=") for part in key.split(",")[:4])
     quant = key.split(",")[4]
-    h, inter, top_k = int(fields["H"]), int(fields["I"]), int(fields["k"])
+    e, h, inter, top_k = int(fields["E"]), int(fields["H"]), int(fields["I"]), int(fields["k"])
     g = cfg.gemv
     up_consts = moe_gemv.up_constexprs(h, quant, g)
     down_consts = moe_gemv.down_constexprs(inter, top_k, quant, g)
     act = "*fp8e4nv" if up_consts["PREQUANT"] else "*bf16"
     up_types = {"x_ptr": act, "xs_ptr": "*fp32" if up_consts["PREQUANT"] else act, "w_ptr": WEIGHT_TYPES[quant],
                 "s_ptr": "*fp32", "ids_ptr": "*i64", "act_ptr": "*bf16"}
+    se, sn, sk = _scale_strides(quant, 2 * inter, h)
+    up_values = dict(I=inter, K=h, E=e, top_k=top_k,
+                     gate_scale_rows=-(-inter // 128), stride_x=h,
+                     stride_xs=-(-h // 128) if up_consts["PREQUANT"] else h, stride_we=2 * inter * h, stride_wn=h,
+                     stride_se=se, stride_sn=sn, stride_sk=sk, stride_act=inter)
     a = "*fp8e4nv" if down_consts["PREQUANT"] else "*bf16"
     down_types = {"act_ptr": a, "as_ptr": "*fp32" if down_consts["PREQUANT"] else a, "w_ptr": WEIGHT_TYPES[quant],
                   "s_ptr": "*fp32", "ids_ptr": "*i64", "tw_ptr": "*fp32", "out_ptr": "*bf16"}
+    se, sn, sk = _scale_strides(quant, h, inter)
+    down_values = dict(H=h, K=inter, E=e, stride_act=inter,
+                       stride_as=-(-inter // 128) if down_consts["PREQUANT"] else inter, stride_we=h * inter,
+                       stride_wn=inter, stride_se=se, stride_sn=sn, stride_sk=sk, stride_out=h)
     up_consts.update(INTERPRET=False, PDL=True)
     down_consts.update(INTERPRET=False, PDL=True)
-    return [(f"{key} gate/up rows={g.up_rows}", moe_gemv._gemv_up_kernel, up_types, up_consts, g.up_warps),
+    return [(f"{key} gate/up rows={g.up_rows}", moe_gemv._gemv_up_kernel, up_types, up_values, up_consts, g.up_warps),
             (f"{key} down rows={g.down_rows}" + (" combine" if g.combine else ""), moe_gemv._gemv_down_kernel,
-             down_types, down_consts, g.down_warps)]
+             down_types, down_values, down_consts, g.down_warps)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = MoeConfig.from_dict(entry) if entry else None
         if cfg is None or cfg.gemv is None:
             continue
-        for label, fn, types, consts, warps in entry_kernels(key, cfg):
-            use = resources(fn, types, consts, warps)
+        for label, fn, types, values, consts, warps in entry_kernels(key, cfg):
+            use = resources(fn, types, values, consts, warps)
             row = {"kernel": label, "warps": warps, "registers": use.get("REG", 0), "spill_bytes": use.get("LOCAL", 0),
                    "resident_warps": resident_warps(use.get("REG", 0), warps)}
             rows.append(row)
