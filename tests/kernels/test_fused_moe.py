@@ -179,7 +179,7 @@ REAL = {  # name: (H, I, E, k)
 
 @gpu
 @pytest.mark.parametrize("name", list(REAL))
-@pytest.mark.parametrize("t", [1, 7, 64, 333, 4096])
+@pytest.mark.parametrize("t", [1, 3, 7, 64, 333, 4096])  # 3: the table's 4-token bucket
 def test_real_shapes_bf16(name, t, gen):
     h, i, e, k = REAL[name]
     hidden = random_hidden(t, h, gen)
@@ -190,7 +190,7 @@ def test_real_shapes_bf16(name, t, gen):
 @gpu
 @pytest.mark.parametrize("quant", ["fp8", "int8"])
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "deepseek-v3-32of256"])
-@pytest.mark.parametrize("t", [1, 64, 1024])
+@pytest.mark.parametrize("t", [1, 3, 64, 1024])
 def test_real_shapes_quantized(quant, name, t, gen):
     h, i, e, k = REAL[name]
     hidden = random_hidden(t, h, gen)
