@@ -62,8 +62,8 @@ def gemv_options(shape: ExpertShape, quant: str, t: int) -> tuple[list[GemvConfi
     pqs = prequant_choices(quant)
     up = [GemvConfig(up_rows=rows, up_warps=warps, up_prequant=pq)
           for rows, warps in gemv_up_choices(t, shape.hidden, quant) for pq in pqs]
-    down = [GemvConfig(down_rows=rows, down_warps=warps, combine=combine, down_prequant=pq)
-            for rows, warps, combine in gemv_down_choices(t, shape.inter, shape.top_k, quant) for pq in pqs]
+    down = [GemvConfig(down_rows=rows, down_warps=warps, combine=combine, down_prequant=pq, down_pieces=pieces)
+            for rows, warps, combine, pieces in gemv_down_choices(t, shape.inter, shape.top_k, quant) for pq in pqs]
     return up, down
 
 

@@ -54,8 +54,9 @@ class GemmConfig:
 class GemvConfig:
     """The expert GEMVs of moe_gemv.py (decode): output columns per program of the gate/up and the
     down GEMV, their warps, whether the down GEMV also sums each token's slots (no combine launch),
-    and whether FP8 activations are quantised by a launch of their own before each GEMV (prequant)
-    rather than in every program."""
+    whether FP8 activations are quantised by a launch of their own before each GEMV (prequant)
+    rather than in every program, and in how many power-of-two pieces (1-3) the down GEMV splits its
+    reduction (moe_gemv.reduction_pieces; 1: one piece padded to a power of two)."""
 
     up_rows: int = 4
     down_rows: int = 8
@@ -64,9 +65,12 @@ class GemvConfig:
     combine: bool = True
     up_prequant: bool = False
     down_prequant: bool = False
+    down_pieces: int = 1
 
     def __post_init__(self) -> None:
         _check_powers_of_two(self, ("up_rows", "down_rows", "up_warps", "down_warps"))
+        if self.down_pieces not in (1, 2, 3):
+            raise ValueError(f"GemvConfig.down_pieces must be 1, 2 or 3, got {self.down_pieces}")
         if max(self.up_rows, self.down_rows) > 128:  # a program's columns share one FP8 128-row scale block
             raise ValueError(f"GemvConfig rows per program must be <= 128, got {self.up_rows} and {self.down_rows}")
 

@@ -118,55 +118,91 @@ def _gemv_up_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, ids_ptr, act_ptr, I, K, E, top_
     store_rounded(act_ptr + slot.to(tl.int64) * stride_act + n, g / (1.0 + tl.exp(-g)) * u, n_ok, INTERPRET)
 
 
+@triton.jit
+def _down_weights(w_ptr, s_ptr, e64, held, n, H, K, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
+                  OFF: tl.constexpr, P: tl.constexpr, QUANT: tl.constexpr, ROWS: tl.constexpr):
+    """Reduction columns OFF .. OFF + P of the down rows n of each held slot's expert e64 [SLOTS_P]:
+    weights [SLOTS_P, ROWS, P] and, FP8, their block scales [SLOTS_P, P // 128] (the program's rows
+    share one 128-row scale block)."""
+    k = OFF + tl.arange(0, P)
+    rows = held[:, None] & (n < H)[None, :]  # [SLOTS_P, ROWS]
+    w = tl.load(w_ptr + e64[:, None, None] * stride_we + n[None, :, None].to(tl.int64) * stride_wn
+                + k[None, None, :], mask=rows[:, :, None] & (k < K)[None, None, :], other=0.0)
+    ws = 0.0
+    if QUANT == 1:
+        grp = OFF // 128 + tl.arange(0, P // 128)
+        ws = tl.load(s_ptr + e64[:, None] * stride_se + (tl.program_id(1) * ROWS // 128) * stride_sn
+                     + grp[None, :] * stride_sk, mask=held[:, None] & (grp < tl.cdiv(K, 128))[None, :], other=0.0)
+    return w, ws
+
+
+@triton.jit
+def _down_part(w, ws, act_ptr, as_ptr, slot, held, K, stride_act, stride_as, OFF: tl.constexpr, P: tl.constexpr,
+               SLOTS_P: tl.constexpr, QUANT: tl.constexpr, PREQUANT: tl.constexpr, INTERPRET: tl.constexpr):
+    """[SLOTS_P, ROWS] float32: columns OFF .. OFF + P of each slot's activation row dotted with w."""
+    k = OFF + tl.arange(0, P)
+    slot64 = slot.to(tl.int64)
+    a = tl.load(act_ptr + slot64[:, None] * stride_act + k[None, :], mask=held[:, None] & (k < K)[None, :],
+                other=0.0).to(tl.float32)
+    if QUANT == 1:
+        if PREQUANT:
+            grp = OFF // 128 + tl.arange(0, P // 128)
+            q = tl.reshape(a, [SLOTS_P * (P // 128), 128])
+            qs = tl.load(as_ptr + slot64[:, None] * stride_as + grp[None, :],
+                         mask=held[:, None] & (grp < tl.cdiv(K, 128))[None, :], other=0.0)
+            qs = tl.reshape(qs, [SLOTS_P * (P // 128)])
+        else:
+            q, qs = _fp8_groups(a, P, INTERPRET)
+        a = _fp8_operand(q, qs, ws, P)
+    return tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
+
+
 @triton.jit(do_not_specialize=["E"])
 def _gemv_down_kernel(act_ptr, as_ptr, w_ptr, s_ptr, ids_ptr, tw_ptr, out_ptr, H, K, E,
                       stride_act, stride_as, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_out,
                       SLOTS: tl.constexpr, SLOTS_P: tl.constexpr, QUANT: tl.constexpr, PREQUANT: tl.constexpr,
-                      INTERPRET: tl.constexpr, ROWS: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr):
+                      INTERPRET: tl.constexpr, ROWS: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr,
+                      P2: tl.constexpr, PDL: tl.constexpr):
     """Program (r, n-block) takes the SLOTS slots r*SLOTS .. r*SLOTS + SLOTS - 1 and writes
     out[r, n] = sum over those held of round(w[slot] * act[slot] . w2[e, n]), in float32. SLOTS = 1:
     one slot's row (fused_moe.combine sums them); SLOTS = top_k: the token's combined row. PREQUANT
-    (FP8): act is already e4m3, with its group scales at as_ptr."""
+    (FP8): act is already e4m3, with its group scales at as_ptr. The reduction runs in up to three
+    power-of-two pieces P0, P1, P2 (0: none; reduction_pieces, GemvConfig.down_pieces), so that
+    I = 768 need not be padded to 1024 lanes."""
     r = tl.program_id(0)
     n = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
-    k = tl.arange(0, KP)
     j = tl.arange(0, SLOTS_P)
-    n_ok = n < H
-    k_ok = k < K
     slot = r * SLOTS + j
     # Before the wait: ids, routing weights and down rows come from before the gate/up kernel (module docstring).
     e = tl.load(ids_ptr + slot, mask=j < SLOTS, other=-1)
     held = (j < SLOTS) & (e >= 0) & (e < E)
     e64 = tl.where(held, e, 0).to(tl.int64)
-    rows = held[:, None] & n_ok[None, :]  # [SLOTS_P, ROWS]
-    w = tl.load(w_ptr + e64[:, None, None] * stride_we + n[None, :, None].to(tl.int64) * stride_wn
-                + k[None, None, :], mask=rows[:, :, None] & k_ok[None, None, :], other=0.0)
+    w0, ws0 = _down_weights(w_ptr, s_ptr, e64, held, n, H, K, stride_we, stride_wn, stride_se, stride_sn, stride_sk,
+                            0, P0, QUANT, ROWS)
+    if P1 > 0:
+        w1, ws1 = _down_weights(w_ptr, s_ptr, e64, held, n, H, K, stride_we, stride_wn, stride_se, stride_sn,
+                                stride_sk, P0, P1, QUANT, ROWS)
+    if P2 > 0:
+        w2, ws2 = _down_weights(w_ptr, s_ptr, e64, held, n, H, K, stride_we, stride_wn, stride_se, stride_sn,
+                                stride_sk, P0 + P1, P2, QUANT, ROWS)
     tw = tl.load(tw_ptr + slot, mask=held, other=0.0)
-    ws = 0.0
-    if QUANT == 1:  # [SLOTS_P, KP // 128]: the program's rows share one 128-row scale block
-        grp = tl.arange(0, KP // 128)
-        ws = tl.load(s_ptr + e64[:, None] * stride_se + (tl.program_id(1) * ROWS // 128) * stride_sn
-                     + grp[None, :] * stride_sk, mask=held[:, None] & (grp < tl.cdiv(K, 128))[None, :], other=0.0)
-    elif QUANT == 2:
-        ws = tl.load(s_ptr + e64[:, None] * stride_se + n[None, :] * stride_sn, mask=rows, other=0.0)
+    if QUANT == 2:  # per output channel
+        wc = tl.load(s_ptr + e64[:, None] * stride_se + n[None, :] * stride_sn,
+                     mask=held[:, None] & (n < H)[None, :], other=0.0)
     enter(PDL)
-    a = tl.load(act_ptr + slot.to(tl.int64)[:, None] * stride_act + k[None, :], mask=held[:, None] & k_ok[None, :],
-                other=0.0).to(tl.float32)
-    if QUANT == 1:
-        if PREQUANT:
-            q = tl.reshape(a, [SLOTS_P * (KP // 128), 128])
-            qs = tl.load(as_ptr + slot.to(tl.int64)[:, None] * stride_as + grp[None, :],
-                         mask=held[:, None] & (grp < tl.cdiv(K, 128))[None, :], other=0.0)
-            qs = tl.reshape(qs, [SLOTS_P * (KP // 128)])
-        else:
-            q, qs = _fp8_groups(a, KP, INTERPRET)
-        a = _fp8_operand(q, qs, ws, KP)
-    y = tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)  # [SLOTS_P, ROWS]
+    y = _down_part(w0, ws0, act_ptr, as_ptr, slot, held, K, stride_act, stride_as, 0, P0, SLOTS_P, QUANT, PREQUANT,
+                   INTERPRET)
+    if P1 > 0:
+        y += _down_part(w1, ws1, act_ptr, as_ptr, slot, held, K, stride_act, stride_as, P0, P1, SLOTS_P, QUANT,
+                        PREQUANT, INTERPRET)
+    if P2 > 0:
+        y += _down_part(w2, ws2, act_ptr, as_ptr, slot, held, K, stride_act, stride_as, P0 + P1, P2, SLOTS_P, QUANT,
+                        PREQUANT, INTERPRET)
     if QUANT == 2:
-        y *= ws
+        y *= wc
     y *= tw[:, None]
     y = _round_as(y, out_ptr.dtype.element_ty, INTERPRET)  # as y[slot] is stored before fused_moe's combine
-    store_rounded(out_ptr + r.to(tl.int64) * stride_out + n, tl.sum(y, axis=0), n_ok, INTERPRET)
+    store_rounded(out_ptr + r.to(tl.int64) * stride_out + n, tl.sum(y, axis=0), n < H, INTERPRET)
 
 
 def supports(weights: ExpertWeights) -> bool:
@@ -186,11 +222,27 @@ def up_constexprs(hidden: int, quant: str, cfg: GemvConfig) -> dict:
                 KP=padded_k(hidden, quant))
 
 
+def reduction_pieces(k: int, quant: str, most: int = 3) -> tuple[int, int, int]:
+    """A reduction of length k as up to `most` (1-3) power-of-two pieces, largest first, 0 for none: k
+    rounded up to whole FP8 scale groups (16 elements otherwise) in binary (768 = 512 + 256, 1408 =
+    1024 + 256 + 128), the rest padded into the last piece. most=1: one piece, padded_k(k, quant)."""
+    unit = FP8_GROUP if quant == "fp8" else 16
+    rest = -(-k // unit) * unit
+    pieces = []
+    while rest and len(pieces) < most - 1:
+        pieces.append(1 << (rest.bit_length() - 1))
+        rest -= pieces[-1]
+    if rest:
+        pieces.append(triton.next_power_of_2(rest))
+    return tuple(pieces + [0] * (3 - len(pieces)))
+
+
 def down_constexprs(inter: int, top_k: int, quant: str, cfg: GemvConfig) -> dict:
     """The down GEMV's compile-time arguments, as up_constexprs."""
     slots = top_k if cfg.combine else 1
+    p0, p1, p2 = reduction_pieces(inter, quant, cfg.down_pieces)
     return dict(SLOTS=slots, SLOTS_P=triton.next_power_of_2(slots), QUANT=QUANT_CODES[quant],
-                PREQUANT=quant == "fp8" and cfg.down_prequant, ROWS=cfg.down_rows, KP=padded_k(inter, quant))
+                PREQUANT=quant == "fp8" and cfg.down_prequant, ROWS=cfg.down_rows, P0=p0, P1=p1, P2=p2)
 
 
 def _activations(x: torch.Tensor, prequant: bool) -> tuple[torch.Tensor, torch.Tensor]:

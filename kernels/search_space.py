@@ -11,7 +11,7 @@ import dataclasses
 import itertools
 
 from .configs import GemmConfig
-from .moe_gemv import padded_k
+from .moe_gemv import padded_k, reduction_pieces
 
 SMEM_LIMIT = 200 * 1024  # of the H100's 227 KB per block, leaving room for the epilogue
 PER_SLOT_MAX_TOKENS = 8  # beyond this a token's experts repeat across tokens and re-reads cost more
@@ -91,12 +91,14 @@ def gemv_up_choices(num_tokens: int, hidden: int, quant: str) -> list[tuple[int,
     return [(rows, warps) for rows in (1, 2, 4, 8, 16, 32) for warps in (4, 8) if 2 * rows * kp <= gemv_tile(quant)]
 
 
-def gemv_down_choices(num_tokens: int, inter: int, top_k: int, quant: str) -> list[tuple[int, int, bool]]:
-    """(columns per program, warps, combine) of the down GEMV worth timing; with combine a program
-    holds the rows of all top_k slots (padded to a power of two)."""
+def gemv_down_choices(num_tokens: int, inter: int, top_k: int, quant: str) -> list[tuple[int, int, bool, int]]:
+    """(columns per program, warps, combine, reduction pieces) of the down GEMV worth timing; with
+    combine a program holds the rows of all top_k slots (padded to a power of two). Pieces beyond one
+    only where they drop padding (reduction_pieces)."""
     if num_tokens > GEMV_MAX_TOKENS:
         return []
     kp = padded_k(inter, quant)
     slots = 1 << (top_k - 1).bit_length()
-    return [(rows, warps, combine) for combine in (False, True) for rows in (1, 2, 4, 8, 16, 32, 64)
-            for warps in (4, 8) if (slots if combine else 1) * rows * kp <= gemv_tile(quant)]
+    pieces = [1] + [n for n in (2, 3) if reduction_pieces(inter, quant, n) != reduction_pieces(inter, quant, n - 1)]
+    return [(rows, warps, combine, n) for combine in (False, True) for rows in (1, 2, 4, 8, 16, 32, 64)
+            for warps in (4, 8) if (slots if combine else 1) * rows * kp <= gemv_tile(quant) for n in pieces]

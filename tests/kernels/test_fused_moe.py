@@ -29,10 +29,11 @@ SMALL_SWAP = MoeConfig(16, GemmConfig(block_n=16, block_k=32, swap_ab=True), Gem
 PER_SLOT_SWAP = MoeConfig(16, GemmConfig(block_n=16, block_k=32, swap_ab=True),
                           GemmConfig(block_n=32, block_k=32, swap_ab=True), per_slot=True)
 # The expert GEMVs (moe_gemv.py): per-slot down rows summed by the combine kernel, or combined in the GEMV.
-GEMV = MoeConfig(gemv=GemvConfig(up_rows=8, down_rows=16, combine=False))
+GEMV = MoeConfig(gemv=GemvConfig(up_rows=8, down_rows=16, combine=False, down_pieces=3))  # I as 2-3 pieces
 GEMV_COMBINE = MoeConfig(gemv=GemvConfig(up_rows=4, down_rows=8, up_warps=8, combine=True))
 # FP8 activations quantised by their own launch before each GEMV
-GEMV_PREQUANT = MoeConfig(gemv=GemvConfig(up_rows=8, down_rows=16, combine=False, up_prequant=True, down_prequant=True))
+GEMV_PREQUANT = MoeConfig(gemv=GemvConfig(up_rows=8, down_rows=16, combine=False, up_prequant=True, down_prequant=True,
+                                          down_pieces=2))
 GEMV_COMBINE_PREQUANT = MoeConfig(gemv=GemvConfig(up_rows=4, down_rows=8, combine=True, up_prequant=True,
                                                   down_prequant=True))
 
@@ -137,11 +138,11 @@ def test_quantized_match_dequantized_reference(quant, prequant, tma, swap, t, h,
 @pytest.mark.parametrize("quant", ["fp8", "int8"])
 @pytest.mark.parametrize("config", [GEMV, GEMV_COMBINE, GEMV_PREQUANT, GEMV_COMBINE_PREQUANT],
                          ids=["gemv", "gemv_combine", "gemv_prequant", "gemv_combine_prequant"])
-@pytest.mark.parametrize("t,h,i,e,k,drop", [(1, 128, 64, 8, 2, 0.0), (4, 256, 192, 6, 3, 0.2), (6, 160, 96, 4, 4, 0.0)])
+@pytest.mark.parametrize("t,h,i,e,k,drop", [(1, 128, 64, 8, 2, 0.0), (4, 256, 384, 6, 3, 0.2), (6, 160, 96, 4, 4, 0.0)])
 def test_quantized_gemv_matches_dequantized_reference(quant, config, t, h, i, e, k, drop, gen):
     """The GEMVs quantise each activation row per 128-wide group themselves, or read rows quantised
-    by their own launch (FP8; INT8 ignores it), at decode sizes; H = 160 and I = 96 / 192 leave
-    partial scale groups."""
+    by their own launch (FP8; INT8 ignores it), at decode sizes; H = 160 and I = 96 leave partial
+    scale groups, and I = 384 runs as 256 + 128 where the down GEMV splits its reduction."""
     hidden = random_hidden(t, h, gen)
     weights = quantize_experts(ExpertWeights(*random_experts(e, h, i, gen)), quant)
     ids, w = random_routing(t, e, k, gen, drop=drop)
@@ -246,11 +247,13 @@ def test_real_shapes_swapped(quant, name, t, gen):
 @pytest.mark.parametrize("t", [1, 4])
 @pytest.mark.parametrize("combine", [False, True])
 def test_real_shapes_gemv(quant, name, t, combine, gen):
-    """The expert GEMVs at decode sizes, whatever the table picked; FP8 also with prequantised rows."""
+    """The expert GEMVs at decode sizes, whatever the table picked; FP8 also with prequantised rows; the
+    down reduction in one padded piece and in up to three."""
     hidden, weights, ids, w, _ = real_problem(name, t, quant, gen)
     for prequant in ([False, True] if quant == "fp8" else [False]):
         check(hidden, weights, ids, w, MoeConfig(gemv=GemvConfig(up_rows=2, down_rows=2, combine=combine,
-                                                                 up_prequant=prequant, down_prequant=prequant)))
+                                                                 up_prequant=prequant, down_prequant=prequant,
+                                                                 down_pieces=1 if prequant else 3)))
 
 
 def test_warm_up_runs_each_launch_signature_once(gen, monkeypatch):

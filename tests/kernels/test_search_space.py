@@ -60,7 +60,10 @@ def test_gemv_candidates_fit_registers_and_stop_past_few_tokens(quant):
     down = gemv_down_choices(1, 768, 8, quant)
     assert up and down and len(set(up)) == len(up) and len(set(down)) == len(down)
     assert all(2 * rows * 2048 <= gemv_tile(quant) for rows, _ in up)
-    assert all((8 if combine else 1) * rows * 1024 <= gemv_tile(quant) for rows, _, combine in down)
+    assert all((8 if combine else 1) * rows * 1024 <= gemv_tile(quant) for rows, _, combine, _ in down)
     assert gemv_tile("fp8") == 2 * gemv_tile("bf16")  # the same bytes in flight
-    assert {combine for _, _, combine in down} == {False, True}
+    assert {combine for _, _, combine, _ in down} == {False, True}
+    # I = 768 (1024 padded) is also tried as 512 + 256; I = 2048 needs one piece only
+    assert {pieces for *_, pieces in down} == {1, 2}
+    assert {pieces for *_, pieces in gemv_down_choices(1, 2048, 8, quant)} == {1}
     assert gemv_up_choices(16, 2048, quant) == gemv_down_choices(16, 768, 8, quant) == []
