@@ -121,7 +121,8 @@ def entry_kernels(key: str, cfg: MoeConfig) -> list[tuple[str, object, dict, dic
     up_consts.update(INTERPRET=False, PDL=True)
     down_consts.update(INTERPRET=False, PDL=True)
     return [(f"{key} gate/up rows={g.up_rows}", moe_gemv._gemv_up_kernel, up_types, up_values, up_consts, g.up_warps),
-            (f"{key} down rows={g.down_rows}" + (" combine" if g.combine else ""), moe_gemv._gemv_down_kernel,
+            (f"{key} down rows={g.down_rows}" + (" combine" if g.combine else "")
+             + (f" pieces={g.down_pieces}" if g.down_pieces > 1 else ""), moe_gemv._gemv_down_kernel,
              down_types, down_values, down_consts, g.down_warps)]
 
 
