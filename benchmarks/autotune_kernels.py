@@ -31,7 +31,7 @@ from moeserve.kernels.problems import random_batch, random_experts, rotation
 from moeserve.kernels.roofline import SHAPES, ExpertShape
 from moeserve.kernels.search_space import (block_m_choices, gemm_choices, gemv_down_choices, gemv_up_choices,
                                            per_slot_choices, prequant_choices)
-from moeserve.kernels.timing import graph_ms
+from moeserve.kernels.timing import graph_ms, runoff
 
 TOKENS = (1, 8, 64, 256, 1024, 4096)
 
@@ -165,7 +165,9 @@ def tune_case(shape: ExpertShape, quant: str, t: int, weights, reps: int,
               gemv_only: bool = False) -> tuple[MoeConfig, float, dict]:
     """The fastest MoeConfig for one case, its time per call (ms) and what each option scored. The
     configuration calls take now (the table's entry, or the default) is one of the options, so a
-    retune never keeps something slower; gemv_only times the expert GEMVs against it alone."""
+    retune never keeps something slower; when another wins, the two are timed again side by side
+    (timing.runoff), since the current one was timed first, minutes earlier. gemv_only times the
+    expert GEMVs against it alone."""
     gen = torch.Generator(device="cuda").manual_seed(1000 + t)
     batches = [random_batch(shape, t, gen) for _ in range(rotation(t))]
     scores = {}
@@ -203,6 +205,15 @@ def tune_case(shape: ExpertShape, quant: str, t: int, weights, reps: int,
     if gemv is not None:
         if gemv[1] < best_ms:
             best, best_ms = gemv
+    current = fused_moe.select_config(batches[0].hidden, weights, shape.top_k)
+    if best != current:  # timed minutes apart: settle it side by side
+        def whole_call(cfg):
+            return lambda: graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights,
+                                                       cfg) for b in batches], reps=reps)
+
+        winner, medians = runoff({"current": whole_call(current), "new": whole_call(best)})
+        scores["runoff"] = {name: round(ms, 4) for name, ms in medians.items()}
+        best, best_ms = (current, medians["current"]) if winner == "current" else (best, medians["new"])
     return best, best_ms, scores
 
 
@@ -277,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         log.append({"shape": name, "quant": quant, "tokens": t, "ms": ms, "scores": scores, "config": config.to_dict()})
         if args.log:
             args.log.write_text(json.dumps({"gpu": gpu, "cases": log}, indent=1))
-        brief = {k: v for k, v in scores.items() if not isinstance(v, dict)}
+        brief = {k: v for k, v in scores.items() if not isinstance(v, dict) or k == "runoff"}
         print(f"{name:18s} {quant:5s} T={t:5d} {ms * 1e3:9.1f} us  {brief}  [{time.time() - start:.0f}s]", flush=True)
     print(f"wrote {out}")
     return 0

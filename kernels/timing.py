@@ -63,6 +63,19 @@ def graph_ms(calls: Sequence[Callable[[], object]], reps: int = 20, warmup: int 
     return ms
 
 
+def runoff(options: dict[str, Callable[[], float]], rounds: int = 3) -> tuple[str, dict[str, float]]:
+    """The option with the lowest median time, and every option's median: each is timed `rounds`
+    times, interleaved (a, b, a, b, ...), so that clock or thermal drift over the run falls on all of
+    them alike, and one slow round does not decide. For close calls between timings taken minutes
+    apart (the autotuner's current entry against its best candidate)."""
+    times: dict[str, list[float]] = {name: [] for name in options}
+    for _ in range(rounds):
+        for name, time_one in options.items():
+            times[name].append(time_one())
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return min(medians, key=medians.__getitem__), medians
+
+
 def device_ceilings(copy_bytes: int = 1 << 30, matmul_n: int = 8192, reps: int = 10) -> tuple[float, float]:
     """Measured (bandwidth in bytes/s counting reads and writes, bf16 matmul FLOP/s) on random data."""
     src = torch.randn(copy_bytes // 4, device="cuda")
