@@ -165,9 +165,9 @@ def tune_case(shape: ExpertShape, quant: str, t: int, weights, reps: int,
               gemv_only: bool = False) -> tuple[MoeConfig, float, dict]:
     """The fastest MoeConfig for one case, its time per call (ms) and what each option scored. The
     configuration calls take now (the table's entry, or the default) is one of the options, so a
-    retune never keeps something slower; when another wins, the two are timed again side by side
-    (timing.runoff), since the current one was timed first, minutes earlier. gemv_only times the
-    expert GEMVs against it alone."""
+    retune never keeps something slower. The best other option and the current one are then timed
+    again side by side (timing.runoff), since the current one was timed first, minutes earlier, and
+    close calls go either way on one timing each. gemv_only times the expert GEMVs against it alone."""
     gen = torch.Generator(device="cuda").manual_seed(1000 + t)
     batches = [random_batch(shape, t, gen) for _ in range(rotation(t))]
     scores = {}
@@ -175,10 +175,15 @@ def tune_case(shape: ExpertShape, quant: str, t: int, weights, reps: int,
     probe = graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights)
                       for b in batches], reps=2)
     reps = max(3, min(reps, round(30 / (probe * len(batches)))))
-    best = fused_moe.select_config(batches[0].hidden, weights, shape.top_k)
-    best_ms = graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights, best)
-                        for b in batches], reps=reps)
-    scores["current"] = round(best_ms, 4)
+
+    def whole_call(cfg):
+        return lambda: graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights, cfg)
+                                 for b in batches], reps=reps)
+
+    current = fused_moe.select_config(batches[0].hidden, weights, shape.top_k)
+    current_ms = whole_call(current)()
+    scores["current"] = round(current_ms, 4)
+    best, best_ms = None, float("inf")  # the fastest option other than the current one
     for lay in [] if gemv_only else layouts(shape, quant, t):
         plans = [fused_moe.plan_slots(b.ids, shape.experts, lay) for b in batches]
 
@@ -195,26 +200,19 @@ def tune_case(shape: ExpertShape, quant: str, t: int, weights, reps: int,
 
         dn, _ = _best("down", gemm_choices(lay.block_m, quant, False), time_down)
         config = MoeConfig(lay.block_m, up, dn, lay.per_slot, lay.prequant)
-        ms = graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights, config)
-                       for b in batches], reps=reps)
+        ms = whole_call(config)()
         label = f"block_m={lay.block_m}" + (",per_slot" if lay.per_slot else "") + (",prequant" if lay.prequant else "")
         scores[label] = round(ms, 4)
         if ms < best_ms:
             best, best_ms = config, ms
     gemv = tune_gemv(shape, quant, t, weights, batches, reps, scores)
-    if gemv is not None:
-        if gemv[1] < best_ms:
-            best, best_ms = gemv
-    current = fused_moe.select_config(batches[0].hidden, weights, shape.top_k)
-    if best != current:  # timed minutes apart: settle it side by side
-        def whole_call(cfg):
-            return lambda: graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights,
-                                                       cfg) for b in batches], reps=reps)
-
-        winner, medians = runoff({"current": whole_call(current), "new": whole_call(best)})
-        scores["runoff"] = {name: round(ms, 4) for name, ms in medians.items()}
-        best, best_ms = (current, medians["current"]) if winner == "current" else (best, medians["new"])
-    return best, best_ms, scores
+    if gemv is not None and gemv[1] < best_ms:
+        best, best_ms = gemv
+    if best is None or best == current:
+        return current, current_ms, scores
+    winner, medians = runoff({"current": whole_call(current), "new": whole_call(best)})
+    scores["runoff"] = {name: round(ms, 4) for name, ms in medians.items()}
+    return (current if winner == "current" else best), medians[winner], scores
 
 
 def tune_gemv(shape: ExpertShape, quant: str, t: int, weights, batches, reps: int,
