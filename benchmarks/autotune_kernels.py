@@ -205,7 +205,7 @@ def tune_case(shape: ExpertShape, quant: str, t: int, weights, reps: int,
         scores[label] = round(ms, 4)
         if ms < best_ms:
             best, best_ms = config, ms
-    gemv = tune_gemv(shape, quant, t, weights, batches, reps, scores)
+    gemv = tune_gemv(shape, quant, t, weights, batches, reps, scores, whole_call)
     if gemv is not None and gemv[1] < best_ms:
         best, best_ms = gemv
     if best is None or best == current:
@@ -215,11 +215,12 @@ def tune_case(shape: ExpertShape, quant: str, t: int, weights, reps: int,
     return (current if winner == "current" else best), medians[winner], scores
 
 
-def tune_gemv(shape: ExpertShape, quant: str, t: int, weights, batches, reps: int,
-              scores: dict) -> tuple[MoeConfig, float] | None:
-    """The fastest expert-GEMV configuration for one case and its time per call, or None where the
-    GEMVs are not tried (too many tokens, or reductions too long for registers). Each candidate's
-    time goes into scores['gemv_up'] and scores['gemv_down'] (the down ones with their combine)."""
+def tune_gemv(shape: ExpertShape, quant: str, t: int, weights, batches, reps: int, scores: dict,
+              whole_call) -> tuple[MoeConfig, float] | None:
+    """The fastest expert-GEMV configuration for one case and its time per call (whole_call(cfg)()),
+    or None where the GEMVs are not tried (too many tokens, or reductions too long for registers).
+    Each candidate's time goes into scores['gemv_up'] and scores['gemv_down'] (the down ones with
+    their combine)."""
     up_choices, down_choices = gemv_options(shape, quant, t)
     if not up_choices or not down_choices or not moe_gemv.supports(weights):
         return None
@@ -239,8 +240,7 @@ def tune_gemv(shape: ExpertShape, quant: str, t: int, weights, batches, reps: in
     down, _ = _best("gemv down", down_choices, time_down, scores.setdefault("gemv_down", {}))
     config = MoeConfig(gemv=dataclasses.replace(down, up_rows=up.up_rows, up_warps=up.up_warps,
                                                 up_prequant=up.up_prequant))
-    ms = graph_ms([functools.partial(fused_moe.fused_experts, b.hidden, weights, b.ids, b.weights, config)
-                   for b in batches], reps=reps)
+    ms = whole_call(config)()
     scores["gemv"] = round(ms, 4)
     return config, ms
 

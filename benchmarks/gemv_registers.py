@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import triton
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
@@ -27,6 +28,7 @@ from triton.compiler import ASTSource
 
 from moeserve.kernels import moe_gemv
 from moeserve.kernels.configs import CONFIG_DIR, MoeConfig
+from moeserve.kernels.weights import ExpertWeights, scale_shapes
 
 REGISTERS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
@@ -85,13 +87,16 @@ def resident_warps(registers: int, num_warps: int) -> int:
     return blocks * num_warps
 
 
-def _scale_strides(quant: str, rows: int, cols: int) -> tuple[int, int, int]:
-    """Strides the wrappers pass for one expert stack's scales (kernels/weights.py's layouts): FP8
-    [E, ceil(rows/128), ceil(cols/128)] block scales, INT8 [E, rows] per row, none for bf16."""
-    if quant == "fp8":
-        blocks = -(-cols // 128)
-        return -(-rows // 128) * blocks, blocks, 1
-    return (rows, 1, 0) if quant == "int8" else (0, 0, 0)
+def meta_experts(e: int, h: int, i: int, quant: str) -> ExpertWeights:
+    """Experts of these sizes on the meta device: their layouts and strides, no memory."""
+    dtype = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[quant]
+
+    def meta(shape, dt):
+        return None if shape is None else torch.empty(shape, dtype=dt, device="meta")
+
+    s13, s2 = scale_shapes(e, h, i, quant)
+    return ExpertWeights(meta((e, 2 * i, h), dtype), meta((e, h, i), dtype), meta(s13, torch.float32),
+                         meta(s2, torch.float32), quant)
 
 
 def entry_kernels(key: str, cfg: MoeConfig) -> list[tuple[str, object, dict, dict, dict, int]]:
@@ -106,18 +111,19 @@ def entry_kernels(key: str, cfg: MoeConfig) -> list[tuple[str, object, dict, dic
     act = "*fp8e4nv" if up_consts["PREQUANT"] else "*bf16"
     up_types = {"x_ptr": act, "xs_ptr": "*fp32" if up_consts["PREQUANT"] else act, "w_ptr": WEIGHT_TYPES[quant],
                 "s_ptr": "*fp32", "ids_ptr": "*i64", "act_ptr": "*bf16"}
-    se, sn, sk = _scale_strides(quant, 2 * inter, h)
+    w = meta_experts(e, h, inter, quant)
+    se, sn, sk = moe_gemv._scale_strides(w.w13_scale)
     up_values = dict(I=inter, K=h, E=e, top_k=top_k,
                      gate_scale_rows=-(-inter // 128), stride_x=h,
-                     stride_xs=-(-h // 128) if up_consts["PREQUANT"] else h, stride_we=2 * inter * h, stride_wn=h,
-                     stride_se=se, stride_sn=sn, stride_sk=sk, stride_act=inter)
+                     stride_xs=-(-h // 128) if up_consts["PREQUANT"] else h, stride_we=w.w13.stride(0),
+                     stride_wn=w.w13.stride(1), stride_se=se, stride_sn=sn, stride_sk=sk, stride_act=inter)
     a = "*fp8e4nv" if down_consts["PREQUANT"] else "*bf16"
     down_types = {"act_ptr": a, "as_ptr": "*fp32" if down_consts["PREQUANT"] else a, "w_ptr": WEIGHT_TYPES[quant],
                   "s_ptr": "*fp32", "ids_ptr": "*i64", "tw_ptr": "*fp32", "out_ptr": "*bf16"}
-    se, sn, sk = _scale_strides(quant, h, inter)
+    se, sn, sk = moe_gemv._scale_strides(w.w2_scale)
     down_values = dict(H=h, K=inter, E=e, stride_act=inter,
-                       stride_as=-(-inter // 128) if down_consts["PREQUANT"] else inter, stride_we=h * inter,
-                       stride_wn=inter, stride_se=se, stride_sn=sn, stride_sk=sk, stride_out=h)
+                       stride_as=-(-inter // 128) if down_consts["PREQUANT"] else inter, stride_we=w.w2.stride(0),
+                       stride_wn=w.w2.stride(1), stride_se=se, stride_sn=sn, stride_sk=sk, stride_out=h)
     up_consts.update(INTERPRET=False, PDL=True)
     down_consts.update(INTERPRET=False, PDL=True)
     return [(f"{key} gate/up rows={g.up_rows}", moe_gemv._gemv_up_kernel, up_types, up_values, up_consts, g.up_warps),

@@ -11,7 +11,8 @@ and reduces them with float32 multiply-adds:
    rows and the token's row, and writes act[slot] = silu(gate) * up for those columns.
 2. down: grid (slots, H / DOWN_ROWS), writing y[slot] = w[slot] * act[slot] @ w2[e].T, summed per
    token by fused_moe.combine; or, with GemvConfig.combine, grid (tokens, H / DOWN_ROWS): a program
-   takes the token's k slots at once and writes the combined row, one launch fewer.
+   takes the token's k slots at once and writes the combined row, one launch fewer. Its reduction
+   (I) may run in up to three power-of-two pieces (GemvConfig.down_pieces) rather than padded.
 
 The down programs read the expert ids, routing weights and down rows *before* their programmatic-
 dependent-launch wait (pdl.py), so that weight stream overlaps the gate/up kernel's tail. That is
@@ -210,9 +211,14 @@ def supports(weights: ExpertWeights) -> bool:
     return max(weights.hidden_size, weights.intermediate_size) <= MAX_K
 
 
+def _lane_unit(quant: str) -> int:
+    """The smallest reduction width a GEMV holds: FP8 whole 128-wide scale groups, else 16 lanes."""
+    return FP8_GROUP if quant == "fp8" else 16
+
+
 def padded_k(k: int, quant: str) -> int:
-    """The register width of a reduction of length k (a power of two; FP8 whole 128-wide groups)."""
-    return max(FP8_GROUP if quant == "fp8" else 16, triton.next_power_of_2(k))
+    """The register width of a reduction of length k in one piece (a power of two)."""
+    return max(_lane_unit(quant), triton.next_power_of_2(k))
 
 
 def up_constexprs(hidden: int, quant: str, cfg: GemvConfig) -> dict:
@@ -226,7 +232,7 @@ def reduction_pieces(k: int, quant: str, most: int = 3) -> tuple[int, int, int]:
     """A reduction of length k as up to `most` (1-3) power-of-two pieces, largest first, 0 for none: k
     rounded up to whole FP8 scale groups (16 elements otherwise) in binary (768 = 512 + 256, 1408 =
     1024 + 256 + 128), the rest padded into the last piece. most=1: one piece, padded_k(k, quant)."""
-    unit = FP8_GROUP if quant == "fp8" else 16
+    unit = _lane_unit(quant)
     rest = -(-k // unit) * unit
     pieces = []
     while rest and len(pieces) < most - 1:

@@ -26,6 +26,16 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def scale_shapes(e: int, h: int, i: int, quant: str) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """Shapes of w13_scale and w2_scale for e experts of hidden size h and intermediate size i (None:
+    the format has no scales)."""
+    return {
+        "bf16": (None, None),
+        "fp8": ((e, 2 * _cdiv(i, BLOCK), _cdiv(h, BLOCK)), (e, _cdiv(h, BLOCK), _cdiv(i, BLOCK))),
+        "int8": ((e, 2 * i), (e, h)),
+    }[quant]
+
+
 @dataclass(frozen=True)
 class ExpertWeights:
     """Stacked expert weights plus their scales; `quant` is 'bf16' (unquantised), 'fp8' or 'int8'."""
@@ -48,12 +58,7 @@ class ExpertWeights:
             raise ValueError(f"w2 must be [E, H, I] = {(e, h, i)} to match w13, got {tuple(self.w2.shape)}")
         if self.w13.stride(-1) != 1 or self.w2.stride(-1) != 1:
             raise ValueError("expert weights need a contiguous last (input) dimension; call .contiguous()")
-        want = {
-            "bf16": (None, None),
-            "fp8": ((e, 2 * _cdiv(i, BLOCK), _cdiv(h, BLOCK)), (e, _cdiv(h, BLOCK), _cdiv(i, BLOCK))),
-            "int8": ((e, 2 * i), (e, h)),
-        }[self.quant]
-        for name, shape in zip(("w13_scale", "w2_scale"), want):
+        for name, shape in zip(("w13_scale", "w2_scale"), scale_shapes(e, h, i, self.quant)):
             got = getattr(self, name)
             if shape is None and got is not None:
                 raise ValueError(f"{name} is only for quantised weights (quant={self.quant!r})")
