@@ -106,14 +106,14 @@ def entry_kernels(key: str, cfg: MoeConfig) -> list[tuple[str, object, dict, dic
     quant = key.split(",")[4]
     e, h, inter, top_k = int(fields["E"]), int(fields["H"]), int(fields["I"]), int(fields["k"])
     g = cfg.gemv
-    up_consts = moe_gemv.up_constexprs(h, quant, g)
+    up_consts = moe_gemv.up_constexprs(h, top_k, quant, g)
     down_consts = moe_gemv.down_constexprs(inter, top_k, quant, g)
     act = "*fp8e4nv" if up_consts["PREQUANT"] else "*bf16"
     up_types = {"x_ptr": act, "xs_ptr": "*fp32" if up_consts["PREQUANT"] else act, "w_ptr": WEIGHT_TYPES[quant],
                 "s_ptr": "*fp32", "ids_ptr": "*i64", "act_ptr": "*bf16"}
     w = meta_experts(e, h, inter, quant)
     se, sn, sk = moe_gemv._scale_strides(w.w13_scale)
-    up_values = dict(I=inter, K=h, E=e, top_k=top_k,
+    up_values = dict(I=inter, K=h, E=e,
                      gate_scale_rows=-(-inter // 128), stride_x=h,
                      stride_xs=-(-h // 128) if up_consts["PREQUANT"] else h, stride_we=w.w13.stride(0),
                      stride_wn=w.w13.stride(1), stride_se=se, stride_sn=sn, stride_sk=sk, stride_act=inter)

@@ -71,41 +71,42 @@ def _round_as(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     return out
 
 
-@triton.jit(do_not_specialize=["E", "top_k", "gate_scale_rows"])
-def _gemv_up_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, ids_ptr, act_ptr, I, K, E, top_k, gate_scale_rows,
+@triton.jit(do_not_specialize=["E", "gate_scale_rows"])
+def _gemv_up_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, ids_ptr, act_ptr, I, K, E, gate_scale_rows,
                     stride_x, stride_xs, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_act,
-                    QUANT: tl.constexpr, PREQUANT: tl.constexpr, INTERPRET: tl.constexpr, ROWS: tl.constexpr,
-                    KP: tl.constexpr, PDL: tl.constexpr):
-    """act[slot, n] = silu(x[slot // top_k] . gate[e, n]) * (x[slot // top_k] . up[e, n]) for ROWS columns.
-    PREQUANT (FP8): x is already e4m3, with its group scales at xs_ptr."""
+                    TOP_K: tl.constexpr, QUANT: tl.constexpr, PREQUANT: tl.constexpr, INTERPRET: tl.constexpr,
+                    ROWS: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr):
+    """act[slot, n] = silu(x[slot // TOP_K] . gate[e, n]) * (x[slot // TOP_K] . up[e, n]) for ROWS columns.
+    PREQUANT (FP8): x is already e4m3, with its group scales at xs_ptr. A slot whose expert is not held
+    here reads nothing and writes nothing: masks, not an early return, which cost 0.4 us a call on an
+    H200 (benchmarks/gemv_stream.py's variants), as a run-time TOP_K's division cost 0.7."""
     slot = tl.program_id(0)
     n = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     k = tl.arange(0, KP)
-    n_ok = n < I
     k_ok = k < K
+    token = (slot // TOP_K).to(tl.int64)
     enter(PDL)  # the ids are the gating's output, the kernel just before
     e = tl.load(ids_ptr + slot)
-    if (e < 0) | (e >= E):
-        return
-    e64 = e.to(tl.int64)
+    held = (e >= 0) & (e < E)
+    n_ok = tl.where(held, n < I, False)  # not (n < I) & held: the CPU interpreter rejects that mask
+    e64 = tl.where(held, e, 0).to(tl.int64)
     w_rows = w_ptr + e64 * stride_we + k[None, :]
     mask = n_ok[:, None] & k_ok[None, :]
     wg = tl.load(w_rows + n[:, None].to(tl.int64) * stride_wn, mask=mask, other=0.0)
     wu = tl.load(w_rows + (n + I)[:, None].to(tl.int64) * stride_wn, mask=mask, other=0.0)
-    token = (slot // top_k).to(tl.int64)
     x = tl.load(x_ptr + token * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     xg = x
     xu = x
     if QUANT == 1:
         grp = tl.arange(0, KP // 128)
         s_row = s_ptr + e64 * stride_se + grp * stride_sk
-        s_ok = grp < tl.cdiv(K, 128)
+        s_ok = tl.where(held, grp < tl.cdiv(K, 128), False)
         block = tl.program_id(1) * ROWS // 128
         sg = tl.load(s_row + block * stride_sn, mask=s_ok, other=0.0)
         su = tl.load(s_row + (gate_scale_rows + block) * stride_sn, mask=s_ok, other=0.0)
         if PREQUANT:
             q = tl.reshape(x, [KP // 128, 128])
-            qs = tl.load(xs_ptr + token * stride_xs + grp, mask=s_ok, other=0.0)
+            qs = tl.load(xs_ptr + token * stride_xs + grp, mask=grp < tl.cdiv(K, 128), other=0.0)
         else:
             q, qs = _fp8_groups(x, KP, INTERPRET)  # once for the gate and the up rows
         xg = _fp8_operand(q, qs, sg[None, :], KP)
@@ -221,11 +222,11 @@ def padded_k(k: int, quant: str) -> int:
     return max(_lane_unit(quant), triton.next_power_of_2(k))
 
 
-def up_constexprs(hidden: int, quant: str, cfg: GemvConfig) -> dict:
-    """The gate/up GEMV's compile-time arguments for experts of this hidden size and weight format
-    (INTERPRET and PDL come from the launch)."""
-    return dict(QUANT=QUANT_CODES[quant], PREQUANT=quant == "fp8" and cfg.up_prequant, ROWS=cfg.up_rows,
-                KP=padded_k(hidden, quant))
+def up_constexprs(hidden: int, top_k: int, quant: str, cfg: GemvConfig) -> dict:
+    """The gate/up GEMV's compile-time arguments for experts of this hidden size, top-k and weight
+    format (INTERPRET and PDL come from the launch)."""
+    return dict(TOP_K=top_k, QUANT=QUANT_CODES[quant], PREQUANT=quant == "fp8" and cfg.up_prequant,
+                ROWS=cfg.up_rows, KP=padded_k(hidden, quant))
 
 
 def reduction_pieces(k: int, quant: str, most: int = 3) -> tuple[int, int, int]:
@@ -269,11 +270,11 @@ def gate_up(hidden: torch.Tensor, weights: ExpertWeights, ids: torch.Tensor, top
     h, inter = weights.hidden_size, weights.intermediate_size
     act = empty(ids.numel(), inter, dtype=hidden.dtype, device=hidden.device)
     scale = weights.w13_scale
-    consts = up_constexprs(h, weights.quant, cfg)
+    consts = up_constexprs(h, top_k, weights.quant, cfg)
     x, xs = _activations(hidden, consts["PREQUANT"])
     _gemv_up_kernel[(ids.numel(), triton.cdiv(inter, cfg.up_rows))](
         x, xs, weights.w13, weights.w13 if scale is None else scale, ids, act, inter, h, weights.num_experts,
-        top_k, triton.cdiv(inter, FP8_GROUP), x.stride(0), xs.stride(0), weights.w13.stride(0), weights.w13.stride(1),
+        triton.cdiv(inter, FP8_GROUP), x.stride(0), xs.stride(0), weights.w13.stride(0), weights.w13.stride(1),
         *_scale_strides(scale), act.stride(0),
         INTERPRET=interpreting(), num_warps=cfg.up_warps, **consts, **launch_args(hidden))
     return act
