@@ -28,49 +28,58 @@ def _topk_launch(t: int, block_e: int) -> tuple[int, int]:
     return max(1, min(16, 4096 // block_e)), 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _router_logits_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_x, stride_w, stride_o,
-                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
-    """out[t, e] = sum over h of x[t, h] * w[e, h] in float32; BLOCK_E experts of every token per program."""
-    enter(PDL)
+                          BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, TOKENS: tl.constexpr, PDL: tl.constexpr):
+    """out[t, e] = sum over h of x[t, h] * w[e, h] in float32, for BLOCK_E experts and TOKENS tokens a
+    program. The program holds its experts' whole weight rows, read before the PDL wait: nothing in a
+    step writes them (pdl.py), so their stream overlaps the kernel before."""
     es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    ts = tl.arange(0, BLOCK_T)
+    ts = tl.program_id(1) * TOKENS + tl.arange(0, TOKENS)
     hs = tl.arange(0, BLOCK_H)
     e_ok = es < E
     t_ok = ts < T
-    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        h_ok = (h0 + hs) < H
-        x = tl.load(x_ptr + ts[:, None].to(tl.int64) * stride_x + (h0 + hs)[None, :],
-                    mask=t_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + es[:, None].to(tl.int64) * stride_w + (h0 + hs)[None, :],
-                    mask=e_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    h_ok = hs < H
+    w = tl.load(w_ptr + es[:, None].to(tl.int64) * stride_w + hs[None, :], mask=e_ok[:, None] & h_ok[None, :],
+                other=0.0).to(tl.float32)
+    enter(PDL)
+    x = tl.load(x_ptr + ts[:, None].to(tl.int64) * stride_x + hs[None, :], mask=t_ok[:, None] & h_ok[None, :],
+                other=0.0).to(tl.float32)
+    acc = tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     tl.store(out_ptr + ts[:, None] * stride_o + es[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
+
+
+def _router_launch(e: int, h: int) -> tuple[int, int, int, int]:
+    """(experts per program, padded hidden, tokens per program, warps): about 128 programs per block of
+    tokens, each holding its experts' whole weight rows (at most 16K float32 values a program) and up
+    to 4 tokens' products (8K values). The same at every T, so a row's logits do not depend on it."""
+    block_h = triton.next_power_of_2(h)
+    block_e = max(1, min(triton.next_power_of_2(e) // 128, 16384 // block_h))
+    tokens = max(1, min(4, 8192 // (block_e * block_h)))
+    return block_e, block_h, tokens, 4 if block_e * block_h <= 8192 else 8
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Gate logits x [T, H] @ weight [E, H]^T in float32 for T <= ROUTER_GEMV_MAX_TOKENS, in one
-    launch spread over ~128 programs (BLOCK_E experts each), x read in its own dtype: the float32
-    GEMM it replaces was three launches at one token (a cast of x, a GEMV and its reduction)."""
+    launch (about 128 programs per 4 tokens), x read in its own dtype: the float32 GEMM it replaces was
+    three launches at one token (a cast of x, a GEMV and its reduction)."""
     t, h = x.shape
     e = weight.shape[0]
     if not 1 <= t <= ROUTER_GEMV_MAX_TOKENS:
         raise ValueError(f"router_logits takes 1..{ROUTER_GEMV_MAX_TOKENS} tokens, got {t}")
     if weight.shape[1] != h:
         raise ValueError(f"the router weight has {weight.shape[1]} columns but x has {h} features")
+    if triton.next_power_of_2(h) > 16384:
+        raise ValueError(f"router_logits holds whole weight rows of at most 16384 features, got {h}")
     x = x if x.stride(1) == 1 else x.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     out = empty(t, e, dtype=torch.float32, device=x.device)
-    block_t = triton.next_power_of_2(t)
-    block_e = min(8, max(1, triton.next_power_of_2(e) // 128))
-    block_h = max(64, min(1024, 4096 // (block_t * block_e)))
-    _router_logits_kernel[(triton.cdiv(e, block_e),)](
+    block_e, block_h, tokens, warps = _router_launch(e, h)
+    _router_logits_kernel[(triton.cdiv(e, block_e), triton.cdiv(t, tokens))](
         x, weight, out, t, e, h, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=block_h, num_warps=4, **launch_args(x),
+        BLOCK_E=block_e, BLOCK_H=block_h, TOKENS=tokens, num_warps=warps, **launch_args(x),
     )
     return out
-
 
 
 @triton.jit

@@ -117,3 +117,13 @@ def test_router_logits_refuse_what_they_do_not_take(gen):
         gating.router_logits(torch.zeros(ROUTER_GEMV_MAX_TOKENS + 1, 64, device=DEVICE), w)
     with pytest.raises(ValueError, match="columns"):
         gating.router_logits(torch.zeros(2, 32, device=DEVICE), w)
+
+
+def test_router_logits_of_a_row_do_not_depend_on_the_batch(gen):
+    """A token's logits are the same bits whether it comes alone or with 15 others (a CUDA graph padded
+    to a batch bucket computes what the eager step would)."""
+    x = torch.randn(16, 192, generator=gen, device=DEVICE).to(torch.bfloat16)
+    w = torch.randn(128, 192, generator=gen, device=DEVICE)
+    batch = gating.router_logits(x, w)
+    for t in (1, 3, 5):
+        assert torch.equal(gating.router_logits(x[:t], w), batch[:t])
