@@ -80,7 +80,7 @@ def _gemv_up_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, ids_ptr, act_ptr, I, K, E, gate
     PREQUANT (FP8): x is already e4m3, with its group scales at xs_ptr. A slot whose expert is not held
     here reads nothing and writes nothing: masks, not an early return. On an H200 the early return
     cost 0.4 us of a one-token FP8 call and a run-time top-k's division 0.7 (copies of this kernel with
-    and without each, docs/benchmarks.md, thirteenth session)."""
+    and without each on branch experiment/gemv-variants; docs/benchmarks.md, thirteenth session)."""
     slot = tl.program_id(0)
     n = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     k = tl.arange(0, KP)
