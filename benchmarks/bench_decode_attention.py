@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import json
 import os
-from pathlib import Path
 
 import torch
 
 from moeserve.kernels import decode_attention as da
-from moeserve.kernels.timing import device_ceilings, graph_ms
+from moeserve.kernels.timing import device_ceilings, graph_ms, save_results
 
 MODELS = {  # name: (query heads, KV heads, key width, value width); MLA: one latent "head", values from keys
     "deepseek-v2-lite (MLA)": (16, 1, 576, 512),
@@ -82,11 +80,7 @@ def main() -> int:
                   f"{best.block_n} rows, {best.num_warps} warps, {best.num_stages} stages, "
                   f"{best.target_programs} programs | {timed[default] / timed[best]:.2f} |", flush=True)
             del problems, one
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_decode_attention.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
-                                                                     copy_bytes_per_s=bandwidth, results=results),
-                                                                indent=1))
+    save_results(args.out_dir, "bench_decode_attention.json", bandwidth, results)
     return 0
 
 

@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import json
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from moeserve.kernels import gemv
-from moeserve.kernels.timing import device_ceilings, graph_ms
+from moeserve.kernels.timing import device_ceilings, graph_ms, save_results
 
 SHAPES = {  # name: (N, K), bf16 weights
     "qwen3-30b-a3b qkv": (5120, 2048),
@@ -69,10 +67,7 @@ def main() -> int:
             print(f"| {name} | {m} | {limit_us:.1f} | {cublas:.1f} | {default:.1f} | {timed[best]:.1f} {best} | "
                   f"{cublas / default:.2f} |", flush=True)
         del weights
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_gemv.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
-                                                         copy_bytes_per_s=bandwidth, results=results), indent=1))
+    save_results(args.out_dir, "bench_gemv.json", bandwidth, results)
     return 0
 
 

@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import json
 import os
-from pathlib import Path
 
 import torch
 import triton
@@ -127,7 +125,7 @@ def main() -> int:
     args = p.parse_args()
     if args.smoke:
         return smoke()
-    from moeserve.kernels.timing import device_ceilings, graph_ms
+    from moeserve.kernels.timing import device_ceilings, graph_ms, save_results
 
     bandwidth, _ = device_ceilings()
     print(f"{torch.cuda.get_device_name()}, copy {bandwidth / 1e12:.2f} TB/s, "
@@ -159,10 +157,7 @@ def main() -> int:
                 cells = " | ".join(f"{us:.1f} ({nbytes / us / 1e6:.2f})" for us in row.values())
                 print(f"| {rows}, {warps} | {cells} |", flush=True)
             del weights
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gemv_stream.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
-                                                          copy_bytes_per_s=bandwidth, results=results), indent=1))
+    save_results(args.out_dir, "gemv_stream.json", bandwidth, results)
     return 0
 
 

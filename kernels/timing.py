@@ -7,8 +7,10 @@ serving step; a graph removes the Python launch cost that a captured decode step
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -88,3 +90,14 @@ def device_ceilings(copy_bytes: int = 1 << 30, matmul_n: int = 8192, reps: int =
     mm = eager_ms([lambda: a @ b], reps=reps, warmup=3)
     peak = 2 * matmul_n**3 / (mm * 1e-3)
     return bandwidth, peak
+
+
+def save_results(out_dir: str | Path, name: str, bandwidth: float, results: list) -> Path:
+    """A GPU benchmark's rows as out_dir/name (JSON), with the device's name and the copy bandwidth
+    measured in the same run."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), copy_bytes_per_s=bandwidth,
+                                    results=results), indent=1))
+    return path
