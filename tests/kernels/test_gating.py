@@ -117,6 +117,8 @@ def test_router_logits_refuse_what_they_do_not_take(gen):
         gating.router_logits(torch.zeros(ROUTER_GEMV_MAX_TOKENS + 1, 64, device=DEVICE), w)
     with pytest.raises(ValueError, match="columns"):
         gating.router_logits(torch.zeros(2, 32, device=DEVICE), w)
+    with pytest.raises(ValueError, match="16384 features"):  # a program holds whole weight rows
+        gating.router_logits(torch.zeros(1, 16385, device=DEVICE), torch.zeros(8, 16385, device=DEVICE))
 
 
 def test_router_logits_of_a_row_do_not_depend_on_the_batch(gen):
