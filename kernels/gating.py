@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .launch import empty
 from .pdl import enter, launch_args
-from .ops import ROUTER_GEMV_MAX_TOKENS
+from .ops import ROUTER_GEMV_MAX_HIDDEN, ROUTER_GEMV_MAX_TOKENS
 
 ONE_TOKEN_BLOCKS_MAX = 64  # token counts up to this get one program (and few warps) per token
 
@@ -54,7 +54,7 @@ def _router_launch(e: int, h: int) -> tuple[int, int, int, int]:
     tokens, each holding its experts' whole weight rows (at most 16K float32 values a program) and up
     to 4 tokens' products (8K values). The same at every T, so a row's logits do not depend on it."""
     block_h = triton.next_power_of_2(h)
-    block_e = max(1, min(triton.next_power_of_2(e) // 128, 16384 // block_h))
+    block_e = max(1, min(triton.next_power_of_2(e) // 128, ROUTER_GEMV_MAX_HIDDEN // block_h))
     tokens = max(1, min(4, 8192 // (block_e * block_h)))
     return block_e, block_h, tokens, 4 if block_e * block_h <= 8192 else 8
 
@@ -69,8 +69,9 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"router_logits takes 1..{ROUTER_GEMV_MAX_TOKENS} tokens, got {t}")
     if weight.shape[1] != h:
         raise ValueError(f"the router weight has {weight.shape[1]} columns but x has {h} features")
-    if triton.next_power_of_2(h) > 16384:
-        raise ValueError(f"router_logits holds whole weight rows of at most 16384 features, got {h}")
+    if h > ROUTER_GEMV_MAX_HIDDEN:
+        raise ValueError(f"router_logits holds whole weight rows of at most {ROUTER_GEMV_MAX_HIDDEN} features, "
+                         f"got {h}")
     x = x if x.stride(1) == 1 else x.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     out = empty(t, e, dtype=torch.float32, device=x.device)

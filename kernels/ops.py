@@ -45,6 +45,7 @@ DISABLED = frozenset(filter(None, (n.strip() for n in os.environ.get("MOESERVE_D
 KERNEL_MODULES = ("fused_moe", "gating", "decode_attention", "prefill_attention", "norm_rope", "gemv",
                   "activation")
 ROUTER_GEMV_MAX_TOKENS = 16  # the router's logits in one Triton launch up to here (decode), cuBLAS beyond
+ROUTER_GEMV_MAX_HIDDEN = 16384  # ... for hidden sizes up to here (a program holds whole weight rows)
 # Linear layers as a Triton GEMV up to here, cuBLAS beyond: on an H200 (benchmarks/bench_gemv.py) the GEMV took
 # 0.51-0.85x cuBLAS's time at one row and 1.2-2.2x at eight (each row reduced on its own)
 LINEAR_GEMV_MAX_ROWS = 1
@@ -119,7 +120,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [T, H] @ weight [E, H]^T in float32 (reference.router_logits): the router's weight stays
     float32 whatever the compute dtype (models/loader.py). Decode sizes on CUDA: one Triton launch
     (gating.router_logits); else one float32 GEMM."""
-    if _on_gpu(x, "gating") and 1 <= x.shape[0] <= ROUTER_GEMV_MAX_TOKENS:
+    if _on_gpu(x, "gating") and 1 <= x.shape[0] <= ROUTER_GEMV_MAX_TOKENS and x.shape[1] <= ROUTER_GEMV_MAX_HIDDEN:
         from . import gating
 
         return gating.router_logits(x, weight)

@@ -37,6 +37,10 @@ def test_cuda_tensors_take_the_kernels(gen):
     got_w, got_ids = ops.softmax_topk(logits, 6, True)
     want_w, want_ids = ref.softmax_topk(logits, 6, True)
     assert torch.equal(got_ids, want_ids) and torch.allclose(got_w, want_w, atol=1e-6)
+    # the router's decode kernel holds whole weight rows: wider hidden sizes take the float32 GEMM
+    x = torch.randn(1, ops.ROUTER_GEMV_MAX_HIDDEN + 8, generator=gen, device="cuda")
+    router = torch.randn(8, x.shape[1], generator=gen, device="cuda")
+    torch.testing.assert_close(ops.router_logits(x, router), ref.router_logits(x, router))
 
 
 def test_disabling_kernels_by_name():
