@@ -256,20 +256,6 @@ def test_real_shapes_gemv(quant, name, t, combine, gen):
                                                                  down_pieces=1 if prequant else 3)))
 
 
-def test_gemv_stream_variants_match_torch():
-    """benchmarks/gemv_stream.py's stripped-down gate/up kernels (raw streaming, widening, the dot
-    without quantisation; bf16 and FP8; plain and evict-first loads) compute what they claim, so
-    the speed of light it reports is that of real work."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gemv_stream.py"
-    spec = importlib.util.spec_from_file_location("gemv_stream", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.smoke() == 0
-
-
 def test_warm_up_runs_each_launch_signature_once(gen, monkeypatch):
     """fused_moe.warm_up: one call, at its smallest token count, for each distinct launch signature of
     1..max_tokens tokens, so every step size after it finds its kernels compiled. Here (no table for

@@ -54,33 +54,3 @@ def test_moe_and_gating_kernels_compile_for_hopper(gen):
                                         "_gemv_up_kernel", "_gemv_down_kernel",
                                         "_softmax_topk_kernel", "_grouped_topk_kernel", "_router_logits_kernel"}
     assert compile_for_hopper(jobs) == {}
-
-
-def test_gemv_register_report_runs_on_a_table(tmp_path):
-    """benchmarks/gemv_registers.py compiles a table's one-token GEMVs for sm_90 and reads their
-    registers from the cubins: here a made-up table with a bf16 entry (per-slot rows, then the
-    combine) and an FP8 one with prequantised activations; entries without GEMVs are skipped."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from moeserve.kernels.configs import GemvConfig, MoeConfig
-
-    table = tmp_path / "table.json"
-    table.write_text(json.dumps({
-        "E=8,H=256,I=128,k=2,bf16": {"1": MoeConfig(gemv=GemvConfig(up_rows=2, down_rows=4, combine=True)).to_dict(),
-                                     "8": MoeConfig().to_dict()},
-        "E=8,H=256,I=128,k=2,fp8": {"1": MoeConfig(gemv=GemvConfig(combine=False, up_prequant=True)).to_dict()},
-        "E=8,H=256,I=128,k=2,int8": {"1": MoeConfig(per_slot=True).to_dict()},
-    }))
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gemv_registers.py"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
-    run = subprocess.run([sys.executable, str(script), "--table", str(table), "--json", str(tmp_path / "r.json")],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
-    assert [r["kernel"].split(" ", 1)[1] for r in rows] == [
-        "gate/up rows=2", "down rows=4 combine", "gate/up rows=4", "down rows=8"]
-    assert all(0 < r["registers"] <= 255 and 0 < r["resident_warps"] <= 64 for r in rows)
