@@ -39,7 +39,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stri
     k_ok = k < K
     # the weights first: nothing in a step writes them, so they may be read before the wait
     w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                other=0.0).to(tl.float32)
+                other=0.0, eviction_policy="evict_first").to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     enter(PDL)

@@ -93,8 +93,9 @@ def _gemv_up_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, ids_ptr, act_ptr, I, K, E, gate
     e64 = tl.where(held, e, 0).to(tl.int64)
     w_rows = w_ptr + e64 * stride_we + k[None, :]
     mask = n_ok[:, None] & k_ok[None, :]
-    wg = tl.load(w_rows + n[:, None].to(tl.int64) * stride_wn, mask=mask, other=0.0)
-    wu = tl.load(w_rows + (n + I)[:, None].to(tl.int64) * stride_wn, mask=mask, other=0.0)
+    wg = tl.load(w_rows + n[:, None].to(tl.int64) * stride_wn, mask=mask, other=0.0, eviction_policy="evict_first")
+    wu = tl.load(w_rows + (n + I)[:, None].to(tl.int64) * stride_wn, mask=mask, other=0.0,
+                 eviction_policy="evict_first")
     x = tl.load(x_ptr + token * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     xg = x
     xu = x
@@ -130,7 +131,8 @@ def _down_weights(w_ptr, s_ptr, e64, held, n, H, K, stride_we, stride_wn, stride
     k = OFF + tl.arange(0, P)
     rows = held[:, None] & (n < H)[None, :]  # [SLOTS_P, ROWS]
     w = tl.load(w_ptr + e64[:, None, None] * stride_we + n[None, :, None].to(tl.int64) * stride_wn
-                + k[None, None, :], mask=rows[:, :, None] & (k < K)[None, None, :], other=0.0)
+                + k[None, None, :], mask=rows[:, :, None] & (k < K)[None, None, :], other=0.0,
+                eviction_policy="evict_first")
     ws = 0.0
     if QUANT == 1:
         grp = OFF // 128 + tl.arange(0, P // 128)
