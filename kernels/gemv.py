@@ -13,6 +13,12 @@ of the kernel before it. Then it waits, reads the few rows of x and writes each 
 outputs, accumulated in float32. Every row is computed alone, in the same order, so a row's result
 does not depend on how many rows the call has (a CUDA graph padded to 8 rows gives the eager
 step's values for the same rows).
+
+With a norm (add_norm_linear, one row), the kernel also takes the decoder's add and RMSNorm before
+it: every program adds the residual to x and normalises the sum itself (a row of a few thousand
+values, already in its registers), rounding as norm_rope.add_rms_norm does, and the first program
+writes the sum (the residual stream's next value). At batch 1 that removes the norm's launch, about
+1.7 us a layer on an H200 (docs/benchmarks.md, fourteenth session).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import empty
+from .launch import empty, interpreting
+from .numerics import round_as
 from .pdl import enter, launch_args
 
 MAX_ROWS = 8  # rows of x per call: decode batches up to here
@@ -30,9 +37,23 @@ TILE = 8192  # weight elements per program (BLOCK_N * padded K)
 WARPS = 4
 
 
+@triton.jit
+def _add_norm(x, r_ptr, nw, sum_ptr, k, k_ok, K, eps, INTERPRET: tl.constexpr):
+    """RMSNorm(x + r) * nw for one row x [BLOCK_K] (16-bit), rounded as norm_rope's kernel rounds: the
+    sum to x's dtype, the normalised value to x's dtype before the weight multiplies it, the product
+    to x's dtype. The first program stores the sum at sum_ptr."""
+    s = round_as(x.to(tl.float32) + tl.load(r_ptr + k, mask=k_ok, other=0.0).to(tl.float32), x.dtype, INTERPRET)
+    tl.store(sum_ptr + k, s.to(x.dtype), mask=tl.where(tl.program_id(0) == 0, k_ok, False))
+    inv = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / K + eps)
+    return round_as(round_as(s * inv, x.dtype, INTERPRET) * nw, x.dtype, INTERPRET)
+
+
 @triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, sum_ptr, M, N, K, stride_xm, stride_wn, stride_ym, eps,
+                 HAS_BIAS: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """y[m] = x[m] @ w.T (+ b) for the BLOCK_N columns of this program. NORM (M = 1): x is first
+    replaced by RMSNorm(x + r) * nw (_add_norm)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     n_ok = n < N
@@ -42,10 +63,14 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stri
                 other=0.0, eviction_policy="evict_first").to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    if NORM:
+        nw = tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
     enter(PDL)
     for m in range(M):
-        x = tl.load(x_ptr + m * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)
-        y = tl.sum(w * x[None, :], axis=1)
+        x = tl.load(x_ptr + m * stride_xm + k, mask=k_ok, other=0.0)
+        if NORM:
+            x = _add_norm(x, r_ptr, nw, sum_ptr, k, k_ok, K, eps, INTERPRET)
+        y = tl.sum(w * x.to(tl.float32)[None, :], axis=1)
         if HAS_BIAS:
             y += bias
         tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -65,13 +90,37 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not supports(x, weight):
         raise ValueError(f"gemv takes 1..{MAX_ROWS} rows of at most {MAX_K} 16-bit features matching the weight, "
                          f"got x {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} {weight.dtype}")
+    return _launch(x, weight, bias, tile, num_warps)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int, num_warps: int,
+            norm: tuple | None = None) -> torch.Tensor:
+    """y = x @ weight.T (+ bias); norm = (residual, norm weight, eps, sum out): x normed first (one row)."""
     m, k = x.shape
     n = weight.shape[0]
     y = empty(m, n, dtype=x.dtype, device=x.device)
     block_k = triton.next_power_of_2(k)
     block_n = max(1, min(64, tile // block_k))
+    residual, norm_weight, eps, total = norm if norm is not None else (x, x, 0.0, y)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, weight if bias is None else bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **launch_args(x),
+        x, weight, weight if bias is None else bias, y, residual, norm_weight, total, m, n, k, x.stride(0),
+        weight.stride(0), y.stride(0), eps, HAS_BIAS=bias is not None, NORM=norm is not None,
+        INTERPRET=interpreting(), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **launch_args(x),
     )
     return y
+
+
+def add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile: int = TILE,
+                    num_warps: int = WARPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(h, weight, bias), x + residual) with h = norm_rope.add_rms_norm(x, residual, norm_weight,
+    eps)[0], for one row x [1, K] that linear() takes and residual and norm_weight of x's dtype: one
+    launch for the decoder's add, its next RMSNorm and the projection after it."""
+    if not (supports(x, weight) and x.shape[0] == 1 and residual.shape == x.shape and residual.dtype == x.dtype
+            and residual.stride(-1) == 1 and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype):
+        raise ValueError(f"add_norm_linear takes one row with its residual and norm weight in its dtype, got x "
+                         f"{tuple(x.shape)} {x.dtype}, residual {tuple(residual.shape)} {residual.dtype}, norm "
+                         f"weight {tuple(norm_weight.shape)} {norm_weight.dtype}, weight {tuple(weight.shape)} "
+                         f"{weight.dtype}")
+    total = empty(1, x.shape[1], dtype=x.dtype, device=x.device)
+    return _launch(x, weight, bias, tile, num_warps, (residual, norm_weight, eps, total)), total

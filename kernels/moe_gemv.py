@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .configs import GemvConfig
 from .launch import empty, interpreting
-from .numerics import FP8_GROUP, QUANT_CODES, quantize_activations, quantize_group, rtne_bf16, store_rounded
+from .numerics import FP8_GROUP, QUANT_CODES, quantize_activations, quantize_group, round_as, store_rounded
 from .pdl import enter, launch_args
 from .weights import ExpertWeights
 
@@ -59,16 +59,6 @@ def _fp8_operand(q, s, w_scale, KP: tl.constexpr):
     widened, never scaled."""
     R: tl.constexpr = w_scale.shape[0]
     return tl.reshape(q * (s * tl.reshape(w_scale, [R * (KP // 128)]))[:, None], [R, KP])
-
-
-@triton.jit
-def _round_as(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """x (float32) rounded to dtype and back, as a store of it and a reload would give."""
-    out = x.to(dtype).to(tl.float32)
-    if INTERPRET:
-        if dtype == tl.bfloat16:
-            out = rtne_bf16(x)
-    return out
 
 
 @triton.jit(do_not_specialize=["E", "gate_scale_rows"])
@@ -206,7 +196,7 @@ def _gemv_down_kernel(act_ptr, as_ptr, w_ptr, s_ptr, ids_ptr, tw_ptr, out_ptr, H
     if QUANT == 2:
         y *= wc
     y *= tw[:, None]
-    y = _round_as(y, out_ptr.dtype.element_ty, INTERPRET)  # as y[slot] is stored before fused_moe's combine
+    y = round_as(y, out_ptr.dtype.element_ty, INTERPRET)  # as y[slot] is stored before fused_moe's combine
     store_rounded(out_ptr + r.to(tl.int64) * stride_out + n, tl.sum(y, axis=0), n < H, INTERPRET)
 
 

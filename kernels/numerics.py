@@ -44,6 +44,16 @@ def quantize_group(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def round_as(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """x (float32) rounded to dtype and back, as a store of it and a reload would give."""
+    out = x.to(dtype).to(tl.float32)
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            out = rtne_bf16(x)
+    return out
+
+
+@triton.jit
 def store_rounded(ptrs, x, mask, INTERPRET: tl.constexpr):
     if INTERPRET:
         if ptrs.dtype.element_ty == tl.bfloat16:

@@ -15,7 +15,7 @@ from torch import nn
 from .batch import AttentionBatch
 from .config import ModelConfig
 from .layers.moe import ExpertBackend, MoEBlock
-from .layers.norm import RMSNorm
+from .layers.norm import PendingNorm, RMSNorm
 from .layers.rotary import RotaryEmbedding
 
 
@@ -34,12 +34,17 @@ class DecoderLayer(nn.Module):
                 batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(the feed-forward's output, the residual stream before it is added): each block's output
         is added to the stream by the next norm (the next layer's, or the final one), one kernel
-        instead of an add and a norm. residual None: x is the embeddings, the stream's start."""
+        instead of an add and a norm. residual None: x is the embeddings, the stream's start. The
+        attention gets its input norm pending (PendingNorm): its first projection may take the add and
+        the norm in its own launch."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
+            out = self.self_attn(h, rope, batch)
         else:
-            h, residual = self.input_layernorm.add_forward(x, residual)
-        h, residual = self.post_attention_layernorm.add_forward(self.self_attn(h, rope, batch), residual)
+            h = PendingNorm(x, residual, self.input_layernorm)
+            out = self.self_attn(h, rope, batch)
+            residual = h.total()
+        h, residual = self.post_attention_layernorm.add_forward(out, residual)
         return getattr(self, self.ffn_name)(h), residual
 
 

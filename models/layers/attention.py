@@ -8,7 +8,7 @@ from torch import nn
 from ..batch import AttentionBatch
 from ..config import ModelConfig
 from .fused_linear import fuse, project
-from .norm import RMSNorm
+from .norm import PendingNorm, RMSNorm, materialize
 from . import padded_attention as padded
 from moeserve.kernels import ops
 
@@ -65,11 +65,16 @@ class GQAttention(nn.Module):
         tables = torch.zeros(1, 1, dtype=torch.int32, device=device)
         ops.paged_prefill_attention(q, self.k_cache, self.v_cache, tables, [1], [1], self.scale, self.sliding_window)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | PendingNorm, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
+                ) -> torch.Tensor:
         if self.k_cache is None:
             raise RuntimeError("no KV cache: call model.allocate_kv_cache(num_blocks, block_size) first")
         t = x.shape[0]
-        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        if self.qkv is not None:  # a PendingNorm's add and norm may run in the projection's launch
+            q, k, v = self.qkv(x)
+        else:
+            x = materialize(x)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)

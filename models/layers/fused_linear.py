@@ -15,6 +15,8 @@ from torch import nn
 
 from moeserve.kernels import ops
 
+from .norm import PendingNorm
+
 
 class FusedLinears:
     def __init__(self, linears: list[nn.Linear]):
@@ -36,9 +38,11 @@ class FusedLinears:
                 for lin, part in zip(linears, self.bias.split(self.sizes)):
                     lin.bias.data = part
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each projection's output, in the order given (views of one [.., sum of outputs] result)."""
-        return ops.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+    def __call__(self, x: torch.Tensor | PendingNorm) -> tuple[torch.Tensor, ...]:
+        """Each projection's output, in the order given (views of one [.., sum of outputs] result). A
+        PendingNorm's add and norm may run in the same launch."""
+        y = x.project(self.weight, self.bias) if isinstance(x, PendingNorm) else ops.linear(x, self.weight, self.bias)
+        return y.split(self.sizes, dim=-1)
 
 
 def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 from ..batch import AttentionBatch
 from ..config import ModelConfig
 from .fused_linear import fuse, project
-from .norm import RMSNorm
+from .norm import PendingNorm, RMSNorm, materialize
 from . import padded_attention as padded
 from moeserve.kernels import ops
 
@@ -68,11 +68,16 @@ class MLAttention(nn.Module):
     def allocate_cache(self, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
         self.latent_cache = torch.zeros(num_blocks, block_size, self.cache_elements_per_token(), device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | PendingNorm, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
+                ) -> torch.Tensor:
         if self.latent_cache is None:
             raise RuntimeError("no KV cache: call model.allocate_kv_cache(num_blocks, block_size) first")
         t = x.shape[0]
-        q, kv_a = self.in_proj(x) if self.in_proj is not None else (self._q_first(x), self.kv_a_proj_with_mqa(x))
+        if self.in_proj is not None:  # a PendingNorm's add and norm may run in the projection's launch
+            q, kv_a = self.in_proj(x)
+        else:
+            x = materialize(x)
+            q, kv_a = self._q_first(x), self.kv_a_proj_with_mqa(x)
         if self.q_lora_rank is not None:
             q = project(self.q_b_proj, self.q_a_layernorm(q))
         q = q.reshape(t, self.num_heads, self.nope_dim + self.rope_dim)

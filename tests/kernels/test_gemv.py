@@ -77,7 +77,8 @@ def test_ops_linear_is_f_linear_off_the_gpu(gen):
 
 
 def test_gemv_compiles_for_hopper(gen):
-    """The launches above (bf16 and fp16, with and without bias) compile for sm_90 with PDL."""
+    """The launches above (bf16 and fp16, with and without bias, with the add and norm) compile for
+    sm_90 with PDL."""
     from moeserve.kernels import launch
 
     if not launch.interpreting():
@@ -89,8 +90,9 @@ def test_gemv_compiles_for_hopper(gen):
             for bias in (False, True):
                 x, w, b = _problem(3, 40, 2048, gen, dtype=dtype, bias=bias)
                 gemv.linear(x, w, b)
+            gemv.add_norm_linear(x[:1], x[1:2], x[2], 1e-6, w)  # with the add and the norm
     jobs = rec.jobs()
-    assert {j.kernel for j in jobs} == {"_gemv_kernel"} and len(jobs) == 4
+    assert {j.kernel for j in jobs} == {"_gemv_kernel"} and len(jobs) == 6
     assert compile_for_hopper(jobs) == {}
 
 
@@ -107,3 +109,34 @@ def test_gemv_real_shapes_on_gpu(m, n, k, gen):
     # ops.linear takes the kernel up to LINEAR_GEMV_MAX_ROWS rows, cuBLAS beyond
     assert torch.equal(ops.linear(x, w), got if m <= ops.LINEAR_GEMV_MAX_ROWS else torch.nn.functional.linear(x, w))
     assert torch.equal(ops.linear(x.float(), w.float()), torch.nn.functional.linear(x.float(), w.float()))
+
+
+@pytest.mark.parametrize("n,k,bias", [(64, 32, False), (37, 200, True), (5, 1000, False)])
+def test_add_norm_linear_is_the_add_the_norm_and_the_projection(n, k, bias, gen):
+    """One row: the decoder's add and RMSNorm folded into the GEMV equal ops.add_rms_norm followed by
+    the projection (the same sum bits; the output within the GEMV's tolerance of float64 over the
+    reference's normed row), and the sum is written once whatever the number of programs."""
+    from moeserve.kernels import reference
+
+    x, w, b = _problem(1, n, k, gen, bias=bias)
+    residual = torch.randn(1, k, generator=gen, device=DEVICE).to(x.dtype) * 4
+    norm_weight = (1 + torch.randn(k, generator=gen, device=DEVICE) / 4).to(x.dtype)
+    y, total = gemv.add_norm_linear(x, residual, norm_weight, 1e-6, w, b)
+    h, want_total = reference.add_rms_norm(x, residual, norm_weight, 1e-6)
+    assert torch.equal(total, want_total)
+    assert rel_err(y, _want(h, w, b)) < TOL
+    got, got_total = ops.add_rms_norm_linear(x, residual, norm_weight, 1e-6, w, b)
+    assert torch.equal(got_total, want_total)
+    if ON_GPU:  # the kernel; on the CPU the reference's two calls
+        assert torch.equal(got, y)
+    else:
+        assert torch.equal(got, torch.nn.functional.linear(h, w, b))
+
+
+def test_add_norm_linear_refuses_what_it_does_not_take(gen):
+    x, w, _ = _problem(2, 16, 64, gen)
+    norm_weight = torch.ones(64, dtype=x.dtype, device=DEVICE)
+    with pytest.raises(ValueError, match="one row"):
+        gemv.add_norm_linear(x, x, norm_weight, 1e-6, w)
+    with pytest.raises(ValueError, match="norm weight"):
+        gemv.add_norm_linear(x[:1], x[:1], norm_weight.float(), 1e-6, w)

@@ -11,6 +11,7 @@ from torch import nn
 from moeserve.models.batch import AttentionBatch
 from moeserve.models.layers import attention, fused_linear, mla, mlp
 from moeserve.models.layers.fused_linear import FusedLinears
+from moeserve.models.layers.norm import PendingNorm, RMSNorm, materialize
 from moeserve.models.loader import load_model
 
 
@@ -35,6 +36,30 @@ def test_fused_linears_give_each_projection_and_share_its_memory(bias):
     with torch.no_grad():  # a later load into a projection's parameter lands in the fused weight
         linears[1].weight.fill_(0.5)
     torch.testing.assert_close(fused(x)[1], linears[1](x))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_linears_take_a_pending_norm(bias):
+    """A decoder's input norm handed over pending (PendingNorm): the fused projections give what they
+    give the normed tensor, the norm's tensor and the residual sum are the norm's own, whichever is
+    asked first."""
+    g = torch.Generator().manual_seed(1)
+    linears = [nn.Linear(24, n, bias=bias) for n in (16, 8)]
+    for lin in linears:
+        nn.init.normal_(lin.weight, generator=g)
+    norm = RMSNorm(24, 1e-6)
+    nn.init.normal_(norm.weight, generator=g)
+    x, residual = torch.randn(1, 24, generator=g), torch.randn(1, 24, generator=g)
+    h, total = norm.add_forward(x, residual)
+    fused = FusedLinears(linears)
+    pending = PendingNorm(x, residual, norm)
+    for got, w in zip(fused(pending), fused(h)):
+        assert torch.equal(got, w)
+    assert torch.equal(pending.total(), total)
+    assert torch.equal(materialize(pending), h) and torch.equal(materialize(h), h)
+    first = PendingNorm(x, residual, norm)  # the tensor first, then the projection
+    assert torch.equal(first.tensor(), h) and torch.equal(fused(first)[0], fused(h)[0])
+    assert torch.equal(first.total(), total) and first.shape == x.shape
 
 
 def test_fused_under_inference_mode_keeps_ordinary_parameters():
