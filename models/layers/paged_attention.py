@@ -82,13 +82,17 @@ def attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     `seq_len` tokens back to back, each attending its own keys only. q [B*L, Hq, D], k [B*L, Hk, D],
     v [B*L, Hk, Dv] -> [B*L, Hq, Dv]."""
     b = q.shape[0] // seq_len
-    mask = attention_mask(seq_len, seq_len, sliding_window, q.device)
-    out = F.scaled_dot_product_attention(
-        q.view(b, seq_len, *q.shape[1:]).transpose(1, 2),
-        k.view(b, seq_len, *k.shape[1:]).transpose(1, 2),
-        v.view(b, seq_len, *v.shape[1:]).transpose(1, 2),
-        attn_mask=mask,
-        scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
+    qs, ks, vs = (t.view(b, seq_len, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+    if q.is_cuda and sliding_window is None:
+        # No mask tensor: causal, and the key/value heads repeated for each query head, so that SDPA
+        # takes a fused kernel (flash) instead of its float32 math path, which took about 55 us a
+        # layer of a 256-token Qwen3-30B-A3B prompt on an H200 (docs/benchmarks.md, fourteenth session).
+        group = q.shape[1] // k.shape[1]
+        if group > 1:
+            ks, vs = (t.repeat_interleave(group, dim=1) for t in (ks, vs))
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+    else:
+        mask = attention_mask(seq_len, seq_len, sliding_window, q.device)
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], v.shape[-1])

@@ -140,3 +140,24 @@ def test_prefill_kernel_warmed_up_when_the_cache_is_allocated(arch, layers, hf_c
     monkeypatch.setattr(ops, "paged_prefill_attention", lambda *a, **k: calls.append(a[4:6]) or real(*a, **k))
     LLMEngine.from_config(EngineConfig(model=str(hf_checkpoint(arch, seed=3)), num_kv_blocks=8, block_size=4))
     assert calls == [([1], [1])] * layers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("hq,hk,d,dv", [(32, 4, 128, 128), (16, 16, 192, 128), (8, 8, 64, 64)])
+def test_fresh_prompts_on_gpu_equal_the_masked_attention(hq, hk, d, dv):
+    """A fresh-prompt step's attention on a GPU (causal, no mask tensor, key/value heads repeated:
+    SDPA's fused kernels) equals the masked per-sequence attention: GQA, MLA's wider queries than
+    values, plain multi-head."""
+    from moeserve.models.layers.paged_attention import attend, attend_fresh, attention_mask
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, seq = 3, 37
+    q = torch.randn(b * seq, hq, d, generator=g, device="cuda").bfloat16()
+    k = torch.randn(b * seq, hk, d, generator=g, device="cuda").bfloat16()
+    v = torch.randn(b * seq, hk, dv, generator=g, device="cuda").bfloat16()
+    got = attend_fresh(q, k, v, d**-0.5, seq, None)
+    mask = attention_mask(seq, seq, None, q.device)
+    for i in range(b):
+        rows = slice(i * seq, (i + 1) * seq)
+        want = attend(q[rows].float(), k[rows].float(), v[rows].float(), d**-0.5, mask)
+        torch.testing.assert_close(got[rows].float(), want, rtol=2e-2, atol=2e-2)
