@@ -30,7 +30,7 @@ def _rms_scaled(x, w_ptr, d, d_ok, D: tl.constexpr, eps):
     return y * w[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, r_ptr, sum_ptr, rows, stride_x, stride_r, eps, D: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
     """out = RMSNorm(x) * w; ADD: x + r first (rounded to x's dtype, as torch adds), the sum also
