@@ -17,8 +17,9 @@ step's values for the same rows).
 With a norm (add_norm_linear, one row), the kernel also takes the decoder's add and RMSNorm before
 it: every program adds the residual to x and normalises the sum itself (a row of a few thousand
 values, already in its registers), rounding as norm_rope.add_rms_norm does, and the first program
-writes the sum (the residual stream's next value). At batch 1 that removes the norm's launch, about
-1.7 us a layer on an H200 (docs/benchmarks.md, fourteenth session).
+writes the sum (the residual stream's next value). At batch 1 that removes the norm's launch (1.7 us
+alone on an H200), but gains less: with PDL this GEMV already loaded its weights while the norm ran.
+Qwen3-30B-A3B's batch-1 step went 2.57 -> 2.55 ms (docs/benchmarks.md, fourteenth session).
 """
 
 from __future__ import annotations
