@@ -273,15 +273,28 @@ async def _serve_random(args: argparse.Namespace) -> None:
 
 
 class StepTrace:
-    """The server's every engine step (wall-clock start, seconds, tokens, whether a decode graph ran it)
-    and when Triton compiled each kernel it compiled (its cache entries' times), written at exit: what
-    a request's TTFT waited for."""
+    """The server's every engine step (wall-clock start, seconds, tokens, whether a decode graph ran it),
+    when Triton compiled each kernel it compiled (its cache entries' times) and every garbage
+    collection of 1 ms or more (start, generation, ms: it holds the GIL), written at exit: what a
+    request's TTFT waited for."""
 
     def __init__(self, llm) -> None:
-        self.llm, self.steps, self.waits = llm, [], []
+        import gc
+
+        self.llm, self.steps, self.waits, self.gc_pauses = llm, [], [], []
         self.started = time.time()
         self._graph_steps = self._graphed()
+        self._gc_start = 0.0
         llm.observer = self
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+            return
+        ms = (time.perf_counter() - self._gc_start) * 1e3
+        if ms >= 1:
+            self.gc_pauses.append([round(time.time() - ms / 1e3, 4), info["generation"], round(ms, 2)])
 
     def _graphed(self) -> int:
         graphs = self.llm.runner.graphs
@@ -302,7 +315,8 @@ class StepTrace:
             (round(f.stat().st_mtime, 4), f.parent.name[:12], f.name) for f in cache.glob("*/*.json")
             if not f.name.startswith("__grp__") and f.stat().st_mtime >= self.started)
         path.write_text(json.dumps(dict(steps_fields=["start", "ms", "tokens", "graphed"], steps=self.steps,
-                                        queue_wait_ms=self.waits, triton_compiles=compiled)))
+                                        queue_wait_ms=self.waits, triton_compiles=compiled,
+                                        gc_pauses_fields=["start", "generation", "ms"], gc_pauses=self.gc_pauses)))
 
 
 def start_server(name: str, args: argparse.Namespace, env: dict) -> tuple[subprocess.Popen, int, dict]:

@@ -117,6 +117,8 @@ def test_gpu_benchmark_script_runs_end_to_end_on_a_tiny_model(tmp_path):
     server = json.loads((tmp_path / "trace_tiny_server.json").read_text())
     served = sum(r["completed"] for r in ours.values())
     assert len(server["steps"]) > served and all(ms > 0 and tokens > 0 for _, ms, tokens, _ in server["steps"])
+    assert server["gc_pauses_fields"] == ["start", "generation", "ms"]
+    assert all(g in (0, 1, 2) and ms >= 1 for _, g, ms in server["gc_pauses"])
     client = json.loads((tmp_path / "trace_tiny_client.json").read_text())
     assert {k: len(v["requests"]) for k, v in client.items()} == {"1": ours["1"]["requests"], "2": ours["2"]["requests"]}
     assert all(r["ttft"] > 0 for v in client.values() for r in v["requests"])
