@@ -201,7 +201,7 @@ def profile_model(name: str, args: argparse.Namespace, report: dict, text: list[
         med = lambda v: sorted(v)[len(v) // 2] if v else None  # noqa: E731
         r[str(b)] = dict(preemptions_so_far=engine.stats()["preemptions"], prefill_steps_ms=prefill, decode_graph_ms=med(with_graphs), decode_eager_ms=med(eager),
                          decode_graph_tok_s=b / med(with_graphs) * 1e3, decode_eager_tok_s=b / med(eager) * 1e3)
-        print(f"{name} batch {b}: prefill steps {[round(x) for x in prefill]} ms; decode step "
+        print(f"{name} batch {b}: prefill steps {[round(x, 1) for x in prefill]} ms; decode step "
               f"{med(with_graphs):.2f} ms with graphs, {med(eager):.2f} ms eager (mean of {steps} back to back)",
               flush=True)
     b = max(args.batches)
