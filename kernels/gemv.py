@@ -84,6 +84,13 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.stride(1) == 1 and weight.stride(1) == 1)
 
 
+def supports_add_norm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether add_norm_linear takes this call: one row linear() takes, its residual (contiguous) and
+    norm weight in x's dtype."""
+    return (supports(x, weight) and x.shape[0] == 1 and residual.shape == x.shape and residual.dtype == x.dtype
+            and residual.stride(-1) == 1 and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile: int = TILE,
            num_warps: int = WARPS) -> torch.Tensor:
     """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in x's dtype, for calls supports() takes.
@@ -117,8 +124,7 @@ def add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.
     """(linear(h, weight, bias), x + residual) with h = norm_rope.add_rms_norm(x, residual, norm_weight,
     eps)[0], for one row x [1, K] that linear() takes and residual and norm_weight of x's dtype: one
     launch for the decoder's add, its next RMSNorm and the projection after it."""
-    if not (supports(x, weight) and x.shape[0] == 1 and residual.shape == x.shape and residual.dtype == x.dtype
-            and residual.stride(-1) == 1 and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype):
+    if not supports_add_norm(x, residual, norm_weight, weight):
         raise ValueError(f"add_norm_linear takes one row with its residual and norm weight in its dtype, got x "
                          f"{tuple(x.shape)} {x.dtype}, residual {tuple(residual.shape)} {residual.dtype}, norm "
                          f"weight {tuple(norm_weight.shape)} {norm_weight.dtype}, weight {tuple(weight.shape)} "

@@ -226,11 +226,10 @@ def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: to
     """(linear(add_rms_norm(x, residual, norm_weight, eps)[0], weight, bias), x + residual): a decoder's
     add, its next norm and the projection after it. One row on CUDA in 16-bit floats with the norm
     weight in the same dtype: one Triton launch (gemv.add_norm_linear); else the two calls."""
-    if (_on_gpu(x, "gemv") and _on_gpu(x, "norm_rope") and x.dim() == 2 and x.shape[0] == 1
-            and residual.shape == x.shape and residual.dtype == x.dtype == norm_weight.dtype):
+    if _on_gpu(x, "gemv") and _on_gpu(x, "norm_rope"):
         from . import gemv
 
-        if gemv.supports(x, weight) and residual.stride(-1) == 1:
+        if gemv.supports_add_norm(x, residual, norm_weight, weight):
             return gemv.add_norm_linear(x, residual, norm_weight, eps, weight, bias)
     h, total = add_rms_norm(x, residual, norm_weight, eps)
     return linear(h, weight, bias), total

@@ -37,13 +37,9 @@ class DecoderLayer(nn.Module):
         instead of an add and a norm. residual None: x is the embeddings, the stream's start. The
         attention gets its input norm pending (PendingNorm): its first projection may take the add and
         the norm in its own launch."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-            out = self.self_attn(h, rope, batch)
-        else:
-            h = PendingNorm(x, residual, self.input_layernorm)
-            out = self.self_attn(h, rope, batch)
-            residual = h.total()
+        h = self.input_layernorm(x) if residual is None else PendingNorm(x, residual, self.input_layernorm)
+        out = self.self_attn(h, rope, batch)
+        residual = x if residual is None else h.total()
         h, residual = self.post_attention_layernorm.add_forward(out, residual)
         return getattr(self, self.ffn_name)(h), residual
 

@@ -85,8 +85,9 @@ def attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     qs, ks, vs = (t.view(b, seq_len, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
     if q.is_cuda and sliding_window is None:
         # No mask tensor: causal, and the key/value heads repeated for each query head, so that SDPA
-        # takes a fused kernel (flash) instead of its float32 math path, which took about 55 us a
-        # layer of a 256-token Qwen3-30B-A3B prompt on an H200 (docs/benchmarks.md, fourteenth session).
+        # takes a fused kernel (flash; memory-efficient where the values are narrower than the queries,
+        # as MLA's are) instead of its float32 math path, which took about 55 us a layer of a 256-token
+        # Qwen3-30B-A3B prompt on an H200 (docs/benchmarks.md, fourteenth session).
         group = q.shape[1] // k.shape[1]
         if group > 1:
             ks, vs = (t.repeat_interleave(group, dim=1) for t in (ks, vs))
