@@ -1,11 +1,13 @@
 """Paged decode attention (kernels/decode_attention.py): every launch choice of the split kernel
-(rows per step, warps, stages, programs aimed for) timed at the benchmark models' decode shapes,
-against the HBM limit (every cached row read once).
+(rows per step, warps, stages, programs aimed for, positions a split takes at least) timed at the
+benchmark models' decode shapes, against the HBM limit (every cached row read once).
 
 Each timed unit is a CUDA graph of calls over distinct caches (>= 256 MB in all), so no call finds
-its rows in L2, as in a decode step. The default launch is marked.
+its rows in L2, as in a decode step. The default launch is marked. --settled launches as the models
+do in a decode step (no call writes what the next one reads, so the promise holds here too).
 
     python3 benchmarks/bench_decode_attention.py --batches 1,16,64 --context 320 --out-dir $OUT
+    python3 benchmarks/bench_decode_attention.py --grids 0 --settled --batches 1,16,64 --context 320
 """
 
 from __future__ import annotations
@@ -24,7 +26,18 @@ MODELS = {  # name: (query heads, KV heads, key width, value width); MLA: one la
     "deepseek-v2-lite (MLA)": (16, 1, 576, 512),
     "qwen3-30b-a3b": (32, 4, 128, 128),
 }
-CHOICES = dict(block_n=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2, 3), target_programs=(132, 264, 528))
+# Two grids: many short splits and a merge (min_chunk 0), and fewer, longer ones (a context within
+# min_chunk positions is one split, written without the merge).
+CHOICES = [dict(block_n=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2, 3), target_programs=(132, 264, 528),
+                min_chunk=(0,)),
+           dict(block_n=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3), target_programs=(528,),
+                min_chunk=(128, 256, 512, 1024))]
+
+
+def launches(grids: list[int], default: da.Launch) -> list[da.Launch]:
+    """The launches of the chosen grids, the default first."""
+    picked = [da.Launch(**dict(zip(CHOICES[g], values))) for g in grids for values in itertools.product(*CHOICES[g].values())]
+    return [default] + [la for la in picked if la != default]
 
 
 def _problem(b: int, ctx: int, hq: int, hk: int, dk: int, dv: int, page: int = 16):
@@ -43,11 +56,16 @@ def main() -> int:
     p.add_argument("--context", type=int, default=320)
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--grids", type=lambda t: [int(x) for x in t.split(",") if x], default=list(range(len(CHOICES))),
+                   help="which launch grids of CHOICES to time (the default launch always is)")
+    p.add_argument("--settled", action="store_true",
+                   help="launch as a decode step does (settled=True: the first tile read before the PDL wait)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     bandwidth, _ = device_ceilings()
     print(f"{torch.cuda.get_device_name()}, copy {bandwidth / 1e9:.0f} GB/s, "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, context {args.context}", flush=True)
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, context {args.context}"
+          f"{', settled' if args.settled else ''}", flush=True)
     print("| model | batch | limit us | default us | best us | best launch | default / best |")
     print("|---|---:|---:|---:|---:|---|---:|")
     results = []
@@ -61,24 +79,28 @@ def main() -> int:
             scale = dk ** -0.5
             want = da.paged_decode_attention(*one, scale, args.context)
             timed = {}
-            for values in itertools.product(*CHOICES.values()):
-                launch = da.Launch(**dict(zip(CHOICES, values)))
+            default = da.default_launch(dk, dv)
+            for launch in launches(args.grids, default):
                 try:
-                    got = da.paged_decode_attention(*one, scale, args.context, launch=launch)
+                    got = da.paged_decode_attention(*one, scale, args.context, launch=launch, settled=args.settled)
                     if not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2):
                         raise AssertionError("differs from the default launch")
                     timed[launch] = graph_ms([lambda pr=pr, la=launch: da.paged_decode_attention(
-                        *pr, scale, args.context, launch=la) for pr in problems], reps=args.reps) * 1e3
+                        *pr, scale, args.context, launch=la, settled=args.settled) for pr in problems],
+                        reps=args.reps) * 1e3
                 except Exception as exc:  # a launch that does not compile (shared memory) is skipped
                     print(f"  skipped {launch}: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
-            default = da.default_launch(dk, dv)
             best = min(timed, key=timed.get)
             limit_us = b * args.context * row_bytes / bandwidth * 1e6
             results.append(dict(model=name, batch=b, context=args.context, limit_us=limit_us,
                                 timed_us={str(k): v for k, v in timed.items()}, default=str(default), best=str(best)))
             print(f"| {name} | {b} | {limit_us:.1f} | {timed[default]:.1f} | {timed[best]:.1f} | "
                   f"{best.block_n} rows, {best.num_warps} warps, {best.num_stages} stages, "
-                  f"{best.target_programs} programs | {timed[default] / timed[best]:.2f} |", flush=True)
+                  f"{best.target_programs} programs, min chunk {best.min_chunk} | {timed[default] / timed[best]:.2f} |",
+                  flush=True)
+            for chunk in sorted({la.min_chunk for la in timed}):  # the best of each min_chunk
+                la = min((la for la in timed if la.min_chunk == chunk), key=timed.get)
+                print(f"  min chunk {chunk}: {timed[la]:.1f} us ({la})", flush=True)
             del problems, one
     save_results(args.out_dir, "bench_decode_attention.json", bandwidth, results)
     return 0

@@ -11,11 +11,16 @@ style:
   cached row is read once for all of them) against BLOCK_N cached rows at a time with tensor-core
   dots accumulated in float32, keeps an online softmax, and writes its partial output and
   log-sum-exp in float32;
-- stage 2, grid (sequence, query head): merges the splits.
+- stage 2, grid (sequence, query head): merges the splits. A batch whose contexts take one split
+  each skips it: the split kernel writes the output itself (DIRECT).
 
 Splitting the context keeps the GPU busy when the batch is small or the context long. The number of
 splits depends only on the batch's shape (sequences and the longest context), never on device
 values, so a step captured in a CUDA graph replays it for any lengths up to that shape.
+
+In a decode step the kernel launched just before writes only the step's new rows (rope_and_cache),
+so the models call it `settled`: each program reads its lengths, block table entries and first tile
+of older rows before its PDL wait (pdl.py), while that kernel still runs, and the one new row after.
 
 MLA (DeepSeek) uses it with one KV "head" of the compressed latent: keys are the whole cached row
 (kv_lora_rank + rope dims, read as a power-of-two main part and a tail) and values its first
@@ -38,6 +43,64 @@ TARGET_PROGRAMS = 264  # two per multiprocessor of an H100/H200: enough to hide 
 MAX_SPLITS = 64
 
 
+@triton.jit
+def _tile_rows(k_ptr, v_ptr, block_g, pos, ok, kvh, d1, d1_ok, d2, d2_ok, dv, dv_ok,
+               stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+               D1: tl.constexpr, D2: tl.constexpr, PAGE: tl.constexpr, V_FROM_K: tl.constexpr):
+    """The cached rows at positions pos [BLOCK_N] where ok: keys (main part, tail) and values, zeros
+    elsewhere. block_g: the rows' cache blocks (from the block table)."""
+    slot = pos % PAGE
+    k_row = k_ptr + block_g * stride_kb + slot * stride_ks + kvh * stride_kh
+    k1 = tl.load(k_row[:, None] + d1[None, :], mask=ok[:, None] & d1_ok[None, :], other=0.0)
+    k2 = k1
+    if D2 > 0:
+        k2 = tl.load(k_row[:, None] + D1 + d2[None, :], mask=ok[:, None] & d2_ok[None, :], other=0.0)
+    if V_FROM_K:
+        v = k1
+    else:
+        v_row = v_ptr + block_g * stride_vb + slot * stride_vs + kvh * stride_vh
+        v = tl.load(v_row[:, None] + dv[None, :], mask=ok[:, None] & dv_ok[None, :], other=0.0)
+    return k1, k2, v
+
+
+@triton.jit
+def _queries(q_ptr, b, heads, g_ok, d1, d1_ok, d2, d2_ok, stride_qb, stride_qh, D1: tl.constexpr, D2: tl.constexpr):
+    """The program's query rows: main part and tail (the main part again when there is no tail)."""
+    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    q1 = tl.load(q_rows + d1[None, :], mask=g_ok[:, None] & d1_ok[None, :], other=0.0)
+    q2 = q1
+    if D2 > 0:
+        q2 = tl.load(q_rows + D1 + d2[None, :], mask=g_ok[:, None] & d2_ok[None, :], other=0.0)
+    return q1, q2
+
+
+@triton.jit
+def _attend_tile(q1, q2, k1, k2, v, p_ok, m, l, acc, scale, D2: tl.constexpr, IEEE: tl.constexpr):
+    """One tile of the online softmax: (m, l, acc) after the rows where p_ok. A tile with no such row
+    (the peeled first tile of an empty split) leaves them as they were: its maximum is -inf, and the
+    exponentials are then taken from 0."""
+    if IEEE:
+        scores = tl.dot(q1, tl.trans(k1), input_precision="ieee")
+    else:
+        scores = tl.dot(q1, tl.trans(k1))
+    if D2 > 0:
+        if IEEE:
+            scores += tl.dot(q2, tl.trans(k2), input_precision="ieee")
+        else:
+            scores += tl.dot(q2, tl.trans(k2))
+    scores = tl.where(p_ok[None, :], scores * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp(m - m_use)
+    p = tl.exp(scores - m_use[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l, acc
+
+
 # Launch arguments that vary from step to step (table widths, split counts and the strides made from
 # them) are not specialised on: each new value class (1, a multiple of 16, other) would otherwise
 # compile a variant in the middle of serving, a stall of hundreds of milliseconds in an eager step.
@@ -53,11 +116,17 @@ def _split_kernel(
     stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
     W1: tl.constexpr, W2: tl.constexpr, WV: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, V_FROM_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, V_FROM_K: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr,
+    SETTLED: tl.constexpr, PDL: tl.constexpr,
 ):
     # W1, W2, WV: the tile widths of D1, D2, DV, at least 16 (a dot's inner width); the columns past a
-    # head's own width are masked off (zeros), so they add nothing to scores or outputs
-    enter(PDL)
+    # head's own width are masked off (zeros), so they add nothing to scores or outputs.
+    # DIRECT (one split): out_ptr is the final [B, Hq, DV] output, written in its dtype; no log-sum-exp.
+    # SETTLED: the lengths, the block tables and every cached row but each sequence's last were written
+    # before the kernel launched just before this one (pdl.py), so the split's first tile is read before
+    # the PDL wait, overlapping that kernel, and only the last row (the step's own) after it.
+    if not SETTLED:
+        enter(PDL)
     b = tl.program_id(0)
     hg = tl.program_id(1)
     s = tl.program_id(2)
@@ -75,58 +144,63 @@ def _split_kernel(
 
     d1 = tl.arange(0, W1)
     d1_ok = d1 < D1 if W1 > D1 else tl.full([W1], 1, tl.int1)  # a constant where nothing is padded
-    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
-    q1 = tl.load(q_rows + d1[None, :], mask=g_ok[:, None] & d1_ok[None, :], other=0.0)
+    d2 = tl.arange(0, 16)
+    d2_ok = d2 < 0
     if D2 > 0:
         d2 = tl.arange(0, W2)
         d2_ok = d2 < D2 if W2 > D2 else tl.full([W2], 1, tl.int1)
-        q2 = tl.load(q_rows + D1 + d2[None, :], mask=g_ok[:, None] & d2_ok[None, :], other=0.0)
     dv = tl.arange(0, WV)
     dv_ok = dv < DV if WV > DV else tl.full([WV], 1, tl.int1)
+    table = tables_ptr + b * stride_tb
 
     m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, WV], dtype=tl.float32)
-    table = tables_ptr + b * stride_tb
-    for start in range(lo, hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
+    first = lo
+    if SETTLED:  # the first tile, peeled from the loop below, read before the wait but for its last row
+        pos = lo + tl.arange(0, BLOCK_N)
         p_ok = pos < hi
         block = tl.load(table + pos // PAGE, mask=p_ok, other=0).to(tl.int64)
-        slot = pos % PAGE
-        k_row = k_ptr + block * stride_kb + slot * stride_ks + kvh * stride_kh
-        k1 = tl.load(k_row[:, None] + d1[None, :], mask=p_ok[:, None] & d1_ok[None, :], other=0.0)
-        if IEEE:
-            scores = tl.dot(q1, tl.trans(k1), input_precision="ieee")
-        else:
-            scores = tl.dot(q1, tl.trans(k1))
+        k1, k2, v = _tile_rows(k_ptr, v_ptr, block, pos, p_ok & (pos < ctx - 1), kvh, d1, d1_ok, d2, d2_ok, dv,
+                               dv_ok, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, D1, D2, PAGE,
+                               V_FROM_K)
+        last = ctx - 1  # the step's own row: read after the wait, one row, where this tile holds it
+        mine = (last >= lo) & (last < tl.minimum(lo + BLOCK_N, hi))
+        last_block = tl.load(table + tl.where(mine, last // PAGE, 0)).to(tl.int64)  # column 0 always exists
+        k_last = k_ptr + last_block * stride_kb + (last % PAGE) * stride_ks + kvh * stride_kh
+        enter(PDL)
+        new = (pos == last)[:, None]  # masks as tl.where(mine, ...): the interpreter rejects a scalar & a vector
+        k1 = tl.where(new, tl.load(k_last + d1, mask=tl.where(mine, d1_ok, False), other=0.0)[None, :], k1)
         if D2 > 0:
-            k2 = tl.load(k_row[:, None] + D1 + d2[None, :], mask=p_ok[:, None] & d2_ok[None, :], other=0.0)
-            if IEEE:
-                scores += tl.dot(q2, tl.trans(k2), input_precision="ieee")
-            else:
-                scores += tl.dot(q2, tl.trans(k2))
-        scores = tl.where(p_ok[None, :], scores * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+            k2 = tl.where(new, tl.load(k_last + D1 + d2, mask=tl.where(mine, d2_ok, False), other=0.0)[None, :], k2)
         if V_FROM_K:
             v = k1
         else:
-            v_row = v_ptr + block * stride_vb + slot * stride_vs + kvh * stride_vh
-            v = tl.load(v_row[:, None] + dv[None, :], mask=p_ok[:, None] & dv_ok[None, :], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+            v_last = v_ptr + last_block * stride_vb + (last % PAGE) * stride_vs + kvh * stride_vh
+            v = tl.where(new, tl.load(v_last + dv, mask=tl.where(mine, dv_ok, False), other=0.0)[None, :], v)
+        q1, q2 = _queries(q_ptr, b, heads, g_ok, d1, d1_ok, d2, d2_ok, stride_qb, stride_qh, D1, D2)
+        m, l, acc = _attend_tile(q1, q2, k1, k2, v, p_ok, m, l, acc, scale, D2, IEEE)
+        first = lo + BLOCK_N
+    else:
+        q1, q2 = _queries(q_ptr, b, heads, g_ok, d1, d1_ok, d2, d2_ok, stride_qb, stride_qh, D1, D2)
+    for start in range(first, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        p_ok = pos < hi
+        block = tl.load(table + pos // PAGE, mask=p_ok, other=0).to(tl.int64)
+        k1, k2, v = _tile_rows(k_ptr, v_ptr, block, pos, p_ok, kvh, d1, d1_ok, d2, d2_ok, dv, dv_ok,
+                               stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, D1, D2, PAGE, V_FROM_K)
+        m, l, acc = _attend_tile(q1, q2, k1, k2, v, p_ok, m, l, acc, scale, D2, IEEE)
 
     empty_split = l == 0.0  # a split wholly past the context (or before the window)
     out = acc / tl.where(empty_split, 1.0, l)[:, None]
-    lse = tl.where(empty_split, float("-inf"), m + tl.log(tl.where(empty_split, 1.0, l)))
-    o_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + s * stride_os
-    tl.store(o_rows + dv[None, :], out, mask=g_ok[:, None] & dv_ok[None, :])
-    tl.store(lse_ptr + b * stride_lb + heads * stride_lh + s, lse, mask=g_ok)
+    if DIRECT:  # what the merge would write from one split: its output times exp(0) / 1, the same bits
+        o_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh
+        tl.store(o_rows + dv[None, :], out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & dv_ok[None, :])
+    else:
+        lse = tl.where(empty_split, float("-inf"), m + tl.log(tl.where(empty_split, 1.0, l)))
+        o_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + s * stride_os
+        tl.store(o_rows + dv[None, :], out, mask=g_ok[:, None] & dv_ok[None, :])
+        tl.store(lse_ptr + b * stride_lb + heads * stride_lh + s, lse, mask=g_ok)
 
 
 @triton.jit(do_not_specialize=["splits", "stride_pb", "stride_ph", "stride_lb", "stride_lh"])
@@ -160,13 +234,16 @@ def _merge_kernel(
 
 @dataclass(frozen=True)
 class Launch:
-    """How the split kernel runs: BLOCK_N cached rows per step, warps, pipeline stages, and the
-    programs the splits aim for (benchmarks/bench_decode_attention.py times the choices)."""
+    """How the split kernel runs: BLOCK_N cached rows per step, warps, pipeline stages, the programs
+    the splits aim for, and the fewest context positions a split takes (min_chunk; 0: one tile). A
+    batch whose contexts fit in one split runs the split kernel alone, writing the output itself:
+    no partial outputs, no merge launch (benchmarks/bench_decode_attention.py times the choices)."""
 
     block_n: int
     num_warps: int
     num_stages: int = 2
     target_programs: int = TARGET_PROGRAMS
+    min_chunk: int = 0
 
 
 def default_launch(dk: int, dv: int) -> Launch:
@@ -178,12 +255,14 @@ def default_launch(dk: int, dv: int) -> Launch:
 
 
 def plan_splits(num_seqs: int, programs_per_seq: int, max_len: int, block_n: int,
-                target_programs: int = TARGET_PROGRAMS) -> tuple[int, int]:
+                target_programs: int = TARGET_PROGRAMS, min_chunk: int = 0) -> tuple[int, int]:
     """(splits, positions per split) for a batch shape: enough programs to fill the GPU, each with at
-    least one tile of BLOCK_N positions; a function of the shape alone (see the module docstring)."""
+    least one tile of BLOCK_N positions and at least min_chunk positions; a function of the shape alone
+    (see the module docstring)."""
     tiles = max(1, math.ceil(max_len / block_n))
     want = math.ceil(target_programs / max(1, num_seqs * programs_per_seq))
-    splits = max(1, min(want, tiles, MAX_SPLITS))
+    most = tiles // max(1, math.ceil(min_chunk / block_n))  # splits of min_chunk positions or more
+    splits = max(1, min(want, most, MAX_SPLITS))
     chunk = math.ceil(tiles / splits) * block_n
     return math.ceil(max_len / chunk), chunk
 
@@ -207,12 +286,17 @@ def paged_decode_attention(
     max_len: int,
     sliding_window: int | None = None,
     launch: Launch | None = None,
+    settled: bool = False,
 ) -> torch.Tensor:
     """q [B, Hq, Dk] over caches [blocks, block_size, Hk, Dk] / [..., Hk, Dv] -> [B, Hq, Dv] (q's dtype).
 
     block_tables [B, W] int32, context_lens [B] (on q's device); max_len bounds every context (the
     launch shape; larger lengths would be cut). v_cache may be a view of k_cache's leading columns
     (MLA), read then from the key tiles. Heads are split evenly: Hq a multiple of Hk.
+    settled: the caller promises that context_lens, block_tables and every cached row but each
+    sequence's last were written before the last kernel launched before this call (a decode step:
+    the step's inputs are uploaded first, and the kernel just before writes only the new rows); the
+    kernel then reads them before waiting for that kernel (pdl.py).
     """
     b, hq, dk = q.shape
     _nb, page, hk, dk_cache = k_cache.shape
@@ -230,11 +314,16 @@ def paged_decode_attention(
     g_blocks = math.ceil(group / block_g)
     launch = launch or default_launch(dk, dv)
     block_n = launch.block_n
-    splits, chunk = plan_splits(b, hk * g_blocks, max(1, max_len), block_n, launch.target_programs)
+    splits, chunk = plan_splits(b, hk * g_blocks, max(1, max_len), block_n, launch.target_programs,
+                                launch.min_chunk)
     v_from_k = (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride() and dv == d1)
-    part = empty(b, hq, splits, dv, dtype=torch.float32, device=q.device)
-    lse = empty(b, hq, splits, dtype=torch.float32, device=q.device)
     out = empty(b, hq, dv, dtype=q.dtype, device=q.device)
+    direct = splits == 1
+    if direct:  # the split kernel writes `out` itself; part and lse only fill the signature
+        part, lse = out.unsqueeze(2), out[:, :, 0]
+    else:
+        part = empty(b, hq, splits, dv, dtype=torch.float32, device=q.device)
+        lse = empty(b, hq, splits, dtype=torch.float32, device=q.device)
     if b == 0:
         return out
     _split_kernel[(b, hk * g_blocks, splits)](
@@ -248,8 +337,11 @@ def paged_decode_attention(
         lse.stride(0), lse.stride(1),
         GROUP=group, BLOCK_G=block_g, D1=d1, D2=d2, DV=dv, W1=max(16, d1), W2=max(16, d2) if d2 else 0,
         WV=max(16, dv), BLOCK_N=block_n, PAGE=page, V_FROM_K=v_from_k,
-        IEEE=q.dtype == torch.float32, num_warps=launch.num_warps, num_stages=launch.num_stages, **launch_args(q),
+        IEEE=q.dtype == torch.float32, DIRECT=direct, SETTLED=settled, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        **launch_args(q),
     )
+    if direct:
+        return out
     _merge_kernel[(b, hq)](
         part, lse, out, splits,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),

@@ -154,13 +154,15 @@ def paged_decode_attention(
     scale: float,
     max_len: int,
     sliding_window: int | None = None,
+    settled: bool = False,
 ) -> torch.Tensor:
-    """One query per sequence over its paged KV cache; see kernels/reference.py for the layouts."""
+    """One query per sequence over its paged KV cache; see kernels/reference.py for the layouts, and
+    decode_attention.paged_decode_attention for what `settled` promises."""
     if _on_gpu(q, "decode_attention"):
         from . import decode_attention
 
         return decode_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                                       max_len, sliding_window)
+                                                       max_len, sliding_window, settled=settled)
     return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, max_len,
                                             sliding_window)
 

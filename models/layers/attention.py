@@ -100,8 +100,9 @@ class GQAttention(nn.Module):
             return attend_fresh(q, keys, values, self.scale, batch.query_lens[0], self.sliding_window)
         if is_decode_only(batch):  # one call for the batch, reading the paged cache in place
             lens, longest = decode_lens(batch, device)
+            # settled: this step's rope_and_cache, the launch before, wrote only each sequence's last row
             return ops.paged_decode_attention(q, self.k_cache, self.v_cache, batch.block_tables, lens, self.scale,
-                                              longest, self.sliding_window)
+                                              longest, self.sliding_window, settled=True)
         if ops.prefill_attention_in_place(device, self.head_dim, self.head_dim, self.num_heads, self.num_kv_heads):
             # prefill chunks on a GPU: one kernel reading the paged cache in place, any cached prefix
             return ops.paged_prefill_attention(q, self.k_cache, self.v_cache, batch.block_tables, batch.query_lens,

@@ -132,6 +132,8 @@ class MLAttention(nn.Module):
         w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)
         q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)
         cache = self.latent_cache.unsqueeze(2)  # [blocks, block_size, 1, latent + rope]
+        # Not `settled`, though it could be: with MLA's 576-wide rows at the default launch, reading the
+        # first tile before the wait made the batch-1 step slower on an H200 (docs/benchmarks.md).
         out = ops.paged_decode_attention(torch.cat([q_latent, q_pe], dim=-1), cache, cache[..., : self.kv_lora_rank],
                                          block_tables, lens, self.scale, longest)
         return torch.einsum("bhr,hvr->bhv", out, w_uv)

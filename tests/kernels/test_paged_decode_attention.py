@@ -78,6 +78,36 @@ def test_kernel_matches_reference(lens, hq, hk, dk, dv, page, mla, gen):
     assert (row_errs(got.flatten(0, 1), want.flatten(0, 1)) < 3 * tol).all()
 
 
+@pytest.mark.parametrize("lens,hq,hk,dk,dv,mla", [([1, 40, 300, 33], 8, 2, 32, 32, False),
+                                                 ([3, 70, 200], 16, 1, 48, 32, True),
+                                                 ([320], 32, 4, 128, 128, False), ([320], 16, 1, 576, 512, True)])
+def test_settled_reads_the_new_rows_after_the_wait(lens, hq, hk, dk, dv, mla, gen):
+    """settled=True as a decode step calls it: the kernel launched just before writes each sequence's
+    last row (the step's new token). The kernel reads the older rows before its PDL wait and the last
+    row after it, so the new rows count, not the stale ones; empty splits of a padded launch length
+    stay empty; and a sliding window still applies."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    q, kc, vc, tables, lens_t = _problem(gen, lens, hq, hk, dk, dv, 16, dtype, mla)
+    page = kc.shape[1]
+    tables = torch.cat([tables, tables.new_zeros(len(lens), 512 // page - tables.shape[1])], 1)  # a graph's width
+    last = torch.tensor([int(tables[i, (n - 1) // page]) * page + (n - 1) % page for i, n in enumerate(lens)],
+                        device=DEVICE)
+    fresh_k = torch.randn(len(lens), hk, dk, generator=gen, device=DEVICE).to(dtype) * 3
+    fresh_v = torch.randn(len(lens), hk, dv, generator=gen, device=DEVICE).to(dtype) * 3
+    for window, max_len in ((None, max(lens)), (None, 512), (17, max(lens))):
+        kc.view(-1, hk, dk).index_copy_(0, last, fresh_k)  # the kernel just before writes the new rows
+        if not mla:
+            vc.view(-1, hk, dv).index_copy_(0, last, fresh_v)
+        got = decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t, dk ** -0.5, max_len, window,
+                                                      settled=True)
+        want = ref.paged_decode_attention(q, kc, vc, tables, lens_t, dk ** -0.5, max_len, window)
+        assert rel_err(got, want) < (1e-2 if ON_GPU else 1e-5), (window, max_len)
+        if window is None:
+            unsettled = decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t, dk ** -0.5, max_len)
+            assert torch.equal(got, unsettled)  # the same arithmetic, only the reads move
+        fresh_k, fresh_v = fresh_k.flip(0), fresh_v.flip(0)
+
+
 def test_padded_shape_and_sliding_window(gen):
     """A launch shape longer than every context (the CUDA-graph case: splits past the end stay
     empty) and a sliding window that drops the oldest rows."""
@@ -107,6 +137,16 @@ def test_splits_depend_on_shape_only():
     assert decode_attention.plan_splits(64, 8, 256, 32)[0] == 1
     splits, chunk = decode_attention.plan_splits(3, 1, 1000, 16)
     assert chunk % 16 == 0 and (splits - 1) * chunk < 1000 <= splits * chunk
+
+
+def test_min_chunk_bounds_the_splits():
+    """min_chunk: every split takes that many positions or more, so a short context is one split
+    (whose program writes the output itself) while a long one still splits."""
+    assert decode_attention.plan_splits(1, 4, 320, 32)[0] == 10
+    assert decode_attention.plan_splits(1, 4, 320, 32, min_chunk=512) == (1, 320)
+    splits, chunk = decode_attention.plan_splits(1, 4, 4096, 32, min_chunk=512)
+    assert splits == 8 and chunk == 512
+    assert decode_attention.plan_splits(1, 4, 4096, 32, min_chunk=100)[0] == 32  # 4 tiles (128) a split
 
 
 @gpu
@@ -187,14 +227,18 @@ def test_compiles_for_hopper(gen):
             for dtype in (torch.bfloat16, torch.float32) if i >= len(CASES) - 2 else (torch.bfloat16,):
                 q, kc, vc, tables, lens_t = _problem(gen, lens, hq, hk, dk, dv, page, dtype, mla)
                 for lens_type in (torch.int32, torch.int64):
-                    decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t.to(lens_type), 0.1, max(lens))
+                    decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t.to(lens_type), 0.1, max(lens),
+                                                            settled=i >= len(CASES))  # as the models call it
     assert compile_for_hopper(rec.jobs()) == {}
 
 
-@pytest.mark.parametrize("launch", [decode_attention.Launch(16, 4, 1, 132), decode_attention.Launch(64, 8, 3, 528)])
+@pytest.mark.parametrize("launch", [decode_attention.Launch(16, 4, 1, 132), decode_attention.Launch(64, 8, 3, 528),
+                                    decode_attention.Launch(32, 4, 2, 528, min_chunk=4096)])
 def test_other_launches_give_the_same_attention(launch, gen):
     """The launch choices benchmarks/bench_decode_attention.py times (rows per step, warps, stages,
-    programs aimed for, hence the split count) compute the same attention, MLA's latent rows included."""
+    programs aimed for, positions a split takes at least, hence the split count) compute the same
+    attention, MLA's latent rows included; min_chunk=4096 makes every case one split, written without
+    the merge."""
     for lens, hq, hk, dk, dv, mla in (([5, 70, 33], 8, 2, 32, 32, False), ([40, 3], 16, 1, 48, 32, True)):
         dtype = torch.bfloat16 if ON_GPU else torch.float32
         q, kc, vc, tables, lens_t = _problem(gen, lens, hq, hk, dk, dv, 16, dtype, mla)
