@@ -9,6 +9,8 @@ configured: padded to a bucket and replayed from a captured CUDA graph on a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -135,6 +137,9 @@ class ModelRunner:
                 self.prompts.capture_ahead()
             log.info("%s in %.1f s (decode contexts up to %d tokens at start-up; longer ones on first use)",
                      self.describe_graphs(), time.monotonic() - start, config.graph_capture_tokens)
+        if self.device.type == "cuda" and self._local_experts():  # remote expert groups may not be up yet
+            self.warm_up_step(config.max_num_batched_tokens, min(max_model_len or config.max_num_batched_tokens,
+                                                                  config.max_num_batched_tokens), config.max_num_seqs)
 
     def describe_graphs(self) -> str | None:
         """One line on the decode and prompt graphs (for logs and benchmark reports); None when off."""
@@ -153,15 +158,51 @@ class ModelRunner:
         log.info("expert kernels warmed up for %d step sizes (%s tokens) in %.1f s", len(counts),
                  ", ".join(map(str, counts)), time.monotonic() - start)
 
-    def _decode_graphs(self, config: EngineConfig, max_model_len: int | None) -> DecodeGraphs | None:
+    @torch.inference_mode()
+    def warm_up_step(self, tokens: int, length: int, max_seqs: int) -> None:
+        """Run one eager step of `tokens` prompt tokens (sequences of `length`, at most max_seqs of
+        them) and its logits, output discarded: the largest step the engine schedules eagerly, run once
+        at start-up (on a GPU) so that the caching allocator grows to its peak and cuBLAS picks its
+        kernels for these sizes now, not during the first burst of requests; and a token budget whose
+        activations do not fit fails here, not in a served step. Its KV writes go to blocks that hold
+        nothing yet (no request has run); a request overwrites its blocks' slots before it reads them."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.monotonic()
+        bs, blocks = self.block_size, self.num_blocks
+        lens = [length] * min(max_seqs, tokens // length) or [tokens]
+        per_seq = -(-max(lens) // bs)
+        tables = [[(i * per_seq + j) % blocks for j in range(per_seq)] for i in range(len(lens))]
+        slots = [tables[i][p // bs] * bs + p % bs for i, n in enumerate(lens) for p in range(n)]
+        positions = [p for n in lens for p in range(n)]
+        batch = AttentionBatch(query_lens=lens, context_lens=lens,
+                               block_tables=self._to_device(tables, torch.int32),
+                               slot_mapping=self._to_device(slots, torch.int64), block_size=bs)
+        with contextlib.ExitStack() as stack:
+            if self._pin:
+                stack.enter_context(torch.cuda.device(self.device))
+            hidden = self.model.forward(self._to_device([0] * len(slots), torch.int64),
+                                        self._to_device(positions, torch.int64), batch)
+            last = self._to_device(list(itertools.accumulate(lens)), torch.int64) - 1
+            self.model.compute_logits(hidden.index_select(0, last))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        log.info("warm-up step of %d prompt tokens (%d sequences) in %.2f s", len(slots), len(lens),
+                 time.monotonic() - start)
+
+    def _local_experts(self) -> bool:
+        """Whether the model's routed experts run in this process (LocalExperts), not in expert groups."""
         from moeserve.models.local_experts import LocalExperts
 
+        return isinstance(getattr(self.model, "experts_backend", None), LocalExperts)
+
+    def _decode_graphs(self, config: EngineConfig, max_model_len: int | None) -> DecodeGraphs | None:
         mode = config.decode_graphs
         if mode == "off" or max_model_len is None:
             return None
         if mode == "auto":
             # Only a step that stays on this GPU can be captured: experts in other processes are not.
-            if self.device.type != "cuda" or not isinstance(getattr(self.model, "experts_backend", None), LocalExperts):
+            if self.device.type != "cuda" or not self._local_experts():
                 return None
         max_blocks = (max_model_len + config.block_size - 1) // config.block_size
         return DecodeGraphs(self.model, self.device, config.max_num_seqs, max_blocks, config.block_size,

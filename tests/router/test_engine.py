@@ -149,3 +149,16 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(engine, ckpt):
     assert fresh.generate_batch([prompt], seeded)[0].new_token_ids == alone.new_token_ids
     [other] = engine.generate_batch([prompt], SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=1235))
     assert other.new_token_ids != alone.new_token_ids
+
+
+def test_warm_up_step_changes_no_output(ckpt, greedy):
+    """The start-up warm-up step (run by ModelRunner on a GPU; called here on the CPU) writes garbage
+    KV into blocks no request holds yet: every request that follows writes its slots before reading
+    them, so greedy output is the same token for token."""
+    engine = LLMEngine.from_config(EngineConfig(model=str(ckpt), num_kv_blocks=16, block_size=8,
+                                                max_num_batched_tokens=96, max_model_len=80))
+    engine.runner.warm_up_step(96, 40, 4)  # 2 sequences of 40 over 10 blocks: some used twice
+    engine.runner.warm_up_step(200, 200, 1)  # one sequence longer than the cache: its block ids wrap
+    prompt, tokens, _ = greedy
+    [out] = engine.generate_batch([prompt], SamplingParams(max_tokens=N))
+    assert out.new_token_ids == tokens
