@@ -36,7 +36,8 @@ CHOICES = [dict(block_n=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2, 3), ta
 
 def launches(grids: list[int], default: da.Launch) -> list[da.Launch]:
     """The launches of the chosen grids, the default first."""
-    picked = [da.Launch(**dict(zip(CHOICES[g], values))) for g in grids for values in itertools.product(*CHOICES[g].values())]
+    picked = [da.Launch(**dict(zip(CHOICES[g], values)))
+              for g in grids for values in itertools.product(*CHOICES[g].values())]
     return [default] + [la for la in picked if la != default]
 
 

@@ -19,8 +19,9 @@ splits depends only on the batch's shape (sequences and the longest context), ne
 values, so a step captured in a CUDA graph replays it for any lengths up to that shape.
 
 In a decode step the kernel launched just before writes only the step's new rows (rope_and_cache),
-so the models call it `settled`: each program reads its lengths, block table entries and first tile
-of older rows before its PDL wait (pdl.py), while that kernel still runs, and the one new row after.
+so GQA attention calls it `settled`: each program reads its lengths, block table entries and first
+tile of older rows before its PDL wait (pdl.py), while that kernel still runs, and the one new row
+after. (MLA's wide latent rows made its step slower that way at its launch; it does not.)
 
 MLA (DeepSeek) uses it with one KV "head" of the compressed latent: keys are the whole cached row
 (kv_lora_rank + rope dims, read as a power-of-two main part and a tail) and values its first
@@ -144,7 +145,7 @@ def _split_kernel(
 
     d1 = tl.arange(0, W1)
     d1_ok = d1 < D1 if W1 > D1 else tl.full([W1], 1, tl.int1)  # a constant where nothing is padded
-    d2 = tl.arange(0, 16)
+    d2 = tl.arange(0, 16)  # placeholders where keys have no tail (D2 == 0): never read
     d2_ok = d2 < 0
     if D2 > 0:
         d2 = tl.arange(0, W2)
@@ -337,8 +338,8 @@ def paged_decode_attention(
         lse.stride(0), lse.stride(1),
         GROUP=group, BLOCK_G=block_g, D1=d1, D2=d2, DV=dv, W1=max(16, d1), W2=max(16, d2) if d2 else 0,
         WV=max(16, dv), BLOCK_N=block_n, PAGE=page, V_FROM_K=v_from_k,
-        IEEE=q.dtype == torch.float32, DIRECT=direct, SETTLED=settled, num_warps=launch.num_warps, num_stages=launch.num_stages,
-        **launch_args(q),
+        IEEE=q.dtype == torch.float32, DIRECT=direct, SETTLED=settled, num_warps=launch.num_warps,
+        num_stages=launch.num_stages, **launch_args(q),
     )
     if direct:
         return out

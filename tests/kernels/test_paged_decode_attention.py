@@ -228,7 +228,7 @@ def test_compiles_for_hopper(gen):
                 q, kc, vc, tables, lens_t = _problem(gen, lens, hq, hk, dk, dv, page, dtype, mla)
                 for lens_type in (torch.int32, torch.int64):
                     decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t.to(lens_type), 0.1, max(lens),
-                                                            settled=i >= len(CASES))  # as the models call it
+                                                            settled=i >= len(CASES))  # as decode steps may
     assert compile_for_hopper(rec.jobs()) == {}
 
 
