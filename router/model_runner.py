@@ -181,12 +181,18 @@ class ModelRunner:
         with contextlib.ExitStack() as stack:
             if self._pin:
                 stack.enter_context(torch.cuda.device(self.device))
-            hidden = self.model.forward(self._to_device([0] * len(slots), torch.int64),
-                                        self._to_device(positions, torch.int64), batch)
-            last = self._to_device(list(itertools.accumulate(lens)), torch.int64) - 1
-            self.model.compute_logits(hidden.index_select(0, last))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            try:
+                hidden = self.model.forward(self._to_device([0] * len(slots), torch.int64),
+                                            self._to_device(positions, torch.int64), batch)
+                last = self._to_device(list(itertools.accumulate(lens)), torch.int64) - 1
+                self.model.compute_logits(hidden.index_select(0, last))
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+            except torch.OutOfMemoryError as exc:
+                raise RuntimeError(
+                    f"a step of {len(slots)} tokens (max_num_batched_tokens) does not fit in device memory beside "
+                    f"the KV cache ({blocks} blocks): lower max_num_batched_tokens, kv_cache_memory_bytes or "
+                    f"gpu_memory_fraction") from exc
         log.info("warm-up step of %d prompt tokens (%d sequences) in %.2f s", len(slots), len(lens),
                  time.monotonic() - start)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine_fixtures import checkpoint_with_tokenizer, copy_with_eos
 from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
@@ -162,3 +163,16 @@ def test_warm_up_step_changes_no_output(ckpt, greedy):
     prompt, tokens, _ = greedy
     [out] = engine.generate_batch([prompt], SamplingParams(max_tokens=N))
     assert out.new_token_ids == tokens
+
+
+def test_warm_up_step_names_the_budget_that_does_not_fit(ckpt, monkeypatch):
+    """A token budget whose activations do not fit beside the KV cache fails at start-up with a message
+    that names the settings to lower, not with a bare out-of-memory error in the middle of serving."""
+    engine = LLMEngine.from_config(EngineConfig(model=str(ckpt), num_kv_blocks=16, block_size=8))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine.model, "forward", out_of_memory)
+    with pytest.raises(RuntimeError, match="max_num_batched_tokens.*gpu_memory_fraction"):
+        engine.runner.warm_up_step(64, 32, 2)
