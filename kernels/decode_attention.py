@@ -12,7 +12,7 @@ style:
   dots accumulated in float32, keeps an online softmax, and writes its partial output and
   log-sum-exp in float32;
 - stage 2, grid (sequence, query head): merges the splits. A batch whose contexts take one split
-  each skips it: the split kernel writes the output itself (DIRECT).
+  each skips it: the split kernel writes the output itself.
 
 Splitting the context keeps the GPU busy when the batch is small or the context long. The number of
 splits depends only on the batch's shape (sequences and the longest context), never on device
@@ -105,24 +105,28 @@ def _attend_tile(q1, q2, k1, k2, v, p_ok, m, l, acc, scale, D2: tl.constexpr, IE
 # Launch arguments that vary from step to step (table widths, split counts and the strides made from
 # them) are not specialised on: each new value class (1, a multiple of 16, other) would otherwise
 # compile a variant in the middle of serving, a stall of hundreds of milliseconds in an eager step.
-@triton.jit(do_not_specialize=["chunk", "window", "stride_tb", "stride_ob", "stride_oh", "stride_lb", "stride_lh"])
+@triton.jit(do_not_specialize=["chunk", "window", "direct", "stride_tb", "stride_ob", "stride_oh", "stride_lb",
+                               "stride_lh", "stride_fb", "stride_fh"])
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr,
-    scale, chunk, window,
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, final_ptr,
+    scale, chunk, window, direct,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_tb,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
+    stride_fb, stride_fh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
     W1: tl.constexpr, W2: tl.constexpr, WV: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, V_FROM_K: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, V_FROM_K: tl.constexpr, IEEE: tl.constexpr,
     SETTLED: tl.constexpr, PDL: tl.constexpr,
 ):
     # W1, W2, WV: the tile widths of D1, D2, DV, at least 16 (a dot's inner width); the columns past a
     # head's own width are masked off (zeros), so they add nothing to scores or outputs.
-    # DIRECT (one split): out_ptr is the final [B, Hq, DV] output, written in its dtype; no log-sum-exp.
+    # direct (one split, a run-time flag so that steps of one split and of several share a compiled
+    # variant): the program writes the final [B, Hq, DV] output at final_ptr in its dtype, not the
+    # partial output and log-sum-exp.
     # SETTLED: the lengths, the block tables and every cached row but each sequence's last were written
     # before the kernel launched just before this one (pdl.py), so the split's first tile is read before
     # the PDL wait, overlapping that kernel, and only the last row (the step's own) after it.
@@ -194,9 +198,9 @@ def _split_kernel(
 
     empty_split = l == 0.0  # a split wholly past the context (or before the window)
     out = acc / tl.where(empty_split, 1.0, l)[:, None]
-    if DIRECT:  # what the merge would write from one split: its output times exp(0) / 1, the same bits
-        o_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh
-        tl.store(o_rows + dv[None, :], out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & dv_ok[None, :])
+    if direct != 0:  # what the merge would write from one split: its output times exp(0) / 1, the same bits
+        f_rows = final_ptr + b * stride_fb + heads[:, None] * stride_fh
+        tl.store(f_rows + dv[None, :], out.to(final_ptr.dtype.element_ty), mask=g_ok[:, None] & dv_ok[None, :])
     else:
         lse = tl.where(empty_split, float("-inf"), m + tl.log(tl.where(empty_split, 1.0, l)))
         o_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + s * stride_os
@@ -318,27 +322,25 @@ def paged_decode_attention(
     splits, chunk = plan_splits(b, hk * g_blocks, max(1, max_len), block_n, launch.target_programs,
                                 launch.min_chunk)
     v_from_k = (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride() and dv == d1)
+    direct = splits == 1  # the split kernel writes `out` itself (part and lse then stay unwritten)
+    part = empty(b, hq, splits, dv, dtype=torch.float32, device=q.device)
+    lse = empty(b, hq, splits, dtype=torch.float32, device=q.device)
     out = empty(b, hq, dv, dtype=q.dtype, device=q.device)
-    direct = splits == 1
-    if direct:  # the split kernel writes `out` itself; part and lse only fill the signature
-        part, lse = out.unsqueeze(2), out[:, :, 0]
-    else:
-        part = empty(b, hq, splits, dv, dtype=torch.float32, device=q.device)
-        lse = empty(b, hq, splits, dtype=torch.float32, device=q.device)
     if b == 0:
         return out
     _split_kernel[(b, hk * g_blocks, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part, lse,
-        scale, chunk, sliding_window or 0,
+        q, k_cache, v_cache, block_tables, context_lens, part, lse, out,
+        scale, chunk, sliding_window or 0, int(direct),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=block_g, D1=d1, D2=d2, DV=dv, W1=max(16, d1), W2=max(16, d2) if d2 else 0,
         WV=max(16, dv), BLOCK_N=block_n, PAGE=page, V_FROM_K=v_from_k,
-        IEEE=q.dtype == torch.float32, DIRECT=direct, SETTLED=settled, num_warps=launch.num_warps,
+        IEEE=q.dtype == torch.float32, SETTLED=settled, num_warps=launch.num_warps,
         num_stages=launch.num_stages, **launch_args(q),
     )
     if direct:

@@ -24,7 +24,7 @@ STEP_SIZES = {  # kernel: its arguments that change with the step's tokens, sequ
     align._scatter_kernel: ["S", "num_chunks", "max_padded"],
     fused_moe._moe_gemm_kernel: ["S", "max_blocks"],
     prefill_attention._prefill_kernel: ["num_seqs", "stride_tb"],
-    decode_attention._split_kernel: ["chunk", "stride_tb"],
+    decode_attention._split_kernel: ["chunk", "direct", "stride_tb"],
     decode_attention._merge_kernel: ["splits"],
 }
 
