@@ -56,14 +56,19 @@ class GQAttention(nn.Module):
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
 
     def warm_up_kernels(self) -> None:
-        """On a GPU, compile the prefill attention kernel now (one launch over block 0, nothing
-        written), not in the first step that needs it (Triton compiles on first use)."""
+        """Compile now, not in the first step that needs them (Triton compiles on first use), the
+        prefill attention kernel and the decode attention kernel's eager form (int32 lengths and
+        tables, as an eager step's decode rows launch it; the graph captures compile the form they
+        replay): one launch each over block 0, nothing written. On CPU the references run instead."""
         device = self.k_cache.device
-        if not ops.prefill_attention_in_place(device, self.head_dim, self.head_dim, self.num_heads, self.num_kv_heads):
-            return
         q = torch.zeros(1, self.num_heads, self.head_dim, dtype=self.k_cache.dtype, device=device)
         tables = torch.zeros(1, 1, dtype=torch.int32, device=device)
-        ops.paged_prefill_attention(q, self.k_cache, self.v_cache, tables, [1], [1], self.scale, self.sliding_window)
+        lens = torch.ones(1, dtype=torch.int32, device=device)
+        ops.paged_decode_attention(q, self.k_cache, self.v_cache, tables, lens, self.scale, 1, self.sliding_window,
+                                   settled=True)
+        if ops.prefill_attention_in_place(device, self.head_dim, self.head_dim, self.num_heads, self.num_kv_heads):
+            ops.paged_prefill_attention(q, self.k_cache, self.v_cache, tables, [1], [1], self.scale,
+                                        self.sliding_window)
 
     def forward(self, x: torch.Tensor | PendingNorm, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
                 ) -> torch.Tensor:

@@ -68,6 +68,16 @@ class MLAttention(nn.Module):
     def allocate_cache(self, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype) -> None:
         self.latent_cache = torch.zeros(num_blocks, block_size, self.cache_elements_per_token(), device=device, dtype=dtype)
 
+    def warm_up_kernels(self) -> None:
+        """Compile the decode attention kernel's eager form now (int32 lengths and tables, as an eager
+        step's decode rows launch it; the graph captures compile the form they replay), not in the first
+        step that needs it: one launch over block 0, nothing written. On CPU the reference runs instead."""
+        cache = self.latent_cache.unsqueeze(2)
+        q = torch.zeros(1, self.num_heads, cache.shape[-1], dtype=cache.dtype, device=cache.device)
+        tables = torch.zeros(1, 1, dtype=torch.int32, device=cache.device)
+        lens = torch.ones(1, dtype=torch.int32, device=cache.device)
+        ops.paged_decode_attention(q, cache, cache[..., : self.kv_lora_rank], tables, lens, self.scale, 1)
+
     def forward(self, x: torch.Tensor | PendingNorm, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch
                 ) -> torch.Tensor:
         if self.latent_cache is None:
