@@ -138,8 +138,8 @@ class ModelRunner:
             log.info("%s in %.1f s (decode contexts up to %d tokens at start-up; longer ones on first use)",
                      self.describe_graphs(), time.monotonic() - start, config.graph_capture_tokens)
         if self.device.type == "cuda" and self._local_experts():  # remote expert groups may not be up yet
-            self.warm_up_step(config.max_num_batched_tokens, min(max_model_len or config.max_num_batched_tokens,
-                                                                  config.max_num_batched_tokens), config.max_num_seqs)
+            budget = config.max_num_batched_tokens
+            self.warm_up_step(budget, min(max_model_len or budget, budget), config.max_num_seqs)
 
     def describe_graphs(self) -> str | None:
         """One line on the decode and prompt graphs (for logs and benchmark reports); None when off."""
@@ -166,7 +166,8 @@ class ModelRunner:
         kernels for these sizes now, not during the first burst of requests; and a token budget whose
         activations do not fit fails here, not in a served step. Its KV writes go to blocks that hold
         nothing yet (no request has run); a request overwrites its blocks' slots before it reads them."""
-        if self.device.type == "cuda":
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:
             torch.cuda.synchronize(self.device)
         start = time.monotonic()
         bs, blocks = self.block_size, self.num_blocks
@@ -178,15 +179,13 @@ class ModelRunner:
         batch = AttentionBatch(query_lens=lens, context_lens=lens,
                                block_tables=self._to_device(tables, torch.int32),
                                slot_mapping=self._to_device(slots, torch.int64), block_size=bs)
-        with contextlib.ExitStack() as stack:
-            if self._pin:
-                stack.enter_context(torch.cuda.device(self.device))
+        with torch.cuda.device(self.device) if on_cuda else contextlib.nullcontext():
             try:
                 hidden = self.model.forward(self._to_device([0] * len(slots), torch.int64),
                                             self._to_device(positions, torch.int64), batch)
                 last = self._to_device(list(itertools.accumulate(lens)), torch.int64) - 1
                 self.model.compute_logits(hidden.index_select(0, last))
-                if self.device.type == "cuda":
+                if on_cuda:
                     torch.cuda.synchronize(self.device)
             except torch.OutOfMemoryError as exc:
                 raise RuntimeError(
