@@ -49,5 +49,8 @@ class SlowTransport(Transport):
         now = time.monotonic()
         return [p for p in held if p.due <= now]
 
+    def retain(self, replica_ids) -> None:
+        self.inner.retain(replica_ids)
+
     def close(self) -> None:
         self.inner.close()

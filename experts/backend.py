@@ -1,9 +1,9 @@
 """Expert backends for a model: factories for the engine's `EngineConfig.expert_backend` hook.
 
 Each factory takes the loaded model and returns the callable its MoE layers use,
-`(layer_id, hidden, topk_ids, topk_weights) -> [T, H]`: an `ExpertDispatcher` over the `ray`
-transport (expert groups as Ray actors, placement from the controller) or the `local` one (groups
-as in-process workers, a fixed placement).
+`(layer_id, hidden, topk_ids, topk_weights) -> [T, H]`: an `ExpertDispatcher` over the `ray` or
+`gloo` transport (expert groups as Ray actors, placement from the controller) or the `local` one
+(groups as in-process workers, a fixed placement).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from moeserve.cluster.placement import Placement, ServingSet, contiguous_groups
 from moeserve.router.dispatch import DispatchConfig, ExpertDispatcher, StaticSource
+from moeserve.router.transport import ACTOR_TRANSPORTS, TRANSPORTS, make_transport
 from moeserve.router.transport.local import LocalTransport
 
 from .group import GroupResources, check_resource_template
@@ -71,38 +72,48 @@ class RayExpertBackend:
     config: DispatchConfig | None = None
     watch_timeout_s: float = 10.0
     dispatcher_id: str | None = None
+    transport: str = "ray"  # how rows reach the actors: "ray" (an actor call each) or "gloo" (standing channels)
+
+    def __post_init__(self) -> None:
+        _check_transport(self.transport, ACTOR_TRANSPORTS)
 
     def __call__(self, model) -> ExpertDispatcher:
         from moeserve.cluster.epoch import ControllerSource
-        from moeserve.router.transport.ray import RayTransport
 
         layers, num_experts, _ = _model_layout(model)
         source = ControllerSource(self.controller, dispatcher_id=self.dispatcher_id, watch_timeout_s=self.watch_timeout_s)
-        return ExpertDispatcher(source, RayTransport(), layers, num_experts=num_experts, config=self.config)
+        return ExpertDispatcher(source, make_transport(self.transport), layers, num_experts=num_experts,
+                                config=self.config)
 
 
-def ray_expert_backend(controller, *, config: DispatchConfig | None = None,
-                       watch_timeout_s: float = 10.0) -> RayExpertBackend:
-    """Factory: the model's experts in the Ray expert groups that `controller` (an actor handle) runs."""
-    return RayExpertBackend(controller, config, watch_timeout_s)
+def ray_expert_backend(controller, *, config: DispatchConfig | None = None, watch_timeout_s: float = 10.0,
+                       transport: str = "ray") -> RayExpertBackend:
+    """Factory: the model's experts in the Ray expert groups that `controller` (an actor handle) runs,
+    reached over `transport` ("ray" or "gloo")."""
+    return RayExpertBackend(controller, config, watch_timeout_s, transport=transport)
+
+
+def _check_transport(transport: str, allowed: tuple[str, ...]) -> None:
+    if transport not in allowed:
+        raise ValueError(f"transport: {transport!r} is not one of {list(allowed)}")
 
 
 def embedded_expert_backend(model_path: str, *, transport: str = "ray", num_groups: int = 2,
                             resources: GroupResources | None = None, custom_resource: str | None = None,
                             autoscaling=None) -> Callable:
-    """Factory for `moeserve serve --expert-groups N --transport T`: `ray` starts (or joins) Ray here, the
-    controller and its N expert-group actors; `local` runs N in-process groups.
+    """Factory for `moeserve serve --expert-groups N --transport T`: `ray` and `gloo` start (or join) Ray
+    here, the controller and its N expert-group actors, reached by actor calls or standing gloo channels;
+    `local` runs N in-process groups.
 
     `custom_resource` (`--expert-resource`, e.g. "moeserve_expert_{group}") is the Ray resource each
     group's replicas ask one unit of when `resources` is not given.
     """
-    if transport not in ("local", "ray"):
-        raise ValueError(f"transport: {transport!r} is not one of ['local', 'ray']")
+    _check_transport(transport, TRANSPORTS)
     if num_groups < 1:
         raise ValueError(f"expert_groups: must be >= 1, got {num_groups}")
     if custom_resource is not None:
         if transport == "local":
-            raise ValueError("custom_resource: only Ray expert groups ask for resources (transport 'ray')")
+            raise ValueError("custom_resource: only Ray expert groups ask for resources (transport 'ray' or 'gloo')")
         check_resource_template(custom_resource)
     if transport == "local":
         return local_expert_backend(str(model_path), num_groups=num_groups)
@@ -114,7 +125,7 @@ def embedded_expert_backend(model_path: str, *, transport: str = "ray", num_grou
 
         plane = start_control_plane(model_path, num_experts=num_experts, dtype=dtype, num_groups=num_groups,
                                     resources=resources, custom_resource=custom_resource, autoscaling=autoscaling)
-        dispatcher = ray_expert_backend(plane.controller)(model)
+        dispatcher = ray_expert_backend(plane.controller, transport=transport)(model)
         dispatcher.control_plane = plane  # serve hands it the edge's figures (cluster/cli/serve.py)
         return dispatcher
 

@@ -8,14 +8,18 @@ per worker group) when the cluster has them, and runs on CPU otherwise.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
+import threading
 from dataclasses import dataclass
 
 import ray
 import torch
+import torch.distributed as dist
 
 from .batch import ExpertBatch, tensor_to_wire
+from .channel import ChannelServer, connect
 from .worker import ExpertGroupWorker
 
 
@@ -76,10 +80,31 @@ class ExpertGroupActor:
             torch.set_num_threads(resources.torch_threads)
         device = resources.device or ("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
         self.worker = ExpertGroupWorker(group_id, tuple(experts), source, device, load_window_s=load_window_s)
+        self._run_lock = threading.Lock()
+        self._channels_lock = threading.Lock()
+        self._channels: dict[str, ChannelServer] = {}  # open `gloo` channels by key
 
     def run(self, wire: tuple) -> tuple:
-        batch = ExpertBatch.from_wire(wire, self.worker.device)
-        return tensor_to_wire(self.worker.run(batch))
+        return tensor_to_wire(self._run(ExpertBatch.from_wire(wire, self.worker.device)))
+
+    def _run(self, batch: ExpertBatch) -> torch.Tensor:
+        # One batch at a time, whichever transport brought it: Ray calls and every open channel.
+        with self._run_lock:
+            return self.worker.run(batch)
+
+    @ray.method(concurrency_group="control")
+    def open_channel(self, key: str, host: str, port: int, timeout_s: float) -> int:
+        """Join the `gloo` transport's channel `key` (rendezvous store at host:port) as rank 1 and serve it
+        on a thread of its own until the dispatcher closes it or goes away; returns this process's pid."""
+        store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+        pg = connect(store, key, 1, ray.util.get_node_ip_address(), timeout_s)
+        with self._channels_lock:
+            self._channels[key] = ChannelServer(key, pg, self._run, on_exit=self._channel_closed)
+        return os.getpid()
+
+    def _channel_closed(self, key: str) -> None:
+        with self._channels_lock:
+            self._channels.pop(key, None)
 
     @ray.method(concurrency_group="control")
     def ready(self) -> dict:
@@ -96,7 +121,8 @@ class ExpertGroupActor:
 
     @ray.method(concurrency_group="control")
     def health(self) -> dict:
-        return self.worker.health()
+        with self._channels_lock:
+            return {**self.worker.health(), "channels": len(self._channels)}
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict:

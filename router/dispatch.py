@@ -364,6 +364,7 @@ class ExpertDispatcher:
         nxt, self._next = self._next, None
         if nxt is not None and nxt.epoch > self._serving.epoch:
             self._serving = nxt
+            self.transport.retain(nxt.handles)
             self.counters["epochs_adopted"] += 1
             self.source.ack(nxt.epoch)
             if self.telemetry is not None:
@@ -375,6 +376,7 @@ class ExpertDispatcher:
         with self._lock:
             if serving.epoch > self._serving.epoch:
                 self._serving = serving
+                self.transport.retain(serving.handles)
                 self.counters["epochs_adopted"] += 1
                 self.source.ack(serving.epoch)
             return self._serving

@@ -72,10 +72,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(e.g. moeserve_trunk, which the Helm chart's trunk pods offer; needs --trunk-workers)")
     g.add_argument("--autoscaling-policy", metavar="FILE", default=None,
                    help="scale the expert groups (and, with --trunk-workers, the trunk workers) with this policy "
-                        "YAML (docs/autoscaling.md; needs --transport ray)")
-    g.add_argument("--transport", choices=("local", "ray"), default=None,
-                   help="how the trunk reaches the expert groups: local (in-process) or ray (actors; "
-                        "the default when --expert-groups is given)")
+                        "YAML (docs/autoscaling.md; needs Ray expert groups: --transport ray or gloo)")
+    g.add_argument("--transport", choices=("local", "ray", "gloo"), default=None,
+                   help="how the trunk reaches the expert groups: local (in-process), ray (Ray actors, one actor "
+                        "call per group per MoE layer; the default when --expert-groups is given) or gloo (the same "
+                        "actors over standing torch.distributed gloo channels, no Ray call per layer)")
     g.add_argument("--expert-resource", metavar="NAME", default=None,
                    help="each expert-group replica asks Ray for one unit of this custom resource, {group} "
                         "replaced by its group id, so it starts only on nodes that offer it (e.g. "
@@ -118,7 +119,7 @@ def engine_config(args: argparse.Namespace, control_plane=None):
     if control_plane is not None:
         from moeserve.experts.backend import ray_expert_backend
 
-        backend = ray_expert_backend(control_plane.controller)
+        backend = ray_expert_backend(control_plane.controller, transport=args.transport or "ray")
     else:
         backend = _expert_backend(args, model)
     return EngineConfig(
@@ -163,7 +164,7 @@ def _expert_backend(args: argparse.Namespace, model: str | None):
 
     if resource is not None:
         if transport == "local":
-            raise ValueError("--expert-resource: needs --transport ray (local groups are not Ray actors)")
+            raise ValueError("--expert-resource: needs --transport ray or gloo (local groups are not Ray actors)")
         check_resource_template(resource, field="--expert-resource")
 
     return embedded_expert_backend(model, transport=transport or "ray", num_groups=groups or 2,
@@ -177,7 +178,7 @@ def _autoscaling_config(args: argparse.Namespace):
     from moeserve.cluster.autoscaling import load_config
 
     if getattr(args, "transport", None) == "local":
-        raise ValueError("--autoscaling-policy: needs --transport ray (local groups cannot be scaled)")
+        raise ValueError("--autoscaling-policy: needs --transport ray or gloo (local groups cannot be scaled)")
     return load_config(policy)  # a ConfigError names the field and its allowed range
 
 

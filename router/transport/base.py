@@ -12,6 +12,7 @@ Any other error (a bug, a bad shape) propagates as itself.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -47,6 +48,11 @@ class Transport(ABC):
     @abstractmethod
     def wait(self, pending: list[Pending], timeout_s: float) -> list[Pending]:
         """Block until every send in `pending` is done or `timeout_s` passes; return those done."""
+
+    def retain(self, replica_ids: Iterable[str]) -> None:
+        """The dispatcher adopted a serving set of `replica_ids` (between steps, or in a recovery): release what
+        is held for any other replica (nothing by default). Never called concurrently with `send`; sends still
+        outstanding to a replica let go of here must still complete."""
 
     def close(self) -> None:
         """Release what the transport holds (nothing by default)."""

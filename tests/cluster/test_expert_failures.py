@@ -39,9 +39,9 @@ def _controller(path: str, name: str, **overrides):
     return start_controller(cfg)
 
 
-def _engine_config(path: str, controller, dispatch: DispatchConfig | None = None) -> EngineConfig:
+def _engine_config(path: str, controller, dispatch: DispatchConfig | None = None, transport: str = "ray") -> EngineConfig:
     return EngineConfig(model=path, num_kv_blocks=256, block_size=8, max_num_seqs=NUM_REQUESTS, load_experts=False,
-                        expert_backend=ray_expert_backend(controller, config=dispatch))
+                        expert_backend=ray_expert_backend(controller, config=dispatch, transport=transport))
 
 
 async def _stream_with_fault(engine: AsyncEngine, prompts, fault) -> tuple[list[list[int]], list[str]]:
@@ -66,13 +66,14 @@ async def _stream_with_fault(engine: AsyncEngine, prompts, fault) -> tuple[list[
     return outputs, reasons
 
 
-async def test_killed_group_mid_stream_loses_no_request(ray_cluster, model):
+@pytest.mark.parametrize("transport", ["ray", "gloo"])
+async def test_killed_group_mid_stream_loses_no_request(ray_cluster, model, transport):
     path, prompts, want = model
-    controller = _controller(path, "killed")
-    engine = AsyncEngine(LLMEngine.from_config(_engine_config(path, controller)))
+    controller = _controller(path, f"killed-{transport}")
+    engine = AsyncEngine(LLMEngine.from_config(_engine_config(path, controller, transport=transport)))
     await engine.start()
     try:
-        victim = ray.get_actor("killed-g1r0-0", namespace=NAMESPACE)
+        victim = ray.get_actor(f"killed-{transport}-g1r0-0", namespace=NAMESPACE)
         outputs, reasons = await _stream_with_fault(engine, prompts, lambda: ray.kill(victim, no_restart=True))
         status = ray.get(controller.status.remote())
     finally:
@@ -86,14 +87,15 @@ async def test_killed_group_mid_stream_loses_no_request(ray_cluster, model):
     assert g1r0["incarnation"] == 1 and g1r0["restarts"] == 1 and g1r0["state"] == "serving"
 
 
-async def test_stalled_group_is_replaced_and_requests_go_on(ray_cluster, model):
+@pytest.mark.parametrize("transport", ["ray", "gloo"])
+async def test_stalled_group_is_replaced_and_requests_go_on(ray_cluster, model, transport):
     path, prompts, want = model
-    controller = _controller(path, "stalled")
+    controller = _controller(path, f"stalled-{transport}")
     dispatch = DispatchConfig(timeout_s=3.0, recovery_timeout_s=120.0)
-    engine = AsyncEngine(LLMEngine.from_config(_engine_config(path, controller, dispatch)))
+    engine = AsyncEngine(LLMEngine.from_config(_engine_config(path, controller, dispatch, transport)))
     await engine.start()
     try:
-        victim = ray.get_actor("stalled-g0r0-0", namespace=NAMESPACE)
+        victim = ray.get_actor(f"stalled-{transport}-g0r0-0", namespace=NAMESPACE)
         outputs, reasons = await _stream_with_fault(engine, prompts, lambda: ray.get(victim.inject_delay.remote(600.0)))
         status = ray.get(controller.status.remote())
         counters = dict(engine.core.model.experts_backend.counters)

@@ -105,11 +105,12 @@ async def test_serve_adds_a_trunk_worker_under_load_and_drains_it_when_calm(embe
 
 @pytest.mark.asyncio
 async def test_moeserve_scale_sets_the_trunk_workers(embedded_serve, capsys):
-    """`moeserve scale --trunk-workers N` through the admin API: a worker added, serving, then drained."""
+    """`moeserve scale --trunk-workers N` through the admin API: a worker added, serving, then drained. The
+    workers reach the expert group over gloo channels (`--transport gloo`), each over its own."""
     from moeserve.cluster.cli import main as cli
     from moeserve.router.client import AsyncClient
 
-    server, _, plane = await embedded_serve("--trunk-workers", "1", "--expert-groups", "1", "--transport", "ray",
+    server, _, plane = await embedded_serve("--trunk-workers", "1", "--expert-groups", "1", "--transport", "gloo",
                                             "--num-kv-blocks", "64")
     pool, address = server.engine, plane.admin.address
 
@@ -128,8 +129,14 @@ async def test_moeserve_scale_sets_the_trunk_workers(embedded_serve, capsys):
                                       for p in PROMPTS))
     assert all(len(o.token_ids) == MAX_TOKENS for o in outs)
     assert all(m.engine.stats()["requests_finished"] > 0 for m in pool.members()), "a worker served nothing"
+    group = ray.get_actor("moeserve-g0r0-0", namespace="moeserve")
+    assert (await group.health.remote())["channels"] == 2
     code, out = await asyncio.to_thread(scale, 1)
     assert code == 0 and out.startswith("trunk workers: draining 1 (to 1)"), out
     await _wait(lambda: pool.replicas == 1 and not pool.members("draining"), "one trunk worker")
+    deadline = time.monotonic() + DEADLINE_S
+    while (await group.health.remote())["channels"] != 1:  # the drained worker's channel closes with it
+        assert time.monotonic() < deadline, "the drained trunk worker's channel is still open"
+        await asyncio.sleep(0.1)
     code, out = await asyncio.to_thread(scale, 100)
     assert code == 1 and "INVALID_ARGUMENT" in out and "trunk workers: must be in [1, 64], got 100" in out, out

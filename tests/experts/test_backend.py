@@ -55,7 +55,7 @@ def test_expert_resource_must_name_a_resource(hf_checkpoint):
     for bad in ("moeserve expert {group}", "moeserve_expert_{gruop}", "{0}", "", "GPU"):
         with pytest.raises(ValueError, match="--expert-resource: "):
             engine_config(parse(["serve", "--model", path, "--expert-groups", "2", "--expert-resource", bad]))
-    with pytest.raises(ValueError, match="--expert-resource: needs --transport ray"):
+    with pytest.raises(ValueError, match="--expert-resource: needs --transport ray or gloo"):
         engine_config(parse(["serve", "--model", path, "--expert-groups", "2", "--transport", "local",
                              "--expert-resource", "moeserve_expert_{group}"]))
     with pytest.raises(ValueError, match="custom_resource: 'x_{gruop}' is not a resource name"):
@@ -87,23 +87,27 @@ def test_serve_expert_resource_reaches_each_groups_actor(hf_checkpoint, ray_with
 
     ray = ray_with_group_resources
     path = str(hf_checkpoint("mixtral"))
-    args = build_parser().parse_args(["serve", "--model", path, "--expert-groups", "2", "--transport", "ray",
+    # --transport gloo: the same Ray groups, reached over standing gloo channels.
+    args = build_parser().parse_args(["serve", "--model", path, "--expert-groups", "2", "--transport", "gloo",
                                       "--expert-resource", "moeserve_expert_{group}",
                                       "--num-kv-blocks", "32", "--block-size", "8"])
     engine = LLMEngine.from_config(engine_config(args))
     controller = ray.get_actor("moeserve-controller", namespace="moeserve")
+    dispatcher = engine.model.experts_backend
     try:
         status = ray.get(controller.status.remote())
         held = {name: ray.cluster_resources()[name] - ray.available_resources().get(name, 0)
                 for name in ("moeserve_expert_0", "moeserve_expert_1")}
         out = engine.generate_batch([[3, 1, 4, 1, 5]], SamplingParams(max_tokens=4))
+        channels = dispatcher.transport.channels
     finally:
-        engine.model.experts_backend.close()
+        dispatcher.close()
         ray.get(controller.shutdown.remote())
         ray.kill(controller)
     assert [len(g["replicas"]) for g in status["groups"]] == [1, 1]
     assert held == {"moeserve_expert_0": 1, "moeserve_expert_1": 1}  # each group's replica holds its own unit
     assert len(out[0].new_token_ids) == 4
+    assert dispatcher.transport.name == "gloo" and channels == {"g0r0": None, "g1r0": None}, channels
 
 
 def test_busy_time_leaves_out_the_wait_for_expert_groups(hf_checkpoint):

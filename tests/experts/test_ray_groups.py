@@ -6,43 +6,21 @@ from __future__ import annotations
 import pytest
 import ray
 import torch
+from group_cases import ARCHS, RESOURCES, generate
 
 from moeserve.cluster.controller import ControllerConfig, start_controller
 from moeserve.cluster.placement import Placement, ServingSet, contiguous_groups
 from moeserve.experts.backend import ray_expert_backend
 from moeserve.experts.batch import ExpertBatch
-from moeserve.experts.group import ExpertGroupActor, GroupResources
+from moeserve.experts.group import ExpertGroupActor
 from moeserve.experts.weights import CheckpointWeights
 from moeserve.kernels import ops
 from moeserve.models.config import ModelConfig
 from moeserve.models.loader import load_expert_weights
 from moeserve.router.dispatch import ExpertDispatcher, StaticSource
-from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
 from moeserve.router.transport.base import ReplicaFailure
 from moeserve.router.transport.ray import RayTransport
 
-ARCHS = ("deepseek_v3", "qwen3_moe", "mixtral")
-# One BLAS thread in the trunk and in every group: bitwise-equal results need equal thread counts, and
-# on a 2-core machine several 2-thread OpenMP pools only spin against each other.
-RESOURCES = GroupResources(num_cpus=0.1, torch_threads=1)
-
-
-def _prompts(vocab: int) -> list[list[int]]:
-    return [torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-            for n in (1, 4, 9, 17, 30)]
-
-
-def _generate(path: str, backend=None) -> list[list[int]]:
-    cfg = EngineConfig(model=path, num_kv_blocks=64, block_size=8, load_experts=backend is None,
-                       expert_backend=backend)
-    engine = LLMEngine.from_config(cfg)
-    try:
-        outs = engine.generate_batch(_prompts(engine.model_config.vocab_size), SamplingParams(max_tokens=10))
-    finally:
-        backend_obj = engine.model.experts_backend
-        if hasattr(backend_obj, "close"):
-            backend_obj.close()
-    return [o.new_token_ids for o in outs]
 
 
 def test_group_actor_runs_reports_and_drains(ray_cluster, hf_checkpoint):
@@ -76,14 +54,14 @@ def test_group_actor_runs_reports_and_drains(ray_cluster, hf_checkpoint):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_ray_groups_equal_single_process(ray_cluster, hf_checkpoint, arch):
     path = str(hf_checkpoint(arch))
-    want = _generate(path)
+    want = generate(path)
     n_exp = ModelConfig.from_dir(path).moe.n_routed_experts
     for groups in (2, 4):
         cfg = ControllerConfig(weights=CheckpointWeights(path), num_experts=n_exp, num_groups=groups,
                                resources=RESOURCES, name=f"{arch}-{groups}", namespace="test-ray-groups")
         controller = start_controller(cfg)
         try:
-            got = _generate(path, ray_expert_backend(controller))
+            got = generate(path, ray_expert_backend(controller))
             status = ray.get(controller.status.remote())
         finally:
             ray.get(controller.shutdown.remote())

@@ -14,9 +14,11 @@ from chart_harness import (CHART, CI_VALUES, FULLNAME, MULTI_GPU, NAMESPACE, REL
 from test_helm_workers import autoscaler_node_types, kuberay_start_command, parse_serve, ray_resources, run_container
 
 WORKERS = ("--set", "trunk.mode=workers")
-# (values file, extra helm args): the CI file of the mode, and the GPU and TLS examples switched to it.
-CASES = [(TRUNK_WORKERS, ()), (MULTI_GPU, WORKERS), (TLS_AUTH_MON, WORKERS)]
-IDS = ["trunk-workers", "multi-gpu+workers", "tls-auth-monitoring+workers"]
+GLOO = ("--set", "server.transport=gloo")
+# (values file, extra helm args): the CI file of the mode, and the GPU and TLS examples switched to it (the GPU
+# one also to the gloo transport).
+CASES = [(TRUNK_WORKERS, ()), (MULTI_GPU, WORKERS + GLOO), (TLS_AUTH_MON, WORKERS)]
+IDS = ["trunk-workers", "multi-gpu+workers+gloo", "tls-auth-monitoring+workers"]
 
 
 def head_spec(objects) -> dict:
@@ -45,7 +47,7 @@ def test_head_starts_ray_then_serves_with_trunk_workers(render, values, extra, k
     trunk = worker_groups(objects)["trunk"]
     assert args.trunk_workers == trunk["replicas"] and trunk_workers(args) == trunk["replicas"]  # serve's own checks
     assert args.trunk_resource == "moeserve_trunk"
-    assert (args.host, args.port, args.transport) == ("0.0.0.0", 50051, "ray")
+    assert (args.host, args.port, args.transport) == ("0.0.0.0", 50051, "gloo" if GLOO[1] in extra else "ray")
     check_resource_template(args.expert_resource, field="--expert-resource")
 
     # Everything the edge needs is on the head now.
