@@ -2,7 +2,7 @@
 
 Edge (InferenceServer) and load generator share this process and its event loop. The trunk runs
 in this process too, or in its own TrunkWorker actor, or in several behind a TrunkPool; the routed
-experts run in Ray expert-group actors under a controller actor, reached over the `ray` transport
+experts run in Ray expert-group actors under a controller actor, reached over the `ray` transport (or `gloo`)
 (optionally slowed). Ray itself must already be initialised (the runner does it).
 """
 
@@ -31,7 +31,8 @@ class ClusterSpec:
     trunk_worker: bool = False  # the trunk in its own process (a TrunkWorker actor), not the edge's
     # >= 2: the trunk in that many TrunkWorker actors behind a TrunkPool (scaled live); 0: not (see trunk_worker).
     trunk_workers: int = 0
-    slow_transport: bool = False  # the ray transport behind a SlowTransport (trunk in the edge's process)
+    transport: str = "ray"  # how the trunk reaches the groups: "ray" (actor calls) or "gloo" (standing channels)
+    slow_transport: bool = False  # the transport behind a SlowTransport (trunk in the edge's process)
     dispatch_timeout_s: float = 2.0  # one send to an expert group; past it the group counts as stalled
     # The trunk worker's: holding requests without a step for this long, it is killed and restarted.
     trunk_stall_timeout_s: float = 60.0
@@ -55,6 +56,8 @@ class ClusterSpec:
         if self.trunk_worker and self.trunk_workers:
             raise ValueError(f"ClusterSpec.trunk_worker=True (one TrunkEngine) and trunk_workers="
                              f"{self.trunk_workers} (a TrunkPool) exclude each other; set one of them")
+        if self.transport not in ("ray", "gloo"):
+            raise ValueError(f"ClusterSpec.transport must be 'ray' or 'gloo', got {self.transport!r}")
         if self.slow_transport and (self.trunk_worker or self.trunk_workers):
             raise ValueError("ClusterSpec.slow_transport needs the trunk in the edge's process "
                              "(trunk_worker=False, trunk_workers=0)")
@@ -140,16 +143,15 @@ class EmbeddedCluster:
         if self.spec.trunk_elsewhere:  # built in the workers' processes: only picklable things travel
             from moeserve.experts.backend import ray_expert_backend
 
-            return ray_expert_backend(self.controller, config=dispatch)
+            return ray_expert_backend(self.controller, config=dispatch, transport=self.spec.transport)
         from moeserve.cluster.epoch import ControllerSource
         from moeserve.router.dispatch import ExpertDispatcher
-        from moeserve.router.transport.ray import RayTransport
-
-        transport = RayTransport()
-        if self.spec.slow_transport:
-            transport = self.transport = SlowTransport(transport)
+        from moeserve.router.transport import make_transport
 
         def make(model) -> ExpertDispatcher:
+            transport = make_transport(self.spec.transport)
+            if self.spec.slow_transport:
+                transport = self.transport = SlowTransport(transport)
             dispatcher = ExpertDispatcher(ControllerSource(self.controller), transport, sorted(model.moe_blocks),
                                           num_experts=model.config.moe.n_routed_experts, config=dispatch)
             self._dispatchers.append(dispatcher)

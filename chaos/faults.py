@@ -233,7 +233,7 @@ class SlowTransport(Fault):
             await load.wait_completed(load.completed + self.hold_requests)
         finally:
             cluster.transport.delay_s = 0.0
-        return self._record("ray transport", start, f"+{self.delay_s * 1000:.0f} ms per send")
+        return self._record(f"{cluster.transport.inner.name} transport", start, f"+{self.delay_s * 1000:.0f} ms per send")
 
     async def clear(self, cluster):
         cluster.transport.delay_s = 0.0

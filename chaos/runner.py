@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -209,8 +210,9 @@ async def run_scenario(scenario: Scenario, workload: Workload, faults: int, mode
 
 
 def run(scenarios: list[Scenario], workload: Workload, faults: int, model_dir: str | None = None,
-        every_s: float | None = None, log: Callable[[str], None] = print) -> list[ChaosReport]:
-    """Every scenario in turn (fault-free outputs computed once first); logs each report as it ends."""
+        every_s: float | None = None, log: Callable[[str], None] = print, transport: str = "ray") -> list[ChaosReport]:
+    """Every scenario in turn (fault-free outputs computed once first), the trunk reaching the expert groups over
+    `transport`; logs each report as it ends."""
     from moeserve.models.config import ModelConfig
 
     if model_dir is None:
@@ -222,6 +224,7 @@ def run(scenarios: list[Scenario], workload: Workload, faults: int, model_dir: s
     with torch_threads(1), ray_running():
         expected = reference_outputs(model_dir, prompts, workload.max_tokens)
         for scenario in scenarios:
+            scenario = dataclasses.replace(scenario, spec=dataclasses.replace(scenario.spec, transport=transport))
             log(f"chaos: {scenario.name}: {scenario.description}")
             report = asyncio.run(run_scenario(scenario, workload, faults, model_dir, prompts, expected, every_s))
             log(report.format())

@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per request (default 16)")
     p.add_argument("--model", metavar="DIR", help="HF-format checkpoint (default: the demo model)")
     p.add_argument("--json", action="store_true", help="also print every report as one JSON line")
+    p.add_argument("--transport", choices=("ray", "gloo"), default="ray",
+                   help="how the trunk reaches the expert groups: ray (actor calls, default) or gloo (standing channels)")
     p.set_defaults(func=main)
 
 
@@ -47,7 +49,8 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    reports = run(scenarios, workload, args.faults, args.model, args.every, log=lambda line: print(line, flush=True))
+    reports = run(scenarios, workload, args.faults, args.model, args.every, log=lambda line: print(line, flush=True),
+                  transport=args.transport)
     if args.json:
         for r in reports:
             print(json.dumps({**asdict(r), "ok": r.ok}), flush=True)

@@ -9,6 +9,8 @@ The full runs (200+ requests, 10+ faults each) are `moeserve chaos all`; docs/ch
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from moeserve.chaos.runner import SharedExperts, run_scenario
@@ -51,3 +53,16 @@ async def test_scenario_loses_nothing(name, ray_cluster, demo_model_dir, fault_f
     assert report.sent >= WORKLOAD.requests
     assert report.ok and report.expired == 0, report.format()
     assert report.succeeded == report.sent
+
+
+@pytest.mark.parametrize("name", ["kill-expert-group", "stall-expert-group", "slow-transport"])
+async def test_scenario_loses_nothing_over_gloo(name, ray_cluster, demo_model_dir, fault_free, shared_experts):
+    """The expert-group faults again with the trunk reaching the groups over gloo channels (`--transport gloo`)."""
+    prompts, expected = fault_free
+    scenario = SCENARIOS[name]
+    scenario = dataclasses.replace(scenario, spec=dataclasses.replace(scenario.spec, transport="gloo"))
+    report = await run_scenario(scenario, WORKLOAD, FAULTS, str(demo_model_dir), prompts, expected,
+                                experts=shared_experts)
+    print(report.format())
+    assert report.faults == FAULTS and report.sent >= WORKLOAD.requests, report.format()
+    assert report.ok and report.expired == 0 and report.succeeded == report.sent, report.format()
