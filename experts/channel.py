@@ -30,6 +30,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -69,35 +70,38 @@ def _layout(n: int, k: int, h: int, rows: torch.dtype, ids: torch.dtype, weights
     return sorted(parts, key=lambda p: -p[1].itemsize)
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
 def next_capacity(payload_nbytes: int) -> int:
     """The inline capacity of the request after one with this payload: the next power of two, within bounds."""
     return min(MAX_CAPACITY, max(FIRST_CAPACITY, 1 << max(0, payload_nbytes - 1).bit_length()))
 
 
+def _fill(buf: torch.Tensor, layout, parts: dict[str, torch.Tensor]) -> None:
+    """Copy each part's bytes into `buf`, in `layout` order (from any device; no intermediate tensor)."""
+    at = 0
+    for name, dt, shape in layout:
+        size = dt.itemsize * shape[0] * shape[1]
+        buf[at:at + size].view(dt).view(shape).copy_(parts[name])
+        at += size
+
+
 def pack_request(batch: ExpertBatch, capacity: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """(message, separate payload or None, next capacity) for `batch`, on the CPU: the message has HEADER_BYTES
-    + `capacity` bytes, the capacity the replica has posted. The payload is built on the rows' device and
-    copied to the host once."""
+    + `capacity` bytes, the capacity the replica has posted. Each part is copied once, from its device into
+    the host buffer that goes on the wire."""
     n, h = batch.rows.shape
     k = batch.local_ids.shape[1]
-    parts = {"rows": batch.rows, "local_ids": batch.local_ids.to(batch.rows.device),
-             "weights": batch.weights.to(batch.rows.device)}
     layout = _layout(n, k, h, batch.rows.dtype, batch.local_ids.dtype, batch.weights.dtype)
-    payload = torch.cat([_as_bytes(parts[name]) for name, _, _ in layout]).cpu()
-    inline = payload.numel() <= capacity
-    following = next_capacity(payload.numel())
+    nbytes = sum(dt.itemsize * shape[0] * shape[1] for _, dt, shape in layout)
+    inline = nbytes <= capacity
+    following = next_capacity(nbytes)
     message = torch.empty(HEADER_BYTES + capacity, dtype=torch.uint8)
-    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    header[:_NEXT_CAPACITY + 1] = torch.tensor([
-        OP_RUN, batch.layer_id, n, k, h, dtype_code(batch.rows.dtype), dtype_code(batch.local_ids.dtype),
-        dtype_code(batch.weights.dtype), int(inline), following])
-    message[:HEADER_BYTES].view(torch.int64).copy_(header)
-    if inline:
-        message[HEADER_BYTES:HEADER_BYTES + payload.numel()] = payload
+    header = message[:HEADER_BYTES].numpy().view(np.int64)
+    header[:] = 0
+    header[:_NEXT_CAPACITY + 1] = (OP_RUN, batch.layer_id, n, k, h, dtype_code(batch.rows.dtype),
+                                   dtype_code(batch.local_ids.dtype), dtype_code(batch.weights.dtype), int(inline),
+                                   following)
+    payload = message[HEADER_BYTES:HEADER_BYTES + nbytes] if inline else torch.empty(nbytes, dtype=torch.uint8)
+    _fill(payload, layout, {"rows": batch.rows, "local_ids": batch.local_ids, "weights": batch.weights})
     return message, None if inline else payload, following
 
 
@@ -132,13 +136,15 @@ def reply_nbytes(n: int, h: int, dtype: torch.dtype) -> int:
 
 
 def pack_reply(nbytes: int, status: int, out: torch.Tensor | None = None, message: str = "") -> torch.Tensor:
+    buf = torch.empty(nbytes, dtype=torch.uint8)
     if out is not None:
-        body = _as_bytes(out.cpu())
+        length = out.numel() * out.element_size()
+        buf[_REPLY_HEAD:_REPLY_HEAD + length].view(out.dtype).view(out.shape).copy_(out)
     else:
-        body = torch.tensor(list(message.encode()[: nbytes - _REPLY_HEAD]), dtype=torch.uint8)
-    buf = torch.zeros(nbytes, dtype=torch.uint8)
-    buf[:_REPLY_HEAD].view(torch.int64).copy_(torch.tensor([status, body.numel()]))
-    buf[_REPLY_HEAD:_REPLY_HEAD + body.numel()] = body
+        text = message.encode()[: nbytes - _REPLY_HEAD]
+        length = len(text)
+        buf[_REPLY_HEAD:_REPLY_HEAD + length].numpy()[:] = np.frombuffer(text, dtype=np.uint8)
+    buf[:_REPLY_HEAD].numpy().view(np.int64)[:] = (status, length)
     return buf
 
 
