@@ -1,16 +1,16 @@
-"""Per-MoE-layer cost of the `ray` expert transport against `local`, and what bounds it.
+"""Per-MoE-layer cost of the `ray` and `gloo` expert transports against `local`, and what bounds it.
 
-For each decode batch size T it times one MoE layer's routed experts, three ways:
+For each decode batch size T it times one MoE layer's routed experts, four ways:
   fused  the single-process kernels.ops.fused_experts over all experts (no dispatch at all);
   local  the dispatcher over N in-process expert groups (`local` transport);
-  ray    the dispatcher over N expert-group Ray actors (`ray` transport; rows through Ray calls).
+  ray    the dispatcher over N expert-group Ray actors (`ray` transport; rows through Ray calls);
+  gloo   the dispatcher over the same actors (`gloo` transport; rows over standing gloo channels).
 and prints microseconds per layer, the MoE-path tokens/s that allows (T / (layers x per-layer)),
 the physical limit (weight bytes of the experts the batch touches over the measured memory bandwidth)
 the round trip of an empty actor call, and an echo of the rows to N actors as tasks vs as one Ray
 Compiled Graph (the per-call cost without per-call submission). Each time is the best of 5 runs.
-It also runs the engine end to end (output tokens/s, experts in-process vs in the N Ray groups): on
-CPU with the demo checkpoint, on GPU with a random-weight trunk of the same shape. On CPU it also runs the engine end to end (output tokens/s,
-in-process experts vs N Ray groups).
+It also runs the engine end to end (output tokens/s, experts in-process vs in the N Ray groups over
+each transport): on CPU with the demo checkpoint, on GPU with a random-weight trunk of the same shape.
 
     python benchmarks/bench_transport.py                 # CPU: the demo model, 2 groups
     python benchmarks/bench_transport.py --gpu           # one GPU: random DeepSeek-V2-Lite-shaped experts
@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_FOLDERS = ("cluster", "experts", "router", "kernels", "models", "chaos")
+ACTOR_TRANSPORTS = ("ray", "gloo")
 V2_LITE = dict(hidden=2048, inter=1408, experts=64, topk=6, layers=27, first_dense=1)
 
 
@@ -117,8 +118,8 @@ def measure(args, source, spec, device, dtype) -> dict:
     from moeserve.experts.group import GroupResources
     from moeserve.kernels import ops
     from moeserve.router.dispatch import ExpertDispatcher, StaticSource
+    from moeserve.router.transport import make_transport
     from moeserve.router.transport.local import LocalTransport
-    from moeserve.router.transport.ray import RayTransport
 
     layers = list(spec["moe_layers"])
     E, k, H = spec["experts"], spec["topk"], spec["hidden"]
@@ -154,24 +155,26 @@ def measure(args, source, spec, device, dtype) -> dict:
                                resources=GroupResources(num_cpus=0, num_gpus=(1.0 / args.groups) if gpu else 0.0,
                                                         torch_threads=torch.get_num_threads()))
         controller = start_controller(cfg)
-        remote = ExpertDispatcher(ControllerSource(controller), RayTransport(), layers, num_experts=E)
-        res["per_layer_s"]["ray"] = time_layers(remote, layers, cases, device, args.iters)
-        actor = next(iter(remote.serving.handles.values()))
+        for name in ACTOR_TRANSPORTS:
+            remote = ExpertDispatcher(ControllerSource(controller), make_transport(name), layers, num_experts=E)
+            res["per_layer_s"][name] = time_layers(remote, layers, cases, device, args.iters)
+            res[f"{name}_counters"] = dict(remote.counters)
+            if trunk is not None:
+                res["engine_tokens_per_s"][name] = trunk_tokens_per_s(args, trunk, remote, device)
+            if name == "ray":
+                actor = next(iter(remote.serving.handles.values()))
+            remote.close()
+        if trunk is None and args.engine:
+            res["engine_tokens_per_s"] = engine_run(args, controller)
         res["empty_call_s"] = float("inf")
         for _ in range(5):
             start = time.perf_counter()
             for _ in range(40):
                 ray.get(actor.health.remote())
             res["empty_call_s"] = min(res["empty_call_s"], (time.perf_counter() - start) / 40)
-        res["ray_counters"] = dict(remote.counters)
         probe_t = min(cases, key=lambda t: abs(t - 32))  # small enough for a compiled graph's default channel
         res["probe"] = call_probe(args.groups, cases[probe_t][0].float().cpu().numpy())
         res["probe"]["tokens"] = probe_t
-        if trunk is not None:
-            res["engine_tokens_per_s"]["ray"] = trunk_tokens_per_s(args, trunk, remote, device)
-        elif args.engine:
-            res["engine_tokens_per_s"] = engine_run(args, controller)
-        remote.close()
         ray.get(controller.shutdown.remote())
     finally:
         ray.shutdown()
@@ -232,7 +235,8 @@ def call_probe(groups: int, payload) -> dict[str, float]:
 
 
 def engine_run(args, controller) -> dict[str, float]:
-    """Output tokens/s of the whole engine (CPU demo model): experts in-process vs in the Ray groups."""
+    """Output tokens/s of the whole engine (CPU demo model): experts in-process vs in the Ray groups over each
+    transport."""
     import torch
 
     from moeserve.experts.backend import ray_expert_backend
@@ -243,7 +247,8 @@ def engine_run(args, controller) -> dict[str, float]:
     prompts = [torch.randint(0, 400, (16,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(args.requests)]
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
     out = {}
-    for name, backend in (("local", None), ("ray", ray_expert_backend(controller))):
+    backends = [("local", None)] + [(name, ray_expert_backend(controller, transport=name)) for name in ACTOR_TRANSPORTS]
+    for name, backend in backends:
         engine = LLMEngine.from_config(EngineConfig(model=path, num_kv_blocks=512, block_size=16, load_experts=backend is None,
                                                     expert_backend=backend))
         engine.generate_batch(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
@@ -310,13 +315,14 @@ def trunk_tokens_per_s(args, model, backend, device) -> float:
 def table(res: dict, spec: dict, tokens: list[int]) -> str:
     L = len(spec["moe_layers"])
     per = res["per_layer_s"]
-    lines = ["| tokens T | experts touched | fused µs/layer | local µs/layer | ray µs/layer | ray − local µs | "
-             "limit µs/layer | MoE-path tok/s local | MoE-path tok/s ray |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| tokens T | experts touched | fused µs/layer | local µs/layer | ray µs/layer | gloo µs/layer | "
+             "ray − local µs | gloo − local µs | limit µs/layer | MoE-path tok/s local | ray | gloo |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in tokens:
-        f, lo, r = per["fused"][t] * 1e6, per["local"][t] * 1e6, per["ray"][t] * 1e6
-        lines.append(f"| {t} | {res['touched_experts'][t]} | {f:.0f} | {lo:.0f} | {r:.0f} | {r - lo:.0f} | "
-                     f"{res['limit_s'][t] * 1e6:.1f} | {t / (L * lo * 1e-6):.0f} | {t / (L * r * 1e-6):.0f} |")
+        f, lo, r, g = (per[name][t] * 1e6 for name in ("fused", "local", "ray", "gloo"))
+        lines.append(f"| {t} | {res['touched_experts'][t]} | {f:.0f} | {lo:.0f} | {r:.0f} | {g:.0f} | {r - lo:.0f} | "
+                     f"{g - lo:.0f} | {res['limit_s'][t] * 1e6:.1f} | {t / (L * lo * 1e-6):.0f} | "
+                     f"{t / (L * r * 1e-6):.0f} | {t / (L * g * 1e-6):.0f} |")
     lines.append(f"\nempty Ray actor call round trip: {res['empty_call_s'] * 1e6:.0f} µs; memory bandwidth measured: "
                  f"{res['bandwidth_Bps'] / 1e9:.0f} GB/s; MoE layers: {L}")
     probe = res["probe"]
@@ -327,7 +333,7 @@ def table(res: dict, spec: dict, tokens: list[int]) -> str:
     if "engine_tokens_per_s" in res:
         e = res["engine_tokens_per_s"]
         lines.append(f"engine end to end (output tokens/s): in-process experts {e['local']:.0f}, "
-                     f"{spec['groups']} Ray expert groups {e['ray']:.0f}")
+                     f"{spec['groups']} Ray expert groups over ray {e['ray']:.0f}, over gloo {e['gloo']:.0f}")
     return "\n".join(lines)
 
 
