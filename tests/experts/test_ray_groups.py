@@ -1,5 +1,5 @@
 """Expert groups as Ray actors: the actor itself, and greedy outputs over 2 and 4 groups on the `ray`
-transport equal to the single-process run, token for token, for all three architectures."""
+transport (2 on `gloo`) equal to the single-process run, token for token, for all three architectures."""
 
 from __future__ import annotations
 
@@ -51,20 +51,21 @@ def test_group_actor_runs_reports_and_drains(ray_cluster, hf_checkpoint):
         ray.kill(actor)
 
 
+@pytest.mark.parametrize("transport,group_counts", [("ray", (2, 4)), ("gloo", (2,))])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_ray_groups_equal_single_process(ray_cluster, hf_checkpoint, arch):
+def test_ray_groups_equal_single_process(ray_cluster, hf_checkpoint, arch, transport, group_counts):
     path = str(hf_checkpoint(arch))
     want = generate(path)
     n_exp = ModelConfig.from_dir(path).moe.n_routed_experts
-    for groups in (2, 4):
+    for groups in group_counts:
         cfg = ControllerConfig(weights=CheckpointWeights(path), num_experts=n_exp, num_groups=groups,
-                               resources=RESOURCES, name=f"{arch}-{groups}", namespace="test-ray-groups")
+                               resources=RESOURCES, name=f"{arch}-{groups}-{transport}", namespace="test-ray-groups")
         controller = start_controller(cfg)
         try:
-            got = generate(path, ray_expert_backend(controller))
+            got = generate(path, ray_expert_backend(controller, transport=transport))
             status = ray.get(controller.status.remote())
         finally:
             ray.get(controller.shutdown.remote())
             ray.kill(controller)
-        assert got == want, f"{arch} over {groups} groups"
+        assert got == want, f"{arch} over {groups} groups ({transport})"
         assert len(status["groups"]) == groups and sum(status["expert_load"].values()) > 0
