@@ -14,6 +14,7 @@ which the `ray` transport also does; device-to-device channels (NCCL) are not wr
 
 from __future__ import annotations
 
+import datetime
 import logging
 import queue
 import threading
@@ -33,6 +34,7 @@ from moeserve.experts.channel import (
 from .base import Pending, ReplicaFailure, Transport
 
 log = logging.getLogger(__name__)
+CLOSE_TIMEOUT = datetime.timedelta(seconds=5)
 
 
 class _GlooPending(Pending):
@@ -114,8 +116,8 @@ class _Channel:
         """Tell the replica the channel ends (it may already be gone), then stop the reader."""
         if self.broken is None:
             self.broken = "channel closed by the dispatcher"
-            try:
-                self.pg.send([close_message(self.capacity)], 1, 0).wait(IDLE_TIMEOUT)
+            try:  # bounded: a replica process that is frozen, not gone, never takes it
+                self.pg.send([close_message(self.capacity)], 1, 0).wait(CLOSE_TIMEOUT)
             except RuntimeError:
                 pass
         self._queue.put(None)
