@@ -55,9 +55,10 @@ async def test_scenario_loses_nothing(name, ray_cluster, demo_model_dir, fault_f
     assert report.succeeded == report.sent
 
 
-@pytest.mark.parametrize("name", ["kill-expert-group", "stall-expert-group", "slow-transport"])
+@pytest.mark.parametrize("name", ["kill-expert-group", "stall-expert-group", "slow-transport", "drain-during-burst"])
 async def test_scenario_loses_nothing_over_gloo(name, ray_cluster, demo_model_dir, fault_free, shared_experts):
-    """The expert-group faults again with the trunk reaching the groups over gloo channels (`--transport gloo`)."""
+    """The expert-group faults and a drain again, the trunk reaching the groups over gloo channels
+    (`--transport gloo`)."""
     prompts, expected = fault_free
     scenario = SCENARIOS[name]
     scenario = dataclasses.replace(scenario, spec=dataclasses.replace(scenario.spec, transport="gloo"))
