@@ -66,7 +66,8 @@ def status_response(s: dict) -> pb.StatusResponse:
         pb.GroupStatus(group_id=g["group_id"], experts=g["experts"], replicas=[
             pb.ReplicaStatus(replica_id=r["replica_id"], state=r["state"], incarnation=r["incarnation"],
                              serving=r["serving"], node_id=r["node_id"], device=r["device"], pid=r["pid"],
-                             busy_share=r["busy_share"], rows=r["rows"], restarts=r["restarts"])
+                             busy_share=r["busy_share"], rows=r["rows"], restarts=r["restarts"],
+                             channels=r.get("channels", 0))
             for r in g["replicas"]])
         for g in s["groups"]
     ]

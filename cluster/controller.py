@@ -511,7 +511,7 @@ class ExpertController:
                     "serving": rid in self.placement.replicas_of(g.group_id),
                     "node_id": rec.info.get("node_id", ""), "device": rec.info.get("device", ""),
                     "pid": rec.info.get("pid", 0), "busy_share": s.get("busy_share", 0.0),
-                    "rows": s.get("rows", 0), "restarts": len(rec.restarts),
+                    "rows": s.get("rows", 0), "restarts": len(rec.restarts), "channels": s.get("channels", 0),
                 })
             groups.append({"group_id": g.group_id, "experts": list(g.experts), "replicas": reps})
         by_layer: dict[int, dict[int, int]] = {}

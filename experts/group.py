@@ -126,7 +126,8 @@ class ExpertGroupActor:
 
     @ray.method(concurrency_group="control")
     def stats(self) -> dict:
-        return self.worker.stats()
+        with self._channels_lock:
+            return {**self.worker.stats(), "channels": len(self._channels)}
 
     @ray.method(concurrency_group="control")
     def add_experts(self, experts: list[int]) -> list[int]:

@@ -62,7 +62,7 @@ def format_status(s) -> str:
         for r in g.replicas:
             lines.append(f"  replica {r.replica_id:<8} {r.state if r.serving else r.state + ' (out of the set)':<10} "
                          f"incarnation {r.incarnation}  {r.device or '-':<6} pid {r.pid:<7} busy {100 * r.busy_share:5.1f}%  "
-                         f"rows {r.rows}  restarts {r.restarts}")
+                         f"rows {r.rows}  restarts {r.restarts}  channels {r.channels}")
     layers = [layer.layer for layer in s.expert_load_by_layer]
     by_layer = {layer.layer: {x.expert: x.tokens for x in layer.experts} for layer in s.expert_load_by_layer}
     holders: dict[int, list[str]] = {}

@@ -131,6 +131,9 @@ async def test_moeserve_scale_sets_the_trunk_workers(embedded_serve, capsys):
     assert all(m.engine.stats()["requests_finished"] > 0 for m in pool.members()), "a worker served nothing"
     group = ray.get_actor("moeserve-g0r0-0", namespace="moeserve")
     assert (await group.health.remote())["channels"] == 2
+    code = await asyncio.to_thread(cli, ["status", "--address", address])
+    out = capsys.readouterr().out
+    assert code == 0 and "restarts 0  channels 2" in out, out  # the operator sees both workers' channels
     code, out = await asyncio.to_thread(scale, 1)
     assert code == 0 and out.startswith("trunk workers: draining 1 (to 1)"), out
     await _wait(lambda: pool.replicas == 1 and not pool.members("draining"), "one trunk worker")
