@@ -32,7 +32,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_FOLDERS = ("cluster", "experts", "router", "kernels", "models", "chaos")
-ACTOR_TRANSPORTS = ("ray", "gloo")
 V2_LITE = dict(hidden=2048, inter=1408, experts=64, topk=6, layers=27, first_dense=1)
 
 
@@ -118,7 +117,7 @@ def measure(args, source, spec, device, dtype) -> dict:
     from moeserve.experts.group import GroupResources
     from moeserve.kernels import ops
     from moeserve.router.dispatch import ExpertDispatcher, StaticSource
-    from moeserve.router.transport import make_transport
+    from moeserve.router.transport import ACTOR_TRANSPORTS, make_transport
     from moeserve.router.transport.local import LocalTransport
 
     layers = list(spec["moe_layers"])
@@ -241,6 +240,7 @@ def engine_run(args, controller) -> dict[str, float]:
 
     from moeserve.experts.backend import ray_expert_backend
     from moeserve.models.demo import ensure_demo_model
+    from moeserve.router.transport import ACTOR_TRANSPORTS
     from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
 
     path = str(ensure_demo_model())

@@ -18,6 +18,7 @@ from ray.exceptions import RayActorError
 
 from moeserve.router.config import EngineConfig
 from moeserve.router.server import InferenceServer, ServerConfig
+from moeserve.router.transport import ACTOR_TRANSPORTS
 
 from .slow_transport import SlowTransport
 
@@ -56,8 +57,8 @@ class ClusterSpec:
         if self.trunk_worker and self.trunk_workers:
             raise ValueError(f"ClusterSpec.trunk_worker=True (one TrunkEngine) and trunk_workers="
                              f"{self.trunk_workers} (a TrunkPool) exclude each other; set one of them")
-        if self.transport not in ("ray", "gloo"):
-            raise ValueError(f"ClusterSpec.transport must be 'ray' or 'gloo', got {self.transport!r}")
+        if self.transport not in ACTOR_TRANSPORTS:
+            raise ValueError(f"ClusterSpec.transport must be one of {list(ACTOR_TRANSPORTS)}, got {self.transport!r}")
         if self.slow_transport and (self.trunk_worker or self.trunk_workers):
             raise ValueError("ClusterSpec.slow_transport needs the trunk in the edge's process "
                              "(trunk_worker=False, trunk_workers=0)")

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 _BIT_VIEWS = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.int8, torch.float8_e5m2: torch.int8}
-_DTYPES = {str(dt): dt for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-                                 torch.float8_e4m3fn, torch.float8_e5m2)}
+# The dtypes a batch's tensors may have on any transport's wire (experts/channel.py numbers them in this order).
+WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+               torch.float8_e4m3fn, torch.float8_e5m2)
+_DTYPES = {str(dt): dt for dt in WIRE_DTYPES}
 
 WireTensor = tuple[np.ndarray, str]
 

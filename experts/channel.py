@@ -1,7 +1,7 @@
 """Standing channels between a dispatcher and an expert-group replica: torch.distributed (gloo) send/recv.
 
 The `ray` transport pays one Ray actor call per expert group per MoE layer (about 1 ms on a small
-machine, docs/benchmarks.md); a channel pays two messages there and one back over a TCP connection
+machine, docs/benchmarks.md); a channel pays one message there and one back over a TCP connection
 that stays open. A channel is a two-rank gloo process group: rank 0 in the dispatcher's process,
 which hosts the rendezvous store, rank 1 in the replica. This module is both ends' shared part: the
 message layout, the rendezvous, and the replica's side (`ChannelServer`, a thread per channel that
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .batch import ExpertBatch
+from .batch import WIRE_DTYPES, ExpertBatch
 from .errors import GroupDrainingError, StaleRoutingError
 
 log = logging.getLogger(__name__)
@@ -53,35 +53,45 @@ _MIN_MESSAGE = 1024  # room for an error message in a reply, however few its row
 # and a peer that goes away closes the connection, which ends any wait at once.
 IDLE_TIMEOUT = datetime.timedelta(days=365)
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-          torch.float8_e4m3fn, torch.float8_e5m2)
-_CODE = {dt: i for i, dt in enumerate(DTYPES)}
+_CODE = {dt: i for i, dt in enumerate(WIRE_DTYPES)}
 
 
 def dtype_code(dtype: torch.dtype) -> int:
     if dtype not in _CODE:
-        raise ValueError(f"channel: cannot carry {dtype}; one of {[str(d) for d in DTYPES]}")
+        raise ValueError(f"channel: cannot carry {dtype}; one of {[str(d) for d in WIRE_DTYPES]}")
     return _CODE[dtype]
 
 
+def first_line(exc: BaseException) -> str:
+    """What to log or report of a gloo error: its first line (gloo appends advice after it)."""
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
 def _layout(n: int, k: int, h: int, rows: torch.dtype, ids: torch.dtype, weights: torch.dtype):
-    """(name, dtype, shape) of the request's parts in buffer order: larger elements first keeps each aligned."""
+    """(name, dtype, shape, nbytes) of the request's parts in buffer order: larger elements first keeps each
+    aligned."""
     parts = [("local_ids", ids, (n, k)), ("rows", rows, (n, h)), ("weights", weights, (n, k))]
-    return sorted(parts, key=lambda p: -p[1].itemsize)
+    return [(name, dt, shape, dt.itemsize * shape[0] * shape[1])
+            for name, dt, shape in sorted(parts, key=lambda p: -p[1].itemsize)]
+
+
+def _header_layout(header: list[int]):
+    return _layout(header[_N], header[_K], header[_H], WIRE_DTYPES[header[_ROWS_DT]], WIRE_DTYPES[header[_IDS_DT]],
+                   WIRE_DTYPES[header[_WEIGHTS_DT]])
+
+
+def _views(buf: torch.Tensor, layout) -> dict[str, torch.Tensor]:
+    """Each part of `layout` as a typed view of the byte buffer `buf`."""
+    views, at = {}, 0
+    for name, dt, shape, nbytes in layout:
+        views[name] = buf[at:at + nbytes].view(dt).view(shape)
+        at += nbytes
+    return views
 
 
 def next_capacity(payload_nbytes: int) -> int:
     """The inline capacity of the request after one with this payload: the next power of two, within bounds."""
     return min(MAX_CAPACITY, max(FIRST_CAPACITY, 1 << max(0, payload_nbytes - 1).bit_length()))
-
-
-def _fill(buf: torch.Tensor, layout, parts: dict[str, torch.Tensor]) -> None:
-    """Copy each part's bytes into `buf`, in `layout` order (from any device; no intermediate tensor)."""
-    at = 0
-    for name, dt, shape in layout:
-        size = dt.itemsize * shape[0] * shape[1]
-        buf[at:at + size].view(dt).view(shape).copy_(parts[name])
-        at += size
 
 
 def pack_request(batch: ExpertBatch, capacity: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
@@ -91,7 +101,7 @@ def pack_request(batch: ExpertBatch, capacity: int) -> tuple[torch.Tensor, torch
     n, h = batch.rows.shape
     k = batch.local_ids.shape[1]
     layout = _layout(n, k, h, batch.rows.dtype, batch.local_ids.dtype, batch.weights.dtype)
-    nbytes = sum(dt.itemsize * shape[0] * shape[1] for _, dt, shape in layout)
+    nbytes = sum(part[3] for part in layout)
     inline = nbytes <= capacity
     following = next_capacity(nbytes)
     message = torch.empty(HEADER_BYTES + capacity, dtype=torch.uint8)
@@ -101,7 +111,8 @@ def pack_request(batch: ExpertBatch, capacity: int) -> tuple[torch.Tensor, torch
                                    dtype_code(batch.local_ids.dtype), dtype_code(batch.weights.dtype), int(inline),
                                    following)
     payload = message[HEADER_BYTES:HEADER_BYTES + nbytes] if inline else torch.empty(nbytes, dtype=torch.uint8)
-    _fill(payload, layout, {"rows": batch.rows, "local_ids": batch.local_ids, "weights": batch.weights})
+    for name, view in _views(payload, layout).items():
+        view.copy_(getattr(batch, name))  # from any device, straight into the wire buffer
     return message, None if inline else payload, following
 
 
@@ -116,18 +127,11 @@ def read_header(message: torch.Tensor) -> list[int]:
 
 
 def request_nbytes(header: list[int]) -> int:
-    n, k, h = header[_N], header[_K], header[_H]
-    return sum(dt.itemsize * shape[0] * shape[1] for _, dt, shape in
-               _layout(n, k, h, DTYPES[header[_ROWS_DT]], DTYPES[header[_IDS_DT]], DTYPES[header[_WEIGHTS_DT]]))
+    return sum(part[3] for part in _header_layout(header))
 
 
 def unpack_request(header: list[int], payload: torch.Tensor) -> ExpertBatch:
-    n, k, h = header[_N], header[_K], header[_H]
-    parts, at = {}, 0
-    for name, dt, shape in _layout(n, k, h, DTYPES[header[_ROWS_DT]], DTYPES[header[_IDS_DT]], DTYPES[header[_WEIGHTS_DT]]):
-        size = dt.itemsize * shape[0] * shape[1]
-        parts[name] = payload[at:at + size].view(dt).reshape(shape)
-        at += size
+    parts = _views(payload, _header_layout(header))
     return ExpertBatch(header[_LAYER], parts["rows"], parts["local_ids"], parts["weights"])
 
 
@@ -176,7 +180,6 @@ class ChannelServer:
     def __init__(self, key: str, pg: dist.ProcessGroupGloo, run: Callable[[ExpertBatch], torch.Tensor],
                  on_exit: Callable[[str], None] | None = None):
         self.key, self._pg, self._run, self._on_exit = key, pg, run, on_exit
-        self.batches = 0
         self._thread = threading.Thread(target=self._loop, name=f"moeserve-channel-{key}", daemon=True)
         self._thread.start()
 
@@ -197,12 +200,11 @@ class ChannelServer:
                 # The next request's receive is posted before the batch runs, so that request goes straight out.
                 message = torch.empty(HEADER_BYTES + header[_NEXT_CAPACITY], dtype=torch.uint8)
                 arrival = self._pg.recv([message], 0, 0)
-                n, h, dtype = header[_N], header[_H], DTYPES[header[_ROWS_DT]]
+                n, h, dtype = header[_N], header[_H], WIRE_DTYPES[header[_ROWS_DT]]
                 reply = self._answer(unpack_request(header, payload), reply_nbytes(n, h, dtype))
                 self._pg.send([reply], 0, 0).wait(IDLE_TIMEOUT)
-                self.batches += 1
         except RuntimeError as exc:  # the dispatcher's process went away: nothing left to answer
-            log.info("channel %s closed: %s", self.key, str(exc).splitlines()[0][:200])
+            log.info("channel %s closed: %s", self.key, first_line(exc))
         finally:
             if self._on_exit is not None:
                 self._on_exit(self.key)
@@ -221,7 +223,3 @@ class ChannelServer:
             return pack_reply(nbytes, ERROR, message=f"expert group answered {tuple(out.shape)} {out.dtype} for rows "
                                                      f"{tuple(batch.rows.shape)} {batch.rows.dtype}")
         return pack_reply(nbytes, OK, out)
-
-    def join(self, timeout_s: float | None = None) -> bool:
-        self._thread.join(timeout_s)
-        return not self._thread.is_alive()

@@ -2,8 +2,8 @@
 
 The first send to a replica opens a two-rank channel to it (experts/channel.py): this process hosts a
 TCP rendezvous store, asks the actor to join with one Ray call (`open_channel`), and joins as rank 0.
-From then on a send is two messages over that connection and the answer one message back: no Ray task
-per layer. Each channel has a reader thread that completes the sends' answers in order, so the
+From then on a send is one message over that connection (two when its payload outgrows the size the
+replica has posted a receive for) and the answer one message back: no Ray task per layer. Each channel has a reader thread that completes the sends' answers in order, so the
 dispatcher's deadline is all that bounds a wait: a send abandoned past its deadline is still answered
 on its channel later, keeping the channel in step, and its answer goes nowhere.
 
@@ -28,7 +28,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from moeserve.experts.batch import ExpertBatch
 from moeserve.experts.channel import (
-    FIRST_CAPACITY, IDLE_TIMEOUT, OK, STATUS_KINDS, close_message, connect, pack_request, reply_nbytes, unpack_reply,
+    FIRST_CAPACITY, IDLE_TIMEOUT, OK, STATUS_KINDS, close_message, connect, first_line, pack_request, reply_nbytes,
+    unpack_reply,
 )
 
 from .base import Pending, ReplicaFailure, Transport
@@ -38,8 +39,8 @@ CLOSE_TIMEOUT = datetime.timedelta(seconds=5)
 
 
 class _GlooPending(Pending):
-    def __init__(self, replica_id: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
-        self.replica_id, self.shape, self.dtype, self.device = replica_id, shape, dtype, device
+    def __init__(self, replica_id: str, device: torch.device):
+        self.replica_id, self.device = replica_id, device
         self.done = threading.Event()
         self._value: torch.Tensor | None = None
         self._error: BaseException | None = None
@@ -54,8 +55,8 @@ class _GlooPending(Pending):
         return self._value.to(self.device, non_blocking=True) if self.device.type != "cpu" else self._value
 
 
-def _failed(replica_id: str, batch: ExpertBatch, device: torch.device, detail: str, kind: str = "dead") -> _GlooPending:
-    p = _GlooPending(replica_id, tuple(batch.rows.shape), batch.rows.dtype, device)
+def _failed(replica_id: str, device: torch.device, detail: str, kind: str = "dead") -> _GlooPending:
+    p = _GlooPending(replica_id, device)
     p.finish(error=ReplicaFailure(replica_id, kind, detail))
     return p
 
@@ -73,11 +74,11 @@ class _Channel:
 
     def send(self, batch: ExpertBatch, device: torch.device) -> _GlooPending:
         if self.broken is not None:
-            return _failed(self.replica_id, batch, device, self.broken)
+            return _failed(self.replica_id, device, self.broken)
         message, payload, self.capacity = pack_request(batch, self.capacity)
         n, h = batch.rows.shape
         reply = torch.empty(reply_nbytes(n, h, batch.rows.dtype), dtype=torch.uint8)
-        pending = _GlooPending(self.replica_id, (n, h), batch.rows.dtype, device)
+        pending = _GlooPending(self.replica_id, device)
         try:
             # The reply's receive first: the replica's answer then goes out the moment it is ready.
             works = [self.pg.recv([reply], 1, 0), self.pg.send([message], 1, 0)]
@@ -85,14 +86,14 @@ class _Channel:
                 works.append(self.pg.send([payload], 1, 0))
         except RuntimeError as exc:
             self._break(exc)
-            return _failed(self.replica_id, batch, device, self.broken)
+            return _failed(self.replica_id, device, self.broken)
         # The item keeps the buffers alive until gloo is done with them.
-        self._queue.put((pending, works, message, payload, reply))
+        self._queue.put((pending, works, message, payload, reply, (n, h, batch.rows.dtype)))
         return pending
 
     def _read(self) -> None:
         while (item := self._queue.get()) is not None:
-            pending, works, _, _, reply = item
+            pending, works, _, _, reply, shape = item
             try:
                 for work in reversed(works):  # the sends, then the reply
                     work.wait(IDLE_TIMEOUT)
@@ -100,7 +101,7 @@ class _Channel:
                 self._break(exc)
                 pending.finish(error=ReplicaFailure(self.replica_id, "dead", self.broken))
                 continue
-            status, body = unpack_reply(reply, *pending.shape, pending.dtype)
+            status, body = unpack_reply(reply, *shape)
             if status == OK:
                 pending.finish(body)
             elif status in STATUS_KINDS:
@@ -110,7 +111,7 @@ class _Channel:
 
     def _break(self, exc: BaseException) -> None:
         if self.broken is None:
-            self.broken = f"channel closed ({str(exc).splitlines()[0][:200]})"
+            self.broken = f"channel closed ({first_line(exc)})"
 
     def close(self) -> None:
         """Tell the replica the channel ends (it may already be gone), then stop the reader."""
@@ -148,11 +149,11 @@ class GlooTransport(Transport):
 
     def send(self, replica_id: str, handle, batch: ExpertBatch, device: torch.device) -> Pending:
         if handle is None:  # a recovered controller serves a replica whose actor it did not find with no handle
-            return _failed(replica_id, batch, device, "no live actor (the controller is restoring it)")
+            return _failed(replica_id, device, "no live actor (the controller is restoring it)")
         try:
             channel = self._channel(replica_id, handle)
         except ReplicaFailure as failure:
-            return _failed(replica_id, batch, device, failure.detail, failure.kind)
+            return _failed(replica_id, device, failure.detail, failure.kind)
         return channel.send(batch, device)
 
     def wait(self, pending: list[Pending], timeout_s: float) -> list[Pending]:
@@ -200,7 +201,7 @@ class GlooTransport(Transport):
             try:
                 joined["pg"] = connect(self._store, key, 0, self._host, timeout)
             except RuntimeError as exc:
-                joined["error"] = str(exc).splitlines()[0][:200]
+                joined["error"] = first_line(exc)
 
         helper = threading.Thread(target=join, name=f"moeserve-gloo-connect-{replica_id}", daemon=True)
         helper.start()
