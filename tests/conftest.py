@@ -113,8 +113,17 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_finish(session):
+    from ray_session import starts_ray
+
+    # A module that borrows the lent Ray must be in a chain, or under xdist it would start a Ray beside the other
+    # worker's whenever it happens to run first on its worker: say so at collection, whatever the scheduling.
+    unlisted = sorted({item.nodeid.split("::")[0] for item in session.items
+                       if "shared_ray" in getattr(item, "fixturenames", ()) and not starts_ray(item.nodeid)})
+    if unlisted:
+        raise pytest.UsageError(f"{', '.join(unlisted)}: borrow the lent Ray but are not in RAY_MODULES; add them to a "
+                                "chain in tests/ray_session.py")
     if hasattr(session.config, "workerinput"):
-        from ray_session import free_agent_port, guard_ray_init, starts_ray
+        from ray_session import free_agent_port, guard_ray_init
 
         guard_ray_init(lambda: _current_item is not None and starts_ray(_current_item.nodeid))
         free_agent_port()

@@ -48,6 +48,7 @@ SECOND_CHAIN = (
     "cluster/test_metrics.py",
     "cluster/test_serving_status.py",
     "cluster/test_trunk_scaling_serve.py",
+    "experts/test_gloo_transport.py",
     "experts/test_ray_groups.py",
 )
 # Those whose Ray takes only free ports (`ray start` with every port given): units of their own, in no chain.
