@@ -129,18 +129,24 @@ class StaticSource:
 @dataclass(slots=True)
 class _Send:
     experts: list[int]
-    positions: torch.Tensor  # indices into the layer's pair order
+    spans: list[list[int]]  # the replica's ranges [lo, hi) of pair positions, ascending
+    index: torch.Tensor | None  # those positions as one index tensor, when there is more than one range
     incarnation: int
     deadline: float
 
 
 class PendingMoE:
-    """One MoE layer's dispatch in flight; `wait()` returns the routed-expert output [T, H]."""
+    """One MoE layer's dispatch in flight; `wait()` returns the routed-expert output [T, H].
+
+    Everything per pair is laid out once, in pair order (sorted by expert): its token, row, weight and
+    expert. An expert's pairs are one range of that order, so a replica's rows are the ranges of its
+    experts: a view of the pair-ordered rows when they are adjacent (always, for groups of contiguous
+    experts with one replica each), else one gather.
+    """
 
     def __init__(self, dispatcher: "ExpertDispatcher", layer_id: int, hidden: torch.Tensor,
                  topk_ids: torch.Tensor, topk_weights: torch.Tensor, salt: int):
         self.d, self.layer_id, self.hidden, self.salt = dispatcher, layer_id, hidden, salt
-        self.k = topk_ids.shape[1]
         self.started = time.monotonic()
         self.failed: Failures = {}
         self.rounds = 0
@@ -149,20 +155,22 @@ class PendingMoE:
         num_experts = serving.placement.num_experts
         flat = topk_ids.reshape(-1)
         # The pair order of kernels.reference.permute: stable sort by expert, pairs not held (-1) last.
-        valid = (flat >= 0) & (flat < num_experts)
-        keys = torch.where(valid, flat, torch.full_like(flat, num_experts))
+        keys = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
         order = torch.argsort(keys, stable=True)
-        counts = torch.bincount(flat[valid], minlength=num_experts).tolist()
+        counts = torch.bincount(keys, minlength=num_experts + 1)[:num_experts].tolist()
         dispatcher.load.add(layer_id, counts)
-        self.order = order[: sum(counts)]
+        order = order[: sum(counts)]
+        self.token = order // topk_ids.shape[1]
+        self.rows = hidden.index_select(0, self.token)
+        self.pair_experts = flat.index_select(0, order)
+        self.pair_weights = topk_weights.reshape(-1).index_select(0, order).unsqueeze(1)
         self.slices: dict[int, tuple[int, int]] = {}
         lo = 0
         for e, c in enumerate(counts):
             if c:
                 self.slices[e] = (lo, lo + c)
             lo += c
-        self.flat_weights = topk_weights.reshape(-1)
-        self.out_pairs = torch.empty(len(self.order), hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+        self.out_pairs = torch.empty_like(self.rows)
         missing = self._send(list(self.slices), serving)
         if missing:
             self._recover(missing, {})
@@ -173,29 +181,38 @@ class PendingMoE:
         exclude = {r for r, (inc, _) in self.failed.items() if serving.incarnations.get(r) == inc}
         rows = {e: self.slices[e][1] - self.slices[e][0] for e in experts}
         targets, missing = assign_targets(serving.placement, rows, exclude=exclude, salt=self.salt)
-        chosen = sorted(targets)  # expert order, so each replica sees its rows in the reference's order
-        replica_ids = sorted({t.replica_id for t in targets.values()})
-        index = {r: i for i, r in enumerate(replica_ids)}
-        # Each expert's rows are one range of pair positions: expand all ranges at once (no per-expert tensors).
-        lens = torch.tensor([rows[e] for e in chosen], dtype=torch.long)
-        starts = torch.tensor([self.slices[e][0] for e in chosen], dtype=torch.long)
-        ends = torch.cumsum(lens, 0)
-        pos = torch.arange(int(ends[-1]) if chosen else 0) + torch.repeat_interleave(starts - (ends - lens), lens)
-        rep = torch.repeat_interleave(torch.tensor([index[targets[e].replica_id] for e in chosen], dtype=torch.long), lens)
-        loc = torch.repeat_interleave(torch.tensor([targets[e].local_id for e in chosen], dtype=torch.long), lens)
+        if not targets:
+            return missing
+        # Expert order, so each replica sees its rows in the reference's order; adjacent ranges merge.
+        spans: dict[str, list[list[int]]] = {}
+        mine: dict[str, list[int]] = {}
+        local = [-1] * serving.placement.num_experts
+        for e in sorted(targets):
+            t = targets[e]
+            lo, hi = self.slices[e]
+            runs = spans.setdefault(t.replica_id, [])
+            if runs and runs[-1][1] == lo:
+                runs[-1][1] = hi
+            else:
+                runs.append([lo, hi])
+            mine.setdefault(t.replica_id, []).append(e)
+            local[e] = t.local_id
         device = self.hidden.device
+        local_ids = torch.tensor(local, dtype=torch.long).to(device, non_blocking=True)[self.pair_experts].unsqueeze(1)
         deadline = time.monotonic() + self.d.config.timeout_s
-        for i, replica_id in enumerate(replica_ids):
-            mask = rep == i
-            positions = pos[mask].to(device)
-            pairs = self.order[positions]
-            batch = ExpertBatch(self.layer_id, self.hidden[pairs // self.k], loc[mask].to(device).unsqueeze(1),
-                                self.flat_weights[pairs].unsqueeze(1))
+        for replica_id in sorted(spans):
+            runs = spans[replica_id]
+            if len(runs) == 1:
+                index, (lo, hi) = None, runs[0]
+                batch = ExpertBatch(self.layer_id, self.rows[lo:hi], local_ids[lo:hi], self.pair_weights[lo:hi])
+            else:
+                index = torch.cat([torch.arange(lo, hi) for lo, hi in runs]).to(device, non_blocking=True)
+                batch = ExpertBatch(self.layer_id, self.rows.index_select(0, index), local_ids.index_select(0, index),
+                                    self.pair_weights.index_select(0, index))
             pending = self.d.transport.send(replica_id, serving.handles[replica_id], batch, device)
-            mine = [e for e in chosen if targets[e].replica_id == replica_id]
-            self.outstanding[pending] = _Send(mine, positions, serving.incarnations[replica_id], deadline)
+            self.outstanding[pending] = _Send(mine[replica_id], runs, index, serving.incarnations[replica_id], deadline)
             self.d.counters["sends"] += 1
-            self.d.counters["rows"] += len(positions)
+            self.d.counters["rows"] += batch.num_rows
         return missing
 
     def _recover(self, experts: list[int], failures: Failures) -> None:
@@ -252,7 +269,11 @@ class PendingMoE:
                     failures[f.replica_id] = (send.incarnation, f.kind)
                     redo.extend(send.experts)
                     continue
-                self.out_pairs.index_copy_(0, send.positions, y)
+                if send.index is None:
+                    lo, hi = send.spans[0]
+                    self.out_pairs[lo:hi] = y
+                else:
+                    self.out_pairs.index_copy_(0, send.index, y)
             now = time.monotonic()
             for pending, send in list(self.outstanding.items()):
                 if now >= send.deadline:
@@ -266,7 +287,7 @@ class PendingMoE:
         # kernels.reference.combine, with the weights already applied by the replicas.
         acc = torch.promote_types(self.hidden.dtype, torch.float32)
         out = torch.zeros(self.hidden.shape[0], self.hidden.shape[1], dtype=acc, device=self.hidden.device)
-        out.index_add_(0, self.order // self.k, self.out_pairs.to(acc))
+        out.index_add_(0, self.token, self.out_pairs.to(acc))
         return out.to(self.hidden.dtype)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeserve.cluster.placement import Placement, ServingSet, contiguous_groups
+from moeserve.cluster.placement import GroupSpec, Placement, ServingSet, contiguous_groups
 from moeserve.experts.weights import RandomWeights
 from moeserve.experts.worker import ExpertGroupWorker
 from moeserve.kernels import ops
@@ -44,10 +44,14 @@ def _layouts():
     two = Placement(E, contiguous_groups(E, 2), ((0, ("a",)), (1, ("b",))), epoch=1)
     four = Placement(E, contiguous_groups(E, 4), tuple((g, (f"g{g}",)) for g in range(4)), epoch=1)
     hot = two.with_replica(0, "a2").with_replica(1, "b2").with_expert(0, 5)  # expert 5 also in group 0
-    return {"one": Placement(E, contiguous_groups(E, 1), ((0, ("x",)),), epoch=1), "two": two, "four": four, "hot": hot}
+    # Each group's experts far apart in pair order (its rows gathered from several ranges), local ids not ascending.
+    interleaved = Placement(E, (GroupSpec(0, (6, 4, 2, 0)), GroupSpec(1, (1, 3, 5, 7))), ((0, ("e",)), (1, ("o",))),
+                            epoch=1)
+    return {"one": Placement(E, contiguous_groups(E, 1), ((0, ("x",)),), epoch=1), "two": two, "four": four, "hot": hot,
+            "interleaved": interleaved}
 
 
-@pytest.mark.parametrize("layout", ["one", "two", "four", "hot"])
+@pytest.mark.parametrize("layout", ["one", "two", "four", "hot", "interleaved"])
 @pytest.mark.parametrize("tokens", [1, 5, 37])
 def test_dispatch_equals_single_process_bitwise(layout, tokens):
     d = ExpertDispatcher(StaticSource(_serving(_layouts()[layout])), LocalTransport(), [1, 2], num_experts=E)
