@@ -124,6 +124,11 @@ class Telemetry:
             ("kv_blocks_total", "KV cache blocks in all"),
         ):
             meter.create_observable_gauge(name, callbacks=[self._gauge_callback(name)], description=description)
+        for name, description in (
+            ("prefix_cache_queried_tokens", "tokens of admitted requests looked up in the prefix cache"),
+            ("prefix_cache_hit_tokens", "of those, tokens whose KV the prefix cache held"),
+        ):
+            meter.create_observable_counter(name, callbacks=[self._gauge_callback(name)], description=description)
         meter.create_observable_gauge(
             "expert_group_utilisation", callbacks=[self._group_callback], description="busy share of each expert group"
         )
@@ -335,6 +340,8 @@ def engine_gauges(stats: dict) -> dict[str, float]:
         "running_sequences": stats.get("running", 0),
         "kv_blocks_used": stats.get("kv_blocks_used", 0),
         "kv_blocks_total": stats.get("kv_blocks_total", 0),
+        "prefix_cache_queried_tokens": stats.get("prefix_cache_queried_tokens", 0),
+        "prefix_cache_hit_tokens": stats.get("prefix_cache_hit_tokens", 0),
     }
 
 

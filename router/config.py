@@ -61,6 +61,10 @@ class EngineConfig:
     # step's tokens are back on the host, so the GPU does not wait for the host's bookkeeping
     # (LLMEngine.step; `moeserve serve --no-overlap-decode` turns it off).
     overlap_decode: bool = True
+    # Reuse the KV of whole blocks a prompt shares with earlier requests (router/block_manager.py);
+    # `moeserve serve --no-prefix-caching` turns it off, e.g. where tenants must not learn from TTFT
+    # whether another sent the same prefix.
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         _require(self.model is None or (isinstance(self.model, str) and self.model != ""), "model", "a checkpoint directory or None", self.model)
@@ -92,6 +96,7 @@ class EngineConfig:
                  and 0.0 <= self.batch_wait_ms <= 1000.0, "batch_wait_ms", "a number of milliseconds in [0, 1000]",
                  self.batch_wait_ms)
         _require(isinstance(self.overlap_decode, bool), "overlap_decode", "True or False", self.overlap_decode)
+        _require(isinstance(self.prefix_caching, bool), "prefix_caching", "True or False", self.prefix_caching)
         _require(isinstance(self.prefill_hold_ms, (int, float)) and not isinstance(self.prefill_hold_ms, bool)
                  and 0.0 <= self.prefill_hold_ms <= 10000.0, "prefill_hold_ms",
                  "a number of milliseconds in [0, 10000]", self.prefill_hold_ms)

@@ -55,7 +55,7 @@ class LLMEngine:
         self.dtype = config.torch_dtype
         blocks = num_kv_blocks(config, model)
         self.max_model_len = _max_model_len(config, model.config.max_position_embeddings, blocks)
-        self.block_manager = BlockManager(blocks, config.block_size)
+        self.block_manager = BlockManager(blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_queued_requests)
         self.runner = ModelRunner(model, config, blocks, self.max_model_len)
@@ -256,6 +256,8 @@ class LLMEngine:
                 kv_blocks_total=self.block_manager.num_blocks,
                 block_size=self.block_manager.block_size,
                 preemptions=self.scheduler.num_preemptions,
+                prefix_cache_queried_tokens=self.block_manager.prefix_queried_tokens,
+                prefix_cache_hit_tokens=self.block_manager.prefix_hit_tokens,
                 **self.counters,
             )
 

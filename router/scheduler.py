@@ -290,6 +290,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             seq.num_computed_tokens += n
+            self.block_manager.register(seq)
             if token is not None:
                 seq.token_ids.append(token)
                 got.append(seq)

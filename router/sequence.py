@@ -105,7 +105,8 @@ class Sequence:
     __slots__ = (
         "request_id", "params", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table",
         "status", "finish_reason", "arrival_time", "first_token_time", "deadline", "generator",
-        "detokenizer", "num_emitted_tokens", "first_scheduled_time", "deferred_at_step",
+        "detokenizer", "num_emitted_tokens", "first_scheduled_time", "deferred_at_step", "num_cached_blocks",
+        "prefix_serial",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -126,6 +127,8 @@ class Sequence:
         self.num_emitted_tokens = 0  # completion tokens already handed to the caller
         self.first_scheduled_time: float | None = None  # when it first got a step (queue wait ends)
         self.deferred_at_step: int | None = None  # the scheduler step that last left its decode out
+        self.num_cached_blocks = 0  # leading blocks of block_table in the prefix cache (block_manager.py)
+        self.prefix_serial = 0  # the serial number of the last of those (0: none)
 
     def __len__(self) -> int:
         return len(self.token_ids)

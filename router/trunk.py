@@ -56,7 +56,8 @@ _POLL_S = 5.0  # one long poll; a dead worker ends it at once, so this only boun
 _MIN_POLL_S = 0.1  # the shortest long poll a small stall_timeout_s makes (half of it, at most _POLL_S)
 # The cumulative figures of the worker's stats() (LLMEngine.stats); the rest of its keys are gauges.
 WORKER_COUNTERS = ("steps", "requests_added", "prompt_tokens", "tokens_computed", "tokens_generated",
-                   "requests_finished", "preemptions", "busy_us")
+                   "requests_finished", "preemptions", "busy_us", "prefix_cache_queried_tokens",
+                   "prefix_cache_hit_tokens")
 
 
 @dataclass

@@ -53,6 +53,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-overlap-decode", dest="overlap_decode", action="store_false",
                    help="wait for each decode step's tokens before queuing the next (by default, where decode steps "
                         "replay graphs, the next one is queued on the GPU first)")
+    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="compute every prompt in full (by default a prompt's whole KV blocks that an earlier request "
+                        "already computed are reused; off where tenants must not learn from the time to first token "
+                        "whether another sent the same prefix)")
     g.add_argument("--expert-groups", type=int, default=0, metavar="N",
                    help="run the routed experts in N expert groups (default 0: inside the trunk's process)")
     g.add_argument("--trunk-worker", action="store_true",
@@ -141,6 +145,7 @@ def engine_config(args: argparse.Namespace, control_plane=None):
         batch_wait_ms=getattr(args, "batch_wait_ms", 20.0),
         prefill_hold_ms=getattr(args, "prefill_hold_ms", 0.0),
         overlap_decode=getattr(args, "overlap_decode", True),
+        prefix_caching=getattr(args, "prefix_caching", True),
     )
 
 

@@ -89,6 +89,9 @@ async def test_every_metric_moves_with_real_traffic(demo_model_dir):
             request = build_request(token_ids=[1, 2, 3], max_tokens=5, ignore_eos=True)
             traced = await client.send(request, metadata=(("traceparent", TRACEPARENT),))
             assert len(traced.token_ids) == 5
+            # the same 40-token prompt twice: the second reads its first two blocks (32 tokens) from the prefix cache
+            for _ in range(2):
+                await client.generate(token_ids=list(range(1, 41)), max_tokens=1)
             # errors by code: a bad request, and a caller without credentials
             with pytest.raises(grpc.aio.AioRpcError):
                 await client.generate(prompt="hi", temperature=-1.0)
@@ -104,6 +107,7 @@ async def test_every_metric_moves_with_real_traffic(demo_model_dir):
             'moeserve_requests_total{finish_reason="length"}': 3,
             'moeserve_errors_total{code="INVALID_ARGUMENT"}': 1, 'moeserve_errors_total{code="UNAUTHENTICATED"}': 1,
             'moeserve_errors_total{code="CANCELLED"}': 1,
+            "moeserve_prefix_cache_queried_tokens_total": 4 + 2 + 1 + 3 + 80, "moeserve_prefix_cache_hit_tokens_total": 32,
         }
         for name, at_least in moved.items():
             assert after.get(name, 0) - before.get(name, 0) >= at_least, (name, after.get(name), before.get(name))

@@ -36,7 +36,8 @@ def test_serve_flags_build_the_expert_backend(hf_checkpoint):
     path = str(hf_checkpoint("mixtral"))
     parse = build_parser().parse_args
     plain = engine_config(parse(["serve", "--model", path]))
-    assert plain.expert_backend is None and plain.load_experts
+    assert plain.expert_backend is None and plain.load_experts and plain.prefix_caching
+    assert not engine_config(parse(["serve", "--model", path, "--no-prefix-caching"])).prefix_caching
     grouped = engine_config(parse(["serve", "--model", path, "--expert-groups", "2", "--transport", "local",
                                    "--num-kv-blocks", "32", "--block-size", "8"]))
     assert grouped.expert_backend is not None and not grouped.load_experts

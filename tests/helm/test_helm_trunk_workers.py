@@ -15,10 +15,11 @@ from test_helm_workers import autoscaler_node_types, kuberay_start_command, pars
 
 WORKERS = ("--set", "trunk.mode=workers")
 GLOO = ("--set", "server.transport=gloo")
+NO_PREFIX_CACHING = ("--set", "server.prefixCaching=false")
 # (values file, extra helm args): the CI file of the mode, and the GPU and TLS examples switched to it (the GPU
-# one also to the gloo transport).
-CASES = [(TRUNK_WORKERS, ()), (MULTI_GPU, WORKERS + GLOO), (TLS_AUTH_MON, WORKERS)]
-IDS = ["trunk-workers", "multi-gpu+workers+gloo", "tls-auth-monitoring+workers"]
+# one also to the gloo transport, the TLS one without prefix caching).
+CASES = [(TRUNK_WORKERS, ()), (MULTI_GPU, WORKERS + GLOO), (TLS_AUTH_MON, WORKERS + NO_PREFIX_CACHING)]
+IDS = ["trunk-workers", "multi-gpu+workers+gloo", "tls-auth-monitoring+workers-prefix-caching"]
 
 
 def head_spec(objects) -> dict:
@@ -48,6 +49,7 @@ def test_head_starts_ray_then_serves_with_trunk_workers(render, values, extra, k
     assert args.trunk_workers == trunk["replicas"] and trunk_workers(args) == trunk["replicas"]  # serve's own checks
     assert args.trunk_resource == "moeserve_trunk"
     assert (args.host, args.port, args.transport) == ("0.0.0.0", 50051, "gloo" if GLOO[1] in extra else "ray")
+    assert args.prefix_caching is (NO_PREFIX_CACHING[1] not in extra)
     check_resource_template(args.expert_resource, field="--expert-resource")
 
     # Everything the edge needs is on the head now.

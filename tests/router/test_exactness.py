@@ -99,3 +99,52 @@ def test_served_concurrently_equals_served_alone(case, mode):
         else:
             assert reasons[rid] == "length"
             assert got[rid] == w, f"request {i} (prompt of {len(prompts[i])}) differs when batched"
+
+
+SHARED = 37  # tokens of a common prefix: four whole blocks of 8 and part of a fifth
+
+
+@pytest.fixture(scope="module")
+def shared_case(case):
+    """Prompts that begin with one long prompt's first SHARED tokens (that prefix alone, and its first 20, among
+    them), and HF's greedy continuations of each."""
+    from transformers import AutoModelForCausalLM
+
+    path, prompts, _ = case
+    prefix = prompts[-1][:SHARED]
+    shared = [prefix, prefix[:20]] + [prefix + p for p in prompts[:8]] + [prefix[:16] + p for p in prompts[8:11]]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    want = []
+    with torch.no_grad():
+        for p in shared:
+            out = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
+                              return_dict_in_generate=True)
+            top2 = torch.stack(out.scores).float().squeeze(1).topk(2, dim=-1).values
+            assert float((top2[:, 0] - top2[:, 1]).min()) > MIN_MARGIN, f"prompt of {len(p)}: HF near-tie"
+            want.append(out.sequences[0, len(p):].tolist())
+    return path, shared, want
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_shared_prefixes_equal_hf(shared_case, prefix_caching):
+    """Requests sharing a prefix, arriving one a step after the first has read it: with prefix caching the later
+    ones read the cached blocks instead of computing them, and every output is still HF's."""
+    path, prompts, want = shared_case
+    engine = LLMEngine.from_config(EngineConfig(model=path, block_size=8, num_kv_blocks=96, max_num_seqs=8,
+                                                max_num_batched_tokens=64, prefix_caching=prefix_caching))
+    got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    step = 0
+    while step < len(prompts) or engine.has_unfinished():
+        if step < len(prompts):
+            engine.add_request(f"r{step}", prompts[step], SamplingParams(max_tokens=NEW_TOKENS))
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+        step += 1
+        assert step < 1000
+    stats = engine.stats()
+    # r0 reads the prefix; r1 (20 tokens) finds two of its blocks, r2..r9 four, r10..r12 two
+    hits = 8 * (2 + 8 * 4 + 3 * 2)
+    assert stats["prefix_cache_hit_tokens"] == (hits if prefix_caching else 0)
+    assert stats["kv_blocks_used"] == 0
+    for i, w in enumerate(want):
+        assert got[f"r{i}"] == w, f"request {i} (prompt of {len(prompts[i])}) differs from HF"

@@ -54,7 +54,7 @@ def _run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParam
 def _check_blocks_back(engine: LLMEngine) -> None:
     bm = engine.block_manager
     assert not engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks
-    assert sorted(bm.free_block_ids) == list(range(bm.num_blocks))  # each block once
+    assert sorted(bm.free_blocks()) == list(range(bm.num_blocks))  # each block once
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "mixtral"])

@@ -4,8 +4,11 @@ The simulation writes each scheduled token into a dict keyed by its slot (throug
 `flatten` the model runner uses) and, whenever a sequence samples, reads its whole context back
 through its block table: that context must be exactly the sequence's tokens. The "model" is a
 pure function of the context, so every request's output must equal its output served alone,
-whatever the batching, chunking, preemption and aborts did.
+whatever the batching, chunking, preemption, aborts and prefix caching (blocks shared by sequences
+whose tokens begin alike) did.
 """
+
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
@@ -30,8 +33,9 @@ def alone(prompt: list[int], max_tokens: int) -> list[int]:
 
 
 class Sim:
-    def __init__(self, num_blocks, block_size, max_num_seqs, budget, max_queued=10_000, prefill_hold_s=0.0):
-        self.bm = BlockManager(num_blocks, block_size)
+    def __init__(self, num_blocks, block_size, max_num_seqs, budget, max_queued=10_000, prefill_hold_s=0.0,
+                 prefix_caching=True):
+        self.bm = BlockManager(num_blocks, block_size, prefix_caching)
         self.now = 0.0  # the scheduler's clock (seconds), moved by the test
         self.sched = Scheduler(self.bm, max_num_seqs, budget, max_queued, prefill_hold_s, clock=lambda: self.now)
         self.budget, self.max_num_seqs, self.block_size = budget, max_num_seqs, block_size
@@ -46,7 +50,8 @@ class Sim:
 
     def abort(self, rid):
         seq = self.seqs[rid]
-        held = len(seq.block_table)
+        others = {b for s in self.seqs.values() if s is not seq for b in s.block_table}
+        held = len(set(seq.block_table) - others)  # blocks no other sequence shares
         used = self.bm.num_used_blocks
         self.sched.finish(seq, "cancelled")
         assert self.bm.num_used_blocks == used - held  # freed at once
@@ -56,7 +61,9 @@ class Sim:
         batch = self.sched.schedule()
         self.check(batch, before)
         flat = flatten(batch, self.block_size)
+        holders = Counter(b for s in self.seqs.values() for b in s.block_table)
         for slot, token in zip(flat.slot_mapping, flat.input_ids):
+            assert holders[slot // self.block_size] == 1, f"slot {slot} is written while its block is shared"
             self.cache[slot] = token
         sampled = []
         for seq, samples in zip(batch.seqs, batch.sample_flags):
@@ -87,8 +94,8 @@ class Sim:
             assert seq.status is SequenceStatus.WAITING and seq.block_table == [] and seq.num_computed_tokens == 0
         if batch.preempted:  # no admission in a step that had to preempt
             assert all(before[s.request_id][0] is SequenceStatus.RUNNING for s in batch.seqs)
-        held = [b for s in self.seqs.values() for b in s.block_table]
-        assert len(held) == len(set(held)) and len(held) + bm.num_free_blocks == bm.num_blocks
+        held = {b for s in self.seqs.values() for b in s.block_table}
+        assert len(held) + bm.num_free_blocks == bm.num_blocks and held.isdisjoint(bm.free_blocks())
         for s in sched.running:
             assert len(s.block_table) == blocks_for(len(s), self.block_size)
         assert batch or not sched.has_unfinished(), "work left but nothing scheduled"
@@ -257,6 +264,52 @@ def test_preemption_takes_the_newest_and_recomputes_it():
     assert b.completion_token_ids == alone([5, 6, 7, 8], 4)
 
 
+def test_a_shared_prefix_is_read_once():
+    """A prompt that begins with another's whole computed blocks starts after them, sharing them; its last token's
+    block is its own, even when every block of the prompt is cached."""
+    sim = Sim(num_blocks=16, block_size=4, max_num_seqs=4, budget=64)
+    prefix = list(range(1, 13))  # 3 blocks
+    a = sim.add("a", prefix + [20, 21], 3)
+    assert sim.step().num_new_tokens == [14]
+    a_blocks = list(a.block_table)
+    b = sim.add("b", prefix + [30], 3)
+    batch = sim.step()
+    assert batch.seqs == [a, b] and batch.num_new_tokens == [1, 1]  # b reads only its own token
+    assert b.block_table[:3] == a.block_table[:3] and b.block_table[3] != a.block_table[3]
+    c = sim.add("c", prefix, 2)  # the whole prompt cached: its last block is computed again, in a block of its own
+    batch = sim.step()
+    assert batch.seqs[-1] is c and batch.num_new_tokens[-1] == 4 and c.block_table[:2] == a_blocks[:2]
+    assert c.block_table[2] != a_blocks[2]
+    assert sim.bm.prefix_hit_tokens == 12 + 8 and sim.bm.prefix_queried_tokens == 14 + 13 + 12
+    while sim.sched.has_unfinished():
+        sim.step()
+    for seq, prompt in ((a, prefix + [20, 21]), (b, prefix + [30]), (c, prefix)):
+        assert seq.completion_token_ids == alone(prompt, seq.params.max_tokens)
+
+
+def test_without_prefix_caching_nothing_is_shared():
+    sim = Sim(num_blocks=16, block_size=4, max_num_seqs=4, budget=64, prefix_caching=False)
+    a = sim.add("a", list(range(1, 13)) + [20], 3)
+    sim.step()
+    b = sim.add("b", list(range(1, 13)) + [30], 3)
+    assert sim.step().num_new_tokens == [1, 13]
+    assert not set(a.block_table) & set(b.block_table) and sim.bm.prefix_hit_tokens == 0
+
+
+def test_a_preempted_sequence_finds_its_blocks_again():
+    sim = Sim(num_blocks=5, block_size=2, max_num_seqs=4, budget=64)
+    a = sim.add("a", [1, 2, 3, 4], 4)
+    b = sim.add("b", [5, 6, 7, 8], 4)
+    sim.step()
+    batch = sim.step()  # a takes the last free block, b none: b is preempted; its two full blocks stay cached
+    # (a's fourth block will take one of them: a sequence's later blocks go first, so [5 6] is left for b)
+    assert batch.preempted == [b]
+    while sim.sched.has_unfinished():
+        sim.step()
+    assert sim.bm.prefix_hit_tokens > 0  # b, admitted again, did not recompute all of its prompt
+    assert a.completion_token_ids == alone([1, 2, 3, 4], 4) and b.completion_token_ids == alone([5, 6, 7, 8], 4)
+
+
 def test_a_sequence_alone_preempts_itself_never():
     sim = Sim(num_blocks=3, block_size=2, max_num_seqs=1, budget=8)
     a = sim.add("a", [1], 5)  # 6 tokens = 3 blocks: fits alone exactly
@@ -281,27 +334,31 @@ def test_budget_must_cover_a_decode_per_sequence():
 
 
 request = st.tuples(
-    st.lists(st.integers(0, 49), min_size=1, max_size=24),  # prompt
+    st.integers(0, 16),  # the prompt begins with this many tokens of the shared prefix
+    st.lists(st.integers(0, 49), min_size=1, max_size=16),  # then its own tokens
     st.integers(1, 12),  # max_tokens
     st.integers(0, 10),  # arrival step
     st.one_of(st.none(), st.integers(0, 30)),  # abort at step
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
-    requests=st.lists(request, min_size=1, max_size=10),
+    shared=st.lists(st.integers(0, 49), min_size=16, max_size=16),
+    drawn=st.lists(request, min_size=1, max_size=10),
     block_size=st.sampled_from([1, 2, 4, 8]),
     spare_blocks=st.integers(0, 20),
     max_num_seqs=st.integers(1, 6),
     extra_budget=st.integers(0, 24),
     hold_steps=st.sampled_from([0, 1, 4]),
+    prefix_caching=st.booleans(),
 )
-def test_outputs_equal_serving_alone_whatever_the_schedule(requests, block_size, spare_blocks, max_num_seqs, extra_budget,
-                                                           hold_steps):
+def test_outputs_equal_serving_alone_whatever_the_schedule(shared, drawn, block_size, spare_blocks, max_num_seqs,
+                                                           extra_budget, hold_steps, prefix_caching):
+    requests = [(shared[:p] + own, m, arrival, abort_at) for p, own, m, arrival, abort_at in drawn]
     longest = max(len(p) + m for p, m, _, _ in requests)
     sim = Sim(blocks_for(longest, block_size) + spare_blocks, block_size, max_num_seqs, max_num_seqs + extra_budget,
-              prefill_hold_s=hold_steps)  # the clock counts steps
+              prefill_hold_s=hold_steps, prefix_caching=prefix_caching)  # the clock counts steps
     step = 0
     while step <= 10 or sim.sched.has_unfinished():
         sim.now = step

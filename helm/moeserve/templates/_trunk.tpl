@@ -268,6 +268,7 @@ are listed in the chart README.
 {{- if $v.model.path }}{{ $args = concat $args (list "--model" $v.model.path) }}{{ end }}
 {{- $args = concat $args (list "--device" $v.server.device "--dtype" $v.server.dtype "--host" "0.0.0.0" "--port" (toString (int64 $v.server.port))) }}
 {{- $args = concat $args (list "--max-num-seqs" (toString (int64 $v.server.maxNumSeqs)) "--max-num-batched-tokens" (toString (int64 $v.server.maxNumBatchedTokens)) "--batch-wait-ms" (toString $v.server.batchWaitMs) "--prefill-hold-ms" (toString $v.server.prefillHoldMs)) }}
+{{- if not $v.server.prefixCaching }}{{ $args = append $args "--no-prefix-caching" }}{{ end }}
 {{- if $v.server.maxModelLen }}{{ $args = concat $args (list "--max-model-len" (toString (int64 $v.server.maxModelLen))) }}{{ end }}
 {{- $args = concat $args (list "--max-queued-requests" (toString (int64 $v.server.maxQueuedRequests)) "--max-message-bytes" (toString (int64 $v.server.maxMessageBytes)) "--grace" (toString $v.server.grace)) }}
 {{- $args = concat $args (list "--expert-groups" (include "moeserve.expertGroupCount" .) "--transport" $v.server.transport "--expert-resource" $v.experts.resourceTemplate) }}
