@@ -66,16 +66,26 @@ class WorkItem:
 
 
 def make_workload(n: int, prompt_len: Distribution, output_len: Distribution, *, vocab_size: int,
-                  context_length: int, max_prompt_tokens: int, max_tokens_limit: int, seed: int) -> tuple[list[WorkItem], int]:
-    """`n` requests drawn from the distributions, fitted to the server's limits; returns (items, number clipped)."""
+                  context_length: int, max_prompt_tokens: int, max_tokens_limit: int, seed: int,
+                  shared_prefix_len: int = 0, num_shared_prefixes: int = 1) -> tuple[list[WorkItem], int]:
+    """`n` requests drawn from the distributions, fitted to the server's limits; returns (items, number clipped).
+
+    With `shared_prefix_len`, request i's prompt is shared prefix i mod `num_shared_prefixes` (random tokens,
+    the same in every request that has it: a system prompt, few-shot examples) and then its own prompt_len
+    tokens; a prompt is clipped from its end."""
+    if shared_prefix_len < 0 or num_shared_prefixes < 1:
+        raise ValueError(f"shared prefixes: need length >= 0 and count >= 1, got {shared_prefix_len} and "
+                         f"{num_shared_prefixes}")
     rng = random.Random(seed)
+    prefixes = [[rng.randrange(vocab_size) for _ in range(shared_prefix_len)] for _ in range(num_shared_prefixes)]
     items, clipped = [], 0
-    for _ in range(n):
-        want_p, want_o = prompt_len.sample(rng), output_len.sample(rng)
+    for i in range(n):
+        want_p, want_o = shared_prefix_len + prompt_len.sample(rng), output_len.sample(rng)
         p = min(want_p, max_prompt_tokens, context_length - 1)
         o = min(want_o, max_tokens_limit, context_length - p)
         clipped += (p, o) != (want_p, want_o)
-        items.append(WorkItem([rng.randrange(vocab_size) for _ in range(p)], o))
+        own = [rng.randrange(vocab_size) for _ in range(max(0, p - shared_prefix_len))]
+        items.append(WorkItem((prefixes[i % num_shared_prefixes] + own)[:p], o))
     return items, clipped
 
 
@@ -166,6 +176,8 @@ class BenchConfig:
     seed: int = 0
     warmup: int = 0  # requests sent (one at a time) before timing; not counted
     timeout_s: float | None = None  # per-request deadline
+    shared_prefix_len: int = 0  # tokens every prompt of one prefix group begins with (make_workload)
+    num_shared_prefixes: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -222,7 +234,8 @@ async def run(client, items: list[WorkItem], cfg: BenchConfig, warmup_items: lis
         "config": {
             "num_requests": cfg.num_requests, "prompt_len": str(cfg.prompt_len), "output_len": str(cfg.output_len),
             "rate": None if math.isinf(cfg.rate) else cfg.rate, "concurrency": cfg.concurrency, "seed": cfg.seed,
-            "warmup": cfg.warmup, **cfg.extra,
+            "warmup": cfg.warmup, "shared_prefix_len": cfg.shared_prefix_len,
+            "num_shared_prefixes": cfg.num_shared_prefixes, **cfg.extra,
         },
         "summary": summarize(records, duration),
         "requests": [{**asdict(r), "ttft": r.ttft, "tpot": r.tpot} for r in records],

@@ -29,6 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "(default 256)")
     p.add_argument("--output-len", type=bench.Distribution.parse, default=bench.Distribution.parse("64"),
                    metavar="DIST", help="new tokens per request, same forms (default 64)")
+    p.add_argument("--shared-prefix-len", type=int, default=0, metavar="N",
+                   help="every prompt begins with one of --num-shared-prefixes prefixes of N tokens, then its own "
+                        "--prompt-len tokens (default 0: no shared prefix)")
+    p.add_argument("--num-shared-prefixes", type=int, default=1, metavar="K",
+                   help="distinct shared prefixes, taken in turn (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the workload and the arrivals (default 0)")
     p.add_argument("--warmup", type=int, default=0, help="requests sent one by one first, not counted")
     p.add_argument("--timeout", type=float, default=None, help="per-request deadline in seconds")
@@ -43,13 +48,17 @@ async def run_bench(args: argparse.Namespace) -> dict:
         num_requests=args.num_requests, prompt_len=args.prompt_len, output_len=args.output_len,
         rate=math.inf if args.rate is None else args.rate,
         concurrency=(concurrency or 1) if args.rate is None else concurrency,
-        seed=args.seed, warmup=args.warmup, timeout_s=args.timeout, extra={"address": args.address},
+        seed=args.seed, warmup=args.warmup, timeout_s=args.timeout, shared_prefix_len=args.shared_prefix_len,
+        num_shared_prefixes=args.num_shared_prefixes, extra={"address": args.address},
     )
     async with connect(args) as client:
         info = await client.model_info(timeout=30)
         limits = dict(vocab_size=info.vocab_size, context_length=info.context_length,
                       max_prompt_tokens=info.max_prompt_tokens, max_tokens_limit=info.max_tokens_limit)
-        items, clipped = bench.make_workload(cfg.num_requests, cfg.prompt_len, cfg.output_len, seed=cfg.seed, **limits)
+        shared = dict(shared_prefix_len=cfg.shared_prefix_len, num_shared_prefixes=cfg.num_shared_prefixes)
+        items, clipped = bench.make_workload(cfg.num_requests, cfg.prompt_len, cfg.output_len, seed=cfg.seed,
+                                             **limits, **shared)
+        # the warm-up's prompts share no prefix with the measured ones: nothing measured is cached by the warm-up
         warm, _ = bench.make_workload(cfg.warmup, cfg.prompt_len, cfg.output_len, seed=cfg.seed + 1, **limits)
         cfg.extra.update(model=info.model_name or info.architecture, clipped_requests=clipped)
         if clipped:

@@ -39,6 +39,24 @@ def test_workload_fits_the_server_and_is_reproducible():
     assert again == items
 
 
+def test_shared_prefix_workload():
+    kw = dict(vocab_size=50, context_length=40, max_prompt_tokens=30, max_tokens_limit=20, seed=3)
+    items, clipped = make_workload(9, Distribution.parse("uniform:1:8"), Distribution.parse("4"), **kw,
+                                   shared_prefix_len=12, num_shared_prefixes=3)
+    prefixes = [items[i].prompt_token_ids[:12] for i in range(3)]
+    assert len({tuple(p) for p in prefixes}) == 3 and clipped == 0
+    for i, it in enumerate(items):
+        assert it.prompt_token_ids[:12] == prefixes[i % 3] and 13 <= len(it.prompt_token_ids) <= 20
+    long, clipped = make_workload(4, Distribution.parse("10"), Distribution.parse("4"), **kw, shared_prefix_len=25)
+    assert clipped == 4 and all(len(it.prompt_token_ids) == 30 and it.prompt_token_ids[:25] == long[0].prompt_token_ids[:25]
+                                for it in long)
+    plain, _ = make_workload(5, Distribution.parse("uniform:1:60"), Distribution.parse("4"), **kw)
+    same, _ = make_workload(5, Distribution.parse("uniform:1:60"), Distribution.parse("4"), **kw, shared_prefix_len=0)
+    assert plain == same
+    with pytest.raises(ValueError, match="shared prefixes"):
+        make_workload(1, Distribution.parse("4"), Distribution.parse("4"), **kw, shared_prefix_len=-1)
+
+
 def test_poisson_arrivals():
     times = arrival_times(4000, rate=20.0, seed=1)
     gaps = [b - a for a, b in zip(times, times[1:])]
