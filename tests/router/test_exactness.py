@@ -106,13 +106,13 @@ SHARED = 37  # tokens of a common prefix: four whole blocks of 8 and part of a f
 
 @pytest.fixture(scope="module")
 def shared_case(case):
-    """Prompts that begin with one long prompt's first SHARED tokens (that prefix alone, and its first 20, among
-    them), and HF's greedy continuations of each."""
+    """Prompts that begin with one long prompt's first SHARED tokens (that prefix alone, its first 20 and its first
+    33 among them), and HF's greedy continuations of each."""
     from transformers import AutoModelForCausalLM
 
     path, prompts, _ = case
     prefix = prompts[-1][:SHARED]
-    shared = [prefix, prefix[:20]] + [prefix + p for p in prompts[:8]] + [prefix[:16] + p for p in prompts[8:11]]
+    shared = [prefix, prefix[:20], prefix[:33]] + [prefix + p for p in prompts[:8]] + [prefix[:16] + p for p in prompts[8:11]]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     want = []
     with torch.no_grad():
@@ -125,13 +125,16 @@ def shared_case(case):
     return path, shared, want
 
 
+@pytest.mark.parametrize("mode", ["off", "padded"])
 @pytest.mark.parametrize("prefix_caching", [True, False])
-def test_shared_prefixes_equal_hf(shared_case, prefix_caching):
+def test_shared_prefixes_equal_hf(shared_case, prefix_caching, mode):
     """Requests sharing a prefix, arriving one a step after the first has read it: with prefix caching the later
-    ones read the cached blocks instead of computing them, and every output is still HF's."""
+    ones read the cached blocks instead of computing them, and every output is still HF's (mode as above: a
+    request whose prompt is cached but for its last token runs it as a decode)."""
     path, prompts, want = shared_case
     engine = LLMEngine.from_config(EngineConfig(model=path, block_size=8, num_kv_blocks=96, max_num_seqs=8,
-                                                max_num_batched_tokens=64, prefix_caching=prefix_caching))
+                                                max_num_batched_tokens=64, prefix_caching=prefix_caching,
+                                                decode_graphs=mode))
     got: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
     step = 0
     while step < len(prompts) or engine.has_unfinished():
@@ -142,8 +145,9 @@ def test_shared_prefixes_equal_hf(shared_case, prefix_caching):
         step += 1
         assert step < 1000
     stats = engine.stats()
-    # r0 reads the prefix; r1 (20 tokens) finds two of its blocks, r2..r9 four, r10..r12 two
-    hits = 8 * (2 + 8 * 4 + 3 * 2)
+    # r0 reads the prefix; r1 (20 tokens) finds two of its blocks, r2 (33) four: only its last token is left to
+    # compute, a decode; r3..r10 four, r11..r13 two
+    hits = 8 * (2 + 4 + 8 * 4 + 3 * 2)
     assert stats["prefix_cache_hit_tokens"] == (hits if prefix_caching else 0)
     assert stats["kv_blocks_used"] == 0
     for i, w in enumerate(want):
