@@ -3,8 +3,10 @@
 Each member is a `TrunkEngine` (router/trunk.py): its own `TrunkWorker` actor with the model trunk,
 KV cache and scheduler, restarted with its requests resubmitted if it dies. The pool has the
 `AsyncEngine` interface, so the gRPC server serves it as it serves one engine. A new request goes to
-the serving member with the fewest requests in flight; the expert groups (when there are any) are
-shared, one controller for every member.
+the serving member with the fewest requests in flight, unless its prompt begins with whole KV blocks
+of a prompt a member took before (`PrefixAffinity`): then it goes there, where that prefix's KV is
+likely cached (each member has its own KV cache), as long as that member is not too much busier than
+the least busy. The expert groups (when there are any) are shared, one controller for every member.
 
 `scale(n)` changes the number of serving members at once and finishes in the background: new members
 start (their requests do not wait: the others serve meanwhile); a member leaving first stops getting
@@ -22,6 +24,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -37,6 +40,51 @@ STARTING, SERVING, DRAINING = "starting", "serving", "draining"
 # ever served.
 COUNTERS = (*WORKER_COUNTERS, "trunk_restarts", "trunk_stalls")
 _GAUGES = ("waiting", "running", "kv_blocks_used", "kv_blocks_total", "requests_in_flight")
+
+
+class PrefixAffinity:
+    """Which member last took each prompt prefix of whole KV blocks, so that requests sharing a prefix (a system
+    prompt, the turns of one conversation) go where its KV is cached instead of each member computing it.
+
+    A prefix is keyed by a hash chained over its blocks (the blocks the engine's prefix cache could match: the
+    whole ones before the prompt's last token). A collision only misroutes a request; the engine's cache compares
+    tokens. At most `capacity` prefixes are remembered, the least recently routed forgotten first. The member of
+    the longest known prefix is chosen while it holds at most max(SLACK, least / 2) requests more than the least
+    busy member (`least`), so a popular prefix cannot pile every request onto one member."""
+
+    SLACK = 8
+
+    def __init__(self, block_size: int, capacity: int = 1 << 16):
+        self.block_size = block_size
+        self.capacity = capacity
+        self._owner: OrderedDict[int, int] = OrderedDict()  # prefix key -> member index
+        self.routed = 0  # requests that went to the member holding their prefix
+
+    def keys(self, prompt: list[int]) -> list[int]:
+        bs, out, key = self.block_size, [], 0
+        for i in range((len(prompt) - 1) // bs):
+            key = hash((key, tuple(prompt[i * bs:(i + 1) * bs])))
+            out.append(key)
+        return out
+
+    def choose(self, keys: list[int], loads: dict[int, int]) -> int | None:
+        """The member (index) to take a prompt of these prefix keys, given the serving members' loads; None: no
+        member holds its prefix, or the one that does is too busy."""
+        if not loads:
+            return None
+        least = min(loads.values())
+        for key in reversed(keys):
+            owner = self._owner.get(key)
+            if owner in loads:
+                return owner if loads[owner] <= least + max(self.SLACK, least // 2) else None
+        return None
+
+    def record(self, keys: list[int], index: int) -> None:
+        for key in keys:
+            self._owner[key] = index
+            self._owner.move_to_end(key)
+        while len(self._owner) > self.capacity:
+            self._owner.popitem(last=False)
 
 
 @dataclass(eq=False)
@@ -72,6 +120,7 @@ class TrunkPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.events: list[str] = []  # what scale() did, oldest first (the last 1000)
         self._start_errors: list[BaseException] = []
+        self.affinity = PrefixAffinity(config.block_size) if config.prefix_caching else None
         first = self._add()  # the edge reads the model's facts from it before anything starts
         self.model_config = first.engine.model_config
         self.tokenizer = first.engine.tokenizer
@@ -243,18 +292,29 @@ class TrunkPool:
     # -- requests ----------------------------------------------------------------------------------
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  deadline: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Queue a request on the least busy serving member; raises at call time as AsyncEngine does."""
+        """Queue a request on the serving member that took its prompt's prefix (PrefixAffinity), else on the least
+        busy; raises at call time as AsyncEngine does."""
         if self._stopping or self._loop is None:
             raise EngineStoppedError("the engine is not running (not started, or shutting down)")
         if any(request_id in m.engine.in_flight for m in self._members):
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight; use a unique id")
         candidates = sorted(self.members(SERVING), key=lambda m: (self._in_flight(m), m.index))
+        keys = self.affinity.keys(prompt_token_ids) if self.affinity is not None else []
+        if keys:
+            owner = self.affinity.choose(keys, {m.index: self._in_flight(m) for m in candidates})
+            if owner is not None:
+                candidates.sort(key=lambda m: m.index != owner)  # stable: the rest stay least busy first
         last: EngineStoppedError | None = None
         for member in candidates:
             try:
-                return member.engine.generate(request_id, prompt_token_ids, params, deadline)
+                stream = member.engine.generate(request_id, prompt_token_ids, params, deadline)
             except EngineStoppedError as exc:  # that member's worker could not be restarted: try the next
                 last = exc
+                continue
+            if keys:
+                self.affinity.routed += member.index == owner
+                self.affinity.record(keys, member.index)
+            return stream
         raise last or EngineStoppedError("no trunk worker is serving")
 
     def abort(self, request_id: str) -> None:
@@ -277,5 +337,6 @@ class TrunkPool:
         for key in COUNTERS:
             out[key] = self._retired[key] + sum(int(s.get(key, 0)) for s in per_member)
         out.update(trunk_workers=self.replicas, trunk_workers_starting=self.pending,
-                   trunk_workers_draining=len(self.members(DRAINING)))
+                   trunk_workers_draining=len(self.members(DRAINING)),
+                   requests_routed_by_prefix=self.affinity.routed if self.affinity is not None else 0)
         return out

@@ -117,3 +117,29 @@ async def test_trunk_pool_refuses_what_it_cannot_do(ray_cluster, demo_model_dir)
     with pytest.raises(EngineStoppedError, match="no trunk worker could start: .*max_model_len"):
         await asyncio.wait_for(broken.start(), 120)
     assert not broken.members() and any("failed to start" in e for e in broken.events)
+
+
+async def test_requests_sharing_a_prefix_go_to_the_worker_that_cached_it(ray_cluster, demo_model_dir):
+    """Two idle workers: a prompt's first request goes to one, and the requests that begin with its two whole KV
+    blocks follow it there (while it is not much busier) and read those blocks from its cache."""
+    system = list(range(100, 140))  # two whole blocks of 16 and 8 tokens more
+    prompts = [system + [1]] + [system + [i, i] for i in range(2, 6)]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = [o.new_token_ids for o in LLMEngine.from_config(_config(str(demo_model_dir))).generate_batch(prompts, params)]
+    pool = TrunkPool(_config(str(demo_model_dir)), replicas=2, max_replicas=2, torch_threads=1)
+    await pool.start()
+    try:
+        await _until(lambda: pool.replicas == 2)
+        got = [[t for out in [o async for o in pool.generate("p0", prompts[0], params)] for t in out.new_token_ids]]
+        owner = pool.affinity.choose(pool.affinity.keys(prompts[1]), {m.index: 0 for m in pool.members()})
+        assert owner is not None
+        streams = [pool.generate(f"p{i}", p, params) for i, p in enumerate(prompts[1:], 1)]
+        (held,) = [m for m in pool.members() if m.index == owner]
+        assert set(held.engine.in_flight) == {f"p{i}" for i in range(1, len(prompts))}  # none to the idle one
+        for stream in streams:
+            got.append([t for out in [o async for o in stream] for t in out.new_token_ids])
+        assert got == want
+        await _until(lambda: pool.stats()["prefix_cache_hit_tokens"] >= 4 * 32, what="the hits reported")
+        assert pool.stats()["requests_routed_by_prefix"] == 4
+    finally:
+        await pool.shutdown(0)
