@@ -225,7 +225,8 @@ class LLMEngine:
                                      time.monotonic(), seq.num_prompt_tokens, seq.num_completion_tokens,
                                      seq.finish_reason or "")
         return RequestOutput(seq.request_id, new_ids, text, seq.is_finished, seq.finish_reason,
-                             seq.num_prompt_tokens, seq.num_completion_tokens, ttft, metrics)
+                             seq.num_prompt_tokens, seq.num_completion_tokens, ttft, metrics,
+                             seq.num_cached_prompt_tokens or 0)
 
     # -- offline ----------------------------------------------------------------------------------
     def generate_batch(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:

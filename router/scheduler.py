@@ -198,6 +198,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             bm.allocate(seq)
+            if seq.num_cached_prompt_tokens is None:
+                seq.num_cached_prompt_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = min(seq.num_uncomputed_tokens, budget)

@@ -63,6 +63,7 @@ class RequestOutput:
     completion_tokens: int
     time_to_first_token: float | None  # seconds from arrival to first token, once known
     metrics: "RequestMetrics | None" = None  # on the last output only
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache when it was first admitted
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +107,7 @@ class Sequence:
         "request_id", "params", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table",
         "status", "finish_reason", "arrival_time", "first_token_time", "deadline", "generator",
         "detokenizer", "num_emitted_tokens", "first_scheduled_time", "deferred_at_step", "num_cached_blocks",
-        "prefix_serial",
+        "prefix_serial", "num_cached_prompt_tokens",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -129,6 +130,7 @@ class Sequence:
         self.deferred_at_step: int | None = None  # the scheduler step that last left its decode out
         self.num_cached_blocks = 0  # leading blocks of block_table in the prefix cache (block_manager.py)
         self.prefix_serial = 0  # the serial number of the last of those (0: none)
+        self.num_cached_prompt_tokens: int | None = None  # prompt tokens read from the prefix cache at first admission
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -185,6 +185,7 @@ class InferenceServicer:
             msg.finish_reason = _FINISH.get(out.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED)
             msg.usage.prompt_tokens = out.prompt_tokens
             msg.usage.completion_tokens = out.completion_tokens
+            msg.usage.cached_prompt_tokens = out.cached_prompt_tokens
         return msg
 
     # -- RPCs -------------------------------------------------------------------------------------

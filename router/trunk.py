@@ -73,6 +73,7 @@ class _Flight:
     generated: list[int] = field(default_factory=list)
     incarnation: int = -1  # the worker it was last submitted to
     first_token_time: float | None = None
+    cached_prompt_tokens: int | None = None  # as the worker that first admitted it found them
 
     def resubmission(self) -> tuple[list[int], SamplingParams]:
         """Prompt and params that continue this request on a fresh worker (stop strings stay on the edge)."""
@@ -432,6 +433,8 @@ class TrunkEngine:
             flight.queue.put_nowait(self._output(flight, [], "", "cancelled"))
             self._changed()
             return
+        if flight.cached_prompt_tokens is None and out.new_token_ids:
+            flight.cached_prompt_tokens = out.cached_prompt_tokens
         for token in out.new_token_ids:
             reason = self._on_token(flight, token)
             text = flight.detokenizer.take_delta(finished=reason is not None) if flight.detokenizer else ""
@@ -463,7 +466,7 @@ class TrunkEngine:
     def _output(flight: _Flight, new_ids: list[int], text: str, reason: str | None) -> RequestOutput:
         ttft = None if flight.first_token_time is None else flight.first_token_time - flight.arrival
         return RequestOutput(flight.request_id, new_ids, text, reason is not None, reason, len(flight.prompt),
-                             len(flight.generated), ttft)
+                             len(flight.generated), ttft, cached_prompt_tokens=flight.cached_prompt_tokens or 0)
 
 
 class _TrunkStream:

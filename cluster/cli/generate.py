@@ -104,7 +104,9 @@ async def _generate(args: argparse.Namespace) -> int:
     if not args.quiet and last is not None:
         from moeserve.v1 import inference_pb2 as pb
 
-        print(f"[{pb.FinishReason.Name(last.finish_reason)}: {last.usage.prompt_tokens} prompt + "
+        cached = last.usage.cached_prompt_tokens
+        print(f"[{pb.FinishReason.Name(last.finish_reason)}: {last.usage.prompt_tokens} prompt"
+              f"{f' ({cached} cached)' if cached else ''} + "
               f"{last.usage.completion_tokens} completion tokens, first token after "
               f"{last.time_to_first_token * 1000:.0f} ms]", file=sys.stderr)
     return 0

@@ -130,14 +130,18 @@ async def test_requests_sharing_a_prefix_go_to_the_worker_that_cached_it(ray_clu
     await pool.start()
     try:
         await _until(lambda: pool.replicas == 2)
-        got = [[t for out in [o async for o in pool.generate("p0", prompts[0], params)] for t in out.new_token_ids]]
+        outs = [o async for o in pool.generate("p0", prompts[0], params)]
+        got = [[t for out in outs for t in out.new_token_ids]]
+        assert outs[-1].cached_prompt_tokens == 0
         owner = pool.affinity.choose(pool.affinity.keys(prompts[1]), {m.index: 0 for m in pool.members()})
         assert owner is not None
         streams = [pool.generate(f"p{i}", p, params) for i, p in enumerate(prompts[1:], 1)]
         (held,) = [m for m in pool.members() if m.index == owner]
         assert set(held.engine.in_flight) == {f"p{i}" for i in range(1, len(prompts))}  # none to the idle one
         for stream in streams:
-            got.append([t for out in [o async for o in stream] for t in out.new_token_ids])
+            outs = [o async for o in stream]
+            got.append([t for out in outs for t in out.new_token_ids])
+            assert outs[-1].cached_prompt_tokens == 32  # the system prompt's two blocks, from the worker's cache
         assert got == want
         await _until(lambda: pool.stats()["prefix_cache_hit_tokens"] >= 4 * 32, what="the hits reported")
         assert pool.stats()["requests_routed_by_prefix"] == 4

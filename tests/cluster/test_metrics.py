@@ -90,8 +90,8 @@ async def test_every_metric_moves_with_real_traffic(demo_model_dir):
             traced = await client.send(request, metadata=(("traceparent", TRACEPARENT),))
             assert len(traced.token_ids) == 5
             # the same 40-token prompt twice: the second reads its first two blocks (32 tokens) from the prefix cache
-            for _ in range(2):
-                await client.generate(token_ids=list(range(1, 41)), max_tokens=1)
+            usage = [(await client.generate(token_ids=list(range(1, 41)), max_tokens=1)).usage for _ in range(2)]
+            assert [(u.prompt_tokens, u.cached_prompt_tokens) for u in usage] == [(40, 0), (40, 32)]
             # errors by code: a bad request, and a caller without credentials
             with pytest.raises(grpc.aio.AioRpcError):
                 await client.generate(prompt="hi", temperature=-1.0)
