@@ -31,6 +31,7 @@ def build_request(
     stop_token_ids: Iterable[int] = (),
     ignore_eos: bool = False,
     request_id: str = "",
+    logprobs: int | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; exactly one of `prompt` and `token_ids`."""
     if (prompt is None) == (token_ids is None):
@@ -47,6 +48,8 @@ def build_request(
         req.top_p = top_p
     if seed is not None:
         req.seed = seed
+    if logprobs is not None:
+        req.logprobs = logprobs
     return req
 
 

@@ -20,8 +20,9 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import EngineStoppedError, InvalidRequestError, StepFailedError
 from .model_runner import ModelRunner, num_kv_blocks
 from .scheduler import Scheduler
-from .sequence import (RequestMetrics, RequestOutput, SamplingParams, Sequence, SequenceStatus, check_admission,
-                       length_reached, token_stop_reason)
+from .sampler import unpack_logprobs
+from .sequence import (RequestMetrics, RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprobs,
+                       check_admission, length_reached, token_stop_reason)
 
 
 def load(config: EngineConfig) -> tuple[Any, Any]:
@@ -152,6 +153,7 @@ class LLMEngine:
                 self._launch_ahead(batch, launched)
             ready()
             sampled = launched.result()
+            logprob_rows = launched.logprob_rows()
         except Exception as exc:
             self._inflight = None
             with self.lock:
@@ -165,8 +167,13 @@ class LLMEngine:
             c["steps"] += 1
             c["busy_us"] += max(0, round((now - start - (getattr(backend, "expert_wait_s", 0.0) - waited)) * 1e6))
             c["tokens_computed"] += batch.num_tokens
+            row_of = {}
+            if logprob_rows is not None:  # the rows of the sequences that sampled, in batch order
+                row_of = {id(s): j for j, s in enumerate(s for s, f in zip(batch.seqs, batch.sample_flags) if f)}
             for seq in self.scheduler.postprocess(batch, sampled):
-                outputs.append(self._on_token(seq, now))
+                k = seq.params.logprobs
+                logprobs = None if k is None else unpack_logprobs(logprob_rows[row_of[id(seq)]], k)
+                outputs.append(self._on_token(seq, now, logprobs))
         if self.observer is not None:
             self.observer.record_step(now - start, batch.num_tokens)
             for wait in waits:
@@ -190,7 +197,7 @@ class LLMEngine:
             with self.lock:
                 self.counters["steps_ahead"] += 1
 
-    def _on_token(self, seq: Sequence, now: float) -> RequestOutput:
+    def _on_token(self, seq: Sequence, now: float, logprobs: TokenLogprobs | None = None) -> RequestOutput:
         token = seq.token_ids[-1]
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -206,7 +213,7 @@ class LLMEngine:
             del self.requests[seq.request_id]
             self.counters["requests_finished"] += 1
         text = detok.take_delta(finished=reason is not None) if detok is not None else ""
-        return self._output(seq, [token], text)
+        return self._output(seq, [token], text, None if logprobs is None else [logprobs])
 
     def _expire(self, now: float) -> list[RequestOutput]:
         late = [s for s in self.requests.values() if s.deadline is not None and s.deadline <= now]
@@ -217,7 +224,8 @@ class LLMEngine:
         return [self._output(s, [], "") for s in late]
 
     @staticmethod
-    def _output(seq: Sequence, new_ids: list[int], text: str) -> RequestOutput:
+    def _output(seq: Sequence, new_ids: list[int], text: str, logprobs: list[TokenLogprobs] | None = None
+                ) -> RequestOutput:
         ttft = None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time
         metrics = None
         if seq.is_finished:
@@ -226,7 +234,7 @@ class LLMEngine:
                                      seq.finish_reason or "")
         return RequestOutput(seq.request_id, new_ids, text, seq.is_finished, seq.finish_reason,
                              seq.num_prompt_tokens, seq.num_completion_tokens, ttft, metrics,
-                             seq.num_cached_prompt_tokens or 0)
+                             seq.num_cached_prompt_tokens or 0, logprobs)
 
     # -- offline ----------------------------------------------------------------------------------
     def generate_batch(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
@@ -243,6 +251,9 @@ class LLMEngine:
                 m.new_text += out.new_text
                 m.finished, m.finish_reason = out.finished, out.finish_reason
                 m.completion_tokens, m.time_to_first_token = out.completion_tokens, out.time_to_first_token
+                m.cached_prompt_tokens = out.cached_prompt_tokens
+                if out.logprobs is not None:
+                    m.logprobs = (m.logprobs or []) + out.logprobs
         return [merged[rid] for rid in ids]
 
     def stats(self) -> dict:

@@ -272,11 +272,14 @@ class ModelRunner:
         hidden, _ = self._run_decodes(batch, input_tokens=ids)
         if hidden is None:
             return None
-        return Launched(self._sample(hidden, batch.seqs), graphed=True, decode_graph=True)
+        return Launched(*self._sample(hidden, batch.seqs), graphed=True, decode_graph=True)
 
-    def _sample(self, hidden: torch.Tensor, seqs: list) -> torch.Tensor:
+    def _sample(self, hidden: torch.Tensor, seqs: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(sampled ids [N], and when a sequence asks for them Sampler.logprobs rows [N, 1 + 2k], else None)."""
         logits = self.model.compute_logits(hidden)
-        return self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        wanted = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
+        return tokens, (self.sampler.logprobs(logits, tokens, max(wanted)) if wanted else None)
 
     def _run_prompts(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """A step of first chunks through the prompt graphs: (hidden states of the padded step, the
@@ -350,22 +353,26 @@ class ModelRunner:
             input_ids, positions, attn, sample_rows = self.prepare(batch)
             hidden = self.model.forward(input_ids, positions, attn)
         sampling = [s for s, f in zip(batch.seqs, batch.sample_flags) if f]
-        tokens = self._sample(hidden.index_select(0, sample_rows), sampling) if sampling else None
-        return Launched(tokens, graphed=graphed, decode_graph=graphed and batch.decode_only)
+        tokens, logprobs = self._sample(hidden.index_select(0, sample_rows), sampling) if sampling else (None, None)
+        return Launched(tokens, logprobs, graphed=graphed, decode_graph=graphed and batch.decode_only)
 
 
 class Launched:
     """A step queued on the device. Its sampled ids are copied to pinned host memory behind it, with
     an event, so that result() waits for this step alone and not for a step queued after it."""
 
-    def __init__(self, tokens: torch.Tensor | None, graphed: bool, decode_graph: bool):
+    def __init__(self, tokens: torch.Tensor | None, logprobs: torch.Tensor | None, graphed: bool, decode_graph: bool):
         self.tokens = tokens  # [N] one per sampling sequence, in batch order; None when none samples
+        self.logprobs = logprobs  # [N, 1 + 2k] Sampler.logprobs rows when a sequence asked for them
         self.graphed = graphed  # replayed CUDA graphs (or their padded eager twin)
         self.decode_graph = decode_graph  # decode-only, through the decode graphs: the next decode may queue behind it
-        self._host = self._event = None
+        self._host = self._host_logprobs = self._event = None
         if tokens is not None and tokens.is_cuda:
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
+            if logprobs is not None:
+                self._host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+                self._host_logprobs.copy_(logprobs, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
 
@@ -377,3 +384,9 @@ class Launched:
             return self.tokens.tolist()
         self._event.synchronize()
         return self._host.tolist()
+
+    def logprob_rows(self) -> list[list[float]] | None:
+        """The Sampler.logprobs rows on the host, in the order of result()'s ids (call after result())."""
+        if self.logprobs is None:
+            return None
+        return (self.logprobs if self._host_logprobs is None else self._host_logprobs).tolist()

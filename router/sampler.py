@@ -52,6 +52,25 @@ class Sampler:
         return torch.where(greedy, greedy_ids, sampled)
 
 
+    @torch.inference_mode()
+    def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """[N, 1 + 2k] float32: each row's log-probability of its token under the model (log-softmax of the raw
+        logits: before temperature, top-k and top-p), then the k largest log-probabilities, then their token ids
+        (as floats: exact below 2**24)."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        parts = [lp.gather(1, tokens.unsqueeze(1))]
+        if k:
+            top = lp.topk(k, dim=-1)
+            parts += [top.values, top.indices.float()]
+        return torch.cat(parts, dim=1)
+
+
+def unpack_logprobs(row: list[float], k: int) -> tuple[float, tuple[int, ...], tuple[float, ...]]:
+    """One row of Sampler.logprobs (its first 1 + 2K values, K >= k) as (logprob, top ids, top logprobs)."""
+    width = (len(row) - 1) // 2
+    return row[0], tuple(int(i) for i in row[1 + width:1 + width + k]), tuple(row[1:1 + k])
+
+
 def _small(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small per-row tensor on the device. On CUDA through pinned memory, without blocking: a plain
     copy waits for the device, and with it for any step queued ahead (LLMEngine's look-ahead)."""

@@ -12,6 +12,10 @@ if TYPE_CHECKING:
     from .detokenizer import IncrementalDetokenizer
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20  # most likely alternatives a request may ask for per token
+
+# One generated token's log-probability under the model, and the most likely tokens' (ids, log-probabilities).
+TokenLogprobs = tuple[float, tuple[int, ...], tuple[float, ...]]
 MAX_STOP_STRING_CHARS = 256
 
 
@@ -27,6 +31,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; n: each token's log-probability and the n most likely tokens'
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -39,6 +44,8 @@ class SamplingParams:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidRequestError("top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidRequestError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
@@ -64,6 +71,7 @@ class RequestOutput:
     time_to_first_token: float | None  # seconds from arrival to first token, once known
     metrics: "RequestMetrics | None" = None  # on the last output only
     cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache when it was first admitted
+    logprobs: list[TokenLogprobs] | None = None  # with SamplingParams.logprobs: one per new token
 
 
 @dataclass(frozen=True, slots=True)

@@ -435,10 +435,11 @@ class TrunkEngine:
             return
         if flight.cached_prompt_tokens is None and out.new_token_ids:
             flight.cached_prompt_tokens = out.cached_prompt_tokens
-        for token in out.new_token_ids:
+        for i, token in enumerate(out.new_token_ids):
             reason = self._on_token(flight, token)
             text = flight.detokenizer.take_delta(finished=reason is not None) if flight.detokenizer else ""
-            flight.queue.put_nowait(self._output(flight, [token], text, reason))
+            logprobs = None if out.logprobs is None else out.logprobs[i:i + 1]
+            flight.queue.put_nowait(self._output(flight, [token], text, reason, logprobs))
             if reason is not None:
                 self._flights.pop(flight.request_id, None)
                 if not out.finished and self._actor is not None:
@@ -463,10 +464,12 @@ class TrunkEngine:
         return None
 
     @staticmethod
-    def _output(flight: _Flight, new_ids: list[int], text: str, reason: str | None) -> RequestOutput:
+    def _output(flight: _Flight, new_ids: list[int], text: str, reason: str | None,
+                logprobs: list | None = None) -> RequestOutput:
         ttft = None if flight.first_token_time is None else flight.first_token_time - flight.arrival
         return RequestOutput(flight.request_id, new_ids, text, reason is not None, reason, len(flight.prompt),
-                             len(flight.generated), ttft, cached_prompt_tokens=flight.cached_prompt_tokens or 0)
+                             len(flight.generated), ttft, cached_prompt_tokens=flight.cached_prompt_tokens or 0,
+                             logprobs=logprobs)
 
 
 class _TrunkStream:

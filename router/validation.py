@@ -179,5 +179,6 @@ def validate(request, limits: Limits, encode: Callable[[str], list[int]]) -> Val
         stop=stop,
         stop_token_ids=stop_token_ids,
         ignore_eos=request.ignore_eos,
+        logprobs=request.logprobs if request.HasField("logprobs") else None,
     )
     return ValidRequest(request_id=request_id, prompt_token_ids=prompt, params=params)

@@ -70,6 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
                    help="stop token id (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="after the completion, print each token's log-probability and the N likeliest tokens' "
+                        "(0..20) on standard error")
     p.add_argument("--request-id", default="", help="your id for this request (echoed back)")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the completion (no stats line)")
@@ -87,20 +90,27 @@ async def _generate(args: argparse.Namespace) -> int:
     params = dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
-        request_id=args.request_id,
+        request_id=args.request_id, logprobs=args.logprobs,
     )
+    tokens, logprobs = [], []
     async with connect(args) as client:
         if args.stream:
             last = None
             async for msg in client.generate_stream(**source, timeout=args.timeout, **params):
                 sys.stdout.write(msg.text)
                 sys.stdout.flush()
+                tokens += msg.token_ids
+                logprobs += msg.logprobs
                 last = msg
         else:
             last = await client.generate(**source, timeout=args.timeout, **params)
             sys.stdout.write(last.text)
+            tokens, logprobs = list(last.token_ids), list(last.logprobs)
     sys.stdout.write("\n")
     sys.stdout.flush()
+    for token, lp in zip(tokens, logprobs):
+        top = "  ".join(f"{i}:{v:.4f}" for i, v in zip(lp.top_token_ids, lp.top_logprobs))
+        print(f"token {token} logprob {lp.logprob:.4f}" + (f"  top {top}" if top else ""), file=sys.stderr)
     if not args.quiet and last is not None:
         from moeserve.v1 import inference_pb2 as pb
 

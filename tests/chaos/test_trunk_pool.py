@@ -121,10 +121,11 @@ async def test_trunk_pool_refuses_what_it_cannot_do(ray_cluster, demo_model_dir)
 
 async def test_requests_sharing_a_prefix_go_to_the_worker_that_cached_it(ray_cluster, demo_model_dir):
     """Two idle workers: a prompt's first request goes to one, and the requests that begin with its two whole KV
-    blocks follow it there (while it is not much busier) and read those blocks from its cache."""
+    blocks follow it there (while it is not much busier) and read those blocks from its cache. Each token's
+    logprobs come through the worker with it."""
     system = list(range(100, 140))  # two whole blocks of 16 and 8 tokens more
     prompts = [system + [1]] + [system + [i, i] for i in range(2, 6)]
-    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    params = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2)
     want = [o.new_token_ids for o in LLMEngine.from_config(_config(str(demo_model_dir))).generate_batch(prompts, params)]
     pool = TrunkPool(_config(str(demo_model_dir)), replicas=2, max_replicas=2, torch_threads=1)
     await pool.start()
@@ -142,6 +143,9 @@ async def test_requests_sharing_a_prefix_go_to_the_worker_that_cached_it(ray_clu
             outs = [o async for o in stream]
             got.append([t for out in outs for t in out.new_token_ids])
             assert outs[-1].cached_prompt_tokens == 32  # the system prompt's two blocks, from the worker's cache
+            for out in outs:  # greedy: each token is the most likely one
+                assert [(lp[1][0], lp[0], len(lp[2])) for lp in out.logprobs] == [(t, lp[2][0], 2) for t, lp in
+                                                                                  zip(out.new_token_ids, out.logprobs)]
         assert got == want
         await _until(lambda: pool.stats()["prefix_cache_hit_tokens"] >= 4 * 32, what="the hits reported")
         assert pool.stats()["requests_routed_by_prefix"] == 4

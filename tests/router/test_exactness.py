@@ -152,3 +152,35 @@ def test_shared_prefixes_equal_hf(shared_case, prefix_caching, mode):
     assert stats["kv_blocks_used"] == 0
     for i, w in enumerate(want):
         assert got[f"r{i}"] == w, f"request {i} (prompt of {len(prompts[i])}) differs from HF"
+
+
+LOGPROB_PROMPTS = 5  # of the case's prompts
+TOP = 5
+
+
+@pytest.mark.parametrize("mode", ["off", "padded"])
+def test_logprobs_equal_hf(case, mode):
+    """Each greedy token's log-probability and the 5 most likely tokens' equal HF generate's scores, log-softmaxed,
+    for requests served together (padded: decode steps queued one ahead of their tokens, as on a GPU)."""
+    from transformers import AutoModelForCausalLM
+
+    path, prompts, want = case
+    prompts, want = prompts[:LOGPROB_PROMPTS], want[:LOGPROB_PROMPTS]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    engine = LLMEngine.from_config(EngineConfig(model=path, num_kv_blocks=64, block_size=8, decode_graphs=mode))
+    outs = engine.generate_batch(prompts, SamplingParams(max_tokens=NEW_TOKENS, logprobs=TOP))
+    assert (engine.stats()["steps_ahead"] > 0) == (mode == "padded")
+    for p, w, out in zip(prompts, want, outs):
+        assert out.new_token_ids == w and len(out.logprobs) == NEW_TOKENS
+        with torch.no_grad():
+            scores = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True).scores
+        ref = torch.log_softmax(torch.stack(scores).float().squeeze(1), dim=-1)
+        for step, (token, (logprob, top_ids, top_logprobs)) in enumerate(zip(w, out.logprobs)):
+            assert logprob == pytest.approx(float(ref[step, token]), abs=1e-4)
+            values, ids = ref[step].topk(TOP)
+            assert list(top_logprobs) == pytest.approx(values.tolist(), abs=1e-4)
+            gaps = (values[:-1] - values[1:]).tolist()
+            for rank, (ours, theirs) in enumerate(zip(top_ids, ids.tolist())):
+                if (rank == 0 or gaps[rank - 1] > 1e-4) and (rank == TOP - 1 or gaps[rank] > 1e-4):  # no near-tie
+                    assert ours == theirs, f"step {step}: rank {rank} is token {ours}, HF's {theirs}"

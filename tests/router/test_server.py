@@ -80,6 +80,26 @@ async def test_stream_and_unary_give_the_same_tokens(server, client, sampling):
     await assert_idle(server)
 
 
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.9, top_p=0.95, top_k=20, seed=1234)])
+async def test_logprobs_come_with_each_token_streamed_or_not(server, client, sampling):
+    unary = await client.generate(prompt="The quick brown fox", max_tokens=8, ignore_eos=True, logprobs=3, **sampling)
+    msgs = [m async for m in client.generate_stream(prompt="The quick brown fox", max_tokens=8, ignore_eos=True,
+                                                    logprobs=3, **sampling)]
+    streamed = [lp for m in msgs for lp in m.logprobs]
+    assert [len(m.logprobs) for m in msgs] == [len(m.token_ids) for m in msgs]
+    assert len(unary.logprobs) == len(unary.token_ids) == 8 and streamed == list(unary.logprobs)
+    for token, lp in zip(unary.token_ids, unary.logprobs):
+        assert len(lp.top_token_ids) == len(lp.top_logprobs) == 3 and lp.logprob <= 0
+        assert list(lp.top_logprobs) == sorted(lp.top_logprobs, reverse=True)
+        if not sampling:  # greedy: the token is the most likely one
+            assert token == lp.top_token_ids[0] and lp.logprob == lp.top_logprobs[0]
+        elif token in lp.top_token_ids:
+            assert lp.logprob == lp.top_logprobs[list(lp.top_token_ids).index(token)]
+    plain = await client.generate(prompt="The quick brown fox", max_tokens=8, ignore_eos=True, **sampling)
+    assert list(plain.token_ids) == list(unary.token_ids) and not plain.logprobs  # asking changes no token
+    await assert_idle(server)
+
+
 async def test_request_id_is_echoed_and_ignore_eos_gives_exact_lengths(client):
     resp = await client.generate(token_ids=[3, 4, 5], max_tokens=9, ignore_eos=True, request_id="client-42")
     assert resp.request_id == "client-42"
@@ -104,6 +124,7 @@ def _invalid_requests(vocab: int, context: int):
     yield build_request("hi", stop=["x" * 300]), "stop[0]"
     yield build_request("hi", stop_token_ids=[vocab + 7]), "stop_token_ids[0]"
     yield build_request("hi", request_id="r" * 200), "request_id"
+    yield build_request("hi", logprobs=50), "logprobs"
 
 
 async def test_every_invalid_request_is_refused_by_name_and_serving_goes_on(server, client):

@@ -76,6 +76,7 @@ def test_defaults_fill_in():
     (build_request("hi", stop_token_ids=[VOCAB + 1]), "stop_token_ids[0]", "outside the vocabulary"),
     (build_request("hi", request_id="r" * 17), "request_id", "over the limit of 16"),
     (build_request("hi", request_id="has space"), "request_id", "printable"),
+    (build_request("hi", logprobs=21), "logprobs", "[0, 20]"),
 ])
 def test_each_bad_field_is_named(req, field, words):
     err = refused(req)
