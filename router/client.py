@@ -32,6 +32,10 @@ def build_request(
     ignore_eos: bool = False,
     request_id: str = "",
     logprobs: int | None = None,
+    repetition_penalty: float | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    min_tokens: int = 0,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; exactly one of `prompt` and `token_ids`."""
     if (prompt is None) == (token_ids is None):
@@ -39,6 +43,7 @@ def build_request(
     req = pb.GenerateRequest(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, stop=list(stop),
         stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, request_id=request_id,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, min_tokens=min_tokens,
     )
     if prompt is not None:
         req.prompt = prompt
@@ -50,6 +55,8 @@ def build_request(
         req.seed = seed
     if logprobs is not None:
         req.logprobs = logprobs
+    if repetition_penalty is not None:
+        req.repetition_penalty = repetition_penalty
     return req
 
 

@@ -24,8 +24,12 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> torch.Tensor:
-        """logits [N, V] float32 -> token ids [N] int64 (on the logits' device)."""
+                 generators: list[torch.Generator | None], histories: list | None = None) -> torch.Tensor:
+        """logits [N, V] float32 -> token ids [N] int64 (on the logits' device). `histories`: where a row's params
+        read the tokens so far (penalties, min_tokens), its (token ids so far, prompt length, ids min_tokens
+        holds back), else None; see apply_history."""
+        if histories is not None:
+            logits = apply_history(logits, params, histories)
         greedy_ids = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
             return greedy_ids
@@ -63,6 +67,36 @@ class Sampler:
             top = lp.topk(k, dim=-1)
             parts += [top.values, top.indices.float()]
         return torch.cat(parts, dim=1)
+
+
+def apply_history(logits: torch.Tensor, params: list[SamplingParams], histories: list) -> torch.Tensor:
+    """The logits with each row's penalties on the tokens so far and its min_tokens mask applied (a new tensor;
+    rows without any are copied unchanged). One small upload per penalised row: only they pay.
+
+    repetition_penalty is HF transformers' RepetitionPenaltyLogitsProcessor over prompt and output; presence and
+    frequency penalties are OpenAI's, over the output; min_tokens masks the held-back ids (EOS, stop ids) to -inf
+    while fewer new tokens than it were generated."""
+    out = logits.clone()
+    dev = logits.device
+    for i, (p, history) in enumerate(zip(params, histories)):
+        if history is None:
+            continue
+        tokens, num_prompt, held_back = history
+        row = out[i]
+        if p.repetition_penalty != 1.0 and tokens:
+            ids = _small(sorted(set(tokens)), torch.int64, dev)
+            seen = row[ids]
+            row[ids] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        generated = tokens[num_prompt:]
+        if (p.presence_penalty or p.frequency_penalty) and generated:
+            counts: dict[int, int] = {}
+            for t in generated:
+                counts[t] = counts.get(t, 0) + 1
+            ids = _small(list(counts), torch.int64, dev)
+            row[ids] -= _small([p.presence_penalty + p.frequency_penalty * c for c in counts.values()], out.dtype, dev)
+        if len(generated) < p.min_tokens and held_back:
+            row[_small(sorted(held_back), torch.int64, dev)] = float("-inf")
+    return out
 
 
 def unpack_logprobs(row: list[float], k: int) -> tuple[float, tuple[int, ...], tuple[float, ...]]:

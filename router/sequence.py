@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; n: each token's log-probability and the n most likely tokens'
+    repetition_penalty: float = 1.0  # > 0, 1 = off: a seen token's logit divided by it if positive, else multiplied
+    presence_penalty: float = 0.0  # [-2, 2]: subtracted from the logit of each token generated so far
+    frequency_penalty: float = 0.0  # [-2, 2]: times the number of times each token was generated so far
+    min_tokens: int = 0  # no EOS nor stop id before this many new tokens
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -46,6 +51,15 @@ class SamplingParams:
             raise InvalidRequestError("top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InvalidRequestError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not (0.0 < self.repetition_penalty < math.inf):
+            raise InvalidRequestError("repetition_penalty", f"must be a finite number > 0 (1 = off), got "
+                                                            f"{self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequestError(name, f"must be in [-2, 2] (0 = off), got {getattr(self, name)!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError("min_tokens", f"must be an integer in [0, max_tokens = {self.max_tokens}], got "
+                                                    f"{self.min_tokens!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
@@ -55,6 +69,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def reads_history(self) -> bool:
+        """Whether sampling looks at the tokens so far (penalties, min_tokens): then the next token's logits need
+        the last token on the host first (no look-ahead decode)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.min_tokens > 0)
 
 
 @dataclass

@@ -76,8 +76,12 @@ class _Flight:
     cached_prompt_tokens: int | None = None  # as the worker that first admitted it found them
 
     def resubmission(self) -> tuple[list[int], SamplingParams]:
-        """Prompt and params that continue this request on a fresh worker (stop strings stay on the edge)."""
-        params = dataclasses.replace(self.params, max_tokens=self.params.max_tokens - len(self.generated), stop=())
+        """Prompt and params that continue this request on a fresh worker (stop strings stay on the edge). The
+        fresh worker counts the tokens generated so far as prompt: min_tokens is lowered by them, and presence and
+        frequency penalties count only the tokens generated after the restart."""
+        done = len(self.generated)
+        params = dataclasses.replace(self.params, max_tokens=self.params.max_tokens - done, stop=(),
+                                     min_tokens=max(0, self.params.min_tokens - done))
         return self.prompt + self.generated, params
 
 

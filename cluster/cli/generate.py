@@ -70,6 +70,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
                    help="stop token id (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="X",
+                   help="> 0, 1 off: the logits of tokens already in the prompt or output divided by X (if positive)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, metavar="X",
+                   help="[-2, 2]: subtracted from the logit of each token already generated (default 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X",
+                   help="[-2, 2]: subtracted once per time each token was generated (default 0)")
+    p.add_argument("--min-tokens", type=int, default=0, metavar="N",
+                   help="no end-of-sequence or stop token id before N new tokens (default 0)")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="after the completion, print each token's log-probability and the N likeliest tokens' "
                         "(0..20) on standard error")
@@ -90,7 +98,8 @@ async def _generate(args: argparse.Namespace) -> int:
     params = dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
-        request_id=args.request_id, logprobs=args.logprobs,
+        request_id=args.request_id, logprobs=args.logprobs, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
     )
     tokens, logprobs = [], []
     async with connect(args) as client:

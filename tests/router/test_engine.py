@@ -122,6 +122,19 @@ def test_eos_and_ignore_eos(ckpt, greedy, tmp_path):
     assert out.finish_reason == "length" and out.new_token_ids == tokens
 
 
+def test_min_tokens_holds_back_eos_and_stop_ids(ckpt, greedy, tmp_path):
+    prompt, tokens, _ = greedy
+    k = _first_new(tokens)
+    e = LLMEngine.from_config(EngineConfig(model=str(copy_with_eos(ckpt, tmp_path / "eos", tokens[k])), num_kv_blocks=64))
+    for held in (dict(), dict(stop_token_ids=(tokens[k],))):  # the token as EOS, then as a stop id (EOS ignored)
+        params = dict(max_tokens=N, ignore_eos=bool(held), **held)
+        [out] = e.generate_batch([prompt], SamplingParams(min_tokens=k + 2, **params))
+        assert tokens[k] not in out.new_token_ids[:k + 2] and out.new_token_ids[:k] == tokens[:k]
+        assert len(out.new_token_ids) >= k + 2
+        [out] = e.generate_batch([prompt], SamplingParams(min_tokens=k, **params))  # reached before it: no effect
+        assert out.new_token_ids == tokens[:k + 1] and out.finish_reason in ("eos", "stop")
+
+
 def test_stop_string_across_tokens(engine, greedy):
     prompt, tokens, text = greedy
     tok = engine.tokenizer

@@ -184,3 +184,53 @@ def test_logprobs_equal_hf(case, mode):
             for rank, (ours, theirs) in enumerate(zip(top_ids, ids.tolist())):
                 if (rank == 0 or gaps[rank - 1] > 1e-4) and (rank == TOP - 1 or gaps[rank] > 1e-4):  # no near-tie
                     assert ours == theirs, f"step {step}: rank {rank} is token {ours}, HF's {theirs}"
+
+
+PENALISED = 6  # of the case's prompts
+PENALTIES = [dict(repetition_penalty=1.3), dict(presence_penalty=0.8, frequency_penalty=0.4), dict(),
+             dict(repetition_penalty=0.85, frequency_penalty=-0.5)]
+
+
+def _openai_penalties(prompt_len: int, presence: float, frequency: float):
+    """OpenAI's presence and frequency penalties as an HF logits processor: the reference the engine is held to."""
+    from transformers import LogitsProcessor
+
+    class Penalties(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            out = scores.clone()
+            for row, ids in enumerate(input_ids[:, prompt_len:]):
+                if len(ids):
+                    counts = torch.bincount(ids, minlength=scores.shape[1]).to(scores.dtype)
+                    out[row] -= presence * (counts > 0).to(scores.dtype) + frequency * counts
+            return out
+
+    return Penalties()
+
+
+@pytest.mark.parametrize("mode", ["off", "padded"])
+def test_penalties_equal_hf(case, mode):
+    """Greedy requests with repetition, presence and frequency penalties (and one without), served together: each
+    output is HF generate's with its RepetitionPenaltyLogitsProcessor and an OpenAI-penalties processor."""
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
+
+    path, prompts, plain = case
+    prompts = prompts[:PENALISED]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    kinds = [PENALTIES[i % len(PENALTIES)] for i in range(len(prompts))]
+    want = []
+    for p, kind in zip(prompts, kinds):
+        processors = LogitsProcessorList([_openai_penalties(len(p), kind.get("presence_penalty", 0.0),
+                                                            kind.get("frequency_penalty", 0.0))])
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
+                              return_dict_in_generate=True, repetition_penalty=kind.get("repetition_penalty", 1.0),
+                              logits_processor=processors)
+        top2 = torch.stack(out.scores).float().squeeze(1).topk(2, dim=-1).values
+        assert float((top2[:, 0] - top2[:, 1]).min()) > MIN_MARGIN, f"prompt of {len(p)} with {kind}: HF near-tie"
+        want.append(out.sequences[0, len(p):].tolist())
+    engine = LLMEngine.from_config(EngineConfig(model=path, num_kv_blocks=64, block_size=8, decode_graphs=mode))
+    outs = engine.generate_batch(prompts, [SamplingParams(max_tokens=NEW_TOKENS, **kind) for kind in kinds])
+    for p, kind, w, out in zip(prompts, kinds, want, outs):
+        assert out.new_token_ids == w, f"prompt of {len(p)} with {kind} differs from HF"
+    changed = {i % len(PENALTIES) for i, (w, base) in enumerate(zip(want, plain)) if w != base}
+    assert changed >= {0, 1, 3}, "each kind of penalty should change some output, or the test shows nothing"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeserve.router.errors import InvalidRequestError
-from moeserve.router.sampler import Sampler
+from moeserve.router.sampler import Sampler, apply_history
 from moeserve.router.sequence import SamplingParams
 
 LOGITS = torch.log(torch.tensor([0.05, 0.5, 0.15, 0.3]))  # ranked: 1, 3, 2, 0
@@ -112,4 +112,48 @@ def test_greedy_rows_in_a_sampling_batch_stay_greedy():
 def test_invalid_params_name_the_field(kw, field):
     with pytest.raises(InvalidRequestError) as err:
         SamplingParams(**kw)
+    assert err.value.field == field
+
+
+def test_repetition_penalty_is_hf_transformers_over_prompt_and_output():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 40, generator=g) * 3
+    histories = [([1, 5, 5, 9], 2, set()), None, ([39, 0, 7], 3, set())]
+    params = [_p(repetition_penalty=1.7), _p(), _p(repetition_penalty=0.6)]
+    got = apply_history(logits, params, histories)
+    assert torch.equal(got[1], logits[1])
+    for i, pen in ((0, 1.7), (2, 0.6)):
+        ids = torch.tensor([histories[i][0]])
+        want = RepetitionPenaltyLogitsProcessor(pen)(ids, logits[i:i + 1].clone())[0]
+        assert torch.equal(got[i], want)
+
+
+def test_presence_and_frequency_penalties_count_the_output_only():
+    logits = torch.zeros(1, 8)
+    # prompt [3, 4]; generated 4, 5, 5, 5
+    got = apply_history(logits, [_p(presence_penalty=0.5, frequency_penalty=0.25)], [([3, 4, 4, 5, 5, 5], 2, set())])[0]
+    assert got.tolist() == [0, 0, 0, 0, -0.75, -1.25, 0, 0]
+    got = apply_history(logits, [_p(presence_penalty=-1.0)], [([3, 4, 4], 2, set())])[0]
+    assert got.tolist() == [0, 0, 0, 0, 1.0, 0, 0, 0]  # a negative penalty favours what was said
+
+
+def test_min_tokens_holds_back_eos_and_stop_ids_until_reached():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0]])  # token 1 (the EOS here) is the likeliest, then 2
+    params = [SamplingParams(max_tokens=8, min_tokens=2, stop_token_ids=(2,))]
+    sampler = Sampler()
+    assert sampler(logits, params, [None], [([7], 1, {1, 2})]).tolist() == [3]  # none generated yet
+    assert sampler(logits, params, [None], [([7, 3], 1, {1, 2})]).tolist() == [3]  # one
+    assert sampler(logits, params, [None], [([7, 3, 3], 1, {1, 2})]).tolist() == [1]  # two: free again
+
+
+@pytest.mark.parametrize("field, kw", [
+    ("repetition_penalty", dict(repetition_penalty=0.0)), ("repetition_penalty", dict(repetition_penalty=math.inf)),
+    ("presence_penalty", dict(presence_penalty=2.5)), ("frequency_penalty", dict(frequency_penalty=-3.0)),
+    ("min_tokens", dict(min_tokens=2)), ("min_tokens", dict(min_tokens=-1)),
+])
+def test_bad_penalties_are_named(field, kw):
+    with pytest.raises(InvalidRequestError) as err:
+        _p(**kw)  # max_tokens 1
     assert err.value.field == field

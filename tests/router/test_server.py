@@ -125,6 +125,9 @@ def _invalid_requests(vocab: int, context: int):
     yield build_request("hi", stop_token_ids=[vocab + 7]), "stop_token_ids[0]"
     yield build_request("hi", request_id="r" * 200), "request_id"
     yield build_request("hi", logprobs=50), "logprobs"
+    yield build_request("hi", repetition_penalty=-1.0), "repetition_penalty"
+    yield build_request("hi", frequency_penalty=9.0), "frequency_penalty"
+    yield build_request("hi", max_tokens=2, min_tokens=3), "min_tokens"
 
 
 async def test_every_invalid_request_is_refused_by_name_and_serving_goes_on(server, client):

@@ -77,6 +77,11 @@ def test_defaults_fill_in():
     (build_request("hi", request_id="r" * 17), "request_id", "over the limit of 16"),
     (build_request("hi", request_id="has space"), "request_id", "printable"),
     (build_request("hi", logprobs=21), "logprobs", "[0, 20]"),
+    (build_request("hi", repetition_penalty=0.0), "repetition_penalty", "> 0"),
+    (build_request("hi", repetition_penalty=math.nan), "repetition_penalty", "> 0"),
+    (build_request("hi", presence_penalty=2.5), "presence_penalty", "[-2, 2]"),
+    (build_request("hi", frequency_penalty=math.nan), "frequency_penalty", "[-2, 2]"),
+    (build_request("hi", max_tokens=4, min_tokens=5), "min_tokens", "max_tokens = 4"),
 ])
 def test_each_bad_field_is_named(req, field, words):
     err = refused(req)
