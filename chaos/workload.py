@@ -17,6 +17,9 @@ class Workload:
     num_prompts: int = 24
     min_prompt_tokens: int = 3
     max_prompt_tokens: int = 40
+    # Every other prompt begins with one prefix of this many tokens (a system prompt), so the engine's prefix cache
+    # shares KV blocks between requests while the faults strike.
+    shared_prefix_tokens: int = 32
     deadline_s: float = 300.0  # each request's own gRPC deadline; generous, so an expiry means a hang
     seed: int = 0
 
@@ -24,6 +27,8 @@ class Workload:
         for name in ("requests", "concurrency", "max_tokens", "num_prompts", "min_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Workload.{name} must be >= 1, got {getattr(self, name)}")
+        if self.shared_prefix_tokens < 0:
+            raise ValueError(f"Workload.shared_prefix_tokens must be >= 0, got {self.shared_prefix_tokens}")
         if self.max_prompt_tokens < self.min_prompt_tokens:
             raise ValueError(f"Workload.max_prompt_tokens must be >= min_prompt_tokens ({self.min_prompt_tokens}), "
                              f"got {self.max_prompt_tokens}")
@@ -31,14 +36,16 @@ class Workload:
             raise ValueError(f"Workload.deadline_s must be > 0, got {self.deadline_s}")
 
     def prompts(self, vocab_size: int) -> list[list[int]]:
-        """The distinct prompts, varied in length, the same for every run with this seed."""
+        """The distinct prompts, varied in length, the same for every run with this seed; the odd ones begin with
+        the shared prefix."""
         gen = torch.Generator().manual_seed(self.seed)
         span = self.max_prompt_tokens - self.min_prompt_tokens + 1
         out = []
         for _ in range(self.num_prompts):
             n = self.min_prompt_tokens + int(torch.randint(0, span, (1,), generator=gen))
             out.append(torch.randint(0, vocab_size, (n,), generator=gen).tolist())
-        return out
+        prefix = torch.randint(0, vocab_size, (self.shared_prefix_tokens,), generator=gen).tolist()
+        return [prefix + p if i % 2 else p for i, p in enumerate(out)]
 
 
 def reference_outputs(model_dir: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

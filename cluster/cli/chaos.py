@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "evenly over the requests)")
     p.add_argument("--concurrency", type=int, default=8, help="requests kept in flight (default 8)")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per request (default 16)")
+    p.add_argument("--shared-prefix-tokens", type=int, default=32, metavar="N",
+                   help="every other prompt begins with one prefix of N tokens, shared through the prefix cache "
+                        "(default 32; 0: none)")
     p.add_argument("--model", metavar="DIR", help="HF-format checkpoint (default: the demo model)")
     p.add_argument("--json", action="store_true", help="also print every report as one JSON line")
     p.add_argument("--transport", choices=("ray", "gloo"), default="ray",
@@ -41,7 +44,8 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         scenarios = resolve(args.scenarios)
-        workload = Workload(requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens)
+        workload = Workload(requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens,
+                            shared_prefix_tokens=args.shared_prefix_tokens)
         if args.faults < 0:
             raise ValueError(f"--faults must be >= 0, got {args.faults}")
         if args.every is not None and args.every < 0:

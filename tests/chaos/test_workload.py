@@ -10,7 +10,7 @@ from moeserve.chaos.workload import Workload
 
 
 def test_prompts_are_deterministic_and_in_range():
-    w = Workload(num_prompts=16, min_prompt_tokens=3, max_prompt_tokens=9)
+    w = Workload(num_prompts=16, min_prompt_tokens=3, max_prompt_tokens=9, shared_prefix_tokens=0)
     a, b = w.prompts(512), w.prompts(512)
     assert a == b and len(a) == 16
     assert all(3 <= len(p) <= 9 and all(0 <= t < 512 for t in p) for p in a)
@@ -18,8 +18,16 @@ def test_prompts_are_deterministic_and_in_range():
     assert Workload(seed=1).prompts(512) != Workload(seed=0).prompts(512)
 
 
+def test_every_other_prompt_shares_the_prefix():
+    shared = Workload(num_prompts=6, min_prompt_tokens=3, max_prompt_tokens=9).prompts(512)
+    plain = Workload(num_prompts=6, min_prompt_tokens=3, max_prompt_tokens=9, shared_prefix_tokens=0).prompts(512)
+    prefix = shared[1][:32]
+    assert all(p[:32] == prefix and p[32:] == q for p, q in zip(shared[1::2], plain[1::2]))
+    assert shared[0::2] == plain[0::2]
+
+
 @pytest.mark.parametrize("field,value", [("requests", 0), ("concurrency", 0), ("max_tokens", 0), ("deadline_s", 0.0),
-                                         ("max_prompt_tokens", 1)])
+                                         ("max_prompt_tokens", 1), ("shared_prefix_tokens", -1)])
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         Workload(**{field: value})
