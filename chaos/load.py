@@ -97,3 +97,4 @@ class LoadGenerator:
         async for msg in call:
             o.tokens += msg.token_ids
             o.finish_reason = _FINISH.get(msg.finish_reason)
+            o.cached_prompt_tokens = max(o.cached_prompt_tokens, msg.usage.cached_prompt_tokens)

@@ -21,6 +21,7 @@ class Outcome:
     finish_reason: str | None = None  # of the last message; None if no message carried one
     code: str = "OK"  # gRPC status name at the end of the call
     detail: str = ""
+    cached_prompt_tokens: int = 0  # the usage of its last message: prompt tokens read from the prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,7 @@ class ChaosReport:
     p99_without_faults_s: float | None
     duration_s: float
     mean_recovery_s: float | None
+    cached_prompt_tokens: int = 0  # summed over the requests: prompt tokens the servers read from their prefix caches
     problems: tuple[str, ...] = ()  # the first few requests that did not succeed, and fault errors
     recoveries: tuple[str, ...] = ()  # per fault: target, time to recovery, what the fault did
 
@@ -102,6 +104,7 @@ class ChaosReport:
             f"mean recovery {secs(self.mean_recovery_s)}",
             f"  p99 latency during faults {secs(self.p99_during_faults_s)}, "
             f"outside faults {secs(self.p99_without_faults_s)}, run {self.duration_s:.1f}s",
+            f"  prompt tokens read from the prefix cache {self.cached_prompt_tokens}",
         ]
         if self.recoveries:
             lines.append(f"  each fault: {', '.join(self.recoveries)}")
@@ -129,6 +132,7 @@ def build_report(scenario: str, outcomes: list[Outcome], expected: list[list[int
         expired=counts[EXPIRED], lost=counts[LOST], mismatched=counts[MISMATCHED], faults=len(faults),
         fault_kinds=tuple(f.kind for f in faults), p99_during_faults_s=percentile(during, 99),
         p99_without_faults_s=percentile(outside, 99), duration_s=duration_s,
-        mean_recovery_s=sum(recoveries) / len(recoveries) if recoveries else None, problems=tuple(problems),
+        mean_recovery_s=sum(recoveries) / len(recoveries) if recoveries else None,
+        cached_prompt_tokens=sum(o.cached_prompt_tokens for o in outcomes), problems=tuple(problems),
         recoveries=tuple(f"{f.target} {f.end - f.start:.1f}s" + (f" [{f.detail}]" if f.detail else "") for f in faults),
     )

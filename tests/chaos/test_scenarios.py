@@ -53,6 +53,7 @@ async def test_scenario_loses_nothing(name, ray_cluster, demo_model_dir, fault_f
     assert report.sent >= WORKLOAD.requests
     assert report.ok and report.expired == 0, report.format()
     assert report.succeeded == report.sent
+    assert report.cached_prompt_tokens > 0, "the shared prefix should have come from a prefix cache"
 
 
 @pytest.mark.parametrize("name", ["kill-expert-group", "stall-expert-group", "slow-transport", "drain-during-burst"])
