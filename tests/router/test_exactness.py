@@ -26,25 +26,35 @@ def _prompts(vocab: int, seed: int) -> list[list[int]]:
             for i, n in enumerate(PROMPT_LENS)]
 
 
+def _hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def _hf_greedy(hf, prompts: list[list[int]], options=lambda i: {}) -> list[list[int]]:
+    """HF generate's greedy continuations of `prompts` (NEW_TOKENS each; `options(i)`: more generate keyword
+    arguments). Its own top-1/top-2 margins are checked, so that a near-tie shows up as a bad fixture."""
+    want = []
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            out = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
+                              return_dict_in_generate=True, **options(i))
+            top2 = torch.stack(out.scores).float().squeeze(1).topk(2, dim=-1).values
+            margin = float((top2[:, 0] - top2[:, 1]).min())
+            assert margin > MIN_MARGIN, f"prompt {i} ({len(p)} tokens): HF near-tie (margin {margin:.1e}); pick others"
+            want.append(out.sequences[0, len(p):].tolist())
+    return want
+
+
 @pytest.fixture(scope="module", params=list(ARCHS))
 def case(request, hf_checkpoint):
     """(checkpoint path, prompts, HF greedy continuations)."""
-    from transformers import AutoModelForCausalLM
-
     ckpt_seed, prompt_seed = ARCHS[request.param]
     path = hf_checkpoint(request.param, seed=ckpt_seed)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    hf = _hf_model(path)
     prompts = _prompts(hf.config.vocab_size, prompt_seed)
-    want = []
-    with torch.no_grad():
-        for p in prompts:
-            out = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
-                              return_dict_in_generate=True)
-            top2 = torch.stack(out.scores).float().squeeze(1).topk(2, dim=-1).values
-            margin = float((top2[:, 0] - top2[:, 1]).min())
-            assert margin > MIN_MARGIN, f"prompt of {len(p)}: HF near-tie (margin {margin:.1e}); pick other prompts"
-            want.append(out.sequences[0, len(p):].tolist())
-    return str(path), prompts, want
+    return str(path), prompts, _hf_greedy(hf, prompts)
 
 
 def test_served_alone_equals_hf(case):
@@ -108,21 +118,10 @@ SHARED = 37  # tokens of a common prefix: four whole blocks of 8 and part of a f
 def shared_case(case):
     """Prompts that begin with one long prompt's first SHARED tokens (that prefix alone, its first 20 and its first
     33 among them), and HF's greedy continuations of each."""
-    from transformers import AutoModelForCausalLM
-
     path, prompts, _ = case
     prefix = prompts[-1][:SHARED]
     shared = [prefix, prefix[:20], prefix[:33]] + [prefix + p for p in prompts[:8]] + [prefix[:16] + p for p in prompts[8:11]]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    want = []
-    with torch.no_grad():
-        for p in shared:
-            out = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
-                              return_dict_in_generate=True)
-            top2 = torch.stack(out.scores).float().squeeze(1).topk(2, dim=-1).values
-            assert float((top2[:, 0] - top2[:, 1]).min()) > MIN_MARGIN, f"prompt of {len(p)}: HF near-tie"
-            want.append(out.sequences[0, len(p):].tolist())
-    return path, shared, want
+    return path, shared, _hf_greedy(_hf_model(path), shared)
 
 
 @pytest.mark.parametrize("mode", ["off", "padded"])
@@ -162,11 +161,9 @@ TOP = 5
 def test_logprobs_equal_hf(case, mode):
     """Each greedy token's log-probability and the 5 most likely tokens' equal HF generate's scores, log-softmaxed,
     for requests served together (padded: decode steps queued one ahead of their tokens, as on a GPU)."""
-    from transformers import AutoModelForCausalLM
-
     path, prompts, want = case
     prompts, want = prompts[:LOGPROB_PROMPTS], want[:LOGPROB_PROMPTS]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    hf = _hf_model(path)
     engine = LLMEngine.from_config(EngineConfig(model=path, num_kv_blocks=64, block_size=8, decode_graphs=mode))
     outs = engine.generate_batch(prompts, SamplingParams(max_tokens=NEW_TOKENS, logprobs=TOP))
     assert (engine.stats()["steps_ahead"] > 0) == (mode == "padded")
@@ -211,23 +208,18 @@ def _openai_penalties(prompt_len: int, presence: float, frequency: float):
 def test_penalties_equal_hf(case, mode):
     """Greedy requests with repetition, presence and frequency penalties (and one without), served together: each
     output is HF generate's with its RepetitionPenaltyLogitsProcessor and an OpenAI-penalties processor."""
-    from transformers import AutoModelForCausalLM, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
     path, prompts, plain = case
     prompts = prompts[:PENALISED]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     kinds = [PENALTIES[i % len(PENALTIES)] for i in range(len(prompts))]
-    want = []
-    for p, kind in zip(prompts, kinds):
-        processors = LogitsProcessorList([_openai_penalties(len(p), kind.get("presence_penalty", 0.0),
-                                                            kind.get("frequency_penalty", 0.0))])
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True,
-                              return_dict_in_generate=True, repetition_penalty=kind.get("repetition_penalty", 1.0),
-                              logits_processor=processors)
-        top2 = torch.stack(out.scores).float().squeeze(1).topk(2, dim=-1).values
-        assert float((top2[:, 0] - top2[:, 1]).min()) > MIN_MARGIN, f"prompt of {len(p)} with {kind}: HF near-tie"
-        want.append(out.sequences[0, len(p):].tolist())
+
+    def penalties(i: int) -> dict:
+        kind = kinds[i]
+        return dict(repetition_penalty=kind.get("repetition_penalty", 1.0), logits_processor=LogitsProcessorList([
+            _openai_penalties(len(prompts[i]), kind.get("presence_penalty", 0.0), kind.get("frequency_penalty", 0.0))]))
+
+    want = _hf_greedy(_hf_model(path), prompts, penalties)
     engine = LLMEngine.from_config(EngineConfig(model=path, num_kv_blocks=64, block_size=8, decode_graphs=mode))
     outs = engine.generate_batch(prompts, [SamplingParams(max_tokens=NEW_TOKENS, **kind) for kind in kinds])
     for p, kind, w, out in zip(prompts, kinds, want, outs):
