@@ -278,10 +278,10 @@ class ModelRunner:
         """(sampled ids [N], and when a sequence asks for them Sampler.logprobs rows [N, 1 + 2k], else None)."""
         logits = self.model.compute_logits(hidden)
         histories = None
-        if any(s.params.reads_history for s in seqs):
-            eos = set() if all(s.params.ignore_eos for s in seqs) else set(self.model.config.eos_token_ids)
-            histories = [(s.token_ids, s.num_prompt_tokens,
-                          set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else eos))
+        if any(s.params.reads_history for s in seqs):  # (tokens so far, prompt length, what min_tokens holds back)
+            eos = set(self.model.config.eos_token_ids)
+            histories = [(s.token_ids, s.num_prompt_tokens, set(s.params.stop_token_ids) | (set() if s.params.ignore_eos
+                                                                                           else eos))
                          if s.params.reads_history else None for s in seqs]
         tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], histories)
         wanted = [s.params.logprobs for s in seqs if s.params.logprobs is not None]

@@ -33,7 +33,7 @@ class _Clock:
 
 def test_rates_and_latencies_cover_the_window_not_the_lifetime():
     stats = dict(running=2, waiting=1, kv_blocks_used=10, kv_blocks_total=40, prompt_tokens=0, tokens_generated=0,
-                 requests_finished=0)
+                 requests_finished=0, prefix_cache_queried_tokens=0, prefix_cache_hit_tokens=0)
     clock, tel = _Clock(), Telemetry()
     try:
         figures = ServingFigures(type("E", (), {"stats": lambda self: dict(stats)})(), tel, window_s=60, clock=clock)
@@ -48,10 +48,13 @@ def test_rates_and_latencies_cover_the_window_not_the_lifetime():
             clock.t += 30
             stats["tokens_generated"] += 300
             stats["requests_finished"] += 3
+            stats["prefix_cache_queried_tokens"] += 100
+            stats["prefix_cache_hit_tokens"] += 75
             tel.ttft.record(0.02)
             now = figures()
         assert now["window_s"] == 60 and now["output_tokens_per_s"] == pytest.approx(10.0)
-        assert now["requests_per_s"] == pytest.approx(0.1)
+        assert now["requests_per_s"] == pytest.approx(0.1) and now["prefix_cache_hit_rate"] == pytest.approx(0.75)
+        assert first["prefix_cache_hit_rate"] == 0.0  # nothing admitted over its window
         assert now["ttft"]["count"] == 2 and now["ttft"]["p99_s"] <= 0.025
         assert (now["running"], now["waiting"], now["kv_blocks_used"], now["kv_blocks_total"]) == (2, 1, 10, 40)
         assert now["tpot"]["count"] == 0
