@@ -86,15 +86,16 @@ class AsyncEngine:
 
     # -- requests ---------------------------------------------------------------------------------
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 deadline: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Queue a request and stream its outputs; the last has finished=True. Raises at call time."""
+                 deadline: float | None = None, resume: list[int] = ()) -> AsyncIterator[RequestOutput]:
+        """Queue a request and stream its outputs; the last has finished=True. Raises at call time. `resume`: see
+        LLMEngine.add_request."""
         if self._failure is not None:
             raise EngineStoppedError(f"the engine failed and takes no new work: {self._failure!r}")
         if self._stopping or self._thread is None:
             raise EngineStoppedError("the engine is not running (not started, or shutting down)")
         if request_id in self._queues:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight; use a unique id")
-        self.core.add_request(request_id, list(prompt_token_ids), params, deadline)
+        self.core.add_request(request_id, list(prompt_token_ids), params, deadline, resume=resume)
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._queues[request_id] = queue
         with self._work:

@@ -81,12 +81,22 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    deadline: float | None = None) -> None:
-        """Queue a request; raises InvalidRequestError or QueueFullError (nothing is queued then)."""
+                    deadline: float | None = None, resume: list[int] = ()) -> None:
+        """Queue a request; raises InvalidRequestError or QueueFullError (nothing is queued then).
+
+        `resume`: tokens the request already generated elsewhere (a restarted trunk worker's resubmission). They
+        are its output so far, for max_tokens, min_tokens and the penalties, and a seeded request's generator is
+        advanced past them, so the request goes on exactly as it would have; only new tokens are output."""
         self._validate(prompt_token_ids, params)
+        resume = list(resume)
+        if len(resume) >= params.max_tokens or any(not 0 <= t < self.model_config.vocab_size for t in resume):
+            raise InvalidRequestError("resume", f"{len(resume)} tokens: must be fewer than max_tokens "
+                                                f"({params.max_tokens}) and within the vocabulary")
         seq = Sequence(request_id, prompt_token_ids, params, time.monotonic(), deadline)
+        seq.token_ids += resume
         if params.seed is not None and not params.greedy:
             seq.generator = self.runner.sampler.new_generator(params.seed)
+            self.runner.sampler.advance(seq.generator, len(resume), self.model_config.vocab_size)
         if self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids, params.stop)
         with self.lock:

@@ -22,6 +22,12 @@ class Sampler:
     def new_generator(self, seed: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(seed)
 
+    def advance(self, generator: torch.Generator, tokens: int, vocab: int) -> None:
+        """Move a request's generator past `tokens` sampled tokens: each sample draws one row of `vocab`
+        exponentials from it (__call__), so these draws leave it where those samples left it."""
+        for _ in range(tokens):
+            torch.empty(vocab, device=self.device).exponential_(generator=generator)
+
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None], histories: list | None = None) -> torch.Tensor:

@@ -75,14 +75,10 @@ class _Flight:
     first_token_time: float | None = None
     cached_prompt_tokens: int | None = None  # as the worker that first admitted it found them
 
-    def resubmission(self) -> tuple[list[int], SamplingParams]:
-        """Prompt and params that continue this request on a fresh worker (stop strings stay on the edge). The
-        fresh worker counts the tokens generated so far as prompt: min_tokens is lowered by them, and presence and
-        frequency penalties count only the tokens generated after the restart."""
-        done = len(self.generated)
-        params = dataclasses.replace(self.params, max_tokens=self.params.max_tokens - done, stop=(),
-                                     min_tokens=max(0, self.params.min_tokens - done))
-        return self.prompt + self.generated, params
+    def resubmission(self) -> tuple[list[int], SamplingParams, list[int]]:
+        """Prompt, params and the tokens generated so far, which continue this request on a fresh worker as they
+        would have gone on (LLMEngine.add_request's `resume`); stop strings stay on the edge."""
+        return self.prompt, dataclasses.replace(self.params, stop=()), list(self.generated)
 
 
 def _forget(dispatcher: tuple[Any, str] | None) -> None:
@@ -259,8 +255,8 @@ class TrunkEngine:
         if not self._held():  # an idle worker's stall clock starts with its first request
             self._step_clock = time.monotonic()
         flight.incarnation = self._incarnation
-        prompt, params = flight.resubmission()
-        self._actor.submit.remote(flight.request_id, prompt, params)  # errors come back through the poll
+        prompt, params, resume = flight.resubmission()
+        self._actor.submit.remote(flight.request_id, prompt, params, resume)  # errors come back through the poll
 
     def abort(self, request_id: str) -> None:
         """End a request now; its stream gets a final "cancelled" output. No-op if it is not in flight."""

@@ -176,9 +176,10 @@ class TrunkWorker:
         self.outbox.append((request_id, item))
         self.changed.set()
 
-    async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     resume: list[int] = ()) -> None:
         try:
-            stream = self.engine.generate(request_id, prompt_token_ids, params)
+            stream = self.engine.generate(request_id, prompt_token_ids, params, resume=resume)
         except Exception as exc:  # noqa: BLE001 - every admission error goes back to its request
             self._emit(request_id, error_record(exc))
             return

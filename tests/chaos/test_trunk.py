@@ -80,6 +80,34 @@ async def _start_streams(engine: TrunkEngine, stop: str) -> list[asyncio.Task]:
     return tasks
 
 
+async def test_resubmitted_sampling_goes_on_exactly(ray_cluster, demo_model_dir):
+    """Seeded sampling with every penalty and min_tokens, the worker killed once each stream has some tokens (and
+    none is done): the restarted worker goes on from the same output and generator state, so every stream ends
+    with the undisturbed run's tokens."""
+    params = [SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.9, top_k=50, seed=100 + i,
+                             presence_penalty=0.6, frequency_penalty=0.3, repetition_penalty=1.2, min_tokens=10)
+              for i in range(len(PROMPTS))]
+    want = [o.new_token_ids for o in LLMEngine.from_config(_config(str(demo_model_dir))).generate_batch(PROMPTS, params)]
+    engine = TrunkEngine(_config(str(demo_model_dir)))
+    await engine.start()
+    try:
+        seen: list[int] = []
+        progressed = asyncio.Event()
+        tasks = [asyncio.create_task(_consume(engine.generate(f"s{i}", prompt, p), seen, progressed, need=3))
+                 for i, (prompt, p) in enumerate(zip(PROMPTS, params))]
+        while len(seen) < len(PROMPTS):
+            progressed.clear()
+            await progressed.wait()
+        import ray
+
+        ray.kill(engine.worker)
+        got = await asyncio.wait_for(asyncio.gather(*tasks), 300)
+        assert engine.restarts == 1 and engine.resubmitted == len(PROMPTS), "each stream should have been cut"
+        assert [ids for ids, _, _ in got] == want
+    finally:
+        await engine.shutdown(0)
+
+
 async def test_stalled_worker_is_restarted(ray_cluster, demo_model_dir, reference):
     """A worker whose steps stop (its actor still answers polls) is killed after stall_timeout_s without a
     step, restarted, and its requests resubmitted: every stream ends with the undisturbed tokens."""

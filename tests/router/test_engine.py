@@ -165,6 +165,25 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(engine, ckpt):
     assert other.new_token_ids != alone.new_token_ids
 
 
+def test_a_resumed_request_goes_on_as_it_would_have(engine):
+    """add_request(resume=): the tokens already generated count as output (max_tokens, min_tokens, penalties) and
+    the seeded generator is advanced past them, so only the rest comes out, the same as uninterrupted."""
+    prompt = engine.tokenizer.encode("the lazy dog")
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_k=50, seed=77, presence_penalty=0.5,
+                            frequency_penalty=0.4, min_tokens=8)
+    [whole] = engine.generate_batch([prompt], params)
+    engine.add_request("resumed", prompt, params, resume=whole.new_token_ids[:5])
+    rest = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            rest += out.new_token_ids
+    assert rest == whole.new_token_ids[5:]
+    for bad in (whole.new_token_ids, [engine.model_config.vocab_size]):
+        with pytest.raises(InvalidRequestError) as err:
+            engine.add_request("bad", prompt, params, resume=bad)
+        assert err.value.field == "resume"
+
+
 def test_warm_up_step_changes_no_output(ckpt, greedy):
     """The start-up warm-up step (run by ModelRunner on a GPU; called here on the CPU) writes garbage
     KV into blocks no request holds yet: every request that follows writes its slots before reading
