@@ -177,3 +177,33 @@ def test_routing_spread_script_runs_on_a_tiny_model(tmp_path):
             x = r[kind]
             assert r["top_k"] <= x["min_distinct"] <= x["mean_distinct"] <= r["experts"]
             assert r["top_k"] <= x["uniform_expectation"] <= r["experts"]
+
+
+def _script(name: str, tmp_path, *args: str) -> dict:
+    """Run benchmarks/<name>.py with `args` and --out-dir tmp_path; its JSON result."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    run = subprocess.run([sys.executable, str(script), *args, "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def test_prefix_cache_script_runs_on_the_demo_model(tmp_path):
+    """benchmarks/bench_prefix_cache.py at small numbers: three runs over gRPC; only caching on hits."""
+    result = _script("bench_prefix_cache", tmp_path, "--requests", "6", "--prefix-len", "48", "--own-len", "4",
+                     "--new-tokens", "2", "--concurrency", "2")
+    runs = {r["name"]: r for r in result["runs"]}
+    assert set(runs) == {"on", "off", "floor"} and all(r["summary"]["completed"] == 6 for r in runs.values())
+    assert runs["on"]["hit_rate"] > 0 and runs["off"]["hit_rate"] == runs["floor"]["hit_rate"] == 0
+    assert runs["on"]["computed_tokens"] < runs["off"]["computed_tokens"]
+
+
+def test_dispatch_script_runs_and_checks_exactness(tmp_path):
+    """benchmarks/bench_dispatch.py at small numbers (it exits non-zero if the dispatcher's output is not fused's)."""
+    rows = _script("bench_dispatch", tmp_path, "--groups", "1,2", "--tokens", "1,5", "--iters", "3")["rows"]
+    assert [(r["groups"], r["tokens"]) for r in rows] == [(1, 1), (1, 5), (2, 1), (2, 5)]
+    assert all(r["dispatch_us"] >= r["groups_us"] > 0 for r in rows)
