@@ -157,7 +157,8 @@ class Sequence:
         self.num_emitted_tokens = 0  # completion tokens already handed to the caller
         self.first_scheduled_time: float | None = None  # when it first got a step (queue wait ends)
         self.deferred_at_step: int | None = None  # the scheduler step that last left its decode out
-        self.num_cached_blocks = 0  # leading blocks of block_table in the prefix cache (block_manager.py)
+        self.num_cached_blocks = 0  # leading blocks of block_table whose tokens the prefix cache knows (registered
+        # from this sequence or found there): where BlockManager.register goes on
         self.prefix_serial = 0  # the serial number of the last of those (0: none)
         self.num_cached_prompt_tokens: int | None = None  # prompt tokens read from the prefix cache at first admission
 
