@@ -122,6 +122,7 @@ class Telemetry:
             ("running_sequences", "sequences in the running batch"),
             ("kv_blocks_used", "KV cache blocks in use"),
             ("kv_blocks_total", "KV cache blocks in all"),
+            ("kv_blocks_cached", "free KV cache blocks still holding a cached prefix (reused until taken)"),
         ):
             meter.create_observable_gauge(name, callbacks=[self._gauge_callback(name)], description=description)
         for name, description in (
@@ -340,6 +341,7 @@ def engine_gauges(stats: dict) -> dict[str, float]:
         "running_sequences": stats.get("running", 0),
         "kv_blocks_used": stats.get("kv_blocks_used", 0),
         "kv_blocks_total": stats.get("kv_blocks_total", 0),
+        "kv_blocks_cached": stats.get("kv_blocks_cached", 0),
         "prefix_cache_queried_tokens": stats.get("prefix_cache_queried_tokens", 0),
         "prefix_cache_hit_tokens": stats.get("prefix_cache_hit_tokens", 0),
     }

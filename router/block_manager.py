@@ -71,6 +71,11 @@ class BlockManager:
         """Blocks registered in the prefix cache, held by a sequence or not."""
         return len(self._key_of)
 
+    @property
+    def num_idle_cached_blocks(self) -> int:
+        """Cached blocks no sequence holds: counted as free, kept until a new block is needed."""
+        return len(self._evictable)
+
     def blocks_missing(self, seq: Sequence, extra: int = 0) -> int:
         """Blocks a sequence still needs to cover all its tokens and `extra` more (0 for one fully covered)."""
         return max(0, blocks_for(len(seq) + extra, self.block_size) - len(seq.block_table))

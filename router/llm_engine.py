@@ -276,6 +276,7 @@ class LLMEngine:
                 running=len(self.scheduler.running),
                 kv_blocks_used=self.block_manager.num_used_blocks,
                 kv_blocks_total=self.block_manager.num_blocks,
+                kv_blocks_cached=self.block_manager.num_idle_cached_blocks,
                 block_size=self.block_manager.block_size,
                 preemptions=self.scheduler.num_preemptions,
                 prefix_cache_queried_tokens=self.block_manager.prefix_queried_tokens,

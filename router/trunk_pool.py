@@ -39,7 +39,7 @@ STARTING, SERVING, DRAINING = "starting", "serving", "draining"
 # Cumulative figures of LLMEngine.stats() (and the trunk's restarts and stalls): summed over every member that
 # ever served.
 COUNTERS = (*WORKER_COUNTERS, "trunk_restarts", "trunk_stalls")
-_GAUGES = ("waiting", "running", "kv_blocks_used", "kv_blocks_total", "requests_in_flight")
+_GAUGES = ("waiting", "running", "kv_blocks_used", "kv_blocks_total", "kv_blocks_cached", "requests_in_flight")
 
 
 class PrefixAffinity:

@@ -108,6 +108,7 @@ async def test_every_metric_moves_with_real_traffic(demo_model_dir):
             'moeserve_errors_total{code="INVALID_ARGUMENT"}': 1, 'moeserve_errors_total{code="UNAUTHENTICATED"}': 1,
             'moeserve_errors_total{code="CANCELLED"}': 1,
             "moeserve_prefix_cache_queried_tokens_total": 4 + 2 + 1 + 3 + 80, "moeserve_prefix_cache_hit_tokens_total": 32,
+            "moeserve_kv_blocks_cached": 2,  # the 40-token prompt's two whole blocks, free but kept
         }
         for name, at_least in moved.items():
             assert after.get(name, 0) - before.get(name, 0) >= at_least, (name, after.get(name), before.get(name))
