@@ -183,6 +183,18 @@ def test_next_decode_rules():
     assert sched.next_decode(ScheduledBatch()) is None
 
 
+def test_no_look_ahead_for_a_sequence_whose_sampling_reads_its_tokens():
+    """Penalties and min_tokens need the token the pending step samples: that step's successor is not queued ahead."""
+    for params in (SamplingParams(max_tokens=5), SamplingParams(max_tokens=5, presence_penalty=0.5),
+                   SamplingParams(max_tokens=5, min_tokens=2), SamplingParams(max_tokens=5, repetition_penalty=1.1)):
+        sched = Scheduler(BlockManager(num_blocks=6, block_size=4), max_num_seqs=4, max_num_batched_tokens=16,
+                          max_queued_requests=8)
+        sched.add(Sequence("a", [1, 2, 3], params))
+        sched.postprocess(sched.schedule(), [9])
+        decode = sched.schedule()
+        assert (sched.next_decode(decode) is None) == params.reads_history, params
+
+
 @pytest.mark.parametrize("mode", ["off", "padded"])
 def test_cancel_while_the_step_lays_out_its_batch(mode, hf_checkpoint):
     """A cancel from the event loop's thread can land after the schedule and before the step has read
