@@ -36,6 +36,7 @@ def build_request(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     min_tokens: int = 0,
+    priority: int = 0,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; exactly one of `prompt` and `token_ids`."""
     if (prompt is None) == (token_ids is None):
@@ -44,6 +45,7 @@ def build_request(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, stop=list(stop),
         stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, request_id=request_id,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, min_tokens=min_tokens,
+        priority=priority,
     )
     if prompt is not None:
         req.prompt = prompt

@@ -16,6 +16,11 @@ steps (CUDA graphs), instead of a third, mixed step of 63 decodes and the last 3
 eagerly (on an H200: 72-203 ms against ~19 ms for a graphed step; with the deferral Qwen3-30B-A3B
 at batch 64 went from 2376-2467 to 2811 output tokens/s, docs/benchmarks.md).
 
+Priorities (SamplingParams.priority, lower first): admission takes the waiting request of the lowest
+priority, the first in queue order among equals, and a decode short of a block preempts the request of
+the highest priority value among those not yet scheduled this step, the newest among equals. Until a
+request with a priority other than 0 arrives, both are the plain queue ends.
+
 Prompts arriving while decodes run may be held back for up to `prefill_hold_s` (EngineConfig's
 prefill_hold_ms, 0 by default; only where decode-only steps replay CUDA graphs), so that under a
 steady stream of arrivals fewer steps carry a prompt beside the decodes: every running request's
@@ -116,6 +121,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._step = 0  # steps scheduled so far
         self._deferred_step = -1  # the last one that left the decodes out
+        self._prioritised = False  # a request with a priority other than 0 has arrived
 
     @property
     def decodes_deferred(self) -> bool:
@@ -132,6 +138,7 @@ class Scheduler:
             )
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+        self._prioritised = self._prioritised or seq.params.priority != 0
 
     def admissible_arrivals(self) -> tuple[float, float] | None:
         """(oldest, newest) arrival time of the waiting requests when the next step could still take
@@ -165,7 +172,8 @@ class Scheduler:
             seq = self.running[i]
             if seq.num_uncomputed_tokens == 1:
                 while not bm.can_append(seq):
-                    victim = self.running.pop()
+                    victim = self._victim(i)
+                    self.running.remove(victim)
                     self._preempt(victim)
                     batch.preempted.append(victim)
                     if victim is seq:
@@ -177,6 +185,8 @@ class Scheduler:
                     else:
                         batch.add(seq, 1)
                         budget -= 1
+                if seq.status is SequenceStatus.WAITING:  # preempted itself: running[i] is now the next one
+                    continue
             i += 1
 
         # 2. Prefill chunks of running sequences still reading their prompt (blocks held since admission).
@@ -193,10 +203,10 @@ class Scheduler:
         if batch.preempted or hold:
             return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self._next_waiting()
             if not bm.can_allocate(seq):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             bm.allocate(seq)
             if seq.num_cached_prompt_tokens is None:
                 seq.num_cached_prompt_tokens = seq.num_computed_tokens
@@ -233,6 +243,20 @@ class Scheduler:
             bm.append(seq, 1)
             nxt.add_ahead(seq)
         return nxt
+
+    def _next_waiting(self) -> Sequence:
+        """The waiting request admission takes next: the lowest priority, the first in queue order among equals."""
+        if not self._prioritised:
+            return self.waiting[0]
+        return min(self.waiting, key=lambda s: s.params.priority)  # min keeps the first of equals
+
+    def _victim(self, first: int) -> Sequence:
+        """The running request to preempt, among those from position `first` on (not yet scheduled this step):
+        the highest priority value, the newest among equals."""
+        if not self._prioritised:
+            return self.running[-1]
+        candidates = [self.running[j] for j in range(first, len(self.running))]
+        return max(reversed(candidates), key=lambda s: s.params.priority)  # max keeps the first (newest) of equals
 
     def _hold_prompts(self) -> bool:
         """Whether this step leaves the waiting prompts out so that it stays decodes alone (see the

@@ -37,6 +37,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # [-2, 2]: subtracted from the logit of each token generated so far
     frequency_penalty: float = 0.0  # [-2, 2]: times the number of times each token was generated so far
     min_tokens: int = 0  # no EOS nor stop id before this many new tokens
+    priority: int = 0  # scheduling: lower is admitted first and preempted last; equal keeps arrival order
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -60,6 +61,8 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidRequestError("min_tokens", f"must be an integer in [0, max_tokens = {self.max_tokens}], got "
                                                     f"{self.min_tokens!r}")
+        if not isinstance(self.priority, int) or not -2**31 <= self.priority < 2**31:
+            raise InvalidRequestError("priority", f"must be a 32-bit integer, got {self.priority!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:

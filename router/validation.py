@@ -184,5 +184,6 @@ def validate(request, limits: Limits, encode: Callable[[str], list[int]]) -> Val
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
         min_tokens=request.min_tokens,
+        priority=request.priority,
     )
     return ValidRequest(request_id=request_id, prompt_token_ids=prompt, params=params)

@@ -78,6 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="[-2, 2]: subtracted once per time each token was generated (default 0)")
     p.add_argument("--min-tokens", type=int, default=0, metavar="N",
                    help="no end-of-sequence or stop token id before N new tokens (default 0)")
+    p.add_argument("--priority", type=int, default=0, metavar="N",
+                   help="scheduling priority: lower is admitted first and preempted last (default 0)")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="after the completion, print each token's log-probability and the N likeliest tokens' "
                         "(0..20) on standard error")
@@ -100,6 +102,7 @@ async def _generate(args: argparse.Namespace) -> int:
         seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
         request_id=args.request_id, logprobs=args.logprobs, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
+        priority=args.priority,
     )
     tokens, logprobs = [], []
     async with connect(args) as client:

@@ -42,8 +42,8 @@ class Sim:
         self.cache: dict[int, int] = {}
         self.seqs: dict[str, Sequence] = {}
 
-    def add(self, rid, prompt, max_tokens):
-        seq = Sequence(rid, prompt, SamplingParams(max_tokens=max_tokens), self.now)
+    def add(self, rid, prompt, max_tokens, priority=0):
+        seq = Sequence(rid, prompt, SamplingParams(max_tokens=max_tokens, priority=priority), self.now)
         self.sched.add(seq)
         self.seqs[rid] = seq
         return seq
@@ -310,6 +310,34 @@ def test_a_preempted_sequence_finds_its_blocks_again():
     assert a.completion_token_ids == alone([1, 2, 3, 4], 4) and b.completion_token_ids == alone([5, 6, 7, 8], 4)
 
 
+def test_priority_orders_admission_and_picks_the_victim():
+    sim = Sim(num_blocks=16, block_size=4, max_num_seqs=1, budget=64)
+    low, high, mid, mid2 = (sim.add("low", [1], 2, priority=1), sim.add("high", [2], 2, priority=-5),
+                            sim.add("mid", [3], 2), sim.add("mid2", [4], 2))
+    order = []
+    while sim.sched.has_unfinished():
+        order += [s.request_id for s in sim.step().seqs if s.request_id not in order]
+    assert order == ["high", "mid", "mid2", "low"]  # lowest first, arrival order among equals
+    for seq in (low, high, mid, mid2):
+        assert seq.completion_token_ids == alone(seq.token_ids[:1], 2)
+
+    # b, a, c admitted one step apart (running in that order); when b's decode needs a block and none is free,
+    # a goes (the highest priority value among those not yet scheduled this step), not c, the newest.
+    sim = Sim(num_blocks=6, block_size=2, max_num_seqs=4, budget=64)
+    b = sim.add("b", [5, 6, 7, 8], 8)
+    sim.step()
+    a = sim.add("a", [1, 2], 8, priority=1)
+    sim.step()
+    c = sim.add("c", [9, 10], 8)
+    assert sim.step().seqs == [b, a, c] and sim.bm.num_free_blocks == 0
+    batch = sim.step()
+    assert batch.preempted == [a] and batch.seqs == [b, c]
+    while sim.sched.has_unfinished():
+        sim.step()
+    for seq, prompt in ((a, [1, 2]), (b, [5, 6, 7, 8]), (c, [9, 10])):
+        assert seq.completion_token_ids == alone(prompt, 8)
+
+
 def test_a_sequence_alone_preempts_itself_never():
     sim = Sim(num_blocks=3, block_size=2, max_num_seqs=1, budget=8)
     a = sim.add("a", [1], 5)  # 6 tokens = 3 blocks: fits alone exactly
@@ -334,6 +362,7 @@ def test_budget_must_cover_a_decode_per_sequence():
 
 
 request = st.tuples(
+    st.integers(-1, 1),  # priority
     st.integers(0, 16),  # the prompt begins with this many tokens of the shared prefix
     st.lists(st.integers(0, 49), min_size=1, max_size=16),  # then its own tokens
     st.integers(1, 12),  # max_tokens
@@ -355,7 +384,8 @@ request = st.tuples(
 )
 def test_outputs_equal_serving_alone_whatever_the_schedule(shared, drawn, block_size, spare_blocks, max_num_seqs,
                                                            extra_budget, hold_steps, prefix_caching):
-    requests = [(shared[:p] + own, m, arrival, abort_at) for p, own, m, arrival, abort_at in drawn]
+    requests = [(shared[:p] + own, m, arrival, abort_at) for _, p, own, m, arrival, abort_at in drawn]
+    priorities = [d[0] for d in drawn]
     longest = max(len(p) + m for p, m, _, _ in requests)
     sim = Sim(blocks_for(longest, block_size) + spare_blocks, block_size, max_num_seqs, max_num_seqs + extra_budget,
               prefill_hold_s=hold_steps, prefix_caching=prefix_caching)  # the clock counts steps
@@ -365,7 +395,7 @@ def test_outputs_equal_serving_alone_whatever_the_schedule(shared, drawn, block_
         for i, (prompt, max_tokens, arrival, abort_at) in enumerate(requests):
             rid = f"r{i}"
             if arrival == step:
-                sim.add(rid, prompt, max_tokens)
+                sim.add(rid, prompt, max_tokens, priorities[i])
             if abort_at == step and rid in sim.seqs and not sim.seqs[rid].is_finished:
                 sim.abort(rid)
         sim.step()

@@ -104,6 +104,8 @@ async def test_request_id_is_echoed_and_ignore_eos_gives_exact_lengths(client):
     resp = await client.generate(token_ids=[3, 4, 5], max_tokens=9, ignore_eos=True, request_id="client-42")
     assert resp.request_id == "client-42"
     assert len(resp.token_ids) == 9 and resp.finish_reason == pb.length
+    urgent = await client.generate(token_ids=[3, 4, 5], max_tokens=9, ignore_eos=True, priority=-7)
+    assert list(urgent.token_ids) == list(resp.token_ids)  # a priority changes when, not what
 
 
 def _invalid_requests(vocab: int, context: int):
