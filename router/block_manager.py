@@ -82,7 +82,9 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence) -> bool:
         """Whether the blocks for all of a waiting sequence's tokens are free or cached."""
-        hits = self._match(seq)
+        return self._fits(seq, self._match(seq))
+
+    def _fits(self, seq: Sequence, hits: list[tuple[int, int]]) -> bool:
         idle_hits = sum(1 for _, block in hits if self._refs[block] == 0)  # cached and counted as free
         return blocks_for(len(seq), self.block_size) - len(hits) <= self.num_free_blocks - idle_hits
 
@@ -91,10 +93,10 @@ class BlockManager:
         cached blocks its tokens begin with, whose tokens count as computed, then free ones."""
         if seq.block_table:
             raise RuntimeError(f"{seq.request_id}: already holds blocks {seq.block_table}")
-        if not self.can_allocate(seq):
+        hits = self._match(seq)
+        if not self._fits(seq, hits):
             raise RuntimeError(f"{seq.request_id}: needs {blocks_for(len(seq), self.block_size)} blocks, "
                                f"{self.num_free_blocks} free")
-        hits = self._match(seq)
         for _, block in hits:
             if self._refs[block] == 0:
                 del self._evictable[block]
