@@ -108,6 +108,16 @@ async def test_bench_against_a_live_server(tmp_path, capsys):
         assert result["config"]["rate"] == 200 and result["config"]["concurrency"] is None
         assert srv.engine.stats()["kv_blocks_used"] == 0
 
+        before = srv.engine.stats()["prefix_cache_hit_tokens"]
+        shared = build_parser().parse_args([
+            "bench", "--address", srv.address, "--concurrency", "1", "--num-requests", "4", "--output-len", "2",
+            "--prompt-len", "3", "--shared-prefix-len", "40", "--num-shared-prefixes", "2"])
+        result = await run_bench(shared)
+        assert result["summary"]["completed"] == 4 and all(r["prompt_tokens"] == 43 for r in result["requests"])
+        assert result["config"]["shared_prefix_len"] == 40 and result["config"]["num_shared_prefixes"] == 2
+        # one request at a time: the third and fourth find the first and second's prefix (2 whole blocks of 16)
+        assert srv.engine.stats()["prefix_cache_hit_tokens"] - before == 2 * 32
+
 
 def test_gpu_benchmark_script_runs_end_to_end_on_a_tiny_model(tmp_path):
     """benchmarks/bench_serving.py --smoke: server process, gRPC load, floor, JSON and the markdown table."""
