@@ -52,10 +52,13 @@ class ServerConfig:
     max_request_id_chars: int = 128
     auth_tokens: tuple[str, ...] = ()  # empty: auth off
     tls: ServerTLS | None = None
+    http_port: int | None = None  # the OpenAI-compatible HTTP front (router/openai_http.py) on this port; None: off
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         for name in ("max_message_bytes", "max_streams_per_caller"):
@@ -88,6 +91,7 @@ class InferenceServer:
     _server: grpc.aio.Server | None = None
     _health: Any = None  # grpc_health's HealthServicer, when installed
     _stopped: asyncio.Event | None = None
+    http: Any = None  # the OpenAI-compatible HTTP front (config.http_port), once started
 
     @property
     def address(self) -> str:
@@ -135,6 +139,18 @@ class InferenceServer:
         self._server = server
         self._stopped = asyncio.Event()
         await server.start()
+        if cfg.http_port is not None:
+            from moeserve.router.openai_http import OpenAIHTTP
+
+            self.http = OpenAIHTTP(self.servicer, self.model_name or mc.model_type, self.engine.tokenizer,
+                                   limits.context_length, tokens, cfg.max_message_bytes)
+            try:
+                await self.http.start(cfg.host, cfg.http_port, cfg.tls)
+            except OSError as exc:
+                await self.stop(0)
+                raise OSError(f"cannot listen for HTTP on {format_address(cfg.host, cfg.http_port)}: {exc}") from exc
+            log.info("OpenAI-compatible HTTP on %s://%s", "https" if cfg.tls else "http",
+                     format_address(cfg.host, self.http.port))
         if self._health is not None:
             for name in ("", SERVICE):
                 await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -172,6 +188,8 @@ class InferenceServer:
             await asyncio.wait_for(self.servicer.wait_for(lambda: self.servicer.num_active == 0), _FLUSH_S)
         await self._server.stop(None)  # what is left: health watchers, calls stuck writing
         await closing
+        if self.http is not None:
+            await self.http.stop()
         self._stopped.set()
         log.info("server on %s stopped", self.address)
 

@@ -138,12 +138,26 @@ class InferenceServicer:
     # -- one request ------------------------------------------------------------------------------
     async def _outputs(self, request: Any, context: grpc.aio.ServicerContext,
                        tracker: Any) -> AsyncIterator[tuple[str, Any]]:
-        """Admit, validate and run one request; yields (request_id, RequestOutput) until it finishes."""
+        """Admit, validate and run one gRPC request; yields (request_id, RequestOutput) until it finishes."""
         if isinstance(request, _Malformed):
             raise InvalidRequestError("request", f"is not a valid moeserve.v1.GenerateRequest ({request.error})")
         if self.draining:
             raise EngineStoppedError("server is shutting down")
-        caller = caller_identity(context, self._tokens)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        async with contextlib.aclosing(self.run_request(request, caller_identity(context, self._tokens), deadline,
+                                                        tracker)) as outputs:
+            async for item in outputs:
+                yield item
+
+    async def run_request(self, request: Any, caller: str, deadline: float | None,
+                          tracker: Any = None) -> AsyncIterator[tuple[str, Any]]:
+        """Admit, validate and run one GenerateRequest from `caller` (its limit of calls in flight applies);
+        yields (request_id, RequestOutput) until it finishes. The gRPC methods and the HTTP front
+        (router/openai_http.py) share it, and with it every limit and the shutdown's bookkeeping."""
+        tracker = tracker or _NO_TRACKER
+        if self.draining:
+            raise EngineStoppedError("server is shutting down")
         if self._streams[caller] >= self._config.max_streams_per_caller:
             raise TooManyStreamsError(
                 f"{self._streams[caller]} calls in flight from this caller, the limit per caller"
@@ -157,8 +171,6 @@ class InferenceServicer:
             request_id = req.request_id
             self._active.add(request_id)
             tracker.admitted(request_id, len(req.prompt_token_ids))
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
             stream = self._engine.generate(req.request_id, req.prompt_token_ids, req.params, deadline=deadline)
             await self._notify()
             finished = False

@@ -230,6 +230,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--auth-token-file", metavar="PATH",
                    help=f"turn bearer-token auth on with the tokens in PATH (one a line); ${TOKEN_ENV} "
                         "(comma separated) adds tokens too")
+    g.add_argument("--http-port", type=int, default=None, metavar="N",
+                   help="also serve an OpenAI-compatible HTTP API (/v1/completions, /v1/models) on port N of --host, "
+                        "with the same auth, TLS and limits (default: off; 0: any free port)")
     g.add_argument("--tls-cert", metavar="PEM", help="server certificate (turns TLS on; needs --tls-key)")
     g.add_argument("--tls-key", metavar="PEM", help="key of --tls-cert")
     g.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mTLS)")
@@ -264,7 +267,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         host=args.host, port=args.port, grace_s=args.grace, max_message_bytes=args.max_message_bytes,
         max_streams_per_caller=args.max_streams_per_caller, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
-        auth_tokens=tuple(load_tokens(args.auth_token_file)), tls=tls,
+        auth_tokens=tuple(load_tokens(args.auth_token_file)), tls=tls, http_port=getattr(args, "http_port", None),
     )
 
 
@@ -426,6 +429,10 @@ async def _serve(args: argparse.Namespace) -> int:
     print(f"moeserve: serving {server.model_name} on {server.address} "
           f"(tls {'on' if server.tls else 'off'}, auth {'on' if server_cfg.auth_tokens else 'off'})", flush=True)
     print(f"moeserve: try  {client_command(server, args)}", flush=True)
+    if server.http is not None:
+        scheme = "https" if server.tls else "http"
+        print(f"moeserve: OpenAI-compatible HTTP on {scheme}://{format_address(args.host, server.http.port)}/v1 "
+              f"(completions, models)", flush=True)
     if tel is not None and tel.prometheus_port is not None:
         print(f"moeserve: metrics on http://{format_address(args.prometheus_host, tel.prometheus_port)}/metrics",
               flush=True)

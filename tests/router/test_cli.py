@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -70,7 +71,7 @@ class ServeProcess:
 
 @pytest.fixture(scope="module")
 def served():
-    srv = ServeProcess("--prometheus-port", "0")
+    srv = ServeProcess("--prometheus-port", "0", "--http-port", "0")
     try:
         address = srv.expect(READY, START_TIMEOUT_S).group(1)
         with Client(address) as client:
@@ -84,6 +85,17 @@ def test_serve_prints_a_ready_to_paste_client_command(served):
     srv, address = served
     hint = srv.expect(re.compile(r"moeserve: try\s+(.*)$"), 10).group(1)
     assert "generate" in hint and f"--address {address}" in hint and "--stream" in hint
+
+
+def test_serve_prints_its_openai_compatible_http_address(served):
+    srv, address = served
+    base = srv.expect(re.compile(r"moeserve: OpenAI-compatible HTTP on (http://\S+/v1)"), 10).group(1)
+    request = urllib.request.Request(f"{base}/completions", data=json.dumps({"prompt": "Hello", "max_tokens": 3,
+                                                                            "temperature": 0}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    with Client(address) as client:
+        assert reply["choices"][0]["token_ids"] == list(client.generate(prompt="Hello", max_tokens=3).token_ids)
 
 
 def test_generate_streams_what_the_server_generates(served):

@@ -1,0 +1,271 @@
+"""An OpenAI-compatible HTTP front beside the gRPC edge (`moeserve serve --http-port N`).
+
+`POST /v1/completions` (one prompt, text or token ids; the whole completion, or server-sent events with
+`"stream": true`), `GET /v1/models` and `GET /health`. A request becomes a moeserve.v1.GenerateRequest and
+runs through `InferenceServicer.run_request`, as a gRPC call does: the same validation (errors name the
+field, which is the OpenAI parameter's name), limits, bearer tokens, priorities and graceful shutdown.
+
+As in OpenAI's API, `temperature` defaults to 1 (gRPC's to 0, greedy), and EOS ends a completion with
+finish_reason "stop". Parameters beyond OpenAI's, as vLLM takes them: top_k, repetition_penalty,
+min_tokens, ignore_eos, stop_token_ids, priority; each choice carries its `token_ids` too. Not supported
+(refused by name): n and best_of above 1, echo, suffix, logit_bias.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from typing import Any
+
+from aiohttp import web
+
+from moeserve.router import status_codes
+from moeserve.router.auth import TokenSet
+from moeserve.router.errors import InvalidRequestError
+from moeserve.v1 import inference_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+_HTTP = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429,
+         "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+_ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+_FINISH = {"eos": "stop"}  # OpenAI ends on EOS with "stop"; length, stop, cancelled as they are
+# JSON parameter -> (GenerateRequest field, Python types accepted). Absent or null: the field's default.
+_NUMBERS = {"max_tokens": int, "top_p": float, "top_k": int, "seed": int, "logprobs": int, "presence_penalty": float,
+            "frequency_penalty": float, "repetition_penalty": float, "min_tokens": int, "priority": int}
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+def _error(status: int, message: str, param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": _ERROR_TYPE.get(status, "server_error"), "param": param,
+                      "code": None}}
+    return web.json_response(body, status=status)
+
+
+def _number(body: dict, name: str, kind: type) -> Any:
+    value = body.get(name)
+    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+    if isinstance(value, bool) or not ok:
+        raise InvalidRequestError(name, f"must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+    return value
+
+
+def generate_request(body: Any, model_name: str) -> tuple[pb.GenerateRequest, bool, bool]:
+    """A /v1/completions body as (GenerateRequest, stream, include_usage); InvalidRequestError naming the
+    parameter, _Refused(404) for another model."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("body", "must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise _Refused(404, f"model {model!r} is not served here; GET /v1/models lists {model_name!r}", "model")
+    for name, allowed in (("n", (None, 1)), ("best_of", (None, 1)), ("echo", (None, False)), ("suffix", (None,))):
+        if body.get(name) not in allowed:
+            raise InvalidRequestError(name, f"{body[name]!r} is not supported (only {allowed[-1]!r})")
+    if body.get("logit_bias"):
+        raise InvalidRequestError("logit_bias", "is not supported")
+    req = pb.GenerateRequest()
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one prompt
+    if isinstance(prompt, str):
+        req.prompt = prompt
+    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if any(t < 0 or t >= 2**32 for t in prompt):
+            raise InvalidRequestError("prompt", "token ids must be in [0, 2**32)")
+        req.token_ids.ids.extend(prompt)
+    else:
+        raise InvalidRequestError("prompt", "must be one prompt: a string or a list of token ids")
+    temperature = body.get("temperature")
+    req.temperature = 1.0 if temperature is None else _number(body, "temperature", float)
+    for name, kind in _NUMBERS.items():
+        if body.get(name) is not None:
+            value = _number(body, name, kind)
+            if kind is int and name not in ("seed", "priority") and value < 0:
+                raise InvalidRequestError(name, f"must be >= 0, got {value}")
+            if name == "seed" and not 0 <= value < 2**64:
+                raise InvalidRequestError(name, f"must be in [0, 2**64), got {value}")
+            if name == "priority" and not -2**31 <= value < 2**31:
+                raise InvalidRequestError(name, f"must be a 32-bit integer, got {value}")
+            setattr(req, name, value)
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise InvalidRequestError("stop", "must be a string or a list of strings")
+    req.stop.extend(stops)
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32
+                                                 for t in stop_ids):
+        raise InvalidRequestError("stop_token_ids", "must be a list of token ids")
+    req.stop_token_ids.extend(stop_ids)
+    for name in ("ignore_eos", "stream"):
+        if not isinstance(body.get(name, False), bool):
+            raise InvalidRequestError(name, f"must be true or false, got {body[name]!r}")
+    req.ignore_eos = body.get("ignore_eos", False)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequestError("stream_options", "must be an object")
+    return req, body.get("stream", False), bool(options.get("include_usage", False))
+
+
+class OpenAIHTTP:
+    """The HTTP front over one InferenceServicer (router/server.py starts and stops it with the gRPC edge)."""
+
+    def __init__(self, servicer: Any, model_name: str, tokenizer: Any, context_length: int,
+                 tokens: TokenSet | None = None, max_body_bytes: int = 4 * 1024 * 1024):
+        self.servicer, self.model_name, self.tokenizer = servicer, model_name, tokenizer
+        self.context_length, self.tokens = context_length, tokens
+        self.app = web.Application(client_max_size=max_body_bytes)
+        self.app.add_routes([web.post("/v1/completions", self.completions), web.get("/v1/models", self.models),
+                             web.get("/health", self.health)])
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int, tls: Any = None) -> None:
+        context = None
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(tls.cert, tls.key)
+            if tls.client_ca:
+                context.load_verify_locations(tls.client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=context, reuse_port=False)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Close the listener and the connections; call after the engine has finished or cancelled its work."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- handlers ---------------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        if self.servicer.draining:
+            return _error(503, "server is shutting down")
+        return web.json_response({"status": "ok"})
+
+    async def models(self, request: web.Request) -> web.Response:
+        if self._caller(request) is None:
+            return _error(401, "missing or unknown bearer token (Authorization: Bearer <token>)")
+        return web.json_response({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "owned_by": "moeserve", "max_model_len": self.context_length}]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        caller = self._caller(request)
+        if caller is None:
+            return _error(401, "missing or unknown bearer token (Authorization: Bearer <token>)")
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "the body is not JSON", "body")
+        except web.HTTPRequestEntityTooLarge as exc:
+            return _error(413, str(exc), "body")
+        try:
+            req, stream, include_usage = generate_request(body, self.model_name)
+        except InvalidRequestError as exc:
+            return _error(400, str(exc), exc.field)
+        except _Refused as exc:
+            return _error(exc.status, str(exc), exc.param)
+        created = int(time.time())
+        outputs = self.servicer.run_request(req, caller, None)
+        if stream:
+            return await self._stream(request, outputs, created, include_usage)
+        return await self._whole(outputs, created)
+
+    def _caller(self, request: web.Request) -> str | None:
+        """Who is calling (the token's name, else the peer address); None when auth is on and the token is not known."""
+        if self.tokens is None:
+            return f"peer-{request.remote}"
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        return self.tokens.match(token.strip() if scheme.lower() == "bearer" else None)
+
+    # -- responses ----------------------------------------------------------------------------------
+    def _choice(self, out: Any, ids: list[int], text: str, logprobs: list) -> dict:
+        choice = {"index": 0, "text": text, "token_ids": ids, "logprobs": self._logprobs(ids, text, logprobs),
+                  "finish_reason": _FINISH.get(out.finish_reason, out.finish_reason) if out.finished else None}
+        return choice
+
+    def _logprobs(self, ids: list[int], text: str, logprobs: list | None) -> dict | None:
+        """OpenAI's completions logprobs: each token's text, log-probability and most likely alternatives."""
+        if not logprobs:
+            return None
+        words = [self._word(t) for t in ids]
+        offsets, at = [], 0
+        for w in words:
+            offsets.append(at)
+            at += len(w)
+        return {"tokens": words, "token_logprobs": [lp for lp, _, _ in logprobs],
+                "top_logprobs": [{self._word(i): v for i, v in zip(top_ids, top_lps)} for _, top_ids, top_lps in logprobs],
+                "text_offset": offsets}
+
+    def _word(self, token: int) -> str:
+        return self.tokenizer.decode([token]) if self.tokenizer is not None else str(token)
+
+    def _envelope(self, request_id: str, created: int, **extra) -> dict:
+        return {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created, "model": self.model_name,
+                **extra}
+
+    @staticmethod
+    def _usage(out: Any) -> dict:
+        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                "total_tokens": out.prompt_tokens + out.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": out.cached_prompt_tokens}}
+
+    async def _whole(self, outputs, created: int) -> web.Response:
+        ids, text, logprobs, last, rid = [], [], [], None, ""
+        try:
+            async with contextlib.aclosing(outputs):
+                async for rid, last in outputs:
+                    ids += last.new_token_ids
+                    text.append(last.new_text)
+                    logprobs += last.logprobs or ()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes its HTTP status
+            return self._failure(exc)
+        return web.json_response(self._envelope(rid, created, choices=[self._choice(last, ids, "".join(text), logprobs)],
+                                                usage=self._usage(last)))
+
+    async def _stream(self, request: web.Request, outputs, created: int, include_usage: bool) -> web.StreamResponse:
+        response: web.StreamResponse | None = None
+        try:
+            async with contextlib.aclosing(outputs):
+                async for rid, out in outputs:
+                    if response is None:  # admitted: from here on errors travel as events
+                        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                               "Cache-Control": "no-cache"})
+                        await response.prepare(request)
+                    chunk = self._envelope(rid, created, choices=[
+                        self._choice(out, out.new_token_ids, out.new_text, out.logprobs or [])])
+                    await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    if out.finished and include_usage:
+                        usage = self._envelope(rid, created, choices=[], usage=self._usage(out))
+                        await response.write(f"data: {json.dumps(usage)}\n\n".encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise  # the client went away: closing `outputs` above has let the engine go of the request
+        except Exception as exc:  # noqa: BLE001 - before the first event, the status; after it, an event
+            if response is None:
+                return self._failure(exc)
+            failure = json.loads(self._failure(exc).text)
+            await response.write(f"data: {json.dumps(failure)}\n\n".encode())
+        if response is None:  # nothing was yielded: a failure the loop above did not raise cannot happen
+            return _error(500, "the request produced no output")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    def _failure(exc: BaseException) -> web.Response:
+        code, message = status_codes.to_status(exc)
+        return _error(_HTTP.get(code.name, 500), message, getattr(exc, "field", None))

@@ -1,0 +1,139 @@
+"""The OpenAI-compatible HTTP front (router/openai_http.py) on a real server, through a real HTTP client: the same
+tokens as gRPC, server-sent events, errors named by parameter with their HTTP status, auth, and serving going on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from edge_harness import running_server
+from moeserve.router.client import AsyncClient
+
+pytestmark = pytest.mark.asyncio
+TOKEN = "s3cret-http"
+
+
+def _url(srv, path: str) -> str:
+    return f"http://127.0.0.1:{srv.http.port}{path}"
+
+
+async def _events(response: aiohttp.ClientResponse) -> list:
+    """The data of each server-sent event, JSON-decoded, and "[DONE]" as is."""
+    out = []
+    async for line in response.content:
+        line = line.decode().strip()
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+async def test_completions_match_grpc_whole_and_streamed():
+    async with running_server(http_port=0) as srv, aiohttp.ClientSession() as http, AsyncClient(srv.address) as grpc_:
+        want = await grpc_.generate(token_ids=[5, 6, 7], max_tokens=8, ignore_eos=True, logprobs=2)
+        body = {"model": "demo", "prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                "logprobs": 2}
+        async with http.post(_url(srv, "/v1/completions"), json=body) as r:
+            assert r.status == 200
+            whole = await r.json()
+        choice = whole["choices"][0]
+        assert whole["object"] == "text_completion" and whole["model"] == "demo"
+        assert choice["token_ids"] == list(want.token_ids) and choice["text"] == want.text
+        assert choice["finish_reason"] == "length"
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx([lp.logprob for lp in want.logprobs])
+        assert len(choice["logprobs"]["tokens"]) == 8 and all(len(t) == 2 for t in choice["logprobs"]["top_logprobs"])
+        assert whole["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11,
+                                  "prompt_tokens_details": {"cached_tokens": 0}}
+
+        body.update(stream=True, stream_options={"include_usage": True})
+        async with http.post(_url(srv, "/v1/completions"), json=body) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+            events = await _events(r)
+        assert events[-1] == "[DONE]" and events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 8
+        chunks = events[:-2]
+        assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == list(want.token_ids)
+        assert "".join(c["choices"][0]["text"] for c in chunks) == want.text
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+        text = {"prompt": "Hello, my name is", "max_tokens": 5, "temperature": 0.8, "top_k": 20, "seed": 3,
+                "presence_penalty": 0.5, "stop": ["\n\n"], "priority": -1}
+        async with http.post(_url(srv, "/v1/completions"), json=text) as r:
+            sampled = await r.json()
+        again = await grpc_.generate(prompt="Hello, my name is", max_tokens=5, temperature=0.8, top_k=20, seed=3,
+                                     presence_penalty=0.5, stop=["\n\n"])
+        assert sampled["choices"][0]["token_ids"] == list(again.token_ids)  # seeded: the same over both fronts
+
+        async with http.get(_url(srv, "/v1/models")) as r:
+            models = await r.json()
+        assert models["data"][0]["id"] == "demo" and models["data"][0]["max_model_len"] == srv.servicer.limits.context_length
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens"),
+    ({"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
+    ({"prompt": "hi", "presence_penalty": 5}, 400, "presence_penalty"),
+    ({"prompt": "hi", "n": 2}, 400, "n"),
+    ({"prompt": "hi", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    ({"prompt": "hi", "stop": [1]}, 400, "stop"),
+    ({"prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ({"prompt": [1, 10**9]}, 400, "token_ids[1]"),
+    ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    ([1, 2], 400, "body"),
+])
+async def test_bad_requests_are_refused_by_parameter_and_serving_goes_on(body, status, param):
+    async with running_server(http_port=0) as srv, aiohttp.ClientSession() as http:
+        async with http.post(_url(srv, "/v1/completions"), json=body) as r:
+            assert r.status == status, await r.text()
+            error = (await r.json())["error"]
+        assert error["param"] == param and error["message"]
+        async with http.post(_url(srv, "/v1/completions"), data=b"{not json") as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "body"
+        async with http.post(_url(srv, "/v1/completions"), json={"prompt": [5, 6], "max_tokens": 2}) as r:
+            assert r.status == 200 and len((await r.json())["choices"][0]["token_ids"]) <= 2
+
+
+async def test_bearer_tokens_and_a_client_that_goes_away():
+    async with running_server(http_port=0, auth_tokens=(TOKEN,)) as srv, aiohttp.ClientSession() as http:
+        body = {"prompt": [5, 6, 7], "max_tokens": 4}
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            async with http.post(_url(srv, "/v1/completions"), json=body, headers=headers) as r:
+                assert r.status == 401 and "bearer token" in (await r.json())["error"]["message"]
+        async with http.get(_url(srv, "/v1/models")) as r:
+            assert r.status == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with http.post(_url(srv, "/v1/completions"), json=body, headers=auth) as r:
+            assert r.status == 200
+        # A stream whose client disconnects after its first event: the engine lets the request go.
+        long = {"prompt": [5, 6, 7], "max_tokens": srv.servicer.limits.context_length - 8, "ignore_eos": True,
+                "stream": True}
+        async with http.post(_url(srv, "/v1/completions"), json=long, headers=auth) as r:
+            await r.content.readline()
+            assert srv.servicer.num_active == 1
+        await asyncio.wait_for(srv.servicer.wait_for(lambda: srv.servicer.num_active == 0), 30)
+        assert srv.engine.stats()["kv_blocks_used"] == 0
+        async with http.get(_url(srv, "/health")) as r:
+            assert r.status == 200
+
+
+async def test_shutdown_ends_http_streams_with_a_last_event():
+    async with running_server(http_port=0, grace_s=0.0) as srv, aiohttp.ClientSession() as http:
+        long = {"prompt": [5, 6, 7], "max_tokens": srv.servicer.limits.context_length - 8, "ignore_eos": True,
+                "stream": True}
+        async with http.post(_url(srv, "/v1/completions"), json=long) as r:
+            first = await r.content.readline()
+            assert first.startswith(b"data: ")
+            stopping = asyncio.create_task(srv.stop(0))
+            events = await _events(r)
+            await stopping
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "cancelled"
+        with pytest.raises(aiohttp.ClientConnectionError):  # the listener is closed with the gRPC edge
+            await http.get(_url(srv, "/health"))
