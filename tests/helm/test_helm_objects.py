@@ -22,6 +22,24 @@ def test_grpc_service_selects_trunk_pods(render):
     assert svc["spec"]["ports"] == [{"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}]
 
 
+def test_the_http_api_is_off_by_default_and_reachable_when_on(render, tmp_path):
+    from test_helm_workers import parse_serve
+
+    off = render(TLS_AUTH_MON)
+    assert [p["name"] for p in one(off, "Service", FULLNAME)["spec"]["ports"]] == ["grpc"]
+    objects = render(TLS_AUTH_MON, "--set", "server.httpPort=8080", "--set", "service.httpPort=80")
+    svc = one(objects, "Service", FULLNAME)
+    assert svc["spec"]["ports"][1] == {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP",
+                                       "appProtocol": "http"}
+    (container,) = worker_groups(objects)["trunk"]["template"]["spec"]["containers"]
+    assert {"name": "http", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    serve = shlex.split(next(a for a in container["args"] if "moeserve" in a and " serve " in a).split(" serve ", 1)[1])
+    args, unknown = parse_serve(["serve", *serve])
+    assert not unknown and args.http_port == 8080 and args.tls_cert  # the HTTP API gets the gRPC port's TLS
+    policies = {p["metadata"]["name"]: p for p in by_kind(objects, "NetworkPolicy")}
+    assert {"port": "http", "protocol": "TCP"} in policies[f"{FULLNAME}-grpc"]["spec"]["ingress"][0]["ports"]
+
+
 def test_pdbs_and_network_policies_select_the_pods_they_mean(render):
     objects = render(MULTI_GPU)
     groups = worker_groups(objects)
