@@ -203,9 +203,10 @@ class Telemetry:
         """One RPC that ended with gRPC status `code` (its name, e.g. "INVALID_ARGUMENT")."""
         self.errors.add(1, {"code": code})
 
-    def track_request(self, method: str, metadata=None) -> "RequestTracker":
-        """A span and metrics for one Generate/GenerateStream call (a W3C traceparent in metadata is its parent)."""
-        return RequestTracker(self, method, metadata)
+    def track_request(self, method: str, metadata=None, span_name: str | None = None) -> "RequestTracker":
+        """A span and metrics for one Generate/GenerateStream call (a W3C traceparent in metadata is its parent);
+        the span is moeserve.v1.Inference/<method> unless `span_name` says otherwise (the HTTP front's)."""
+        return RequestTracker(self, method, metadata, span_name)
 
     # --- traces ---------------------------------------------------------------------------
     @contextmanager
@@ -263,11 +264,12 @@ class RequestTracker:
     window these histograms, and a long generation's first token belongs to when it came, not to its end.
     """
 
-    def __init__(self, telemetry: Telemetry, method: str, metadata=None):
+    def __init__(self, telemetry: Telemetry, method: str, metadata=None, span_name: str | None = None):
         self._tel = telemetry
         carrier = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
         parent = TraceContextTextMapPropagator().extract(carrier) if "traceparent" in carrier else None
-        self.span = telemetry.tracer.start_span(f"moeserve.v1.Inference/{method}", context=parent, kind=SpanKind.SERVER)
+        self.span = telemetry.tracer.start_span(span_name or f"moeserve.v1.Inference/{method}", context=parent,
+                                                kind=SpanKind.SERVER)
         self._start = time.monotonic()
         self._first: float | None = None
         self._last: float | None = None

@@ -165,24 +165,36 @@ class OpenAIHTTP:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         caller = self._caller(request)
         if caller is None:
+            self.servicer.record_error("UNAUTHENTICATED")
             return _error(401, "missing or unknown bearer token (Authorization: Bearer <token>)")
         try:
             body = await request.json()
+            req, stream, include_usage = generate_request(body, self.model_name)
         except (json.JSONDecodeError, UnicodeDecodeError):
+            self.servicer.record_error("INVALID_ARGUMENT")
             return _error(400, "the body is not JSON", "body")
         except web.HTTPRequestEntityTooLarge as exc:
+            self.servicer.record_error("RESOURCE_EXHAUSTED")
             return _error(413, str(exc), "body")
-        try:
-            req, stream, include_usage = generate_request(body, self.model_name)
         except InvalidRequestError as exc:
+            self.servicer.record_error("INVALID_ARGUMENT")
             return _error(400, str(exc), exc.field)
         except _Refused as exc:
+            self.servicer.record_error("NOT_FOUND")
             return _error(exc.status, str(exc), exc.param)
         created = int(time.time())
-        outputs = self.servicer.run_request(req, caller, None)
-        if stream:
-            return await self._stream(request, outputs, created, include_usage)
-        return await self._whole(outputs, created)
+        tracker = self.servicer.track("Completions", [(k.lower(), v) for k, v in request.headers.items()],
+                                      span_name="POST /v1/completions")
+        outputs = self.servicer.run_request(req, caller, None, tracker)
+        try:
+            if stream:
+                response = await self._stream(request, outputs, created, include_usage, tracker)
+            else:
+                response = await self._whole(outputs, created, tracker)
+        except BaseException:  # the client went away
+            tracker.end("CANCELLED")
+            raise
+        return response
 
     def _caller(self, request: web.Request) -> str | None:
         """Who is calling (the token's name, else the peer address); None when auth is on and the token is not known."""
@@ -224,7 +236,7 @@ class OpenAIHTTP:
                 "total_tokens": out.prompt_tokens + out.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": out.cached_prompt_tokens}}
 
-    async def _whole(self, outputs, created: int) -> web.Response:
+    async def _whole(self, outputs, created: int, tracker: Any) -> web.Response:
         ids, text, logprobs, last, rid = [], [], [], None, ""
         try:
             async with contextlib.aclosing(outputs):
@@ -233,11 +245,13 @@ class OpenAIHTTP:
                     text.append(last.new_text)
                     logprobs += last.logprobs or ()
         except Exception as exc:  # noqa: BLE001 - every failure becomes its HTTP status
-            return self._failure(exc)
+            return self._failure(exc, tracker)
+        tracker.end()
         return web.json_response(self._envelope(rid, created, choices=[self._choice(last, ids, "".join(text), logprobs)],
                                                 usage=self._usage(last)))
 
-    async def _stream(self, request: web.Request, outputs, created: int, include_usage: bool) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, outputs, created: int, include_usage: bool,
+                      tracker: Any) -> web.StreamResponse:
         response: web.StreamResponse | None = None
         try:
             async with contextlib.aclosing(outputs):
@@ -255,10 +269,12 @@ class OpenAIHTTP:
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client went away: closing `outputs` above has let the engine go of the request
         except Exception as exc:  # noqa: BLE001 - before the first event, the status; after it, an event
+            failure = self._failure(exc, tracker)
             if response is None:
-                return self._failure(exc)
-            failure = json.loads(self._failure(exc).text)
-            await response.write(f"data: {json.dumps(failure)}\n\n".encode())
+                return failure
+            await response.write(f"data: {failure.text}\n\n".encode())
+        else:
+            tracker.end()
         if response is None:  # nothing was yielded: a failure the loop above did not raise cannot happen
             return _error(500, "the request produced no output")
         await response.write(b"data: [DONE]\n\n")
@@ -266,6 +282,7 @@ class OpenAIHTTP:
         return response
 
     @staticmethod
-    def _failure(exc: BaseException) -> web.Response:
+    def _failure(exc: BaseException, tracker: Any) -> web.Response:
         code, message = status_codes.to_status(exc)
+        tracker.end(code.name)
         return _error(_HTTP.get(code.name, 500), message, getattr(exc, "field", None))

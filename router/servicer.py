@@ -126,9 +126,20 @@ class InferenceServicer:
         return list(self._engine.tokenizer.encode(text))
 
     def _track(self, method: str, context: grpc.aio.ServicerContext) -> Any:
+        return self.track(method, context.invocation_metadata())
+
+    def track(self, method: str, metadata=None, span_name: str | None = None) -> Any:
+        """The telemetry tracker of one request (a span, its metrics), or a no-op one when telemetry is off;
+        `metadata`: (key, value) pairs, where a W3C traceparent names the caller's trace."""
         if self._telemetry is None:
             return _NO_TRACKER
-        return self._telemetry.track_request(method, context.invocation_metadata())
+        return self._telemetry.track_request(method, metadata, span_name)
+
+    def record_error(self, code: str) -> None:
+        """A call refused before it became a request (the HTTP front's: credentials, a body that is no request;
+        the gRPC interceptor reports its own), by the name of its gRPC status code."""
+        if self._telemetry is not None:
+            self._telemetry.record_error(code)
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException, tracker: Any) -> None:
         code, message = status_codes.to_status(exc)

@@ -47,7 +47,8 @@ async def observed_server(demo_model_dir, config: TelemetryConfig = TelemetryCon
     tel = Telemetry(config, span_exporter=spans)
     cfg = EngineConfig(model=str(demo_model_dir), max_num_seqs=1, max_num_batched_tokens=64,
                        num_kv_blocks=KV_BLOCKS, block_size=16)
-    srv = InferenceServer(AsyncEngine.from_config(cfg), ServerConfig(port=0, auth_tokens=(TOKEN,)), telemetry=tel)
+    srv = InferenceServer(AsyncEngine.from_config(cfg), ServerConfig(port=0, auth_tokens=(TOKEN,), http_port=0),
+                          telemetry=tel)
     await srv.start()
     try:
         yield srv, tel, spans
@@ -274,3 +275,33 @@ async def test_group_utilisation_moves_with_traffic_to_ray_expert_groups(embedde
             samples = await asyncio.to_thread(scrape, tel.prometheus_port)
             shares = {n: samples.get(n) for n in names}
     assert all(shares.get(n) is not None and 0 < shares[n] <= 1 for n in names), shares
+
+
+@pytest.mark.asyncio
+async def test_http_requests_are_counted_and_traced_as_grpc_ones_are(demo_model_dir):
+    import aiohttp
+
+    async with observed_server(demo_model_dir) as (srv, tel, spans):
+        before = scrape(tel.prometheus_port)
+        url = f"http://127.0.0.1:{srv.http.port}/v1/completions"
+        auth = {"Authorization": f"Bearer {TOKEN}", "traceparent": TRACEPARENT}
+        async with aiohttp.ClientSession() as http:
+            for stream in (False, True):
+                async with http.post(url, json={"prompt": [1, 2, 3], "max_tokens": 4, "ignore_eos": True,
+                                                 "stream": stream}, headers=auth) as r:
+                    assert r.status == 200
+                    await r.read()
+            async with http.post(url, json={"prompt": [1, 2, 3], "temperature": -1}, headers=auth) as r:
+                assert r.status == 400
+            async with http.post(url, json={"prompt": [1, 2, 3], "n": 3}, headers=auth) as r:
+                assert r.status == 400  # refused before it became a request: counted all the same
+            async with http.post(url, json={"prompt": [1, 2, 3]}) as r:
+                assert r.status == 401
+        after = scrape(tel.prometheus_port)
+        moved = {'moeserve_requests_total{finish_reason="length"}': 2, "moeserve_ttft_seconds_count": 2,
+                 "moeserve_output_tokens_total": 8, 'moeserve_errors_total{code="INVALID_ARGUMENT"}': 2,
+                 'moeserve_errors_total{code="UNAUTHENTICATED"}': 1}
+        for name, at_least in moved.items():
+            assert after.get(name, 0) - before.get(name, 0) >= at_least, (name, after.get(name), before.get(name))
+        roots = [s for s in spans.get_finished_spans() if s.name == "POST /v1/completions"]
+        assert len(roots) == 3 and all(format(s.context.trace_id, "032x") == TRACE_ID for s in roots)
