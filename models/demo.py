@@ -23,7 +23,10 @@ from .demo_tokenizer import BOS, EOS, train_demo_tokenizer
 from .fp8 import is_quantised_in_release, quantize_block_fp8
 from .registry import model_class
 
-DEMO_VERSION = "1"  # bump when the demo checkpoint's content changes, so caches are rebuilt
+DEMO_VERSION = "2"
+# A plain chat format for the demo (its weights are random: the replies are not meant to make sense).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")  # bump when the demo checkpoint's content changes, so caches are rebuilt
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FP8_BLOCK = (128, 128)
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -145,7 +148,7 @@ def write_demo_model(
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     tokenizer.save(str(path / "tokenizer.json"))
     tok_cfg = {"bos_token": BOS, "eos_token": EOS, "tokenizer_class": "PreTrainedTokenizerFast",
-               "model_max_length": hf["max_position_embeddings"]}
+               "model_max_length": hf["max_position_embeddings"], "chat_template": CHAT_TEMPLATE}
     (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     return path
 

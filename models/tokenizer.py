@@ -1,4 +1,4 @@
-"""The checkpoint's tokenizer.json (tokenizers library) with the eos ids generation stops on."""
+"""The checkpoint's tokenizer.json (tokenizers library) with the eos ids generation stops on, and its chat template."""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ from .errors import CheckpointError
 class Tokenizer:
     """encode/decode plus `eos_token_ids` (generation_config.json, else config.json, else tokenizer_config.json)."""
 
-    def __init__(self, tokenizer: HFTokenizer, eos_token_ids: list[int], bos_token_id: int | None = None):
+    def __init__(self, tokenizer: HFTokenizer, eos_token_ids: list[int], bos_token_id: int | None = None,
+                 chat_template: str | None = None, special_tokens: dict[str, str] | None = None):
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos_token_ids)
         self.bos_token_id = bos_token_id
+        self.chat_template = chat_template  # Jinja, as tokenizer_config.json or chat_template.jinja has it
+        self.special_tokens = dict(special_tokens or {})  # bos_token, eos_token, ...: the template's variables
+        self._template = None
 
     @property
     def vocab_size(self) -> int:
@@ -30,6 +34,23 @@ class Tokenizer:
 
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text of a conversation, as HF transformers' apply_chat_template renders it (a sandboxed
+        Jinja environment with trim_blocks and lstrip_blocks; raise_exception for the template's own checks)."""
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template (tokenizer_config.json chat_template)")
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise ValueError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **self.special_tokens)
 
 
 def _json(path: Path) -> dict:
@@ -63,4 +84,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
     if bos is None:
         bos = _special(tok, tok_cfg.get("bos_token"))
-    return Tokenizer(tok, eos, bos)
+    template = tok_cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text()
+    specials = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = tok_cfg.get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            specials[name] = value
+    return Tokenizer(tok, eos, bos, template if isinstance(template, str) else None, specials)

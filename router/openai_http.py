@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP front beside the gRPC edge (`moeserve serve --http-port N`).
 
-`POST /v1/completions` (one prompt, text or token ids; the whole completion, or server-sent events with
-`"stream": true`), `GET /v1/models` and `GET /health`. A request becomes a moeserve.v1.GenerateRequest and
+`POST /v1/completions` (one prompt, text or token ids) and `POST /v1/chat/completions` (messages, rendered
+with the checkpoint's chat template), each the whole reply or server-sent events with `"stream": true`;
+`GET /v1/models` and `GET /health`. A request becomes a moeserve.v1.GenerateRequest and
 runs through `InferenceServicer.run_request`, as a gRPC call does: the same validation (errors name the
 field, which is the OpenAI parameter's name), limits, bearer tokens, priorities and graceful shutdown.
 
@@ -125,8 +126,9 @@ class OpenAIHTTP:
         self.servicer, self.model_name, self.tokenizer = servicer, model_name, tokenizer
         self.context_length, self.tokens = context_length, tokens
         self.app = web.Application(client_max_size=max_body_bytes)
-        self.app.add_routes([web.post("/v1/completions", self.completions), web.get("/v1/models", self.models),
-                             web.get("/health", self.health)])
+        self.app.add_routes([web.post("/v1/completions", self.completions),
+                             web.post("/v1/chat/completions", self.chat_completions),
+                             web.get("/v1/models", self.models), web.get("/health", self.health)])
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -163,12 +165,56 @@ class OpenAIHTTP:
             {"id": self.model_name, "object": "model", "owned_by": "moeserve", "max_model_len": self.context_length}]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=True)
+
+    def _chat_body(self, body: Any) -> dict:
+        """A chat body as a completions one: the messages rendered by the chat template and tokenized; the chat
+        API's logprobs (true/false) and top_logprobs, and max_completion_tokens, in the completions' terms."""
+        if not isinstance(body, dict):
+            raise InvalidRequestError("body", "must be a JSON object")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError("messages", "must be a non-empty list of {role, content} objects")
+        plain = []
+        for i, m in enumerate(messages):
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, list):  # content parts: text only
+                if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                           for c in content):
+                    raise InvalidRequestError(f"messages[{i}].content", "only text parts are supported")
+                content = "".join(c["text"] for c in content)
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
+                raise InvalidRequestError(f"messages[{i}]", "must be an object with a string role and content")
+            plain.append({"role": m["role"], "content": content})
+        if self.tokenizer is None or self.tokenizer.chat_template is None:
+            raise InvalidRequestError("messages", "this model has no chat template; use /v1/completions")
+        try:
+            text = self.tokenizer.apply_chat_template(plain)
+        except Exception as exc:  # noqa: BLE001 - the template's own checks (raise_exception) and its errors
+            raise InvalidRequestError("messages", f"the chat template refused them: {exc}") from exc
+        out = {k: v for k, v in body.items() if k not in ("messages", "logprobs", "top_logprobs",
+                                                            "max_completion_tokens")}
+        out["prompt"] = self.tokenizer.encode(text, add_special_tokens=False)
+        if body.get("max_completion_tokens") is not None:
+            out["max_tokens"] = body["max_completion_tokens"]
+        if body.get("logprobs") not in (None, False, True):
+            raise InvalidRequestError("logprobs", f"must be true or false, got {body['logprobs']!r}")
+        if body.get("logprobs"):
+            out["logprobs"] = body.get("top_logprobs") or 0
+        return out
+
+    async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         caller = self._caller(request)
         if caller is None:
             self.servicer.record_error("UNAUTHENTICATED")
             return _error(401, "missing or unknown bearer token (Authorization: Bearer <token>)")
         try:
             body = await request.json()
+            if chat:
+                body = self._chat_body(body)
             req, stream, include_usage = generate_request(body, self.model_name)
         except (json.JSONDecodeError, UnicodeDecodeError):
             self.servicer.record_error("INVALID_ARGUMENT")
@@ -183,14 +229,15 @@ class OpenAIHTTP:
             self.servicer.record_error("NOT_FOUND")
             return _error(exc.status, str(exc), exc.param)
         created = int(time.time())
-        tracker = self.servicer.track("Completions", [(k.lower(), v) for k, v in request.headers.items()],
-                                      span_name="POST /v1/completions")
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        tracker = self.servicer.track("ChatCompletions" if chat else "Completions",
+                                      [(k.lower(), v) for k, v in request.headers.items()], span_name=f"POST {path}")
         outputs = self.servicer.run_request(req, caller, None, tracker)
         try:
             if stream:
-                response = await self._stream(request, outputs, created, include_usage, tracker)
+                response = await self._stream(request, outputs, created, include_usage, tracker, chat)
             else:
-                response = await self._whole(outputs, created, tracker)
+                response = await self._whole(outputs, created, tracker, chat)
         except BaseException:  # the client went away
             tracker.end("CANCELLED")
             raise
@@ -205,10 +252,28 @@ class OpenAIHTTP:
         return self.tokens.match(token.strip() if scheme.lower() == "bearer" else None)
 
     # -- responses ----------------------------------------------------------------------------------
-    def _choice(self, out: Any, ids: list[int], text: str, logprobs: list) -> dict:
-        choice = {"index": 0, "text": text, "token_ids": ids, "logprobs": self._logprobs(ids, text, logprobs),
-                  "finish_reason": _FINISH.get(out.finish_reason, out.finish_reason) if out.finished else None}
-        return choice
+    def _choice(self, out: Any, ids: list[int], text: str, logprobs: list, chat: bool = False,
+                first: bool = False, delta: bool = False) -> dict:
+        """One choice of a reply (a chunk of one with `delta`): completions' text, or chat's message or delta."""
+        finish = _FINISH.get(out.finish_reason, out.finish_reason) if out.finished else None
+        if not chat:
+            return {"index": 0, "text": text, "token_ids": ids, "logprobs": self._logprobs(ids, text, logprobs),
+                    "finish_reason": finish}
+        message = {"role": "assistant", "content": text} if first or not delta else {"content": text}
+        return {"index": 0, "delta" if delta else "message": message, "token_ids": ids,
+                "logprobs": self._chat_logprobs(ids, logprobs), "finish_reason": finish}
+
+    def _chat_logprobs(self, ids: list[int], logprobs: list | None) -> dict | None:
+        """The chat API's logprobs: per token its text, log-probability, bytes and most likely alternatives."""
+        if not logprobs:
+            return None
+
+        def entry(token: int, value: float) -> dict:
+            word = self._word(token)
+            return {"token": word, "logprob": value, "bytes": list(word.encode())}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in zip(top_ids, top_lps)]}
+                            for t, (lp, top_ids, top_lps) in zip(ids, logprobs)]}
 
     def _logprobs(self, ids: list[int], text: str, logprobs: list | None) -> dict | None:
         """OpenAI's completions logprobs: each token's text, log-probability and most likely alternatives."""
@@ -226,9 +291,9 @@ class OpenAIHTTP:
     def _word(self, token: int) -> str:
         return self.tokenizer.decode([token]) if self.tokenizer is not None else str(token)
 
-    def _envelope(self, request_id: str, created: int, **extra) -> dict:
-        return {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created, "model": self.model_name,
-                **extra}
+    def _envelope(self, request_id: str, created: int, kind: str = "text_completion", **extra) -> dict:
+        prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
+        return {"id": f"{prefix}-{request_id}", "object": kind, "created": created, "model": self.model_name, **extra}
 
     @staticmethod
     def _usage(out: Any) -> dict:
@@ -236,7 +301,7 @@ class OpenAIHTTP:
                 "total_tokens": out.prompt_tokens + out.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": out.cached_prompt_tokens}}
 
-    async def _whole(self, outputs, created: int, tracker: Any) -> web.Response:
+    async def _whole(self, outputs, created: int, tracker: Any, chat: bool) -> web.Response:
         ids, text, logprobs, last, rid = [], [], [], None, ""
         try:
             async with contextlib.aclosing(outputs):
@@ -247,12 +312,14 @@ class OpenAIHTTP:
         except Exception as exc:  # noqa: BLE001 - every failure becomes its HTTP status
             return self._failure(exc, tracker)
         tracker.end()
-        return web.json_response(self._envelope(rid, created, choices=[self._choice(last, ids, "".join(text), logprobs)],
-                                                usage=self._usage(last)))
+        kind = "chat.completion" if chat else "text_completion"
+        return web.json_response(self._envelope(rid, created, kind, usage=self._usage(last),
+                                                choices=[self._choice(last, ids, "".join(text), logprobs, chat)]))
 
     async def _stream(self, request: web.Request, outputs, created: int, include_usage: bool,
-                      tracker: Any) -> web.StreamResponse:
+                      tracker: Any, chat: bool) -> web.StreamResponse:
         response: web.StreamResponse | None = None
+        kind = "chat.completion.chunk" if chat else "text_completion"
         try:
             async with contextlib.aclosing(outputs):
                 async for rid, out in outputs:
@@ -260,11 +327,13 @@ class OpenAIHTTP:
                         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                                "Cache-Control": "no-cache"})
                         await response.prepare(request)
-                    chunk = self._envelope(rid, created, choices=[
-                        self._choice(out, out.new_token_ids, out.new_text, out.logprobs or [])])
+                        first = True
+                    chunk = self._envelope(rid, created, kind, choices=[
+                        self._choice(out, out.new_token_ids, out.new_text, out.logprobs or [], chat, first, delta=True)])
+                    first = False
                     await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     if out.finished and include_usage:
-                        usage = self._envelope(rid, created, choices=[], usage=self._usage(out))
+                        usage = self._envelope(rid, created, kind, choices=[], usage=self._usage(out))
                         await response.write(f"data: {json.dumps(usage)}\n\n".encode())
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client went away: closing `outputs` above has let the engine go of the request

@@ -12,7 +12,6 @@ import pytest
 from edge_harness import running_server
 from moeserve.router.client import AsyncClient
 
-pytestmark = pytest.mark.asyncio
 TOKEN = "s3cret-http"
 
 
@@ -137,3 +136,98 @@ async def test_shutdown_ends_http_streams_with_a_last_event():
         assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "cancelled"
         with pytest.raises(aiohttp.ClientConnectionError):  # the listener is closed with the gRPC edge
             await http.get(_url(srv, "/health"))
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, who are you?"},
+                {"role": "assistant", "content": "A demo."}, {"role": "user", "content": [{"type": "text", "text": "Why?"}]}]
+# A template in the style of real checkpoints': whitespace control, a loop, conditions, raise_exception.
+QWEN_LIKE = ("{%- for m in messages %}\n"
+             "    {%- if m.role not in ['system', 'user', 'assistant'] %}{{ raise_exception('bad role ' + m.role) }}{% endif %}\n"
+             "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+             "{% endfor %}\n"
+             "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, QWEN_LIKE])
+def test_chat_template_renders_as_hf_transformers(template, tmp_path):
+    """models/tokenizer.py's apply_chat_template against transformers' on the same tokenizer files: the same text
+    and the same token ids."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from moeserve.models.tokenizer import load_tokenizer
+    from edge_harness import demo_model_dir
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(demo_model_dir(), path)
+    if template is not None:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    messages = [{**m, "content": m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]}
+                for m in CONVERSATION]
+    ours = load_tokenizer(path)
+    theirs = AutoTokenizer.from_pretrained(str(path))
+    want = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(messages) == want
+    ids = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert ours.encode(want, add_special_tokens=False) == list(ids)
+    if template is not None:
+        with pytest.raises(ValueError, match="bad role tool"):
+            ours.apply_chat_template(messages + [{"role": "tool", "content": "x"}])
+
+
+async def test_chat_completions_are_the_completion_of_the_rendered_conversation():
+    async with running_server(http_port=0) as srv, aiohttp.ClientSession() as http:
+        tok = srv.engine.tokenizer
+        text = tok.apply_chat_template([{**m, "content": m["content"] if isinstance(m["content"], str)
+                                         else m["content"][0]["text"]} for m in CONVERSATION])
+        plain = {"prompt": tok.encode(text, add_special_tokens=False), "max_tokens": 6, "temperature": 0,
+                 "ignore_eos": True, "logprobs": 2}
+        async with http.post(_url(srv, "/v1/completions"), json=plain) as r:
+            want = (await r.json())["choices"][0]
+        chat = {"messages": CONVERSATION, "max_completion_tokens": 6, "temperature": 0, "ignore_eos": True,
+                "logprobs": True, "top_logprobs": 2}
+        async with http.post(_url(srv, "/v1/chat/completions"), json=chat) as r:
+            assert r.status == 200, await r.text()
+            reply = await r.json()
+        choice = reply["choices"][0]
+        assert reply["object"] == "chat.completion" and reply["id"].startswith("chatcmpl-")
+        assert choice["message"] == {"role": "assistant", "content": want["text"]}
+        assert choice["token_ids"] == want["token_ids"] and choice["finish_reason"] == "length"
+        content = choice["logprobs"]["content"]
+        # (the prompt now comes from the prefix cache: the same tokens, logits equal to float noise)
+        assert [c["logprob"] for c in content] == pytest.approx(want["logprobs"]["token_logprobs"], abs=1e-4)
+        assert all(len(c["top_logprobs"]) == 2 and c["bytes"] == list(c["token"].encode()) for c in content)
+
+        async with http.post(_url(srv, "/v1/chat/completions"), json={**chat, "stream": True}) as r:
+            events = await _events(r)
+        chunks = events[:-1]
+        assert events[-1] == "[DONE]" and all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
+        assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == want["text"]
+
+        for body, param in (({"messages": []}, "messages"), ({"messages": [{"role": "user"}]}, "messages[0]"),
+                            ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+                             "messages[0].content"),
+                            ({"messages": CONVERSATION, "logprobs": 3}, "logprobs")):
+            async with http.post(_url(srv, "/v1/chat/completions"), json=body) as r:
+                assert r.status == 400 and (await r.json())["error"]["param"] == param
+
+
+def test_a_model_without_a_chat_template_refuses_chat_by_name():
+    from moeserve.models.tokenizer import Tokenizer
+    from moeserve.router.errors import InvalidRequestError
+    from moeserve.router.openai_http import OpenAIHTTP
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import WordLevel
+
+    bare = Tokenizer(HFTokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")), [0])
+    front = OpenAIHTTP(None, "m", bare, 64)
+    with pytest.raises(InvalidRequestError, match="no chat template; use /v1/completions") as err:
+        front._chat_body({"messages": [{"role": "user", "content": "a"}]})
+    assert err.value.field == "messages"
+    with pytest.raises(ValueError, match="no chat template"):
+        bare.apply_chat_template([{"role": "user", "content": "a"}])
