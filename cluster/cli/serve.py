@@ -432,7 +432,7 @@ async def _serve(args: argparse.Namespace) -> int:
     if server.http is not None:
         scheme = "https" if server.tls else "http"
         print(f"moeserve: OpenAI-compatible HTTP on {scheme}://{format_address(args.host, server.http.port)}/v1 "
-              f"(completions, models)", flush=True)
+              f"(completions, chat/completions, models)", flush=True)
     if tel is not None and tel.prometheus_port is not None:
         print(f"moeserve: metrics on http://{format_address(args.prometheus_host, tel.prometheus_port)}/metrics",
               flush=True)
