@@ -140,7 +140,9 @@ class OpenAIHTTP:
             if tls.client_ca:
                 context.load_verify_locations(tls.client_ca)
                 context.verify_mode = ssl.CERT_REQUIRED
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # handler_cancellation: a client that goes away cancels its handler, and with it the engine request (a
+        # whole reply would otherwise be generated to its end for nobody)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=context, reuse_port=False)
         await site.start()

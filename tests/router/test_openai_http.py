@@ -119,6 +119,14 @@ async def test_bearer_tokens_and_a_client_that_goes_away():
             assert srv.servicer.num_active == 1
         await asyncio.wait_for(srv.servicer.wait_for(lambda: srv.servicer.num_active == 0), 30)
         assert srv.engine.stats()["kv_blocks_used"] == 0
+        # The same for a whole (unstreamed) reply: the client gives up, the request ends long before its max_tokens.
+        before = srv.engine.stats()["tokens_generated"]
+        with pytest.raises(asyncio.TimeoutError):
+            async with http.post(_url(srv, "/v1/completions"), json={**long, "stream": False}, headers=auth,
+                                 timeout=aiohttp.ClientTimeout(total=1.0)) as r:
+                await r.read()
+        await asyncio.wait_for(srv.servicer.wait_for(lambda: srv.servicer.num_active == 0), 60)
+        assert srv.engine.stats()["tokens_generated"] - before < long["max_tokens"]
         async with http.get(_url(srv, "/health")) as r:
             assert r.status == 200
 
