@@ -14,6 +14,12 @@ gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 # unwritten (NaN) or misrouted row fails by orders of magnitude.
 TOL = 1e-2
 ROW_TOL = 3e-2  # the same measure per token row: one wrong row cannot hide in the total
+# FP8 activations are quantised per 128-wide group after rounding (the SwiGLU output to bf16): where a value sits
+# on a rounding boundary, the float32 reference and the kernel (another summation order) can round it apart and
+# quantise a whole group on another step. At these small shapes that moved one row by 3.2% (seed 3865476078,
+# 6 tokens, I 96: the reference against itself in float64 differed by as much, the kernel by 0.3%). A wrong or
+# unwritten row is still off by orders of magnitude.
+FP8_TOL, FP8_ROW_TOL = 2e-2, 6e-2
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
