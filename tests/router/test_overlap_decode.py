@@ -156,6 +156,37 @@ def test_abort_of_everything_in_flight(hf_checkpoint):
     _check_blocks_back(engine)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampling_extras_on_gpu(hf_checkpoint):
+    """On a GPU (graphs, look-ahead for the rows that allow it): logprobs, penalties and min_tokens give the tokens
+    of the eager engine without look-ahead or prefix caching (float32), and a request resumed past its first
+    tokens (a trunk worker's resubmission) goes on with the same CUDA generator state."""
+    path = str(hf_checkpoint("qwen3_moe", seed=4))
+    gpu = dict(device="cuda", dtype="float32")
+    eager = _engine(path, overlap=False, mode="off", prefix_caching=False, **gpu)
+    prompts = _prompts(eager, [5, 12, 3, 20])
+    prompts.append(prompts[1] + [7, 8, 9])  # shares prompts[1]'s whole blocks (block size 4)
+    params = [SamplingParams(max_tokens=10, logprobs=3), SamplingParams(max_tokens=10, presence_penalty=0.7,
+                                                                          repetition_penalty=1.3),
+              SamplingParams(max_tokens=10, frequency_penalty=0.5, min_tokens=6), SamplingParams(max_tokens=10),
+              SamplingParams(max_tokens=10, logprobs=2)]
+    want = [o.new_token_ids for o in eager.generate_batch(prompts, params)]
+    engine = _engine(path, overlap=True, mode="auto", **gpu)
+    outs = engine.generate_batch(prompts, params)
+    assert [o.new_token_ids for o in outs] == want
+    assert engine.stats()["prefix_cache_hit_tokens"] > 0
+    for out in (outs[0], outs[4]):
+        assert [lp[1][0] for lp in out.logprobs] == out.new_token_ids  # greedy: the most likely token
+    seeded = SamplingParams(max_tokens=12, temperature=0.9, top_k=40, seed=21, presence_penalty=0.4)
+    [whole] = engine.generate_batch([prompts[0]], seeded)
+    engine.add_request("resumed", prompts[0], seeded, resume=whole.new_token_ids[:4])
+    rest = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            rest += out.new_token_ids
+    assert rest == whole.new_token_ids[4:]
+
+
 def test_next_decode_rules():
     """Scheduler.next_decode: only for a decode-only step of every running sequence; not while prompts
     wait to be admitted; a sequence reaching max_tokens is left out; blocks for the token read ahead."""
