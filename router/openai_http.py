@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from moeserve.router import status_codes
-from moeserve.router.auth import TokenSet
+from moeserve.router.auth import TokenSet, bearer_token
 from moeserve.router.errors import InvalidRequestError
 from moeserve.v1 import inference_pb2 as pb
 
@@ -249,9 +249,7 @@ class OpenAIHTTP:
         """Who is calling (the token's name, else the peer address); None when auth is on and the token is not known."""
         if self.tokens is None:
             return f"peer-{request.remote}"
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        return self.tokens.match(token.strip() if scheme.lower() == "bearer" else None)
+        return self.tokens.match(bearer_token([("authorization", request.headers.get("Authorization", ""))]))
 
     # -- responses ----------------------------------------------------------------------------------
     def _choice(self, out: Any, ids: list[int], text: str, logprobs: list, chat: bool = False,
@@ -259,7 +257,7 @@ class OpenAIHTTP:
         """One choice of a reply (a chunk of one with `delta`): completions' text, or chat's message or delta."""
         finish = _FINISH.get(out.finish_reason, out.finish_reason) if out.finished else None
         if not chat:
-            return {"index": 0, "text": text, "token_ids": ids, "logprobs": self._logprobs(ids, text, logprobs),
+            return {"index": 0, "text": text, "token_ids": ids, "logprobs": self._logprobs(ids, logprobs),
                     "finish_reason": finish}
         message = {"role": "assistant", "content": text} if first or not delta else {"content": text}
         return {"index": 0, "delta" if delta else "message": message, "token_ids": ids,
@@ -277,7 +275,7 @@ class OpenAIHTTP:
         return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in zip(top_ids, top_lps)]}
                             for t, (lp, top_ids, top_lps) in zip(ids, logprobs)]}
 
-    def _logprobs(self, ids: list[int], text: str, logprobs: list | None) -> dict | None:
+    def _logprobs(self, ids: list[int], logprobs: list | None) -> dict | None:
         """OpenAI's completions logprobs: each token's text, log-probability and most likely alternatives."""
         if not logprobs:
             return None

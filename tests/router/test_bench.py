@@ -154,15 +154,7 @@ def test_gpu_benchmark_script_runs_end_to_end_on_a_tiny_model(tmp_path):
 
 def test_engine_profile_script_runs_on_a_tiny_model(tmp_path):
     """benchmarks/profile_engine.py --smoke: prefill and decode step times (padded decode on CPU) and kernel tables."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_engine.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    report = json.loads((tmp_path / "profile_engine.json").read_text())["tiny"]
+    report = _script("profile_engine", tmp_path, "--smoke")["tiny"]
     for b in ("1", "2"):
         assert report[b]["decode_graph_ms"] > 0 and report[b]["decode_eager_ms"] > 0 and report[b]["prefill_steps_ms"]
     assert report["engine"]["waiting"] == report["engine"]["running"] == 0
@@ -172,15 +164,7 @@ def test_engine_profile_script_runs_on_a_tiny_model(tmp_path):
 def test_routing_spread_script_runs_on_a_tiny_model(tmp_path):
     """benchmarks/routing_spread.py --smoke: distinct experts per layer for prefill and decode steps,
     each within [top_k, experts] and beside its uniform expectation."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "routing_spread.py"
-    run = subprocess.run([sys.executable, str(script), "--smoke", "--out-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    results = json.loads((tmp_path / "routing_spread.json").read_text())
+    results = _script("routing_spread", tmp_path, "--smoke")
     assert [r["batch"] for r in results] == [1, 3]
     for r in results:
         for kind in ("prefill", "decode"):
