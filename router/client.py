@@ -37,6 +37,7 @@ def build_request(
     frequency_penalty: float = 0.0,
     min_tokens: int = 0,
     priority: int = 0,
+    logit_bias: dict[int, float] | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; exactly one of `prompt` and `token_ids`."""
     if (prompt is None) == (token_ids is None):
@@ -59,6 +60,8 @@ def build_request(
         req.logprobs = logprobs
     if repetition_penalty is not None:
         req.repetition_penalty = repetition_penalty
+    for token, bias in (logit_bias or {}).items():
+        req.logit_bias[token] = bias
     return req
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .errors import EngineStoppedError, InvalidRequestError, StepFailedError
+from .errors import InvalidRequestError, StepFailedError
 from .model_runner import ModelRunner, num_kv_blocks
 from .scheduler import Scheduler
 from .sampler import unpack_logprobs

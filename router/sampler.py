@@ -33,7 +33,8 @@ class Sampler:
                  generators: list[torch.Generator | None], histories: list | None = None) -> torch.Tensor:
         """logits [N, V] float32 -> token ids [N] int64 (on the logits' device). `histories`: where a row's params
         read the tokens so far (penalties, min_tokens), its (token ids so far, prompt length, ids min_tokens
-        holds back), else None; see apply_history."""
+        holds back), else None; see apply_history. Logit biases come first, then the history, as in HF generate."""
+        logits = apply_logit_bias(logits, params)
         if histories is not None:
             logits = apply_history(logits, params, histories)
         greedy_ids = logits.argmax(dim=-1)
@@ -73,6 +74,19 @@ class Sampler:
             top = lp.topk(k, dim=-1)
             parts += [top.values, top.indices.float()]
         return torch.cat(parts, dim=1)
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The logits with each row's logit_bias added (a new tensor; the same one when no row has any): one upload of
+    (flat index, bias) pairs for the whole batch."""
+    if not any(p.logit_bias for p in params):
+        return logits
+    vocab = logits.shape[1]
+    flat = [i * vocab + token for i, p in enumerate(params) for token, _ in p.logit_bias]
+    values = [bias for p in params for _, bias in p.logit_bias]
+    out = logits.clone()
+    out.view(-1).index_add_(0, _small(flat, torch.int64, logits.device), _small(values, logits.dtype, logits.device))
+    return out
 
 
 def apply_history(logits: torch.Tensor, params: list[SamplingParams], histories: list) -> torch.Tensor:

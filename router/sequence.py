@@ -18,6 +18,8 @@ MAX_LOGPROBS = 20  # most likely alternatives a request may ask for per token
 # One generated token's log-probability under the model, and the most likely tokens' (ids, log-probabilities).
 TokenLogprobs = tuple[float, tuple[int, ...], tuple[float, ...]]
 MAX_STOP_STRING_CHARS = 256
+MAX_LOGIT_BIAS = 300  # tokens a request may bias (OpenAI's limit)
+LOGIT_BIAS_RANGE = 100.0  # a bias is in [-100, 100], as in OpenAI's API
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,13 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # [-2, 2]: times the number of times each token was generated so far
     min_tokens: int = 0  # no EOS nor stop id before this many new tokens
     priority: int = 0  # scheduling: lower is admitted first and preempted last; equal keeps arrival order
+    # added to the logits of these token ids before penalties, temperature, top-k and top-p (greedy feels it too);
+    # a dict or (id, bias) pairs, kept as pairs sorted by id
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequestError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
@@ -79,6 +85,25 @@ class SamplingParams:
         the last token on the host first (no look-ahead decode)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.min_tokens > 0)
+
+
+def _logit_bias(bias) -> tuple[tuple[int, float], ...]:
+    pairs = list(bias.items() if isinstance(bias, dict) else bias)
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError("logit_bias", f"{len(pairs)} tokens is over the limit of {MAX_LOGIT_BIAS}")
+    out: dict[int, float] = {}
+    for pair in pairs:
+        token, value = pair
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise InvalidRequestError("logit_bias", f"keys must be token ids (integers >= 0), got {token!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not \
+                -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:
+            raise InvalidRequestError(f"logit_bias[{token}]", f"must be a number in [-{LOGIT_BIAS_RANGE:g}, "
+                                                              f"{LOGIT_BIAS_RANGE:g}], got {value!r}")
+        if token in out:
+            raise InvalidRequestError("logit_bias", f"token id {token} is given twice")
+        out[token] = float(value)
+    return tuple(sorted(out.items()))
 
 
 @dataclass
@@ -122,6 +147,9 @@ def check_admission(prompt: list[int], params: SamplingParams, vocab_size: int, 
     if len(prompt) + params.max_tokens > max_model_len:
         raise InvalidRequestError("max_tokens", f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "
                                   f"exceeds the context length {max_model_len}")
+    for field, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+        if ids and max(ids) >= vocab_size:
+            raise InvalidRequestError(field, f"token id {max(ids)} is outside the vocabulary [0, {vocab_size})")
     if params.stop and not has_tokenizer:
         raise InvalidRequestError("stop", "stop strings need a tokenizer; this engine has none")
 

@@ -18,7 +18,7 @@ import grpc
 from moeserve.router import status_codes
 from moeserve.router.auth import TokenSet, caller_identity
 from moeserve.router.errors import EngineStoppedError, InvalidRequestError, QueueFullError
-from moeserve.router.sequence import MAX_LOGPROBS
+from moeserve.router.sequence import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from moeserve.router.validation import Limits, ValidRequest, validate
 from moeserve.v1 import inference_pb2 as pb
 
@@ -74,6 +74,7 @@ def model_info(engine: Any, limits: Limits, dtype: str, model_name: str) -> pb.M
         default_max_tokens=min(limits.default_max_tokens, limits.max_tokens),
         max_stop_strings=limits.max_stop_strings,
         max_logprobs=MAX_LOGPROBS,
+        max_logit_bias=MAX_LOGIT_BIAS,
     )
 
 

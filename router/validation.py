@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from moeserve.router.errors import InvalidRequestError
-from moeserve.router.sequence import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams
+from moeserve.router.sequence import MAX_LOGIT_BIAS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +163,17 @@ def _stops(request, limits: Limits) -> tuple[tuple[str, ...], tuple[int, ...]]:
     return tuple(stop), tuple(_check_ids("stop_token_ids", ids, limits.vocab_size))
 
 
+def _logit_bias(request, limits: Limits) -> dict[int, float]:
+    bias = request.logit_bias
+    if len(bias) > MAX_LOGIT_BIAS:  # before the per-id loop
+        raise InvalidRequestError("logit_bias", f"{len(bias)} tokens is over the limit of {MAX_LOGIT_BIAS}")
+    for token in bias:
+        if token >= limits.vocab_size:
+            raise InvalidRequestError(f"logit_bias[{token}]", f"token id {token} is outside the vocabulary "
+                                                              f"[0, {limits.vocab_size})")
+    return dict(bias)
+
+
 def validate(request, limits: Limits, encode: Callable[[str], list[int]]) -> ValidRequest:
     """Check a moeserve.v1.GenerateRequest; return what the engine needs or raise InvalidRequestError."""
     request_id = _check_request_id(request.request_id, limits)
@@ -185,5 +196,6 @@ def validate(request, limits: Limits, encode: Callable[[str], list[int]]) -> Val
         frequency_penalty=request.frequency_penalty,
         min_tokens=request.min_tokens,
         priority=request.priority,
+        logit_bias=_logit_bias(request, limits),
     )
     return ValidRequest(request_id=request_id, prompt_token_ids=prompt, params=params)

@@ -55,6 +55,15 @@ def _token_ids(text: str) -> list[int]:
         raise SystemExit(f"error: --token-ids takes integers separated by commas, got {text!r}") from None
 
 
+def _logit_bias(text: str) -> tuple[int, float]:
+    try:
+        token, bias = text.split("=")
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes ID=BIAS (a token id and a number in [-100, 100]), got {text!r}") \
+            from None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a completion from a running server",
                        description="Send a prompt to a moeserve server and print the completion.")
@@ -80,6 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="no end-of-sequence or stop token id before N new tokens (default 0)")
     p.add_argument("--priority", type=int, default=0, metavar="N",
                    help="scheduling priority: lower is admitted first and preempted last (default 0)")
+    p.add_argument("--logit-bias", action="append", type=_logit_bias, default=[], metavar="ID=BIAS",
+                   help="add BIAS ([-100, 100]) to token ID's logit before sampling (repeatable; -100 bans it)")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="after the completion, print each token's log-probability and the N likeliest tokens' "
                         "(0..20) on standard error")
@@ -102,7 +113,7 @@ async def _generate(args: argparse.Namespace) -> int:
         seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
         request_id=args.request_id, logprobs=args.logprobs, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
-        priority=args.priority,
+        priority=args.priority, logit_bias=dict(args.logit_bias),
     )
     tokens, logprobs = [], []
     async with connect(args) as client:

@@ -226,3 +226,23 @@ def test_penalties_equal_hf(case, mode):
         assert out.new_token_ids == w, f"prompt of {len(p)} with {kind} differs from HF"
     changed = {i % len(PENALTIES) for i, (w, base) in enumerate(zip(want, plain)) if w != base}
     assert changed >= {0, 1, 3}, "each kind of penalty should change some output, or the test shows nothing"
+
+
+@pytest.mark.parametrize("mode", ["off", "padded"])
+def test_logit_bias_equals_hf_sequence_bias(case, mode):
+    """Greedy requests with logit biases (one banning the token HF would pick first, one raising a token, one with a
+    repetition penalty on top, one without), served together: each output is HF generate's with sequence_bias on
+    single tokens (and its repetition penalty after the bias)."""
+    path, prompts, plain = case
+    prompts, plain = prompts[:4], plain[:4]
+    biases = [{plain[0][0]: -100.0}, {plain[1][3]: 6.0, 17: -3.0}, {plain[2][1]: 4.0}, {}]
+    penalties = [1.0, 1.0, 1.4, 1.0]
+    want = _hf_greedy(_hf_model(path), prompts, lambda i: dict(
+        sequence_bias={(t,): b for t, b in biases[i].items()} or None, repetition_penalty=penalties[i]))
+    engine = LLMEngine.from_config(EngineConfig(model=path, num_kv_blocks=64, block_size=8, decode_graphs=mode))
+    outs = engine.generate_batch(prompts, [SamplingParams(max_tokens=NEW_TOKENS, logit_bias=b, repetition_penalty=r)
+                                           for b, r in zip(biases, penalties)])
+    for p, b, w, out in zip(prompts, biases, want, outs):
+        assert out.new_token_ids == w, f"prompt of {len(p)} with logit_bias {b} differs from HF"
+    assert want[0][0] != plain[0][0] and want[1] != plain[1] and want[2] != plain[2], \
+        "each bias should change its output, or the test shows nothing"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeserve.router.errors import InvalidRequestError
-from moeserve.router.sampler import Sampler, apply_history
+from moeserve.router.sampler import Sampler, apply_history, apply_logit_bias
 from moeserve.router.sequence import SamplingParams
 
 LOGITS = torch.log(torch.tensor([0.05, 0.5, 0.15, 0.3]))  # ranked: 1, 3, 2, 0
@@ -157,3 +157,32 @@ def test_bad_penalties_are_named(field, kw):
     with pytest.raises(InvalidRequestError) as err:
         _p(**kw)  # max_tokens 1
     assert err.value.field == field
+
+
+def test_logit_bias_is_added_per_row_before_the_penalties():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 10, generator=g)
+    params = [_p(logit_bias={7: -100.0, 2: 3.5}), _p(), _p(logit_bias=[(0, 100)], repetition_penalty=2.0)]
+    got = apply_logit_bias(logits, params)
+    want = logits.clone()
+    want[0, 7] -= 100.0
+    want[0, 2] += 3.5
+    want[2, 0] += 100.0
+    assert torch.equal(got, want)
+    assert apply_logit_bias(logits, [_p(), _p(), _p()]) is logits  # nobody pays for what nobody asked
+    # HF's order: the bias, then the repetition penalty. Token 0 (seen) ends at (-1 + 3) / 4 = 0.5 and wins; the
+    # other order would make it -1 * 4 + 3 = -1 and pick token 1.
+    ids = Sampler()(torch.tensor([[-1.0, 0.0, -0.5]]), [_p(logit_bias={0: 3.0}, repetition_penalty=4.0)], [None],
+                    [([0], 1, set())])
+    assert ids.tolist() == [0]
+
+
+@pytest.mark.parametrize("bias, field", [
+    ({1: 100.5}, "logit_bias[1]"), ({1: math.nan}, "logit_bias[1]"), ({-1: 1.0}, "logit_bias"),
+    ({"1": 1.0}, "logit_bias"), ([(1, 1.0), (1, 2.0)], "logit_bias"), ({i: 1.0 for i in range(301)}, "logit_bias"),
+])
+def test_bad_logit_bias_is_named(bias, field):
+    with pytest.raises(InvalidRequestError) as err:
+        _p(logit_bias=bias)
+    assert err.value.field == field
+    assert _p(logit_bias={9: 1, 3: -2.5}).logit_bias == ((3, -2.5), (9, 1.0))  # kept sorted, as floats

@@ -58,6 +58,7 @@ async def test_model_info_describes_the_served_model(server, client):
     assert info.num_experts == mc.moe.n_routed_experts and info.num_experts_per_tok == mc.moe.num_experts_per_tok
     assert info.num_layers == mc.num_hidden_layers and info.dtype == "float32" and info.model_name == "demo"
     assert info.max_prompt_tokens == info.context_length - 1 and info.max_stop_strings > 0 and info.max_logprobs == 20
+    assert info.max_logit_bias == 300
 
 
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.9, top_p=0.95, top_k=20, seed=1234)])

@@ -82,6 +82,11 @@ def test_defaults_fill_in():
     (build_request("hi", presence_penalty=2.5), "presence_penalty", "[-2, 2]"),
     (build_request("hi", frequency_penalty=math.nan), "frequency_penalty", "[-2, 2]"),
     (build_request("hi", max_tokens=4, min_tokens=5), "min_tokens", "max_tokens = 4"),
+    (build_request("hi", logit_bias={VOCAB: 1.0}), f"logit_bias[{VOCAB}]", "outside the vocabulary"),
+    (build_request("hi", logit_bias={3: 101.0}), "logit_bias[3]", "[-100, 100]"),
+    (build_request("hi", logit_bias={3: math.inf}), "logit_bias[3]", "[-100, 100]"),
+    (build_request("hi", logit_bias={i: 1.0 for i in range(301)}), "logit_bias",
+     "over the limit of 300"),
 ])
 def test_each_bad_field_is_named(req, field, words):
     err = refused(req)
