@@ -8,8 +8,13 @@ field, which is the OpenAI parameter's name), limits, bearer tokens, priorities 
 
 As in OpenAI's API, `temperature` defaults to 1 (gRPC's to 0, greedy), and EOS ends a completion with
 finish_reason "stop". Parameters beyond OpenAI's, as vLLM takes them: top_k, repetition_penalty,
-min_tokens, ignore_eos, stop_token_ids, priority; each choice carries its `token_ids` too. Not supported
-(refused by name): n and best_of above 1, echo, suffix, logit_bias.
+min_tokens, ignore_eos, stop_token_ids, priority; each choice carries its `token_ids` too (the completion's).
+
+`n` choices (and `best_of`, of which the n with the highest mean log-probability per token are returned) are n
+engine requests with the same prompt; the first runs alone until its first token, so that the others find the
+prompt in the prefix cache. With a `seed`, choice i samples with seed + i (as vLLM does). `echo` puts the prompt
+before the completion's text. Not supported (refused by name): `suffix`, and `echo` with `logprobs` (the prompt's
+log-probabilities are not computed).
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import ssl
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +34,7 @@ from aiohttp import web
 from moeserve.router import status_codes
 from moeserve.router.auth import TokenSet, bearer_token
 from moeserve.router.errors import InvalidRequestError
+from moeserve.router.sequence import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS
 from moeserve.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -39,6 +47,7 @@ _FINISH = {"eos": "stop"}  # OpenAI ends on EOS with "stop"; length, stop, cance
 # JSON parameter -> (GenerateRequest field, Python types accepted). Absent or null: the field's default.
 _NUMBERS = {"max_tokens": int, "top_p": float, "top_k": int, "seed": int, "logprobs": int, "presence_penalty": float,
             "frequency_penalty": float, "repetition_penalty": float, "min_tokens": int, "priority": int}
+MAX_CHOICES = 16  # n and best_of at most
 
 
 class _Refused(Exception):
@@ -69,11 +78,8 @@ def generate_request(body: Any, model_name: str) -> tuple[pb.GenerateRequest, bo
     model = body.get("model")
     if model is not None and model != model_name:
         raise _Refused(404, f"model {model!r} is not served here; GET /v1/models lists {model_name!r}", "model")
-    for name, allowed in (("n", (None, 1)), ("best_of", (None, 1)), ("echo", (None, False)), ("suffix", (None,))):
-        if body.get(name) not in allowed:
-            raise InvalidRequestError(name, f"{body[name]!r} is not supported (only {allowed[-1]!r})")
-    if body.get("logit_bias"):
-        raise InvalidRequestError("logit_bias", "is not supported")
+    if body.get("suffix") is not None:
+        raise InvalidRequestError("suffix", "is not supported")
     req = pb.GenerateRequest()
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -112,10 +118,71 @@ def generate_request(body: Any, model_name: str) -> tuple[pb.GenerateRequest, bo
         if not isinstance(body.get(name, False), bool):
             raise InvalidRequestError(name, f"must be true or false, got {body[name]!r}")
     req.ignore_eos = body.get("ignore_eos", False)
+    _logit_bias(body, req)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise InvalidRequestError("stream_options", "must be an object")
     return req, body.get("stream", False), bool(options.get("include_usage", False))
+
+
+def _logit_bias(body: dict, req: pb.GenerateRequest) -> None:
+    """OpenAI's logit_bias, {"token id": bias}, into the request's map (the engine checks the ids against the
+    vocabulary)."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return
+    if not isinstance(bias, dict):
+        raise InvalidRequestError("logit_bias", "must be an object mapping token ids to biases")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError("logit_bias", f"{len(bias)} tokens is over the limit of {MAX_LOGIT_BIAS}")
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidRequestError("logit_bias", f"keys must be token ids, got {key!r}") from None
+        if not 0 <= token < 2**32:
+            raise InvalidRequestError("logit_bias", f"keys must be token ids, got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:
+            raise InvalidRequestError(f"logit_bias[{key}]", f"must be a number in [-{LOGIT_BIAS_RANGE:g}, "
+                                                            f"{LOGIT_BIAS_RANGE:g}], got {value!r}")
+        req.logit_bias[token] = value
+
+
+def choices(body: dict, req: pb.GenerateRequest, stream: bool, chat: bool) -> tuple[list[pb.GenerateRequest], int, bool]:
+    """(the engine requests, `best_of` of them; the number of choices to return, n; echo) for a parsed body: one
+    request per choice, choice i with seed + i when a seed is given, and each with its chosen tokens'
+    log-probabilities when the best n of best_of are to be picked by them."""
+    n = body.get("n")
+    n = 1 if n is None else _number(body, "n", int)
+    if not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequestError("n", f"must be in [1, {MAX_CHOICES}], got {n}")
+    best_of = body.get("best_of")
+    best_of = n if best_of is None else _number(body, "best_of", int)
+    if not n <= best_of <= MAX_CHOICES:
+        raise InvalidRequestError("best_of", f"must be in [n = {n}, {MAX_CHOICES}], got {best_of}")
+    if best_of > n and stream:
+        raise InvalidRequestError("best_of", "cannot be streamed when above n (the best are known at the end)")
+    echo = body.get("echo", False)
+    if echo is None:
+        echo = False
+    if not isinstance(echo, bool):
+        raise InvalidRequestError("echo", f"must be true or false, got {echo!r}")
+    if echo and chat:
+        raise InvalidRequestError("echo", "is a /v1/completions parameter")
+    if echo and req.HasField("logprobs"):
+        raise InvalidRequestError("echo", "with logprobs is not supported (the prompt's log-probabilities are not "
+                                          "computed); ask for one of them")
+    out = []
+    for i in range(best_of):
+        child = pb.GenerateRequest()
+        child.CopyFrom(req)
+        if req.HasField("seed"):
+            child.seed = (req.seed + i) % 2**64
+        if best_of > n and not req.HasField("logprobs"):
+            child.logprobs = 0  # the chosen tokens' log-probabilities rank the choices
+        out.append(child)
+    return out, n, echo
 
 
 class OpenAIHTTP:
@@ -218,6 +285,7 @@ class OpenAIHTTP:
             if chat:
                 body = self._chat_body(body)
             req, stream, include_usage = generate_request(body, self.model_name)
+            children, n, echo = choices(body, req, stream, chat)
         except (json.JSONDecodeError, UnicodeDecodeError):
             self.servicer.record_error("INVALID_ARGUMENT")
             return _error(400, "the body is not JSON", "body")
@@ -230,20 +298,63 @@ class OpenAIHTTP:
         except _Refused as exc:
             self.servicer.record_error("NOT_FOUND")
             return _error(exc.status, str(exc), exc.param)
-        created = int(time.time())
+        reply = _Reply(chat, int(time.time()), len(children), n, req.HasField("logprobs"),
+                       self._echo(req) if echo else "")
         path = "/v1/chat/completions" if chat else "/v1/completions"
-        tracker = self.servicer.track("ChatCompletions" if chat else "Completions",
-                                      [(k.lower(), v) for k, v in request.headers.items()], span_name=f"POST {path}")
-        outputs = self.servicer.run_request(req, caller, None, tracker)
+        headers = [(k.lower(), v) for k, v in request.headers.items()]
+        trackers = _Trackers([self.servicer.track("ChatCompletions" if chat else "Completions", headers,
+                                                  span_name=f"POST {path}") for _ in children])
+        outputs = self._run(children, caller, trackers.items)
         try:
             if stream:
-                response = await self._stream(request, outputs, created, include_usage, tracker, chat)
+                response = await self._stream(request, outputs, reply, include_usage, trackers)
             else:
-                response = await self._whole(outputs, created, tracker, chat)
+                response = await self._whole(outputs, reply, trackers)
         except BaseException:  # the client went away
-            tracker.end("CANCELLED")
+            trackers.end("CANCELLED")
             raise
         return response
+
+    def _echo(self, req: pb.GenerateRequest) -> str:
+        """The prompt as text, for echo."""
+        if req.WhichOneof("input") == "prompt":
+            return req.prompt
+        return self.tokenizer.decode(list(req.token_ids.ids)) if self.tokenizer is not None else ""
+
+    async def _run(self, children: list, caller: str, trackers: list):
+        """Run the choices' engine requests; yields (choice index, request id, RequestOutput) as they come. The
+        first runs alone until its first output, so that the others find its prompt in the prefix cache. The
+        first failure is raised; closing this generator lets the engine go of every request still running."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async with contextlib.aclosing(self.servicer.run_request(children[i], caller, None,
+                                                                         trackers[i])) as outs:
+                    async for rid, out in outs:
+                        queue.put_nowait((i, rid, out))
+            except Exception as exc:  # noqa: BLE001 - raised to the reader below
+                queue.put_nowait((i, None, exc))
+            else:
+                queue.put_nowait((i, None, None))
+
+        tasks = [asyncio.create_task(pump(0))]
+        running = len(children)
+        try:
+            while running:
+                i, rid, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if len(tasks) < len(children):
+                    tasks += [asyncio.create_task(pump(j)) for j in range(1, len(children))]
+                if item is None:
+                    running -= 1
+                else:
+                    yield i, rid, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _caller(self, request: web.Request) -> str | None:
         """Who is calling (the token's name, else the peer address); None when auth is on and the token is not known."""
@@ -252,15 +363,15 @@ class OpenAIHTTP:
         return self.tokens.match(bearer_token([("authorization", request.headers.get("Authorization", ""))]))
 
     # -- responses ----------------------------------------------------------------------------------
-    def _choice(self, out: Any, ids: list[int], text: str, logprobs: list, chat: bool = False,
+    def _choice(self, out: Any, ids: list[int], text: str, logprobs: list, chat: bool = False, index: int = 0,
                 first: bool = False, delta: bool = False) -> dict:
         """One choice of a reply (a chunk of one with `delta`): completions' text, or chat's message or delta."""
         finish = _FINISH.get(out.finish_reason, out.finish_reason) if out.finished else None
         if not chat:
-            return {"index": 0, "text": text, "token_ids": ids, "logprobs": self._logprobs(ids, logprobs),
+            return {"index": index, "text": text, "token_ids": ids, "logprobs": self._logprobs(ids, logprobs),
                     "finish_reason": finish}
         message = {"role": "assistant", "content": text} if first or not delta else {"content": text}
-        return {"index": 0, "delta" if delta else "message": message, "token_ids": ids,
+        return {"index": index, "delta" if delta else "message": message, "token_ids": ids,
                 "logprobs": self._chat_logprobs(ids, logprobs), "finish_reason": finish}
 
     def _chat_logprobs(self, ids: list[int], logprobs: list | None) -> dict | None:
@@ -296,54 +407,73 @@ class OpenAIHTTP:
         return {"id": f"{prefix}-{request_id}", "object": kind, "created": created, "model": self.model_name, **extra}
 
     @staticmethod
-    def _usage(out: Any) -> dict:
-        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                "total_tokens": out.prompt_tokens + out.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": out.cached_prompt_tokens}}
+    def _usage(lasts: list) -> dict:
+        """Usage over a reply's engine requests (each one's last output): the prompt counted once, every
+        completion's tokens (best_of's unreturned ones too), and the most prompt tokens any read from the cache."""
+        prompt, completion = lasts[0].prompt_tokens, sum(out.completion_tokens for out in lasts)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": max(out.cached_prompt_tokens for out in lasts)}}
 
-    async def _whole(self, outputs, created: int, tracker: Any, chat: bool) -> web.Response:
-        ids, text, logprobs, last, rid = [], [], [], None, ""
+    async def _whole(self, outputs, reply: "_Reply", trackers: "_Trackers") -> web.Response:
+        count = reply.requests
+        ids: list[list[int]] = [[] for _ in range(count)]
+        text: list[list[str]] = [[] for _ in range(count)]
+        logprobs: list[list] = [[] for _ in range(count)]
+        last: list[Any] = [None] * count
+        rid = ""
         try:
             async with contextlib.aclosing(outputs):
-                async for rid, last in outputs:
-                    ids += last.new_token_ids
-                    text.append(last.new_text)
-                    logprobs += last.logprobs or ()
+                async for i, r, out in outputs:
+                    rid = rid or r
+                    ids[i] += out.new_token_ids
+                    text[i].append(out.new_text)
+                    logprobs[i] += out.logprobs or ()
+                    last[i] = out
         except Exception as exc:  # noqa: BLE001 - every failure becomes its HTTP status
-            return self._failure(exc, tracker)
-        tracker.end()
-        kind = "chat.completion" if chat else "text_completion"
-        return web.json_response(self._envelope(rid, created, kind, usage=self._usage(last),
-                                                choices=[self._choice(last, ids, "".join(text), logprobs, chat)]))
+            return self._failure(exc, trackers)
+        trackers.end()
+        order = list(range(count))
+        if count > reply.n:  # best_of: the n with the highest mean log-probability per token, in that order
+            order.sort(key=lambda i: -sum(lp for lp, _, _ in logprobs[i]) / len(logprobs[i]) if logprobs[i]
+                       else math.inf)
+            order = order[:reply.n]
+        picked = [self._choice(last[i], ids[i], reply.echo + "".join(text[i]), logprobs[i] if reply.logprobs else [],
+                               reply.chat, index=k) for k, i in enumerate(order)]
+        return web.json_response(self._envelope(rid, reply.created, reply.kind, usage=self._usage(last),
+                                                choices=picked))
 
-    async def _stream(self, request: web.Request, outputs, created: int, include_usage: bool,
-                      tracker: Any, chat: bool) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, outputs, reply: "_Reply", include_usage: bool,
+                      trackers: "_Trackers") -> web.StreamResponse:
         response: web.StreamResponse | None = None
-        kind = "chat.completion.chunk" if chat else "text_completion"
+        kind = reply.kind + (".chunk" if reply.chat else "")
+        last: list[Any] = [None] * reply.requests
+        rid = ""
         try:
             async with contextlib.aclosing(outputs):
-                async for rid, out in outputs:
+                async for i, r, out in outputs:
                     if response is None:  # admitted: from here on errors travel as events
                         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                                "Cache-Control": "no-cache"})
                         await response.prepare(request)
-                        first = True
-                    chunk = self._envelope(rid, created, kind, choices=[
-                        self._choice(out, out.new_token_ids, out.new_text, out.logprobs or [], chat, first, delta=True)])
-                    first = False
+                        rid = r
+                    first = last[i] is None
+                    last[i] = out
+                    text = (reply.echo if first else "") + out.new_text
+                    chunk = self._envelope(rid, reply.created, kind, choices=[self._choice(
+                        out, out.new_token_ids, text, out.logprobs or [], reply.chat, i, first, delta=True)])
                     await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                    if out.finished and include_usage:
-                        usage = self._envelope(rid, created, kind, choices=[], usage=self._usage(out))
-                        await response.write(f"data: {json.dumps(usage)}\n\n".encode())
+            if include_usage:
+                usage = self._envelope(rid, reply.created, kind, choices=[], usage=self._usage(last))
+                await response.write(f"data: {json.dumps(usage)}\n\n".encode())
         except (ConnectionResetError, asyncio.CancelledError):
-            raise  # the client went away: closing `outputs` above has let the engine go of the request
+            raise  # the client went away: closing `outputs` above has let the engine go of the requests
         except Exception as exc:  # noqa: BLE001 - before the first event, the status; after it, an event
-            failure = self._failure(exc, tracker)
+            failure = self._failure(exc, trackers)
             if response is None:
                 return failure
             await response.write(f"data: {failure.text}\n\n".encode())
         else:
-            tracker.end()
+            trackers.end()
         if response is None:  # nothing was yielded: a failure the loop above did not raise cannot happen
             return _error(500, "the request produced no output")
         await response.write(b"data: [DONE]\n\n")
@@ -351,7 +481,37 @@ class OpenAIHTTP:
         return response
 
     @staticmethod
-    def _failure(exc: BaseException, tracker: Any) -> web.Response:
+    def _failure(exc: BaseException, trackers: "_Trackers") -> web.Response:
         code, message = status_codes.to_status(exc)
-        tracker.end(code.name)
+        trackers.end(code.name)
         return _error(_HTTP.get(code.name, 500), message, getattr(exc, "field", None))
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """What shapes one reply: chat or completions, its creation time, engine requests (best_of) and choices
+    returned (n), whether the client asked for logprobs, and the prompt text echoed before each choice's."""
+
+    chat: bool
+    created: int
+    requests: int
+    n: int
+    logprobs: bool
+    echo: str
+
+    @property
+    def kind(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+
+class _Trackers:
+    """The telemetry trackers of one HTTP call's engine requests (one per choice), ended together, once."""
+
+    def __init__(self, items: list):
+        self.items, self._ended = items, False
+
+    def end(self, code: str | None = None) -> None:
+        if not self._ended:
+            self._ended = True
+            for tracker in self.items:
+                tracker.end(code)

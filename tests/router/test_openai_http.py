@@ -80,8 +80,15 @@ async def test_completions_match_grpc_whole_and_streamed():
     ({"prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens"),
     ({"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
     ({"prompt": "hi", "presence_penalty": 5}, 400, "presence_penalty"),
-    ({"prompt": "hi", "n": 2}, 400, "n"),
-    ({"prompt": "hi", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    ({"prompt": "hi", "n": 0}, 400, "n"),
+    ({"prompt": "hi", "n": 17}, 400, "n"),
+    ({"prompt": "hi", "n": 2, "best_of": 1}, 400, "best_of"),
+    ({"prompt": "hi", "best_of": 2, "stream": True}, 400, "best_of"),
+    ({"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo"),
+    ({"prompt": "hi", "suffix": "!"}, 400, "suffix"),
+    ({"prompt": "hi", "logit_bias": {"five": 1}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias[5]"),
+    ({"prompt": "hi", "logit_bias": {"1000000": 1}}, 400, "logit_bias[1000000]"),
     ({"prompt": "hi", "stop": [1]}, 400, "stop"),
     ({"prompt": "hi", "stream": "yes"}, 400, "stream"),
     ({"prompt": [1, 10**9]}, 400, "token_ids[1]"),
@@ -98,6 +105,77 @@ async def test_bad_requests_are_refused_by_parameter_and_serving_goes_on(body, s
             assert r.status == 400 and (await r.json())["error"]["param"] == "body"
         async with http.post(_url(srv, "/v1/completions"), json={"prompt": [5, 6], "max_tokens": 2}) as r:
             assert r.status == 200 and len((await r.json())["choices"][0]["token_ids"]) <= 2
+
+
+async def test_n_best_of_echo_and_logit_bias():
+    """n choices are n seeded requests (seed + i) and the later ones read the prompt from the prefix cache; best_of
+    returns the choice with the highest mean log-probability; echo puts the prompt first; logit_bias is gRPC's."""
+    prompt = list(range(5, 45))  # 40 tokens: two whole blocks of 16 to share
+    async with running_server(http_port=0) as srv, aiohttp.ClientSession() as http, AsyncClient(srv.address) as grpc_:
+        sampling = {"max_tokens": 6, "temperature": 1.0, "ignore_eos": True}
+        alone = [await grpc_.generate(token_ids=prompt, seed=11 + i, logprobs=0, **sampling) for i in range(3)]
+        body = {"prompt": prompt, "n": 3, "seed": 11, **sampling}
+        async with http.post(_url(srv, "/v1/completions"), json=body) as r:
+            assert r.status == 200, await r.text()
+            whole = await r.json()
+        assert [c["index"] for c in whole["choices"]] == [0, 1, 2]
+        assert [c["token_ids"] for c in whole["choices"]] == [list(a.token_ids) for a in alone]
+        assert len({tuple(c["token_ids"]) for c in whole["choices"]}) > 1, "seeds 11..13 should not all agree"
+        usage = whole["usage"]
+        assert usage["prompt_tokens"] == 40 and usage["completion_tokens"] == 18
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 32  # choices 1 and 2 found choice 0's blocks
+
+        async with http.post(_url(srv, "/v1/completions"), json={**body, "stream": True,
+                                                                 "stream_options": {"include_usage": True}}) as r:
+            events = await _events(r)
+        assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 18
+        streamed = {i: [] for i in range(3)}
+        for event in events[:-2]:
+            (choice,) = event["choices"]
+            streamed[choice["index"]] += choice["token_ids"]
+        assert [streamed[i] for i in range(3)] == [list(a.token_ids) for a in alone]
+        assert len({e["id"] for e in events[:-1]}) == 1
+
+        mean = [sum(lp.logprob for lp in a.logprobs) / len(a.logprobs) for a in alone]
+        async with http.post(_url(srv, "/v1/completions"), json={**body, "n": 1, "best_of": 3}) as r:
+            best = await r.json()
+        (choice,) = best["choices"]
+        assert choice["token_ids"] == list(alone[mean.index(max(mean))].token_ids) and choice["logprobs"] is None
+        assert best["usage"]["completion_tokens"] == 18  # all three were generated
+
+        async with http.post(_url(srv, "/v1/completions"), json={"prompt": "Hello", "max_tokens": 3, "echo": True,
+                                                                 "temperature": 0}) as r:
+            echoed = (await r.json())["choices"][0]
+        plain = await grpc_.generate(prompt="Hello", max_tokens=3)
+        assert echoed["text"] == "Hello" + plain.text and echoed["token_ids"] == list(plain.token_ids)
+
+        banned = {str(plain.token_ids[0]): -100, "7": 3.5}
+        async with http.post(_url(srv, "/v1/completions"), json={"prompt": "Hello", "max_tokens": 3, "temperature": 0,
+                                                                 "logit_bias": banned}) as r:
+            biased = (await r.json())["choices"][0]["token_ids"]
+        want = await grpc_.generate(prompt="Hello", max_tokens=3, logit_bias={int(k): v for k, v in banned.items()})
+        assert biased == list(want.token_ids) and biased[0] != plain.token_ids[0]
+
+        # A client that goes away from n streams: the engine lets all of them go.
+        long = {"prompt": [5, 6, 7], "max_tokens": srv.servicer.limits.context_length - 8, "ignore_eos": True,
+                "stream": True, "n": 3}
+        async with http.post(_url(srv, "/v1/completions"), json=long) as r:
+            seen: set[int] = set()
+            while len(seen) < 3:
+                seen |= {e["choices"][0]["index"] for e in await _first_events(r, 1)}
+            assert srv.servicer.num_active == 3
+        await asyncio.wait_for(srv.servicer.wait_for(lambda: srv.servicer.num_active == 0), 30)
+        assert srv.engine.stats()["kv_blocks_used"] == 0
+
+
+async def _first_events(response: aiohttp.ClientResponse, count: int) -> list:
+    """The next `count` data events of a stream still running."""
+    out = []
+    while len(out) < count:
+        line = (await response.content.readline()).decode().strip()
+        if line.startswith("data: "):
+            out.append(json.loads(line[len("data: "):]))
+    return out
 
 
 async def test_bearer_tokens_and_a_client_that_goes_away():
@@ -217,7 +295,14 @@ async def test_chat_completions_are_the_completion_of_the_rendered_conversation(
         assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
         assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == want["text"]
 
-        for body, param in (({"messages": []}, "messages"), ({"messages": [{"role": "user"}]}, "messages[0]"),
+        async with http.post(_url(srv, "/v1/chat/completions"), json={**chat, "n": 2, "stream": True}) as r:
+            events = await _events(r)
+        for i in (0, 1):  # each choice: its role first, then the same greedy text
+            deltas = [c["choices"][0]["delta"] for c in events[:-1] if c["choices"][0]["index"] == i]
+            assert deltas[0]["role"] == "assistant" and all("role" not in d for d in deltas[1:])
+            assert "".join(d["content"] for d in deltas) == want["text"]
+
+        for body, param in (({"messages": []}, "messages"), ({"messages": CONVERSATION, "echo": True}, "echo"), ({"messages": [{"role": "user"}]}, "messages[0]"),
                             ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
                              "messages[0].content"),
                             ({"messages": CONVERSATION, "logprobs": 3}, "logprobs")):
