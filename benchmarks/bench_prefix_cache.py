@@ -8,10 +8,16 @@ drives each with `router.bench` at a fixed concurrency:
          server did before, and what a server without prefix caching does);
   floor  prefix caching off, prompts of the own tokens alone: no prefix costs anything, the least TTFT a
          cache hit can give (its limit; a hit still reads the cached KV in attention, so it is not free).
+With --trunk-workers N the trunk runs in N trunk workers behind the one edge (Ray actors), and one more run
+measures what prefix-affine routing is worth:
+  least-busy  prefix caching on, every request to the least busy worker (`--trunk-routing least-busy`): a
+              prefix is computed, and cached, on each worker its requests happen to reach (the peer: load-only
+              routing, as a plain load balancer in front of N servers does).
 Each is preceded by a warm-up that shares no prefix with the measured requests. The engine's own counters
 give the hit rate (prefix_cache_hit_tokens / prefix_cache_queried_tokens).
 
     python benchmarks/bench_prefix_cache.py                    # CPU: the demo model
+    python benchmarks/bench_prefix_cache.py --trunk-workers 2 --prefixes 16   # routing: many prefixes, 2 workers
     python benchmarks/bench_prefix_cache.py --model DIR --device cuda --prefix-len 2048 --own-len 128
 """
 
@@ -27,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def serve_and_bench(args, name: str, caching: bool, prefix_len: int) -> dict:
+async def serve_and_bench(args, name: str, caching: bool, prefix_len: int, routing: str = "prefix") -> dict:
     from moeserve.cluster.cli import build_parser
     from moeserve.cluster.cli.serve import start_server
     from moeserve.router import bench
@@ -37,6 +43,8 @@ async def serve_and_bench(args, name: str, caching: bool, prefix_len: int) -> di
             "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--batch-wait-ms", "0"]
     argv += ["--model", args.model] if args.model else []
     argv += [] if caching else ["--no-prefix-caching"]
+    if args.trunk_workers:
+        argv += ["--trunk-workers", str(args.trunk_workers), "--trunk-routing", routing]
     serving = await start_server(build_parser().parse_args(argv))
     try:
         engine = serving.server.engine  # AsyncEngine: stats() of its core
@@ -63,7 +71,8 @@ async def serve_and_bench(args, name: str, caching: bool, prefix_len: int) -> di
     hit = after["prefix_cache_hit_tokens"] - mid["prefix_cache_hit_tokens"]
     s = result["summary"]
     return {"name": name, "prefix_caching": caching, "prefix_len": prefix_len, "summary": s,
-            "hit_rate": hit / queried if queried else 0.0, "computed_tokens": after["tokens_computed"] - mid["tokens_computed"]}
+            "hit_rate": hit / queried if queried else 0.0, "computed_tokens": after["tokens_computed"] - mid["tokens_computed"],
+            "routed_by_prefix": after.get("requests_routed_by_prefix", 0) - mid.get("requests_routed_by_prefix", 0)}
 
 
 def main() -> int:
@@ -78,6 +87,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trunk-workers", type=int, default=0, metavar="N",
+                   help="serve with N trunk workers (Ray actors) and add the least-busy routing run (default 0)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."), help="where bench_prefix_cache.json goes")
     args = p.parse_args()
 
@@ -85,22 +96,38 @@ def main() -> int:
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1) if args.device == "cpu" else torch.get_num_threads())
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    plan = [("on", True, args.prefix_len, "prefix"), ("off", False, args.prefix_len, "prefix"),
+            ("floor", False, 0, "prefix")]
+    if args.trunk_workers:
+        plan.insert(1, ("least-busy", True, args.prefix_len, "least-busy"))
     runs = []
-    for name, caching, prefix_len in (("on", True, args.prefix_len), ("off", False, args.prefix_len), ("floor", False, 0)):
-        runs.append(asyncio.run(serve_and_bench(args, name, caching, prefix_len)))
-    print(f"## prefix caching, {args.model or 'demo model'} on {args.device}, {started}")
+    try:
+        for name, caching, prefix_len, routing in plan:
+            runs.append(asyncio.run(serve_and_bench(args, name, caching, prefix_len, routing)))
+    finally:
+        if args.trunk_workers:
+            import ray
+
+            ray.shutdown()
+    where = f", {args.trunk_workers} trunk workers" if args.trunk_workers else ""
+    print(f"## prefix caching, {args.model or 'demo model'} on {args.device}{where}, {started}")
     print(f"{args.requests} requests at concurrency {args.concurrency}: {args.prefixes} shared prefixes of "
           f"{args.prefix_len} tokens + {args.own_len} own tokens, {args.new_tokens} new tokens each\n")
-    print("| run | prompt tokens | TTFT p50 ms | TTFT p90 ms | TPOT p50 ms | output tok/s | tokens computed | hit rate |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| run | prompt tokens | TTFT p50 ms | TTFT p90 ms | TPOT p50 ms | output tok/s | tokens computed | hit rate |"
+          + (" routed by prefix |" if args.trunk_workers else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.trunk_workers else ""))
     for r in runs:
         s = r["summary"]
         print(f"| {r['name']} | {r['prefix_len'] + args.own_len} | {s['ttft_ms']['p50']:.1f} | {s['ttft_ms']['p90']:.1f} | "
               f"{s['tpot_ms']['p50']:.1f} | {s['output_token_throughput']:.0f} | {r['computed_tokens']} | "
-              f"{r['hit_rate']:.0%} |")
-    on, off, floor = (r["summary"]["ttft_ms"]["p50"] for r in runs)
+              f"{r['hit_rate']:.0%} |" + (f" {r['routed_by_prefix']} |" if args.trunk_workers else ""))
+    ttft = {r["name"]: r["summary"]["ttft_ms"]["p50"] for r in runs}
+    on, off, floor = ttft["on"], ttft["off"], ttft["floor"]
     print(f"\nTTFT p50: caching on is {off / on:.1f}x faster than off; the floor (no prefix at all) is {floor:.1f} ms, "
           f"on is {on / floor:.2f}x the floor")
+    if args.trunk_workers:
+        print(f"prefix routing vs least-busy: TTFT p50 {ttft['least-busy'] / on:.2f}x lower, "
+              f"tokens computed {runs[1]['computed_tokens'] / max(1, runs[0]['computed_tokens']):.2f}x fewer")
     out = Path(args.out_dir) / "bench_prefix_cache.json"
     out.write_text(json.dumps({"args": vars(args), "started": started, "runs": runs}, indent=2))
     print(f"wrote {out}")

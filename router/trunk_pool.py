@@ -99,7 +99,8 @@ class TrunkPool:
     """The AsyncEngine interface over `replicas` trunk workers, scaled live by `scale`."""
 
     def __init__(self, config: EngineConfig, *, replicas: int = 1, max_replicas: int = 64,
-                 engine_factory: Callable[[EngineConfig], TrunkEngine] | None = None, **engine_options):
+                 engine_factory: Callable[[EngineConfig], TrunkEngine] | None = None, prefix_routing: bool = True,
+                 **engine_options):
         if replicas < 1:
             raise ValueError(f"trunk workers: must be >= 1, got {replicas}")
         if max_replicas < replicas:
@@ -120,7 +121,8 @@ class TrunkPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.events: list[str] = []  # what scale() did, oldest first (the last 1000)
         self._start_errors: list[BaseException] = []
-        self.affinity = PrefixAffinity(config.block_size) if config.prefix_caching else None
+        # prefix_routing False (or no prefix cache to find): every request to the least busy member
+        self.affinity = PrefixAffinity(config.block_size) if config.prefix_caching and prefix_routing else None
         first = self._add()  # the edge reads the model's facts from it before anything starts
         self.model_config = first.engine.model_config
         self.tokenizer = first.engine.tokenizer

@@ -66,6 +66,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="run N trunk workers (each as --trunk-worker), the edge sending each new request to the "
                         "least busy; the autoscaling policy's trunk decisions add or drain them live "
                         "(default 0: the trunk in the edge's process; --trunk-worker is --trunk-workers 1)")
+    g.add_argument("--trunk-routing", choices=("prefix", "least-busy"), default="prefix",
+                   help="how the edge picks a trunk worker for a new request: prefix (default; the worker that took "
+                        "the prompt's prefix before, while it is not much busier than the least busy, so its prefix "
+                        "cache serves it) or least-busy (needs --trunk-workers)")
     g.add_argument("--trunk-stall-timeout", type=float, default=300.0, metavar="S",
                    help="a trunk worker holding requests that has not finished a step for S seconds is killed and "
                         "restarted, its requests resubmitted (default 300: above the time a step may wait for an "
@@ -111,6 +115,8 @@ def trunk_workers(args: argparse.Namespace) -> int:
         if not n:
             raise ValueError("--trunk-resource: needs --trunk-workers (the trunk in the edge's process asks Ray for nothing)")
         check_resource_name(resource, field="--trunk-resource")
+    if getattr(args, "trunk_routing", "prefix") != "prefix" and not n:
+        raise ValueError("--trunk-routing: needs --trunk-workers (one trunk in the edge's process has nothing to pick)")
     return n
 
 
@@ -312,7 +318,7 @@ def _trunk_pool(engine_cfg, args: argparse.Namespace, plane):
     autoscaler = getattr(plane, "autoscaler", None)
     bound = {"max_replicas": max(autoscaler.config.limits.trunk.max_replicas, trunk_workers(args))} if autoscaler else {}
     return TrunkPool(engine_cfg, replicas=trunk_workers(args), actor_options=options,
-                     stall_timeout_s=args.trunk_stall_timeout, **bound)
+                     stall_timeout_s=args.trunk_stall_timeout, prefix_routing=args.trunk_routing == "prefix", **bound)
 
 
 def _control_plane_of(engine):

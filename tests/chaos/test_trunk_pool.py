@@ -151,3 +151,23 @@ async def test_requests_sharing_a_prefix_go_to_the_worker_that_cached_it(ray_clu
         assert pool.stats()["requests_routed_by_prefix"] == 4
     finally:
         await pool.shutdown(0)
+
+
+async def test_least_busy_routing_ignores_prefixes(ray_cluster, demo_model_dir):
+    """--trunk-routing least-busy: the requests sharing a prefix spread over both workers by load alone."""
+    system = list(range(100, 140))
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    pool = TrunkPool(_config(str(demo_model_dir)), replicas=2, max_replicas=2, torch_threads=1, prefix_routing=False)
+    await pool.start()
+    try:
+        await _until(lambda: pool.replicas == 2)
+        assert pool.affinity is None
+        outs = [o async for o in pool.generate("p0", system + [1], params)]
+        streams = [pool.generate(f"p{i}", system + [i, i], params) for i in range(1, 5)]
+        assert sorted(len(m.engine.in_flight) for m in pool.members()) == [2, 2]
+        for stream in streams:
+            outs = [o async for o in stream]
+            assert outs[-1].finished
+        assert pool.stats()["requests_routed_by_prefix"] == 0
+    finally:
+        await pool.shutdown(0)

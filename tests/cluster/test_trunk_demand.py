@@ -78,6 +78,7 @@ def test_trunk_flags_are_checked():
         (["--trunk-workers", "2", "--trunk-resource", "trunk_{group}"], "--trunk-resource: 'trunk_{group}' is not"),
         (["--trunk-workers", "2", "--trunk-resource", "two words"], "--trunk-resource: 'two words' is not"),
         (["--trunk-workers", "2", "--trunk-stall-timeout", "0"], "--trunk-stall-timeout: must be > 0 seconds, got 0.0"),
+        (["--trunk-routing", "least-busy"], "--trunk-routing: needs --trunk-workers"),
     ):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("{", r"\{")):
             trunk_workers(parse(["serve", *argv]))

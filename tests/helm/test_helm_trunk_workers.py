@@ -16,9 +16,10 @@ from test_helm_workers import autoscaler_node_types, kuberay_start_command, pars
 WORKERS = ("--set", "trunk.mode=workers")
 GLOO = ("--set", "server.transport=gloo")
 NO_PREFIX_CACHING = ("--set", "server.prefixCaching=false")
+LEAST_BUSY = ("--set", "trunk.routing=least-busy")
 # (values file, extra helm args): the CI file of the mode, and the GPU and TLS examples switched to it (the GPU
-# one also to the gloo transport, the TLS one without prefix caching).
-CASES = [(TRUNK_WORKERS, ()), (MULTI_GPU, WORKERS + GLOO), (TLS_AUTH_MON, WORKERS + NO_PREFIX_CACHING)]
+# one also to the gloo transport, the TLS one without prefix caching and with least-busy routing).
+CASES = [(TRUNK_WORKERS, ()), (MULTI_GPU, WORKERS + GLOO), (TLS_AUTH_MON, WORKERS + NO_PREFIX_CACHING + LEAST_BUSY)]
 IDS = ["trunk-workers", "multi-gpu+workers+gloo", "tls-auth-monitoring+workers-prefix-caching"]
 
 
@@ -50,6 +51,7 @@ def test_head_starts_ray_then_serves_with_trunk_workers(render, values, extra, k
     assert args.trunk_resource == "moeserve_trunk"
     assert (args.host, args.port, args.transport) == ("0.0.0.0", 50051, "gloo" if GLOO[1] in extra else "ray")
     assert args.prefix_caching is (NO_PREFIX_CACHING[1] not in extra)
+    assert args.trunk_routing == ("least-busy" if LEAST_BUSY[1] in extra else "prefix")
     check_resource_template(args.expert_resource, field="--expert-resource")
 
     # Everything the edge needs is on the head now.

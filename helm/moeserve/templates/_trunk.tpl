@@ -284,7 +284,7 @@ are listed in the chart README.
 {{- end }}
 {{- if include "moeserve.metricsEnabled" . }}{{ $args = concat $args (list "--prometheus-port" (toString (int64 $v.metrics.port)) "--prometheus-host" "0.0.0.0") }}{{ end }}
 {{- if $v.metrics.otlpEndpoint }}{{ $args = concat $args (list "--otlp-endpoint" $v.metrics.otlpEndpoint "--trace-sample-ratio" (toString $v.metrics.traceSampleRatio)) }}{{ end }}
-{{- if include "moeserve.workersMode" . }}{{ $args = concat $args (list "--trunk-workers" (toString (int64 $v.trunk.replicas)) "--trunk-resource" $v.trunk.rayResource) }}{{ end }}
+{{- if include "moeserve.workersMode" . }}{{ $args = concat $args (list "--trunk-workers" (toString (int64 $v.trunk.replicas)) "--trunk-resource" $v.trunk.rayResource "--trunk-routing" $v.trunk.routing) }}{{ end }}
 {{- $args = concat $args $v.server.extraArgs }}
 {{- $quoted := list }}
 {{- range $args }}{{ $quoted = append $quoted (squote .) }}{{ end }}
