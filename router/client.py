@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Iterable, Sequence
 
 import grpc
@@ -38,8 +39,11 @@ def build_request(
     min_tokens: int = 0,
     priority: int = 0,
     logit_bias: dict[int, float] | None = None,
+    structured_output: dict | None = None,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest from keyword arguments; exactly one of `prompt` and `token_ids`."""
+    """A GenerateRequest from keyword arguments; exactly one of `prompt` and `token_ids`. `structured_output`: one of
+    {"json_schema": schema (a dict, or its JSON text)}, {"json_object": True}, {"regex": r"..."}, {"grammar": "..."},
+    {"choice": ["a", "b"]}."""
     if (prompt is None) == (token_ids is None):
         raise ValueError("give exactly one of prompt and token_ids")
     req = pb.GenerateRequest(
@@ -62,7 +66,24 @@ def build_request(
         req.repetition_penalty = repetition_penalty
     for token, bias in (logit_bias or {}).items():
         req.logit_bias[token] = bias
+    if structured_output is not None:
+        _structured_output(req.structured_output, structured_output)
     return req
+
+
+def _structured_output(msg: pb.StructuredOutput, spec: dict) -> None:
+    if len(spec) != 1:
+        raise ValueError(f"structured_output: give one of json_schema, json_object, regex, grammar, choice; got {spec!r}")
+    ((kind, value),) = spec.items()
+    if kind == "json_schema":
+        msg.json_schema = value if isinstance(value, str) else json.dumps(value)
+    elif kind == "choice":
+        msg.choice.SetInParent()  # set even when empty, so that the server names what is wrong
+        msg.choice.values.extend(value)
+    elif kind in ("json_object", "regex", "grammar"):
+        setattr(msg, kind, value)
+    else:
+        raise ValueError(f"structured_output: unknown kind {kind!r}")
 
 
 class _InferenceStub:

@@ -9,6 +9,7 @@ reuses a freed block before the next schedule, which happens on the step thread 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -21,8 +22,11 @@ from .errors import InvalidRequestError, StepFailedError
 from .model_runner import ModelRunner, num_kv_blocks
 from .scheduler import Scheduler
 from .sampler import unpack_logprobs
+from .structured import Grammars, accept
 from .sequence import (RequestMetrics, RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprobs,
                        check_admission, length_reached, token_stop_reason)
+
+log = logging.getLogger(__name__)
 
 
 def load(config: EngineConfig) -> tuple[Any, Any]:
@@ -63,6 +67,8 @@ class LLMEngine:
         if self.runner.graphs is not None:  # holding prompts back only pays where decode steps are graphs
             self.scheduler.prefill_hold_s = config.prefill_hold_ms / 1e3
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
+        self._grammar_compiler: Grammars | None = None
+        self._grammar_lock = threading.Lock()
         self.requests: dict[str, Sequence] = {}
         self.lock = threading.Lock()
         # busy_us: microseconds of step time, less any wait for expert groups in other processes (the
@@ -94,6 +100,10 @@ class LLMEngine:
                                                 f"({params.max_tokens}) and within the vocabulary")
         seq = Sequence(request_id, prompt_token_ids, params, time.monotonic(), deadline)
         seq.token_ids += resume
+        if params.structured_output is not None:
+            seq.grammar = self._grammars().matcher(params.structured_output)
+            if not all(accept(seq.grammar, t) for t in resume):
+                raise InvalidRequestError("resume", "the tokens do not follow the request's structured_output")
         if params.seed is not None and not params.greedy:
             seq.generator = self.runner.sampler.new_generator(params.seed)
             self.runner.sampler.advance(seq.generator, len(resume), self.model_config.vocab_size)
@@ -106,6 +116,16 @@ class LLMEngine:
             self.requests[request_id] = seq
             self.counters["requests_added"] += 1
             self.counters["prompt_tokens"] += seq.num_prompt_tokens
+
+    def _grammars(self) -> Grammars:
+        """The structured-output compiler of this engine's tokenizer, built on first use."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("structured_output", "needs a tokenizer; this engine has none")
+        with self._grammar_lock:  # not the engine's lock: building and compiling must not hold up steps
+            if self._grammar_compiler is None:
+                self._grammar_compiler = Grammars(self.tokenizer, self.model_config.vocab_size,
+                                                  sorted(self.eos_token_ids))
+            return self._grammar_compiler
 
     def _validate(self, prompt: list[int], params: SamplingParams) -> None:
         check_admission(prompt, params, self.model_config.vocab_size, self.max_model_len, self.tokenizer is not None)
@@ -213,6 +233,10 @@ class LLMEngine:
             seq.first_token_time = now
         self.counters["tokens_generated"] += 1
         reason = token_stop_reason(seq, token, self.eos_token_ids)
+        if seq.grammar is not None and not accept(seq.grammar, token) and reason is None:
+            # cannot happen while the mask holds (the sampler only picks allowed tokens); end it rather than go on
+            log.error("request %s: token %d is outside its structured output; ending it", seq.request_id, token)
+            reason = "stop"
         detok = seq.detokenizer
         if reason is None and detok is not None and detok.add_token(token):
             reason = "stop"

@@ -283,7 +283,8 @@ class ModelRunner:
             histories = [(s.token_ids, s.num_prompt_tokens, set(s.params.stop_token_ids) | (set() if s.params.ignore_eos
                                                                                            else eos))
                          if s.params.reads_history else None for s in seqs]
-        tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], histories)
+        grammars = [s.grammar for s in seqs] if any(s.grammar is not None for s in seqs) else None
+        tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], histories, grammars)
         wanted = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
         return tokens, (self.sampler.logprobs(logits, tokens, max(wanted)) if wanted else None)
 

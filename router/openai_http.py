@@ -10,6 +10,9 @@ As in OpenAI's API, `temperature` defaults to 1 (gRPC's to 0, greedy), and EOS e
 finish_reason "stop". Parameters beyond OpenAI's, as vLLM takes them: top_k, repetition_penalty,
 min_tokens, ignore_eos, stop_token_ids, priority; each choice carries its `token_ids` too (the completion's).
 
+Structured output: OpenAI's `response_format` (`json_object`, `json_schema`) or vLLM's `guided_json`, `guided_regex`,
+`guided_choice` and `guided_grammar`.
+
 `n` choices (and `best_of`, of which the n with the highest mean log-probability per token are returned) are n
 engine requests with the same prompt; the first runs alone until its first token, so that the others find the
 prompt in the prefix cache. With a `seed`, choice i samples with seed + i (as vLLM does). `echo` puts the prompt
@@ -119,6 +122,7 @@ def generate_request(body: Any, model_name: str) -> tuple[pb.GenerateRequest, bo
             raise InvalidRequestError(name, f"must be true or false, got {body[name]!r}")
     req.ignore_eos = body.get("ignore_eos", False)
     _logit_bias(body, req)
+    _structured_output(body, req)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise InvalidRequestError("stream_options", "must be an object")
@@ -147,6 +151,56 @@ def _logit_bias(body: dict, req: pb.GenerateRequest) -> None:
             raise InvalidRequestError(f"logit_bias[{key}]", f"must be a number in [-{LOGIT_BIAS_RANGE:g}, "
                                                             f"{LOGIT_BIAS_RANGE:g}], got {value!r}")
         req.logit_bias[token] = value
+
+
+_GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+           "guided_grammar": "grammar"}  # vLLM's parameters -> StructuredOutput's kinds
+
+
+def _structured_output(body: dict, req: pb.GenerateRequest) -> None:
+    """OpenAI's response_format (json_object, json_schema) or one of vLLM's guided_json / guided_regex /
+    guided_choice / guided_grammar, into the request's structured_output (the engine compiles it)."""
+    given: list[tuple[str, str, Any]] = []  # (parameter, kind, value)
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind not in ("text", "json_object", "json_schema"):
+            raise InvalidRequestError("response_format", 'must be {"type": "text"}, {"type": "json_object"} or '
+                                                         '{"type": "json_schema", "json_schema": {"schema": ...}}')
+        if kind == "json_object":
+            given.append(("response_format", "json_object", True))
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), (dict, bool)):
+                raise InvalidRequestError("response_format.json_schema", "must be an object whose schema is a JSON "
+                                                                         "Schema")
+            given.append(("response_format", "json_schema", spec["schema"]))
+    for name, kind in _GUIDED.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        ok = (isinstance(value, (dict, bool, str)) if kind == "json_schema" else
+              isinstance(value, list) and all(isinstance(v, str) for v in value) if kind == "choice" else
+              isinstance(value, str))
+        if not ok:
+            raise InvalidRequestError(name, {"json_schema": "must be a JSON Schema (an object or its JSON text)",
+                                             "choice": "must be a list of strings"}.get(kind, "must be a string"))
+        given.append((name, kind, value))
+    if len(given) > 1:
+        raise InvalidRequestError(given[1][0], f"only one structured output may be given; {given[0][0]} is too")
+    if not given:
+        return
+    _, kind, value = given[0]
+    so = req.structured_output
+    if kind == "json_schema":
+        so.json_schema = value if isinstance(value, str) else json.dumps(value)
+    elif kind == "json_object":
+        so.json_object = True
+    elif kind == "choice":
+        so.choice.SetInParent()  # set even when empty: refused by name
+        so.choice.values.extend(value)
+    else:
+        setattr(so, kind, value)
 
 
 def choices(body: dict, req: pb.GenerateRequest, stream: bool, chat: bool) -> tuple[list[pb.GenerateRequest], int, bool]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .sequence import SamplingParams
+from .structured import apply_grammar
 
 
 class Sampler:
@@ -30,13 +31,17 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None], histories: list | None = None) -> torch.Tensor:
+                 generators: list[torch.Generator | None], histories: list | None = None,
+                 grammars: list | None = None) -> torch.Tensor:
         """logits [N, V] float32 -> token ids [N] int64 (on the logits' device). `histories`: where a row's params
         read the tokens so far (penalties, min_tokens), its (token ids so far, prompt length, ids min_tokens
-        holds back), else None; see apply_history. Logit biases come first, then the history, as in HF generate."""
+        holds back), else None; see apply_history. `grammars`: a row's structured-output matcher, else None. Logit
+        biases come first, then the history, as in HF generate, then the grammar's mask."""
         logits = apply_logit_bias(logits, params)
         if histories is not None:
             logits = apply_history(logits, params, histories)
+        if grammars is not None:
+            logits = apply_grammar(logits, grammars)
         greedy_ids = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
             return greedy_ids

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRequestError
+from .structured import StructuredOutput
 
 if TYPE_CHECKING:
     from .detokenizer import IncrementalDetokenizer
@@ -43,6 +44,8 @@ class SamplingParams:
     # added to the logits of these token ids before penalties, temperature, top-k and top-p (greedy feels it too);
     # a dict or (id, bias) pairs, kept as pairs sorted by id
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # the output held to a JSON Schema, JSON object, regex, grammar or choice list (router/structured.py)
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -69,6 +72,17 @@ class SamplingParams:
                                                     f"{self.min_tokens!r}")
         if not isinstance(self.priority, int) or not -2**31 <= self.priority < 2**31:
             raise InvalidRequestError("priority", f"must be a 32-bit integer, got {self.priority!r}")
+        if self.structured_output is not None:
+            if not isinstance(self.structured_output, StructuredOutput):
+                raise InvalidRequestError("structured_output", f"must be a StructuredOutput, got "
+                                                               f"{type(self.structured_output).__name__}")
+            # The grammar ends the output with end-of-sequence: neither may hold it back.
+            if self.ignore_eos:
+                raise InvalidRequestError("ignore_eos", "cannot be combined with structured_output (a complete "
+                                                        "output ends with end-of-sequence)")
+            if self.min_tokens:
+                raise InvalidRequestError("min_tokens", "cannot be combined with structured_output (a complete "
+                                                        "output ends with end-of-sequence)")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
@@ -85,6 +99,12 @@ class SamplingParams:
         the last token on the host first (no look-ahead decode)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.min_tokens > 0)
+
+    @property
+    def needs_last_token(self) -> bool:
+        """Whether the next token's sampling needs this one on the host (the history, or a grammar's state): then
+        no decode step is queued ahead of it."""
+        return self.reads_history or self.structured_output is not None
 
 
 def _logit_bias(bias) -> tuple[tuple[int, float], ...]:
@@ -167,7 +187,7 @@ class Sequence:
         "request_id", "params", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table",
         "status", "finish_reason", "arrival_time", "first_token_time", "deadline", "generator",
         "detokenizer", "num_emitted_tokens", "first_scheduled_time", "deferred_at_step", "num_cached_blocks",
-        "prefix_serial", "num_cached_prompt_tokens",
+        "prefix_serial", "num_cached_prompt_tokens", "grammar",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -192,6 +212,7 @@ class Sequence:
         # from this sequence or found there): where BlockManager.register goes on
         self.prefix_serial = 0  # the serial number of the last of those (0: none)
         self.num_cached_prompt_tokens: int | None = None  # prompt tokens read from the prefix cache at first admission
+        self.grammar: Any = None  # structured output: the xgrammar matcher of the tokens generated so far
 
     def __len__(self) -> int:
         return len(self.token_ids)

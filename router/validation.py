@@ -13,6 +13,7 @@ from typing import Callable
 
 from moeserve.router.errors import InvalidRequestError
 from moeserve.router.sequence import MAX_LOGIT_BIAS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams
+from moeserve.router.structured import KINDS, StructuredOutput
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +175,22 @@ def _logit_bias(request, limits: Limits) -> dict[int, float]:
     return dict(bias)
 
 
+def _structured_output(request) -> StructuredOutput | None:
+    if not request.HasField("structured_output"):
+        return None
+    so = request.structured_output
+    kind = so.WhichOneof("constraint")
+    if kind is None:
+        raise InvalidRequestError("structured_output", "is empty: set one of " + ", ".join(KINDS))
+    if kind == "json_object":
+        if not so.json_object:
+            raise InvalidRequestError("structured_output.json_object", "must be true when set")
+        return StructuredOutput("json_object")
+    if kind == "choice":
+        return StructuredOutput("choice", choices=tuple(so.choice.values))
+    return StructuredOutput(kind, getattr(so, kind))
+
+
 def validate(request, limits: Limits, encode: Callable[[str], list[int]]) -> ValidRequest:
     """Check a moeserve.v1.GenerateRequest; return what the engine needs or raise InvalidRequestError."""
     request_id = _check_request_id(request.request_id, limits)
@@ -197,5 +214,6 @@ def validate(request, limits: Limits, encode: Callable[[str], list[int]]) -> Val
         min_tokens=request.min_tokens,
         priority=request.priority,
         logit_bias=_logit_bias(request, limits),
+        structured_output=_structured_output(request),
     )
     return ValidRequest(request_id=request_id, prompt_token_ids=prompt, params=params)

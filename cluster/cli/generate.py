@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 import grpc
 
@@ -64,6 +65,29 @@ def _logit_bias(text: str) -> tuple[int, float]:
             from None
 
 
+def _text_or_file(value: str) -> str:
+    if value.startswith("@"):
+        try:
+            return Path(value[1:]).read_text()
+        except OSError as exc:
+            raise SystemExit(f"error: cannot read {value[1:]}: {exc.strerror}") from None
+    return value
+
+
+def _structured_output(args: argparse.Namespace) -> dict | None:
+    if args.json_schema is not None:
+        return {"json_schema": _text_or_file(args.json_schema)}
+    if args.json_object:
+        return {"json_object": True}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice:
+        return {"choice": args.choice}
+    if args.grammar is not None:
+        return {"grammar": _text_or_file(args.grammar)}
+    return None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a completion from a running server",
                        description="Send a prompt to a moeserve server and print the completion.")
@@ -91,6 +115,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="scheduling priority: lower is admitted first and preempted last (default 0)")
     p.add_argument("--logit-bias", action="append", type=_logit_bias, default=[], metavar="ID=BIAS",
                    help="add BIAS ([-100, 100]) to token ID's logit before sampling (repeatable; -100 bans it)")
+    so = p.add_mutually_exclusive_group()
+    so.add_argument("--json-schema", metavar="SCHEMA", help="structured output: a JSON value this JSON Schema accepts "
+                                                            "(its JSON text, or @FILE)")
+    so.add_argument("--json-object", action="store_true", help="structured output: one JSON object")
+    so.add_argument("--regex", metavar="RE", help="structured output: text that matches this regular expression")
+    so.add_argument("--choice", action="append", metavar="TEXT", help="structured output: one of these (repeatable)")
+    so.add_argument("--grammar", metavar="EBNF", help="structured output: text of this EBNF grammar, start rule root "
+                                                      "(its text, or @FILE)")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="after the completion, print each token's log-probability and the N likeliest tokens' "
                         "(0..20) on standard error")
@@ -113,7 +145,7 @@ async def _generate(args: argparse.Namespace) -> int:
         seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
         request_id=args.request_id, logprobs=args.logprobs, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
-        priority=args.priority, logit_bias=dict(args.logit_bias),
+        priority=args.priority, logit_bias=dict(args.logit_bias), structured_output=_structured_output(args),
     )
     tokens, logprobs = [], []
     async with connect(args) as client:

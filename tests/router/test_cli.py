@@ -114,6 +114,9 @@ def test_generate_streams_what_the_server_generates(served):
                                       "--address", address, *flags), capture_output=True, text=True, timeout=120)
         lines = re.findall(r"^token \d+ logprob -?\d+\.\d+  top \d+:-?\d+\.\d+  \d+:-?\d+\.\d+$", run.stderr, re.M)
         assert run.returncode == 0 and len(lines) == 4, run.stderr
+        run = subprocess.run(moeserve("generate", "Pick:", "--choice", "red", "--choice", "blue", "--quiet",
+                                      "--address", address, *flags), capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and run.stdout in ("red\n", "blue\n"), run.stderr
 
 
 def test_metrics_endpoint_shows_the_traffic(served):

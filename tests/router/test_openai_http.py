@@ -89,6 +89,12 @@ async def test_completions_match_grpc_whole_and_streamed():
     ({"prompt": "hi", "logit_bias": {"five": 1}}, 400, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias[5]"),
     ({"prompt": "hi", "logit_bias": {"1000000": 1}}, 400, "logit_bias[1000000]"),
+    ({"prompt": "hi", "response_format": {"type": "xml"}}, 400, "response_format"),
+    ({"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
+     "response_format.json_schema"),
+    ({"prompt": "hi", "guided_json": {"type": "object"}, "guided_regex": "a+"}, 400, "guided_regex"),
+    ({"prompt": "hi", "guided_choice": "yes"}, 400, "guided_choice"),
+    ({"prompt": "hi", "guided_regex": "(a"}, 400, "structured_output.regex"),
     ({"prompt": "hi", "stop": [1]}, 400, "stop"),
     ({"prompt": "hi", "stream": "yes"}, 400, "stream"),
     ({"prompt": [1, 10**9]}, 400, "token_ids[1]"),
@@ -155,6 +161,17 @@ async def test_n_best_of_echo_and_logit_bias():
             biased = (await r.json())["choices"][0]["token_ids"]
         want = await grpc_.generate(prompt="Hello", max_tokens=3, logit_bias={int(k): v for k, v in banned.items()})
         assert biased == list(want.token_ids) and biased[0] != plain.token_ids[0]
+
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False}
+        fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        async with http.post(_url(srv, "/v1/completions"), json={"prompt": "Answer:", "max_tokens": 30,
+                                                                 "response_format": fmt}) as r:
+            choice = (await r.json())["choices"][0]
+        assert set(json.loads(choice["text"])) == {"ok"} and choice["finish_reason"] == "stop"
+        async with http.post(_url(srv, "/v1/completions"), json={"prompt": "Answer:", "max_tokens": 30, "n": 2,
+                                                                 "guided_choice": ["left", "right"]}) as r:
+            assert {c["text"] for c in (await r.json())["choices"]} <= {"left", "right"}
 
         # A client that goes away from n streams: the engine lets all of them go.
         long = {"prompt": [5, 6, 7], "max_tokens": srv.servicer.limits.context_length - 8, "ignore_eos": True,

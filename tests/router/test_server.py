@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import grpc
@@ -101,6 +102,18 @@ async def test_logprobs_come_with_each_token_streamed_or_not(server, client, sam
     await assert_idle(server)
 
 
+async def test_structured_output_over_grpc(server, client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                                "maximum": 9}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    resp = await client.generate(prompt="Answer:", max_tokens=40, structured_output={"json_schema": schema})
+    assert resp.finish_reason == pb.eos and set(json.loads(resp.text)) == {"ok", "n"}
+    streamed = [m async for m in client.generate_stream(prompt="Answer:", max_tokens=40,
+                                                        structured_output={"choice": ["alpha", "beta"]})]
+    assert "".join(m.text for m in streamed) in ("alpha", "beta") and streamed[-1].finish_reason == pb.eos
+    await assert_idle(server)
+
+
 async def test_request_id_is_echoed_and_ignore_eos_gives_exact_lengths(client):
     resp = await client.generate(token_ids=[3, 4, 5], max_tokens=9, ignore_eos=True, request_id="client-42")
     assert resp.request_id == "client-42"
@@ -131,6 +144,15 @@ def _invalid_requests(vocab: int, context: int):
     yield build_request("hi", repetition_penalty=-1.0), "repetition_penalty"
     yield build_request("hi", frequency_penalty=9.0), "frequency_penalty"
     yield build_request("hi", max_tokens=2, min_tokens=3), "min_tokens"
+    yield build_request("hi", logit_bias={vocab: 1.0}), f"logit_bias[{vocab}]"
+    yield build_request("hi", structured_output={"json_schema": "{not json"}), "structured_output.json_schema"
+    yield build_request("hi", structured_output={"regex": "(unclosed"}), "structured_output.regex"
+    yield build_request("hi", structured_output={"json_object": False}), "structured_output.json_object"
+    yield build_request("hi", structured_output={"choice": []}), "structured_output.choice"
+    yield build_request("hi", structured_output={"json_object": True}, ignore_eos=True), "ignore_eos"
+    empty = build_request("hi")
+    empty.structured_output.SetInParent()
+    yield empty, "structured_output"
 
 
 async def test_every_invalid_request_is_refused_by_name_and_serving_goes_on(server, client):

@@ -1,0 +1,132 @@
+"""Structured output: a request's tokens held to a JSON Schema, any JSON object, a regular expression, an EBNF
+grammar or a list of choices.
+
+The grammar engine is xgrammar (the one vLLM and SGLang use): a spec compiles, once per engine and cached, against
+the tokenizer's vocabulary; each request gets a matcher that knows which tokens may come next. Before sampling, the
+sampler masks every other token to -inf in the rows of such requests (`apply_grammar`), then the engine feeds the
+sampled token to the matcher (`LLMEngine._on_token`). Once the output is complete only end-of-sequence is allowed,
+so a structured request ends with finish reason "eos" (or "length" if max_tokens cut it short, as in OpenAI's API).
+
+Such a row needs its previous token on the host before its next mask, so, like the penalties, it is not decoded
+ahead (SamplingParams.needs_last_token). JSON is generated without free whitespace (xgrammar's any_whitespace off):
+a model cannot spend its tokens on blank space between fields.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import InvalidRequestError
+
+KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+MAX_SPEC_CHARS = 64 * 1024  # a schema, regex or grammar's text at most
+MAX_CHOICES = 256
+MAX_CHOICE_CHARS = 1024
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the output must be: `kind` one of KINDS; `spec` the JSON Schema's JSON text, the regex or the EBNF
+    grammar (start rule `root`); `choices` for kind "choice". Checked on construction except the spec's syntax,
+    which the engine's compiler checks (InvalidRequestError naming structured_output.<kind>)."""
+
+    kind: str
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "choices", tuple(self.choices))
+        field = f"structured_output.{self.kind}"
+        if self.kind not in KINDS:
+            raise InvalidRequestError("structured_output", f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind == "choice":
+            if not 0 < len(self.choices) <= MAX_CHOICES:
+                raise InvalidRequestError(field, f"must hold 1..{MAX_CHOICES} strings, got {len(self.choices)}")
+            for i, c in enumerate(self.choices):
+                if not isinstance(c, str) or not 0 < len(c) <= MAX_CHOICE_CHARS:
+                    raise InvalidRequestError(f"{field}[{i}]", f"must be a string of 1..{MAX_CHOICE_CHARS} characters")
+        elif self.kind != "json_object":
+            if not isinstance(self.spec, str) or not self.spec.strip():
+                raise InvalidRequestError(field, "is empty")
+            if len(self.spec) > MAX_SPEC_CHARS:
+                raise InvalidRequestError(field, f"{len(self.spec)} characters is over the limit of {MAX_SPEC_CHARS}")
+        if self.kind == "json_schema":
+            try:
+                schema = json.loads(self.spec)
+            except ValueError as exc:
+                raise InvalidRequestError(field, f"is not JSON: {exc}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise InvalidRequestError(field, "must be a JSON Schema (an object)")
+
+
+class Grammars:
+    """Compiles StructuredOutput specs for one tokenizer and vocabulary, caching them, and makes each request's
+    matcher. Built on the first structured request (importing xgrammar then)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: list[int]):
+        try:
+            import xgrammar as xgr
+            from transformers import PreTrainedTokenizerFast
+        except ImportError as exc:  # pragma: no cover - a dependency of the package
+            raise InvalidRequestError("structured_output", f"needs the xgrammar package ({exc})") from None
+        self._xgr = xgr
+        hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tokenizer)
+        info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=list(eos_token_ids))
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True)
+        self._lock = threading.Lock()  # the compiler's cache, from the edge's thread and the engine's
+
+    def matcher(self, so: StructuredOutput) -> Any:
+        """A fresh xgrammar GrammarMatcher for `so`; InvalidRequestError when the spec does not compile."""
+        try:
+            with self._lock:
+                compiled = self._compile(so)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise InvalidRequestError(f"structured_output.{so.kind}", f"does not compile: {_first_line(exc)}") from None
+        return self._xgr.GrammarMatcher(compiled)
+
+    def _compile(self, so: StructuredOutput) -> Any:
+        c = self._compiler
+        if so.kind == "json_schema":
+            return c.compile_json_schema(so.spec, any_whitespace=False)
+        if so.kind == "json_object":
+            return c.compile_json_schema('{"type": "object"}', any_whitespace=False)
+        if so.kind == "regex":
+            return c.compile_regex(so.spec)
+        if so.kind == "grammar":
+            return c.compile_grammar(so.spec)
+        # choice: one EBNF alternative per string, each a JSON-escaped literal
+        return c.compile_grammar("root ::= " + " | ".join(json.dumps(s, ensure_ascii=False) for s in so.choices))
+
+
+def accept(matcher: Any, token: int) -> bool:
+    """Feed a generated token to a request's matcher; False when the grammar does not allow it."""
+    return bool(matcher.accept_token(token))
+
+
+def apply_grammar(logits: torch.Tensor, matchers: list) -> torch.Tensor:
+    """The logits with every token a row's matcher does not allow next set to -inf (a new tensor; the same one when
+    no row has a matcher). One bitmask for the step, filled on the host and uploaded once."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return logits
+    import xgrammar as xgr
+
+    n, vocab = logits.shape
+    bitmask = xgr.allocate_token_bitmask(n, vocab)  # every token allowed until filled
+    for i in rows:
+        matchers[i].fill_next_token_bitmask(bitmask, i)
+    out = logits.clone()
+    if out.device.type == "cuda":
+        bitmask = bitmask.pin_memory().to(out.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(out, bitmask, indices=rows)
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]

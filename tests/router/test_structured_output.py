@@ -1,0 +1,174 @@
+"""Structured output (router/structured.py): greedy outputs held to a JSON Schema, a regex, a choice list and a grammar
+equal HF generate's under the same constraint (prefix_allowed_tokens_fn) on all three architectures, eager and padded;
+each output belongs to its language; bad specs and combinations are refused by field."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
+from moeserve.router.errors import InvalidRequestError
+from moeserve.router.sampler import Sampler
+from moeserve.router.structured import Grammars, StructuredOutput, apply_grammar
+
+xgr = pytest.importorskip("xgrammar")
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["ok", "color", "n"], "additionalProperties": False}
+CHOICES = ("yes", "no", 'say "maybe"')
+SPECS = [StructuredOutput("json_schema", json.dumps(SCHEMA)), StructuredOutput("regex", r"[a-z]{2,6}@(x|y)\.com"),
+         StructuredOutput("choice", choices=CHOICES), StructuredOutput("grammar", 'root ::= "(" [0-9] [0-9]? ")" [a-c]')]
+MAX_TOKENS = 64
+ARCHS = {"deepseek_v3": 0, "qwen3_moe": 0, "mixtral": 3}
+
+
+def belongs(so: StructuredOutput, text: str) -> bool:
+    """Whether `text` is in the language of `so` (checked without xgrammar)."""
+    if so.kind == "json_schema":
+        value = json.loads(text)
+        return (set(value) == {"ok", "color", "n"} and isinstance(value["ok"], bool)
+                and value["color"] in ("red", "green", "blue") and isinstance(value["n"], int) and 0 <= value["n"] <= 99)
+    if so.kind == "regex":
+        return re.fullmatch(so.spec, text) is not None
+    if so.kind == "choice":
+        return text in so.choices
+    return re.fullmatch(r"\([0-9][0-9]?\)[a-c]", text) is not None
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def checkpoint(request, hf_checkpoint, tmp_path_factory):
+    """A tiny checkpoint of the architecture with the demo model's byte-level BPE tokenizer (512 tokens)."""
+    from moeserve.models.demo_tokenizer import EOS, train_demo_tokenizer
+
+    tok = train_demo_tokenizer()
+    src = hf_checkpoint(request.param, seed=ARCHS[request.param], vocab_size=tok.get_vocab_size(),
+                        eos_token_id=tok.token_to_id(EOS))
+    path = tmp_path_factory.mktemp(f"{request.param}-tok") / "ckpt"
+    shutil.copytree(src, path)
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def _hf_constrained(path, prompts: list[list[int]], specs: list[StructuredOutput]) -> list[list[int]]:
+    """HF generate (greedy) with each prompt's tokens restricted, step by step, to what an xgrammar matcher of its spec
+    allows next: the reference for the engine's masking."""
+    from transformers import AutoModelForCausalLM
+
+    from moeserve.models.tokenizer import load_tokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    tok = load_tokenizer(path)
+    vocab = hf.config.vocab_size
+    grammars = Grammars(tok, vocab, tok.eos_token_ids)
+    out = []
+    for prompt, so in zip(prompts, specs):
+        matcher, fed = grammars.matcher(so), [0]
+        bitmask = xgr.allocate_token_bitmask(1, vocab)
+
+        def allowed(batch_id, input_ids, matcher=matcher, fed=fed, bitmask=bitmask, prompt=prompt):
+            new = input_ids[len(prompt):].tolist()
+            for t in new[fed[0]:]:
+                assert matcher.accept_token(t)
+            fed[0] = len(new)
+            matcher.fill_next_token_bitmask(bitmask, 0)
+            words = bitmask[0].tolist()
+            return [i for i in range(vocab) if (words[i // 32] >> (i % 32)) & 1]
+
+        with torch.no_grad():
+            seq = hf.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                              prefix_allowed_tokens_fn=allowed, eos_token_id=tok.eos_token_ids, pad_token_id=0)
+        out.append(seq[0, len(prompt):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("mode", ["off", "padded"])
+def test_structured_outputs_equal_hf_constrained_generate(checkpoint, mode):
+    engine = LLMEngine.from_config(EngineConfig(model=str(checkpoint), num_kv_blocks=64, block_size=8,
+                                                decode_graphs=mode))
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 500, (n,), generator=g).tolist() for n in (3, 9, 17, 5)]
+    outs = engine.generate_batch(prompts + [prompts[0]], [SamplingParams(max_tokens=MAX_TOKENS, structured_output=so)
+                                                          for so in SPECS] + [SamplingParams(max_tokens=8)])
+    want = _hf_constrained(checkpoint, prompts, SPECS)
+    for so, w, out in zip(SPECS, want, outs):
+        assert out.new_token_ids == w, f"{so.kind}: differs from HF generate under the same constraint"
+        assert out.finish_reason == "eos", f"{so.kind}: {out.new_text!r} did not complete"
+        assert belongs(so, out.new_text), f"{so.kind}: {out.new_text!r}"
+    assert not belongs(SPECS[2], outs[-1].new_text)  # the unconstrained companion is not held to anything
+
+
+def test_a_resumed_structured_request_goes_on_as_it_would_have(demo_model_dir):
+    """A trunk worker's resubmission: the tokens already streamed are fed to the new matcher first."""
+    engine = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), num_kv_blocks=64, block_size=8))
+    prompt = engine.tokenizer.encode("Hello, my name is")
+    params = SamplingParams(max_tokens=MAX_TOKENS, structured_output=SPECS[0], temperature=0.8, seed=5)
+    (whole,) = engine.generate_batch([prompt], params)
+    assert belongs(SPECS[0], whole.new_text)
+    engine.add_request("again", prompt, params, resume=whole.new_token_ids[:6])
+    rest = []
+    while engine.has_unfinished():
+        rest += [t for out in engine.step() for t in out.new_token_ids]
+    assert whole.new_token_ids[:6] + rest == whole.new_token_ids
+    with pytest.raises(InvalidRequestError, match="resume: the tokens do not follow"):
+        engine.add_request("bad", prompt, params, resume=engine.tokenizer.encode("nope"))
+
+
+def test_the_mask_leaves_other_rows_and_the_raw_logits_alone(demo_model_dir):
+    from moeserve.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(demo_model_dir)
+    grammars = Grammars(tok, 512, tok.eos_token_ids)
+    logits = torch.randn(3, 512, generator=torch.Generator().manual_seed(1))
+    masked = apply_grammar(logits, [None, grammars.matcher(SPECS[2]), None])
+    assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
+    allowed = torch.isfinite(masked[1]).nonzero().flatten().tolist()
+    assert allowed and all(tok.decode([t]) in ("y", "ye", "yes", "n", "no", "s", "sa", "say") or
+                           any(c.startswith(tok.decode([t])) for c in CHOICES) for t in allowed)
+    assert apply_grammar(logits, [None, None, None]) is logits
+    params = [SamplingParams(max_tokens=4)] * 3
+    assert Sampler()(logits, params, [None] * 3, None, [None, grammars.matcher(SPECS[2]), None])[1] in allowed
+
+
+@pytest.mark.parametrize("kw, field, words", [
+    (lambda: dict(structured_output=StructuredOutput("json_schema", '{"type": "object"')),
+     "structured_output.json_schema", "is not JSON"),
+    (lambda: dict(structured_output=StructuredOutput("regex", "[a-")), "structured_output.regex", "does not compile"),
+    (lambda: dict(structured_output=StructuredOutput("grammar", "root ::= missing_rule")), "structured_output.grammar",
+     "does not compile"),
+    (lambda: dict(structured_output=StructuredOutput("json_object"), ignore_eos=True), "ignore_eos", "structured_output"),
+    (lambda: dict(structured_output=StructuredOutput("json_object"), min_tokens=2), "min_tokens", "structured_output"),
+    (lambda: dict(structured_output=StructuredOutput("choice", choices=())), "structured_output.choice", "1..256"),
+    (lambda: dict(structured_output=StructuredOutput("regex", "")), "structured_output.regex", "empty"),
+    (lambda: dict(structured_output=StructuredOutput("xml")), "structured_output", "kind must be one of"),
+])
+def test_bad_structured_outputs_are_named(demo_model_dir, kw, field, words):
+    engine = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), num_kv_blocks=16, block_size=8))
+    with pytest.raises(InvalidRequestError) as err:
+        engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=8, **kw()))
+    assert err.value.field == field and words in str(err.value)
+    assert not engine.has_unfinished()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_structured_outputs_on_gpu(demo_model_dir):
+    """On a GPU (decode graphs, look-ahead for the row that allows it, the bitmask uploaded to the device): the
+    tokens of the eager engine without look-ahead (float32)."""
+    def engine(**kw):
+        return LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), device="cuda", dtype="float32",
+                                                  num_kv_blocks=64, block_size=8, prefill_hold_ms=0, **kw))
+
+    eager = engine(overlap_decode=False, decode_graphs="off", prefix_caching=False)
+    prompts = [eager.tokenizer.encode(t) for t in ("Answer:", "Mail to", "Yes or no?", "Code", "Once upon a time")]
+    params = [SamplingParams(max_tokens=MAX_TOKENS, structured_output=so) for so in SPECS]
+    params.append(SamplingParams(max_tokens=24, ignore_eos=True))
+    want = eager.generate_batch(prompts, params)
+    got = engine(overlap_decode=True, decode_graphs="auto").generate_batch(prompts, params)
+    assert [o.new_token_ids for o in got] == [o.new_token_ids for o in want]
+    for so, out in zip(SPECS, got):
+        assert out.finish_reason == "eos" and belongs(so, out.new_text), (so.kind, out.new_text)
