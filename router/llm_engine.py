@@ -233,10 +233,13 @@ class LLMEngine:
             seq.first_token_time = now
         self.counters["tokens_generated"] += 1
         reason = token_stop_reason(seq, token, self.eos_token_ids)
-        if seq.grammar is not None and not accept(seq.grammar, token) and reason is None:
-            # cannot happen while the mask holds (the sampler only picks allowed tokens); end it rather than go on
-            log.error("request %s: token %d is outside its structured output; ending it", seq.request_id, token)
-            reason = "stop"
+        if seq.grammar is not None and reason is None:
+            if not accept(seq.grammar, token):
+                # cannot happen while the mask holds (the sampler only picks allowed tokens); end it rather than go on
+                log.error("request %s: token %d is outside its structured output; ending it", seq.request_id, token)
+                reason = "stop"
+            elif seq.grammar.is_terminated():  # a stop token the tokenizer names and the model's config does not
+                reason = "stop"
         detok = seq.detokenizer
         if reason is None and detok is not None and detok.add_token(token):
             reason = "stop"

@@ -75,8 +75,12 @@ class Grammars:
         except ImportError as exc:  # pragma: no cover - a dependency of the package
             raise InvalidRequestError("structured_output", f"needs the xgrammar package ({exc})") from None
         self._xgr = xgr
+        stop = sorted(set(eos_token_ids) | set(tokenizer.eos_token_ids))
+        if not stop:
+            raise InvalidRequestError("structured_output", "needs an end-of-sequence token to end the output; this "
+                                                           "model and its tokenizer name none")
         hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tokenizer)
-        info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=list(eos_token_ids))
+        info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=stop)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True)
         self._lock = threading.Lock()  # the compiler's cache, from the edge's thread and the engine's
 

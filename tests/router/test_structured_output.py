@@ -172,3 +172,20 @@ def test_structured_outputs_on_gpu(demo_model_dir):
     assert [o.new_token_ids for o in got] == [o.new_token_ids for o in want]
     for so, out in zip(SPECS, got):
         assert out.finish_reason == "eos" and belongs(so, out.new_text), (so.kind, out.new_text)
+
+
+def test_a_stop_token_only_the_tokenizer_names_ends_the_output(hf_checkpoint, tmp_path):
+    """A checkpoint whose config names no end-of-sequence (only tokenizer_config.json does): the grammar still ends
+    the output on the tokenizer's, and the engine ends the request there ("stop")."""
+    from moeserve.models.demo_tokenizer import EOS, train_demo_tokenizer
+
+    tok = train_demo_tokenizer()
+    path = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoint("qwen3_moe", seed=0, vocab_size=tok.get_vocab_size()), path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
+    engine = LLMEngine.from_config(EngineConfig(model=str(path), num_kv_blocks=16, block_size=8))
+    assert not engine.eos_token_ids and engine.tokenizer.eos_token_ids == [tok.token_to_id(EOS)]
+    (out,) = engine.generate_batch([[5, 6, 7]], SamplingParams(max_tokens=20, structured_output=SPECS[2]))
+    assert out.finish_reason == "stop" and out.new_text in CHOICES
+    assert out.new_token_ids[-1] == tok.token_to_id(EOS) and not engine.has_unfinished()
