@@ -201,3 +201,14 @@ def test_dispatch_script_runs_and_checks_exactness(tmp_path):
     rows = _script("bench_dispatch", tmp_path, "--groups", "1,2", "--tokens", "1,5", "--iters", "3")["rows"]
     assert [(r["groups"], r["tokens"]) for r in rows] == [(1, 1), (1, 5), (2, 1), (2, 5)]
     assert all(r["dispatch_us"] >= r["groups_us"] > 0 for r in rows)
+
+
+def test_sampling_extras_script_runs_every_kind(tmp_path):
+    """benchmarks/bench_sampling_extras.py at small numbers, on the tiny random preset (its synthetic tokenizer for
+    the structured kinds): each kind's step timed with every row running."""
+    result = _script("bench_sampling_extras", tmp_path, "--model", "tiny", "--batch", "3", "--steps", "4",
+                     "--prompt-len", "8")
+    rows = {r["kind"]: r for r in result["rows"]}
+    assert set(rows) == {"plain", "logprobs", "logit_bias", "penalties", "regex", "json"}
+    assert all(r["step_ms"] > 0 and r["rows_min"] == 3 for r in rows.values())
+    assert result["floor"]["step_ms"] > 0
