@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 try:  # host-side TMA descriptors: Triton 3.4 and later; before, `tma` configurations load per thread
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -257,6 +258,9 @@ def _descriptor(t: torch.Tensor | None, rows: int, cols: int, wanted: bool):
     return TensorDescriptor.from_tensor(t, [rows, cols])
 
 
+_FITTED_STAGES: dict = {}  # (GemmConfig, block_m, A dtype, B dtype) -> stages that fit in shared memory
+
+
 def _gemm(a, b, c, scale, topk_w, plan: SlotPlan, n, k, gate_scale_rows, cfg: GemmConfig, *,
           a_by_token: bool, gated: bool, mul_weight: bool, quant: str, a_scale: torch.Tensor | None = None):
     if quant == "fp8" and cfg.block_k != FP8_GROUP:
@@ -273,18 +277,34 @@ def _gemm(a, b, c, scale, topk_w, plan: SlotPlan, n, k, gate_scale_rows, cfg: Ge
     b_desc = _descriptor(b.view(-1, b.shape[-1]) if b.is_contiguous() else None, cfg.block_n, cfg.block_k, cfg.tma)
     # A's rows can be a tile only where a block's rows are its own padded positions (the down GEMM).
     a_desc = _descriptor(a, plan.block_m, cfg.block_k, cfg.tma and not a_by_token and runs is not None)
-    _moe_gemm_kernel[grid](
-        a, b, c, scale, topk_w, sorted_ids, block_expert, num_padded, plan.ids,
-        a if a_scale is None else a_scale, a_desc or a, b_desc or b,
-        n, k, plan.ids.numel(), plan.num_experts, plan.top_k, max_blocks,
-        gate_scale_rows, a.stride(0), b.stride(0), b.stride(1), c.stride(0), *strides,
-        0 if a_scale is None else a_scale.stride(0),
-        A_BY_TOKEN=a_by_token, GATED=gated, MUL_WEIGHT=mul_weight, QUANT=QUANT_CODES[quant],
-        INTERPRET=interpreting(), EVEN_K=k % cfg.block_k == 0, PER_SLOT=runs is None, A_FP8=a_scale is not None,
-        TMA_A=a_desc is not None, TMA_B=b_desc is not None, SWAP_AB=cfg.swap_ab,
-        BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_args(a),
-    )
+
+    def launch(stages: int) -> None:
+        _moe_gemm_kernel[grid](
+            a, b, c, scale, topk_w, sorted_ids, block_expert, num_padded, plan.ids,
+            a if a_scale is None else a_scale, a_desc or a, b_desc or b,
+            n, k, plan.ids.numel(), plan.num_experts, plan.top_k, max_blocks,
+            gate_scale_rows, a.stride(0), b.stride(0), b.stride(1), c.stride(0), *strides,
+            0 if a_scale is None else a_scale.stride(0),
+            A_BY_TOKEN=a_by_token, GATED=gated, MUL_WEIGHT=mul_weight, QUANT=QUANT_CODES[quant],
+            INTERPRET=interpreting(), EVEN_K=k % cfg.block_k == 0, PER_SLOT=runs is None, A_FP8=a_scale is not None,
+            TMA_A=a_desc is not None, TMA_B=b_desc is not None, SWAP_AB=cfg.swap_ab,
+            BLOCK_M=plan.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=stages, **launch_args(a),
+        )
+
+    # The tables' stages are sized for 2-byte operands; float32 ones (tests, a float32 model on a GPU) can need more
+    # shared memory than the GPU has: fewer stages then, remembered per configuration and dtype.
+    key = (cfg, plan.block_m, a.dtype, b.dtype)
+    stages = _FITTED_STAGES.get(key, cfg.num_stages)
+    while True:
+        try:
+            launch(stages)
+            return
+        except OutOfResources:
+            if stages == 1:
+                raise
+            stages -= 1
+            _FITTED_STAGES[key] = stages
 
 
 def gate_up(hidden: torch.Tensor, weights: ExpertWeights, plan: SlotPlan, cfg: GemmConfig,
