@@ -88,6 +88,7 @@ def measure(engine, kind: str, args, tag: str) -> dict:
 
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
+    ahead = engine.counters["steps_ahead"]
     params = params_of(kind, args.steps + 4, sorted(set(engine.eos_token_ids) | set(engine.tokenizer.eos_token_ids)))
     for i in range(args.batch):
         engine.add_request(f"{tag}{i}", torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist(), params)
@@ -104,7 +105,7 @@ def measure(engine, kind: str, args, tag: str) -> dict:
     while engine.has_unfinished():
         engine.step()
     return {"kind": kind, "step_ms": ms, "tok_s": sum(running) / args.steps / ms * 1e3,
-            "rows_min": min(running), "steps_ahead": engine.counters["steps_ahead"]}
+            "rows_min": min(running), "steps_ahead": engine.counters["steps_ahead"] - ahead}
 
 
 def main() -> int:
@@ -152,12 +153,13 @@ def main() -> int:
     print(f"## sampling extras, {args.model} on {args.device}, batch {args.batch}, {started}")
     print(f"{args.steps} decode steps back to back per kind after a {args.prompt_len}-token prompt; copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s; decode floor {floor['step_ms']:.3f} ms\n")
-    print("| kind | step ms | output tok/s | vs plain | vs floor | rows (min) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| kind | step ms | output tok/s | vs plain | vs floor | rows (min) | steps queued ahead |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         vs = f"{r['step_ms'] / plain:.2f}x" if plain else "-"
         fl = f"{r['step_ms'] / floor['step_ms']:.1f}x"
-        print(f"| {r['kind']} | {r['step_ms']:.2f} | {r['tok_s']:.0f} | {vs} | {fl} | {r['rows_min']} |")
+        print(f"| {r['kind']} | {r['step_ms']:.2f} | {r['tok_s']:.0f} | {vs} | {fl} | {r['rows_min']} | "
+              f"{r['steps_ahead']} |")
     out = Path(args.out_dir) / "bench_sampling_extras.json"
     out.write_text(json.dumps({"args": vars(args), "started": started, "bandwidth": bandwidth, "floor": floor,
                                "rows": rows}, indent=2))
