@@ -272,10 +272,12 @@ class ModelRunner:
         hidden, _ = self._run_decodes(batch, input_tokens=ids)
         if hidden is None:
             return None
-        return Launched(*self._sample(hidden, batch.seqs), graphed=True, decode_graph=True)
+        return Launched(*self._sample(hidden, batch.seqs, pending=ids), graphed=True, decode_graph=True)
 
-    def _sample(self, hidden: torch.Tensor, seqs: list) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(sampled ids [N], and when a sequence asks for them Sampler.logprobs rows [N, 1 + 2k], else None)."""
+    def _sample(self, hidden: torch.Tensor, seqs: list, pending: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(sampled ids [N], and when a sequence asks for them Sampler.logprobs rows [N, 1 + 2k], else None).
+        `pending`: a look-ahead step's input ids on the device, each row's last token not yet in its history."""
         logits = self.model.compute_logits(hidden)
         histories = None
         if any(s.params.reads_history for s in seqs):  # (tokens so far, prompt length, what min_tokens holds back)
@@ -284,7 +286,8 @@ class ModelRunner:
                                                                                            else eos))
                          if s.params.reads_history else None for s in seqs]
         grammars = [s.grammar for s in seqs] if any(s.grammar is not None for s in seqs) else None
-        tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], histories, grammars)
+        tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], histories, grammars,
+                              pending if histories is not None else None)
         wanted = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
         return tokens, (self.sampler.logprobs(logits, tokens, max(wanted)) if wanted else None)
 

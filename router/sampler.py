@@ -32,14 +32,14 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None], histories: list | None = None,
-                 grammars: list | None = None) -> torch.Tensor:
+                 grammars: list | None = None, pending: torch.Tensor | None = None) -> torch.Tensor:
         """logits [N, V] float32 -> token ids [N] int64 (on the logits' device). `histories`: where a row's params
         read the tokens so far (penalties, min_tokens), its (token ids so far, prompt length, ids min_tokens
-        holds back), else None; see apply_history. `grammars`: a row's structured-output matcher, else None. Logit
-        biases come first, then the history, as in HF generate, then the grammar's mask."""
+        holds back), else None; see apply_history (and its `pending`). `grammars`: a row's structured-output matcher,
+        else None. Logit biases come first, then the history, as in HF generate, then the grammar's mask."""
         logits = apply_logit_bias(logits, params)
         if histories is not None:
-            logits = apply_history(logits, params, histories)
+            logits = apply_history(logits, params, histories, pending)
         if grammars is not None:
             logits = apply_grammar(logits, grammars)
         greedy_ids = logits.argmax(dim=-1)
@@ -94,34 +94,63 @@ def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torc
     return out
 
 
-def apply_history(logits: torch.Tensor, params: list[SamplingParams], histories: list) -> torch.Tensor:
+def apply_history(logits: torch.Tensor, params: list[SamplingParams], histories: list,
+                  pending: torch.Tensor | None = None) -> torch.Tensor:
     """The logits with each row's penalties on the tokens so far and its min_tokens mask applied (a new tensor;
-    rows without any are copied unchanged). One small upload per penalised row: only they pay.
+    the same one when no row has any). The rows that ask are done together on the device: one upload of their
+    token indices, then whole-tensor ops, so only they pay.
 
     repetition_penalty is HF transformers' RepetitionPenaltyLogitsProcessor over prompt and output; presence and
     frequency penalties are OpenAI's, over the output; min_tokens masks the held-back ids (EOS, stop ids) to -inf
-    while fewer new tokens than it were generated."""
-    out = logits.clone()
-    dev = logits.device
-    for i, (p, history) in enumerate(zip(params, histories)):
-        if history is None:
-            continue
-        tokens, num_prompt, held_back = history
-        row = out[i]
-        if p.repetition_penalty != 1.0 and tokens:
-            ids = _small(sorted(set(tokens)), torch.int64, dev)
-            seen = row[ids]
-            row[ids] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
-        generated = tokens[num_prompt:]
-        if (p.presence_penalty or p.frequency_penalty) and generated:
-            counts: dict[int, int] = {}
-            for t in generated:
-                counts[t] = counts.get(t, 0) + 1
-            ids = _small(list(counts), torch.int64, dev)
-            row[ids] -= _small([p.presence_penalty + p.frequency_penalty * c for c in counts.values()], out.dtype, dev)
-        if len(generated) < p.min_tokens and held_back:
-            row[_small(sorted(held_back), torch.int64, dev)] = float("-inf")
-    return out
+    while fewer new tokens than it were generated. `pending`: [N] token ids on the device that each row generated
+    after its history (a decode step queued ahead samples before the previous step's tokens reach the host); they
+    count as the history's last token."""
+    rows = [i for i, h in enumerate(histories) if h is not None]
+    if not rows:
+        return logits
+    dev, vocab, n = logits.device, logits.shape[1], len(rows)
+    seen_at: list[int] = []  # flat indices into [n, vocab]: tokens the repetition penalty acts on
+    generated_at: list[int] = []  # one per generated token (with repeats): presence and frequency counts
+    held_at: list[int] = []  # ids min_tokens holds back
+    rep, presence, frequency = [], [], []
+    for j, i in enumerate(rows):
+        p = params[i]
+        tokens, num_prompt, held_back = histories[i]
+        base = j * vocab
+        if p.repetition_penalty != 1.0:
+            seen_at += [base + t for t in set(tokens)]
+        if p.presence_penalty or p.frequency_penalty:
+            generated_at += [base + t for t in tokens[num_prompt:]]
+        if len(tokens) - num_prompt + (pending is not None) < p.min_tokens and held_back:
+            held_at += [base + t for t in held_back]
+        rep.append(p.repetition_penalty)
+        presence.append(p.presence_penalty)
+        frequency.append(p.frequency_penalty)
+    index = _small(rows, torch.int64, dev)
+    sub = logits.index_select(0, index)
+    last = pending.index_select(0, index) if pending is not None else None
+    at_last = (torch.arange(n, device=dev), last) if last is not None else None
+    if any(r != 1.0 for r in rep):
+        seen = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
+        if seen_at:
+            seen.view(-1)[_small(seen_at, torch.int64, dev)] = True
+        if at_last is not None:
+            seen[at_last] = True  # rows without the penalty divide by 1: unchanged
+        r = _small(rep, sub.dtype, dev).unsqueeze(1)
+        sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
+    if any(presence) or any(frequency):
+        counts = torch.zeros(n, vocab, dtype=sub.dtype, device=dev)
+        if generated_at:
+            counts.view(-1).index_add_(0, _small(generated_at, torch.int64, dev),
+                                       torch.ones(len(generated_at), dtype=sub.dtype, device=dev))
+        if at_last is not None:
+            counts.index_put_(at_last, torch.ones(n, dtype=sub.dtype, device=dev), accumulate=True)
+        sub = sub - (_small(presence, sub.dtype, dev).unsqueeze(1) * (counts > 0).to(sub.dtype)
+                     + _small(frequency, sub.dtype, dev).unsqueeze(1) * counts)
+    if held_at:
+        sub = sub.contiguous()
+        sub.view(-1)[_small(held_at, torch.int64, dev)] = float("-inf")
+    return logits.index_copy(0, index, sub)
 
 
 def unpack_logprobs(row: list[float], k: int) -> tuple[float, tuple[int, ...], tuple[float, ...]]:

@@ -95,16 +95,16 @@ class SamplingParams:
 
     @property
     def reads_history(self) -> bool:
-        """Whether sampling looks at the tokens so far (penalties, min_tokens): then the next token's logits need
-        the last token on the host first (no look-ahead decode)."""
+        """Whether sampling looks at the tokens so far (penalties, min_tokens). A step queued ahead takes the last
+        one from the device (sampler.apply_history's `pending`)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.min_tokens > 0)
 
     @property
     def needs_last_token(self) -> bool:
-        """Whether the next token's sampling needs this one on the host (the history, or a grammar's state): then
-        no decode step is queued ahead of it."""
-        return self.reads_history or self.structured_output is not None
+        """Whether the next token's sampling needs this one on the host (a grammar's state is fed there): then no
+        decode step is queued ahead of it."""
+        return self.structured_output is not None
 
 
 def _logit_bias(bias) -> tuple[tuple[int, float], ...]:

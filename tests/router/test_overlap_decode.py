@@ -214,16 +214,43 @@ def test_next_decode_rules():
     assert sched.next_decode(ScheduledBatch()) is None
 
 
-def test_no_look_ahead_for_a_sequence_whose_sampling_reads_its_tokens():
-    """Penalties and min_tokens need the token the pending step samples: that step's successor is not queued ahead."""
+def test_no_look_ahead_for_a_structured_output_only():
+    """A grammar's matcher is fed on the host: a structured request's next step is not queued ahead. Penalties and
+    min_tokens are (the sampler takes the pending token from the device)."""
+    from moeserve.router.structured import StructuredOutput
+
     for params in (SamplingParams(max_tokens=5), SamplingParams(max_tokens=5, presence_penalty=0.5),
-                   SamplingParams(max_tokens=5, min_tokens=2), SamplingParams(max_tokens=5, repetition_penalty=1.1)):
+                   SamplingParams(max_tokens=5, min_tokens=2), SamplingParams(max_tokens=5, repetition_penalty=1.1),
+                   SamplingParams(max_tokens=5, structured_output=StructuredOutput("regex", "[a-z]+"))):
         sched = Scheduler(BlockManager(num_blocks=6, block_size=4), max_num_seqs=4, max_num_batched_tokens=16,
                           max_queued_requests=8)
         sched.add(Sequence("a", [1, 2, 3], params))
         sched.postprocess(sched.schedule(), [9])
         decode = sched.schedule()
-        assert (sched.next_decode(decode) is None) == params.reads_history, params
+        assert (sched.next_decode(decode) is None) == (params.structured_output is not None), params
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
+def test_look_ahead_with_penalties_equals_waiting(arch, hf_checkpoint):
+    """Repetition, presence and frequency penalties and min_tokens on steps queued ahead (their last token read from
+    the device): the tokens of the engine that waits for each step, and of the eager one."""
+    path = str(hf_checkpoint(arch, seed=4))
+    probe = _engine(path, overlap=False, mode="off")
+    prompts = _prompts(probe, [5, 12, 3, 9, 7])
+    stop_id = probe.generate_batch([prompts[4]], SamplingParams(max_tokens=4))[0].new_token_ids[1]
+    params = [SamplingParams(max_tokens=12, repetition_penalty=1.4), SamplingParams(max_tokens=10, presence_penalty=1.5,
+                                                                                    frequency_penalty=0.7),
+              SamplingParams(max_tokens=9, repetition_penalty=0.8, frequency_penalty=-0.6),
+              SamplingParams(max_tokens=11, temperature=0.9, top_k=30, seed=5, presence_penalty=1.0),
+              SamplingParams(max_tokens=8, min_tokens=5, stop_token_ids=(stop_id,))]
+    want = _run(probe, prompts, params, arrive_every=1)
+    waiting = _run(_engine(path, overlap=False), prompts, params, arrive_every=1)
+    ahead_engine = _engine(path, overlap=True)
+    got = _run(ahead_engine, prompts, params, arrive_every=1)
+    assert ahead_engine.counters["steps_ahead"] > 4, "penalised decode steps were meant to be queued ahead"
+    assert got == waiting == want
+    assert len(got["r4"][0]) >= 5  # min_tokens held the stop id back
+    _check_blocks_back(ahead_engine)
 
 
 @pytest.mark.parametrize("mode", ["off", "padded"])
