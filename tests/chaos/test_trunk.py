@@ -84,25 +84,32 @@ async def test_resubmitted_sampling_goes_on_exactly(ray_cluster, demo_model_dir)
     """Seeded sampling with every penalty and min_tokens, the worker killed once each stream has some tokens (and
     none is done): the restarted worker goes on from the same output and generator state, so every stream ends
     with the undisturbed run's tokens."""
+    from moeserve.router.structured import StructuredOutput
+
     params = [SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.9, top_k=50, seed=100 + i,
-                             presence_penalty=0.6, frequency_penalty=0.3, repetition_penalty=1.2, min_tokens=10)
+                             presence_penalty=0.6, frequency_penalty=0.3, repetition_penalty=1.2, min_tokens=10,
+                             logit_bias={7: 2.0, 11: -3.0})
               for i in range(len(PROMPTS))]
-    want = [o.new_token_ids for o in LLMEngine.from_config(_config(str(demo_model_dir))).generate_batch(PROMPTS, params)]
+    # and structured outputs: the new worker's matcher is fed the streamed tokens first
+    prompts = PROMPTS + PROMPTS[:2]
+    params += [SamplingParams(max_tokens=40, temperature=0.9, seed=200 + i,
+                              structured_output=StructuredOutput("regex", "[a-z ]{40,80}")) for i in range(2)]
+    want = [o.new_token_ids for o in LLMEngine.from_config(_config(str(demo_model_dir))).generate_batch(prompts, params)]
     engine = TrunkEngine(_config(str(demo_model_dir)))
     await engine.start()
     try:
         seen: list[int] = []
         progressed = asyncio.Event()
         tasks = [asyncio.create_task(_consume(engine.generate(f"s{i}", prompt, p), seen, progressed, need=3))
-                 for i, (prompt, p) in enumerate(zip(PROMPTS, params))]
-        while len(seen) < len(PROMPTS):
+                 for i, (prompt, p) in enumerate(zip(prompts, params))]
+        while len(seen) < len(prompts):
             progressed.clear()
             await progressed.wait()
         import ray
 
         ray.kill(engine.worker)
         got = await asyncio.wait_for(asyncio.gather(*tasks), 300)
-        assert engine.restarts == 1 and engine.resubmitted == len(PROMPTS), "each stream should have been cut"
+        assert engine.restarts == 1 and engine.resubmitted == len(prompts), "each stream should have been cut"
         assert [ids for ids, _, _ in got] == want
     finally:
         await engine.shutdown(0)
