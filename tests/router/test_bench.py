@@ -212,3 +212,11 @@ def test_sampling_extras_script_runs_every_kind(tmp_path):
     assert set(rows) == {"plain", "logprobs", "logit_bias", "penalties", "regex", "json"}
     assert all(r["step_ms"] > 0 and r["rows_min"] == 3 for r in rows.values())
     assert result["floor"]["step_ms"] > 0
+
+
+def test_http_front_script_runs_every_way(tmp_path):
+    """benchmarks/bench_http_front.py at small numbers: the same streamed requests through the engine, gRPC and HTTP."""
+    results = _script("bench_http_front", tmp_path, "--requests", "3", "--concurrency", "2", "--prompt-len", "5",
+                      "--new-tokens", "3")["results"]
+    assert set(results) == {"engine", "grpc", "http"}
+    assert all(r["requests"] == 3 and r["output_tok_s"] > 0 and r["ttft_ms"]["p50"] > 0 for r in results.values())
