@@ -156,8 +156,8 @@ class BlockManager:
 
     def _match(self, seq: Sequence) -> list[tuple[int, int]]:
         """(serial, block) of the cached blocks a sequence's tokens begin with, short of its last token."""
-        if not self.prefix_caching or not self._cached:
-            return []
+        if not self.prefix_caching or not self._cached or seq.prompt_logprobs is not None:
+            return []  # (prompt logprobs need every prompt position computed)
         bs, tokens, hits, serial = self.block_size, seq.token_ids, [], 0
         for i in range((len(tokens) - 1) // bs):
             known = self._cached.get((serial, tuple(tokens[i * bs:(i + 1) * bs])))

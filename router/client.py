@@ -40,6 +40,7 @@ def build_request(
     priority: int = 0,
     logit_bias: dict[int, float] | None = None,
     structured_output: dict | None = None,
+    prompt_logprobs: int | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword arguments; exactly one of `prompt` and `token_ids`. `structured_output`: one of
     {"json_schema": schema (a dict, or its JSON text)}, {"json_object": True}, {"regex": r"..."}, {"grammar": "..."},
@@ -62,6 +63,8 @@ def build_request(
         req.seed = seed
     if logprobs is not None:
         req.logprobs = logprobs
+    if prompt_logprobs is not None:
+        req.prompt_logprobs = prompt_logprobs
     if repetition_penalty is not None:
         req.repetition_penalty = repetition_penalty
     for token, bias in (logit_bias or {}).items():

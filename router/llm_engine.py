@@ -100,6 +100,8 @@ class LLMEngine:
                                                 f"({params.max_tokens}) and within the vocabulary")
         seq = Sequence(request_id, prompt_token_ids, params, time.monotonic(), deadline)
         seq.token_ids += resume
+        if resume:
+            seq.prompt_logprobs = None  # sent with the first token, before the resubmission
         if params.structured_output is not None:
             seq.grammar = self._grammars().matcher(params.structured_output)
             if not all(accept(seq.grammar, t) for t in resume):
@@ -184,6 +186,7 @@ class LLMEngine:
             ready()
             sampled = launched.result()
             logprob_rows = launched.logprob_rows()
+            prompt_rows = launched.prompt_logprob_rows()
         except Exception as exc:
             self._inflight = None
             with self.lock:
@@ -197,6 +200,8 @@ class LLMEngine:
             c["steps"] += 1
             c["busy_us"] += max(0, round((now - start - (getattr(backend, "expert_wait_s", 0.0) - waited)) * 1e6))
             c["tokens_computed"] += batch.num_tokens
+            if prompt_rows is not None:
+                self._add_prompt_logprobs(launched.prompt_spans, prompt_rows)
             row_of = {}
             if logprob_rows is not None:  # the rows of the sequences that sampled, in batch order
                 row_of = {id(s): j for j, s in enumerate(s for s, f in zip(batch.seqs, batch.sample_flags) if f)}
@@ -209,6 +214,18 @@ class LLMEngine:
             for wait in waits:
                 self.observer.record_queue_wait(wait)
         return outputs
+
+    @staticmethod
+    def _add_prompt_logprobs(spans: list, rows: list[list[float]]) -> None:
+        """Each span's rows onto its sequence's prompt logprobs, where they continue them (a chunk recomputed after
+        a preemption, or a sequence that ended meanwhile, adds nothing)."""
+        at = 0
+        for _, seq, first, count in spans:
+            done = seq.prompt_logprobs
+            if done is not None and len(done) == first and seq.status is SequenceStatus.RUNNING:
+                k = seq.params.prompt_logprobs
+                done += [unpack_logprobs(rows[at + j], k) for j in range(count)]
+            at += count
 
     def _launch_ahead(self, batch, launched) -> None:
         """Queue the decode step after `batch` (still on the device) when the scheduler says it is
@@ -250,7 +267,8 @@ class LLMEngine:
             del self.requests[seq.request_id]
             self.counters["requests_finished"] += 1
         text = detok.take_delta(finished=reason is not None) if detok is not None else ""
-        return self._output(seq, [token], text, None if logprobs is None else [logprobs])
+        prompt, seq.prompt_logprobs = seq.prompt_logprobs, None  # complete with the first token; sent once
+        return self._output(seq, [token], text, None if logprobs is None else [logprobs], prompt)
 
     def _expire(self, now: float) -> list[RequestOutput]:
         late = [s for s in self.requests.values() if s.deadline is not None and s.deadline <= now]
@@ -261,8 +279,8 @@ class LLMEngine:
         return [self._output(s, [], "") for s in late]
 
     @staticmethod
-    def _output(seq: Sequence, new_ids: list[int], text: str, logprobs: list[TokenLogprobs] | None = None
-                ) -> RequestOutput:
+    def _output(seq: Sequence, new_ids: list[int], text: str, logprobs: list[TokenLogprobs] | None = None,
+                prompt_logprobs: list[TokenLogprobs] | None = None) -> RequestOutput:
         ttft = None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time
         metrics = None
         if seq.is_finished:
@@ -271,7 +289,7 @@ class LLMEngine:
                                      seq.finish_reason or "")
         return RequestOutput(seq.request_id, new_ids, text, seq.is_finished, seq.finish_reason,
                              seq.num_prompt_tokens, seq.num_completion_tokens, ttft, metrics,
-                             seq.num_cached_prompt_tokens or 0, logprobs)
+                             seq.num_cached_prompt_tokens or 0, logprobs, prompt_logprobs)
 
     # -- offline ----------------------------------------------------------------------------------
     def generate_batch(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
@@ -291,6 +309,8 @@ class LLMEngine:
                 m.cached_prompt_tokens = out.cached_prompt_tokens
                 if out.logprobs is not None:
                     m.logprobs = (m.logprobs or []) + out.logprobs
+                if out.prompt_logprobs is not None:
+                    m.prompt_logprobs = out.prompt_logprobs
         return [merged[rid] for rid in ids]
 
     def stats(self) -> dict:

@@ -79,6 +79,22 @@ class FlatBatch:
     sample_rows: list[int]  # the last row of each sequence that samples
 
 
+def prompt_logprob_spans(batch: ScheduledBatch) -> list[tuple[int, Any, int, int]]:
+    """(batch index, sequence, first position, count) of the prompt positions in this step whose next token is a
+    prompt token and whose log-probability a sequence asked for and does not have yet (a recomputed chunk after a
+    preemption has some already)."""
+    spans = []
+    for i, (seq, start, n) in enumerate(zip(batch.seqs, batch.starts, batch.num_new_tokens)):
+        done = seq.prompt_logprobs
+        if done is None:
+            continue
+        first = max(start, len(done))
+        end = min(start + n, seq.num_prompt_tokens - 1)  # the last prompt position's next token is generated
+        if first < end:
+            spans.append((i, seq, first, end - first))
+    return spans
+
+
 def flatten(batch: ScheduledBatch, block_size: int, tables: bool = True) -> FlatBatch:
     """Lay out the scheduled chunks back to back: each sequence's tokens [computed, computed + n)."""
     bs = block_size
@@ -355,7 +371,8 @@ class ModelRunner:
         return torch.cat(parts), self._to_device([at[i] for i in sampled], torch.int64)
 
     def _launch(self, batch: ScheduledBatch, ready: Callable[[], None] | None) -> "Launched":
-        hidden, sample_rows = self._graphed(batch)
+        spans = prompt_logprob_spans(batch)
+        hidden, sample_rows = self._graphed(batch) if not spans else (None, None)  # prompt logprobs: eager
         graphed = hidden is not None
         if not graphed:
             if ready is not None:
@@ -364,36 +381,74 @@ class ModelRunner:
             hidden = self.model.forward(input_ids, positions, attn)
         sampling = [s for s, f in zip(batch.seqs, batch.sample_flags) if f]
         tokens, logprobs = self._sample(hidden.index_select(0, sample_rows), sampling) if sampling else (None, None)
-        return Launched(tokens, logprobs, graphed=graphed, decode_graph=graphed and batch.decode_only)
+        launched = Launched(tokens, logprobs, graphed=graphed, decode_graph=graphed and batch.decode_only,
+                            prompt_logprobs=self._prompt_logprobs(hidden, batch, spans) if spans else None)
+        launched.prompt_spans = spans
+        return launched
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, batch: ScheduledBatch, spans: list) -> torch.Tensor:
+        """Sampler.logprobs rows of the spans' prompt positions (the next prompt token's log-probability and the
+        top k), one after another in span order; hidden is the eager step's, its rows the chunks back to back."""
+        offsets, at = [], 0
+        for n in batch.num_new_tokens:
+            offsets.append(at)
+            at += n
+        rows, targets = [], []
+        for i, seq, first, count in spans:
+            base = offsets[i] + first - batch.starts[i]
+            rows += range(base, base + count)
+            targets += seq.token_ids[first + 1:first + 1 + count]
+        logits = self.model.compute_logits(hidden.index_select(0, self._to_device(rows, torch.int64)))
+        k = max(seq.params.prompt_logprobs for _, seq, _, _ in spans)
+        return self.sampler.logprobs(logits, self._to_device(targets, torch.int64), k)
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A pinned host copy of t queued behind the work on the device (None stays None)."""
+    if t is None:
+        return None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 class Launched:
     """A step queued on the device. Its sampled ids are copied to pinned host memory behind it, with
     an event, so that result() waits for this step alone and not for a step queued after it."""
 
-    def __init__(self, tokens: torch.Tensor | None, logprobs: torch.Tensor | None, graphed: bool, decode_graph: bool):
+    def __init__(self, tokens: torch.Tensor | None, logprobs: torch.Tensor | None, graphed: bool, decode_graph: bool,
+                 prompt_logprobs: torch.Tensor | None = None):
         self.tokens = tokens  # [N] one per sampling sequence, in batch order; None when none samples
         self.logprobs = logprobs  # [N, 1 + 2k] Sampler.logprobs rows when a sequence asked for them
+        self.prompt_logprobs = prompt_logprobs  # the same for prompt_spans' positions, one after another
+        self.prompt_spans: list = []  # prompt_logprob_spans of the step
         self.graphed = graphed  # replayed CUDA graphs (or their padded eager twin)
         self.decode_graph = decode_graph  # decode-only, through the decode graphs: the next decode may queue behind it
-        self._host = self._host_logprobs = self._event = None
+        self._host = self._host_logprobs = self._host_prompt = self._event = None
         if tokens is not None and tokens.is_cuda:
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
-            if logprobs is not None:
-                self._host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
-                self._host_logprobs.copy_(logprobs, non_blocking=True)
+            self._host_logprobs, self._host_prompt = _to_host(logprobs), _to_host(prompt_logprobs)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        elif prompt_logprobs is not None and prompt_logprobs.is_cuda:  # a step of prompt chunks only
+            self._host_prompt = _to_host(prompt_logprobs)
             self._event = torch.cuda.Event()
             self._event.record()
 
     def result(self) -> list[int]:
         """The sampled ids on the host: the step's one wait for the device (GIL released)."""
+        if self._event is not None:
+            self._event.synchronize()
         if self.tokens is None:
             return []
-        if self._event is None:
-            return self.tokens.tolist()
-        self._event.synchronize()
-        return self._host.tolist()
+        return self.tokens.tolist() if self._host is None else self._host.tolist()
+
+    def prompt_logprob_rows(self) -> list[list[float]] | None:
+        """The prompt logprobs rows on the host, in prompt_spans' order (call after result())."""
+        if self.prompt_logprobs is None:
+            return None
+        return (self.prompt_logprobs if self._host_prompt is None else self._host_prompt).tolist()
 
     def logprob_rows(self) -> list[list[float]] | None:
         """The Sampler.logprobs rows on the host, in the order of result()'s ids (call after result())."""

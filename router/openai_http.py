@@ -224,9 +224,6 @@ def choices(body: dict, req: pb.GenerateRequest, stream: bool, chat: bool) -> tu
         raise InvalidRequestError("echo", f"must be true or false, got {echo!r}")
     if echo and chat:
         raise InvalidRequestError("echo", "is a /v1/completions parameter")
-    if echo and req.HasField("logprobs"):
-        raise InvalidRequestError("echo", "with logprobs is not supported (the prompt's log-probabilities are not "
-                                          "computed); ask for one of them")
     out = []
     for i in range(best_of):
         child = pb.GenerateRequest()
@@ -235,6 +232,8 @@ def choices(body: dict, req: pb.GenerateRequest, stream: bool, chat: bool) -> tu
             child.seed = (req.seed + i) % 2**64
         if best_of > n and not req.HasField("logprobs"):
             child.logprobs = 0  # the chosen tokens' log-probabilities rank the choices
+        if echo and req.HasField("logprobs") and i == 0:
+            child.prompt_logprobs = req.logprobs  # the prompt's, echoed (computed once: the choices share them)
         out.append(child)
     return out, n, echo
 
@@ -353,7 +352,7 @@ class OpenAIHTTP:
             self.servicer.record_error("NOT_FOUND")
             return _error(exc.status, str(exc), exc.param)
         reply = _Reply(chat, int(time.time()), len(children), n, req.HasField("logprobs"),
-                       self._echo(req) if echo else "")
+                       self._echo(req) if echo else "", self._echo_ids(req) if echo else [])
         path = "/v1/chat/completions" if chat else "/v1/completions"
         headers = [(k.lower(), v) for k, v in request.headers.items()]
         trackers = _Trackers([self.servicer.track("ChatCompletions" if chat else "Completions", headers,
@@ -368,6 +367,12 @@ class OpenAIHTTP:
             trackers.end("CANCELLED")
             raise
         return response
+
+    def _echo_ids(self, req: pb.GenerateRequest) -> list[int]:
+        """The prompt's token ids, as the server tokenizes it (for echo with logprobs)."""
+        if req.WhichOneof("input") == "token_ids":
+            return list(req.token_ids.ids)
+        return list(self.tokenizer.encode(req.prompt)) if self.tokenizer is not None else []
 
     def _echo(self, req: pb.GenerateRequest) -> str:
         """The prompt as text, for echo."""
@@ -418,12 +423,17 @@ class OpenAIHTTP:
 
     # -- responses ----------------------------------------------------------------------------------
     def _choice(self, out: Any, ids: list[int], text: str, logprobs: list, chat: bool = False, index: int = 0,
-                first: bool = False, delta: bool = False) -> dict:
-        """One choice of a reply (a chunk of one with `delta`): completions' text, or chat's message or delta."""
+                first: bool = False, delta: bool = False, echo: tuple = ()) -> dict:
+        """One choice of a reply (a chunk of one with `delta`): completions' text, or chat's message or delta.
+        `echo`: (prompt ids, their logprobs) to put before the completion's logprobs."""
         finish = _FINISH.get(out.finish_reason, out.finish_reason) if out.finished else None
         if not chat:
-            return {"index": index, "text": text, "token_ids": ids, "logprobs": self._logprobs(ids, logprobs),
-                    "finish_reason": finish}
+            if echo:
+                prompt_ids, prompt_logprobs = echo
+                lp = self._logprobs(prompt_ids + ids, [None] + prompt_logprobs + logprobs)
+            else:
+                lp = self._logprobs(ids, logprobs)
+            return {"index": index, "text": text, "token_ids": ids, "logprobs": lp, "finish_reason": finish}
         message = {"role": "assistant", "content": text} if first or not delta else {"content": text}
         return {"index": index, "delta" if delta else "message": message, "token_ids": ids,
                 "logprobs": self._chat_logprobs(ids, logprobs), "finish_reason": finish}
@@ -440,17 +450,19 @@ class OpenAIHTTP:
         return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in zip(top_ids, top_lps)]}
                             for t, (lp, top_ids, top_lps) in zip(ids, logprobs)]}
 
-    def _logprobs(self, ids: list[int], logprobs: list | None) -> dict | None:
-        """OpenAI's completions logprobs: each token's text, log-probability and most likely alternatives."""
+    def _logprobs(self, ids: list[int], logprobs: list | None, at: int = 0) -> dict | None:
+        """OpenAI's completions logprobs: each token's text, log-probability and most likely alternatives (an entry
+        None: the echoed prompt's first token, which has none). `at`: the text offset of the first token."""
         if not logprobs:
             return None
         words = [self._word(t) for t in ids]
-        offsets, at = [], 0
+        offsets = []
         for w in words:
             offsets.append(at)
             at += len(w)
-        return {"tokens": words, "token_logprobs": [lp for lp, _, _ in logprobs],
-                "top_logprobs": [{self._word(i): v for i, v in zip(top_ids, top_lps)} for _, top_ids, top_lps in logprobs],
+        return {"tokens": words, "token_logprobs": [None if e is None else e[0] for e in logprobs],
+                "top_logprobs": [None if e is None else {self._word(i): v for i, v in zip(e[1], e[2])}
+                                 for e in logprobs],
                 "text_offset": offsets}
 
     def _word(self, token: int) -> str:
@@ -474,11 +486,12 @@ class OpenAIHTTP:
         text: list[list[str]] = [[] for _ in range(count)]
         logprobs: list[list] = [[] for _ in range(count)]
         last: list[Any] = [None] * count
-        rid = ""
+        rid, prompt_logprobs = "", None
         try:
             async with contextlib.aclosing(outputs):
                 async for i, r, out in outputs:
                     rid = rid or r
+                    prompt_logprobs = out.prompt_logprobs if out.prompt_logprobs is not None else prompt_logprobs
                     ids[i] += out.new_token_ids
                     text[i].append(out.new_text)
                     logprobs[i] += out.logprobs or ()
@@ -491,8 +504,9 @@ class OpenAIHTTP:
             order.sort(key=lambda i: -sum(lp for lp, _, _ in logprobs[i]) / len(logprobs[i]) if logprobs[i]
                        else math.inf)
             order = order[:reply.n]
+        echo = (reply.echo_ids, prompt_logprobs) if reply.logprobs and prompt_logprobs is not None else ()
         picked = [self._choice(last[i], ids[i], reply.echo + "".join(text[i]), logprobs[i] if reply.logprobs else [],
-                               reply.chat, index=k) for k, i in enumerate(order)]
+                               reply.chat, index=k, echo=echo) for k, i in enumerate(order)]
         return web.json_response(self._envelope(rid, reply.created, reply.kind, usage=self._usage(last),
                                                 choices=picked))
 
@@ -501,10 +515,12 @@ class OpenAIHTTP:
         response: web.StreamResponse | None = None
         kind = reply.kind + (".chunk" if reply.chat else "")
         last: list[Any] = [None] * reply.requests
-        rid = ""
+        rid, prompt_logprobs = "", None
         try:
             async with contextlib.aclosing(outputs):
                 async for i, r, out in outputs:
+                    if out.prompt_logprobs is not None:
+                        prompt_logprobs = out.prompt_logprobs
                     if response is None:  # admitted: from here on errors travel as events
                         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                                "Cache-Control": "no-cache"})
@@ -513,8 +529,10 @@ class OpenAIHTTP:
                     first = last[i] is None
                     last[i] = out
                     text = (reply.echo if first else "") + out.new_text
+                    echo = (reply.echo_ids, prompt_logprobs) if first and reply.echo and prompt_logprobs is not None \
+                        else ()
                     chunk = self._envelope(rid, reply.created, kind, choices=[self._choice(
-                        out, out.new_token_ids, text, out.logprobs or [], reply.chat, i, first, delta=True)])
+                        out, out.new_token_ids, text, out.logprobs or [], reply.chat, i, first, delta=True, echo=echo)])
                     await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
             if include_usage:
                 usage = self._envelope(rid, reply.created, kind, choices=[], usage=self._usage(last))
@@ -552,6 +570,7 @@ class _Reply:
     n: int
     logprobs: bool
     echo: str
+    echo_ids: list  # the echoed prompt's token ids (their logprobs come first with logprobs)
 
     @property
     def kind(self) -> str:

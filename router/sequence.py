@@ -36,6 +36,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; n: each token's log-probability and the n most likely tokens'
+    prompt_logprobs: int | None = None  # as logprobs, for the prompt's tokens from its second on (no prefix cache)
     repetition_penalty: float = 1.0  # > 0, 1 = off: a seen token's logit divided by it if positive, else multiplied
     presence_penalty: float = 0.0  # [-2, 2]: subtracted from the logit of each token generated so far
     frequency_penalty: float = 0.0  # [-2, 2]: times the number of times each token was generated so far
@@ -59,8 +60,10 @@ class SamplingParams:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidRequestError("top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise InvalidRequestError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+                raise InvalidRequestError(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
         if not (0.0 < self.repetition_penalty < math.inf):
             raise InvalidRequestError("repetition_penalty", f"must be a finite number > 0 (1 = off), got "
                                                             f"{self.repetition_penalty!r}")
@@ -141,6 +144,8 @@ class RequestOutput:
     metrics: "RequestMetrics | None" = None  # on the last output only
     cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache when it was first admitted
     logprobs: list[TokenLogprobs] | None = None  # with SamplingParams.logprobs: one per new token
+    # with SamplingParams.prompt_logprobs, on the first output with a token: one per prompt token from the second on
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +192,7 @@ class Sequence:
         "request_id", "params", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table",
         "status", "finish_reason", "arrival_time", "first_token_time", "deadline", "generator",
         "detokenizer", "num_emitted_tokens", "first_scheduled_time", "deferred_at_step", "num_cached_blocks",
-        "prefix_serial", "num_cached_prompt_tokens", "grammar",
+        "prefix_serial", "num_cached_prompt_tokens", "grammar", "prompt_logprobs",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -213,6 +218,8 @@ class Sequence:
         self.prefix_serial = 0  # the serial number of the last of those (0: none)
         self.num_cached_prompt_tokens: int | None = None  # prompt tokens read from the prefix cache at first admission
         self.grammar: Any = None  # structured output: the xgrammar matcher of the tokens generated so far
+        # SamplingParams.prompt_logprobs: those of prompt positions 1.. computed so far (None: not asked, or sent)
+        self.prompt_logprobs: list | None = [] if params.prompt_logprobs is not None else None
 
     def __len__(self) -> int:
         return len(self.token_ids)

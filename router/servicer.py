@@ -204,10 +204,11 @@ class InferenceServicer:
 
     @staticmethod
     def _response(request_id: str, out: Any, token_ids: list[int], text: str,
-                  logprobs: list | None = None) -> pb.GenerateResponse:
+                  logprobs: list | None = None, prompt_logprobs: list | None = None) -> pb.GenerateResponse:
         msg = pb.GenerateResponse(request_id=request_id, token_ids=token_ids, text=text)
-        for logprob, top_ids, top_logprobs in logprobs or ():
-            msg.logprobs.add(logprob=logprob, top_token_ids=top_ids, top_logprobs=top_logprobs)
+        for field, rows in ((msg.logprobs, logprobs), (msg.prompt_logprobs, prompt_logprobs)):
+            for logprob, top_ids, top_logprobs in rows or ():
+                field.add(logprob=logprob, top_token_ids=top_ids, top_logprobs=top_logprobs)
         if out.time_to_first_token is not None:
             msg.time_to_first_token = out.time_to_first_token
         if out.finished:
@@ -222,6 +223,7 @@ class InferenceServicer:
         ids: list[int] = []
         text: list[str] = []
         logprobs: list = []
+        prompt_logprobs = None
         last = rid = None
         tracker = self._track("Generate", context)
         try:
@@ -230,13 +232,14 @@ class InferenceServicer:
                     ids += last.new_token_ids
                     text.append(last.new_text)
                     logprobs += last.logprobs or ()
+                    prompt_logprobs = last.prompt_logprobs or prompt_logprobs
         except Exception as exc:
             await self._fail(context, exc, tracker)
         except BaseException:  # the client went away (the call's task is cancelled)
             tracker.end("CANCELLED")
             raise
         tracker.end()
-        return self._response(rid, last, ids, "".join(text), logprobs)
+        return self._response(rid, last, ids, "".join(text), logprobs, prompt_logprobs)
 
     async def GenerateStream(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         # context.write rather than an async generator: a client that cancels interrupts this very
@@ -245,7 +248,8 @@ class InferenceServicer:
         try:
             async with contextlib.aclosing(self._outputs(request, context, tracker)) as outputs:
                 async for rid, out in outputs:
-                    await context.write(self._response(rid, out, out.new_token_ids, out.new_text, out.logprobs))
+                    await context.write(self._response(rid, out, out.new_token_ids, out.new_text, out.logprobs,
+                                                       out.prompt_logprobs))
         except Exception as exc:
             if context.cancelled():  # the client went away while a write was in flight: not our error
                 tracker.end("CANCELLED")

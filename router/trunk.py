@@ -437,9 +437,12 @@ class TrunkEngine:
             flight.cached_prompt_tokens = out.cached_prompt_tokens
         for i, token in enumerate(out.new_token_ids):
             reason = self._on_token(flight, token)
+            if reason is None and out.finished and i == len(out.new_token_ids) - 1:
+                reason = out.finish_reason  # one only the worker can tell (a structured output's grammar ended it)
             text = flight.detokenizer.take_delta(finished=reason is not None) if flight.detokenizer else ""
             logprobs = None if out.logprobs is None else out.logprobs[i:i + 1]
-            flight.queue.put_nowait(self._output(flight, [token], text, reason, logprobs))
+            prompt = out.prompt_logprobs if i == 0 else None
+            flight.queue.put_nowait(self._output(flight, [token], text, reason, logprobs, prompt))
             if reason is not None:
                 self._flights.pop(flight.request_id, None)
                 if not out.finished and self._actor is not None:
@@ -465,11 +468,11 @@ class TrunkEngine:
 
     @staticmethod
     def _output(flight: _Flight, new_ids: list[int], text: str, reason: str | None,
-                logprobs: list | None = None) -> RequestOutput:
+                logprobs: list | None = None, prompt_logprobs: list | None = None) -> RequestOutput:
         ttft = None if flight.first_token_time is None else flight.first_token_time - flight.arrival
         return RequestOutput(flight.request_id, new_ids, text, reason is not None, reason, len(flight.prompt),
                              len(flight.generated), ttft, cached_prompt_tokens=flight.cached_prompt_tokens or 0,
-                             logprobs=logprobs)
+                             logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 class _TrunkStream:

@@ -208,6 +208,7 @@ def validate(request, limits: Limits, encode: Callable[[str], list[int]]) -> Val
         stop_token_ids=stop_token_ids,
         ignore_eos=request.ignore_eos,
         logprobs=request.logprobs if request.HasField("logprobs") else None,
+        prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
         repetition_penalty=request.repetition_penalty if request.HasField("repetition_penalty") else 1.0,
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,

@@ -126,6 +126,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="after the completion, print each token's log-probability and the N likeliest tokens' "
                         "(0..20) on standard error")
+    p.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
+                   help="before those, print each prompt token's log-probability (from the second on) and the N "
+                        "likeliest tokens' at its position (0..20) on standard error: scores the prompt")
     p.add_argument("--request-id", default="", help="your id for this request (echoed back)")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the completion (no stats line)")
@@ -146,8 +149,9 @@ async def _generate(args: argparse.Namespace) -> int:
         request_id=args.request_id, logprobs=args.logprobs, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,
         priority=args.priority, logit_bias=dict(args.logit_bias), structured_output=_structured_output(args),
+        prompt_logprobs=args.prompt_logprobs,
     )
-    tokens, logprobs = [], []
+    tokens, logprobs, prompt_logprobs = [], [], []
     async with connect(args) as client:
         if args.stream:
             last = None
@@ -156,16 +160,23 @@ async def _generate(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
                 tokens += msg.token_ids
                 logprobs += msg.logprobs
+                prompt_logprobs += msg.prompt_logprobs
                 last = msg
         else:
             last = await client.generate(**source, timeout=args.timeout, **params)
             sys.stdout.write(last.text)
             tokens, logprobs = list(last.token_ids), list(last.logprobs)
+            prompt_logprobs = list(last.prompt_logprobs)
     sys.stdout.write("\n")
     sys.stdout.flush()
-    for token, lp in zip(tokens, logprobs):
-        top = "  ".join(f"{i}:{v:.4f}" for i, v in zip(lp.top_token_ids, lp.top_logprobs))
-        print(f"token {token} logprob {lp.logprob:.4f}" + (f"  top {top}" if top else ""), file=sys.stderr)
+    for kind, rows in (("prompt token", prompt_logprobs), ("token", list(zip(tokens, logprobs)))):
+        for i, row in enumerate(rows):
+            token, lp = (i + 2, row) if kind == "prompt token" else row  # a prompt token by its position (from 1)
+            top = "  ".join(f"{t}:{v:.4f}" for t, v in zip(lp.top_token_ids, lp.top_logprobs))
+            print(f"{kind} {token} logprob {lp.logprob:.4f}" + (f"  top {top}" if top else ""), file=sys.stderr)
+    if prompt_logprobs:
+        print(f"prompt: sum of log-probabilities {sum(lp.logprob for lp in prompt_logprobs):.4f} over "
+              f"{len(prompt_logprobs)} tokens", file=sys.stderr)
     if not args.quiet and last is not None:
         from moeserve.v1 import inference_pb2 as pb
 

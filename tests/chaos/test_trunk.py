@@ -115,6 +115,47 @@ async def test_resubmitted_sampling_goes_on_exactly(ray_cluster, demo_model_dir)
         await engine.shutdown(0)
 
 
+async def test_prompt_logprobs_and_structured_output_through_a_worker(ray_cluster, demo_model_dir, tmp_path):
+    """What only the worker knows reaches the edge: the prompt's log-probabilities with the first token, and the end
+    of a structured output whose grammar stops on an end-of-sequence only the tokenizer names ("stop")."""
+    import json
+    import shutil
+
+    from moeserve.router.structured import StructuredOutput
+
+    params = SamplingParams(max_tokens=6, prompt_logprobs=2, logprobs=1)
+    choice = SamplingParams(max_tokens=10, structured_output=StructuredOutput("choice", choices=("yes", "no")))
+    want = LLMEngine.from_config(_config(str(demo_model_dir))).generate_batch([PROMPTS[3], PROMPTS[0]], [params, choice])
+    engine = TrunkEngine(_config(str(demo_model_dir)))
+    await engine.start()
+    try:
+        outs = [o async for o in engine.generate("scored", PROMPTS[3], params)]
+        assert [o.prompt_logprobs is not None for o in outs] == [True] + [False] * (len(outs) - 1)
+        got = outs[0].prompt_logprobs
+        assert len(got) == 4 and [e[1] for e in got] == [e[1] for e in want[0].prompt_logprobs]
+        assert [e[0] for e in got] == pytest.approx([e[0] for e in want[0].prompt_logprobs], abs=1e-5)
+        outs = [o async for o in engine.generate("choice", PROMPTS[0], choice)]
+        assert [t for o in outs for t in o.new_token_ids] == want[1].new_token_ids and outs[-1].finish_reason == "eos"
+    finally:
+        await engine.shutdown(0)
+    # a copy of the demo model whose config names no end-of-sequence: the worker alone sees the grammar end
+    path = tmp_path / "demo"
+    shutil.copytree(demo_model_dir, path)
+    for name in ("config.json", "generation_config.json"):
+        if (path / name).exists():
+            cfg = json.loads((path / name).read_text())
+            cfg.pop("eos_token_id", None)
+            (path / name).write_text(json.dumps(cfg))
+    engine = TrunkEngine(_config(str(path)))
+    await engine.start()
+    try:
+        outs = [o async for o in engine.generate("choice", PROMPTS[0], choice)]
+        assert outs[-1].finished and outs[-1].finish_reason == "stop"
+        assert "".join(o.new_text for o in outs) in ("yes", "no")
+    finally:
+        await engine.shutdown(0)
+
+
 async def test_stalled_worker_is_restarted(ray_cluster, demo_model_dir, reference):
     """A worker whose steps stop (its actor still answers polls) is killed after stall_timeout_s without a
     step, restarted, and its requests resubmitted: every stream ends with the undisturbed tokens."""

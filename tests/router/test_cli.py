@@ -114,6 +114,10 @@ def test_generate_streams_what_the_server_generates(served):
                                       "--address", address, *flags), capture_output=True, text=True, timeout=120)
         lines = re.findall(r"^token \d+ logprob -?\d+\.\d+  top \d+:-?\d+\.\d+  \d+:-?\d+\.\d+$", run.stderr, re.M)
         assert run.returncode == 0 and len(lines) == 4, run.stderr
+        run = subprocess.run(moeserve("generate", "Hello there", "--max-tokens", "2", "--prompt-logprobs", "1",
+                                      "--address", address, *flags), capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and re.search(r"^prompt token 2 logprob -?\d+\.\d+  top \d+:", run.stderr, re.M)
+        assert re.search(r"^prompt: sum of log-probabilities -?\d+\.\d+ over \d+ tokens$", run.stderr, re.M)
         run = subprocess.run(moeserve("generate", "Pick:", "--choice", "red", "--choice", "blue", "--quiet",
                                       "--address", address, *flags), capture_output=True, text=True, timeout=120)
         assert run.returncode == 0 and run.stdout in ("red\n", "blue\n"), run.stderr

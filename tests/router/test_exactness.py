@@ -246,3 +246,40 @@ def test_logit_bias_equals_hf_sequence_bias(case, mode):
         assert out.new_token_ids == w, f"prompt of {len(p)} with logit_bias {b} differs from HF"
     assert want[0][0] != plain[0][0] and want[1] != plain[1] and want[2] != plain[2], \
         "each bias should change its output, or the test shows nothing"
+
+
+@pytest.mark.parametrize("mode", ["off", "padded"])
+def test_prompt_logprobs_equal_hf(case, mode):
+    """Each prompt token's log-probability (from the second on) and the 3 most likely tokens' at its position equal
+    HF's forward over the prompt, log-softmaxed, for requests served together with prefill chunked by a small token
+    budget (and the prefix cache, which such requests do not read); the generated tokens are unchanged."""
+    path, prompts, want = case
+    prompts = [prompts[i] for i in (16, 11, 3, 0)]  # 70, 55, 5 and 1 tokens
+    want = [want[i] for i in (16, 11, 3, 0)]
+    hf = _hf_model(path)
+    engine = LLMEngine.from_config(EngineConfig(model=path, num_kv_blocks=96, block_size=8, decode_graphs=mode,
+                                                max_num_batched_tokens=64))
+    engine.generate_batch([prompts[0][:40]], SamplingParams(max_tokens=1))  # a cached prefix of the first
+    params = SamplingParams(max_tokens=NEW_TOKENS, prompt_logprobs=3)
+    outs = engine.generate_batch(prompts, params)
+    for p, w, out in zip(prompts, want, outs):
+        assert out.new_token_ids == w and out.cached_prompt_tokens == 0
+        assert len(out.prompt_logprobs) == len(p) - 1
+        if len(p) < 2:
+            continue
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([p])).logits[0].float(), dim=-1)
+        for pos, (logprob, top_ids, top_logprobs) in enumerate(out.prompt_logprobs):
+            assert logprob == pytest.approx(float(ref[pos, p[pos + 1]]), abs=1e-4), f"position {pos}"
+            assert list(top_logprobs) == pytest.approx(ref[pos].topk(3).values.tolist(), abs=1e-4)
+            assert len(top_ids) == 3
+    # KV for fewer tokens than the requests hold: some are preempted and recomputed; each prompt position's
+    # log-probability is still reported once, with the same value
+    small = LLMEngine.from_config(EngineConfig(model=path, num_kv_blocks=20, block_size=8, decode_graphs=mode,
+                                               max_num_batched_tokens=64))
+    again = small.generate_batch(prompts, params)
+    assert small.stats()["preemptions"] > 0, "nothing was preempted: the test shows nothing"
+    for out, other in zip(outs, again):
+        assert other.new_token_ids == out.new_token_ids and len(other.prompt_logprobs) == len(out.prompt_logprobs)
+        assert [lp for lp, _, _ in other.prompt_logprobs] == pytest.approx([lp for lp, _, _ in out.prompt_logprobs],
+                                                                            abs=1e-4)

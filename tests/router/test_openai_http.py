@@ -84,7 +84,7 @@ async def test_completions_match_grpc_whole_and_streamed():
     ({"prompt": "hi", "n": 17}, 400, "n"),
     ({"prompt": "hi", "n": 2, "best_of": 1}, 400, "best_of"),
     ({"prompt": "hi", "best_of": 2, "stream": True}, 400, "best_of"),
-    ({"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo"),
+    ({"prompt": "hi", "echo": "yes"}, 400, "echo"),
     ({"prompt": "hi", "suffix": "!"}, 400, "suffix"),
     ({"prompt": "hi", "logit_bias": {"five": 1}}, 400, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias[5]"),
@@ -154,6 +154,20 @@ async def test_n_best_of_echo_and_logit_bias():
             echoed = (await r.json())["choices"][0]
         plain = await grpc_.generate(prompt="Hello", max_tokens=3)
         assert echoed["text"] == "Hello" + plain.text and echoed["token_ids"] == list(plain.token_ids)
+
+        # echo with logprobs (how lm-evaluation-harness scores a text): the prompt's log-probabilities first
+        async with http.post(_url(srv, "/v1/completions"), json={"prompt": "Hello world", "max_tokens": 2, "echo": True,
+                                                                 "logprobs": 2, "temperature": 0}) as r:
+            scored = (await r.json())["choices"][0]
+        want = await grpc_.generate(prompt="Hello world", max_tokens=2, logprobs=2, prompt_logprobs=2)
+        prompt_ids = srv.engine.tokenizer.encode("Hello world")
+        lp = scored["logprobs"]
+        assert len(want.prompt_logprobs) == len(prompt_ids) - 1 and len(prompt_ids) > 1
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1:] == pytest.approx([e.logprob for e in list(want.prompt_logprobs) +
+                                                          list(want.logprobs)], abs=1e-5)
+        assert "".join(lp["tokens"]) == scored["text"] == "Hello world" + want.text
+        assert lp["text_offset"][len(prompt_ids)] == len("Hello world")
 
         banned = {str(plain.token_ids[0]): -100, "7": 3.5}
         async with http.post(_url(srv, "/v1/completions"), json={"prompt": "Hello", "max_tokens": 3, "temperature": 0,

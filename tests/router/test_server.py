@@ -99,6 +99,15 @@ async def test_logprobs_come_with_each_token_streamed_or_not(server, client, sam
             assert lp.logprob == lp.top_logprobs[list(lp.top_token_ids).index(token)]
     plain = await client.generate(prompt="The quick brown fox", max_tokens=8, ignore_eos=True, **sampling)
     assert list(plain.token_ids) == list(unary.token_ids) and not plain.logprobs  # asking changes no token
+    scored = [m async for m in client.generate_stream(prompt="The quick brown fox", max_tokens=8, ignore_eos=True,
+                                                      prompt_logprobs=2, **sampling)]
+    first = next(i for i, m in enumerate(scored) if m.token_ids)
+    assert len(scored[first].prompt_logprobs) == plain.usage.prompt_tokens - 1 > 0
+    assert all(not m.prompt_logprobs for i, m in enumerate(scored) if i != first)
+    whole = await client.generate(prompt="The quick brown fox", max_tokens=8, ignore_eos=True, prompt_logprobs=2,
+                                  **sampling)
+    assert list(whole.prompt_logprobs) == list(scored[first].prompt_logprobs)
+    assert [t for m in scored for t in m.token_ids] == list(whole.token_ids) == list(plain.token_ids)
     await assert_idle(server)
 
 
@@ -141,6 +150,7 @@ def _invalid_requests(vocab: int, context: int):
     yield build_request("hi", stop_token_ids=[vocab + 7]), "stop_token_ids[0]"
     yield build_request("hi", request_id="r" * 200), "request_id"
     yield build_request("hi", logprobs=50), "logprobs"
+    yield build_request("hi", prompt_logprobs=21), "prompt_logprobs"
     yield build_request("hi", repetition_penalty=-1.0), "repetition_penalty"
     yield build_request("hi", frequency_penalty=9.0), "frequency_penalty"
     yield build_request("hi", max_tokens=2, min_tokens=3), "min_tokens"
