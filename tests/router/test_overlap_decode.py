@@ -177,6 +177,13 @@ def test_sampling_extras_on_gpu(hf_checkpoint):
     assert engine.stats()["prefix_cache_hit_tokens"] > 0
     for out in (outs[0], outs[4]):
         assert [lp[1][0] for lp in out.logprobs] == out.new_token_ids  # greedy: the most likely token
+    # prompt logprobs: their prefill steps run eagerly beside graphed decodes; the eager engine's values
+    scored = SamplingParams(max_tokens=6, prompt_logprobs=2)
+    [want_scored] = eager.generate_batch([prompts[3]], scored)
+    [got_scored] = engine.generate_batch([prompts[3]], scored)
+    assert got_scored.new_token_ids == want_scored.new_token_ids and len(got_scored.prompt_logprobs) == 19
+    assert [e[0] for e in got_scored.prompt_logprobs] == pytest.approx([e[0] for e in want_scored.prompt_logprobs],
+                                                                       abs=1e-4)
     seeded = SamplingParams(max_tokens=12, temperature=0.9, top_k=40, seed=21, presence_penalty=0.4)
     [whole] = engine.generate_batch([prompts[0]], seeded)
     engine.add_request("resumed", prompts[0], seeded, resume=whole.new_token_ids[:4])
