@@ -351,8 +351,10 @@ class OpenAIHTTP:
         except _Refused as exc:
             self.servicer.record_error("NOT_FOUND")
             return _error(exc.status, str(exc), exc.param)
+        structured = next((name for name in ("response_format", *_GUIDED) if body.get(name) is not None
+                           and not (name == "response_format" and body[name].get("type") == "text")), None)
         reply = _Reply(chat, int(time.time()), len(children), n, req.HasField("logprobs"),
-                       self._echo(req) if echo else "", self._echo_ids(req) if echo else [])
+                       self._echo(req) if echo else "", self._echo_ids(req) if echo else [], structured)
         path = "/v1/chat/completions" if chat else "/v1/completions"
         headers = [(k.lower(), v) for k, v in request.headers.items()]
         trackers = _Trackers([self.servicer.track("ChatCompletions" if chat else "Completions", headers,
@@ -497,7 +499,7 @@ class OpenAIHTTP:
                     logprobs[i] += out.logprobs or ()
                     last[i] = out
         except Exception as exc:  # noqa: BLE001 - every failure becomes its HTTP status
-            return self._failure(exc, trackers)
+            return self._failure(exc, trackers, reply)
         trackers.end()
         order = list(range(count))
         if count > reply.n:  # best_of: the n with the highest mean log-probability per token, in that order
@@ -540,7 +542,7 @@ class OpenAIHTTP:
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client went away: closing `outputs` above has let the engine go of the requests
         except Exception as exc:  # noqa: BLE001 - before the first event, the status; after it, an event
-            failure = self._failure(exc, trackers)
+            failure = self._failure(exc, trackers, reply)
             if response is None:
                 return failure
             await response.write(f"data: {failure.text}\n\n".encode())
@@ -553,10 +555,13 @@ class OpenAIHTTP:
         return response
 
     @staticmethod
-    def _failure(exc: BaseException, trackers: "_Trackers") -> web.Response:
+    def _failure(exc: BaseException, trackers: "_Trackers", reply: "_Reply | None" = None) -> web.Response:
         code, message = status_codes.to_status(exc)
         trackers.end(code.name)
-        return _error(_HTTP.get(code.name, 500), message, getattr(exc, "field", None))
+        param = getattr(exc, "field", None)
+        if param and param.startswith("structured_output") and reply is not None and reply.structured:
+            param = reply.structured  # the engine names its field; the client sent this parameter
+        return _error(_HTTP.get(code.name, 500), message, param)
 
 
 @dataclass(frozen=True)
@@ -571,6 +576,7 @@ class _Reply:
     logprobs: bool
     echo: str
     echo_ids: list  # the echoed prompt's token ids (their logprobs come first with logprobs)
+    structured: str | None = None  # the parameter that asked for a structured output (the engine's errors name it)
 
     @property
     def kind(self) -> str:
