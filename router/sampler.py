@@ -126,31 +126,32 @@ def apply_history(logits: torch.Tensor, params: list[SamplingParams], histories:
         rep.append(p.repetition_penalty)
         presence.append(p.presence_penalty)
         frequency.append(p.frequency_penalty)
-    index = _small(rows, torch.int64, dev)
-    sub = logits.index_select(0, index)
-    last = pending.index_select(0, index) if pending is not None else None
-    at_last = (torch.arange(n, device=dev), last) if last is not None else None
+    # two uploads for the whole step (each a pinned copy on CUDA), then only scatters: no op that synchronises
+    ints = _small(rows + seen_at + generated_at + held_at, torch.int64, dev)
+    index, seen_at_t, generated_at_t, held_at_t = ints.split([n, len(seen_at), len(generated_at), len(held_at)])
+    floats = _small(rep + presence + frequency, logits.dtype, dev).view(3, n, 1)
+    whole = n == logits.shape[0]
+    sub = logits.clone() if whole else logits.index_select(0, index)
+    last = None if pending is None else (pending if whole else pending.index_select(0, index)).view(n, 1)
     if any(r != 1.0 for r in rep):
-        seen = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
-        if seen_at:
-            seen.view(-1)[_small(seen_at, torch.int64, dev)] = True
-        if at_last is not None:
-            seen[at_last] = True  # rows without the penalty divide by 1: unchanged
-        r = _small(rep, sub.dtype, dev).unsqueeze(1)
+        seen = torch.zeros(n * vocab, dtype=torch.bool, device=dev)
+        seen.scatter_(0, seen_at_t, True)
+        seen = seen.view(n, vocab)
+        if last is not None:
+            seen.scatter_(1, last, True)  # rows without the penalty divide by 1: unchanged
+        r = floats[0]
         sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
     if any(presence) or any(frequency):
-        counts = torch.zeros(n, vocab, dtype=sub.dtype, device=dev)
-        if generated_at:
-            counts.view(-1).index_add_(0, _small(generated_at, torch.int64, dev),
-                                       torch.ones(len(generated_at), dtype=sub.dtype, device=dev))
-        if at_last is not None:
-            counts.index_put_(at_last, torch.ones(n, dtype=sub.dtype, device=dev), accumulate=True)
-        sub = sub - (_small(presence, sub.dtype, dev).unsqueeze(1) * (counts > 0).to(sub.dtype)
-                     + _small(frequency, sub.dtype, dev).unsqueeze(1) * counts)
+        counts = torch.zeros(n * vocab, dtype=sub.dtype, device=dev)
+        counts.scatter_add_(0, generated_at_t, torch.ones(len(generated_at), dtype=sub.dtype, device=dev))
+        counts = counts.view(n, vocab)
+        if last is not None:
+            counts.scatter_add_(1, last, torch.ones(n, 1, dtype=sub.dtype, device=dev))
+        sub = sub - (floats[1] * (counts > 0).to(sub.dtype) + floats[2] * counts)
     if held_at:
         sub = sub.contiguous()
-        sub.view(-1)[_small(held_at, torch.int64, dev)] = float("-inf")
-    return logits.index_copy(0, index, sub)
+        sub.view(-1).scatter_(0, held_at_t, float("-inf"))
+    return sub if whole else logits.index_copy(0, index, sub)
 
 
 def unpack_logprobs(row: list[float], k: int) -> tuple[float, tuple[int, ...], tuple[float, ...]]:

@@ -86,7 +86,7 @@ async def test_resubmitted_sampling_goes_on_exactly(ray_cluster, demo_model_dir)
     with the undisturbed run's tokens."""
     from moeserve.router.structured import StructuredOutput
 
-    params = [SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.9, top_k=50, seed=100 + i,
+    params = [SamplingParams(max_tokens=32, ignore_eos=True, temperature=0.9, top_k=50, seed=100 + i,
                              presence_penalty=0.6, frequency_penalty=0.3, repetition_penalty=1.2, min_tokens=10,
                              logit_bias={7: 2.0, 11: -3.0})
               for i in range(len(PROMPTS))]
@@ -98,6 +98,8 @@ async def test_resubmitted_sampling_goes_on_exactly(ray_cluster, demo_model_dir)
     engine = TrunkEngine(_config(str(demo_model_dir)))
     await engine.start()
     try:
+        # the worker builds its grammar compiler on its first structured request: not while the others race ahead
+        [_ async for _ in engine.generate("warm", prompts[-1], params[-1])]
         seen: list[int] = []
         progressed = asyncio.Event()
         tasks = [asyncio.create_task(_consume(engine.generate(f"s{i}", prompt, p), seen, progressed, need=3))

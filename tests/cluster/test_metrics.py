@@ -293,7 +293,7 @@ async def test_http_requests_are_counted_and_traced_as_grpc_ones_are(demo_model_
                     await r.read()
             async with http.post(url, json={"prompt": [1, 2, 3], "temperature": -1}, headers=auth) as r:
                 assert r.status == 400
-            async with http.post(url, json={"prompt": [1, 2, 3], "n": 3}, headers=auth) as r:
+            async with http.post(url, json={"prompt": [1, 2, 3], "suffix": "!"}, headers=auth) as r:
                 assert r.status == 400  # refused before it became a request: counted all the same
             async with http.post(url, json={"prompt": [1, 2, 3]}) as r:
                 assert r.status == 401
