@@ -1,7 +1,8 @@
 """Steady load over real gRPC: a closed loop keeping `concurrency` streams in flight, plus bursts.
 
-Every request streams (GenerateStream, greedy, ignore_eos) and records what the client saw. A
-request the server never answers is cut off by a watchdog well past its own deadline and counted lost.
+Every request streams (GenerateStream, greedy, ignore_eos; some with penalties or a logit bias) and records
+what the client saw. A request the server never answers is cut off by a watchdog well past its own deadline and
+counted lost.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class LoadGenerator:
     async def _one(self, o: Outcome) -> None:
         w = self.workload
         call = self._client.generate_stream(token_ids=self.prompts[o.prompt_index], max_tokens=w.max_tokens,
-                                            ignore_eos=True, request_id=f"chaos-{o.index}", timeout=w.deadline_s)
+                                            ignore_eos=True, request_id=f"chaos-{o.index}", timeout=w.deadline_s,
+                                            **w.sampling(o.prompt_index))
         try:
             await asyncio.wait_for(self._read(call, o), w.deadline_s + _WATCHDOG_EXTRA_S)
             o.end = time.monotonic()

@@ -47,13 +47,25 @@ class Workload:
         prefix = torch.randint(0, vocab_size, (self.shared_prefix_tokens,), generator=gen).tolist()
         return [prefix + p if i % 2 else p for i, p in enumerate(out)]
 
+    @staticmethod
+    def sampling(prompt_index: int) -> dict:
+        """What request i adds to greedy decoding, by its prompt: every fourth from the second penalises repeats
+        (its rows read their history on the device, queued ahead), every fourth from the fourth biases two tokens."""
+        if prompt_index % 4 == 1:
+            return {"presence_penalty": 0.5, "repetition_penalty": 1.2}
+        if prompt_index % 4 == 3:
+            return {"logit_bias": {7: 4.0, 11: -2.0}}
+        return {}
+
 
 def reference_outputs(model_dir: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Greedy completions of `prompts` from an undisturbed single-process engine (experts in-process)."""
+    """Greedy completions of `prompts` (with Workload.sampling's extras) from an undisturbed single-process engine
+    (experts in-process)."""
     from moeserve.router.config import EngineConfig
     from moeserve.router.llm_engine import LLMEngine
     from moeserve.router.sequence import SamplingParams
 
     engine = LLMEngine.from_config(EngineConfig(model=model_dir, max_num_seqs=len(prompts), num_kv_blocks=256))
-    outs = engine.generate_batch(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    params = [SamplingParams(max_tokens=max_tokens, ignore_eos=True, **Workload.sampling(i)) for i in range(len(prompts))]
+    outs = engine.generate_batch(prompts, params)
     return [o.new_token_ids for o in outs]
