@@ -35,9 +35,11 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         """The prompt text of a conversation, as HF transformers' apply_chat_template renders it (a sandboxed
-        Jinja environment with trim_blocks and lstrip_blocks; raise_exception for the template's own checks)."""
+        Jinja environment with trim_blocks and lstrip_blocks; raise_exception for the template's own checks, and
+        its tojson filter); `tools`: the function definitions a template may render."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template (tokenizer_config.json chat_template)")
         if self._template is None:
@@ -46,10 +48,15 @@ class Tokenizer:
             def raise_exception(message):
                 raise ValueError(message)
 
+            def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+                return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                                  sort_keys=sort_keys)
+
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = raise_exception
+            env.filters["tojson"] = tojson
             self._template = env.from_string(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                      **self.special_tokens)
 
 

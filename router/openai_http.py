@@ -29,7 +29,7 @@ import logging
 import math
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -238,6 +238,57 @@ def choices(body: dict, req: pb.GenerateRequest, stream: bool, chat: bool) -> tu
     return out, n, echo
 
 
+def _tools(body: dict) -> tuple[list | None, tuple[str, dict, list[str]] | None]:
+    """The chat body's tools (rendered by the chat template) and, when tool_choice asks for a call, (kind, the JSON
+    Schema the output is held to, the function names): kind "named" (that function's arguments) or "required"
+    (a list of {"name", "arguments"} calls; one with parallel_tool_calls false). tool_choice "auto" is refused: telling a call from text in free output
+    takes a parser for each model's format, which moeserve does not have; it constrains calls instead."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none"):
+            raise InvalidRequestError("tool_choice", "needs tools")
+        return None, None
+    if not isinstance(tools, list) or not tools:
+        raise InvalidRequestError("tools", "must be a non-empty list of {type: function, function: {...}}")
+    functions = {}
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise InvalidRequestError(f"tools[{i}]", 'must be {"type": "function", "function": {"name": ...}}')
+        params = f.get("parameters", {"type": "object"})
+        if not isinstance(params, dict):
+            raise InvalidRequestError(f"tools[{i}].function.parameters", "must be a JSON Schema (an object)")
+        functions[f["name"]] = params
+    if choice in (None, "auto"):
+        raise InvalidRequestError("tool_choice", '"auto" is not supported (it needs a parser of this model\'s tool-call '
+                                                 'format); give "required", a function {"type": "function", '
+                                                 '"function": {"name": ...}}, or "none"')
+    if choice == "none":
+        return tools, None
+    if any(body.get(k) is not None for k in ("response_format", *_GUIDED)):
+        raise InvalidRequestError("tool_choice", "a call's arguments are a structured output already: leave out "
+                                                 "response_format and guided_*")
+    if body.get("stream"):
+        raise InvalidRequestError("stream", "is not supported with tool_choice calling a tool")
+    if choice == "required":
+        one = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": params},
+                          "required": ["name", "arguments"], "additionalProperties": False}
+                         for name, params in functions.items()]}
+        parallel = body.get("parallel_tool_calls", True)
+        if not isinstance(parallel, bool):
+            raise InvalidRequestError("parallel_tool_calls", f"must be true or false, got {parallel!r}")
+        if not parallel:  # exactly one call
+            return tools, ("required", {"type": "array", "minItems": 1, "maxItems": 1, "items": one},
+                           list(functions))
+        return tools, ("required", {"type": "array", "minItems": 1, "items": one}, list(functions))
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+        else None
+    if name not in functions:
+        raise InvalidRequestError("tool_choice", f"must be \"none\", \"required\" or a function of tools "
+                                                 f"({', '.join(functions)}), got {choice!r}")
+    return tools, ("named", functions[name], [name])
+
+
 class OpenAIHTTP:
     """The HTTP front over one InferenceServicer (router/server.py starts and stops it with the gRPC edge)."""
 
@@ -308,17 +359,23 @@ class OpenAIHTTP:
                            for c in content):
                     raise InvalidRequestError(f"messages[{i}].content", "only text parts are supported")
                 content = "".join(c["text"] for c in content)
+            if isinstance(m, dict) and content is None and isinstance(m.get("tool_calls"), list):
+                content = ""  # an assistant turn that called tools
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
                 raise InvalidRequestError(f"messages[{i}]", "must be an object with a string role and content")
-            plain.append({"role": m["role"], "content": content})
+            extra = {k: m[k] for k in ("tool_calls", "tool_call_id", "name") if k in m}
+            plain.append({"role": m["role"], "content": content, **extra})
+        tools, tool_call = _tools(body)
         if self.tokenizer is None or self.tokenizer.chat_template is None:
             raise InvalidRequestError("messages", "this model has no chat template; use /v1/completions")
         try:
-            text = self.tokenizer.apply_chat_template(plain)
+            text = self.tokenizer.apply_chat_template(plain, tools=tools)
         except Exception as exc:  # noqa: BLE001 - the template's own checks (raise_exception) and its errors
             raise InvalidRequestError("messages", f"the chat template refused them: {exc}") from exc
         out = {k: v for k, v in body.items() if k not in ("messages", "logprobs", "top_logprobs",
-                                                            "max_completion_tokens")}
+                                                            "max_completion_tokens", "tools", "tool_choice")}
+        if tool_call is not None:
+            out["guided_json"], out["_tool_call"] = tool_call[1], tool_call
         out["prompt"] = self.tokenizer.encode(text, add_special_tokens=False)
         if body.get("max_completion_tokens") is not None:
             out["max_tokens"] = body["max_completion_tokens"]
@@ -351,10 +408,13 @@ class OpenAIHTTP:
         except _Refused as exc:
             self.servicer.record_error("NOT_FOUND")
             return _error(exc.status, str(exc), exc.param)
-        structured = next((name for name in ("response_format", *_GUIDED) if body.get(name) is not None
-                           and not (name == "response_format" and body[name].get("type") == "text")), None)
+        tool_call = body.get("_tool_call")
+        structured = "tool_choice" if tool_call else next(
+            (name for name in ("response_format", *_GUIDED) if body.get(name) is not None
+             and not (name == "response_format" and body[name].get("type") == "text")), None)
         reply = _Reply(chat, int(time.time()), len(children), n, req.HasField("logprobs"),
-                       self._echo(req) if echo else "", self._echo_ids(req) if echo else [], structured)
+                       self._echo(req) if echo else "", self._echo_ids(req) if echo else [], structured,
+                       tool_call[0] if tool_call else None, tool_call[2] if tool_call else [])
         path = "/v1/chat/completions" if chat else "/v1/completions"
         headers = [(k.lower(), v) for k, v in request.headers.items()]
         trackers = _Trackers([self.servicer.track("ChatCompletions" if chat else "Completions", headers,
@@ -509,6 +569,9 @@ class OpenAIHTTP:
         echo = (reply.echo_ids, prompt_logprobs) if reply.logprobs and prompt_logprobs is not None else ()
         picked = [self._choice(last[i], ids[i], reply.echo + "".join(text[i]), logprobs[i] if reply.logprobs else [],
                                reply.chat, index=k, echo=echo) for k, i in enumerate(order)]
+        if reply.tool_call:
+            for k, choice in enumerate(picked):
+                _as_tool_calls(choice, reply, f"{rid}-{k}")
         return web.json_response(self._envelope(rid, reply.created, reply.kind, usage=self._usage(last),
                                                 choices=picked))
 
@@ -564,6 +627,21 @@ class OpenAIHTTP:
         return _error(_HTTP.get(code.name, 500), message, param)
 
 
+def _as_tool_calls(choice: dict, reply: "_Reply", call_id: str) -> None:
+    """A chat choice whose text is a complete constrained call (or list of calls) as OpenAI's tool_calls; one cut
+    short (finish_reason length) keeps its text as content."""
+    message = choice["message"]
+    if choice["finish_reason"] != "stop":
+        return
+    text = message["content"]
+    calls = ([{"name": reply.tool_names[0], "arguments": text}] if reply.tool_call == "named" else
+             [{"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)} for c in json.loads(text)])
+    message["content"] = None
+    message["tool_calls"] = [{"id": f"call-{call_id}-{j}", "type": "function", "function": c}
+                             for j, c in enumerate(calls)]
+    choice["finish_reason"] = "tool_calls"
+
+
 @dataclass(frozen=True)
 class _Reply:
     """What shapes one reply: chat or completions, its creation time, engine requests (best_of) and choices
@@ -577,6 +655,8 @@ class _Reply:
     echo: str
     echo_ids: list  # the echoed prompt's token ids (their logprobs come first with logprobs)
     structured: str | None = None  # the parameter that asked for a structured output (the engine's errors name it)
+    tool_call: str | None = None  # chat with tool_choice "required" or "named": the output is the call(s)
+    tool_names: list = field(default_factory=list)
 
     @property
     def kind(self) -> str:

@@ -343,6 +343,74 @@ async def test_chat_completions_are_the_completion_of_the_rendered_conversation(
                 assert r.status == 400 and (await r.json())["error"]["param"] == param
 
 
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "The weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+    "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "time", "parameters": {
+    "type": "object", "properties": {"utc": {"type": "boolean"}}, "required": ["utc"], "additionalProperties": False}}}
+
+
+async def test_tool_calls_are_constrained_to_the_functions_schemas():
+    """tool_choice naming a function, or "required": the output is held to the arguments' schema (or a list of calls)
+    and comes back as OpenAI's tool_calls; "auto" and streamed calls are refused by name; a tool turn renders."""
+    async with running_server(http_port=0) as srv, aiohttp.ClientSession() as http:
+        url = _url(srv, "/v1/chat/completions")
+        ask = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER, TIME], "max_tokens": 60,
+               "temperature": 0}
+        async with http.post(url, json={**ask, "tool_choice": {"type": "function",
+                                                               "function": {"name": "weather"}}}) as r:
+            assert r.status == 200, await r.text()
+            choice = (await r.json())["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        (call,) = choice["message"]["tool_calls"]
+        assert call["type"] == "function" and call["function"]["name"] == "weather"
+        assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Rome")
+
+        # (one call: the random model would list calls until max_tokens)
+        async with http.post(url, json={**ask, "tool_choice": "required", "parallel_tool_calls": False}) as r:
+            choice = (await r.json())["choices"][0]
+        calls = choice["message"]["tool_calls"]
+        assert choice["finish_reason"] == "tool_calls" and len(calls) == 1
+        for c in calls:
+            args = json.loads(c["function"]["arguments"])
+            assert (c["function"]["name"], set(args)) in (("weather", {"city"}), ("time", {"utc"}))
+
+        turn = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]
+        async with http.post(url, json={"messages": turn, "tools": [WEATHER], "tool_choice": "none",
+                                        "max_tokens": 4}) as r:
+            assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"] is not None
+
+        for body, param in (({**ask}, "tool_choice"), ({**ask, "tool_choice": "auto"}, "tool_choice"),
+                            ({**ask, "tool_choice": "required", "stream": True}, "stream"),
+                            ({**ask, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+                            ({**ask, "tools": [{"type": "function"}], "tool_choice": "required"}, "tools[0]"),
+                            ({**ask, "tool_choice": "required", "response_format": {"type": "json_object"}},
+                             "tool_choice")):
+            async with http.post(url, json=body) as r:
+                assert r.status == 400 and (await r.json())["error"]["param"] == param, await r.text()
+
+
+def test_tools_render_with_hf_transformers_tojson(tmp_path):
+    """A template that lists the tools with tojson renders as HF transformers renders it."""
+    from transformers import PreTrainedTokenizerFast
+
+    from moeserve.models.demo_tokenizer import train_demo_tokenizer
+    from moeserve.models.tokenizer import Tokenizer
+
+    template = ("{% for t in tools %}<tool>{{ t | tojson }}</tool>{% endfor %}"
+                "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>")
+    raw = train_demo_tokenizer()
+    ours = Tokenizer(raw, [0], chat_template=template)
+    hf = PreTrainedTokenizerFast(tokenizer_object=raw)
+    hf.chat_template = template
+    messages = [{"role": "user", "content": "Wetter in München?"}]
+    tools = [WEATHER, TIME]
+    assert ours.apply_chat_template(messages, tools=tools) == hf.apply_chat_template(messages, tools=tools,
+                                                                                       tokenize=False)
+
+
 def test_a_model_without_a_chat_template_refuses_chat_by_name():
     from moeserve.models.tokenizer import Tokenizer
     from moeserve.router.errors import InvalidRequestError
