@@ -78,6 +78,12 @@ def _structured_output(msg: pb.StructuredOutput, spec: dict) -> None:
     if len(spec) != 1:
         raise ValueError(f"structured_output: give one of json_schema, json_object, regex, grammar, choice; got {spec!r}")
     ((kind, value),) = spec.items()
+    fill_structured_output(msg, kind, value)
+
+
+def fill_structured_output(msg: pb.StructuredOutput, kind: str, value) -> None:
+    """Set one constraint of a StructuredOutput message: json_schema (a dict, or its JSON text), json_object,
+    regex, grammar, or choice (a list of strings)."""
     if kind == "json_schema":
         msg.json_schema = value if isinstance(value, str) else json.dumps(value)
     elif kind == "choice":

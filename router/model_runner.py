@@ -381,10 +381,9 @@ class ModelRunner:
             hidden = self.model.forward(input_ids, positions, attn)
         sampling = [s for s, f in zip(batch.seqs, batch.sample_flags) if f]
         tokens, logprobs = self._sample(hidden.index_select(0, sample_rows), sampling) if sampling else (None, None)
-        launched = Launched(tokens, logprobs, graphed=graphed, decode_graph=graphed and batch.decode_only,
-                            prompt_logprobs=self._prompt_logprobs(hidden, batch, spans) if spans else None)
-        launched.prompt_spans = spans
-        return launched
+        return Launched(tokens, logprobs, graphed=graphed, decode_graph=graphed and batch.decode_only,
+                        prompt_logprobs=self._prompt_logprobs(hidden, batch, spans) if spans else None,
+                        prompt_spans=spans)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: ScheduledBatch, spans: list) -> torch.Tensor:
         """Sampler.logprobs rows of the spans' prompt positions (the next prompt token's log-probability and the
@@ -417,22 +416,16 @@ class Launched:
     an event, so that result() waits for this step alone and not for a step queued after it."""
 
     def __init__(self, tokens: torch.Tensor | None, logprobs: torch.Tensor | None, graphed: bool, decode_graph: bool,
-                 prompt_logprobs: torch.Tensor | None = None):
+                 prompt_logprobs: torch.Tensor | None = None, prompt_spans: list | None = None):
         self.tokens = tokens  # [N] one per sampling sequence, in batch order; None when none samples
         self.logprobs = logprobs  # [N, 1 + 2k] Sampler.logprobs rows when a sequence asked for them
         self.prompt_logprobs = prompt_logprobs  # the same for prompt_spans' positions, one after another
-        self.prompt_spans: list = []  # prompt_logprob_spans of the step
+        self.prompt_spans = prompt_spans or []  # prompt_logprob_spans of the step
         self.graphed = graphed  # replayed CUDA graphs (or their padded eager twin)
         self.decode_graph = decode_graph  # decode-only, through the decode graphs: the next decode may queue behind it
         self._host = self._host_logprobs = self._host_prompt = self._event = None
-        if tokens is not None and tokens.is_cuda:
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
-            self._host_logprobs, self._host_prompt = _to_host(logprobs), _to_host(prompt_logprobs)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        elif prompt_logprobs is not None and prompt_logprobs.is_cuda:  # a step of prompt chunks only
-            self._host_prompt = _to_host(prompt_logprobs)
+        if any(t is not None and t.is_cuda for t in (tokens, prompt_logprobs)):
+            self._host, self._host_logprobs, self._host_prompt = map(_to_host, (tokens, logprobs, prompt_logprobs))
             self._event = torch.cuda.Event()
             self._event.record()
 

@@ -36,6 +36,7 @@ from aiohttp import web
 
 from moeserve.router import status_codes
 from moeserve.router.auth import TokenSet, bearer_token
+from moeserve.router.client import fill_structured_output
 from moeserve.router.errors import InvalidRequestError
 from moeserve.router.sequence import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS
 from moeserve.v1 import inference_pb2 as pb
@@ -73,9 +74,9 @@ def _number(body: dict, name: str, kind: type) -> Any:
     return value
 
 
-def generate_request(body: Any, model_name: str) -> tuple[pb.GenerateRequest, bool, bool]:
-    """A /v1/completions body as (GenerateRequest, stream, include_usage); InvalidRequestError naming the
-    parameter, _Refused(404) for another model."""
+def generate_request(body: Any, model_name: str) -> tuple[pb.GenerateRequest, bool, bool, str | None]:
+    """A /v1/completions body as (GenerateRequest, stream, include_usage, the parameter that asked for a structured
+    output); InvalidRequestError naming the parameter, _Refused(404) for another model."""
     if not isinstance(body, dict):
         raise InvalidRequestError("body", "must be a JSON object")
     model = body.get("model")
@@ -122,11 +123,11 @@ def generate_request(body: Any, model_name: str) -> tuple[pb.GenerateRequest, bo
             raise InvalidRequestError(name, f"must be true or false, got {body[name]!r}")
     req.ignore_eos = body.get("ignore_eos", False)
     _logit_bias(body, req)
-    _structured_output(body, req)
+    structured = _structured_output(body, req)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise InvalidRequestError("stream_options", "must be an object")
-    return req, body.get("stream", False), bool(options.get("include_usage", False))
+    return req, body.get("stream", False), bool(options.get("include_usage", False)), structured
 
 
 def _logit_bias(body: dict, req: pb.GenerateRequest) -> None:
@@ -157,9 +158,10 @@ _GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice
            "guided_grammar": "grammar"}  # vLLM's parameters -> StructuredOutput's kinds
 
 
-def _structured_output(body: dict, req: pb.GenerateRequest) -> None:
+def _structured_output(body: dict, req: pb.GenerateRequest) -> str | None:
     """OpenAI's response_format (json_object, json_schema) or one of vLLM's guided_json / guided_regex /
-    guided_choice / guided_grammar, into the request's structured_output (the engine compiles it)."""
+    guided_choice / guided_grammar, into the request's structured_output (the engine compiles it); the parameter
+    that asked for it (the engine's errors are reported under its name), else None."""
     given: list[tuple[str, str, Any]] = []  # (parameter, kind, value)
     fmt = body.get("response_format")
     if fmt is not None:
@@ -189,18 +191,10 @@ def _structured_output(body: dict, req: pb.GenerateRequest) -> None:
     if len(given) > 1:
         raise InvalidRequestError(given[1][0], f"only one structured output may be given; {given[0][0]} is too")
     if not given:
-        return
-    _, kind, value = given[0]
-    so = req.structured_output
-    if kind == "json_schema":
-        so.json_schema = value if isinstance(value, str) else json.dumps(value)
-    elif kind == "json_object":
-        so.json_object = True
-    elif kind == "choice":
-        so.choice.SetInParent()  # set even when empty: refused by name
-        so.choice.values.extend(value)
-    else:
-        setattr(so, kind, value)
+        return None
+    name, kind, value = given[0]
+    fill_structured_output(req.structured_output, kind, value)
+    return name
 
 
 def choices(body: dict, req: pb.GenerateRequest, stream: bool, chat: bool) -> tuple[list[pb.GenerateRequest], int, bool]:
@@ -241,8 +235,9 @@ def choices(body: dict, req: pb.GenerateRequest, stream: bool, chat: bool) -> tu
 def _tools(body: dict) -> tuple[list | None, tuple[str, dict, list[str]] | None]:
     """The chat body's tools (rendered by the chat template) and, when tool_choice asks for a call, (kind, the JSON
     Schema the output is held to, the function names): kind "named" (that function's arguments) or "required"
-    (a list of {"name", "arguments"} calls; one with parallel_tool_calls false). tool_choice "auto" is refused: telling a call from text in free output
-    takes a parser for each model's format, which moeserve does not have; it constrains calls instead."""
+    (a list of {"name", "arguments"} calls; one with parallel_tool_calls false). tool_choice "auto" is refused:
+    telling a call from text in free output takes a parser for each model's format, which moeserve does not have;
+    it constrains calls instead."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None:
         if choice not in (None, "none"):
@@ -277,10 +272,8 @@ def _tools(body: dict) -> tuple[list | None, tuple[str, dict, list[str]] | None]
         parallel = body.get("parallel_tool_calls", True)
         if not isinstance(parallel, bool):
             raise InvalidRequestError("parallel_tool_calls", f"must be true or false, got {parallel!r}")
-        if not parallel:  # exactly one call
-            return tools, ("required", {"type": "array", "minItems": 1, "maxItems": 1, "items": one},
-                           list(functions))
-        return tools, ("required", {"type": "array", "minItems": 1, "items": one}, list(functions))
+        calls = {"type": "array", "minItems": 1, "items": one, **({} if parallel else {"maxItems": 1})}
+        return tools, ("required", calls, list(functions))
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
         else None
     if name not in functions:
@@ -394,7 +387,7 @@ class OpenAIHTTP:
             body = await request.json()
             if chat:
                 body = self._chat_body(body)
-            req, stream, include_usage = generate_request(body, self.model_name)
+            req, stream, include_usage, structured = generate_request(body, self.model_name)
             children, n, echo = choices(body, req, stream, chat)
         except (json.JSONDecodeError, UnicodeDecodeError):
             self.servicer.record_error("INVALID_ARGUMENT")
@@ -409,11 +402,10 @@ class OpenAIHTTP:
             self.servicer.record_error("NOT_FOUND")
             return _error(exc.status, str(exc), exc.param)
         tool_call = body.get("_tool_call")
-        structured = "tool_choice" if tool_call else next(
-            (name for name in ("response_format", *_GUIDED) if body.get(name) is not None
-             and not (name == "response_format" and body[name].get("type") == "text")), None)
+        scored = echo and req.HasField("logprobs")  # the prompt's ids are needed beside its logprobs only
         reply = _Reply(chat, int(time.time()), len(children), n, req.HasField("logprobs"),
-                       self._echo(req) if echo else "", self._echo_ids(req) if echo else [], structured,
+                       self._echo(req) if echo else "", self._echo_ids(req) if scored else [],
+                       "tool_choice" if tool_call else structured,
                        tool_call[0] if tool_call else None, tool_call[2] if tool_call else [])
         path = "/v1/chat/completions" if chat else "/v1/completions"
         headers = [(k.lower(), v) for k, v in request.headers.items()]
