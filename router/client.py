@@ -83,13 +83,13 @@ def _structured_output(msg: pb.StructuredOutput, spec: dict) -> None:
 
 def fill_structured_output(msg: pb.StructuredOutput, kind: str, value) -> None:
     """Set one constraint of a StructuredOutput message: json_schema (a dict, or its JSON text), json_object,
-    regex, grammar, or choice (a list of strings)."""
+    regex, grammar, choice (a list of strings), or structural_tag (its JSON text)."""
     if kind == "json_schema":
         msg.json_schema = value if isinstance(value, str) else json.dumps(value)
     elif kind == "choice":
         msg.choice.SetInParent()  # set even when empty, so that the server names what is wrong
         msg.choice.values.extend(value)
-    elif kind in ("json_object", "regex", "grammar"):
+    elif kind in ("json_object", "regex", "grammar", "structural_tag"):
         setattr(msg, kind, value)
     else:
         raise ValueError(f"structured_output: unknown kind {kind!r}")

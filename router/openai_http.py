@@ -13,6 +13,12 @@ min_tokens, ignore_eos, stop_token_ids, priority; each choice carries its `token
 Structured output: OpenAI's `response_format` (`json_object`, `json_schema`) or vLLM's `guided_json`, `guided_regex`,
 `guided_choice` and `guided_grammar`.
 
+Chat `tools` are rendered by the chat template. With the model's tool-call format known (router/tool_calls.py: told by
+the template, or `serve --tool-call-format`), `tool_choice` "auto" (the default), "required" or a named function
+hold the output to that format's structural tag, and calls come back as `tool_calls` (streamed: each call in one
+delta once complete). Without it, "required" and a named function make the whole output the call(s) as JSON, and
+"auto" is refused.
+
 `n` choices (and `best_of`, of which the n with the highest mean log-probability per token are returned) are n
 engine requests with the same prompt; the first runs alone until its first token, so that the others find the
 prompt in the prefix cache. With a `seed`, choice i samples with seed + i (as vLLM does). `echo` puts the prompt
@@ -29,7 +35,7 @@ import logging
 import math
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -39,6 +45,7 @@ from moeserve.router.auth import TokenSet, bearer_token
 from moeserve.router.client import fill_structured_output
 from moeserve.router.errors import InvalidRequestError
 from moeserve.router.sequence import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS
+from moeserve.router.tool_calls import Call, ToolCallParser, ToolFormat, opens_thinking, structural_tag
 from moeserve.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -232,17 +239,14 @@ def choices(body: dict, req: pb.GenerateRequest, stream: bool, chat: bool) -> tu
     return out, n, echo
 
 
-def _tools(body: dict) -> tuple[list | None, tuple[str, dict, list[str]] | None]:
-    """The chat body's tools (rendered by the chat template) and, when tool_choice asks for a call, (kind, the JSON
-    Schema the output is held to, the function names): kind "named" (that function's arguments) or "required"
-    (a list of {"name", "arguments"} calls; one with parallel_tool_calls false). tool_choice "auto" is refused:
-    telling a call from text in free output takes a parser for each model's format, which moeserve does not have;
-    it constrains calls instead."""
+def _tools(body: dict) -> tuple[list | None, dict[str, dict], Any]:
+    """The chat body's tools (rendered by the chat template), their {name: parameters schema}, and tool_choice:
+    "none", "auto" (the default with tools), "required" or the name of the function to call."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None:
         if choice not in (None, "none"):
             raise InvalidRequestError("tool_choice", "needs tools")
-        return None, None
+        return None, {}, "none"
     if not isinstance(tools, list) or not tools:
         raise InvalidRequestError("tools", "must be a non-empty list of {type: function, function: {...}}")
     functions = {}
@@ -254,40 +258,62 @@ def _tools(body: dict) -> tuple[list | None, tuple[str, dict, list[str]] | None]
         if not isinstance(params, dict):
             raise InvalidRequestError(f"tools[{i}].function.parameters", "must be a JSON Schema (an object)")
         functions[f["name"]] = params
-    if choice in (None, "auto"):
-        raise InvalidRequestError("tool_choice", '"auto" is not supported (it needs a parser of this model\'s tool-call '
-                                                 'format); give "required", a function {"type": "function", '
-                                                 '"function": {"name": ...}}, or "none"')
+    if choice in (None, "auto", "none", "required"):
+        return tools, functions, choice or "auto"
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+        else None
+    if name not in functions:
+        raise InvalidRequestError("tool_choice", f"must be \"none\", \"auto\", \"required\" or a function of tools "
+                                                 f"({', '.join(functions)}), got {choice!r}")
+    return tools, functions, name
+
+
+def _tool_plan(body: dict, tools: list, functions: dict[str, dict], choice: str, fmt: ToolFormat | None,
+               prompt: str) -> "_ToolPlan | None":
+    """How a chat whose tools may be called is generated and read back. With the model's tool-call format known,
+    the output is held to its structural tag (free text and calls for "auto") and parsed in that format; without
+    it, "required" or a named function make the whole output the call(s) as JSON (a list of {"name", "arguments"}
+    for "required", the arguments for a named function), and "auto" is refused: telling a call from text takes
+    the format."""
     if choice == "none":
-        return tools, None
+        return None
     if any(body.get(k) is not None for k in ("response_format", *_GUIDED)):
         raise InvalidRequestError("tool_choice", "a call's arguments are a structured output already: leave out "
-                                                 "response_format and guided_*")
-    if body.get("stream"):
-        raise InvalidRequestError("stream", "is not supported with tool_choice calling a tool")
+                                                 "response_format and guided_*, or give tool_choice \"none\"")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise InvalidRequestError("parallel_tool_calls", f"must be true or false, got {parallel!r}")
+    names = tuple(functions) if choice in ("auto", "required") else (choice,)
+    if fmt is not None:
+        thinking = opens_thinking(prompt)
+        forced = choice if choice in ("auto", "required") else {"type": "function", "function": {"name": choice}}
+        try:
+            spec = structural_tag(fmt, tools, forced, parallel, thinking)
+        except ValueError as exc:  # a schema xgrammar does not take
+            raise InvalidRequestError("tools", f"cannot be held to this model's call format: {exc}") from None
+        return _ToolPlan("native", names, ("structural_tag", spec), fmt, thinking)
+    if choice == "auto":
+        raise InvalidRequestError("tool_choice", '"auto" needs this model\'s tool-call format, which its chat template '
+                                                 'does not show (serve --tool-call-format names it); give '
+                                                 '"required", a function {"type": "function", "function": '
+                                                 '{"name": ...}}, or "none"')
     if choice == "required":
         one = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": params},
                           "required": ["name", "arguments"], "additionalProperties": False}
                          for name, params in functions.items()]}
-        parallel = body.get("parallel_tool_calls", True)
-        if not isinstance(parallel, bool):
-            raise InvalidRequestError("parallel_tool_calls", f"must be true or false, got {parallel!r}")
         calls = {"type": "array", "minItems": 1, "items": one, **({} if parallel else {"maxItems": 1})}
-        return tools, ("required", calls, list(functions))
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
-        else None
-    if name not in functions:
-        raise InvalidRequestError("tool_choice", f"must be \"none\", \"required\" or a function of tools "
-                                                 f"({', '.join(functions)}), got {choice!r}")
-    return tools, ("named", functions[name], [name])
+        return _ToolPlan("required", names, ("json_schema", calls))
+    return _ToolPlan("named", names, ("json_schema", functions[choice]))
 
 
 class OpenAIHTTP:
     """The HTTP front over one InferenceServicer (router/server.py starts and stops it with the gRPC edge)."""
 
     def __init__(self, servicer: Any, model_name: str, tokenizer: Any, context_length: int,
-                 tokens: TokenSet | None = None, max_body_bytes: int = 4 * 1024 * 1024):
+                 tokens: TokenSet | None = None, max_body_bytes: int = 4 * 1024 * 1024,
+                 tool_format: ToolFormat | None = None):
         self.servicer, self.model_name, self.tokenizer = servicer, model_name, tokenizer
+        self.tool_format = tool_format  # the model's tool-call markup (tool_choice "auto"); None: not known
         self.context_length, self.tokens = context_length, tokens
         self.app = web.Application(client_max_size=max_body_bytes)
         self.app.add_routes([web.post("/v1/completions", self.completions),
@@ -336,9 +362,10 @@ class OpenAIHTTP:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=True)
 
-    def _chat_body(self, body: Any) -> dict:
+    def _chat_body(self, body: Any) -> tuple[dict, "_ToolPlan | None"]:
         """A chat body as a completions one: the messages rendered by the chat template and tokenized; the chat
-        API's logprobs (true/false) and top_logprobs, and max_completion_tokens, in the completions' terms."""
+        API's logprobs (true/false) and top_logprobs, and max_completion_tokens, in the completions' terms. With
+        tools that may be called, how the output is held and read back (else None)."""
         if not isinstance(body, dict):
             raise InvalidRequestError("body", "must be a JSON object")
         messages = body.get("messages")
@@ -358,7 +385,7 @@ class OpenAIHTTP:
                 raise InvalidRequestError(f"messages[{i}]", "must be an object with a string role and content")
             extra = {k: m[k] for k in ("tool_calls", "tool_call_id", "name") if k in m}
             plain.append({"role": m["role"], "content": content, **extra})
-        tools, tool_call = _tools(body)
+        tools, functions, choice = _tools(body)
         if self.tokenizer is None or self.tokenizer.chat_template is None:
             raise InvalidRequestError("messages", "this model has no chat template; use /v1/completions")
         try:
@@ -367,8 +394,7 @@ class OpenAIHTTP:
             raise InvalidRequestError("messages", f"the chat template refused them: {exc}") from exc
         out = {k: v for k, v in body.items() if k not in ("messages", "logprobs", "top_logprobs",
                                                             "max_completion_tokens", "tools", "tool_choice")}
-        if tool_call is not None:
-            out["guided_json"], out["_tool_call"] = tool_call[1], tool_call
+        plan = _tool_plan(body, tools, functions, choice, self.tool_format, text) if tools else None
         out["prompt"] = self.tokenizer.encode(text, add_special_tokens=False)
         if body.get("max_completion_tokens") is not None:
             out["max_tokens"] = body["max_completion_tokens"]
@@ -376,7 +402,7 @@ class OpenAIHTTP:
             raise InvalidRequestError("logprobs", f"must be true or false, got {body['logprobs']!r}")
         if body.get("logprobs"):
             out["logprobs"] = body.get("top_logprobs") or 0
-        return out
+        return out, plan
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         caller = self._caller(request)
@@ -385,9 +411,13 @@ class OpenAIHTTP:
             return _error(401, "missing or unknown bearer token (Authorization: Bearer <token>)")
         try:
             body = await request.json()
+            plan = None
             if chat:
-                body = self._chat_body(body)
+                body, plan = self._chat_body(body)
             req, stream, include_usage, structured = generate_request(body, self.model_name)
+            if plan is not None:  # the calls' constraint (_tool_plan refuses another structured output beside it)
+                fill_structured_output(req.structured_output, *plan.structured)
+                structured = "tool_choice"
             children, n, echo = choices(body, req, stream, chat)
         except (json.JSONDecodeError, UnicodeDecodeError):
             self.servicer.record_error("INVALID_ARGUMENT")
@@ -401,12 +431,10 @@ class OpenAIHTTP:
         except _Refused as exc:
             self.servicer.record_error("NOT_FOUND")
             return _error(exc.status, str(exc), exc.param)
-        tool_call = body.get("_tool_call")
         scored = echo and req.HasField("logprobs")  # the prompt's ids are needed beside its logprobs only
         reply = _Reply(chat, int(time.time()), len(children), n, req.HasField("logprobs"),
                        self._echo(req) if echo else "", self._echo_ids(req) if scored else [],
-                       "tool_choice" if tool_call else structured,
-                       tool_call[0] if tool_call else None, tool_call[2] if tool_call else [])
+                       structured, plan)
         path = "/v1/chat/completions" if chat else "/v1/completions"
         headers = [(k.lower(), v) for k, v in request.headers.items()]
         trackers = _Trackers([self.servicer.track("ChatCompletions" if chat else "Completions", headers,
@@ -561,9 +589,16 @@ class OpenAIHTTP:
         echo = (reply.echo_ids, prompt_logprobs) if reply.logprobs and prompt_logprobs is not None else ()
         picked = [self._choice(last[i], ids[i], reply.echo + "".join(text[i]), logprobs[i] if reply.logprobs else [],
                                reply.chat, index=k, echo=echo) for k, i in enumerate(order)]
-        if reply.tool_call:
+        if reply.tools is not None:
             for k, choice in enumerate(picked):
-                _as_tool_calls(choice, reply, f"{rid}-{k}")
+                message = choice["message"]
+                content, calls, choice["finish_reason"] = _ToolReader(reply.tools, f"{rid}-{k}").read(
+                    message["content"], choice["finish_reason"])
+                if calls:
+                    message["content"] = content if content.strip() else None
+                    message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+                else:
+                    message["content"] = content
         return web.json_response(self._envelope(rid, reply.created, reply.kind, usage=self._usage(last),
                                                 choices=picked))
 
@@ -573,6 +608,7 @@ class OpenAIHTTP:
         kind = reply.kind + (".chunk" if reply.chat else "")
         last: list[Any] = [None] * reply.requests
         rid, prompt_logprobs = "", None
+        readers: dict[int, _ToolReader] = {}
         try:
             async with contextlib.aclosing(outputs):
                 async for i, r, out in outputs:
@@ -588,8 +624,15 @@ class OpenAIHTTP:
                     text = (reply.echo if first else "") + out.new_text
                     echo = (reply.echo_ids, prompt_logprobs) if first and reply.echo and prompt_logprobs is not None \
                         else ()
-                    chunk = self._envelope(rid, reply.created, kind, choices=[self._choice(
-                        out, out.new_token_ids, text, out.logprobs or [], reply.chat, i, first, delta=True, echo=echo)])
+                    choice = self._choice(out, out.new_token_ids, text, out.logprobs or [], reply.chat, i, first,
+                                          delta=True, echo=echo)
+                    if reply.tools is not None:  # the calls, each in one delta once complete
+                        reader = readers.setdefault(i, _ToolReader(reply.tools, f"{rid}-{i}"))
+                        delta = choice["delta"]
+                        delta["content"], calls, choice["finish_reason"] = reader.read(text, choice["finish_reason"])
+                        if calls:
+                            delta["tool_calls"] = calls
+                    chunk = self._envelope(rid, reply.created, kind, choices=[choice])
                     await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
             if include_usage:
                 usage = self._envelope(rid, reply.created, kind, choices=[], usage=self._usage(last))
@@ -619,19 +662,54 @@ class OpenAIHTTP:
         return _error(_HTTP.get(code.name, 500), message, param)
 
 
-def _as_tool_calls(choice: dict, reply: "_Reply", call_id: str) -> None:
-    """A chat choice whose text is a complete constrained call (or list of calls) as OpenAI's tool_calls; one cut
-    short (finish_reason length) keeps its text as content."""
-    message = choice["message"]
-    if choice["finish_reason"] != "stop":
-        return
-    text = message["content"]
-    calls = ([{"name": reply.tool_names[0], "arguments": text}] if reply.tool_call == "named" else
-             [{"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)} for c in json.loads(text)])
-    message["content"] = None
-    message["tool_calls"] = [{"id": f"call-{call_id}-{j}", "type": "function", "function": c}
-                             for j, c in enumerate(calls)]
-    choice["finish_reason"] = "tool_calls"
+@dataclass(frozen=True)
+class _ToolPlan:
+    """A chat whose tools may be called: `mode` "native" (the output is free text and calls in the model's `format`,
+    held to its structural tag), "named" (the output is the arguments of names[0], as JSON) or "required" (a JSON
+    list of {"name", "arguments"}); `structured` the (kind, value) of the constraint; `thinking`: the prompt opened a
+    reasoning block."""
+
+    mode: str
+    names: tuple[str, ...]
+    structured: tuple[str, Any]
+    format: ToolFormat | None = None
+    thinking: bool = False
+
+
+class _ToolReader:
+    """Reads one choice's calls from its output as it streams (or whole: one `read` with the last output)."""
+
+    def __init__(self, plan: _ToolPlan, call_id: str):
+        self.plan, self.call_id, self.count = plan, call_id, 0
+        self._parser = ToolCallParser(plan.format, plan.thinking) if plan.mode == "native" else None
+        self._text: list[str] = []
+
+    def read(self, text: str, finish: str | None) -> tuple[str | None, list[dict], str | None]:
+        """(content, OpenAI tool_calls, finish_reason) for the next piece of output and the finish reason so far (None
+        while running). A call cut short by max_tokens stays content; an output ended with calls finishes
+        "tool_calls"."""
+        if self._parser is not None:
+            content, calls = self._parser.feed(text)
+            if finish is not None:
+                rest, more = self._parser.finish()
+                content, calls = content + rest, calls + more
+            called = self._parser.called
+        else:  # the whole output is the call(s): read at the end
+            self._text.append(text)
+            content, calls, called = "", [], False
+            if finish == "stop":
+                whole = "".join(self._text)
+                calls = ([Call(self.plan.names[0], whole)] if self.plan.mode == "named" else
+                         [Call(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in json.loads(whole)])
+                called = True
+            elif finish is not None:
+                content = "".join(self._text)
+        out = []
+        for c in calls:
+            out.append({"index": self.count, "id": f"call-{self.call_id}-{self.count}", "type": "function",
+                        "function": {"name": c.name, "arguments": c.arguments}})
+            self.count += 1
+        return content, out, "tool_calls" if finish == "stop" and called else finish
 
 
 @dataclass(frozen=True)
@@ -647,8 +725,7 @@ class _Reply:
     echo: str
     echo_ids: list  # the echoed prompt's token ids (their logprobs come first with logprobs)
     structured: str | None = None  # the parameter that asked for a structured output (the engine's errors name it)
-    tool_call: str | None = None  # chat with tool_choice "required" or "named": the output is the call(s)
-    tool_names: list = field(default_factory=list)
+    tools: "_ToolPlan | None" = None  # a chat whose output may call its tools
 
     @property
     def kind(self) -> str:

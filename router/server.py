@@ -28,6 +28,7 @@ from moeserve.router.servicer import SERVICE, InferenceServicer, TooManyStreamsE
 
 __all__ = ["SERVICE", "InferenceServer", "InferenceServicer", "ServerConfig", "TooManyStreamsError", "format_address"]
 from moeserve.router.tls import ServerTLS
+from moeserve.router.tool_calls import FORMATS, resolve_format
 from moeserve.router.validation import Limits
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,16 @@ class ServerConfig:
     auth_tokens: tuple[str, ...] = ()  # empty: auth off
     tls: ServerTLS | None = None
     http_port: int | None = None  # the OpenAI-compatible HTTP front (router/openai_http.py) on this port; None: off
+    tool_call_format: str = "auto"  # the HTTP front's tool calls (router/tool_calls.py): auto (the chat template's), none, a format
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
+        if self.tool_call_format not in ("auto", "none", *FORMATS):
+            raise ValueError(f"tool_call_format must be auto, none or one of {', '.join(FORMATS)}; "
+                             f"got {self.tool_call_format!r}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         for name in ("max_message_bytes", "max_streams_per_caller"):
@@ -142,8 +147,10 @@ class InferenceServer:
         if cfg.http_port is not None:
             from moeserve.router.openai_http import OpenAIHTTP
 
-            self.http = OpenAIHTTP(self.servicer, self.model_name or mc.model_type, self.engine.tokenizer,
-                                   limits.context_length, tokens, cfg.max_message_bytes)
+            tokenizer = self.engine.tokenizer
+            fmt = resolve_format(cfg.tool_call_format, tokenizer.chat_template if tokenizer is not None else None)
+            self.http = OpenAIHTTP(self.servicer, self.model_name or mc.model_type, tokenizer,
+                                   limits.context_length, tokens, cfg.max_message_bytes, fmt)
             try:
                 await self.http.start(cfg.host, cfg.http_port, cfg.tls)
             except OSError as exc:

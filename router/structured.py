@@ -1,5 +1,5 @@
 """Structured output: a request's tokens held to a JSON Schema, any JSON object, a regular expression, an EBNF
-grammar or a list of choices.
+grammar, a list of choices, or a structural tag (free text with parts in formats of their own: tool calls).
 
 The grammar engine is xgrammar (the one vLLM and SGLang use): a spec compiles, once per engine and cached, against
 the tokenizer's vocabulary; each request gets a matcher that knows which tokens may come next. Before sampling, the
@@ -25,7 +25,7 @@ import torch
 
 from .errors import InvalidRequestError
 
-KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+KINDS = ("json_schema", "json_object", "regex", "grammar", "choice", "structural_tag")
 MAX_SPEC_CHARS = 64 * 1024  # a schema, regex or grammar's text at most
 MAX_CHOICES = 256
 MAX_CHOICE_CHARS = 1024
@@ -33,9 +33,10 @@ MAX_CHOICE_CHARS = 1024
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    """What the output must be: `kind` one of KINDS; `spec` the JSON Schema's JSON text, the regex or the EBNF
-    grammar (start rule `root`); `choices` for kind "choice". Checked on construction except the spec's syntax,
-    which the engine's compiler checks (InvalidRequestError naming structured_output.<kind>)."""
+    """What the output must be: `kind` one of KINDS; `spec` the JSON Schema's JSON text, the regex, the EBNF
+    grammar (start rule `root`) or the JSON of an xgrammar structural tag (free text with tagged parts, as tool
+    calls are held to: router/tool_calls.py); `choices` for kind "choice". Checked on construction except the
+    spec's syntax, which the engine's compiler checks (InvalidRequestError naming structured_output.<kind>)."""
 
     kind: str
     spec: str = ""
@@ -57,11 +58,14 @@ class StructuredOutput:
                 raise InvalidRequestError(field, "is empty")
             if len(self.spec) > MAX_SPEC_CHARS:
                 raise InvalidRequestError(field, f"{len(self.spec)} characters is over the limit of {MAX_SPEC_CHARS}")
-        if self.kind == "json_schema":
+        if self.kind in ("json_schema", "structural_tag"):
             try:
                 schema = json.loads(self.spec)
             except ValueError as exc:
                 raise InvalidRequestError(field, f"is not JSON: {exc}") from None
+            if self.kind == "structural_tag" and not isinstance(schema, dict):
+                raise InvalidRequestError(field, 'must be a structural tag (an object {"type": "structural_tag", '
+                                                 '"format": ...})')
             if not isinstance(schema, (dict, bool)):
                 raise InvalidRequestError(field, "must be a JSON Schema (an object)")
 
@@ -105,6 +109,8 @@ class Grammars:
             return c.compile_regex(so.spec)
         if so.kind == "grammar":
             return c.compile_grammar(so.spec)
+        if so.kind == "structural_tag":
+            return c.compile_structural_tag(so.spec)
         # choice: one EBNF alternative per string, each a JSON-escaped literal
         return c.compile_grammar("root ::= " + " | ".join(json.dumps(s, ensure_ascii=False) for s in so.choices))
 

@@ -85,6 +85,8 @@ def _structured_output(args: argparse.Namespace) -> dict | None:
         return {"choice": args.choice}
     if args.grammar is not None:
         return {"grammar": _text_or_file(args.grammar)}
+    if args.structural_tag is not None:
+        return {"structural_tag": _text_or_file(args.structural_tag)}
     return None
 
 
@@ -123,6 +125,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     so.add_argument("--choice", action="append", metavar="TEXT", help="structured output: one of these (repeatable)")
     so.add_argument("--grammar", metavar="EBNF", help="structured output: text of this EBNF grammar, start rule root "
                                                       "(its text, or @FILE)")
+    so.add_argument("--structural-tag", metavar="JSON", help="structured output: xgrammar's structural tag (free text "
+                                                             "with tagged parts held to their formats; its JSON, or "
+                                                             "@FILE)")
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="after the completion, print each token's log-probability and the N likeliest tokens' "
                         "(0..20) on standard error")

@@ -21,6 +21,7 @@ from typing import Any
 from moeserve.router.auth import TOKEN_ENV, load_tokens
 from moeserve.router.server import InferenceServer, ServerConfig, format_address
 from moeserve.router.tls import ServerTLS
+from moeserve.router.tool_calls import FORMATS as TOOL_FORMATS
 
 log = logging.getLogger("moeserve.serve")
 
@@ -239,6 +240,11 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--http-port", type=int, default=None, metavar="N",
                    help="also serve an OpenAI-compatible HTTP API (/v1/completions, /v1/models) on port N of --host, "
                         "with the same auth, TLS and limits (default: off; 0: any free port)")
+    g.add_argument("--tool-call-format", choices=("auto", "none", *TOOL_FORMATS), default="auto",
+                   help="the model's tool-call markup, for the HTTP API's tool_choice \"auto\" and calls in it: "
+                        + "; ".join(f"{f.name} ({f.models})" for f in TOOL_FORMATS.values())
+                        + " (default auto: the one the chat template renders calls in; none: tool_choice \"auto\" "
+                          "refused, \"required\" and named calls as plain JSON)")
     g.add_argument("--tls-cert", metavar="PEM", help="server certificate (turns TLS on; needs --tls-key)")
     g.add_argument("--tls-key", metavar="PEM", help="key of --tls-cert")
     g.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mTLS)")
@@ -274,6 +280,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_streams_per_caller=args.max_streams_per_caller, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
         auth_tokens=tuple(load_tokens(args.auth_token_file)), tls=tls, http_port=getattr(args, "http_port", None),
+        tool_call_format=getattr(args, "tool_call_format", "auto"),
     )
 
 

@@ -34,7 +34,7 @@ def demo_model_dir() -> str:
 @contextlib.asynccontextmanager
 async def running_server(engine: dict | None = None, **server) -> AsyncIterator[InferenceServer]:
     """A started InferenceServer on 127.0.0.1:<ephemeral>; stopped (grace 0) on exit."""
-    cfg = EngineConfig(model=demo_model_dir(), **{**ENGINE_DEFAULTS, **(engine or {})})
+    cfg = EngineConfig(**{"model": demo_model_dir(), **ENGINE_DEFAULTS, **(engine or {})})
     srv = InferenceServer(AsyncEngine.from_config(cfg), ServerConfig(**{"port": 0, **server}), model_name="demo")
     await srv.start()
     try:

@@ -121,6 +121,11 @@ def test_generate_streams_what_the_server_generates(served):
         run = subprocess.run(moeserve("generate", "Pick:", "--choice", "red", "--choice", "blue", "--quiet",
                                       "--address", address, *flags), capture_output=True, text=True, timeout=120)
         assert run.returncode == 0 and run.stdout in ("red\n", "blue\n"), run.stderr
+        tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<n>", "end": "</n>", "content": {
+            "type": "json_schema", "json_schema": {"enum": [1, 2]}}}}
+        run = subprocess.run(moeserve("generate", "Pick:", "--structural-tag", json.dumps(tag), "--quiet",
+                                      "--address", address, *flags), capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and run.stdout in ("<n>1</n>\n", "<n>2</n>\n"), run.stderr
 
 
 def test_metrics_endpoint_shows_the_traffic(served):

@@ -350,9 +350,46 @@ TIME = {"type": "function", "function": {"name": "time", "parameters": {
     "type": "object", "properties": {"utc": {"type": "boolean"}}, "required": ["utc"], "additionalProperties": False}}}
 
 
+def _args_fit(call: dict) -> bool:
+    """Whether a call's arguments satisfy its function's schema (WEATHER's or TIME's)."""
+    args = json.loads(call["function"]["arguments"])
+    if call["function"]["name"] == "weather":
+        return set(args) == {"city"} and args["city"] in ("Paris", "Rome")
+    return call["function"]["name"] == "time" and set(args) == {"utc"} and isinstance(args["utc"], bool)
+
+
+def _streamed_choice(events: list) -> dict:
+    """A streamed chat choice put together as a client does: content joined, each call from its delta(s)."""
+    content, calls, ids, finish = [], {}, [], None
+    for e in events[:-1]:
+        for c in e["choices"]:
+            delta = c["delta"]
+            content.append(delta.get("content") or "")
+            for call in delta.get("tool_calls", []):
+                got = calls.setdefault(call["index"], {"id": call.get("id"), "type": "function",
+                                                       "function": {"name": "", "arguments": ""}})
+                got["function"]["name"] += call["function"].get("name", "")
+                got["function"]["arguments"] += call["function"].get("arguments", "")
+            ids += c["token_ids"]
+            finish = c["finish_reason"] or finish
+    message = {"role": "assistant", "content": "".join(content) or None}
+    if calls:
+        message["tool_calls"] = [calls[k] for k in sorted(calls)]
+    return {"message": message, "token_ids": ids, "finish_reason": finish}
+
+
+def _without_ids(choice: dict) -> dict:
+    """A chat choice's message, token ids and finish reason, its calls without their ids (each request has its own)."""
+    message = dict(choice["message"])
+    if "tool_calls" in message:
+        message["tool_calls"] = [{k: v for k, v in c.items() if k != "id"} for c in message["tool_calls"]]
+    return {"message": message, "token_ids": choice["token_ids"], "finish_reason": choice["finish_reason"]}
+
+
 async def test_tool_calls_are_constrained_to_the_functions_schemas():
-    """tool_choice naming a function, or "required": the output is held to the arguments' schema (or a list of calls)
-    and comes back as OpenAI's tool_calls; "auto" and streamed calls are refused by name; a tool turn renders."""
+    """Without a tool-call format (the demo's template renders none), tool_choice naming a function or "required"
+    holds the whole output to the arguments' schema (or a list of calls), streamed or not, and it comes back as
+    OpenAI's tool_calls; "auto" is refused by name; a tool turn renders."""
     async with running_server(http_port=0) as srv, aiohttp.ClientSession() as http:
         url = _url(srv, "/v1/chat/completions")
         ask = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER, TIME], "max_tokens": 60,
@@ -375,6 +412,15 @@ async def test_tool_calls_are_constrained_to_the_functions_schemas():
             args = json.loads(c["function"]["arguments"])
             assert (c["function"]["name"], set(args)) in (("weather", {"city"}), ("time", {"utc"}))
 
+        for body in ({**ask, "tool_choice": "required", "parallel_tool_calls": False},
+                     {**ask, "tool_choice": {"type": "function", "function": {"name": "time"}}}):
+            async with http.post(url, json=body) as r:
+                whole = (await r.json())["choices"][0]
+            async with http.post(url, json={**body, "stream": True}) as r:
+                streamed = _streamed_choice(await _events(r))
+            assert _without_ids(streamed) == _without_ids(whole)
+            assert whole["finish_reason"] == "tool_calls" and all(_args_fit(c) for c in whole["message"]["tool_calls"])
+
         turn = [{"role": "user", "content": "Weather?"},
                 {"role": "assistant", "content": None, "tool_calls": [call]},
                 {"role": "tool", "tool_call_id": call["id"], "content": "sunny"}]
@@ -382,8 +428,10 @@ async def test_tool_calls_are_constrained_to_the_functions_schemas():
                                         "max_tokens": 4}) as r:
             assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"] is not None
 
+        async with http.post(url, json={**ask, "tool_choice": "auto"}) as r:
+            assert r.status == 400 and "--tool-call-format" in (await r.json())["error"]["message"]
         for body, param in (({**ask}, "tool_choice"), ({**ask, "tool_choice": "auto"}, "tool_choice"),
-                            ({**ask, "tool_choice": "required", "stream": True}, "stream"),
+                            ({**ask, "tool_choice": "required", "parallel_tool_calls": 1}, "parallel_tool_calls"),
                             ({**ask, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
                             ({**ask, "tools": [{"type": "function"}], "tool_choice": "required"}, "tools[0]"),
                             ({**ask, "tool_choice": "required", "response_format": {"type": "json_object"}},
@@ -425,3 +473,94 @@ def test_a_model_without_a_chat_template_refuses_chat_by_name():
     assert err.value.field == "messages"
     with pytest.raises(ValueError, match="no chat template"):
         bare.apply_chat_template([{"role": "user", "content": "a"}])
+
+
+# A chat template in Qwen3's style (written for these tests): the tools listed, calls as <tool_call> JSON </tool_call>.
+HERMES = ("{%- if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+          "Call one as <tool_call>\n{\"name\": ..., \"arguments\": ...}\n</tool_call><|im_end|>\n{% endif %}"
+          "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+          "{%- for c in m.tool_calls or [] %}{% if m.content or not loop.first %}\n{% endif %}<tool_call>\n"
+          "{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments }}}\n</tool_call>"
+          "{%- endfor %}<|im_end|>\n{% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def hermes_checkpoint(tmp_path_factory):
+    """The demo architecture with a vocabulary of 520 whose tokenizer has <tool_call> and </tool_call> as tokens of
+    their own (ids 512 and 513, as Qwen3's tokenizer has them) and a chat template in Qwen3's style."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from moeserve.models.demo import write_demo_model
+
+    path = write_demo_model(tmp_path_factory.mktemp("hermes") / "ckpt", seed=0, config_override={"vocab_size": 520})
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<tool_call>", "</tool_call>")])
+    assert tok.token_to_id("<tool_call>") == 512
+    tok.save(str(path / "tokenizer.json"))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": HERMES}))
+    return str(path)
+
+
+async def test_tool_choice_auto_in_the_models_own_format(hermes_checkpoint):
+    """tool_choice "auto" (the default with tools), the format told by the chat template: free text is the
+    completion of the rendered prompt as it would be without tools' constraint; a model that writes <tool_call>
+    (here pushed to by logit_bias) writes a call to one of the functions with arguments its schema accepts, which
+    comes back as tool_calls, whole or streamed (the same call); "required" and a named function too; the call fed
+    back as an assistant turn renders."""
+    async with running_server(engine={"model": hermes_checkpoint}, http_port=0) as srv, \
+            aiohttp.ClientSession() as http:
+        assert srv.http.tool_format.name == "hermes"
+        url = _url(srv, "/v1/chat/completions")
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        ask = {"messages": messages, "tools": [WEATHER, TIME], "max_tokens": 60, "temperature": 0}
+        prompt = srv.engine.tokenizer.apply_chat_template(messages, tools=[WEATHER, TIME])
+        ban = {"512": -100}  # <tool_call>, which this random model is fond of
+        async with http.post(_url(srv, "/v1/completions"), json={"prompt": srv.engine.tokenizer.encode(prompt),
+                                                                  "max_tokens": 12, "temperature": 0,
+                                                                  "logit_bias": ban}) as r:
+            plain = (await r.json())["choices"][0]
+        async with http.post(url, json={**ask, "max_tokens": 12, "logit_bias": ban}) as r:
+            assert r.status == 200, await r.text()
+            free = (await r.json())["choices"][0]
+        assert free["message"] == {"role": "assistant", "content": plain["text"]} and "tool_calls" not in free
+        assert free["token_ids"] == plain["token_ids"] and free["finish_reason"] == plain["finish_reason"]
+
+        push = {**ask, "logit_bias": {"512": 100}}  # <tool_call>
+        for body in ({**push, "parallel_tool_calls": False}, {**push, "tool_choice": "auto", "parallel_tool_calls": False},
+                     {**ask, "tool_choice": "required", "parallel_tool_calls": False},
+                     {**ask, "tool_choice": {"type": "function", "function": {"name": "weather"}}}):
+            async with http.post(url, json=body) as r:
+                assert r.status == 200, await r.text()
+                whole = (await r.json())["choices"][0]
+            assert whole["finish_reason"] == "tool_calls", whole
+            assert whole["message"]["content"] is None and len(whole["message"]["tool_calls"]) == 1
+            assert all(_args_fit(c) for c in whole["message"]["tool_calls"])
+            if "function" in str(body.get("tool_choice")):
+                assert whole["message"]["tool_calls"][0]["function"]["name"] == "weather"
+            async with http.post(url, json={**body, "stream": True}) as r:
+                assert r.status == 200
+                streamed = _streamed_choice(await _events(r))
+            assert _without_ids(streamed) == _without_ids(whole)
+
+        # parallel calls: as many as max_tokens allows; the complete ones are calls, the one cut short is content
+        async with http.post(url, json={**push, "max_tokens": 100}) as r:
+            many = (await r.json())["choices"][0]
+        calls = many["message"].get("tool_calls", [])
+        assert many["finish_reason"] == "length" and len(calls) >= 1 and all(_args_fit(c) for c in calls)
+        assert len({c["id"] for c in calls}) == len(calls)
+        assert many["message"]["content"] is None or many["message"]["content"].lstrip().startswith("<tool_call>")
+
+        turn = messages + [{"role": "assistant", "content": None, "tool_calls": whole["message"]["tool_calls"]},
+                           {"role": "tool", "content": "sunny"}]
+        async with http.post(url, json={"messages": turn, "tools": [WEATHER], "tool_choice": "none",
+                                        "max_tokens": 4}) as r:
+            assert r.status == 200, await r.text()
+        text = srv.engine.tokenizer.apply_chat_template(turn, tools=[WEATHER])
+        call = whole["message"]["tool_calls"][0]["function"]
+        assert f'<tool_call>\n{{"name": "{call["name"]}", "arguments": {call["arguments"]}}}\n</tool_call>' in text
+
+    async with running_server(engine={"model": hermes_checkpoint}, http_port=0, tool_call_format="none") as srv, \
+            aiohttp.ClientSession() as http:
+        async with http.post(_url(srv, "/v1/chat/completions"), json=ask) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "tool_choice"

@@ -1,5 +1,5 @@
-"""Structured output (router/structured.py): greedy outputs held to a JSON Schema, a regex, a choice list and a grammar
-equal HF generate's under the same constraint (prefix_allowed_tokens_fn) on all three architectures, eager and padded;
+"""Structured output (router/structured.py): greedy outputs held to a JSON Schema, a regex, a choice list, a grammar
+and a structural tag (a tool call in Qwen3's format) equal HF generate's under the same constraint (prefix_allowed_tokens_fn) on all three architectures, eager and padded;
 each output belongs to its language; bad specs and combinations are refused by field."""
 
 from __future__ import annotations
@@ -22,18 +22,29 @@ SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {
                                            "n": {"type": "integer", "minimum": 0, "maximum": 99}},
           "required": ["ok", "color", "n"], "additionalProperties": False}
 CHOICES = ("yes", "no", 'say "maybe"')
+# A call of a function "pick" in Qwen3's tool-call format, as the HTTP front's tool_choice naming it asks for.
+CALL = xgr.get_model_structural_tag("qwen_3", tools=[{"type": "function", "function": {"name": "pick", "parameters": SCHEMA}}],
+                                    tool_choice={"type": "function", "function": {"name": "pick"}},
+                                    reasoning="disabled", max_whitespace_cnt=1).model_dump_json()
 SPECS = [StructuredOutput("json_schema", json.dumps(SCHEMA)), StructuredOutput("regex", r"[a-z]{2,6}@(x|y)\.com"),
-         StructuredOutput("choice", choices=CHOICES), StructuredOutput("grammar", 'root ::= "(" [0-9] [0-9]? ")" [a-c]')]
-MAX_TOKENS = 64
+         StructuredOutput("choice", choices=CHOICES), StructuredOutput("grammar", 'root ::= "(" [0-9] [0-9]? ")" [a-c]'),
+         StructuredOutput("structural_tag", CALL)]
+MAX_TOKENS = 128  # (a complete output ends long before: the call is the longest)
 ARCHS = {"deepseek_v3": 0, "qwen3_moe": 0, "mixtral": 3}
+
+
+def _fits(value) -> bool:
+    return (isinstance(value, dict) and set(value) == {"ok", "color", "n"} and isinstance(value["ok"], bool)
+            and value["color"] in ("red", "green", "blue") and isinstance(value["n"], int) and 0 <= value["n"] <= 99)
 
 
 def belongs(so: StructuredOutput, text: str) -> bool:
     """Whether `text` is in the language of `so` (checked without xgrammar)."""
     if so.kind == "json_schema":
-        value = json.loads(text)
-        return (set(value) == {"ok", "color", "n"} and isinstance(value["ok"], bool)
-                and value["color"] in ("red", "green", "blue") and isinstance(value["n"], int) and 0 <= value["n"] <= 99)
+        return _fits(json.loads(text))
+    if so.kind == "structural_tag":
+        m = re.fullmatch(r'<tool_call>\n\{"name": "pick", "arguments": (.*)\}\n</tool_call>', text, re.DOTALL)
+        return m is not None and _fits(json.loads(m[1]))
     if so.kind == "regex":
         return re.fullmatch(so.spec, text) is not None
     if so.kind == "choice":
@@ -92,7 +103,7 @@ def test_structured_outputs_equal_hf_constrained_generate(checkpoint, mode):
     engine = LLMEngine.from_config(EngineConfig(model=str(checkpoint), num_kv_blocks=64, block_size=8,
                                                 decode_graphs=mode))
     g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(0, 500, (n,), generator=g).tolist() for n in (3, 9, 17, 5)]
+    prompts = [torch.randint(0, 500, (n,), generator=g).tolist() for n in (3, 9, 17, 5, 11)]
     outs = engine.generate_batch(prompts + [prompts[0]], [SamplingParams(max_tokens=MAX_TOKENS, structured_output=so)
                                                           for so in SPECS] + [SamplingParams(max_tokens=8)])
     want = _hf_constrained(checkpoint, prompts, SPECS)
@@ -146,6 +157,11 @@ def test_the_mask_leaves_other_rows_and_the_raw_logits_alone(demo_model_dir):
     (lambda: dict(structured_output=StructuredOutput("choice", choices=())), "structured_output.choice", "1..256"),
     (lambda: dict(structured_output=StructuredOutput("regex", "")), "structured_output.regex", "empty"),
     (lambda: dict(structured_output=StructuredOutput("xml")), "structured_output", "kind must be one of"),
+    (lambda: dict(structured_output=StructuredOutput("structural_tag", "[]")), "structured_output.structural_tag",
+     "must be a structural tag"),
+    (lambda: dict(structured_output=StructuredOutput("structural_tag", '{"type": "structural_tag", "format": '
+                                                                       '{"type": "nope"}}')),
+     "structured_output.structural_tag", "does not compile"),
 ])
 def test_bad_structured_outputs_are_named(demo_model_dir, kw, field, words):
     engine = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), num_kv_blocks=16, block_size=8))
@@ -164,7 +180,7 @@ def test_structured_outputs_on_gpu(demo_model_dir):
                                                   num_kv_blocks=64, block_size=8, prefill_hold_ms=0, **kw))
 
     eager = engine(overlap_decode=False, decode_graphs="off", prefix_caching=False)
-    prompts = [eager.tokenizer.encode(t) for t in ("Answer:", "Mail to", "Yes or no?", "Code", "Once upon a time")]
+    prompts = [eager.tokenizer.encode(t) for t in ("Answer:", "Mail to", "Yes or no?", "Code", "Call it", "Once upon a time")]
     params = [SamplingParams(max_tokens=MAX_TOKENS, structured_output=so) for so in SPECS]
     params.append(SamplingParams(max_tokens=24, ignore_eos=True))
     want = eager.generate_batch(prompts, params)

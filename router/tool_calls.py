@@ -1,0 +1,222 @@
+"""Tool calls in a model's own format: telling calls from text in its output, whole or as it streams.
+
+A chat model trained for tools writes a call in markup of its own (Qwen3 and Hermes: `<tool_call>` around a JSON
+object; DeepSeek-V3 and R1: `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME` and a ```json block). With
+`tool_choice` "auto" the model decides whether to call; the OpenAI-compatible front (router/openai_http.py) holds
+its output to xgrammar's structural tag of that format (free text, and once a call begins, the call's markup around
+arguments that satisfy the function's JSON Schema), then `ToolCallParser` splits the text into content and calls.
+
+The format is told by the chat template (the markup it renders an assistant's tool_calls with), or named with
+`moeserve serve --tool-call-format`. A leading reasoning block (`<think>...</think>`, also one the prompt opened)
+stays content: a call written inside it is not a call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+THINK_BEGIN, THINK_END = "<think>", "</think>"
+
+
+def _hermes_body(body: str) -> tuple[str, object]:
+    call = json.loads(body)
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or "arguments" not in call:
+        raise ValueError('a call must be {"name": ..., "arguments": ...}')
+    return call["name"], call["arguments"]
+
+
+_DEEPSEEK_V3 = re.compile(r"function<｜tool▁sep｜>(?P<name>[^\n]+)\n```json\n(?P<args>.*)\n```", re.DOTALL)
+_DEEPSEEK_V3_1 = re.compile(r"(?P<name>[^<]+)<｜tool▁sep｜>(?P<args>.*)", re.DOTALL)
+
+
+def _regex_body(pattern: re.Pattern) -> Callable[[str], tuple[str, object]]:
+    def body(text: str) -> tuple[str, object]:
+        m = pattern.fullmatch(text)
+        if m is None:
+            raise ValueError(f"not a call in this format: {text[:80]!r}")
+        return m["name"], json.loads(m["args"])
+    return body
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """One model family's markup for calls: each call between `call_begin` and `call_end`, the calls of a turn
+    optionally inside `wrappers` (dropped: neither content nor a call); `body` reads a call's (name, arguments)."""
+
+    name: str
+    grammar: str  # xgrammar's built-in structural tag of this format (get_model_structural_tag's model)
+    call_begin: str
+    call_end: str
+    wrappers: tuple[str, ...]
+    body: Callable[[str], tuple[str, object]]
+    models: str  # for help texts
+
+    def markers(self) -> tuple[str, ...]:
+        return (self.call_begin, *self.wrappers)
+
+
+FORMATS = {f.name: f for f in (
+    ToolFormat("hermes", "qwen_3", "<tool_call>", "</tool_call>", (), _hermes_body, "Qwen3, Qwen2.5, Hermes"),
+    ToolFormat("deepseek_v3", "deepseek_r1", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+               ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"), _regex_body(_DEEPSEEK_V3), "DeepSeek-V3, R1"),
+    ToolFormat("deepseek_v3_1", "deepseek_v3_1", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+               ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"), _regex_body(_DEEPSEEK_V3_1), "DeepSeek-V3.1"),
+)}
+
+
+def detect_format(chat_template: str | None) -> ToolFormat | None:
+    """The tool-call format a chat template renders assistant calls in, or None when it renders none it knows."""
+    if not chat_template:
+        return None
+    if "<｜tool▁calls▁begin｜>" in chat_template:
+        return FORMATS["deepseek_v3" if "```json" in chat_template else "deepseek_v3_1"]
+    if "<tool_call>" in chat_template:
+        return FORMATS["hermes"]
+    return None
+
+
+def resolve_format(name: str, chat_template: str | None) -> ToolFormat | None:
+    """`serve --tool-call-format`: "auto" (told by the chat template), "none", or a format of FORMATS."""
+    if name == "auto":
+        return detect_format(chat_template)
+    if name == "none":
+        return None
+    if name not in FORMATS:
+        raise ValueError(f"tool-call format must be auto, none or one of {', '.join(FORMATS)}; got {name!r}")
+    return FORMATS[name]
+
+
+def structural_tag(fmt: ToolFormat, tools: list[dict], tool_choice: object, parallel: bool, thinking: bool) -> str:
+    """The JSON of xgrammar's structural tag holding an output to `fmt` with these tools: free text and calls
+    ("auto"), at least one call ("required"), or a call of the function named. `thinking`: the prompt ends in an
+    opened reasoning block, which the output continues; otherwise a leading reasoning block is optional."""
+    from xgrammar import get_model_structural_tag
+
+    tag = get_model_structural_tag(fmt.grammar, tools=tools, tool_choice=tool_choice,
+                                   reasoning="enabled" if thinking else "auto", parallel_tool_calls=parallel,
+                                   max_whitespace_cnt=1)  # (a run of blank space in arguments: one character)
+    return tag.model_dump_json()
+
+
+def opens_thinking(prompt: str) -> bool:
+    """Whether a rendered prompt leaves a reasoning block open for the reply (as DeepSeek-R1's template does)."""
+    return prompt.rstrip().endswith(THINK_BEGIN)
+
+
+@dataclass(frozen=True)
+class Call:
+    name: str
+    arguments: str  # the arguments' JSON text
+
+
+class ToolCallParser:
+    """Splits a model's output into content and calls as it arrives: `feed` each new piece of text, then `finish`
+    once; each returns (content text, complete calls) for what it settled. Text that may be the start of a marker
+    is held until it is told apart; a call is returned once its end marker has come. Whatever is left at the end (a
+    call cut short, a marker's prefix) is content. Blank text between calls is dropped. The pieces' content joined
+    is the output with the calls' markup taken out, however the output was split."""
+
+    def __init__(self, fmt: ToolFormat, thinking: bool = False):
+        self.fmt = fmt
+        self._buf = ""
+        self._state = "think" if thinking else "start"  # start, think, text, call
+        self._called = False
+
+    @property
+    def called(self) -> bool:
+        return self._called
+
+    def feed(self, text: str) -> tuple[str, list[Call]]:
+        self._buf += text
+        content: list[str] = []
+        calls: list[Call] = []
+        while self._step(content, calls):
+            pass
+        return "".join(content), calls
+
+    def finish(self) -> tuple[str, list[Call]]:
+        content, calls = self.feed("")
+        rest = self._buf
+        self._buf = ""
+        if self._state == "call":
+            rest = self.fmt.call_begin + rest  # cut short: the call's text as it came
+        elif self._called and rest.isspace():
+            rest = ""
+        return content + rest, calls
+
+    def _step(self, content: list[str], calls: list[Call]) -> bool:
+        """Settle what the buffer allows; True when there may be more to settle."""
+        buf = self._buf
+        if self._state == "start":
+            lead = buf.lstrip()
+            if lead.startswith(THINK_BEGIN):
+                cut = len(buf) - len(lead) + len(THINK_BEGIN)
+                content.append(buf[:cut])
+                self._buf, self._state = buf[cut:], "think"
+                return True
+            if THINK_BEGIN.startswith(lead):  # blank, or part of a reasoning block's opening: wait
+                return False
+            self._state = "text"
+            return True
+        if self._state == "think":
+            end = buf.find(THINK_END)
+            if end < 0:
+                keep = _partial_tail(buf, (THINK_END,))
+                content.append(buf[:len(buf) - keep])
+                self._buf = buf[len(buf) - keep:]
+                return False
+            content.append(buf[:end + len(THINK_END)])
+            self._buf, self._state = buf[end + len(THINK_END):], "text"
+            return True
+        if self._state == "call":
+            end = buf.find(self.fmt.call_end)
+            if end < 0:
+                return False
+            body, self._buf, self._state = buf[:end], buf[end + len(self.fmt.call_end):], "text"
+            try:
+                name, arguments = self.fmt.body(body)
+            except ValueError:  # not a call after all: its text is content
+                content.append(self.fmt.call_begin + body + self.fmt.call_end)
+                return True
+            calls.append(Call(name, json.dumps(arguments, ensure_ascii=False)))
+            self._called = True
+            return True
+        # text: up to the first marker
+        found = [(i, m) for m in self.fmt.markers() if (i := buf.find(m)) >= 0]
+        if not found:
+            keep = _partial_tail(buf, self.fmt.markers())
+            settled = buf[:len(buf) - keep]
+            if self._called and settled.isspace():
+                return False  # blank after a call: dropped if only more calls (or the end) follow
+            content.append(settled)
+            self._buf = buf[len(buf) - keep:]
+            return False
+        i, marker = min(found)
+        if not (self._called and buf[:i].isspace()):
+            content.append(buf[:i])
+        self._buf = buf[i + len(marker):]
+        if marker == self.fmt.call_begin:
+            self._state = "call"
+        return True
+
+
+def parse(fmt: ToolFormat, text: str, thinking: bool = False) -> tuple[str, list[Call]]:
+    """A whole output's (content, calls)."""
+    parser = ToolCallParser(fmt, thinking)
+    content, calls = parser.feed(text)
+    rest, more = parser.finish()
+    return content + rest, calls + more
+
+
+def _partial_tail(text: str, markers: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that is a proper beginning of one of the markers."""
+    best = 0
+    for m in markers:
+        for n in range(min(len(m) - 1, len(text)), best, -1):
+            if text.endswith(m[:n]):
+                best = n
+                break
+    return best
