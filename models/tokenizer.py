@@ -36,10 +36,11 @@ class Tokenizer:
         return self.tokenizer.token_to_id(token)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None) -> str:
+                            tools: list[dict] | None = None, **variables) -> str:
         """The prompt text of a conversation, as HF transformers' apply_chat_template renders it (a sandboxed
         Jinja environment with trim_blocks and lstrip_blocks; raise_exception for the template's own checks, and
-        its tojson filter); `tools`: the function definitions a template may render."""
+        its tojson filter); `tools`: the function definitions a template may render; `variables`: the template's
+        own (as HF's chat_template_kwargs: enable_thinking, ...)."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template (tokenizer_config.json chat_template)")
         if self._template is None:
@@ -56,8 +57,8 @@ class Tokenizer:
             env.globals["raise_exception"] = raise_exception
             env.filters["tojson"] = tojson
             self._template = env.from_string(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                     **self.special_tokens)
+        return self._template.render(**{**self.special_tokens, **variables}, messages=messages,
+                                     add_generation_prompt=add_generation_prompt, tools=tools)
 
 
 def _json(path: Path) -> dict:

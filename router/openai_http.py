@@ -44,6 +44,7 @@ from moeserve.router import status_codes
 from moeserve.router.auth import TokenSet, bearer_token
 from moeserve.router.client import fill_structured_output
 from moeserve.router.errors import InvalidRequestError
+from moeserve.router.reasoning import ReasoningSplitter
 from moeserve.router.sequence import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS
 from moeserve.router.tool_calls import Call, ToolCallParser, ToolFormat, opens_thinking, structural_tag
 from moeserve.v1 import inference_pb2 as pb
@@ -269,7 +270,7 @@ def _tools(body: dict) -> tuple[list | None, dict[str, dict], Any]:
 
 
 def _tool_plan(body: dict, tools: list, functions: dict[str, dict], choice: str, fmt: ToolFormat | None,
-               prompt: str) -> "_ToolPlan | None":
+               thinking: bool) -> "_ToolPlan | None":
     """How a chat whose tools may be called is generated and read back. With the model's tool-call format known,
     the output is held to its structural tag (free text and calls for "auto") and parsed in that format; without
     it, "required" or a named function make the whole output the call(s) as JSON (a list of {"name", "arguments"}
@@ -285,13 +286,12 @@ def _tool_plan(body: dict, tools: list, functions: dict[str, dict], choice: str,
         raise InvalidRequestError("parallel_tool_calls", f"must be true or false, got {parallel!r}")
     names = tuple(functions) if choice in ("auto", "required") else (choice,)
     if fmt is not None:
-        thinking = opens_thinking(prompt)
         forced = choice if choice in ("auto", "required") else {"type": "function", "function": {"name": choice}}
         try:
             spec = structural_tag(fmt, tools, forced, parallel, thinking)
         except ValueError as exc:  # a schema xgrammar does not take
             raise InvalidRequestError("tools", f"cannot be held to this model's call format: {exc}") from None
-        return _ToolPlan("native", names, ("structural_tag", spec), fmt, thinking)
+        return _ToolPlan("native", names, ("structural_tag", spec), fmt)
     if choice == "auto":
         raise InvalidRequestError("tool_choice", '"auto" needs this model\'s tool-call format, which its chat template '
                                                  'does not show (serve --tool-call-format names it); give '
@@ -311,9 +311,10 @@ class OpenAIHTTP:
 
     def __init__(self, servicer: Any, model_name: str, tokenizer: Any, context_length: int,
                  tokens: TokenSet | None = None, max_body_bytes: int = 4 * 1024 * 1024,
-                 tool_format: ToolFormat | None = None):
+                 tool_format: ToolFormat | None = None, reasoning: bool = False):
         self.servicer, self.model_name, self.tokenizer = servicer, model_name, tokenizer
         self.tool_format = tool_format  # the model's tool-call markup (tool_choice "auto"); None: not known
+        self.reasoning = reasoning  # chat replies' leading reasoning block apart, as reasoning_content
         self.context_length, self.tokens = context_length, tokens
         self.app = web.Application(client_max_size=max_body_bytes)
         self.app.add_routes([web.post("/v1/completions", self.completions),
@@ -362,10 +363,11 @@ class OpenAIHTTP:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=True)
 
-    def _chat_body(self, body: Any) -> tuple[dict, "_ToolPlan | None"]:
-        """A chat body as a completions one: the messages rendered by the chat template and tokenized; the chat
-        API's logprobs (true/false) and top_logprobs, and max_completion_tokens, in the completions' terms. With
-        tools that may be called, how the output is held and read back (else None)."""
+    def _chat_body(self, body: Any) -> tuple[dict, "_ChatRead"]:
+        """A chat body as a completions one: the messages rendered by the chat template (with the body's
+        chat_template_kwargs) and tokenized; the chat API's logprobs (true/false) and top_logprobs, and
+        max_completion_tokens, in the completions' terms. And how the reply is read back: its reasoning, and with
+        tools that may be called, how the output is held and its calls read."""
         if not isinstance(body, dict):
             raise InvalidRequestError("body", "must be a JSON object")
         messages = body.get("messages")
@@ -388,13 +390,18 @@ class OpenAIHTTP:
         tools, functions, choice = _tools(body)
         if self.tokenizer is None or self.tokenizer.chat_template is None:
             raise InvalidRequestError("messages", "this model has no chat template; use /v1/completions")
+        extra = body.get("chat_template_kwargs") or {}
+        if not isinstance(extra, dict) or any(k in ("messages", "tools", "add_generation_prompt") for k in extra):
+            raise InvalidRequestError("chat_template_kwargs", "must be an object of the template's own variables "
+                                                              "(messages, tools and add_generation_prompt are set)")
         try:
-            text = self.tokenizer.apply_chat_template(plain, tools=tools)
+            text = self.tokenizer.apply_chat_template(plain, tools=tools, **extra)
         except Exception as exc:  # noqa: BLE001 - the template's own checks (raise_exception) and its errors
             raise InvalidRequestError("messages", f"the chat template refused them: {exc}") from exc
-        out = {k: v for k, v in body.items() if k not in ("messages", "logprobs", "top_logprobs",
+        out = {k: v for k, v in body.items() if k not in ("messages", "logprobs", "top_logprobs", "chat_template_kwargs",
                                                             "max_completion_tokens", "tools", "tool_choice")}
-        plan = _tool_plan(body, tools, functions, choice, self.tool_format, text) if tools else None
+        opened = opens_thinking(text)
+        plan = _tool_plan(body, tools, functions, choice, self.tool_format, opened) if tools else None
         out["prompt"] = self.tokenizer.encode(text, add_special_tokens=False)
         if body.get("max_completion_tokens") is not None:
             out["max_tokens"] = body["max_completion_tokens"]
@@ -402,7 +409,7 @@ class OpenAIHTTP:
             raise InvalidRequestError("logprobs", f"must be true or false, got {body['logprobs']!r}")
         if body.get("logprobs"):
             out["logprobs"] = body.get("top_logprobs") or 0
-        return out, plan
+        return out, _ChatRead(plan, self.reasoning, opened)
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         caller = self._caller(request)
@@ -411,12 +418,12 @@ class OpenAIHTTP:
             return _error(401, "missing or unknown bearer token (Authorization: Bearer <token>)")
         try:
             body = await request.json()
-            plan = None
+            read = None
             if chat:
-                body, plan = self._chat_body(body)
+                body, read = self._chat_body(body)
             req, stream, include_usage, structured = generate_request(body, self.model_name)
-            if plan is not None:  # the calls' constraint (_tool_plan refuses another structured output beside it)
-                fill_structured_output(req.structured_output, *plan.structured)
+            if read is not None and read.tools is not None:  # the calls' constraint (_tool_plan refuses another)
+                fill_structured_output(req.structured_output, *read.tools.structured)
                 structured = "tool_choice"
             children, n, echo = choices(body, req, stream, chat)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -434,7 +441,7 @@ class OpenAIHTTP:
         scored = echo and req.HasField("logprobs")  # the prompt's ids are needed beside its logprobs only
         reply = _Reply(chat, int(time.time()), len(children), n, req.HasField("logprobs"),
                        self._echo(req) if echo else "", self._echo_ids(req) if scored else [],
-                       structured, plan)
+                       structured, read)
         path = "/v1/chat/completions" if chat else "/v1/completions"
         headers = [(k.lower(), v) for k, v in request.headers.items()]
         trackers = _Trackers([self.servicer.track("ChatCompletions" if chat else "Completions", headers,
@@ -589,16 +596,16 @@ class OpenAIHTTP:
         echo = (reply.echo_ids, prompt_logprobs) if reply.logprobs and prompt_logprobs is not None else ()
         picked = [self._choice(last[i], ids[i], reply.echo + "".join(text[i]), logprobs[i] if reply.logprobs else [],
                                reply.chat, index=k, echo=echo) for k, i in enumerate(order)]
-        if reply.tools is not None:
+        if reply.read is not None:
             for k, choice in enumerate(picked):
                 message = choice["message"]
-                content, calls, choice["finish_reason"] = _ToolReader(reply.tools, f"{rid}-{k}").read(
+                reasoning, content, calls, choice["finish_reason"] = _ChatReader(reply.read, f"{rid}-{k}").read(
                     message["content"], choice["finish_reason"])
+                message["content"] = content if content.strip() or not calls else None
+                if reply.read.reasoning:
+                    message["reasoning_content"] = reasoning or None
                 if calls:
-                    message["content"] = content if content.strip() else None
                     message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
-                else:
-                    message["content"] = content
         return web.json_response(self._envelope(rid, reply.created, reply.kind, usage=self._usage(last),
                                                 choices=picked))
 
@@ -608,7 +615,7 @@ class OpenAIHTTP:
         kind = reply.kind + (".chunk" if reply.chat else "")
         last: list[Any] = [None] * reply.requests
         rid, prompt_logprobs = "", None
-        readers: dict[int, _ToolReader] = {}
+        readers: dict[int, _ChatReader] = {}
         try:
             async with contextlib.aclosing(outputs):
                 async for i, r, out in outputs:
@@ -626,10 +633,13 @@ class OpenAIHTTP:
                         else ()
                     choice = self._choice(out, out.new_token_ids, text, out.logprobs or [], reply.chat, i, first,
                                           delta=True, echo=echo)
-                    if reply.tools is not None:  # the calls, each in one delta once complete
-                        reader = readers.setdefault(i, _ToolReader(reply.tools, f"{rid}-{i}"))
+                    if reply.read is not None:  # reasoning apart; the calls, each in one delta once complete
+                        reader = readers.setdefault(i, _ChatReader(reply.read, f"{rid}-{i}"))
                         delta = choice["delta"]
-                        delta["content"], calls, choice["finish_reason"] = reader.read(text, choice["finish_reason"])
+                        reasoning, delta["content"], calls, choice["finish_reason"] = reader.read(
+                            text, choice["finish_reason"])
+                        if reasoning:
+                            delta["reasoning_content"] = reasoning
                         if calls:
                             delta["tool_calls"] = calls
                     chunk = self._envelope(rid, reply.created, kind, choices=[choice])
@@ -666,28 +676,48 @@ class OpenAIHTTP:
 class _ToolPlan:
     """A chat whose tools may be called: `mode` "native" (the output is free text and calls in the model's `format`,
     held to its structural tag), "named" (the output is the arguments of names[0], as JSON) or "required" (a JSON
-    list of {"name", "arguments"}); `structured` the (kind, value) of the constraint; `thinking`: the prompt opened a
-    reasoning block."""
+    list of {"name", "arguments"}); `structured` the (kind, value) of the constraint."""
 
     mode: str
     names: tuple[str, ...]
     structured: tuple[str, Any]
     format: ToolFormat | None = None
-    thinking: bool = False
 
 
-class _ToolReader:
-    """Reads one choice's calls from its output as it streams (or whole: one `read` with the last output)."""
+@dataclass(frozen=True)
+class _ChatRead:
+    """How a chat reply is read: its calls (None: no tools to call), whether its reasoning block goes apart as
+    reasoning_content, and whether the prompt opened that block."""
 
-    def __init__(self, plan: _ToolPlan, call_id: str):
-        self.plan, self.call_id, self.count = plan, call_id, 0
-        self._parser = ToolCallParser(plan.format, plan.thinking) if plan.mode == "native" else None
+    tools: _ToolPlan | None
+    reasoning: bool
+    opened: bool
+
+
+class _ChatReader:
+    """Reads one chat choice's output as it streams (or whole: one `read` with the last output): its reasoning, its
+    content and its calls."""
+
+    def __init__(self, read: _ChatRead, call_id: str):
+        self.plan, self.call_id, self.count = read.tools, call_id, 0
+        self._thinking = ReasoningSplitter(read.opened) if read.reasoning else None
+        native = self.plan is not None and self.plan.mode == "native"
+        # (with the reasoning apart, the parser sees the answer alone)
+        self._parser = ToolCallParser(self.plan.format, read.opened and not read.reasoning) if native else None
         self._text: list[str] = []
 
-    def read(self, text: str, finish: str | None) -> tuple[str | None, list[dict], str | None]:
-        """(content, OpenAI tool_calls, finish_reason) for the next piece of output and the finish reason so far (None
-        while running). A call cut short by max_tokens stays content; an output ended with calls finishes
-        "tool_calls"."""
+    def read(self, text: str, finish: str | None) -> tuple[str, str, list[dict], str | None]:
+        """(reasoning, content, OpenAI tool_calls, finish_reason) for the next piece of output and the finish reason
+        so far (None while running). A call cut short by max_tokens stays content; an output ended with calls
+        finishes "tool_calls"."""
+        reasoning = ""
+        if self._thinking is not None:
+            reasoning, text = self._thinking.feed(text)
+            if finish is not None:
+                more, rest = self._thinking.finish()
+                reasoning, text = reasoning + more, text + rest
+        if self.plan is None:
+            return reasoning, text, [], finish
         if self._parser is not None:
             content, calls = self._parser.feed(text)
             if finish is not None:
@@ -709,7 +739,7 @@ class _ToolReader:
             out.append({"index": self.count, "id": f"call-{self.call_id}-{self.count}", "type": "function",
                         "function": {"name": c.name, "arguments": c.arguments}})
             self.count += 1
-        return content, out, "tool_calls" if finish == "stop" and called else finish
+        return reasoning, content, out, "tool_calls" if finish == "stop" and called else finish
 
 
 @dataclass(frozen=True)
@@ -725,7 +755,7 @@ class _Reply:
     echo: str
     echo_ids: list  # the echoed prompt's token ids (their logprobs come first with logprobs)
     structured: str | None = None  # the parameter that asked for a structured output (the engine's errors name it)
-    tools: "_ToolPlan | None" = None  # a chat whose output may call its tools
+    read: "_ChatRead | None" = None  # a chat's: how its output is read back (reasoning, tool calls)
 
     @property
     def kind(self) -> str:

@@ -28,6 +28,7 @@ from moeserve.router.servicer import SERVICE, InferenceServicer, TooManyStreamsE
 
 __all__ = ["SERVICE", "InferenceServer", "InferenceServicer", "ServerConfig", "TooManyStreamsError", "format_address"]
 from moeserve.router.tls import ServerTLS
+from moeserve.router import reasoning
 from moeserve.router.tool_calls import FORMATS, resolve_format
 from moeserve.router.validation import Limits
 
@@ -55,6 +56,7 @@ class ServerConfig:
     tls: ServerTLS | None = None
     http_port: int | None = None  # the OpenAI-compatible HTTP front (router/openai_http.py) on this port; None: off
     tool_call_format: str = "auto"  # the HTTP front's tool calls (router/tool_calls.py): auto (the chat template's), none, a format
+    reasoning_content: str = "auto"  # the HTTP front's chat replies' reasoning apart (router/reasoning.py): auto, split, keep
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -64,6 +66,8 @@ class ServerConfig:
         if self.tool_call_format not in ("auto", "none", *FORMATS):
             raise ValueError(f"tool_call_format must be auto, none or one of {', '.join(FORMATS)}; "
                              f"got {self.tool_call_format!r}")
+        if self.reasoning_content not in ("auto", "split", "keep"):
+            raise ValueError(f"reasoning_content must be auto, split or keep; got {self.reasoning_content!r}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
         for name in ("max_message_bytes", "max_streams_per_caller"):
@@ -148,9 +152,11 @@ class InferenceServer:
             from moeserve.router.openai_http import OpenAIHTTP
 
             tokenizer = self.engine.tokenizer
-            fmt = resolve_format(cfg.tool_call_format, tokenizer.chat_template if tokenizer is not None else None)
+            template = tokenizer.chat_template if tokenizer is not None else None
             self.http = OpenAIHTTP(self.servicer, self.model_name or mc.model_type, tokenizer,
-                                   limits.context_length, tokens, cfg.max_message_bytes, fmt)
+                                   limits.context_length, tokens, cfg.max_message_bytes,
+                                   resolve_format(cfg.tool_call_format, template),
+                                   reasoning.resolve(cfg.reasoning_content, template))
             try:
                 await self.http.start(cfg.host, cfg.http_port, cfg.tls)
             except OSError as exc:

@@ -164,7 +164,7 @@ class ToolCallParser:
         if self._state == "think":
             end = buf.find(THINK_END)
             if end < 0:
-                keep = _partial_tail(buf, (THINK_END,))
+                keep = partial_tail(buf, (THINK_END,))
                 content.append(buf[:len(buf) - keep])
                 self._buf = buf[len(buf) - keep:]
                 return False
@@ -187,7 +187,7 @@ class ToolCallParser:
         # text: up to the first marker
         found = [(i, m) for m in self.fmt.markers() if (i := buf.find(m)) >= 0]
         if not found:
-            keep = _partial_tail(buf, self.fmt.markers())
+            keep = partial_tail(buf, self.fmt.markers())
             settled = buf[:len(buf) - keep]
             if self._called and settled.isspace():
                 return False  # blank after a call: dropped if only more calls (or the end) follow
@@ -211,7 +211,7 @@ def parse(fmt: ToolFormat, text: str, thinking: bool = False) -> tuple[str, list
     return content + rest, calls + more
 
 
-def _partial_tail(text: str, markers: tuple[str, ...]) -> int:
+def partial_tail(text: str, markers: tuple[str, ...]) -> int:
     """The length of the longest end of `text` that is a proper beginning of one of the markers."""
     best = 0
     for m in markers:

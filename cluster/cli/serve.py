@@ -245,6 +245,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         + "; ".join(f"{f.name} ({f.models})" for f in TOOL_FORMATS.values())
                         + " (default auto: the one the chat template renders calls in; none: tool_choice \"auto\" "
                           "refused, \"required\" and named calls as plain JSON)")
+    g.add_argument("--reasoning-content", choices=("auto", "split", "keep"), default="auto",
+                   help="the HTTP API's chat replies: split a leading <think>...</think> block off as "
+                        "reasoning_content, or keep it in the content (default auto: split when the chat template "
+                        "spells </think>, as DeepSeek-R1's and Qwen3's do)")
     g.add_argument("--tls-cert", metavar="PEM", help="server certificate (turns TLS on; needs --tls-key)")
     g.add_argument("--tls-key", metavar="PEM", help="key of --tls-cert")
     g.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mTLS)")
@@ -281,6 +285,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
         auth_tokens=tuple(load_tokens(args.auth_token_file)), tls=tls, http_port=getattr(args, "http_port", None),
         tool_call_format=getattr(args, "tool_call_format", "auto"),
+        reasoning_content=getattr(args, "reasoning_content", "auto"),
     )
 
 

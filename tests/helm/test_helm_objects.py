@@ -28,7 +28,7 @@ def test_the_http_api_is_off_by_default_and_reachable_when_on(render, tmp_path):
     off = render(TLS_AUTH_MON)
     assert [p["name"] for p in one(off, "Service", FULLNAME)["spec"]["ports"]] == ["grpc"]
     objects = render(TLS_AUTH_MON, "--set", "server.httpPort=8080", "--set", "service.httpPort=80",
-                     "--set", "server.toolCallFormat=deepseek_v3")
+                     "--set", "server.toolCallFormat=deepseek_v3", "--set", "server.reasoningContent=keep")
     svc = one(objects, "Service", FULLNAME)
     assert svc["spec"]["ports"][1] == {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP",
                                        "appProtocol": "http"}
@@ -37,7 +37,7 @@ def test_the_http_api_is_off_by_default_and_reachable_when_on(render, tmp_path):
     serve = shlex.split(next(a for a in container["args"] if "moeserve" in a and " serve " in a).split(" serve ", 1)[1])
     args, unknown = parse_serve(["serve", *serve])
     assert not unknown and args.http_port == 8080 and args.tls_cert  # the HTTP API gets the gRPC port's TLS
-    assert args.tool_call_format == "deepseek_v3"
+    assert args.tool_call_format == "deepseek_v3" and args.reasoning_content == "keep"
     policies = {p["metadata"]["name"]: p for p in by_kind(objects, "NetworkPolicy")}
     assert {"port": "http", "protocol": "TCP"} in policies[f"{FULLNAME}-grpc"]["spec"]["ingress"][0]["ports"]
 

@@ -486,15 +486,17 @@ HERMES = ("{%- if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t |
 
 @pytest.fixture(scope="module")
 def hermes_checkpoint(tmp_path_factory):
-    """The demo architecture with a vocabulary of 520 whose tokenizer has <tool_call> and </tool_call> as tokens of
-    their own (ids 512 and 513, as Qwen3's tokenizer has them) and a chat template in Qwen3's style."""
+    """The demo architecture with a vocabulary of 520 whose tokenizer has <tool_call>, </tool_call>, <think> and
+    </think> as tokens of their own (ids 512-515, as Qwen3's tokenizer has them) and a chat template in Qwen3's
+    style (without reasoning)."""
     from tokenizers import AddedToken, Tokenizer
 
     from moeserve.models.demo import write_demo_model
 
     path = write_demo_model(tmp_path_factory.mktemp("hermes") / "ckpt", seed=0, config_override={"vocab_size": 520})
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<tool_call>", "</tool_call>")])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t in ("<tool_call>", "</tool_call>", "<think>", "</think>")])
     assert tok.token_to_id("<tool_call>") == 512
     tok.save(str(path / "tokenizer.json"))
     config = json.loads((path / "tokenizer_config.json").read_text())
@@ -564,3 +566,57 @@ async def test_tool_choice_auto_in_the_models_own_format(hermes_checkpoint):
             aiohttp.ClientSession() as http:
         async with http.post(_url(srv, "/v1/chat/completions"), json=ask) as r:
             assert r.status == 400 and (await r.json())["error"]["param"] == "tool_choice"
+
+
+@pytest.fixture(scope="module")
+def thinking_checkpoint(hermes_checkpoint, tmp_path_factory):
+    """hermes_checkpoint with a template whose generation prompt opens a reasoning block (as DeepSeek-R1's and
+    Qwen3's do), or with enable_thinking false closes it at once (as Qwen3's does)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("thinking") / "ckpt"
+    shutil.copytree(hermes_checkpoint, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    opened = ("{%- if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+              "enable_thinking is false %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}")
+    template = HERMES[:HERMES.index("{%- if add_generation_prompt")] + opened
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return str(path)
+
+
+async def test_reasoning_comes_apart_from_the_answer(thinking_checkpoint):
+    """A template that spells </think>: a chat reply's reasoning block (opened by the prompt) is reasoning_content and
+    the rest content, whole and streamed; put back together they are the completion of the rendered prompt.
+    chat_template_kwargs reach the template (enable_thinking false: no reasoning)."""
+    async with running_server(engine={"model": thinking_checkpoint}, http_port=0) as srv, \
+            aiohttp.ClientSession() as http:
+        assert srv.http.reasoning
+        tok, url = srv.engine.tokenizer, _url(srv, "/v1/chat/completions")
+        messages = [{"role": "user", "content": "Why is the sky blue?"}]
+        # as the model writes: thinking cut short; thinking ended by </think> (pushed to a little), the answer then
+        # holding more of them; no thinking (the prompt closed the block)
+        for kwargs, bias in (({}, {}), ({}, {"515": 3}), ({"enable_thinking": False}, {})):
+            prompt = tok.apply_chat_template(messages, **kwargs)
+            assert prompt.endswith("<think>\n") != bool(kwargs)
+            params = {"max_tokens": 24, "temperature": 0, "logit_bias": bias}
+            async with http.post(_url(srv, "/v1/completions"), json={"prompt": tok.encode(prompt), **params}) as r:
+                raw = (await r.json())["choices"][0]["text"]
+            body = {"messages": messages, "chat_template_kwargs": kwargs, **params}
+            async with http.post(url, json=body) as r:
+                assert r.status == 200, await r.text()
+                whole = (await r.json())["choices"][0]
+            if kwargs:  # no block: all answer
+                want = {"role": "assistant", "content": raw, "reasoning_content": None}
+            elif "</think>" in raw:
+                thought, answer = raw.split("</think>", 1)
+                want = {"role": "assistant", "content": answer.lstrip(), "reasoning_content": thought or None}
+            else:  # cut short while thinking
+                want = {"role": "assistant", "content": "", "reasoning_content": raw}
+            assert whole["message"] == want, raw
+            async with http.post(url, json={**body, "stream": True}) as r:
+                events = await _events(r)
+            deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+            assert "".join(d.get("reasoning_content", "") for d in deltas) == (want["reasoning_content"] or "")
+            assert "".join(d["content"] for d in deltas) == want["content"]
+        async with http.post(url, json={"messages": messages, "chat_template_kwargs": {"messages": []}}) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "chat_template_kwargs"

@@ -1,6 +1,7 @@
-"""Tool calls in a model's own format (router/tool_calls.py): each format's output, as its chat template renders an
-assistant's calls, is in the language of xgrammar's structural tag for it (what the HTTP front holds "auto" outputs
-to) and parses back to the same calls and content, however the text is split as it streams."""
+"""Reading a chat reply: tool calls in a model's own format (router/tool_calls.py): each format's output, as its chat
+template renders an assistant's calls, is in the language of xgrammar's structural tag for it (what the HTTP front
+holds "auto" outputs to) and parses back to the same calls and content, however the text is split as it streams;
+and a reasoning block apart from the answer (router/reasoning.py), however it streams."""
 
 from __future__ import annotations
 
@@ -117,3 +118,26 @@ def test_formats_are_told_by_the_template_or_named():
     assert resolve_format("deepseek_v3", None) is FORMATS["deepseek_v3"]
     with pytest.raises(ValueError, match="auto, none or one of hermes"):
         resolve_format("llama", None)
+
+
+@pytest.mark.parametrize("text, opened, want", [
+    ("<think>\nWhy? Because.\n</think>\n\nIt is blue.", False, ("\nWhy? Because.\n", "It is blue.")),
+    ("  <think>x</think>y", False, ("x", "y")),
+    ("Because.</think>\n\nBlue.</think>", True, ("Because.", "Blue.</think>")),
+    ("Still thinking </thi", True, ("Still thinking </thi", "")),
+    ("No block <think>here</think>", False, ("", "No block <think>here</think>")),
+    ("<thinking is not a tag", False, ("", "<thinking is not a tag")),
+    ("<think>a</think>\n\n", False, ("a", "")),
+])
+def test_reasoning_splits_off_a_leading_block_however_it_streams(text, opened, want):
+    from moeserve.router.reasoning import ReasoningSplitter
+
+    rng = random.Random(1)
+    for size in (len(text) + 1, 1, 2, 3, None):
+        splitter, parts, i = ReasoningSplitter(opened), [], 0
+        while i < len(text):
+            j = i + (size or rng.randint(1, 5))
+            parts.append(splitter.feed(text[i:j]))
+            i = j
+        parts.append(splitter.finish())
+        assert ("".join(p[0] for p in parts), "".join(p[1] for p in parts)) == want

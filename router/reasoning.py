@@ -1,0 +1,78 @@
+"""A reasoning model's thinking apart from its answer: the leading `<think>...</think>` block of a chat reply (also
+one the prompt opened, as DeepSeek-R1's and Qwen3's templates do) as `reasoning_content`, the rest as `content`, as
+DeepSeek's API answers. The OpenAI-compatible front (router/openai_http.py) splits chat replies so when the chat
+template knows the block (it spells `</think>`), or `moeserve serve --reasoning-content split`.
+"""
+
+from __future__ import annotations
+
+from .tool_calls import THINK_BEGIN, THINK_END, partial_tail
+
+
+def template_thinks(chat_template: str | None) -> bool:
+    """Whether a chat template knows reasoning blocks (it spells their end)."""
+    return bool(chat_template) and THINK_END in chat_template
+
+
+def resolve(setting: str, chat_template: str | None) -> bool:
+    """`serve --reasoning-content`: auto (as the chat template tells), split or keep (in the content)."""
+    if setting not in ("auto", "split", "keep"):
+        raise ValueError(f"reasoning content must be auto, split or keep; got {setting!r}")
+    return template_thinks(chat_template) if setting == "auto" else setting == "split"
+
+
+class ReasoningSplitter:
+    """Splits a reply into (reasoning, answer) as it arrives: `feed` each new piece, then `finish` once; each returns
+    the (reasoning, answer) text it settled. A reply that does not begin with a reasoning block (blank aside) is all
+    answer; one whose block never ends (max_tokens) is all reasoning. The tags are dropped, and so is blank space
+    between the block and the answer."""
+
+    def __init__(self, opened: bool = False):
+        self._buf = ""
+        self._state = "think" if opened else "start"  # start, think, gap (after the block), answer
+
+    def feed(self, text: str) -> tuple[str, str]:
+        self._buf += text
+        reasoning, answer = [], []
+        while self._step(reasoning, answer):
+            pass
+        return "".join(reasoning), "".join(answer)
+
+    def finish(self) -> tuple[str, str]:
+        reasoning, answer = self.feed("")
+        rest, self._buf = self._buf, ""
+        if self._state == "think":
+            return reasoning + rest, answer
+        return reasoning, answer + ("" if self._state == "gap" else rest)
+
+    def _step(self, reasoning: list[str], answer: list[str]) -> bool:
+        buf = self._buf
+        if self._state == "start":
+            lead = buf.lstrip()
+            if lead.startswith(THINK_BEGIN):
+                self._buf, self._state = lead[len(THINK_BEGIN):], "think"
+                return True
+            if THINK_BEGIN.startswith(lead):  # blank, or the opening tag's beginning: wait
+                return False
+            self._state = "answer"
+            return True
+        if self._state == "think":
+            end = buf.find(THINK_END)
+            if end < 0:
+                keep = partial_tail(buf, (THINK_END,))
+                reasoning.append(buf[:len(buf) - keep])
+                self._buf = buf[len(buf) - keep:]
+                return False
+            reasoning.append(buf[:end])
+            self._buf, self._state = buf[end + len(THINK_END):], "gap"
+            return True
+        if self._state == "gap":
+            lead = buf.lstrip()
+            if not lead:
+                self._buf = ""
+                return False
+            self._buf, self._state = lead, "answer"
+            return True
+        answer.append(buf)
+        self._buf = ""
+        return False
