@@ -1,7 +1,8 @@
 """Tool calls in a model's own format: telling calls from text in its output, whole or as it streams.
 
 A chat model trained for tools writes a call in markup of its own (Qwen3 and Hermes: `<tool_call>` around a JSON
-object; DeepSeek-V3 and R1: `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME` and a ```json block). With
+object; DeepSeek-V3 and R1: `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME` and a ```json block; Mistral's
+(Mixtral-8x22B-Instruct): `[TOOL_CALLS]` and a JSON list of calls to the end of the output). With
 `tool_choice` "auto" the model decides whether to call; the OpenAI-compatible front (router/openai_http.py) holds
 its output to xgrammar's structural tag of that format (free text, and once a call begins, the call's markup around
 arguments that satisfy the function's JSON Schema), then `ToolCallParser` splits the text into content and calls.
@@ -21,37 +22,48 @@ from typing import Callable
 THINK_BEGIN, THINK_END = "<think>", "</think>"
 
 
-def _hermes_body(body: str) -> tuple[str, object]:
-    call = json.loads(body)
+def _named(call: object) -> tuple[str, object]:
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or "arguments" not in call:
         raise ValueError('a call must be {"name": ..., "arguments": ...}')
     return call["name"], call["arguments"]
+
+
+def _hermes_body(body: str) -> list[tuple[str, object]]:
+    return [_named(json.loads(body))]
+
+
+def _mistral_body(body: str) -> list[tuple[str, object]]:
+    calls = json.loads(body)
+    if not isinstance(calls, list) or not calls:
+        raise ValueError("calls must be a non-empty JSON list")
+    return [_named(c) for c in calls]
 
 
 _DEEPSEEK_V3 = re.compile(r"function<｜tool▁sep｜>(?P<name>[^\n]+)\n```json\n(?P<args>.*)\n```", re.DOTALL)
 _DEEPSEEK_V3_1 = re.compile(r"(?P<name>[^<]+)<｜tool▁sep｜>(?P<args>.*)", re.DOTALL)
 
 
-def _regex_body(pattern: re.Pattern) -> Callable[[str], tuple[str, object]]:
-    def body(text: str) -> tuple[str, object]:
+def _regex_body(pattern: re.Pattern) -> Callable[[str], list[tuple[str, object]]]:
+    def body(text: str) -> list[tuple[str, object]]:
         m = pattern.fullmatch(text)
         if m is None:
             raise ValueError(f"not a call in this format: {text[:80]!r}")
-        return m["name"], json.loads(m["args"])
+        return [(m["name"], json.loads(m["args"]))]
     return body
 
 
 @dataclass(frozen=True)
 class ToolFormat:
-    """One model family's markup for calls: each call between `call_begin` and `call_end`, the calls of a turn
-    optionally inside `wrappers` (dropped: neither content nor a call); `body` reads a call's (name, arguments)."""
+    """One model family's markup for calls: each call between `call_begin` and `call_end` (empty: the end of the
+    output), the calls of a turn optionally inside `wrappers` (dropped: neither content nor a call); `body` reads the
+    (name, arguments) of the call(s) between them."""
 
     name: str
-    grammar: str  # xgrammar's built-in structural tag of this format (get_model_structural_tag's model)
+    grammar: str | None  # xgrammar's built-in structural tag of this format (get_model_structural_tag's model)
     call_begin: str
     call_end: str
     wrappers: tuple[str, ...]
-    body: Callable[[str], tuple[str, object]]
+    body: Callable[[str], list[tuple[str, object]]]
     models: str  # for help texts
 
     def markers(self) -> tuple[str, ...]:
@@ -64,6 +76,7 @@ FORMATS = {f.name: f for f in (
                ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"), _regex_body(_DEEPSEEK_V3), "DeepSeek-V3, R1"),
     ToolFormat("deepseek_v3_1", "deepseek_v3_1", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
                ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"), _regex_body(_DEEPSEEK_V3_1), "DeepSeek-V3.1"),
+    ToolFormat("mistral", None, "[TOOL_CALLS]", "", (), _mistral_body, "Mixtral-8x22B-Instruct, Mistral"),
 )}
 
 
@@ -75,6 +88,8 @@ def detect_format(chat_template: str | None) -> ToolFormat | None:
         return FORMATS["deepseek_v3" if "```json" in chat_template else "deepseek_v3_1"]
     if "<tool_call>" in chat_template:
         return FORMATS["hermes"]
+    if "[TOOL_CALLS]" in chat_template:
+        return FORMATS["mistral"]
     return None
 
 
@@ -93,12 +108,33 @@ def structural_tag(fmt: ToolFormat, tools: list[dict], tool_choice: object, para
     """The JSON of xgrammar's structural tag holding an output to `fmt` with these tools: free text and calls
     ("auto"), at least one call ("required"), or a call of the function named. `thinking`: the prompt ends in an
     opened reasoning block, which the output continues; otherwise a leading reasoning block is optional."""
+    if fmt.grammar is None:
+        return json.dumps(_mistral_tag(tools, tool_choice, parallel))
     from xgrammar import get_model_structural_tag
 
     tag = get_model_structural_tag(fmt.grammar, tools=tools, tool_choice=tool_choice,
                                    reasoning="enabled" if thinking else "auto", parallel_tool_calls=parallel,
                                    max_whitespace_cnt=1)  # (a run of blank space in arguments: one character)
     return tag.model_dump_json()
+
+
+def _mistral_tag(tools: list[dict], tool_choice: object, parallel: bool) -> dict:
+    """Mistral's calls as a structural tag (xgrammar has none built in): `[TOOL_CALLS] ` and a JSON list of
+    {"name", "arguments"} calls to the end of the output."""
+    functions = [t["function"] for t in tools]
+    if isinstance(tool_choice, dict):
+        functions = [f for f in functions if f["name"] == tool_choice["function"]["name"]]
+    one = {"anyOf": [{"type": "object", "properties": {"name": {"const": f["name"]},
+                                                       "arguments": f.get("parameters", {"type": "object"})},
+                      "required": ["name", "arguments"], "additionalProperties": False} for f in functions]}
+    single = not parallel or isinstance(tool_choice, dict)
+    calls = {"type": "tag", "begin": "[TOOL_CALLS] ", "end": "", "content": {
+        "type": "json_schema", "max_whitespace_cnt": 1,
+        "json_schema": {"type": "array", "items": one, "minItems": 1, **({"maxItems": 1} if single else {})}}}
+    if tool_choice == "auto":  # free text, or the calls to the end
+        return {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["[TOOL_CALLS]"],
+                                                     "tags": [calls], "stop_after_first": True}}
+    return {"type": "structural_tag", "format": calls}
 
 
 def opens_thinking(prompt: str) -> bool:
@@ -141,6 +177,11 @@ class ToolCallParser:
         content, calls = self.feed("")
         rest = self._buf
         self._buf = ""
+        if self._state == "call" and not self.fmt.call_end:  # calls to the end of the output
+            try:
+                return content, calls + self._calls(rest)
+            except ValueError:
+                pass
         if self._state == "call":
             rest = self.fmt.call_begin + rest  # cut short: the call's text as it came
         elif self._called and rest.isspace():
@@ -172,17 +213,14 @@ class ToolCallParser:
             self._buf, self._state = buf[end + len(THINK_END):], "text"
             return True
         if self._state == "call":
-            end = buf.find(self.fmt.call_end)
+            end = buf.find(self.fmt.call_end) if self.fmt.call_end else -1
             if end < 0:
                 return False
             body, self._buf, self._state = buf[:end], buf[end + len(self.fmt.call_end):], "text"
             try:
-                name, arguments = self.fmt.body(body)
+                calls += self._calls(body)
             except ValueError:  # not a call after all: its text is content
                 content.append(self.fmt.call_begin + body + self.fmt.call_end)
-                return True
-            calls.append(Call(name, json.dumps(arguments, ensure_ascii=False)))
-            self._called = True
             return True
         # text: up to the first marker
         found = [(i, m) for m in self.fmt.markers() if (i := buf.find(m)) >= 0]
@@ -201,6 +239,12 @@ class ToolCallParser:
         if marker == self.fmt.call_begin:
             self._state = "call"
         return True
+
+
+    def _calls(self, body: str) -> list[Call]:
+        out = [Call(name, json.dumps(arguments, ensure_ascii=False)) for name, arguments in self.fmt.body(body)]
+        self._called = True
+        return out
 
 
 def parse(fmt: ToolFormat, text: str, thinking: bool = False) -> tuple[str, list[Call]]:

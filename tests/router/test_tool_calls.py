@@ -33,6 +33,9 @@ TEMPLATES = {
                       "<｜tool▁calls▁begin｜>{% for c in m.tool_calls %}"
                       "<｜tool▁call▁begin｜>{{ c.function.name }}<｜tool▁sep｜>{{ c.function.arguments }}"
                       "<｜tool▁call▁end｜>{% endfor %}<｜tool▁calls▁end｜>{% endif %}{% endfor %}"),
+    "mistral": ("{% for m in messages %}{{ m.content }}{% if m.tool_calls %}[TOOL_CALLS] [{% for c in m.tool_calls %}"
+                "{% if not loop.first %}, {% endif %}{\"name\": \"{{ c.function.name }}\", \"arguments\": "
+                "{{ c.function.arguments }}}{% endfor %}]{% endif %}{% endfor %}"),
 }
 
 
@@ -44,7 +47,7 @@ def _reply(name: str, content: str, calls: list[Call]) -> str:
                "tool_calls": [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                               for c in calls]}
     text = Environment().from_string(TEMPLATES[name]).render(messages=[message])
-    start = len("<|im_start|>assistant\n") if name == "hermes" else len("<｜assistant｜>")
+    start = {"hermes": len("<|im_start|>assistant\n"), "mistral": 0}.get(name, len("<｜assistant｜>"))
     return text[start:len(text) - (len("<|im_end|>\n") if name == "hermes" else 0)]
 
 
@@ -108,6 +111,10 @@ def test_a_call_cut_short_or_not_a_call_stays_content():
     assert calls == CALLS[:1] and content == cut[cut.rindex("<tool_call>"):]
     bad = "<tool_call>\n{not json}\n</tool_call>"
     assert parse(fmt, bad) == (bad, [])
+    mistral = FORMATS["mistral"]  # calls to the end of the output
+    full = _reply("mistral", "", CALLS)
+    assert parse(mistral, full) == ("", CALLS)
+    assert parse(mistral, full[:-3]) == (full[:-3], [])
     assert parse(fmt, "<tool_call>\n" + json.dumps({"arguments": {}}) + "\n</tool_call>")[1] == []
 
 
