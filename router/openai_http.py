@@ -2,8 +2,8 @@
 
 `POST /v1/completions` (one prompt, text or token ids) and `POST /v1/chat/completions` (messages, rendered
 with the checkpoint's chat template), each the whole reply or server-sent events with `"stream": true`;
-`GET /v1/models` and `GET /health`. A request becomes a moeserve.v1.GenerateRequest and
-runs through `InferenceServicer.run_request`, as a gRPC call does: the same validation (errors name the
+`GET /v1/models`, `GET /health`, and vLLM's `POST /tokenize` and `POST /detokenize`. A request becomes a
+moeserve.v1.GenerateRequest and runs through `InferenceServicer.run_request`, as a gRPC call does: the same validation (errors name the
 field, which is the OpenAI parameter's name), limits, bearer tokens, priorities and graceful shutdown.
 
 As in OpenAI's API, `temperature` defaults to 1 (gRPC's to 0, greedy), and EOS ends a completion with
@@ -319,6 +319,7 @@ class OpenAIHTTP:
         self.app = web.Application(client_max_size=max_body_bytes)
         self.app.add_routes([web.post("/v1/completions", self.completions),
                              web.post("/v1/chat/completions", self.chat_completions),
+                             web.post("/tokenize", self.tokenize), web.post("/detokenize", self.detokenize),
                              web.get("/v1/models", self.models), web.get("/health", self.health)])
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -357,17 +358,69 @@ class OpenAIHTTP:
         return web.json_response({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "owned_by": "moeserve", "max_model_len": self.context_length}]})
 
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's POST /tokenize: a `prompt`'s token ids, or those of chat `messages` as the chat template renders
+        them (`add_generation_prompt`, default true; `tools`, `chat_template_kwargs`), with their count and the
+        context length."""
+        async def ids(body: Any) -> list[int]:
+            if not isinstance(body, dict):
+                raise InvalidRequestError("body", "must be a JSON object")
+            if "messages" in body:
+                add = body.get("add_generation_prompt", True)
+                if not isinstance(add, bool):
+                    raise InvalidRequestError("add_generation_prompt", f"must be true or false, got {add!r}")
+                text, special = self._render(body, add)[0], False
+            elif isinstance(body.get("prompt"), str):
+                text, special = body["prompt"], body.get("add_special_tokens", False)
+                if not isinstance(special, bool):
+                    raise InvalidRequestError("add_special_tokens", f"must be true or false, got {special!r}")
+            else:
+                raise InvalidRequestError("prompt", "give a prompt (a string) or chat messages")
+            return list(self.tokenizer.encode(text, add_special_tokens=special))
+
+        async def answer(body: Any) -> dict:
+            tokens = await ids(body)
+            return {"tokens": tokens, "count": len(tokens), "max_model_len": self.context_length}
+        return await self._utility(request, answer)
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's POST /detokenize: `tokens` (ids of this model's vocabulary) as text."""
+        async def answer(body: Any) -> dict:
+            tokens = body.get("tokens") if isinstance(body, dict) else None
+            if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+                raise InvalidRequestError("tokens", "must be a list of token ids")
+            vocab = self.servicer.limits.vocab_size
+            bad = next((t for t in tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequestError("tokens", f"token id {bad} is outside the vocabulary [0, {vocab})")
+            return {"prompt": self.tokenizer.decode(tokens)}
+        return await self._utility(request, answer)
+
+    async def _utility(self, request: web.Request, answer) -> web.Response:
+        """A call beside generation (tokenize, detokenize): auth, a JSON body, errors as the completions' are."""
+        if self._caller(request) is None:
+            self.servicer.record_error("UNAUTHENTICATED")
+            return _error(401, "missing or unknown bearer token (Authorization: Bearer <token>)")
+        if self.tokenizer is None:
+            return _error(404, "this model has no tokenizer")
+        try:
+            return web.json_response(await answer(await request.json()))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self.servicer.record_error("INVALID_ARGUMENT")
+            return _error(400, "the body is not JSON", "body")
+        except InvalidRequestError as exc:
+            self.servicer.record_error("INVALID_ARGUMENT")
+            return _error(400, str(exc), exc.field)
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=True)
 
-    def _chat_body(self, body: Any) -> tuple[dict, "_ChatRead"]:
-        """A chat body as a completions one: the messages rendered by the chat template (with the body's
-        chat_template_kwargs) and tokenized; the chat API's logprobs (true/false) and top_logprobs, and
-        max_completion_tokens, in the completions' terms. And how the reply is read back: its reasoning, and with
-        tools that may be called, how the output is held and its calls read."""
+    def _render(self, body: Any, add_generation_prompt: bool = True) -> tuple[str, list | None, dict, Any]:
+        """A chat body's messages rendered by the chat template (with its tools and chat_template_kwargs); the tools,
+        their {name: parameters} and tool_choice (_tools)."""
         if not isinstance(body, dict):
             raise InvalidRequestError("body", "must be a JSON object")
         messages = body.get("messages")
@@ -395,9 +448,17 @@ class OpenAIHTTP:
             raise InvalidRequestError("chat_template_kwargs", "must be an object of the template's own variables "
                                                               "(messages, tools and add_generation_prompt are set)")
         try:
-            text = self.tokenizer.apply_chat_template(plain, tools=tools, **extra)
+            text = self.tokenizer.apply_chat_template(plain, add_generation_prompt, tools=tools, **extra)
         except Exception as exc:  # noqa: BLE001 - the template's own checks (raise_exception) and its errors
             raise InvalidRequestError("messages", f"the chat template refused them: {exc}") from exc
+        return text, tools, functions, choice
+
+    def _chat_body(self, body: Any) -> tuple[dict, "_ChatRead"]:
+        """A chat body as a completions one: the messages rendered by the chat template (with the body's
+        chat_template_kwargs) and tokenized; the chat API's logprobs (true/false) and top_logprobs, and
+        max_completion_tokens, in the completions' terms. And how the reply is read back: its reasoning, and with
+        tools that may be called, how the output is held and its calls read."""
+        text, tools, functions, choice = self._render(body)
         out = {k: v for k, v in body.items() if k not in ("messages", "logprobs", "top_logprobs", "chat_template_kwargs",
                                                             "max_completion_tokens", "tools", "tool_choice")}
         opened = opens_thinking(text)

@@ -620,3 +620,30 @@ async def test_reasoning_comes_apart_from_the_answer(thinking_checkpoint):
             assert "".join(d["content"] for d in deltas) == want["content"]
         async with http.post(url, json={"messages": messages, "chat_template_kwargs": {"messages": []}}) as r:
             assert r.status == 400 and (await r.json())["error"]["param"] == "chat_template_kwargs"
+
+
+async def test_tokenize_and_detokenize():
+    """vLLM's /tokenize (a prompt, or chat messages as the template renders them) and /detokenize, behind the same
+    bearer tokens; bad bodies are 400 naming the parameter."""
+    async with running_server(http_port=0, auth_tokens=(TOKEN,)) as srv, aiohttp.ClientSession() as http:
+        tok, auth = srv.engine.tokenizer, {"Authorization": f"Bearer {TOKEN}"}
+        async with http.post(_url(srv, "/tokenize"), json={"prompt": "Hello there"}) as r:
+            assert r.status == 401
+        async with http.post(_url(srv, "/tokenize"), json={"prompt": "Hello there"}, headers=auth) as r:
+            got = await r.json()
+        assert got == {"tokens": tok.encode("Hello there"), "count": len(tok.encode("Hello there")),
+                       "max_model_len": srv.servicer.limits.context_length}
+        messages = [{"role": "user", "content": "Hi"}]
+        for add in (True, False):
+            async with http.post(_url(srv, "/tokenize"), json={"messages": messages, "add_generation_prompt": add},
+                                 headers=auth) as r:
+                assert (await r.json())["tokens"] == tok.encode(tok.apply_chat_template(messages, add))
+        async with http.post(_url(srv, "/detokenize"), json={"tokens": got["tokens"]}, headers=auth) as r:
+            assert await r.json() == {"prompt": "Hello there"}
+        vocab = srv.servicer.limits.vocab_size
+        for path, body, param in (("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {"messages": []}, "messages"),
+                                  ("/tokenize", {"prompt": "a", "add_special_tokens": "yes"}, "add_special_tokens"),
+                                  ("/detokenize", {"tokens": [1, vocab]}, "tokens"),
+                                  ("/detokenize", {"tokens": "1 2"}, "tokens")):
+            async with http.post(_url(srv, path), json=body, headers=auth) as r:
+                assert r.status == 400 and (await r.json())["error"]["param"] == param, await r.text()
