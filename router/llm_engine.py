@@ -181,6 +181,8 @@ class LLMEngine:
         try:
             if launched is None:
                 launched = self.runner.launch(batch, ready)
+            elif launched.deferred is not None:  # grammar rows: their masks now that the last tokens are fed
+                self.runner.complete(launched)
             if self.overlap_decode and launched.decode_graph:
                 self._launch_ahead(batch, launched)
             ready()

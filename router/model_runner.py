@@ -26,6 +26,7 @@ from .config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from .cuda_graphs import PROMPT_GRAPH_TOKENS, DecodeGraphs, PromptGraphs
 from .sampler import Sampler
 from .scheduler import ScheduledBatch
+from .sequence import SequenceStatus
 
 log = logging.getLogger(__name__)
 
@@ -283,25 +284,47 @@ class ModelRunner:
                 return self._launch_next(batch, prev, rows)
         return self._launch_next(batch, prev, rows)
 
+    @torch.inference_mode()
+    def complete(self, launched: "Launched") -> None:
+        """Queue a look-ahead step's late sampling (launch_next of a step with grammar rows), once the tokens of the
+        step before it have been fed to the matchers on the host."""
+        if self._pin:
+            with torch.cuda.device(self.device):
+                launched.complete()
+        else:
+            launched.complete()
+
     def _launch_next(self, batch: ScheduledBatch, prev: "Launched", rows: list[int] | None) -> "Launched | None":
         ids = prev.tokens if rows is None else prev.tokens.index_select(0, self._to_device(rows, torch.int64))
         hidden, _ = self._run_decodes(batch, input_tokens=ids)
         if hidden is None:
             return None
+        if any(s.params.needs_last_token for s in batch.seqs):
+            # A grammar's mask needs the previous token fed to its matcher on the host: the forward and the logits
+            # are queued now, the sampling once that token is back (Launched.complete), while the GPU runs them.
+            logits = self.model.compute_logits(hidden)
+            return Launched(None, None, graphed=True, decode_graph=True,
+                            deferred=lambda: self._sample_logits(logits, batch.seqs, live=True))
         return Launched(*self._sample(hidden, batch.seqs, pending=ids), graphed=True, decode_graph=True)
 
     def _sample(self, hidden: torch.Tensor, seqs: list, pending: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(sampled ids [N], and when a sequence asks for them Sampler.logprobs rows [N, 1 + 2k], else None).
         `pending`: a look-ahead step's input ids on the device, each row's last token not yet in its history."""
-        logits = self.model.compute_logits(hidden)
+        return self._sample_logits(self.model.compute_logits(hidden), seqs, pending)
+
+    def _sample_logits(self, logits: torch.Tensor, seqs: list, pending: torch.Tensor | None = None,
+                       live: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """_sample from the logits. `live`: only running sequences' grammars mask their rows (a late sampling's
+        sequence that ended meanwhile has its row dropped; its matcher may be done)."""
         histories = None
         if any(s.params.reads_history for s in seqs):  # (tokens so far, prompt length, what min_tokens holds back)
             eos = set(self.model.config.eos_token_ids)
             histories = [(s.token_ids, s.num_prompt_tokens, set(s.params.stop_token_ids) | (set() if s.params.ignore_eos
                                                                                            else eos))
                          if s.params.reads_history else None for s in seqs]
-        grammars = [s.grammar for s in seqs] if any(s.grammar is not None for s in seqs) else None
+        grammars = [s.grammar if not live or s.status is SequenceStatus.RUNNING else None for s in seqs] \
+            if any(s.grammar is not None for s in seqs) else None
         tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], histories, grammars,
                               pending if histories is not None else None)
         wanted = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
@@ -416,21 +439,36 @@ class Launched:
     an event, so that result() waits for this step alone and not for a step queued after it."""
 
     def __init__(self, tokens: torch.Tensor | None, logprobs: torch.Tensor | None, graphed: bool, decode_graph: bool,
-                 prompt_logprobs: torch.Tensor | None = None, prompt_spans: list | None = None):
+                 prompt_logprobs: torch.Tensor | None = None, prompt_spans: list | None = None,
+                 deferred: Callable[[], tuple[torch.Tensor, torch.Tensor | None]] | None = None):
         self.tokens = tokens  # [N] one per sampling sequence, in batch order; None when none samples
         self.logprobs = logprobs  # [N, 1 + 2k] Sampler.logprobs rows when a sequence asked for them
         self.prompt_logprobs = prompt_logprobs  # the same for prompt_spans' positions, one after another
         self.prompt_spans = prompt_spans or []  # prompt_logprob_spans of the step
         self.graphed = graphed  # replayed CUDA graphs (or their padded eager twin)
         self.decode_graph = decode_graph  # decode-only, through the decode graphs: the next decode may queue behind it
+        self.deferred = deferred  # the sampling still to queue (ModelRunner.complete), which gives tokens and logprobs
         self._host = self._host_logprobs = self._host_prompt = self._event = None
-        if any(t is not None and t.is_cuda for t in (tokens, prompt_logprobs)):
-            self._host, self._host_logprobs, self._host_prompt = map(_to_host, (tokens, logprobs, prompt_logprobs))
+        if deferred is None:
+            self._copy_back()
+
+    def complete(self) -> None:
+        """Queue the deferred sampling (call through ModelRunner.complete)."""
+        if self.deferred is not None:
+            self.tokens, self.logprobs = self.deferred()
+            self.deferred = None
+            self._copy_back()
+
+    def _copy_back(self) -> None:
+        if any(t is not None and t.is_cuda for t in (self.tokens, self.prompt_logprobs)):
+            self._host, self._host_logprobs, self._host_prompt = map(
+                _to_host, (self.tokens, self.logprobs, self.prompt_logprobs))
             self._event = torch.cuda.Event()
             self._event.record()
 
     def result(self) -> list[int]:
         """The sampled ids on the host: the step's one wait for the device (GIL released)."""
+        assert self.deferred is None, "a look-ahead step's sampling was not queued (ModelRunner.complete)"
         if self._event is not None:
             self._event.synchronize()
         if self.tokens is None:

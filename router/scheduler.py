@@ -229,8 +229,6 @@ class Scheduler:
         sequence's block table grows to cover the token it will read (position len(seq))."""
         if not batch.decode_only or batch.preempted or (self.waiting and not self._hold_prompts()):
             return None
-        if any(s.params.needs_last_token for s in batch.seqs):  # its sampling needs the token not yet on the host
-            return None
         if len(self.running) != len(batch.seqs) or any(s.status is not SequenceStatus.RUNNING for s in batch.seqs):
             return None
         going = [s for s in batch.seqs if s.num_completion_tokens + 1 < s.params.max_tokens]

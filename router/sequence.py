@@ -105,8 +105,9 @@ class SamplingParams:
 
     @property
     def needs_last_token(self) -> bool:
-        """Whether the next token's sampling needs this one on the host (a grammar's state is fed there): then no
-        decode step is queued ahead of it."""
+        """Whether the next token's sampling needs this one on the host (a grammar's state is fed there): a decode
+        step queued ahead of it queues its forward at once and its sampling once this token is back
+        (ModelRunner.complete)."""
         return self.structured_output is not None
 
 

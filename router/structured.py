@@ -7,9 +7,11 @@ sampler masks every other token to -inf in the rows of such requests (`apply_gra
 sampled token to the matcher (`LLMEngine._on_token`). Once the output is complete only end-of-sequence is allowed,
 so a structured request ends with finish reason "eos" (or "length" if max_tokens cut it short, as in OpenAI's API).
 
-Such a row needs its previous token on the host before its next mask, so it is not decoded ahead
-(SamplingParams.needs_last_token; the penalties, computed on the device, are). JSON is generated without free whitespace (xgrammar's any_whitespace off):
-a model cannot spend its tokens on blank space between fields.
+Such a row needs its previous token on the host before its next mask (SamplingParams.needs_last_token): a decode
+step queued ahead of it (look-ahead decode) queues its forward and logits at once and its sampling once that token
+has been fed to the matcher (ModelRunner.complete), so the mask is filled while the GPU runs the forward. JSON is
+generated without free whitespace (xgrammar's any_whitespace off): a model cannot spend its tokens on blank space
+between fields.
 """
 
 from __future__ import annotations

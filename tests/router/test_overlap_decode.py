@@ -221,9 +221,9 @@ def test_next_decode_rules():
     assert sched.next_decode(ScheduledBatch()) is None
 
 
-def test_no_look_ahead_for_a_structured_output_only():
-    """A grammar's matcher is fed on the host: a structured request's next step is not queued ahead. Penalties and
-    min_tokens are (the sampler takes the pending token from the device)."""
+def test_every_sampling_kind_is_decoded_ahead():
+    """Penalties and min_tokens take the pending token from the device; a grammar's row is sampled late (once the
+    token is fed to its matcher on the host): every decode step may be queued ahead."""
     from moeserve.router.structured import StructuredOutput
 
     for params in (SamplingParams(max_tokens=5), SamplingParams(max_tokens=5, presence_penalty=0.5),
@@ -234,7 +234,35 @@ def test_no_look_ahead_for_a_structured_output_only():
         sched.add(Sequence("a", [1, 2, 3], params))
         sched.postprocess(sched.schedule(), [9])
         decode = sched.schedule()
-        assert (sched.next_decode(decode) is None) == (params.structured_output is not None), params
+        assert sched.next_decode(decode) is not None, params
+
+
+def test_look_ahead_with_structured_outputs_equals_waiting(demo_model_dir):
+    """Structured rows beside plain, penalised and seeded ones on steps queued ahead (their forward queued at once,
+    their sampling once the last token is fed to the matcher): the tokens of the engine that waits for each step,
+    and of the eager one; structured requests ending (EOS) while a step is queued ahead have their rows dropped."""
+    from moeserve.router.structured import StructuredOutput
+
+    schema = '{"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}}, ' \
+             '"required": ["n"], "additionalProperties": false}'
+    params = [SamplingParams(max_tokens=30, structured_output=StructuredOutput("json_schema", schema)),
+              SamplingParams(max_tokens=12),
+              SamplingParams(max_tokens=20, structured_output=StructuredOutput("regex", "[a-z]{3,12}")),
+              SamplingParams(max_tokens=14, presence_penalty=1.0, repetition_penalty=1.2),
+              SamplingParams(max_tokens=20, temperature=0.9, top_k=30, seed=5,
+                             structured_output=StructuredOutput("choice", choices=("alpha", "beta", "gamma delta"))),
+              SamplingParams(max_tokens=16, temperature=0.8, seed=9)]
+    probe = _engine(str(demo_model_dir), overlap=False, mode="off", max_model_len=128)
+    prompts = _prompts(probe, [5, 12, 3, 9, 7, 4])
+    want = _run(probe, prompts, params, arrive_every=1)
+    waiting = _run(_engine(str(demo_model_dir), overlap=False, max_model_len=128), prompts, params, arrive_every=1)
+    ahead_engine = _engine(str(demo_model_dir), overlap=True, max_model_len=128)
+    got = _run(ahead_engine, prompts, params, arrive_every=1)
+    assert ahead_engine.counters["steps_ahead"] > 4, "structured decode steps were meant to be queued ahead"
+    assert got == waiting == want
+    for i in (0, 2, 4):
+        assert got[f"r{i}"][1] == "eos", got[f"r{i}"]
+    _check_blocks_back(ahead_engine)
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
