@@ -91,12 +91,17 @@ class BlockManager:
     def allocate(self, seq: Sequence) -> None:
         """Give a waiting sequence blocks for all its tokens (prompt, and completion when recomputing): the
         cached blocks its tokens begin with, whose tokens count as computed, then free ones."""
+        if not self.try_allocate(seq):
+            raise RuntimeError(f"{seq.request_id}: needs {blocks_for(len(seq), self.block_size)} blocks, "
+                               f"{self.num_free_blocks} free")
+
+    def try_allocate(self, seq: Sequence) -> bool:
+        """allocate() when the blocks are there (the prompt matched against the cache once); else False."""
         if seq.block_table:
             raise RuntimeError(f"{seq.request_id}: already holds blocks {seq.block_table}")
         hits = self._match(seq)
         if not self._fits(seq, hits):
-            raise RuntimeError(f"{seq.request_id}: needs {blocks_for(len(seq), self.block_size)} blocks, "
-                               f"{self.num_free_blocks} free")
+            return False
         for _, block in hits:
             if self._refs[block] == 0:
                 del self._evictable[block]
@@ -109,6 +114,7 @@ class BlockManager:
         if self.prefix_caching:
             self.prefix_queried_tokens += len(seq)
             self.prefix_hit_tokens += seq.num_computed_tokens
+        return True
 
     def can_append(self, seq: Sequence, extra: int = 0) -> bool:
         """Whether a running sequence's newest token (and `extra` tokens past it) has or can get a slot."""

@@ -204,10 +204,9 @@ class Scheduler:
             return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self._next_waiting()
-            if not bm.can_allocate(seq):
+            if not bm.try_allocate(seq):
                 break
             self.waiting.remove(seq)
-            bm.allocate(seq)
             if seq.num_cached_prompt_tokens is None:
                 seq.num_cached_prompt_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
