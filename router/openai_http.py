@@ -16,8 +16,8 @@ Structured output: OpenAI's `response_format` (`json_object`, `json_schema`) or 
 
 Chat `tools` are rendered by the chat template. With the model's tool-call format known (router/tool_calls.py: told by
 the template, or `serve --tool-call-format`), `tool_choice` "auto" (the default), "required" or a named function
-hold the output to that format's structural tag, and calls come back as `tool_calls` (streamed: each call in one
-delta once complete). Without it, "required" and a named function make the whole output the call(s) as JSON, and
+hold the output to that format's structural tag, and calls come back as `tool_calls` (streamed: a call's name, then
+its arguments as they are written). Without it, "required" and a named function make the whole output the call(s) as JSON, and
 "auto" is refused.
 
 `n` choices (and `best_of`, of which the n with the highest mean log-probability per token are returned) are n
@@ -47,7 +47,7 @@ from moeserve.router.client import fill_structured_output
 from moeserve.router.errors import InvalidRequestError
 from moeserve.router.reasoning import ReasoningSplitter
 from moeserve.router.sequence import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS
-from moeserve.router.tool_calls import Call, ToolCallParser, ToolFormat, opens_thinking, structural_tag
+from moeserve.router.tool_calls import CallDelta, ToolCallParser, ToolFormat, opens_thinking, structural_tag
 from moeserve.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -666,7 +666,7 @@ class OpenAIHTTP:
                 message["content"] = content if content.strip() or not calls else None
                 if reply.read.reasoning:
                     message["reasoning_content"] = reasoning or None
-                if calls:
+                if calls:  # (one read: each call's pieces merged into its first)
                     message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
         return web.json_response(self._envelope(rid, reply.created, reply.kind, usage=self._usage(last),
                                                 choices=picked))
@@ -695,7 +695,7 @@ class OpenAIHTTP:
                         else ()
                     choice = self._choice(out, out.new_token_ids, text, out.logprobs or [], reply.chat, i, first,
                                           delta=True, echo=echo)
-                    if reply.read is not None:  # reasoning apart; the calls, each in one delta once complete
+                    if reply.read is not None:  # reasoning apart; the calls' pieces
                         reader = readers.setdefault(i, _ChatReader(reply.read, f"{rid}-{i}"))
                         delta = choice["delta"]
                         reasoning, delta["content"], calls, choice["finish_reason"] = reader.read(
@@ -761,7 +761,7 @@ class _ChatReader:
     content and its calls."""
 
     def __init__(self, read: _ChatRead, call_id: str):
-        self.plan, self.call_id, self.count = read.tools, call_id, 0
+        self.plan, self.call_id = read.tools, call_id
         self._thinking = ReasoningSplitter(read.opened) if read.reasoning else None
         native = self.plan is not None and self.plan.mode == "native"
         # (with the reasoning apart, the parser sees the answer alone)
@@ -781,26 +781,31 @@ class _ChatReader:
         if self.plan is None:
             return reasoning, text, [], finish
         if self._parser is not None:
-            content, calls = self._parser.feed(text)
+            content, deltas = self._parser.feed(text)
             if finish is not None:
                 rest, more = self._parser.finish()
-                content, calls = content + rest, calls + more
+                content, deltas = content + rest, deltas + more
             called = self._parser.called
         else:  # the whole output is the call(s): read at the end
             self._text.append(text)
-            content, calls, called = "", [], False
+            content, deltas, called = "", [], False
             if finish == "stop":
                 whole = "".join(self._text)
-                calls = ([Call(self.plan.names[0], whole)] if self.plan.mode == "named" else
-                         [Call(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in json.loads(whole)])
+                calls = ([(self.plan.names[0], whole)] if self.plan.mode == "named" else
+                         [(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in json.loads(whole)])
+                deltas = [CallDelta(i, name, arguments) for i, (name, arguments) in enumerate(calls)]
                 called = True
             elif finish is not None:
                 content = "".join(self._text)
-        out = []
-        for c in calls:
-            out.append({"index": self.count, "id": f"call-{self.call_id}-{self.count}", "type": "function",
-                        "function": {"name": c.name, "arguments": c.arguments}})
-            self.count += 1
+        out: list[dict] = []
+        for d in deltas:  # OpenAI's: a call's first delta has its id, type and name; pieces of one call merged
+            if out and out[-1]["index"] == d.index:
+                out[-1]["function"]["arguments"] += d.arguments
+            elif d.name is not None:
+                out.append({"index": d.index, "id": f"call-{self.call_id}-{d.index}", "type": "function",
+                            "function": {"name": d.name, "arguments": d.arguments}})
+            else:
+                out.append({"index": d.index, "function": {"arguments": d.arguments}})
         return reasoning, content, out, "tool_calls" if finish == "stop" and called else finish
 
 

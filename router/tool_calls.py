@@ -65,17 +65,24 @@ class ToolFormat:
     wrappers: tuple[str, ...]
     body: Callable[[str], list[tuple[str, object]]]
     models: str  # for help texts
+    # Streaming a call's arguments as they come: `head` matches a call's text up to its arguments (group "name"),
+    # `tail` what follows them before call_end. None: each call is read whole (`body`).
+    head: re.Pattern | None = None
+    tail: str = ""
 
     def markers(self) -> tuple[str, ...]:
         return (self.call_begin, *self.wrappers)
 
 
 FORMATS = {f.name: f for f in (
-    ToolFormat("hermes", "qwen_3", "<tool_call>", "</tool_call>", (), _hermes_body, "Qwen3, Qwen2.5, Hermes"),
+    ToolFormat("hermes", "qwen_3", "<tool_call>", "</tool_call>", (), _hermes_body, "Qwen3, Qwen2.5, Hermes",
+               re.compile(r'\s*\{"name": "(?P<name>[^"\\]+)", "arguments": '), "}\n"),
     ToolFormat("deepseek_v3", "deepseek_r1", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
-               ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"), _regex_body(_DEEPSEEK_V3), "DeepSeek-V3, R1"),
+               ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"), _regex_body(_DEEPSEEK_V3), "DeepSeek-V3, R1",
+               re.compile(r"function<｜tool▁sep｜>(?P<name>[^\n]+)\n```json\n"), "\n```"),
     ToolFormat("deepseek_v3_1", "deepseek_v3_1", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
-               ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"), _regex_body(_DEEPSEEK_V3_1), "DeepSeek-V3.1"),
+               ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"), _regex_body(_DEEPSEEK_V3_1), "DeepSeek-V3.1",
+               re.compile(r"(?P<name>[^<\n]+)<｜tool▁sep｜>"), ""),
     ToolFormat("mistral", None, "[TOOL_CALLS]", "", (), _mistral_body, "Mixtral-8x22B-Instruct, Mistral"),
 )}
 
@@ -148,47 +155,62 @@ class Call:
     arguments: str  # the arguments' JSON text
 
 
+@dataclass(frozen=True)
+class CallDelta:
+    """A piece of the index-th call: its first one has the name; the arguments' text pieces joined are its
+    arguments."""
+
+    index: int
+    name: str | None
+    arguments: str
+
+
 class ToolCallParser:
     """Splits a model's output into content and calls as it arrives: `feed` each new piece of text, then `finish`
-    once; each returns (content text, complete calls) for what it settled. Text that may be the start of a marker
-    is held until it is told apart; a call is returned once its end marker has come. Whatever is left at the end (a
-    call cut short, a marker's prefix) is content. Blank text between calls is dropped. The pieces' content joined
-    is the output with the calls' markup taken out, however the output was split."""
+    once; each returns (content text, CallDeltas) for what it settled. Text that may be the start of a marker is held
+    until it is told apart. A call's name goes out once its text up to the arguments has come (ToolFormat.head),
+    then its arguments as they come, short of what may be the format's text after them (a call cut short there ends
+    so); in a format without a head (or a call whose text does not match it) the call goes out whole once complete.
+    Whatever is left at the end (a call cut short before its name, a marker's prefix) is content. Blank text between calls is dropped. The pieces
+    joined are the same however the output was split."""
 
     def __init__(self, fmt: ToolFormat, thinking: bool = False):
         self.fmt = fmt
         self._buf = ""
         self._state = "think" if thinking else "start"  # start, think, text, call
-        self._called = False
+        self._calls = 0  # calls begun (named)
+        self._sent = -1  # in a call: how much of its text has gone out (-1: its name not yet)
 
     @property
     def called(self) -> bool:
-        return self._called
+        return self._calls > 0
 
-    def feed(self, text: str) -> tuple[str, list[Call]]:
+    def feed(self, text: str) -> tuple[str, list[CallDelta]]:
         self._buf += text
         content: list[str] = []
-        calls: list[Call] = []
-        while self._step(content, calls):
+        deltas: list[CallDelta] = []
+        while self._step(content, deltas):
             pass
-        return "".join(content), calls
+        return "".join(content), deltas
 
-    def finish(self) -> tuple[str, list[Call]]:
-        content, calls = self.feed("")
+    def finish(self) -> tuple[str, list[CallDelta]]:
+        content, deltas = self.feed("")
         rest = self._buf
         self._buf = ""
-        if self._state == "call" and not self.fmt.call_end:  # calls to the end of the output
+        if self._state == "call" and self._sent >= 0:
+            pass  # cut short after its name: its arguments as far as they went out (the rest may be its tail)
+        elif self._state == "call" and not self.fmt.call_end:  # calls to the end of the output
             try:
-                return content, calls + self._calls(rest)
+                deltas += self._whole(rest)
             except ValueError:
-                pass
-        if self._state == "call":
-            rest = self.fmt.call_begin + rest  # cut short: the call's text as it came
-        elif self._called and rest.isspace():
-            rest = ""
-        return content + rest, calls
+                content += self.fmt.call_begin + rest
+        elif self._state == "call":
+            content += self.fmt.call_begin + rest  # cut short before its name: the call's text as it came
+        elif not (self.called and rest.isspace()):
+            content += rest
+        return content, deltas
 
-    def _step(self, content: list[str], calls: list[Call]) -> bool:
+    def _step(self, content: list[str], deltas: list[CallDelta]) -> bool:
         """Settle what the buffer allows; True when there may be more to settle."""
         buf = self._buf
         if self._state == "start":
@@ -213,46 +235,82 @@ class ToolCallParser:
             self._buf, self._state = buf[end + len(THINK_END):], "text"
             return True
         if self._state == "call":
-            end = buf.find(self.fmt.call_end) if self.fmt.call_end else -1
-            if end < 0:
-                return False
-            body, self._buf, self._state = buf[:end], buf[end + len(self.fmt.call_end):], "text"
-            try:
-                calls += self._calls(body)
-            except ValueError:  # not a call after all: its text is content
-                content.append(self.fmt.call_begin + body + self.fmt.call_end)
-            return True
+            return self._in_call(content, deltas)
         # text: up to the first marker
         found = [(i, m) for m in self.fmt.markers() if (i := buf.find(m)) >= 0]
         if not found:
             keep = partial_tail(buf, self.fmt.markers())
             settled = buf[:len(buf) - keep]
-            if self._called and settled.isspace():
+            if self.called and settled.isspace():
                 return False  # blank after a call: dropped if only more calls (or the end) follow
             content.append(settled)
             self._buf = buf[len(buf) - keep:]
             return False
         i, marker = min(found)
-        if not (self._called and buf[:i].isspace()):
+        if not (self.called and buf[:i].isspace()):
             content.append(buf[:i])
         self._buf = buf[i + len(marker):]
         if marker == self.fmt.call_begin:
-            self._state = "call"
+            self._state, self._sent = "call", -1
         return True
 
+    def _in_call(self, content: list[str], deltas: list[CallDelta]) -> bool:
+        fmt, buf = self.fmt, self._buf
+        end = buf.find(fmt.call_end) if fmt.call_end else -1
+        body = buf if end < 0 else buf[:end]
+        if self._sent < 0 and fmt.head is not None:
+            m = fmt.head.match(body)
+            if m is not None and (m.end() < len(body) or end >= 0):  # the head is complete: the name goes out
+                deltas.append(CallDelta(self._calls, m["name"], ""))
+                self._calls += 1
+                self._sent = m.end()
+        if end < 0:
+            if self._sent >= 0:  # the arguments so far, short of what may be the tail or the end marker
+                safe = body[:len(body) - partial_tail(body, (fmt.call_end,))]
+                hold = len(fmt.tail) if fmt.tail and safe.endswith(fmt.tail) else partial_tail(safe, (fmt.tail,))
+                deltas += self._piece(safe[self._sent:len(safe) - hold])
+                self._sent = max(self._sent, len(safe) - hold)
+            return False
+        self._buf, self._state = buf[end + len(fmt.call_end):], "text"
+        if self._sent >= 0:
+            rest = body[self._sent:]
+            deltas += self._piece(rest[:len(rest) - len(fmt.tail)] if fmt.tail and rest.endswith(fmt.tail) else rest)
+            return True
+        try:
+            deltas += self._whole(body)
+        except ValueError:  # not a call after all: its text is content
+            content.append(fmt.call_begin + body + fmt.call_end)
+        return True
 
-    def _calls(self, body: str) -> list[Call]:
-        out = [Call(name, json.dumps(arguments, ensure_ascii=False)) for name, arguments in self.fmt.body(body)]
-        self._called = True
+    def _piece(self, arguments: str) -> list[CallDelta]:
+        return [CallDelta(self._calls - 1, None, arguments)] if arguments else []
+
+    def _whole(self, body: str) -> list[CallDelta]:
+        """Whole calls from a call's text (ToolFormat.body), each with its arguments as compact JSON."""
+        out = []
+        for name, arguments in self.fmt.body(body):
+            out.append(CallDelta(self._calls, name, json.dumps(arguments, ensure_ascii=False)))
+            self._calls += 1
         return out
+
+
+def calls_of(deltas: list[CallDelta]) -> list[Call]:
+    """The calls CallDeltas make up."""
+    names: dict[int, str] = {}
+    arguments: dict[int, list[str]] = {}
+    for d in deltas:
+        if d.name is not None:
+            names[d.index] = d.name
+        arguments.setdefault(d.index, []).append(d.arguments)
+    return [Call(names[i], "".join(arguments[i])) for i in sorted(names)]
 
 
 def parse(fmt: ToolFormat, text: str, thinking: bool = False) -> tuple[str, list[Call]]:
     """A whole output's (content, calls)."""
     parser = ToolCallParser(fmt, thinking)
-    content, calls = parser.feed(text)
+    content, deltas = parser.feed(text)
     rest, more = parser.finish()
-    return content + rest, calls + more
+    return content + rest, calls_of(deltas + more)
 
 
 def partial_tail(text: str, markers: tuple[str, ...]) -> int:

@@ -508,7 +508,7 @@ async def test_tool_choice_auto_in_the_models_own_format(hermes_checkpoint):
     """tool_choice "auto" (the default with tools), the format told by the chat template: free text is the
     completion of the rendered prompt as it would be without tools' constraint; a model that writes <tool_call>
     (here pushed to by logit_bias) writes a call to one of the functions with arguments its schema accepts, which
-    comes back as tool_calls, whole or streamed (the same call); "required" and a named function too; the call fed
+    comes back as tool_calls, whole or streamed (the same call: its name, then its arguments in pieces); "required" and a named function too; the call fed
     back as an assistant turn renders."""
     async with running_server(engine={"model": hermes_checkpoint}, http_port=0) as srv, \
             aiohttp.ClientSession() as http:
@@ -542,14 +542,20 @@ async def test_tool_choice_auto_in_the_models_own_format(hermes_checkpoint):
                 assert whole["message"]["tool_calls"][0]["function"]["name"] == "weather"
             async with http.post(url, json={**body, "stream": True}) as r:
                 assert r.status == 200
-                streamed = _streamed_choice(await _events(r))
-            assert _without_ids(streamed) == _without_ids(whole)
+                events = await _events(r)
+            assert _without_ids(_streamed_choice(events)) == _without_ids(whole)
+            pieces = [c for e in events[:-1] for c in e["choices"][0]["delta"].get("tool_calls", [])]
+            assert "name" in pieces[0]["function"] and len(pieces) > 3  # the name, then the arguments as written
 
-        # parallel calls: as many as max_tokens allows; the complete ones are calls, the one cut short is content
-        async with http.post(url, json={**push, "max_tokens": 100}) as r:
+        # parallel calls: as many as max_tokens allows; the last may be cut short (its arguments as far as they
+        # came, or before its name its text as content); streamed, the same pieces
+        body = {**push, "max_tokens": 100}
+        async with http.post(url, json=body) as r:
             many = (await r.json())["choices"][0]
         calls = many["message"].get("tool_calls", [])
-        assert many["finish_reason"] == "length" and len(calls) >= 1 and all(_args_fit(c) for c in calls)
+        assert many["finish_reason"] == "length" and len(calls) >= 2 and all(_args_fit(c) for c in calls[:-1])
+        async with http.post(url, json={**body, "stream": True}) as r:
+            assert _without_ids(_streamed_choice(await _events(r))) == _without_ids(many)
         assert len({c["id"] for c in calls}) == len(calls)
         assert many["message"]["content"] is None or many["message"]["content"].lstrip().startswith("<tool_call>")
 

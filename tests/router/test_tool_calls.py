@@ -10,7 +10,8 @@ import random
 
 import pytest
 
-from moeserve.router.tool_calls import FORMATS, Call, ToolCallParser, detect_format, parse, resolve_format, structural_tag
+from moeserve.router.tool_calls import (FORMATS, Call, ToolCallParser, calls_of, detect_format, parse, resolve_format,
+                                        structural_tag)
 
 xgr = pytest.importorskip("xgrammar")
 
@@ -89,7 +90,11 @@ def test_a_stream_split_anywhere_gives_the_whole_parse(name):
                 calls += new
                 i = j
             piece, new = parser.finish()
-            assert ("".join(content) + piece, calls + new) == whole
+            assert ("".join(content) + piece, calls_of(calls + new)) == whole
+            deltas = calls + new
+            if whole[1] and name != "mistral":  # each call's name first, then its arguments in pieces
+                assert [d.name for d in deltas if d.name] == [c.name for c in whole[1]]
+                assert len(deltas) > 2 * len(whole[1])
 
 
 def test_reasoning_is_content_and_a_call_inside_it_is_not_a_call():
@@ -106,9 +111,10 @@ def test_reasoning_is_content_and_a_call_inside_it_is_not_a_call():
 def test_a_call_cut_short_or_not_a_call_stays_content():
     fmt = FORMATS["hermes"]
     full = _reply("hermes", "", CALLS)
-    cut = full[:full.rindex("</tool_")]  # max_tokens ended the second call
-    content, calls = parse(fmt, cut)
-    assert calls == CALLS[:1] and content == cut[cut.rindex("<tool_call>"):]
+    cut = full[:full.rindex("true")]  # max_tokens ended the second call in its arguments: as far as they came
+    assert parse(fmt, cut) == ("", [CALLS[0], Call("time", '{"utc": ')])
+    cut = full[:full.rindex('"time"')]  # or before its name: its text is content
+    assert parse(fmt, cut) == (cut[cut.rindex("<tool_call>"):], CALLS[:1])
     bad = "<tool_call>\n{not json}\n</tool_call>"
     assert parse(fmt, bad) == (bad, [])
     mistral = FORMATS["mistral"]  # calls to the end of the output
