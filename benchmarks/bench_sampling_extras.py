@@ -7,9 +7,11 @@ is the step time. The kinds:
   plain        greedy, nothing else (the peer: every other kind is measured against it)
   logprobs     logprobs=5 (the chosen token's log-probability and the 5 most likely)
   logit_bias   10 biased tokens
-  penalties    presence 0.5 and repetition 1.1: the rows read their history, so no step is queued ahead
-  regex        structured output, a regex of letters and spaces (end-of-sequence biased away)
+  penalties    presence 0.5 and repetition 1.1: the rows read their history (on the device, steps queued ahead)
+  regex        structured output, a regex of letters and spaces (end-of-sequence biased away): a step queued
+               ahead is sampled once the previous tokens are fed to the matchers
   json         structured output, a JSON object with one string field (end-of-sequence biased away)
+  mixed        one regex row among plain ones: what one structured request costs the others
 The physical limit is the decode step's floor at this batch: the bytes it must read (active weights, KV) over
 the copy bandwidth measured in the same run (bench_serving.decode_floor).
 
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_serving as bs  # noqa: E402  (same folder: presets, random models, bandwidth, floor)
 
-KINDS = ("plain", "logprobs", "logit_bias", "penalties", "regex", "json")
+KINDS = ("plain", "logprobs", "logit_bias", "penalties", "regex", "json", "mixed")
 
 
 def synthetic_tokenizer(vocab: int, seed: int = 0):
@@ -89,9 +91,11 @@ def measure(engine, kind: str, args, tag: str) -> dict:
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
     ahead = engine.counters["steps_ahead"]
-    params = params_of(kind, args.steps + 4, sorted(set(engine.eos_token_ids) | set(engine.tokenizer.eos_token_ids)))
+    eos = sorted(set(engine.eos_token_ids) | set(engine.tokenizer.eos_token_ids))
+    params = params_of("plain" if kind == "mixed" else kind, args.steps + 4, eos)
     for i in range(args.batch):
-        engine.add_request(f"{tag}{i}", torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist(), params)
+        engine.add_request(f"{tag}{i}", torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist(),
+                           params_of("regex", args.steps + 4, eos) if kind == "mixed" and i == 0 else params)
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.requests.values()):
         engine.step()
     engine.step()  # the first decode step: every row past its prompt
