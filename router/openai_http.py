@@ -45,9 +45,9 @@ from moeserve.router import status_codes
 from moeserve.router.auth import TokenSet, bearer_token
 from moeserve.router.client import fill_structured_output
 from moeserve.router.errors import InvalidRequestError
-from moeserve.router.reasoning import ReasoningSplitter
+from moeserve.router.reasoning import ReasoningSplitter, opens_thinking
 from moeserve.router.sequence import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS
-from moeserve.router.tool_calls import CallDelta, ToolCallParser, ToolFormat, opens_thinking, structural_tag
+from moeserve.router.tool_calls import CallDelta, ToolCallParser, ToolFormat, structural_tag
 from moeserve.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)

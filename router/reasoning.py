@@ -6,12 +6,17 @@ template knows the block (it spells `</think>`), or `moeserve serve --reasoning-
 
 from __future__ import annotations
 
-from .tool_calls import THINK_BEGIN, THINK_END, partial_tail
+THINK_BEGIN, THINK_END = "<think>", "</think>"
 
 
 def template_thinks(chat_template: str | None) -> bool:
     """Whether a chat template knows reasoning blocks (it spells their end)."""
     return bool(chat_template) and THINK_END in chat_template
+
+
+def opens_thinking(prompt: str) -> bool:
+    """Whether a rendered prompt leaves a reasoning block open for the reply (as DeepSeek-R1's template does)."""
+    return prompt.rstrip().endswith(THINK_BEGIN)
 
 
 def resolve(setting: str, chat_template: str | None) -> bool:
@@ -25,10 +30,10 @@ class ReasoningSplitter:
     """Splits a reply into (reasoning, answer) as it arrives: `feed` each new piece, then `finish` once; each returns
     the (reasoning, answer) text it settled. A reply that does not begin with a reasoning block (blank aside) is all
     answer; one whose block never ends (max_tokens) is all reasoning. The tags are dropped, and so is blank space
-    between the block and the answer."""
+    between the block and the answer; `raw`: kept (the block's text as written, then the answer's)."""
 
-    def __init__(self, opened: bool = False):
-        self._buf = ""
+    def __init__(self, opened: bool = False, raw: bool = False):
+        self._buf, self._raw = "", raw
         self._state = "think" if opened else "start"  # start, think, gap (after the block), answer
 
     def feed(self, text: str) -> tuple[str, str]:
@@ -50,7 +55,10 @@ class ReasoningSplitter:
         if self._state == "start":
             lead = buf.lstrip()
             if lead.startswith(THINK_BEGIN):
-                self._buf, self._state = lead[len(THINK_BEGIN):], "think"
+                cut = len(buf) - len(lead) + len(THINK_BEGIN)
+                if self._raw:
+                    reasoning.append(buf[:cut])
+                self._buf, self._state = buf[cut:], "think"
                 return True
             if THINK_BEGIN.startswith(lead):  # blank, or the opening tag's beginning: wait
                 return False
@@ -63,8 +71,8 @@ class ReasoningSplitter:
                 reasoning.append(buf[:len(buf) - keep])
                 self._buf = buf[len(buf) - keep:]
                 return False
-            reasoning.append(buf[:end])
-            self._buf, self._state = buf[end + len(THINK_END):], "gap"
+            reasoning.append(buf[:end + (len(THINK_END) if self._raw else 0)])
+            self._buf, self._state = buf[end + len(THINK_END):], "answer" if self._raw else "gap"
             return True
         if self._state == "gap":
             lead = buf.lstrip()
@@ -76,3 +84,14 @@ class ReasoningSplitter:
         answer.append(buf)
         self._buf = ""
         return False
+
+
+def partial_tail(text: str, markers: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that is a proper beginning of one of the markers."""
+    best = 0
+    for m in markers:
+        for n in range(min(len(m) - 1, len(text)), best, -1):
+            if text.endswith(m[:n]):
+                best = n
+                break
+    return best

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-THINK_BEGIN, THINK_END = "<think>", "</think>"
+from .reasoning import ReasoningSplitter, partial_tail
 
 
 def _named(call: object) -> tuple[str, object]:
@@ -144,11 +144,6 @@ def _mistral_tag(tools: list[dict], tool_choice: object, parallel: bool) -> dict
     return {"type": "structural_tag", "format": calls}
 
 
-def opens_thinking(prompt: str) -> bool:
-    """Whether a rendered prompt leaves a reasoning block open for the reply (as DeepSeek-R1's template does)."""
-    return prompt.rstrip().endswith(THINK_BEGIN)
-
-
 @dataclass(frozen=True)
 class Call:
     name: str
@@ -176,8 +171,9 @@ class ToolCallParser:
 
     def __init__(self, fmt: ToolFormat, thinking: bool = False):
         self.fmt = fmt
+        self._lead = ReasoningSplitter(thinking, raw=True)  # a leading reasoning block: content, as written
         self._buf = ""
-        self._state = "think" if thinking else "start"  # start, think, text, call
+        self._state = "text"  # text, call
         self._calls = 0  # calls begun (named)
         self._sent = -1  # in a call: how much of its text has gone out (-1: its name not yet)
 
@@ -186,15 +182,19 @@ class ToolCallParser:
         return self._calls > 0
 
     def feed(self, text: str) -> tuple[str, list[CallDelta]]:
+        block, text = self._lead.feed(text)
+        return self._settle(block, text)
+
+    def _settle(self, block: str, text: str) -> tuple[str, list[CallDelta]]:
         self._buf += text
-        content: list[str] = []
+        content: list[str] = [block]
         deltas: list[CallDelta] = []
         while self._step(content, deltas):
             pass
         return "".join(content), deltas
 
     def finish(self) -> tuple[str, list[CallDelta]]:
-        content, deltas = self.feed("")
+        content, deltas = self._settle(*self._lead.finish())
         rest = self._buf
         self._buf = ""
         if self._state == "call" and self._sent >= 0:
@@ -213,27 +213,6 @@ class ToolCallParser:
     def _step(self, content: list[str], deltas: list[CallDelta]) -> bool:
         """Settle what the buffer allows; True when there may be more to settle."""
         buf = self._buf
-        if self._state == "start":
-            lead = buf.lstrip()
-            if lead.startswith(THINK_BEGIN):
-                cut = len(buf) - len(lead) + len(THINK_BEGIN)
-                content.append(buf[:cut])
-                self._buf, self._state = buf[cut:], "think"
-                return True
-            if THINK_BEGIN.startswith(lead):  # blank, or part of a reasoning block's opening: wait
-                return False
-            self._state = "text"
-            return True
-        if self._state == "think":
-            end = buf.find(THINK_END)
-            if end < 0:
-                keep = partial_tail(buf, (THINK_END,))
-                content.append(buf[:len(buf) - keep])
-                self._buf = buf[len(buf) - keep:]
-                return False
-            content.append(buf[:end + len(THINK_END)])
-            self._buf, self._state = buf[end + len(THINK_END):], "text"
-            return True
         if self._state == "call":
             return self._in_call(content, deltas)
         # text: up to the first marker
@@ -311,14 +290,3 @@ def parse(fmt: ToolFormat, text: str, thinking: bool = False) -> tuple[str, list
     content, deltas = parser.feed(text)
     rest, more = parser.finish()
     return content + rest, calls_of(deltas + more)
-
-
-def partial_tail(text: str, markers: tuple[str, ...]) -> int:
-    """The length of the longest end of `text` that is a proper beginning of one of the markers."""
-    best = 0
-    for m in markers:
-        for n in range(min(len(m) - 1, len(text)), best, -1):
-            if text.endswith(m[:n]):
-                best = n
-                break
-    return best
