@@ -85,6 +85,12 @@ class AsyncEngine:
         await asyncio.to_thread(thread.join)
 
     # -- requests ---------------------------------------------------------------------------------
+    async def prepare(self, params: SamplingParams) -> None:
+        """LLMEngine.prepare on a thread: a structured output compiles (tens of milliseconds to seconds for a large
+        schema, or a tokenizer's first) while the event loop goes on streaming; generate() then finds it compiled."""
+        if params.structured_output is not None:
+            await asyncio.to_thread(self.core.prepare, params)
+
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  deadline: float | None = None, resume: list[int] = ()) -> AsyncIterator[RequestOutput]:
         """Queue a request and stream its outputs; the last has finished=True. Raises at call time. `resume`: see

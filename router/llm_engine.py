@@ -119,6 +119,12 @@ class LLMEngine:
             self.counters["requests_added"] += 1
             self.counters["prompt_tokens"] += seq.num_prompt_tokens
 
+    def prepare(self, params: SamplingParams) -> None:
+        """Do the slow part of admitting a request with these params ahead, off the caller's event loop (compiling
+        a structured output: the compiler caches it for add_request); InvalidRequestError as add_request would."""
+        if params.structured_output is not None:
+            self._grammars().matcher(params.structured_output)
+
     def _grammars(self) -> Grammars:
         """The structured-output compiler of this engine's tokenizer, built on first use."""
         if self.tokenizer is None:

@@ -183,6 +183,9 @@ class InferenceServicer:
             request_id = req.request_id
             self._active.add(request_id)
             tracker.admitted(request_id, len(req.prompt_token_ids))
+            prepare = getattr(self._engine, "prepare", None)  # (a trunk worker prepares in its own process)
+            if prepare is not None:
+                await prepare(req.params)
             stream = self._engine.generate(req.request_id, req.prompt_token_ids, req.params, deadline=deadline)
             await self._notify()
             finished = False

@@ -154,6 +154,7 @@ class TrunkWorker:
         self.relay = TelemetryRelay()
         self.outbox: list[tuple[str, object]] = []
         self.tasks: dict[str, asyncio.Task] = {}
+        self.preparing: set[str] = set()  # submitted, being prepared (LLMEngine.prepare) before generate
         self.changed = asyncio.Event()
         self._delay_s = 0.0  # inject_delay's, read by the step thread before each step
 
@@ -178,11 +179,17 @@ class TrunkWorker:
 
     async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                      resume: list[int] = ()) -> None:
+        self.preparing.add(request_id)
         try:
+            await self.engine.prepare(params)  # (a structured output compiles on a thread meanwhile)
+            if request_id not in self.preparing:
+                return  # aborted meanwhile
             stream = self.engine.generate(request_id, prompt_token_ids, params, resume=resume)
         except Exception as exc:  # noqa: BLE001 - every admission error goes back to its request
             self._emit(request_id, error_record(exc))
             return
+        finally:
+            self.preparing.discard(request_id)
         self.tasks[request_id] = asyncio.get_running_loop().create_task(self._pump(request_id, stream))
 
     async def _pump(self, request_id: str, stream: AsyncIterator[RequestOutput]) -> None:
@@ -195,6 +202,7 @@ class TrunkWorker:
             self.tasks.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
+        self.preparing.discard(request_id)
         self.engine.abort(request_id)
 
     async def inject_delay(self, seconds: float) -> None:

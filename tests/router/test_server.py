@@ -111,7 +111,20 @@ async def test_logprobs_come_with_each_token_streamed_or_not(server, client, sam
     await assert_idle(server)
 
 
-async def test_structured_output_over_grpc(server, client):
+async def test_structured_output_over_grpc(server, client, monkeypatch):
+    """Held to a JSON Schema or a list of choices; the spec compiles on a thread, not on the edge's event loop
+    (which streams every other request meanwhile)."""
+    import threading
+
+    from moeserve.router.llm_engine import LLMEngine
+
+    compiled_on, prepare = [], LLMEngine.prepare
+
+    def recording(engine, params):
+        compiled_on.append(threading.current_thread())
+        return prepare(engine, params)
+
+    monkeypatch.setattr(LLMEngine, "prepare", recording)
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
                                                                                 "maximum": 9}},
               "required": ["ok", "n"], "additionalProperties": False}
@@ -120,6 +133,7 @@ async def test_structured_output_over_grpc(server, client):
     streamed = [m async for m in client.generate_stream(prompt="Answer:", max_tokens=40,
                                                         structured_output={"choice": ["alpha", "beta"]})]
     assert "".join(m.text for m in streamed) in ("alpha", "beta") and streamed[-1].finish_reason == pb.eos
+    assert len(compiled_on) == 2 and threading.main_thread() not in compiled_on
     await assert_idle(server)
 
 
