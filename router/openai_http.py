@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP front beside the gRPC edge (`moeserve serve --http-port N`).
 
-`POST /v1/completions` (one prompt, text or token ids) and `POST /v1/chat/completions` (messages, rendered
+`POST /v1/completions` (a prompt, text or token ids, or a batch of them) and `POST /v1/chat/completions` (messages, rendered
 with the checkpoint's chat template), each the whole reply or server-sent events with `"stream": true`;
 `GET /v1/models`, `GET /health`, and vLLM's `POST /tokenize` and `POST /detokenize`. A request becomes a
 moeserve.v1.GenerateRequest and runs through `InferenceServicer.run_request`, as a gRPC call does: the same
@@ -61,6 +61,7 @@ _FINISH = {"eos": "stop"}  # OpenAI ends on EOS with "stop"; length, stop, cance
 _NUMBERS = {"max_tokens": int, "top_p": float, "top_k": int, "seed": int, "logprobs": int, "presence_penalty": float,
             "frequency_penalty": float, "repetition_penalty": float, "min_tokens": int, "priority": int}
 MAX_CHOICES = 16  # n and best_of at most
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (a batch, as lm-evaluation-harness sends them)
 
 
 class _Refused(Exception):
@@ -83,9 +84,10 @@ def _number(body: dict, name: str, kind: type) -> Any:
     return value
 
 
-def generate_request(body: Any, model_name: str) -> tuple[pb.GenerateRequest, bool, bool, str | None]:
-    """A /v1/completions body as (GenerateRequest, stream, include_usage, the parameter that asked for a structured
-    output); InvalidRequestError naming the parameter, _Refused(404) for another model."""
+def generate_request(body: Any, model_name: str) -> tuple[pb.GenerateRequest, bool, bool, str | None, list]:
+    """A /v1/completions body as (GenerateRequest of its first prompt, stream, include_usage, the parameter that asked
+    for a structured output, every prompt: a string or a list of token ids); InvalidRequestError naming the
+    parameter, _Refused(404) for another model."""
     if not isinstance(body, dict):
         raise InvalidRequestError("body", "must be a JSON object")
     model = body.get("model")
@@ -94,17 +96,8 @@ def generate_request(body: Any, model_name: str) -> tuple[pb.GenerateRequest, bo
     if body.get("suffix") is not None:
         raise InvalidRequestError("suffix", "is not supported")
     req = pb.GenerateRequest()
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one prompt
-    if isinstance(prompt, str):
-        req.prompt = prompt
-    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        if any(t < 0 or t >= 2**32 for t in prompt):
-            raise InvalidRequestError("prompt", "token ids must be in [0, 2**32)")
-        req.token_ids.ids.extend(prompt)
-    else:
-        raise InvalidRequestError("prompt", "must be one prompt: a string or a list of token ids")
+    prompts = _prompts(body.get("prompt"))
+    _set_prompt(req, prompts[0])
     temperature = body.get("temperature")
     req.temperature = 1.0 if temperature is None else _number(body, "temperature", float)
     for name, kind in _NUMBERS.items():
@@ -136,7 +129,31 @@ def generate_request(body: Any, model_name: str) -> tuple[pb.GenerateRequest, bo
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise InvalidRequestError("stream_options", "must be an object")
-    return req, body.get("stream", False), bool(options.get("include_usage", False)), structured
+    return req, body.get("stream", False), bool(options.get("include_usage", False)), structured, prompts
+
+
+def _prompts(prompt: Any) -> list:
+    """The completions' `prompt`: a string, a list of token ids, or a batch of those (at most MAX_PROMPTS)."""
+    def one(p: Any) -> bool:
+        return isinstance(p, str) or (isinstance(p, list) and bool(p) and
+                                      all(isinstance(t, int) and not isinstance(t, bool) for t in p))
+
+    batch = prompt if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt) \
+        else [prompt]
+    if not all(one(p) for p in batch):
+        raise InvalidRequestError("prompt", "must be a string, a list of token ids, or a list of those")
+    if len(batch) > MAX_PROMPTS:
+        raise InvalidRequestError("prompt", f"{len(batch)} prompts is over the limit of {MAX_PROMPTS}")
+    if any(not 0 <= t < 2**32 for p in batch if isinstance(p, list) for t in p):
+        raise InvalidRequestError("prompt", "token ids must be in [0, 2**32)")
+    return batch
+
+
+def _set_prompt(req: pb.GenerateRequest, prompt: str | list) -> None:
+    if isinstance(prompt, str):
+        req.prompt = prompt
+    else:
+        req.token_ids.ids[:] = prompt
 
 
 def _logit_bias(body: dict, req: pb.GenerateRequest) -> None:
@@ -206,10 +223,11 @@ def _structured_output(body: dict, req: pb.GenerateRequest) -> str | None:
     return name
 
 
-def choices(body: dict, req: pb.GenerateRequest, stream: bool, chat: bool) -> tuple[list[pb.GenerateRequest], int, bool]:
-    """(the engine requests, `best_of` of them; the number of choices to return, n; echo) for a parsed body: one
-    request per choice, choice i with seed + i when a seed is given, and each with its chosen tokens'
-    log-probabilities when the best n of best_of are to be picked by them."""
+def choices(body: dict, req: pb.GenerateRequest, prompts: list, stream: bool, chat: bool
+            ) -> tuple[list[pb.GenerateRequest], int, int, bool]:
+    """(the engine requests, `best_of` of them per prompt, prompt after prompt; best_of; the number of choices to
+    return per prompt, n; echo) for a parsed body: one request per choice, choice i with seed + i when a seed is
+    given, and each with its chosen tokens' log-probabilities when the best n of best_of are to be picked by them."""
     n = body.get("n")
     n = 1 if n is None else _number(body, "n", int)
     if not 1 <= n <= MAX_CHOICES:
@@ -228,17 +246,19 @@ def choices(body: dict, req: pb.GenerateRequest, stream: bool, chat: bool) -> tu
     if echo and chat:
         raise InvalidRequestError("echo", "is a /v1/completions parameter")
     out = []
-    for i in range(best_of):
-        child = pb.GenerateRequest()
-        child.CopyFrom(req)
-        if req.HasField("seed"):
-            child.seed = (req.seed + i) % 2**64
-        if best_of > n and not req.HasField("logprobs"):
-            child.logprobs = 0  # the chosen tokens' log-probabilities rank the choices
-        if echo and req.HasField("logprobs") and i == 0:
-            child.prompt_logprobs = req.logprobs  # the prompt's, echoed (computed once: the choices share them)
-        out.append(child)
-    return out, n, echo
+    for prompt in prompts:
+        for i in range(best_of):
+            child = pb.GenerateRequest()
+            child.CopyFrom(req)
+            _set_prompt(child, prompt)
+            if req.HasField("seed"):
+                child.seed = (req.seed + i) % 2**64
+            if best_of > n and not req.HasField("logprobs"):
+                child.logprobs = 0  # the chosen tokens' log-probabilities rank the choices
+            if echo and req.HasField("logprobs") and i == 0:
+                child.prompt_logprobs = req.logprobs  # the prompt's, echoed (computed once: the choices share them)
+            out.append(child)
+    return out, best_of, n, echo
 
 
 def _tools(body: dict) -> tuple[list | None, dict[str, dict], Any]:
@@ -483,11 +503,11 @@ class OpenAIHTTP:
             read = None
             if chat:
                 body, read = self._chat_body(body)
-            req, stream, include_usage, structured = generate_request(body, self.model_name)
+            req, stream, include_usage, structured, prompts = generate_request(body, self.model_name)
             if read is not None and read.tools is not None:  # the calls' constraint (_tool_plan refuses another)
                 fill_structured_output(req.structured_output, *read.tools.structured)
                 structured = "tool_choice"
-            children, n, echo = choices(body, req, stream, chat)
+            children, best_of, n, echo = choices(body, req, prompts, stream, chat)
         except (json.JSONDecodeError, UnicodeDecodeError):
             self.servicer.record_error("INVALID_ARGUMENT")
             return _error(400, "the body is not JSON", "body")
@@ -501,14 +521,15 @@ class OpenAIHTTP:
             self.servicer.record_error("NOT_FOUND")
             return _error(exc.status, str(exc), exc.param)
         scored = echo and req.HasField("logprobs")  # the prompt's ids are needed beside its logprobs only
-        reply = _Reply(chat, int(time.time()), len(children), n, req.HasField("logprobs"),
-                       self._echo(req) if echo else "", self._echo_ids(req) if scored else [],
-                       structured, read)
+        firsts = children[::best_of]  # each prompt's first request
+        reply = _Reply(chat, int(time.time()), best_of, n, req.HasField("logprobs"),
+                       [self._echo(c) if echo else "" for c in firsts],
+                       [self._echo_ids(c) if scored else [] for c in firsts], structured, read)
         path = "/v1/chat/completions" if chat else "/v1/completions"
         headers = [(k.lower(), v) for k, v in request.headers.items()]
         trackers = _Trackers([self.servicer.track("ChatCompletions" if chat else "Completions", headers,
                                                   span_name=f"POST {path}") for _ in children])
-        outputs = self._run(children, caller, trackers.items)
+        outputs = self._run(children, best_of, caller, trackers.items)
         try:
             if stream:
                 response = await self._stream(request, outputs, reply, include_usage, trackers)
@@ -531,10 +552,11 @@ class OpenAIHTTP:
             return req.prompt
         return self.tokenizer.decode(list(req.token_ids.ids)) if self.tokenizer is not None else ""
 
-    async def _run(self, children: list, caller: str, trackers: list):
-        """Run the choices' engine requests; yields (choice index, request id, RequestOutput) as they come. The
-        first runs alone until its first output, so that the others find its prompt in the prefix cache. The
-        first failure is raised; closing this generator lets the engine go of every request still running."""
+    async def _run(self, children: list, group: int, caller: str, trackers: list):
+        """Run the choices' engine requests, `group` of them per prompt; yields (request index, request id,
+        RequestOutput) as they come. Each prompt's first runs alone until its first output, so that the others find
+        its prompt in the prefix cache. The first failure is raised; closing this generator lets the engine go of
+        every request still running."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int) -> None:
@@ -548,15 +570,17 @@ class OpenAIHTTP:
             else:
                 queue.put_nowait((i, None, None))
 
-        tasks = [asyncio.create_task(pump(0))]
+        tasks = [asyncio.create_task(pump(i)) for i in range(0, len(children), group)]
+        waiting = set(range(0, len(children), group))  # prompts whose other requests wait for its first output
         running = len(children)
         try:
             while running:
                 i, rid, item = await queue.get()
                 if isinstance(item, Exception):
                     raise item
-                if len(tasks) < len(children):
-                    tasks += [asyncio.create_task(pump(j)) for j in range(1, len(children))]
+                if i in waiting:
+                    waiting.discard(i)
+                    tasks += [asyncio.create_task(pump(j)) for j in range(i + 1, i + group)]
                 if item is None:
                     running -= 1
                 else:
@@ -624,25 +648,29 @@ class OpenAIHTTP:
         return {"id": f"{prefix}-{request_id}", "object": kind, "created": created, "model": self.model_name, **extra}
 
     @staticmethod
-    def _usage(lasts: list) -> dict:
-        """Usage over a reply's engine requests (each one's last output): the prompt counted once, every
-        completion's tokens (best_of's unreturned ones too), and the most prompt tokens any read from the cache."""
-        prompt, completion = lasts[0].prompt_tokens, sum(out.completion_tokens for out in lasts)
+    def _usage(lasts: list, group: int) -> dict:
+        """Usage over a reply's engine requests (each one's last output), `group` per prompt: each prompt counted
+        once, every completion's tokens (best_of's unreturned ones too), and for each prompt the most prompt tokens
+        one of its requests read from the cache."""
+        groups = [lasts[at:at + group] for at in range(0, len(lasts), group)]
+        prompt, completion = sum(g[0].prompt_tokens for g in groups), sum(out.completion_tokens for out in lasts)
+        cached = sum(max(out.cached_prompt_tokens for out in g) for g in groups)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": max(out.cached_prompt_tokens for out in lasts)}}
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def _whole(self, outputs, reply: "_Reply", trackers: "_Trackers") -> web.Response:
-        count = reply.requests
+        count, group = reply.group * len(reply.echo), reply.group
         ids: list[list[int]] = [[] for _ in range(count)]
         text: list[list[str]] = [[] for _ in range(count)]
         logprobs: list[list] = [[] for _ in range(count)]
         last: list[Any] = [None] * count
-        rid, prompt_logprobs = "", None
+        rid, prompt_logprobs = "", [None] * len(reply.echo)  # each prompt's
         try:
             async with contextlib.aclosing(outputs):
                 async for i, r, out in outputs:
                     rid = rid or r
-                    prompt_logprobs = out.prompt_logprobs if out.prompt_logprobs is not None else prompt_logprobs
+                    if out.prompt_logprobs is not None:
+                        prompt_logprobs[i // group] = out.prompt_logprobs
                     ids[i] += out.new_token_ids
                     text[i].append(out.new_text)
                     logprobs[i] += out.logprobs or ()
@@ -650,14 +678,17 @@ class OpenAIHTTP:
         except Exception as exc:  # noqa: BLE001 - every failure becomes its HTTP status
             return self._failure(exc, trackers, reply)
         trackers.end()
-        order = list(range(count))
-        if count > reply.n:  # best_of: the n with the highest mean log-probability per token, in that order
-            order.sort(key=lambda i: -sum(lp for lp, _, _ in logprobs[i]) / len(logprobs[i]) if logprobs[i]
-                       else math.inf)
-            order = order[:reply.n]
-        echo = (reply.echo_ids, prompt_logprobs) if reply.logprobs and prompt_logprobs is not None else ()
-        picked = [self._choice(last[i], ids[i], reply.echo + "".join(text[i]), logprobs[i] if reply.logprobs else [],
-                               reply.chat, index=k, echo=echo) for k, i in enumerate(order)]
+        picked = []
+        for p in range(len(reply.echo)):
+            order = list(range(p * group, (p + 1) * group))
+            if group > reply.n:  # best_of: the n with the highest mean log-probability per token, in that order
+                order.sort(key=lambda i: -sum(lp for lp, _, _ in logprobs[i]) / len(logprobs[i]) if logprobs[i]
+                           else math.inf)
+                order = order[:reply.n]
+            echo = (reply.echo_ids[p], prompt_logprobs[p]) if reply.logprobs and prompt_logprobs[p] is not None else ()
+            picked += [self._choice(last[i], ids[i], reply.echo[p] + "".join(text[i]),
+                                    logprobs[i] if reply.logprobs else [], reply.chat, index=p * reply.n + k,
+                                    echo=echo) for k, i in enumerate(order)]
         if reply.read is not None:
             for k, choice in enumerate(picked):
                 message = choice["message"]
@@ -668,21 +699,22 @@ class OpenAIHTTP:
                     message["reasoning_content"] = reasoning or None
                 if calls:  # (one read: each call's pieces merged into its first)
                     message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
-        return web.json_response(self._envelope(rid, reply.created, reply.kind, usage=self._usage(last),
+        return web.json_response(self._envelope(rid, reply.created, reply.kind, usage=self._usage(last, group),
                                                 choices=picked))
 
     async def _stream(self, request: web.Request, outputs, reply: "_Reply", include_usage: bool,
                       trackers: "_Trackers") -> web.StreamResponse:
         response: web.StreamResponse | None = None
         kind = reply.kind + (".chunk" if reply.chat else "")
-        last: list[Any] = [None] * reply.requests
-        rid, prompt_logprobs = "", None
+        last: list[Any] = [None] * (reply.group * len(reply.echo))
+        rid, prompt_logprobs = "", {}  # each prompt's, from its first request
         readers: dict[int, _ChatReader] = {}
         try:
             async with contextlib.aclosing(outputs):
-                async for i, r, out in outputs:
+                async for i, r, out in outputs:  # (streamed: best_of is n, so request i is choice i)
+                    p = i // reply.group
                     if out.prompt_logprobs is not None:
-                        prompt_logprobs = out.prompt_logprobs
+                        prompt_logprobs[p] = out.prompt_logprobs
                     if response is None:  # admitted: from here on errors travel as events
                         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                                "Cache-Control": "no-cache"})
@@ -690,8 +722,8 @@ class OpenAIHTTP:
                         rid = r
                     first = last[i] is None
                     last[i] = out
-                    text = (reply.echo if first else "") + out.new_text
-                    echo = (reply.echo_ids, prompt_logprobs) if first and reply.echo and prompt_logprobs is not None \
+                    text = (reply.echo[p] if first else "") + out.new_text
+                    echo = (reply.echo_ids[p], prompt_logprobs[p]) if first and reply.echo[p] and p in prompt_logprobs \
                         else ()
                     choice = self._choice(out, out.new_token_ids, text, out.logprobs or [], reply.chat, i, first,
                                           delta=True, echo=echo)
@@ -707,7 +739,7 @@ class OpenAIHTTP:
                     chunk = self._envelope(rid, reply.created, kind, choices=[choice])
                     await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
             if include_usage:
-                usage = self._envelope(rid, reply.created, kind, choices=[], usage=self._usage(last))
+                usage = self._envelope(rid, reply.created, kind, choices=[], usage=self._usage(last, reply.group))
                 await response.write(f"data: {json.dumps(usage)}\n\n".encode())
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client went away: closing `outputs` above has let the engine go of the requests
@@ -811,16 +843,17 @@ class _ChatReader:
 
 @dataclass(frozen=True)
 class _Reply:
-    """What shapes one reply: chat or completions, its creation time, engine requests (best_of) and choices
-    returned (n), whether the client asked for logprobs, and the prompt text echoed before each choice's."""
+    """What shapes one reply: chat or completions, its creation time, engine requests per prompt (best_of) and
+    choices returned per prompt (n), whether the client asked for logprobs, and each prompt's text echoed before
+    its choices' (one per prompt: "" without echo)."""
 
     chat: bool
     created: int
-    requests: int
+    group: int
     n: int
     logprobs: bool
-    echo: str
-    echo_ids: list  # the echoed prompt's token ids (their logprobs come first with logprobs)
+    echo: list  # per prompt
+    echo_ids: list  # per prompt, the echoed prompt's token ids (their logprobs come first with logprobs)
     structured: str | None = None  # the parameter that asked for a structured output (the engine's errors name it)
     read: "_ChatRead | None" = None  # a chat's: how its output is read back (reasoning, tool calls)
 

@@ -73,7 +73,10 @@ async def test_completions_match_grpc_whole_and_streamed():
 
 @pytest.mark.parametrize("body, status, param", [
     ({"prompt": ""}, 400, "prompt"),
-    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"prompt": ["a", 5]}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": [[1, 2], "x"] * 33}, 400, "prompt"),
+    ({"prompt": ["a", ""]}, 400, "prompt"),
     ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
     ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
@@ -653,3 +656,39 @@ async def test_tokenize_and_detokenize():
                                   ("/detokenize", {"tokens": "1 2"}, "tokens")):
             async with http.post(_url(srv, path), json=body, headers=auth) as r:
                 assert r.status == 400 and (await r.json())["error"]["param"] == param, await r.text()
+
+
+async def test_a_batch_of_prompts_is_their_choices_in_order():
+    """A list of prompts (text or token ids, as lm-evaluation-harness batches them), each with n choices: choice
+    p * n + k is prompt p's k-th, as that prompt alone gives it (echo and logprobs too), whole or streamed; usage
+    counts every prompt."""
+    async with running_server(http_port=0) as srv, aiohttp.ClientSession() as http:
+        url = _url(srv, "/v1/completions")
+        prompts = ["The river", [5, 6, 7, 8, 9], "A model reads a prompt"]
+        common = {"max_tokens": 5, "temperature": 0, "ignore_eos": True, "n": 2, "logprobs": 1, "echo": True}
+        alone = []
+        for prompt in prompts:
+            async with http.post(url, json={**common, "prompt": prompt}) as r:
+                alone.append(await r.json())
+        async with http.post(url, json={**common, "prompt": prompts}) as r:
+            assert r.status == 200, await r.text()
+            batch = await r.json()
+        assert [c["index"] for c in batch["choices"]] == list(range(6))
+        for p, reply in enumerate(alone):
+            for k in range(2):
+                got, want = batch["choices"][2 * p + k], reply["choices"][k]
+                assert got["text"] == want["text"] and got["token_ids"] == want["token_ids"]
+                assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+                assert got["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"],
+                                                                          abs=1e-4, nan_ok=True)
+        assert batch["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+        assert batch["usage"]["completion_tokens"] == 6 * 5
+        async with http.post(url, json={**common, "prompt": prompts, "stream": True, "echo": False}) as r:
+            events = await _events(r)
+        texts = {}
+        for e in events[:-1]:
+            for c in e["choices"]:
+                texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+        assert [texts[i] for i in range(6)] == [c["text"][len(prompts[i // 2]) if isinstance(prompts[i // 2], str)
+                                                           else len(srv.engine.tokenizer.decode(prompts[i // 2])):]
+                                                 for i, c in enumerate(batch["choices"])]
