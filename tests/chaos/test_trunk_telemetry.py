@@ -7,7 +7,6 @@ import asyncio
 import pickle
 import time
 
-import pytest
 
 from moeserve.cluster.telemetry import Telemetry
 from moeserve.router.config import EngineConfig

@@ -135,7 +135,7 @@ def test_decodes_sit_out_one_step_when_that_lets_every_waiting_prompt_in():
     assert batch.seqs == [a, b, c, d, e, f] and batch.num_new_tokens == [1, 1, 1, 1, 1, 3]
     for _ in range(DEFER_EVERY):
         sim.step()
-    g = sim.add("g", [7] * 4, 4)  # past the cool-down, but 6 sequences run: g has no slot
+    sim.add("g", [7] * 4, 4)  # past the cool-down, but 6 sequences run: g has no slot
     assert sim.step().seqs == [a, b, c, d, e, f] and not sim.sched.decodes_deferred
 
 
