@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP front beside the gRPC edge (`moeserve serve --http-port N`).
 
-`POST /v1/completions` (a prompt, text or token ids, or a batch of them) and `POST /v1/chat/completions` (messages, rendered
-with the checkpoint's chat template), each the whole reply or server-sent events with `"stream": true`;
+`POST /v1/completions` (a prompt, text or token ids, or a batch of them) and `POST /v1/chat/completions`
+(messages, rendered with the checkpoint's chat template), each the whole reply or server-sent events with
+`"stream": true`;
 `GET /v1/models`, `GET /health`, and vLLM's `POST /tokenize` and `POST /detokenize`. A request becomes a
 moeserve.v1.GenerateRequest and runs through `InferenceServicer.run_request`, as a gRPC call does: the same
 validation (errors name the field, which is the OpenAI parameter's name), limits, bearer tokens, priorities and
@@ -17,8 +18,8 @@ Structured output: OpenAI's `response_format` (`json_object`, `json_schema`) or 
 Chat `tools` are rendered by the chat template. With the model's tool-call format known (router/tool_calls.py: told by
 the template, or `serve --tool-call-format`), `tool_choice` "auto" (the default), "required" or a named function
 hold the output to that format's structural tag, and calls come back as `tool_calls` (streamed: a call's name, then
-its arguments as they are written). Without it, "required" and a named function make the whole output the call(s) as JSON, and
-"auto" is refused.
+its arguments as they are written). Without it, "required" and a named function make the whole output the call(s)
+as JSON, and "auto" is refused. A reply's reasoning block comes apart as `reasoning_content` (router/reasoning.py).
 
 `n` choices (and `best_of`, of which the n with the highest mean log-probability per token are returned) are n
 engine requests with the same prompt; the first runs alone until its first token, so that the others find the
