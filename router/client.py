@@ -27,6 +27,7 @@ def build_request(
     temperature: float = 0.0,
     top_p: float | None = None,
     top_k: int = 0,
+    min_p: float = 0.0,
     seed: int | None = None,
     stop: Iterable[str] = (),
     stop_token_ids: Iterable[int] = (),
@@ -51,7 +52,7 @@ def build_request(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, stop=list(stop),
         stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, request_id=request_id,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, min_tokens=min_tokens,
-        priority=priority,
+        priority=priority, min_p=min_p,
     )
     if prompt is not None:
         req.prompt = prompt

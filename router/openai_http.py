@@ -9,7 +9,7 @@ validation (errors name the field, which is the OpenAI parameter's name), limits
 graceful shutdown.
 
 As in OpenAI's API, `temperature` defaults to 1 (gRPC's to 0, greedy), and EOS ends a completion with
-finish_reason "stop". Parameters beyond OpenAI's, as vLLM takes them: top_k, repetition_penalty,
+finish_reason "stop". Parameters beyond OpenAI's, as vLLM takes them: top_k, min_p, repetition_penalty,
 min_tokens, ignore_eos, stop_token_ids, priority; each choice carries its `token_ids` too (the completion's).
 
 Structured output: OpenAI's `response_format` (`json_object`, `json_schema`) or vLLM's `guided_json`, `guided_regex`,
@@ -59,7 +59,8 @@ _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "
                429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 _FINISH = {"eos": "stop"}  # OpenAI ends on EOS with "stop"; length, stop, cancelled as they are
 # JSON parameter -> (GenerateRequest field, Python types accepted). Absent or null: the field's default.
-_NUMBERS = {"max_tokens": int, "top_p": float, "top_k": int, "seed": int, "logprobs": int, "presence_penalty": float,
+_NUMBERS = {"max_tokens": int, "top_p": float, "top_k": int, "min_p": float, "seed": int, "logprobs": int,
+            "presence_penalty": float,
             "frequency_penalty": float, "repetition_penalty": float, "min_tokens": int, "priority": int}
 MAX_CHOICES = 16  # n and best_of at most
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (a batch, as lm-evaluation-harness sends them)

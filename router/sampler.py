@@ -1,4 +1,4 @@
-"""Next-token sampling for a batch of rows: greedy, temperature, top-k, top-p, per-request seeds.
+"""Next-token sampling for a batch of rows: greedy, temperature, top-k, top-p, min-p, per-request seeds.
 
 Whole-batch tensor ops; the only Python loop is over seeded rows (one noise draw each, from the
 request's own generator), so a seeded request's tokens do not depend on its batch companions.
@@ -51,6 +51,8 @@ class Sampler:
         scaled = logits / temps.unsqueeze(1)
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params if not p.greedy):
             scaled = _top_k_top_p(scaled, params, vocab)
+        if any(p.min_p > 0.0 for p in params if not p.greedy):
+            scaled = _min_p(scaled, params)
         probs = torch.softmax(scaled, dim=-1)
         q = torch.empty_like(probs)
         unseeded = [i for i, g in enumerate(generators) if g is None]
@@ -166,6 +168,14 @@ def _small(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     if device.type != "cuda":
         return torch.tensor(data, dtype=dtype, device=device)
     return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def _min_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Mask to -inf every token whose probability is below the row's min_p times its most likely token's (on the
+    logits after temperature, top-k and top-p: the comparison of logits is the comparison of probabilities)."""
+    min_p = _small([p.min_p for p in params], logits.dtype, logits.device)
+    floor = logits.max(dim=-1, keepdim=True).values + torch.log(min_p).unsqueeze(1)  # log(0) = -inf: keeps all
+    return logits.masked_fill(logits < floor, float("-inf"))
 
 
 def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams], vocab: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0  # nucleus mass in (0, 1]; 1 = off
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # [0, 1], 0 = off: drop tokens less likely than min_p times the most likely (after top-k/p)
     seed: int | None = None  # per-request generator: same tokens whatever else is batched
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -60,6 +61,8 @@ class SamplingParams:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidRequestError("top_k", f"must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 <= self.min_p <= 1.0:  # also refuses NaN
+            raise InvalidRequestError("min_p", f"must be in [0, 1] (0 = off), got {self.min_p!r}")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):

@@ -203,6 +203,7 @@ def validate(request, limits: Limits, encode: Callable[[str], list[int]]) -> Val
         temperature=temperature,
         top_p=top_p,
         top_k=0 if top_k >= limits.vocab_size else top_k,  # k >= vocabulary keeps every token
+        min_p=request.min_p,
         seed=request.seed if request.HasField("seed") else None,
         stop=stop,
         stop_token_ids=stop_token_ids,

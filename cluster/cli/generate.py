@@ -100,6 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1] (default 1)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (default 0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="[0, 1]: sample only tokens at least P times as likely as the likeliest (default 0: off)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
@@ -150,6 +152,7 @@ async def _generate(args: argparse.Namespace) -> int:
         raise SystemExit("error: give a prompt (or --token-ids)")
     params = dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p,
         seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
         request_id=args.request_id, logprobs=args.logprobs, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,

@@ -110,6 +110,7 @@ def test_generate_streams_what_the_server_generates(served):
         assert re.search(r"\[(length|eos|stop): \d+ prompt \+ \d+ completion tokens", run.stderr)
         run = subprocess.run(moeserve("generate", "Hello", "--max-tokens", "4", "--ignore-eos", "--logprobs", "2",
                                       "--repetition-penalty", "1.1", "--presence-penalty", "0.5", "--min-tokens", "2",
+                                      "--min-p", "0.05",
                                       "--logit-bias", "5=-100", "--logit-bias", "7=2.5",
                                       "--address", address, *flags), capture_output=True, text=True, timeout=120)
         lines = re.findall(r"^token \d+ logprob -?\d+\.\d+  top \d+:-?\d+\.\d+  \d+:-?\d+\.\d+$", run.stderr, re.M)

@@ -80,6 +80,7 @@ async def test_completions_match_grpc_whole_and_streamed():
     ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
     ({"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "hi", "min_p": 2}, 400, "min_p"),
     ({"prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens"),
     ({"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
     ({"prompt": "hi", "presence_penalty": 5}, 400, "presence_penalty"),

@@ -1,4 +1,4 @@
-"""The sampler: greedy, temperature, top-k, top-p, and per-request seeds independent of the batch."""
+"""The sampler: greedy, temperature, top-k, top-p, min-p, and per-request seeds independent of the batch."""
 
 import math
 
@@ -58,6 +58,40 @@ def test_top_k_and_top_p_together():
     assert got[0] == 0 and got[2] > 0  # top-k drops token 0; the nucleus of the rest reaches token 2
 
 
+@pytest.mark.parametrize("min_p, support", [(0.04, {0, 1, 2, 3}), (0.25, {1, 3, 2}), (0.35, {1, 3}), (1.0, {1})])
+def test_min_p_keeps_the_tokens_near_the_likeliest(min_p, support):
+    got = _frequencies(_p(temperature=1.0, min_p=min_p), n=5000)
+    assert {i for i in range(4) if got[i] > 0} == support
+    kept = torch.zeros(4, dtype=torch.float64)
+    for i in support:
+        kept[i] = LOGITS[i].exp()
+    assert torch.allclose(got, kept / kept.sum(), atol=0.03)
+
+
+def test_the_sampled_support_is_hf_generates_under_the_same_warpers():
+    """Temperature, top-k, top-p and min-p together leave the tokens HF transformers' warpers leave (in its order:
+    temperature, top-k, top-p, min-p), row by row on random logits."""
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    from moeserve.router.sampler import _min_p, _top_k_top_p
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 64, generator=g) * 3
+    for temperature, top_k, top_p, min_p in ((0.7, 0, 1.0, 0.1), (1.3, 20, 1.0, 0.05), (1.0, 0, 0.8, 0.2),
+                                             (0.9, 10, 0.9, 0.3), (1.0, 0, 1.0, 0.0)):
+        params = [_p(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)] * 6
+        ours = _min_p(_top_k_top_p(logits / temperature, params, 64), params)
+        theirs = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            theirs = TopKLogitsWarper(top_k)(None, theirs)
+        if top_p < 1.0:
+            theirs = TopPLogitsWarper(top_p)(None, theirs)
+        if min_p:
+            theirs = MinPLogitsWarper(min_p)(None, theirs)
+        assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs)), (temperature, top_k, top_p, min_p)
+
+
 def test_seeded_rows_ignore_their_batch_companions():
     g = torch.Generator().manual_seed(3)
     vocab = 50
@@ -107,6 +141,7 @@ def test_greedy_rows_in_a_sampling_batch_stay_greedy():
     (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=1, temperature=-0.1), "temperature"),
     (dict(max_tokens=1, temperature=math.nan), "temperature"), (dict(max_tokens=1, top_p=0.0), "top_p"),
     (dict(max_tokens=1, top_p=1.5), "top_p"), (dict(max_tokens=1, top_k=-1), "top_k"),
+    (dict(max_tokens=1, min_p=1.5), "min_p"), (dict(max_tokens=1, min_p=math.nan), "min_p"),
     (dict(max_tokens=1, stop=("",)), "stop"), (dict(max_tokens=1, stop=tuple("abcdefghijklmnopq")), "stop"),
 ])
 def test_invalid_params_name_the_field(kw, field):

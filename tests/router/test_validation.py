@@ -34,13 +34,13 @@ def refused(req: pb.GenerateRequest) -> InvalidRequestError:
 
 
 def test_valid_text_request_becomes_engine_input():
-    v = check(build_request("héllo", max_tokens=5, temperature=0.7, top_p=0.9, top_k=5, seed=7,
+    v = check(build_request("héllo", max_tokens=5, temperature=0.7, top_p=0.9, top_k=5, min_p=0.25, seed=7,
                             stop=["\n"], stop_token_ids=[3], ignore_eos=True, request_id="abc-1"))
     assert v.request_id == "abc-1"
     assert v.prompt_token_ids == list("héllo".encode())
     p = v.params
     assert (p.max_tokens, p.top_k, p.seed, p.stop, p.stop_token_ids, p.ignore_eos) == (5, 5, 7, ("\n",), (3,), True)
-    assert p.temperature == pytest.approx(0.7) and p.top_p == pytest.approx(0.9)
+    assert p.temperature == pytest.approx(0.7) and p.top_p == pytest.approx(0.9) and p.min_p == 0.25
 
 
 def test_defaults_fill_in():
@@ -68,6 +68,8 @@ def test_defaults_fill_in():
     (build_request("hi", top_p=0.0), "top_p", "(0, 1]"),
     (build_request("hi", top_p=1.5), "top_p", "(0, 1]"),
     (build_request("hi", top_p=math.nan), "top_p", "(0, 1]"),
+    (build_request("hi", min_p=-0.1), "min_p", "[0, 1]"),
+    (build_request("hi", min_p=math.nan), "min_p", "[0, 1]"),
     (build_request("hi", top_k=-1), "top_k", ">= 0"),
     (build_request("hi", stop=["a", "b", "c", "d", "e"]), "stop", "over the limit of 4"),
     (build_request("hi", stop=["ok", "way too long"]), "stop[1]", "over the limit of 8"),
