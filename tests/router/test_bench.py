@@ -209,7 +209,7 @@ def test_sampling_extras_script_runs_every_kind(tmp_path):
     result = _script("bench_sampling_extras", tmp_path, "--model", "tiny", "--batch", "3", "--steps", "4",
                      "--prompt-len", "8")
     rows = {r["kind"]: r for r in result["rows"]}
-    assert set(rows) == {"plain", "logprobs", "logit_bias", "penalties", "regex", "json"}
+    assert set(rows) == {"plain", "logprobs", "logit_bias", "penalties", "regex", "json", "mixed"}
     assert all(r["step_ms"] > 0 and r["rows_min"] == 3 for r in rows.values())
     assert result["floor"]["step_ms"] > 0
 
