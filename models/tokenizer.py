@@ -36,11 +36,14 @@ class Tokenizer:
         return self.tokenizer.token_to_id(token)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None, **variables) -> str:
+                            tools: list[dict] | None = None, continue_final_message: bool = False,
+                            **variables) -> str:
         """The prompt text of a conversation, as HF transformers' apply_chat_template renders it (a sandboxed
         Jinja environment with trim_blocks and lstrip_blocks; raise_exception for the template's own checks, and
         its tojson filter); `tools`: the function definitions a template may render; `variables`: the template's
-        own (as HF's chat_template_kwargs: enable_thinking, ...)."""
+        own (as HF's chat_template_kwargs: enable_thinking, ...). `continue_final_message`: the text ends where the
+        last message's content does (no end of turn), for the reply to go on from it (as HF's: no generation prompt
+        then)."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template (tokenizer_config.json chat_template)")
         if self._template is None:
@@ -57,8 +60,23 @@ class Tokenizer:
             env.globals["raise_exception"] = raise_exception
             env.filters["tojson"] = tojson
             self._template = env.from_string(self.chat_template)
-        return self._template.render(**{**self.special_tokens, **variables}, messages=messages,
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+            if not messages or not isinstance(messages[-1].get("content"), str):
+                raise ValueError("continue_final_message needs a last message with text content")
+            messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + _CONTINUE}]
+        text = self._template.render(**{**self.special_tokens, **variables}, messages=messages,
                                      add_generation_prompt=add_generation_prompt, tools=tools)
+        if continue_final_message:
+            if _CONTINUE not in text:
+                raise ValueError("continue_final_message: the chat template does not render the last message's "
+                                 "content as it is")
+            text = text[:text.rindex(_CONTINUE)]
+        return text
+
+
+_CONTINUE = "\u2063moeserve-continue\u2063"  # marks where the last message's content ends (continue_final_message)
 
 
 def _json(path: Path) -> dict:

@@ -389,10 +389,7 @@ class OpenAIHTTP:
             if not isinstance(body, dict):
                 raise InvalidRequestError("body", "must be a JSON object")
             if "messages" in body:
-                add = body.get("add_generation_prompt", True)
-                if not isinstance(add, bool):
-                    raise InvalidRequestError("add_generation_prompt", f"must be true or false, got {add!r}")
-                text, special = self._render(body, add)[0], False
+                text, special = self._render(body)[0], False
             elif isinstance(body.get("prompt"), str):
                 text, special = body["prompt"], body.get("add_special_tokens", False)
                 if not isinstance(special, bool):
@@ -441,9 +438,10 @@ class OpenAIHTTP:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=True)
 
-    def _render(self, body: Any, add_generation_prompt: bool = True) -> tuple[str, list | None, dict, Any]:
-        """A chat body's messages rendered by the chat template (with its tools and chat_template_kwargs); the tools,
-        their {name: parameters} and tool_choice (_tools)."""
+    def _render(self, body: Any) -> tuple[str, list | None, dict, Any]:
+        """A chat body's messages rendered by the chat template (with its tools and chat_template_kwargs, and vLLM's
+        add_generation_prompt and continue_final_message: the reply goes on from a last assistant message); the
+        tools, their {name: parameters} and tool_choice (_tools)."""
         if not isinstance(body, dict):
             raise InvalidRequestError("body", "must be a JSON object")
         messages = body.get("messages")
@@ -470,8 +468,17 @@ class OpenAIHTTP:
         if not isinstance(extra, dict) or any(k in ("messages", "tools", "add_generation_prompt") for k in extra):
             raise InvalidRequestError("chat_template_kwargs", "must be an object of the template's own variables "
                                                               "(messages, tools and add_generation_prompt are set)")
+        go_on = body.get("continue_final_message", False)
+        add_generation_prompt = body.get("add_generation_prompt", not go_on)
+        for name, value in (("continue_final_message", go_on), ("add_generation_prompt", add_generation_prompt)):
+            if not isinstance(value, bool):
+                raise InvalidRequestError(name, f"must be true or false, got {value!r}")
+        if go_on and (add_generation_prompt or plain[-1]["role"] != "assistant"):
+            raise InvalidRequestError("continue_final_message", "continues a last assistant message: give one, and "
+                                                                "add_generation_prompt false")
         try:
-            text = self.tokenizer.apply_chat_template(plain, add_generation_prompt, tools=tools, **extra)
+            text = self.tokenizer.apply_chat_template(plain, add_generation_prompt, tools=tools,
+                                                      continue_final_message=go_on, **extra)
         except Exception as exc:  # noqa: BLE001 - the template's own checks (raise_exception) and its errors
             raise InvalidRequestError("messages", f"the chat template refused them: {exc}") from exc
         return text, tools, functions, choice
@@ -483,7 +490,8 @@ class OpenAIHTTP:
         tools that may be called, how the output is held and its calls read."""
         text, tools, functions, choice = self._render(body)
         out = {k: v for k, v in body.items() if k not in ("messages", "logprobs", "top_logprobs", "chat_template_kwargs",
-                                                            "max_completion_tokens", "tools", "tool_choice")}
+                                                            "max_completion_tokens", "tools", "tool_choice",
+                                                            "add_generation_prompt", "continue_final_message")}
         opened = opens_thinking(text)
         plan = _tool_plan(body, tools, functions, choice, self.tool_format, opened) if tools else None
         out["prompt"] = self.tokenizer.encode(text, add_special_tokens=False)

@@ -296,6 +296,10 @@ def test_chat_template_renders_as_hf_transformers(template, tmp_path):
     ids = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert ours.encode(want, add_special_tokens=False) == list(ids)
+    # a reply that goes on from a last assistant message (HF's continue_final_message)
+    started = messages + [{"role": "assistant", "content": "It is "}]
+    assert ours.apply_chat_template(started, add_generation_prompt=False, continue_final_message=True) == \
+        theirs.apply_chat_template(started, tokenize=False, continue_final_message=True)
     if template is not None:
         with pytest.raises(ValueError, match="bad role tool"):
             ours.apply_chat_template(messages + [{"role": "tool", "content": "x"}])
@@ -339,7 +343,24 @@ async def test_chat_completions_are_the_completion_of_the_rendered_conversation(
             assert deltas[0]["role"] == "assistant" and all("role" not in d for d in deltas[1:])
             assert "".join(d["content"] for d in deltas) == want["text"]
 
-        for body, param in (({"messages": []}, "messages"), ({"messages": CONVERSATION, "echo": True}, "echo"), ({"messages": [{"role": "user"}]}, "messages[0]"),
+        # the reply goes on from a last assistant message: the completion of the conversation rendered up to it
+        started = CONVERSATION + [{"role": "assistant", "content": "Because"}]
+        text = tok.apply_chat_template([{**m, "content": m["content"] if isinstance(m["content"], str)
+                                         else m["content"][0]["text"]} for m in started],
+                                       add_generation_prompt=False, continue_final_message=True)
+        assert text.endswith("assistant: Because")
+        async with http.post(_url(srv, "/v1/completions"), json={**plain, "prompt": tok.encode(text)}) as r:
+            want = (await r.json())["choices"][0]
+        async with http.post(_url(srv, "/v1/chat/completions"), json={**chat, "messages": started,
+                                                                       "continue_final_message": True}) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["choices"][0]["token_ids"] == want["token_ids"]
+
+        for body, param in (({"messages": []}, "messages"), ({"messages": CONVERSATION, "echo": True}, "echo"),
+                            ({"messages": CONVERSATION, "continue_final_message": True}, "continue_final_message"),
+                            ({"messages": started, "continue_final_message": True, "add_generation_prompt": True},
+                             "continue_final_message"),
+                            ({"messages": CONVERSATION, "add_generation_prompt": "no"}, "add_generation_prompt"), ({"messages": [{"role": "user"}]}, "messages[0]"),
                             ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
                              "messages[0].content"),
                             ({"messages": CONVERSATION, "logprobs": 3}, "logprobs")):
