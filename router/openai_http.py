@@ -2,9 +2,8 @@
 
 `POST /v1/completions` (a prompt, text or token ids, or a batch of them) and `POST /v1/chat/completions`
 (messages, rendered with the checkpoint's chat template), each the whole reply or server-sent events with
-`"stream": true`;
-`GET /v1/models`, `GET /health`, and vLLM's `POST /tokenize` and `POST /detokenize`. A request becomes a
-moeserve.v1.GenerateRequest and runs through `InferenceServicer.run_request`, as a gRPC call does: the same
+`"stream": true`; `GET /v1/models` (and `/v1/models/{model}`), `GET /health`, and vLLM's `POST /tokenize` and
+`POST /detokenize`. A request becomes a moeserve.v1.GenerateRequest and runs through `InferenceServicer.run_request`, as a gRPC call does: the same
 validation (errors name the field, which is the OpenAI parameter's name), limits, bearer tokens, priorities and
 graceful shutdown.
 
@@ -343,7 +342,8 @@ class OpenAIHTTP:
         self.app.add_routes([web.post("/v1/completions", self.completions),
                              web.post("/v1/chat/completions", self.chat_completions),
                              web.post("/tokenize", self.tokenize), web.post("/detokenize", self.detokenize),
-                             web.get("/v1/models", self.models), web.get("/health", self.health)])
+                             web.get("/v1/models", self.models), web.get("/v1/models/{model}", self.model),
+                             web.get("/health", self.health)])
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -378,8 +378,19 @@ class OpenAIHTTP:
     async def models(self, request: web.Request) -> web.Response:
         if self._caller(request) is None:
             return _error(401, "missing or unknown bearer token (Authorization: Bearer <token>)")
-        return web.json_response({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "owned_by": "moeserve", "max_model_len": self.context_length}]})
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """OpenAI's GET /v1/models/{model}: the served model's card, 404 for another."""
+        if self._caller(request) is None:
+            return _error(401, "missing or unknown bearer token (Authorization: Bearer <token>)")
+        if request.match_info["model"] != self.model_name:
+            return _error(404, f"model {request.match_info['model']!r} is not served here; GET /v1/models lists "
+                               f"{self.model_name!r}", "model")
+        return web.json_response(self._model_card())
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "owned_by": "moeserve", "max_model_len": self.context_length}
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """vLLM's POST /tokenize: a `prompt`'s token ids, or those of chat `messages` as the chat template renders

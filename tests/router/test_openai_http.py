@@ -69,6 +69,10 @@ async def test_completions_match_grpc_whole_and_streamed():
         async with http.get(_url(srv, "/v1/models")) as r:
             models = await r.json()
         assert models["data"][0]["id"] == "demo" and models["data"][0]["max_model_len"] == srv.servicer.limits.context_length
+        async with http.get(_url(srv, "/v1/models/demo")) as r:
+            assert await r.json() == models["data"][0]
+        async with http.get(_url(srv, "/v1/models/gpt-4")) as r:
+            assert r.status == 404 and (await r.json())["error"]["param"] == "model"
 
 
 @pytest.mark.parametrize("body, status, param", [
