@@ -3,9 +3,9 @@
 `POST /v1/completions` (a prompt, text or token ids, or a batch of them) and `POST /v1/chat/completions`
 (messages, rendered with the checkpoint's chat template), each the whole reply or server-sent events with
 `"stream": true`; `GET /v1/models` (and `/v1/models/{model}`), `GET /health`, and vLLM's `POST /tokenize` and
-`POST /detokenize`. A request becomes a moeserve.v1.GenerateRequest and runs through `InferenceServicer.run_request`, as a gRPC call does: the same
-validation (errors name the field, which is the OpenAI parameter's name), limits, bearer tokens, priorities and
-graceful shutdown.
+`POST /detokenize`. A request becomes a moeserve.v1.GenerateRequest and runs through
+`InferenceServicer.run_request`, as a gRPC call does: the same validation (errors name the field, which is the
+OpenAI parameter's name), limits, bearer tokens, priorities and graceful shutdown.
 
 As in OpenAI's API, `temperature` defaults to 1 (gRPC's to 0, greedy), and EOS ends a completion with
 finish_reason "stop". Parameters beyond OpenAI's, as vLLM takes them: top_k, min_p, repetition_penalty,
