@@ -86,12 +86,13 @@ class ReasoningSplitter:
         return False
 
 
-def partial_tail(text: str, markers: tuple[str, ...]) -> int:
-    """The length of the longest end of `text` that is a proper beginning of one of the markers."""
+def partial_tail(text: str, markers: tuple[str, ...], end: int | None = None) -> int:
+    """The length of the longest end of `text` (of text[:end]) that is a proper beginning of one of the markers."""
+    end = len(text) if end is None else end
     best = 0
     for m in markers:
-        for n in range(min(len(m) - 1, len(text)), best, -1):
-            if text.endswith(m[:n]):
+        for n in range(min(len(m) - 1, end), best, -1):
+            if text.endswith(m[:n], 0, end):
                 best = n
                 break
     return best

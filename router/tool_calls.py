@@ -176,6 +176,7 @@ class ToolCallParser:
         self._state = "text"  # text, call
         self._calls = 0  # calls begun (named)
         self._sent = -1  # in a call: how much of its text has gone out (-1: its name not yet)
+        self._scanned = 0  # in a call: how much of its text was searched for the end marker
 
     @property
     def called(self) -> bool:
@@ -230,12 +231,14 @@ class ToolCallParser:
             content.append(buf[:i])
         self._buf = buf[i + len(marker):]
         if marker == self.fmt.call_begin:
-            self._state, self._sent = "call", -1
+            self._state, self._sent, self._scanned = "call", -1, 0
         return True
 
     def _in_call(self, content: list[str], deltas: list[CallDelta]) -> bool:
+        # (a long call's text grows piece by piece: each piece is searched and sliced, not the whole call again)
         fmt, buf = self.fmt, self._buf
-        end = buf.find(fmt.call_end) if fmt.call_end else -1
+        end = buf.find(fmt.call_end, max(0, self._scanned - len(fmt.call_end) + 1)) if fmt.call_end else -1
+        self._scanned = len(buf)
         body = buf if end < 0 else buf[:end]
         if self._sent < 0 and fmt.head is not None:
             m = fmt.head.match(body)
@@ -245,10 +248,11 @@ class ToolCallParser:
                 self._sent = m.end()
         if end < 0:
             if self._sent >= 0:  # the arguments so far, short of what may be the tail or the end marker
-                safe = body[:len(body) - partial_tail(body, (fmt.call_end,))]
-                hold = len(fmt.tail) if fmt.tail and safe.endswith(fmt.tail) else partial_tail(safe, (fmt.tail,))
-                deltas += self._piece(safe[self._sent:len(safe) - hold])
-                self._sent = max(self._sent, len(safe) - hold)
+                safe = len(body) - partial_tail(body, (fmt.call_end,))
+                hold = len(fmt.tail) if fmt.tail and body.endswith(fmt.tail, 0, safe) else \
+                    partial_tail(body, (fmt.tail,), safe)
+                deltas += self._piece(body[self._sent:safe - hold])
+                self._sent = max(self._sent, safe - hold)
             return False
         self._buf, self._state = buf[end + len(fmt.call_end):], "text"
         if self._sent >= 0:
