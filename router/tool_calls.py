@@ -5,7 +5,8 @@ object; DeepSeek-V3 and R1: `<｜tool▁call▁begin｜>function<｜tool▁sep�
 (Mixtral-8x22B-Instruct): `[TOOL_CALLS]` and a JSON list of calls to the end of the output). With
 `tool_choice` "auto" the model decides whether to call; the OpenAI-compatible front (router/openai_http.py) holds
 its output to xgrammar's structural tag of that format (free text, and once a call begins, the call's markup around
-arguments that satisfy the function's JSON Schema), then `ToolCallParser` splits the text into content and calls.
+arguments that satisfy the function's JSON Schema), then `ToolCallParser` splits the text into content and calls
+(as it streams: a call's name, then its arguments as they are written).
 
 The format is told by the chat template (the markup it renders an assistant's tool_calls with), or named with
 `moeserve serve --tool-call-format`. A leading reasoning block (`<think>...</think>`, also one the prompt opened)
