@@ -527,7 +527,7 @@ class OpenAIHTTP:
             req, stream, include_usage, structured, prompts = generate_request(body, self.model_name)
             if read is not None and read.tools is not None:  # the calls' constraint (_tool_plan refuses another)
                 fill_structured_output(req.structured_output, *read.tools.structured)
-                structured = "tool_choice"
+                structured = "tools"  # (what the constraint is made of: the engine's errors are about them)
             children, best_of, n, echo = choices(body, req, prompts, stream, chat)
         except (json.JSONDecodeError, UnicodeDecodeError):
             self.servicer.record_error("INVALID_ARGUMENT")

@@ -29,6 +29,7 @@ from .errors import InvalidRequestError
 
 KINDS = ("json_schema", "json_object", "regex", "grammar", "choice", "structural_tag")
 MAX_SPEC_CHARS = 64 * 1024  # a schema, regex or grammar's text at most
+MAX_TAG_CHARS = 256 * 1024  # a structural tag's (every tool's schema of a chat)
 MAX_CHOICES = 256
 MAX_CHOICE_CHARS = 1024
 
@@ -58,8 +59,9 @@ class StructuredOutput:
         elif self.kind != "json_object":
             if not isinstance(self.spec, str) or not self.spec.strip():
                 raise InvalidRequestError(field, "is empty")
-            if len(self.spec) > MAX_SPEC_CHARS:
-                raise InvalidRequestError(field, f"{len(self.spec)} characters is over the limit of {MAX_SPEC_CHARS}")
+            limit = MAX_TAG_CHARS if self.kind == "structural_tag" else MAX_SPEC_CHARS
+            if len(self.spec) > limit:
+                raise InvalidRequestError(field, f"{len(self.spec)} characters is over the limit of {limit}")
         if self.kind in ("json_schema", "structural_tag"):
             try:
                 schema = json.loads(self.spec)

@@ -463,6 +463,8 @@ async def test_tool_calls_are_constrained_to_the_functions_schemas():
                             ({**ask, "tool_choice": "required", "parallel_tool_calls": 1}, "parallel_tool_calls"),
                             ({**ask, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
                             ({**ask, "tools": [{"type": "function"}], "tool_choice": "required"}, "tools[0]"),
+                            ({**ask, "tools": [{"type": "function", "function": {"name": "x", "parameters": {
+                                "type": "nope"}}}], "tool_choice": "required"}, "tools"),
                             ({**ask, "tool_choice": "required", "response_format": {"type": "json_object"}},
                              "tool_choice")):
             async with http.post(url, json=body) as r:
