@@ -45,7 +45,7 @@ from moeserve.router import status_codes
 from moeserve.router.auth import TokenSet, bearer_token
 from moeserve.router.client import fill_structured_output
 from moeserve.router.errors import InvalidRequestError
-from moeserve.router.reasoning import ReasoningSplitter, opens_thinking
+from moeserve.router.reasoning import ReasoningSplitter, opens_thinking, think_first
 from moeserve.router.sequence import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS
 from moeserve.router.tool_calls import CallDelta, ToolCallParser, ToolFormat, structural_tag
 from moeserve.v1 import inference_pb2 as pb
@@ -222,6 +222,22 @@ def _structured_output(body: dict, req: pb.GenerateRequest) -> str | None:
     name, kind, value = given[0]
     fill_structured_output(req.structured_output, kind, value)
     return name
+
+
+def _as_format(so: pb.StructuredOutput, param: str) -> dict:
+    """A StructuredOutput's constraint as an xgrammar structural tag format (to follow a reasoning block)."""
+    kind = so.WhichOneof("constraint")
+    if kind in ("json_schema", "json_object"):  # (a run of blank space: one character, the least xgrammar allows)
+        try:
+            schema = json.loads(so.json_schema) if kind == "json_schema" else {"type": "object"}
+        except ValueError as exc:
+            raise InvalidRequestError(param, f"is not JSON: {exc}") from None
+        return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1}
+    if kind == "regex":
+        return {"type": "regex", "pattern": so.regex}
+    if kind == "grammar":
+        return {"type": "grammar", "grammar": so.grammar}
+    return {"type": "or", "elements": [{"type": "const_string", "value": v} for v in so.choice.values]}
 
 
 def choices(body: dict, req: pb.GenerateRequest, prompts: list, stream: bool, chat: bool
@@ -528,6 +544,10 @@ class OpenAIHTTP:
             if read is not None and read.tools is not None:  # the calls' constraint (_tool_plan refuses another)
                 fill_structured_output(req.structured_output, *read.tools.structured)
                 structured = "tools"  # (what the constraint is made of: the engine's errors are about them)
+            elif read is not None and structured and (read.reasoning or read.opened):  # think, then answer so
+                constraint = _as_format(req.structured_output, structured)
+                req.structured_output.Clear()
+                fill_structured_output(req.structured_output, "structural_tag", think_first(constraint, read.opened))
             children, best_of, n, echo = choices(body, req, prompts, stream, chat)
         except (json.JSONDecodeError, UnicodeDecodeError):
             self.servicer.record_error("INVALID_ARGUMENT")

@@ -6,6 +6,8 @@ template knows the block (it spells `</think>`), or `moeserve serve --reasoning-
 
 from __future__ import annotations
 
+import json
+
 THINK_BEGIN, THINK_END = "<think>", "</think>"
 
 
@@ -17,6 +19,17 @@ def template_thinks(chat_template: str | None) -> bool:
 def opens_thinking(prompt: str) -> bool:
     """Whether a rendered prompt leaves a reasoning block open for the reply (as DeepSeek-R1's template does)."""
     return prompt.rstrip().endswith(THINK_BEGIN)
+
+
+def think_first(constraint: dict, opened: bool) -> str:
+    """An xgrammar structural tag (JSON) of a reasoning block, then a little blank space, then `constraint` (a structural tag
+    format: the answer's structured output): the block is the rest of one the prompt opened, else optional. So a
+    reasoning model thinks freely before a structured answer, instead of the answer's grammar holding its thinking."""
+    block = {"type": "tag", "begin": "" if opened else THINK_BEGIN, "end": THINK_END,
+             "content": {"type": "any_text", "excludes": [THINK_BEGIN, THINK_END]}}
+    lead = block if opened else {"type": "optional", "content": block}
+    return json.dumps({"type": "structural_tag", "format": {"type": "sequence", "elements": [
+        lead, {"type": "regex", "pattern": r"[ \n]{0,4}"}, constraint]}})  # (the usual blank lines after it)
 
 
 def resolve(setting: str, chat_template: str | None) -> bool:

@@ -624,7 +624,8 @@ def thinking_checkpoint(hermes_checkpoint, tmp_path_factory):
 async def test_reasoning_comes_apart_from_the_answer(thinking_checkpoint):
     """A template that spells </think>: a chat reply's reasoning block (opened by the prompt) is reasoning_content and
     the rest content, whole and streamed; put back together they are the completion of the rendered prompt.
-    chat_template_kwargs reach the template (enable_thinking false: no reasoning)."""
+    chat_template_kwargs reach the template (enable_thinking false: no reasoning). A structured output holds the
+    answer after the reasoning block, not the reasoning."""
     async with running_server(engine={"model": thinking_checkpoint}, http_port=0) as srv, \
             aiohttp.ClientSession() as http:
         assert srv.http.reasoning
@@ -657,6 +658,24 @@ async def test_reasoning_comes_apart_from_the_answer(thinking_checkpoint):
             assert "".join(d["content"] for d in deltas) == want["content"]
         async with http.post(url, json={"messages": messages, "chat_template_kwargs": {"messages": []}}) as r:
             assert r.status == 400 and (await r.json())["error"]["param"] == "chat_template_kwargs"
+
+        # a structured answer: the model thinks first (the constraint holds what follows the block), whole or streamed
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False}
+        body = {"messages": messages, "max_tokens": 60, "temperature": 0, "logit_bias": {"515": 3},
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+        async with http.post(url, json=body) as r:
+            assert r.status == 200, await r.text()
+            whole = (await r.json())["choices"][0]
+        assert whole["finish_reason"] == "stop" and whole["message"]["reasoning_content"], whole
+        assert set(json.loads(whole["message"]["content"])) == {"ok"}
+        async with http.post(url, json={**body, "stream": True}) as r:
+            deltas = [e["choices"][0]["delta"] for e in (await _events(r))[:-1]]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == whole["message"]["reasoning_content"]
+        assert "".join(d["content"] for d in deltas) == whole["message"]["content"]
+        bad = {k: v for k, v in body.items() if k != "response_format"}
+        async with http.post(url, json={**bad, "guided_json": "{not json"}) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "guided_json"
 
 
 async def test_tokenize_and_detokenize():
