@@ -30,6 +30,7 @@ def build_request(
     min_p: float = 0.0,
     seed: int | None = None,
     stop: Iterable[str] = (),
+    include_stop_str_in_output: bool = False,
     stop_token_ids: Iterable[int] = (),
     ignore_eos: bool = False,
     request_id: str = "",
@@ -52,7 +53,7 @@ def build_request(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, stop=list(stop),
         stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, request_id=request_id,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, min_tokens=min_tokens,
-        priority=priority, min_p=min_p,
+        priority=priority, min_p=min_p, include_stop_str_in_output=include_stop_str_in_output,
     )
     if prompt is not None:
         req.prompt = prompt

@@ -2,8 +2,9 @@
 
 Text is decoded a few tokens at a time with left context, so tokenizers that merge or mark spaces
 decode as they would in one piece, and a token that ends inside a UTF-8 character waits for the next.
-Stop strings are matched on the decoded text, across token boundaries; the match and what follows
-are dropped, and any tail that could still grow into a stop string is held back until it cannot.
+Stop strings are matched on the decoded text, across token boundaries; what follows the match is dropped,
+and the match too unless asked to keep it (`include_stop`); any tail that could still grow into a stop
+string is held back until it cannot.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ class Decoder(Protocol):
 class IncrementalDetokenizer:
     """Turns a sequence's completion tokens into text deltas, watching for stop strings."""
 
-    __slots__ = ("tokenizer", "tokens", "prefix_offset", "read_offset", "text", "emitted", "stop", "max_stop", "stopped")
+    __slots__ = ("tokenizer", "tokens", "prefix_offset", "read_offset", "text", "emitted", "stop", "max_stop", "stopped",
+                 "include_stop")
 
-    def __init__(self, tokenizer: Decoder, prompt_token_ids: Sequence[int], stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Decoder, prompt_token_ids: Sequence[int], stop: Sequence[str] = (),
+                 include_stop: bool = False):
         self.tokenizer = tokenizer
         self.tokens = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0  # tokens[prefix_offset:read_offset] is already-decoded context
@@ -33,6 +36,7 @@ class IncrementalDetokenizer:
         self.stop = tuple(stop)
         self.max_stop = max((len(s) for s in self.stop), default=0)
         self.stopped = False
+        self.include_stop = include_stop  # the text ends with the stop string that matched, not before it
 
     def add_token(self, token_id: int) -> bool:
         """Decode one more completion token; True when a stop string has now matched."""
@@ -60,10 +64,11 @@ class IncrementalDetokenizer:
             return False
         # Only matches that end inside the new text are new; they start at most max_stop - 1 before it.
         start = max(0, len(self.text) - delta_len - self.max_stop + 1)
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        hits = [(i, -len(s)) for s in self.stop if (i := self.text.find(s, start)) >= 0]
         if not hits:
             return False
-        self.text = self.text[:min(hits)]
+        at, minus_len = min(hits)  # the first match; of those starting there, the longest
+        self.text = self.text[:at - minus_len if self.include_stop else at]
         self.stopped = True
         return True
 

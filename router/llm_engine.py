@@ -110,7 +110,8 @@ class LLMEngine:
             seq.generator = self.runner.sampler.new_generator(params.seed)
             self.runner.sampler.advance(seq.generator, len(resume), self.model_config.vocab_size)
         if self.tokenizer is not None:
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids, params.stop)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids, params.stop,
+                                                     params.include_stop_str_in_output)
         with self.lock:
             if request_id in self.requests:
                 raise InvalidRequestError("request_id", f"{request_id!r} is already in flight; use a unique id")

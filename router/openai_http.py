@@ -9,7 +9,8 @@ OpenAI parameter's name), limits, bearer tokens, priorities and graceful shutdow
 
 As in OpenAI's API, `temperature` defaults to 1 (gRPC's to 0, greedy), and EOS ends a completion with
 finish_reason "stop". Parameters beyond OpenAI's, as vLLM takes them: top_k, min_p, repetition_penalty,
-min_tokens, ignore_eos, stop_token_ids, priority; each choice carries its `token_ids` too (the completion's).
+min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output, priority; each choice carries its `token_ids`
+too (the completion's).
 
 Structured output: OpenAI's `response_format` (`json_object`, `json_schema`) or vLLM's `guided_json`, `guided_regex`,
 `guided_choice` and `guided_grammar`.
@@ -121,10 +122,11 @@ def generate_request(body: Any, model_name: str) -> tuple[pb.GenerateRequest, bo
                                                  for t in stop_ids):
         raise InvalidRequestError("stop_token_ids", "must be a list of token ids")
     req.stop_token_ids.extend(stop_ids)
-    for name in ("ignore_eos", "stream"):
+    for name in ("ignore_eos", "stream", "include_stop_str_in_output"):
         if not isinstance(body.get(name, False), bool):
             raise InvalidRequestError(name, f"must be true or false, got {body[name]!r}")
     req.ignore_eos = body.get("ignore_eos", False)
+    req.include_stop_str_in_output = body.get("include_stop_str_in_output", False)
     _logit_bias(body, req)
     structured = _structured_output(body, req)
     options = body.get("stream_options") or {}

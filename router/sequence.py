@@ -34,6 +34,7 @@ class SamplingParams:
     min_p: float = 0.0  # [0, 1], 0 = off: drop tokens less likely than min_p times the most likely (after top-k/p)
     seed: int | None = None  # per-request generator: same tokens whatever else is batched
     stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False  # the text ends with the stop string that matched (default: before it)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; n: each token's log-probability and the n most likely tokens'

@@ -232,7 +232,8 @@ class TrunkEngine:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight; use a unique id")
         prompt = list(prompt_token_ids)
         self._validate(prompt, params)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop) if self.tokenizer is not None else None
+        detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop, params.include_stop_str_in_output) \
+            if self.tokenizer is not None else None
         flight = _Flight(request_id, prompt, params, asyncio.Queue(), detok, time.monotonic())
         self._flights[request_id] = flight
         if self._ready.is_set():

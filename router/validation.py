@@ -206,6 +206,7 @@ def validate(request, limits: Limits, encode: Callable[[str], list[int]]) -> Val
         min_p=request.min_p,
         seed=request.seed if request.HasField("seed") else None,
         stop=stop,
+        include_stop_str_in_output=request.include_stop_str_in_output,
         stop_token_ids=stop_token_ids,
         ignore_eos=request.ignore_eos,
         logprobs=request.logprobs if request.HasField("logprobs") else None,

@@ -104,6 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="[0, 1]: sample only tokens at least P times as likely as the likeliest (default 0: off)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--include-stop", action="store_true", help="end the text with the stop string that matched")
     p.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
                    help="stop token id (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
@@ -152,7 +153,7 @@ async def _generate(args: argparse.Namespace) -> int:
         raise SystemExit("error: give a prompt (or --token-ids)")
     params = dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p,
+        min_p=args.min_p, include_stop_str_in_output=args.include_stop,
         seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
         request_id=args.request_id, logprobs=args.logprobs, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens,

@@ -23,12 +23,16 @@ def _config(model: str) -> EngineConfig:
 
 @pytest.fixture(scope="module")
 def reference(ray_cluster, demo_model_dir):
-    """Greedy outputs (tokens, text) of every prompt with and without a stop string, in one process."""
+    """Greedy outputs (tokens, text) of every prompt without a stop string, with one, and with one kept in the text,
+    in one process."""
     core = LLMEngine.from_config(_config(str(demo_model_dir)))
     plain = core.generate_batch(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
     stop = plain[0].new_text[6:9]  # a stop string the first completion is known to contain
     stopped = core.generate_batch(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True, stop=(stop,)))
-    return stop, [(o.new_token_ids, o.new_text, o.finish_reason) for o in plain + stopped]
+    kept = core.generate_batch(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True, stop=(stop,),
+                                                       include_stop_str_in_output=True))
+    assert kept[0].new_text == stopped[0].new_text + stop
+    return stop, [(o.new_token_ids, o.new_text, o.finish_reason) for o in plain + stopped + kept]
 
 
 async def _consume(stream, seen: list[int], progressed: asyncio.Event, need: int):
@@ -64,14 +68,16 @@ async def test_worker_death_loses_nothing(ray_cluster, demo_model_dir, reference
 
 
 async def _start_streams(engine: TrunkEngine, stop: str) -> list[asyncio.Task]:
-    """Every prompt with and without the stop string; returns once each has streamed its first 3 tokens
+    """Every prompt without the stop string, with it, and with it kept; returns once each has streamed its first 3 tokens
     (those that reach 3 before their stop string)."""
     params = [SamplingParams(max_tokens=24, ignore_eos=True)] * len(PROMPTS)
     params += [SamplingParams(max_tokens=24, ignore_eos=True, stop=(stop,))] * len(PROMPTS)
+    params += [SamplingParams(max_tokens=24, ignore_eos=True, stop=(stop,), include_stop_str_in_output=True)] * \
+        len(PROMPTS)
     seen: list[int] = []
     progressed = asyncio.Event()
     tasks = []
-    for i, (prompt, p) in enumerate(zip(PROMPTS + PROMPTS, params)):
+    for i, (prompt, p) in enumerate(zip(PROMPTS * 3, params)):
         stream = engine.generate(f"r{i}", prompt, p)
         tasks.append(asyncio.create_task(_consume(stream, seen, progressed, need=3)))
     while len(seen) < len(PROMPTS):

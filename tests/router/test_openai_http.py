@@ -739,3 +739,28 @@ async def test_a_batch_of_prompts_is_their_choices_in_order():
         assert [texts[i] for i in range(6)] == [c["text"][len(prompts[i // 2]) if isinstance(prompts[i // 2], str)
                                                            else len(srv.engine.tokenizer.decode(prompts[i // 2])):]
                                                  for i, c in enumerate(batch["choices"])]
+
+
+async def test_stop_strings_end_the_text_before_or_with_them():
+    """A stop string met mid-output ends the text before it, or with it (vLLM's include_stop_str_in_output), whole
+    and streamed; a generate client asks the same over gRPC."""
+    async with running_server(http_port=0) as srv, aiohttp.ClientSession() as http:
+        url = _url(srv, "/v1/completions")
+        base = {"prompt": "The river", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        async with http.post(url, json=base) as r:
+            text = (await r.json())["choices"][0]["text"]
+        stop = text[4:6]
+        at = text.find(stop)
+        for include, want in ((False, text[:at]), (True, text[:at + len(stop)])):
+            body = {**base, "stop": [stop], "include_stop_str_in_output": include}
+            async with http.post(url, json=body) as r:
+                choice = (await r.json())["choices"][0]
+            assert choice["text"] == want and choice["finish_reason"] == "stop"
+            async with http.post(url, json={**body, "stream": True}) as r:
+                assert "".join(e["choices"][0]["text"] for e in (await _events(r))[:-1]) == want
+            async with AsyncClient(f"127.0.0.1:{srv.port}") as client:
+                reply = await client.generate(prompt="The river", max_tokens=16, ignore_eos=True, stop=[stop],
+                                              include_stop_str_in_output=include)
+            assert reply.text == want
+        async with http.post(url, json={**base, "include_stop_str_in_output": "yes"}) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "include_stop_str_in_output"

@@ -59,15 +59,17 @@ def test_deltas_join_to_the_full_decode(tok, prompt, text):
     assert not any("\ufffd" in d for d in deltas)
 
 
-def _expected_stop(tok, ids: list[int], stop: list[str]) -> tuple[str, bool]:
-    """Reference: the text at the first token after which a stop string occurs, cut at the first match."""
+def _expected_stop(tok, ids: list[int], stop: list[str], include: bool = False) -> tuple[str, bool]:
+    """Reference: the text at the first token after which a stop string occurs, cut at the first match (after it,
+    the longest starting there, with `include`)."""
     for k in range(1, len(ids) + 1):
         text = tok.decode(ids[:k])
         if text.endswith("\ufffd"):
             continue
         hits = [i for i in (text.find(s) for s in stop) if i >= 0]
         if hits:
-            return text[: min(hits)], True
+            at = min(hits)
+            return text[: at + (max(len(s) for s in stop if text.find(s) == at) if include else 0)], True
     return tok.decode(ids), False
 
 
@@ -76,14 +78,15 @@ def _expected_stop(tok, ids: list[int], stop: list[str]) -> tuple[str, bool]:
     text=st.text(ALPHABET, max_size=40),
     stop=st.lists(st.text(ALPHABET, min_size=1, max_size=5), min_size=1, max_size=3),
     data=st.data(),
+    include=st.booleans(),
 )
-def test_stop_strings_across_token_boundaries(tok, text, stop, data):
+def test_stop_strings_across_token_boundaries(tok, text, stop, data, include):
     if text and data.draw(st.booleans()):  # often make a stop string that really occurs
         i = data.draw(st.integers(0, len(text) - 1))
         stop = stop + [text[i : i + data.draw(st.integers(1, 4))]]
     ids = tok.encode(text).ids
-    want, want_stopped = _expected_stop(tok, ids, stop)
-    d = IncrementalDetokenizer(tok, tok.encode("ok ").ids, stop)
+    want, want_stopped = _expected_stop(tok, ids, stop, include)
+    d = IncrementalDetokenizer(tok, tok.encode("ok ").ids, stop, include_stop=include)
     emitted = ""
     stopped = False
     for i, t in enumerate(ids):
