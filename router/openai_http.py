@@ -9,8 +9,8 @@ OpenAI parameter's name), limits, bearer tokens, priorities and graceful shutdow
 
 As in OpenAI's API, `temperature` defaults to 1 (gRPC's to 0, greedy), and EOS ends a completion with
 finish_reason "stop". Parameters beyond OpenAI's, as vLLM takes them: top_k, min_p, repetition_penalty,
-min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output, priority; each choice carries its `token_ids`
-too (the completion's).
+min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output, priority, stream_options'
+continuous_usage_stats; each choice carries its `token_ids` too (the completion's).
 
 Structured output: OpenAI's `response_format` (`json_object`, `json_schema`) or vLLM's `guided_json`, `guided_regex`,
 `guided_choice` and `guided_grammar`.
@@ -543,6 +543,7 @@ class OpenAIHTTP:
             if chat:
                 body, read = self._chat_body(body)
             req, stream, include_usage, structured, prompts = generate_request(body, self.model_name)
+            continuous = bool((body.get("stream_options") or {}).get("continuous_usage_stats", False))
             if read is not None and read.tools is not None:  # the calls' constraint (_tool_plan refuses another)
                 fill_structured_output(req.structured_output, *read.tools.structured)
                 structured = "tools"  # (what the constraint is made of: the engine's errors are about them)
@@ -575,7 +576,7 @@ class OpenAIHTTP:
         outputs = self._run(children, best_of, caller, trackers.items)
         try:
             if stream:
-                response = await self._stream(request, outputs, reply, include_usage, trackers)
+                response = await self._stream(request, outputs, reply, include_usage, trackers, continuous)
             else:
                 response = await self._whole(outputs, reply, trackers)
         except BaseException:  # the client went away
@@ -692,10 +693,11 @@ class OpenAIHTTP:
 
     @staticmethod
     def _usage(lasts: list, group: int) -> dict:
-        """Usage over a reply's engine requests (each one's last output), `group` per prompt: each prompt counted
-        once, every completion's tokens (best_of's unreturned ones too), and for each prompt the most prompt tokens
-        one of its requests read from the cache."""
-        groups = [lasts[at:at + group] for at in range(0, len(lasts), group)]
+        """Usage over a reply's engine requests (each one's last output; None: none yet), `group` per prompt: each
+        prompt counted once, every completion's tokens (best_of's unreturned ones too), and for each prompt the most
+        prompt tokens one of its requests read from the cache."""
+        groups = [g for at in range(0, len(lasts), group) if (g := [o for o in lasts[at:at + group] if o is not None])]
+        lasts = [o for g in groups for o in g]
         prompt, completion = sum(g[0].prompt_tokens for g in groups), sum(out.completion_tokens for out in lasts)
         cached = sum(max(out.cached_prompt_tokens for out in g) for g in groups)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
@@ -746,7 +748,9 @@ class OpenAIHTTP:
                                                 choices=picked))
 
     async def _stream(self, request: web.Request, outputs, reply: "_Reply", include_usage: bool,
-                      trackers: "_Trackers") -> web.StreamResponse:
+                      trackers: "_Trackers", continuous: bool = False) -> web.StreamResponse:
+        """Server-sent events: a chunk per engine output, then with include_usage one of usage; `continuous`
+        (vLLM's continuous_usage_stats): every chunk also carries the usage so far."""
         response: web.StreamResponse | None = None
         kind = reply.kind + (".chunk" if reply.chat else "")
         last: list[Any] = [None] * (reply.group * len(reply.echo))
@@ -780,6 +784,8 @@ class OpenAIHTTP:
                         if calls:
                             delta["tool_calls"] = calls
                     chunk = self._envelope(rid, reply.created, kind, choices=[choice])
+                    if continuous:
+                        chunk["usage"] = self._usage(last, reply.group)
                     await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
             if include_usage:
                 usage = self._envelope(rid, reply.created, kind, choices=[], usage=self._usage(last, reply.group))

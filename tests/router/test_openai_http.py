@@ -57,6 +57,12 @@ async def test_completions_match_grpc_whole_and_streamed():
         assert "".join(c["choices"][0]["text"] for c in chunks) == want.text
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+        body["stream_options"]["continuous_usage_stats"] = True  # (vLLM's) every chunk with the usage so far
+        async with http.post(_url(srv, "/v1/completions"), json=body) as r:
+            chunks = (await _events(r))[:-2]
+        done = [len(c["choices"][0]["token_ids"]) for c in chunks]
+        assert [c["usage"]["completion_tokens"] for c in chunks] == [sum(done[:k + 1]) for k in range(len(done))]
+        assert all(c["usage"]["prompt_tokens"] == 3 for c in chunks)
 
         text = {"prompt": "Hello, my name is", "max_tokens": 5, "temperature": 0.8, "top_k": 20, "seed": 3,
                 "presence_penalty": 0.5, "stop": ["\n\n"], "priority": -1}
