@@ -692,21 +692,26 @@ class OpenAIHTTP:
         return {"id": f"{prefix}-{request_id}", "object": kind, "created": created, "model": self.model_name, **extra}
 
     @staticmethod
-    def _usage(lasts: list, group: int) -> dict:
+    def _usage(lasts: list, group: int, reasoning: int | None = None) -> dict:
         """Usage over a reply's engine requests (each one's last output; None: none yet), `group` per prompt: each
         prompt counted once, every completion's tokens (best_of's unreturned ones too), and for each prompt the most
-        prompt tokens one of its requests read from the cache."""
+        prompt tokens one of its requests read from the cache; `reasoning`: the returned choices' tokens in their
+        reasoning blocks (with reasoning apart)."""
         groups = [g for at in range(0, len(lasts), group) if (g := [o for o in lasts[at:at + group] if o is not None])]
         lasts = [o for g in groups for o in g]
         prompt, completion = sum(g[0].prompt_tokens for g in groups), sum(out.completion_tokens for out in lasts)
         cached = sum(max(out.cached_prompt_tokens for out in g) for g in groups)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+               "prompt_tokens_details": {"cached_tokens": cached}}
+        if reasoning is not None:
+            out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        return out
 
     async def _whole(self, outputs, reply: "_Reply", trackers: "_Trackers") -> web.Response:
         count, group = reply.group * len(reply.echo), reply.group
         ids: list[list[int]] = [[] for _ in range(count)]
         text: list[list[str]] = [[] for _ in range(count)]
+        sizes: list[list[int]] = [[] for _ in range(count)]  # tokens of each piece of text
         logprobs: list[list] = [[] for _ in range(count)]
         last: list[Any] = [None] * count
         rid, prompt_logprobs = "", [None] * len(reply.echo)  # each prompt's
@@ -718,12 +723,13 @@ class OpenAIHTTP:
                         prompt_logprobs[i // group] = out.prompt_logprobs
                     ids[i] += out.new_token_ids
                     text[i].append(out.new_text)
+                    sizes[i].append(len(out.new_token_ids))
                     logprobs[i] += out.logprobs or ()
                     last[i] = out
         except Exception as exc:  # noqa: BLE001 - every failure becomes its HTTP status
             return self._failure(exc, trackers, reply)
         trackers.end()
-        picked = []
+        picked, chosen = [], []  # the choices and their engine requests
         for p in range(len(reply.echo)):
             order = list(range(p * group, (p + 1) * group))
             if group > reply.n:  # best_of: the n with the highest mean log-probability per token, in that order
@@ -734,18 +740,33 @@ class OpenAIHTTP:
             picked += [self._choice(last[i], ids[i], reply.echo[p] + "".join(text[i]),
                                     logprobs[i] if reply.logprobs else [], reply.chat, index=p * reply.n + k,
                                     echo=echo) for k, i in enumerate(order)]
-        if reply.read is not None:
-            for k, choice in enumerate(picked):
-                message = choice["message"]
-                reasoning, content, calls, choice["finish_reason"] = _ChatReader(reply.read, f"{rid}-{k}").read(
-                    message["content"], choice["finish_reason"])
+            chosen += order
+        thought = None
+        if reply.read is not None:  # each choice read piece by piece, as a stream is
+            thought = 0
+            for k, (choice, i) in enumerate(zip(picked, chosen)):
+                reader, reasoning, content, calls = _ChatReader(reply.read, f"{rid}-{k}"), [], [], {}
+                finish = choice["finish_reason"]
+                for j, (piece, size) in enumerate(zip(text[i], sizes[i])):
+                    r, c, pieces, finish = reader.read(piece, choice["finish_reason"] if j == len(sizes[i]) - 1
+                                                       else None, size)
+                    reasoning.append(r)
+                    content.append(c)
+                    for e in pieces:  # a call's pieces into its first
+                        if e["index"] in calls:
+                            calls[e["index"]]["function"]["arguments"] += e["function"]["arguments"]
+                        else:
+                            calls[e["index"]] = {key: v for key, v in e.items() if key != "index"}
+                choice["finish_reason"] = finish
+                message, content = choice["message"], "".join(content)
                 message["content"] = content if content.strip() or not calls else None
                 if reply.read.reasoning:
-                    message["reasoning_content"] = reasoning or None
-                if calls:  # (one read: each call's pieces merged into its first)
-                    message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
-        return web.json_response(self._envelope(rid, reply.created, reply.kind, usage=self._usage(last, group),
-                                                choices=picked))
+                    message["reasoning_content"] = "".join(reasoning) or None
+                if calls:
+                    message["tool_calls"] = [calls[j] for j in sorted(calls)]
+                thought += reader.reasoning_tokens
+        usage = self._usage(last, group, thought if reply.read is not None and reply.read.reasoning else None)
+        return web.json_response(self._envelope(rid, reply.created, reply.kind, usage=usage, choices=picked))
 
     async def _stream(self, request: web.Request, outputs, reply: "_Reply", include_usage: bool,
                       trackers: "_Trackers", continuous: bool = False) -> web.StreamResponse:
@@ -778,17 +799,18 @@ class OpenAIHTTP:
                         reader = readers.setdefault(i, _ChatReader(reply.read, f"{rid}-{i}"))
                         delta = choice["delta"]
                         reasoning, delta["content"], calls, choice["finish_reason"] = reader.read(
-                            text, choice["finish_reason"])
+                            text, choice["finish_reason"], len(out.new_token_ids))
                         if reasoning:
                             delta["reasoning_content"] = reasoning
                         if calls:
                             delta["tool_calls"] = calls
                     chunk = self._envelope(rid, reply.created, kind, choices=[choice])
                     if continuous:
-                        chunk["usage"] = self._usage(last, reply.group)
+                        chunk["usage"] = self._usage(last, reply.group, self._thought(reply, readers))
                     await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
             if include_usage:
-                usage = self._envelope(rid, reply.created, kind, choices=[], usage=self._usage(last, reply.group))
+                usage = self._envelope(rid, reply.created, kind, choices=[],
+                                       usage=self._usage(last, reply.group, self._thought(reply, readers)))
                 await response.write(f"data: {json.dumps(usage)}\n\n".encode())
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client went away: closing `outputs` above has let the engine go of the requests
@@ -804,6 +826,13 @@ class OpenAIHTTP:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+    @staticmethod
+    def _thought(reply: "_Reply", readers: dict) -> int | None:
+        """The streamed choices' reasoning tokens so far (None without reasoning apart)."""
+        if reply.read is None or not reply.read.reasoning:
+            return None
+        return sum(r.reasoning_tokens for r in readers.values())
 
     @staticmethod
     def _failure(exc: BaseException, trackers: "_Trackers", reply: "_Reply | None" = None) -> web.Response:
@@ -848,14 +877,18 @@ class _ChatReader:
         # (with the reasoning apart, the parser sees the answer alone)
         self._parser = ToolCallParser(self.plan.format, read.opened and not read.reasoning) if native else None
         self._text: list[str] = []
+        self.reasoning_tokens = 0  # of the pieces read: those in the reasoning block (its end marker's too)
 
-    def read(self, text: str, finish: str | None) -> tuple[str, str, list[dict], str | None]:
-        """(reasoning, content, OpenAI tool_calls, finish_reason) for the next piece of output and the finish reason
-        so far (None while running). A call cut short by max_tokens stays content; an output ended with calls
-        finishes "tool_calls"."""
+    def read(self, text: str, finish: str | None, tokens: int = 0) -> tuple[str, str, list[dict], str | None]:
+        """(reasoning, content, OpenAI tool_calls, finish_reason) for the next piece of output (of `tokens` tokens)
+        and the finish reason so far (None while running). A call cut short by max_tokens stays content; an output
+        ended with calls finishes "tool_calls"."""
         reasoning = ""
         if self._thinking is not None:
+            before = self._thinking.thinking
             reasoning, text = self._thinking.feed(text)
+            if before or self._thinking.thinking:
+                self.reasoning_tokens += tokens
             if finish is not None:
                 more, rest = self._thinking.finish()
                 reasoning, text = reasoning + more, text + rest

@@ -49,6 +49,11 @@ class ReasoningSplitter:
         self._buf, self._raw = "", raw
         self._state = "think" if opened else "start"  # start, think, gap (after the block), answer
 
+    @property
+    def thinking(self) -> bool:
+        """Inside the reasoning block."""
+        return self._state == "think"
+
     def feed(self, text: str) -> tuple[str, str]:
         self._buf += text
         reasoning, answer = [], []

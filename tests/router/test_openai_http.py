@@ -648,7 +648,8 @@ async def test_reasoning_comes_apart_from_the_answer(thinking_checkpoint):
             body = {"messages": messages, "chat_template_kwargs": kwargs, **params}
             async with http.post(url, json=body) as r:
                 assert r.status == 200, await r.text()
-                whole = (await r.json())["choices"][0]
+                reply = await r.json()
+            whole, whole_usage = reply["choices"][0], reply["usage"]
             if kwargs:  # no block: all answer
                 want = {"role": "assistant", "content": raw, "reasoning_content": None}
             elif "</think>" in raw:
@@ -657,11 +658,16 @@ async def test_reasoning_comes_apart_from_the_answer(thinking_checkpoint):
             else:  # cut short while thinking
                 want = {"role": "assistant", "content": "", "reasoning_content": raw}
             assert whole["message"] == want, raw
-            async with http.post(url, json={**body, "stream": True}) as r:
+            # the tokens of the reasoning block, its end marker's too (</think> is token 515 here)
+            thought = (whole["token_ids"].index(515) + 1 if 515 in whole["token_ids"] else
+                       0 if kwargs else len(whole["token_ids"]))
+            assert whole_usage["completion_tokens_details"] == {"reasoning_tokens": thought}
+            async with http.post(url, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
                 events = await _events(r)
-            deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+            deltas = [e["choices"][0]["delta"] for e in events[:-2]]
             assert "".join(d.get("reasoning_content", "") for d in deltas) == (want["reasoning_content"] or "")
             assert "".join(d["content"] for d in deltas) == want["content"]
+            assert events[-2]["usage"] == whole_usage
         async with http.post(url, json={"messages": messages, "chat_template_kwargs": {"messages": []}}) as r:
             assert r.status == 400 and (await r.json())["error"]["param"] == "chat_template_kwargs"
 
