@@ -38,7 +38,7 @@ import math
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -48,7 +48,7 @@ from moeserve.router.client import fill_structured_output
 from moeserve.router.errors import InvalidRequestError
 from moeserve.router.reasoning import ReasoningSplitter, opens_thinking, think_first
 from moeserve.router.sequence import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS
-from moeserve.router.tool_calls import CallDelta, ToolCallParser, ToolFormat, structural_tag
+from moeserve.router.tool_calls import CallDelta, ToolCallParser, ToolFormat, calls_of, structural_tag
 from moeserve.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -414,7 +414,7 @@ class OpenAIHTTP:
         """vLLM's POST /tokenize: a `prompt`'s token ids, or those of chat `messages` as the chat template renders
         them (`add_generation_prompt`, default true; `tools`, `chat_template_kwargs`), with their count and the
         context length."""
-        async def ids(body: Any) -> list[int]:
+        def answer(body: Any) -> dict:
             if not isinstance(body, dict):
                 raise InvalidRequestError("body", "must be a JSON object")
             if "messages" in body:
@@ -425,16 +425,13 @@ class OpenAIHTTP:
                     raise InvalidRequestError("add_special_tokens", f"must be true or false, got {special!r}")
             else:
                 raise InvalidRequestError("prompt", "give a prompt (a string) or chat messages")
-            return list(self.tokenizer.encode(text, add_special_tokens=special))
-
-        async def answer(body: Any) -> dict:
-            tokens = await ids(body)
+            tokens = list(self.tokenizer.encode(text, add_special_tokens=special))
             return {"tokens": tokens, "count": len(tokens), "max_model_len": self.context_length}
         return await self._utility(request, answer)
 
     async def detokenize(self, request: web.Request) -> web.Response:
         """vLLM's POST /detokenize: `tokens` (ids of this model's vocabulary) as text."""
-        async def answer(body: Any) -> dict:
+        def answer(body: Any) -> dict:
             tokens = body.get("tokens") if isinstance(body, dict) else None
             if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
                 raise InvalidRequestError("tokens", "must be a list of token ids")
@@ -445,15 +442,16 @@ class OpenAIHTTP:
             return {"prompt": self.tokenizer.decode(tokens)}
         return await self._utility(request, answer)
 
-    async def _utility(self, request: web.Request, answer) -> web.Response:
-        """A call beside generation (tokenize, detokenize): auth, a JSON body, errors as the completions' are."""
+    async def _utility(self, request: web.Request, answer: Callable[[Any], dict]) -> web.Response:
+        """A call beside generation (tokenize, detokenize): auth, a JSON body, `answer`'s reply to it; errors as the
+        completions' are."""
         if self._caller(request) is None:
             self.servicer.record_error("UNAUTHENTICATED")
             return _error(401, "missing or unknown bearer token (Authorization: Bearer <token>)")
         if self.tokenizer is None:
             return _error(404, "this model has no tokenizer")
         try:
-            return web.json_response(await answer(await request.json()))
+            return web.json_response(answer(await request.json()))
         except (json.JSONDecodeError, UnicodeDecodeError):
             self.servicer.record_error("INVALID_ARGUMENT")
             return _error(400, "the body is not JSON", "body")
@@ -745,25 +743,20 @@ class OpenAIHTTP:
         if reply.read is not None:  # each choice read piece by piece, as a stream is
             thought = 0
             for k, (choice, i) in enumerate(zip(picked, chosen)):
-                reader, reasoning, content, calls = _ChatReader(reply.read, f"{rid}-{k}"), [], [], {}
+                reader, reasoning, content = _ChatReader(reply.read, f"{rid}-{k}"), [], []
                 finish = choice["finish_reason"]
                 for j, (piece, size) in enumerate(zip(text[i], sizes[i])):
-                    r, c, pieces, finish = reader.read(piece, choice["finish_reason"] if j == len(sizes[i]) - 1
-                                                       else None, size)
+                    r, c, _, finish = reader.read(piece, choice["finish_reason"] if j == len(sizes[i]) - 1 else None,
+                                                  size)
                     reasoning.append(r)
                     content.append(c)
-                    for e in pieces:  # a call's pieces into its first
-                        if e["index"] in calls:
-                            calls[e["index"]]["function"]["arguments"] += e["function"]["arguments"]
-                        else:
-                            calls[e["index"]] = {key: v for key, v in e.items() if key != "index"}
                 choice["finish_reason"] = finish
-                message, content = choice["message"], "".join(content)
+                message, content, calls = choice["message"], "".join(content), reader.calls()
                 message["content"] = content if content.strip() or not calls else None
                 if reply.read.reasoning:
                     message["reasoning_content"] = "".join(reasoning) or None
                 if calls:
-                    message["tool_calls"] = [calls[j] for j in sorted(calls)]
+                    message["tool_calls"] = calls
                 thought += reader.reasoning_tokens
         usage = self._usage(last, group, thought if reply.read is not None and reply.read.reasoning else None)
         return web.json_response(self._envelope(rid, reply.created, reply.kind, usage=usage, choices=picked))
@@ -867,8 +860,8 @@ class _ChatRead:
 
 
 class _ChatReader:
-    """Reads one chat choice's output as it streams (or whole: one `read` with the last output): its reasoning, its
-    content and its calls."""
+    """Reads one chat choice's output piece by piece, as it streams (a whole reply too): its reasoning, its content
+    and its calls."""
 
     def __init__(self, read: _ChatRead, call_id: str):
         self.plan, self.call_id = read.tools, call_id
@@ -877,6 +870,7 @@ class _ChatReader:
         # (with the reasoning apart, the parser sees the answer alone)
         self._parser = ToolCallParser(self.plan.format, read.opened and not read.reasoning) if native else None
         self._text: list[str] = []
+        self._deltas: list[CallDelta] = []  # every call piece read so far
         self.reasoning_tokens = 0  # of the pieces read: those in the reasoning block (its end marker's too)
 
     def read(self, text: str, finish: str | None, tokens: int = 0) -> tuple[str, str, list[dict], str | None]:
@@ -911,6 +905,7 @@ class _ChatReader:
                 called = True
             elif finish is not None:
                 content = "".join(self._text)
+        self._deltas += deltas
         out: list[dict] = []
         for d in deltas:  # OpenAI's: a call's first delta has its id, type and name; pieces of one call merged
             if out and out[-1]["index"] == d.index:
@@ -921,6 +916,11 @@ class _ChatReader:
             else:
                 out.append({"index": d.index, "function": {"arguments": d.arguments}})
         return reasoning, content, out, "tool_calls" if finish == "stop" and called else finish
+
+    def calls(self) -> list[dict]:
+        """The calls read so far, whole, as a reply's message lists them."""
+        return [{"id": f"call-{self.call_id}-{i}", "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls_of(self._deltas))]
 
 
 @dataclass(frozen=True)

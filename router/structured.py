@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,17 +90,21 @@ class Grammars:
                                                            "model and its tokenizer name none")
         hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tokenizer)
         info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=stop)
+        # Compiled from several threads at once (LLMEngine.prepare's, the engine's): xgrammar's compiler and its cache
+        # take that (vLLM compiles on a thread pool with one compiler), so no lock here holds one compile up behind
+        # another, the event loop's cache hits included.
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True)
-        self._lock = threading.Lock()  # the compiler's cache, from the edge's thread and the engine's
+
+    def compile(self, so: StructuredOutput) -> Any:
+        """`so` compiled (from the compiler's cache after the first time); InvalidRequestError when it does not."""
+        try:
+            return self._compile(so)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise InvalidRequestError(f"structured_output.{so.kind}", f"does not compile: {_first_line(exc)}") from None
 
     def matcher(self, so: StructuredOutput) -> Any:
         """A fresh xgrammar GrammarMatcher for `so`; InvalidRequestError when the spec does not compile."""
-        try:
-            with self._lock:
-                compiled = self._compile(so)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise InvalidRequestError(f"structured_output.{so.kind}", f"does not compile: {_first_line(exc)}") from None
-        return self._xgr.GrammarMatcher(compiled)
+        return self._xgr.GrammarMatcher(self.compile(so))
 
     def _compile(self, so: StructuredOutput) -> Any:
         c = self._compiler

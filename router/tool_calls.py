@@ -40,31 +40,18 @@ def _mistral_body(body: str) -> list[tuple[str, object]]:
     return [_named(c) for c in calls]
 
 
-_DEEPSEEK_V3 = re.compile(r"function<｜tool▁sep｜>(?P<name>[^\n]+)\n```json\n(?P<args>.*)\n```", re.DOTALL)
-_DEEPSEEK_V3_1 = re.compile(r"(?P<name>[^<]+)<｜tool▁sep｜>(?P<args>.*)", re.DOTALL)
-
-
-def _regex_body(pattern: re.Pattern) -> Callable[[str], list[tuple[str, object]]]:
-    def body(text: str) -> list[tuple[str, object]]:
-        m = pattern.fullmatch(text)
-        if m is None:
-            raise ValueError(f"not a call in this format: {text[:80]!r}")
-        return [(m["name"], json.loads(m["args"]))]
-    return body
-
-
 @dataclass(frozen=True)
 class ToolFormat:
     """One model family's markup for calls: each call between `call_begin` and `call_end` (empty: the end of the
     output), the calls of a turn optionally inside `wrappers` (dropped: neither content nor a call); `body` reads the
-    (name, arguments) of the call(s) between them."""
+    (name, arguments) of the call(s) between them where `head` does not (None: such text is not a call)."""
 
     name: str
     grammar: str | None  # xgrammar's built-in structural tag of this format (get_model_structural_tag's model)
     call_begin: str
     call_end: str
     wrappers: tuple[str, ...]
-    body: Callable[[str], list[tuple[str, object]]]
+    body: Callable[[str], list[tuple[str, object]]] | None
     models: str  # for help texts
     # Streaming a call's arguments as they come: `head` matches a call's text up to its arguments (group "name"),
     # `tail` what follows them before call_end. None: each call is read whole (`body`).
@@ -79,10 +66,10 @@ FORMATS = {f.name: f for f in (
     ToolFormat("hermes", "qwen_3", "<tool_call>", "</tool_call>", (), _hermes_body, "Qwen3, Qwen2.5, Hermes",
                re.compile(r'\s*\{"name": "(?P<name>[^"\\]+)", "arguments": '), "}\n"),
     ToolFormat("deepseek_v3", "deepseek_r1", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
-               ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"), _regex_body(_DEEPSEEK_V3), "DeepSeek-V3, R1",
+               ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"), None, "DeepSeek-V3, R1",
                re.compile(r"function<｜tool▁sep｜>(?P<name>[^\n]+)\n```json\n"), "\n```"),
     ToolFormat("deepseek_v3_1", "deepseek_v3_1", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
-               ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"), _regex_body(_DEEPSEEK_V3_1), "DeepSeek-V3.1",
+               ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"), None, "DeepSeek-V3.1",
                re.compile(r"(?P<name>[^<\n]+)<｜tool▁sep｜>"), ""),
     ToolFormat("mistral", None, "[TOOL_CALLS]", "", (), _mistral_body, "Mixtral-8x22B-Instruct, Mistral"),
 )}
@@ -271,6 +258,8 @@ class ToolCallParser:
 
     def _whole(self, body: str) -> list[CallDelta]:
         """Whole calls from a call's text (ToolFormat.body), each with its arguments as compact JSON."""
+        if self.fmt.body is None:
+            raise ValueError("not a call in this format")
         out = []
         for name, arguments in self.fmt.body(body):
             out.append(CallDelta(self._calls, name, json.dumps(arguments, ensure_ascii=False)))
