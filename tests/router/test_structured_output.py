@@ -205,3 +205,30 @@ def test_a_stop_token_only_the_tokenizer_names_ends_the_output(hf_checkpoint, tm
     (out,) = engine.generate_batch([[5, 6, 7]], SamplingParams(max_tokens=20, structured_output=SPECS[2]))
     assert out.finish_reason == "stop" and out.new_text in CHOICES
     assert out.new_token_ids[-1] == tok.token_to_id(EOS) and not engine.has_unfinished()
+
+
+def test_specs_compile_from_several_threads_at_once(demo_model_dir):
+    """Grammars holds no lock (LLMEngine.prepare compiles on threads beside the engine): distinct specs compiled and
+    matched concurrently each accept their own output and refuse another's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moeserve.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(demo_model_dir)
+    grammars = Grammars(tok, 512, tok.eos_token_ids)
+
+    def schema(i):
+        return {"type": "object", "properties": {f"f{j}": {"enum": [f"v{i}-{j}-{k}" for k in range(4)]}
+                                                 for j in range(8)}, "required": [f"f{j}" for j in range(8)]}
+
+    specs = [StructuredOutput("json_schema", json.dumps(schema(i))) for i in range(40)]
+
+    def check(k):
+        own = json.dumps({f"f{j}": f"v{k % 40}-{j}-1" for j in range(8)})
+        other = own.replace(f"v{k % 40}-", f"v{(k + 1) % 40}-", 1)
+        mine, theirs = grammars.matcher(specs[k % 40]), grammars.matcher(specs[k % 40])
+        return all(mine.accept_token(t) for t in tok.encode(own)) and \
+            not all(theirs.accept_token(t) for t in tok.encode(other))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(check, range(160)))
