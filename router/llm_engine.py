@@ -124,7 +124,7 @@ class LLMEngine:
         """Do the slow part of admitting a request with these params ahead, off the caller's event loop (compiling
         a structured output: the compiler caches it for add_request); InvalidRequestError as add_request would."""
         if params.structured_output is not None:
-            self._grammars().compile(params.structured_output)
+            self._grammars().compiled(params.structured_output)  # (cached for add_request's matcher)
 
     def _grammars(self) -> Grammars:
         """The structured-output compiler of this engine's tokenizer, built on first use."""

@@ -95,7 +95,7 @@ class Grammars:
         # another, the event loop's cache hits included.
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True)
 
-    def compile(self, so: StructuredOutput) -> Any:
+    def compiled(self, so: StructuredOutput) -> Any:
         """`so` compiled (from the compiler's cache after the first time); InvalidRequestError when it does not."""
         try:
             return self._compile(so)
@@ -104,7 +104,7 @@ class Grammars:
 
     def matcher(self, so: StructuredOutput) -> Any:
         """A fresh xgrammar GrammarMatcher for `so`; InvalidRequestError when the spec does not compile."""
-        return self._xgr.GrammarMatcher(self.compile(so))
+        return self._xgr.GrammarMatcher(self.compiled(so))
 
     def _compile(self, so: StructuredOutput) -> Any:
         c = self._compiler
