@@ -44,3 +44,53 @@ def test_gemv_stream_variants_match_torch():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.smoke() == 0
+
+
+def test_pick_configs_keeps_the_faster_run_per_case(tmp_path):
+    """benchmarks/pick_configs.py: of two bench_kernels runs on one GPU, each (shape, format, token
+    count) takes the configuration of the faster call, under its own bucket; buckets no run measured
+    stay; runs from different GPUs are refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moeserve.kernels.configs import GemvConfig, MoeConfig, shape_key
+    from moeserve.kernels.roofline import SHAPES
+
+    old, gemv = MoeConfig(per_slot=True).to_dict(), MoeConfig(gemv=GemvConfig(up_rows=2)).to_dict()
+    big = MoeConfig(block_m=128).to_dict()
+
+    def run(gpu, times):  # times: {(shape, tokens): (bf16 ms, fp8 ms)}; run 0 used `old`, run 1 `gemv`/`big`
+        cfg = old if gpu.endswith("own") else None
+        return {"gpu": gpu.split(":")[0], "rows": [
+            {"shape": s, "tokens": t, **{q: {"ms": ms, "config": cfg or (gemv if t == 1 else big)}
+                                        for q, ms in zip(("bf16", "fp8"), pair)}}
+            for (s, t), pair in times.items()]}
+
+    a = tmp_path / "a.json"
+    b = tmp_path / "b.json"
+    a.write_text(json.dumps(run("GPU X:own", {("qwen3-30b-a3b", 1): (0.030, 0.020), ("qwen3-30b-a3b", 64): (0.40, 0.20)})))
+    b.write_text(json.dumps(run("GPU X:borrowed", {("qwen3-30b-a3b", 1): (0.022, 0.021), ("qwen3-30b-a3b", 64): (0.41, 0.19)})))
+    q = SHAPES["qwen3-30b-a3b"]
+    keep = MoeConfig(block_m=64).to_dict()
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({shape_key(q.experts, q.hidden, q.inter, q.top_k, "bf16"): {"4096": keep}}))
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "pick_configs.py"
+    done = subprocess.run([sys.executable, str(script), str(a), str(b), "--table", str(table)],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "qwen3-30b-a3b bf16 1 tokens: run 1 (run 0: 30.0 us, run 1: 22.0 us)" in done.stdout
+    out = json.loads(table.read_text())
+    key = shape_key(q.experts, q.hidden, q.inter, q.top_k, "{}")
+    def written(config):  # as the table holds it: no "gemv": null
+        return {k: v for k, v in config.items() if v is not None}
+
+    assert out[key.format("bf16")] == {"1": written(gemv), "64": written(old), "4096": keep}
+    assert out[key.format("fp8")] == {"1": written(old), "64": written(big)}
+    assert MoeConfig.from_dict(out[key.format("bf16")]["1"]) == MoeConfig(gemv=GemvConfig(up_rows=2))
+    b.write_text(json.dumps(run("GPU Y:borrowed", {("qwen3-30b-a3b", 1): (0.022, 0.021)})))
+    refused = subprocess.run([sys.executable, str(script), str(a), str(b), "--table", str(table)],
+                             capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert refused.returncode != 0 and "different GPUs" in refused.stderr
