@@ -162,6 +162,11 @@ def default_config(num_tokens: int, num_experts: int, hidden: int, inter: int, t
                      GemmConfig(block_n=128, block_k=bk, num_warps=8, num_stages=stages), prequant=quant == "fp8")
 
 
+# How far (in powers of two of the token count) a table's decode-path entry reaches: a bucket of 4
+# tokens serves 1 to 16; tensor-core tiles serve whatever their nearest bucket is.
+DECODE_REACH = 2
+
+
 @functools.lru_cache(maxsize=4096)  # on every call's host path; MoeConfig is immutable
 def get_config(device_name: str, num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int,
                quant: str = "bf16") -> MoeConfig:
@@ -171,4 +176,9 @@ def get_config(device_name: str, num_tokens: int, num_experts: int, hidden: int,
         return default_config(num_tokens, num_experts, hidden, inter, top_k, quant)
     target = math.log2(max(1, num_tokens))
     bucket = min(entry, key=lambda b: (abs(math.log2(int(b)) - target), int(b)))
-    return MoeConfig.from_dict(entry[bucket])
+    config = MoeConfig.from_dict(entry[bucket])
+    if (config.gemv is not None or config.per_slot) and abs(math.log2(int(bucket)) - target) > DECODE_REACH:
+        # A decode path (a GEMV or a block per slot) far from the few tokens it was tuned at: on an
+        # H100 the H200's DeepSeek-V3 table, tuned only at 1-4 tokens, ran 4096 tokens 60x slower so.
+        return default_config(num_tokens, num_experts, hidden, inter, top_k, quant)
+    return config

@@ -27,6 +27,30 @@ def test_nearest_bucket_and_default(tmp_path, monkeypatch):
         configs.get_config.cache_clear()
 
 
+def test_decode_entries_do_not_reach_many_tokens(tmp_path, monkeypatch):
+    """A table tuned only at a few tokens (GEMVs, a block per slot) serves those up to 4x away; further
+    up the defaults' tensor-core tiles run instead of one row per expert slot."""
+    gemv = MoeConfig(16, GemmConfig(block_n=32), GemmConfig(block_n=64), gemv=GemvConfig(up_rows=2))
+    slot = MoeConfig(16, GemmConfig(block_n=32), GemmConfig(block_n=64), per_slot=True)
+    key = configs.shape_key(256, 7168, 2048, 8, "bf16")
+    (tmp_path / "Test_GPU.json").write_text(json.dumps({key: {"4": gemv.to_dict()},
+                                                        key.replace("bf16", "fp8"): {"1": slot.to_dict()}}))
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    configs.load_table.cache_clear()
+    configs.get_config.cache_clear()
+    try:
+        for t in (1, 4, 16):
+            assert configs.get_config("Test GPU", t, 256, 7168, 2048, 8) == gemv
+        for t in (17, 64, 4096):
+            assert configs.get_config("Test GPU", t, 256, 7168, 2048, 8) == configs.default_config(t, 256, 7168, 2048, 8)
+        assert configs.get_config("Test GPU", 4, 256, 7168, 2048, 8, "fp8") == slot
+        assert configs.get_config("Test GPU", 5, 256, 7168, 2048, 8, "fp8") == \
+            configs.default_config(5, 256, 7168, 2048, 8, "fp8")
+    finally:
+        configs.load_table.cache_clear()
+        configs.get_config.cache_clear()
+
+
 def test_same_processor_borrows_a_table(tmp_path, monkeypatch):
     """A GPU with no table of its own uses its processor's (an H200 the H100's); its own buckets win
     once it has them, the borrowed table still fills the rest; a GPU of another processor gets the
