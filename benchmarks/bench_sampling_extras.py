@@ -12,7 +12,8 @@ is the step time. The kinds:
                ahead is sampled once the previous tokens are fed to the matchers
   json         structured output, a JSON object with one string field (end-of-sequence biased away)
   mixed        one regex row among plain ones: what one structured request costs the others
-The physical limit is the decode step's floor at this batch: the bytes it must read (active weights, KV) over
+After the timed steps each kind's last few run under torch's CUDA sync debug mode, which lists every call that made
+the host wait for the GPU (one a step is the tokens coming back). The physical limit is the decode step's floor at this batch: the bytes it must read (active weights, KV) over
 the copy bandwidth measured in the same run (bench_serving.decode_floor).
 
 A random-weight preset (--model qwen3-30b-a3b, deepseek-v2-lite, ...) has no tokenizer: the structured kinds get a
@@ -106,10 +107,47 @@ def measure(engine, kind: str, args, tag: str) -> dict:
         engine.step()
     bs._sync(args.device)
     ms = (time.perf_counter() - start) * 1e3 / args.steps
-    while engine.has_unfinished():
-        engine.step()
+    steps, syncs = drain_counting_syncs(engine, args.device)
     return {"kind": kind, "step_ms": ms, "tok_s": sum(running) / args.steps / ms * 1e3,
-            "rows_min": min(running), "steps_ahead": engine.counters["steps_ahead"] - ahead}
+            "rows_min": min(running), "steps_ahead": engine.counters["steps_ahead"] - ahead,
+            "syncs_per_step": sum(syncs.values()) / max(1, steps), "syncs": syncs}
+
+
+def drain_counting_syncs(engine, device: str) -> tuple[int, dict[str, int]]:
+    """Run the engine's last steps (after the timed ones) under torch's CUDA sync debug mode: (steps, where each
+    synchronising call came from: the innermost moeserve or xgrammar line, and how often). One a step is the
+    tokens coming back; any other makes a step queued ahead wait for the one before it."""
+    import traceback
+    import warnings
+
+    import torch
+
+    found: dict[str, int] = {}
+    steps = 0
+    if not device.startswith("cuda"):
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        return steps, found
+    repo = os.path.realpath(Path(__file__).resolve().parent.parent)
+
+    def where(message, category, filename, lineno, file=None, line=None) -> None:
+        ours = [f for f in traceback.extract_stack()[:-1] if "benchmarks" not in f.filename
+                and (os.path.realpath(f.filename).startswith(repo) or "/xgrammar/" in f.filename)]
+        at = f"{os.path.basename(ours[-1].filename)}:{ours[-1].lineno} ({ours[-1].line})" if ours else f"{filename}:{lineno}"
+        found[at] = found.get(at, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = where
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            while engine.has_unfinished():
+                engine.step()
+                steps += 1
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return steps, found
 
 
 def main() -> int:
@@ -135,6 +173,8 @@ def main() -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     common = dict(device=args.device, max_num_seqs=args.batch, max_model_len=args.prompt_len + args.steps + 16,
                   decode_graphs="auto" if cuda else "off", prefill_hold_ms=0)
+    # Before the model: its KV cache takes what memory is left (an H100 keeps no room for the copy after).
+    bandwidth = bs.measure_bandwidth(args.device, gib=4.0 if cuda else 0.5)
     if args.model == "demo":
         from moeserve.models.demo import ensure_demo_model
 
@@ -149,7 +189,6 @@ def main() -> int:
         config = EngineConfig(dtype="bfloat16" if cuda else "float32", **common)
         engine = LLMEngine(config, model, tokenizer=synthetic_tokenizer(model.config.vocab_size, args.seed))
         dtype_bytes = 2 if cuda else 4
-    bandwidth = bs.measure_bandwidth(args.device, gib=4.0 if cuda else 0.5)
     floor = bs.decode_floor(bs.weight_bytes(hf, dtype_bytes), args.batch, args.prompt_len + args.steps // 2, bandwidth)
     measure(engine, "plain", args, "warm-")  # compiles, graph capture at this batch
     rows = [measure(engine, kind, args, f"{kind}-") for kind in args.kinds.split(",")]
@@ -157,13 +196,17 @@ def main() -> int:
     print(f"## sampling extras, {args.model} on {args.device}, batch {args.batch}, {started}")
     print(f"{args.steps} decode steps back to back per kind after a {args.prompt_len}-token prompt; copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s; decode floor {floor['step_ms']:.3f} ms\n")
-    print("| kind | step ms | output tok/s | vs plain | vs floor | rows (min) | steps queued ahead |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| kind | step ms | output tok/s | vs plain | vs floor | rows (min) | steps queued ahead | syncs a step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         vs = f"{r['step_ms'] / plain:.2f}x" if plain else "-"
         fl = f"{r['step_ms'] / floor['step_ms']:.1f}x"
         print(f"| {r['kind']} | {r['step_ms']:.2f} | {r['tok_s']:.0f} | {vs} | {fl} | {r['rows_min']} | "
-              f"{r['steps_ahead']} |")
+              f"{r['steps_ahead']} | {r['syncs_per_step']:.1f} |")
+    for r in rows:
+        if r["syncs"]:
+            print(f"{r['kind']}: synchronising calls in its last steps: " +
+                  "; ".join(f"{n}x {at}" for at, n in sorted(r["syncs"].items(), key=lambda kv: -kv[1])))
     out = Path(args.out_dir) / "bench_sampling_extras.json"
     out.write_text(json.dumps({"args": vars(args), "started": started, "bandwidth": bandwidth, "floor": floor,
                                "rows": rows}, indent=2))
