@@ -182,13 +182,17 @@ def paged_prefill_attention(
     context_lens: list[int],
     scale: float,
     sliding_window: int | None = None,
+    plan: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Prompt chunks (any cached prefix) over their paged KV cache; see kernels/reference.py."""
+    """Prompt chunks (any cached prefix) over their paged KV cache; see kernels/reference.py. `plan`: the
+    kernel's fixed launch plan on the device (prefill_attention.fixed_plan; the kernel only)."""
     if _on_gpu(q, "prefill_attention"):
         from . import prefill_attention
 
         return prefill_attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_lens,
-                                                         context_lens, scale, sliding_window)
+                                                         context_lens, scale, sliding_window, plan=plan)
+    if plan is not None:
+        raise ValueError("a fixed launch plan is the prefill attention kernel's (CUDA) alone")
     return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale,
                                              sliding_window)
 

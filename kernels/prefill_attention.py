@@ -63,6 +63,7 @@ def _prefill_kernel(
                 mask=r_ok[:, None], other=0.0)
 
     hi = tl.minimum(cached + m0 + BLOCK_M, ctx)  # past the tile's last query: nothing it may see
+    hi = tl.where(m0 < q_len, hi, 0)  # a fixed plan's tile past its sequence's chunk: no query at all
     lo = 0
     if window > 0:
         lo = tl.maximum(cached + m0 - window + 1, 0) // BLOCK_N * BLOCK_N
@@ -110,7 +111,7 @@ def supports(head_dim: int, value_dim: int, num_heads: int, num_kv_heads: int) -
     return pow2(head_dim) and pow2(value_dim) and num_heads % num_kv_heads == 0
 
 
-def plan(query_lens: list[int], context_lens: list[int], block_m: int = BLOCK_M) -> tuple[list[int], int]:
+def make_plan(query_lens: list[int], context_lens: list[int], block_m: int = BLOCK_M) -> tuple[list[int], int]:
     """The launch plan as host integers: per sequence [first row, query_len, context_len], then per
     query tile [sequence, first token]; and the number of tiles."""
     seqs, tiles, first = [], [], 0
@@ -133,10 +134,14 @@ def paged_prefill_attention(
     context_lens: list[int],
     scale: float,
     sliding_window: int | None = None,
+    plan: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] (the step's new tokens, sequence after sequence) over caches [blocks, page, Hk, D]
     / [..., Hk, Dv], each sequence's KV (the chunk's own included) already written, through
-    block_tables [B, W] -> [T, Hq, Dv] in q's dtype. Causal by absolute position, within the window."""
+    block_tables [B, W] -> [T, Hq, Dv] in q's dtype. Causal by absolute position, within the window.
+    `plan`: a fixed_plan already on the device (a CUDA graph's step, whose lengths change between
+    replays); query_lens then only give the sequences' padded rows, and rows no chunk holds are not
+    written."""
     t, hq, dk = q.shape
     _nb, page, hk, dk_cache = k_cache.shape
     dv = v_cache.shape[-1]
@@ -150,10 +155,13 @@ def paged_prefill_attention(
     out = empty(t, hq, dv, dtype=q.dtype, device=q.device)
     if t == 0:
         return out
-    host, tiles = plan(query_lens, context_lens)
-    pinned = q.is_cuda
-    plan_t = torch.tensor(host, dtype=torch.int32, pin_memory=pinned)
-    plan_t = plan_t.to(q.device, non_blocking=True) if pinned else plan_t
+    if plan is not None:
+        plan_t, tiles = plan, fixed_tiles(query_lens)
+    else:
+        host, tiles = make_plan(query_lens, context_lens)
+        pinned = q.is_cuda
+        plan_t = torch.tensor(host, dtype=torch.int32, pin_memory=pinned)
+        plan_t = plan_t.to(q.device, non_blocking=True) if pinned else plan_t
     _prefill_kernel[(tiles, hq)](
         q, k_cache, v_cache, out, block_tables, plan_t, len(query_lens),
         scale, sliding_window or 0,
@@ -167,3 +175,27 @@ def paged_prefill_attention(
         num_warps=4 if max(dk, dv) <= 64 else 8, num_stages=2, **launch_args(q),
     )
     return out
+
+
+def fixed_tiles(padded_lens: list[int], block_m: int = BLOCK_M) -> int:
+    """Tiles of a fixed plan: every sequence's padded rows, BLOCK_M at a time."""
+    return sum(-(-n // block_m) for n in padded_lens)
+
+
+def fixed_plan(padded: int, query_lens: list[int], context_lens: list[int], num_seqs: int,
+               block_m: int = BLOCK_M) -> list[int]:
+    """A launch plan of fixed shape (num_seqs sequences of `padded` rows each, back to back) for chunks of
+    query_lens[i] <= padded new tokens in contexts of context_lens[i]: the grid and the tile list depend on
+    the shape alone, only the lengths change, so a captured step replays it for any chunks that fit. The
+    sequences past len(query_lens) hold nothing (query and context 0); a tile past its chunk reads nothing."""
+    if len(query_lens) > num_seqs or len(context_lens) != len(query_lens):
+        raise ValueError(f"{len(query_lens)} chunks ({len(context_lens)} contexts) for {num_seqs} sequences")
+    seqs, tiles = [], []
+    for i in range(num_seqs):
+        q_len, ctx = (query_lens[i], context_lens[i]) if i < len(query_lens) else (0, 0)
+        if i < len(query_lens) and not 0 < q_len <= min(ctx, padded):
+            raise ValueError(f"sequence {i}: query_len={q_len} must be in [1, min(context_len={ctx}, {padded})]")
+        seqs += [i * padded, q_len, ctx]
+        for m0 in range(0, padded, block_m):
+            tiles += [i, m0]
+    return seqs + tiles

@@ -83,8 +83,40 @@ def test_reference_matches_the_definition(case, gen):
 def test_bad_shapes_are_refused(gen):
     q, kc, vc, tables = _problem(gen, [4], [4], 4, 4, 16, 16, torch.float32)
     with pytest.raises(ValueError, match="query_len=5"):
-        prefill_attention.plan([5], [4])
+        prefill_attention.make_plan([5], [4])
     with pytest.raises(ValueError, match="query_lens sum"):
         prefill_attention.paged_prefill_attention(q, kc, vc, tables, [3], [4], 0.25)
     assert not prefill_attention.supports(24, 24, 4, 4) and not prefill_attention.supports(16, 16, 6, 4)
     assert prefill_attention.supports(128, 128, 32, 4)
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[4]])
+def test_fixed_plan_matches_the_plain_launch(case, gen, monkeypatch):
+    """A fixed plan (a CUDA graph's step): each chunk padded to the same rows, one padding sequence
+    past them; the real rows are those of the plain launch, bit for bit, and the padding rows are not
+    written (they keep the poison the output buffer held)."""
+    query_lens, context_lens, hq, hk, d, page, window = case
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    q, kc, vc, tables = _problem(gen, query_lens, context_lens, hq, hk, d, page, dtype)
+    scale = d ** -0.5
+    want = prefill_attention.paged_prefill_attention(q, kc, vc, tables, query_lens, context_lens, scale, window)
+    padded, seqs = max(query_lens) + 3, len(query_lens) + 1
+    rows = torch.tensor([i * padded + j for i, n in enumerate(query_lens) for j in range(n)], device=DEVICE)
+    q_pad = torch.zeros(seqs * padded, hq, d, dtype=dtype, device=DEVICE)
+    q_pad[rows] = q
+    tables_pad = torch.cat([tables, torch.zeros_like(tables[:1])])
+    plan = torch.tensor(prefill_attention.fixed_plan(padded, query_lens, context_lens, seqs), dtype=torch.int32,
+                        device=DEVICE)
+    assert prefill_attention.fixed_tiles([padded] * seqs) == seqs * math.ceil(padded / prefill_attention.BLOCK_M)
+    real_empty = prefill_attention.empty
+    monkeypatch.setattr(prefill_attention, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    got = prefill_attention.paged_prefill_attention(q_pad, kc, vc, tables_pad, [padded] * seqs, [padded] * seqs,
+                                                    scale, window, plan=plan)
+    assert torch.equal(got[rows], want)
+    unwritten = torch.ones(seqs * padded, dtype=torch.bool, device=DEVICE)
+    unwritten[rows] = False
+    assert got[unwritten].isnan().all()
+    with pytest.raises(ValueError, match="query_len=4"):
+        prefill_attention.fixed_plan(3, [4], [9], 1)
+    with pytest.raises(ValueError, match="2 chunks"):
+        prefill_attention.fixed_plan(8, [4, 4], [9, 9], 1)
