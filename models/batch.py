@@ -30,6 +30,12 @@ class AttentionBatch:
     # each sequence's own keys, read back from the slots just written, so the step's shape is (number
     # of sequences, length) alone; padding rows come after every real one, so no real query sees them.
     fresh: bool = False
+    # Fixed-shape chunks over cached prefixes (the chunk-graph path): sequence i's chunk at rows
+    # i * query_lens[0] onwards, padded at its end; the real lengths are in `chunk_plan` on the device
+    # (kernels/prefill_attention.fixed_plan: per sequence [first row, chunk length, context length],
+    # then the tiles), rewritten before each replay, so one captured step serves any chunk of up to
+    # query_lens[0] tokens after any cached prefix. The host lists then only give the shape.
+    chunk_plan: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -117,6 +117,12 @@ class MoECausalLM(nn.Module, abc.ABC):
         elems = sum(layer.self_attn.cache_elements_per_token() for layer in self.model.layers)
         return elems * torch.empty((), dtype=dtype).element_size()
 
+    def takes_chunk_plans(self, device: torch.device) -> bool:
+        """Whether every layer attends fixed-shape chunk steps after cached prefixes (AttentionBatch.chunk_plan):
+        GQA layers do (see GQAttention.takes_chunk_plan); MLA's prefill attention reads no plan yet."""
+        return all(getattr(layer.self_attn, "takes_chunk_plan", lambda _device: False)(device)
+                   for layer in self.model.layers)
+
     def kv_caches(self) -> list[torch.Tensor]:
         """Every layer's allocated cache tensors ([num_blocks, block_size, ...] each)."""
         return [c for layer in self.model.layers for c in layer.self_attn.caches()]

@@ -374,3 +374,94 @@ class PromptGraphs(_Graphs):
         batch = AttentionBatch(query_lens=[n] * b, context_lens=[n] * b, block_tables=self._tables,
                                slot_mapping=self.slot_mapping[:b * n], block_size=self.block_size, fresh=True)
         return self.model.forward(self.input_ids[:b * n], self.positions[:b * n], batch)
+
+
+class ChunkGraphs(PromptGraphs):
+    """Prompt chunks after a cached prefix (a prefix-cache hit, or a long prompt's later chunk) in
+    fixed-shape steps, as PromptGraphs runs first chunks: each chunk padded at its end to a length of
+    PROMPT_BUCKETS, their number to a batch bucket. Attention reads each sequence's cached prefix
+    through its block table with the prefill attention kernel, whose launch plan (the chunks' and
+    contexts' lengths; kernels/prefill_attention.fixed_plan) sits in a device buffer rewritten before
+    each replay, so one captured step serves any chunk lengths and any prefixes. Without this a step
+    holding such a chunk ran eagerly: on an H100 a step of 15 decodes beside a 16-token chunk after a
+    240-token cached prefix took 107-133 ms, against 28 ms for a new prompt's graphed step.
+
+    Only for models whose every layer takes the plan (models/causal_lm.takes_chunk_plans: GQA layers
+    whose heads the kernel takes; not MLA). Shapes are captured on first use, not at start-up."""
+
+    kind = "chunk"
+
+    def __init__(self, model: Any, device: torch.device, max_num_seqs: int, max_tokens: int, block_size: int,
+                 pad_block: int, max_blocks_per_seq: int, capture: bool):
+        super().__init__(model, device, max_num_seqs, max_tokens, block_size, pad_block, capture)
+        from moeserve.kernels import prefill_attention
+
+        self._plan_of = prefill_attention.fixed_plan
+        self.max_blocks = max_blocks_per_seq
+        most = max((len(prefill_attention.fixed_plan(n, [], [], b)) for b in self.batches for n in self.lengths
+                    if b * n <= self.max_tokens), default=0)
+        self.plan = torch.zeros(most, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(self.batches[-1], max_blocks_per_seq, dtype=torch.int32, device=device)
+        # the int32 buffers (plan, tables: as an eager step passes them, so the kernel compiled at start-up
+        # serves) get a pinned stage of their own: a copy that converts would go through pageable memory
+        self._stage32 = torch.zeros(most + self.batches[-1] * max_blocks_per_seq, dtype=torch.int32,
+                                    pin_memory=device.type == "cuda")
+
+    def supports(self, num_seqs: int, longest: int, blocks: int = 1) -> bool:
+        return blocks <= self.max_blocks and super().supports(num_seqs, longest)
+
+    def run(self, input_ids: list[list[int]], slot_mapping: list[list[int]], starts: list[int] | None = None,
+            tables: list[list[int]] | None = None) -> tuple[torch.Tensor, int] | None:
+        """(hidden states [b * n, H] of the padded step, n) for chunks whose sequence i has starts[i] tokens
+        cached before it and the block table tables[i]; row i * n + j is its chunk's token j. None when the
+        shape's graph could not be captured."""
+        if starts is None or tables is None:
+            raise ValueError("a chunk step needs each sequence's cached length and block table")
+        key = self.shape(len(input_ids), max(map(len, input_ids)))
+        if key is None:
+            raise ValueError(f"no chunk graph holds {len(input_ids)} chunks of up to {max(map(len, input_ids))} tokens")
+        self._load_chunks(key, input_ids, slot_mapping, starts, tables)
+        self.steps += 1
+        out = self._run_shape(key)
+        return None if out is None else (out, key[1])
+
+    def _load_padding(self, key: tuple[int, int]) -> None:
+        self._load_chunks(key, [], [], [], [])
+
+    def _load_chunks(self, key: tuple[int, int], input_ids: list[list[int]], slot_mapping: list[list[int]],
+                     starts: list[int], tables: list[list[int]]) -> None:
+        b, n = key
+        ids, positions, slots = [], [], []
+        for i in range(b):
+            chunk = input_ids[i] if i < len(input_ids) else []
+            pad = n - len(chunk)
+            ids += chunk + [0] * pad
+            positions += (list(range(starts[i], starts[i] + len(chunk))) if chunk else []) + [0] * pad
+            slots += (slot_mapping[i] if chunk else []) + [self.pad_slot] * pad
+        lens = [len(c) for c in input_ids]
+        plan = self._plan_of(n, lens, [s + q for s, q in zip(starts, lens)], b)
+        width = max([1] + [len(t) for t in tables])
+        rows = [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * (b - len(tables))
+        self._upload(ids + positions + slots, [self.input_ids[:b * n], self.positions[:b * n], self.slot_mapping[:b * n]],
+                     plan + [x for row in rows for x in row], [self.plan[:len(plan)], self.block_tables[:b, :width]])
+
+    def _upload(self, data: list[int], buffers: list[torch.Tensor], data32: list[int] | None = None,
+                buffers32: list[torch.Tensor] | None = None) -> None:
+        """_Graphs._upload, and the int32 buffers' values through their own pinned stage."""
+        super()._upload(data, buffers)
+        if data32:
+            stage = self._stage32[:len(data32)]
+            stage.copy_(torch.tensor(data32, dtype=torch.int32))
+            nb, at = self.device.type == "cuda", 0
+            for buf in buffers32 or []:
+                buf.copy_(stage[at:at + buf.numel()].view(buf.shape), non_blocking=nb)
+                at += buf.numel()
+            if nb:  # after the int64 copies' event: the next step waits for both
+                self._staged = torch.cuda.Event()
+                self._staged.record()
+
+    def _forward(self, b: int, n: int) -> torch.Tensor:
+        plan = self.plan[:len(self._plan_of(n, [], [], b))]
+        batch = AttentionBatch(query_lens=[n] * b, context_lens=[n] * b, block_tables=self.block_tables[:b],
+                               slot_mapping=self.slot_mapping[:b * n], block_size=self.block_size, chunk_plan=plan)
+        return self.model.forward(self.input_ids[:b * n], self.positions[:b * n], batch)

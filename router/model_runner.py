@@ -2,9 +2,10 @@
 
 One host sync per step (the sampled ids coming back as a list). The batch is built in Python
 lists once per step and copied to the device in one go per tensor (pinned, non-blocking on CUDA).
-Decode-only steps go through DecodeGraphs, steps of first chunks through PromptGraphs, and a step of
-decodes beside first chunks through both, one replay after the other (router/cuda_graphs.py), where
-configured: padded to a bucket and replayed from a captured CUDA graph on a GPU.
+Decode-only steps go through DecodeGraphs, steps of first chunks through PromptGraphs, chunks after a
+cached prefix through ChunkGraphs, and a step of several of these kinds through each, one replay after
+the other (router/cuda_graphs.py), where configured: padded to a bucket and replayed from a captured
+CUDA graph on a GPU.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from moeserve.models.layers import decode_attention
 
 from .block_manager import num_blocks_for_budget
 from .config import DEFAULT_CPU_KV_BYTES, EngineConfig
-from .cuda_graphs import PROMPT_GRAPH_TOKENS, DecodeGraphs, PromptGraphs
+from .cuda_graphs import PROMPT_GRAPH_TOKENS, ChunkGraphs, DecodeGraphs, PromptGraphs
 from .sampler import Sampler
 from .scheduler import ScheduledBatch
 from .sequence import SequenceStatus
@@ -140,11 +141,18 @@ class ModelRunner:
         self.prompts = None if self.graphs is None else PromptGraphs(
             model, self.device, config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
             pad_block=num_blocks, capture=self.graphs.capture)
+        # Chunks after a cached prefix (prefix-cache hits, a long prompt's later chunks) likewise, where every
+        # layer's attention reads the fixed plan (GQA models; not MLA), captured on first use.
+        takes = getattr(model, "takes_chunk_plans", None)
+        self.chunks = ChunkGraphs(
+            model, self.device, config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
+            pad_block=num_blocks, max_blocks_per_seq=self.graphs.max_blocks, capture=self.graphs.capture,
+        ) if self.graphs is not None and takes is not None and takes(self.device) else None
         # With decode graphs, one block past the block manager's takes the padding rows' KV writes.
         extra = 1 if self.graphs is not None else 0
         model.allocate_kv_cache(num_blocks + extra, config.block_size, device=self.device, dtype=config.torch_dtype)
         self.sampler = Sampler(self.device, config.seed)
-        self.split_steps = 0  # steps of decodes beside first chunks run as two graph replays
+        self.split_steps = 0  # steps of two or three kinds (first chunks, later chunks, decodes) run as graph replays
         self._pin = self.device.type == "cuda"
         self._warm_up_experts(config)
         if self.graphs is not None and self.graphs.capture:
@@ -160,7 +168,9 @@ class ModelRunner:
 
     def describe_graphs(self) -> str | None:
         """One line on the decode and prompt graphs (for logs and benchmark reports); None when off."""
-        return None if self.graphs is None else f"{self.graphs.describe()}, {self.prompts.describe()}"
+        if self.graphs is None:
+            return None
+        return ", ".join(g.describe() for g in (self.graphs, self.prompts, self.chunks) if g is not None)
 
     def _warm_up_experts(self, config: EngineConfig) -> None:
         """On a GPU, compile the expert kernels of every step size up to max_num_batched_tokens now
@@ -346,6 +356,21 @@ class ModelRunner:
         rows = [i * length + n - 1 for i, (n, f) in enumerate(zip(batch.num_new_tokens, batch.sample_flags)) if f]
         return hidden, self._to_device(rows, torch.int64)
 
+    def _run_chunks(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A step of chunks after cached prefixes through the chunk graphs, as _run_prompts."""
+        flat = flatten(batch, self.block_size, tables=False)
+        ids, slots, at = [], [], 0
+        for n in batch.num_new_tokens:
+            ids.append(flat.input_ids[at:at + n])
+            slots.append(flat.slot_mapping[at:at + n])
+            at += n
+        out = self.chunks.run(ids, slots, batch.starts, batch.tables)
+        if out is None:
+            return None, None
+        hidden, length = out
+        rows = [i * length + n - 1 for i, (n, f) in enumerate(zip(batch.num_new_tokens, batch.sample_flags)) if f]
+        return hidden, self._to_device(rows, torch.int64)
+
     def _run_decodes(self, batch: ScheduledBatch, input_tokens: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """A decode-only step through the decode graphs: (hidden states, the rows to sample), or
@@ -361,35 +386,39 @@ class ModelRunner:
 
     def _graphed(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(hidden states, the rows of them to sample in batch order) of a step the graphs can run, else
-        (None, None): first chunks alone (prompt graphs), decodes alone (decode graphs), or decodes
-        beside first chunks, run as two replays one after the other (their sequences, and so the KV
-        slots they write and read, are disjoint). A step with a later prompt chunk in it runs eagerly."""
+        (None, None): first chunks (prompt graphs), chunks after a cached prefix (chunk graphs), decodes
+        (decode graphs), each kind alone or beside the others as one replay after another (their
+        sequences, and so the KV slots they write and read, are disjoint). Other steps run eagerly."""
         if self.graphs is None or not batch.seqs:
             return None, None
         fresh = [start == 0 for start in batch.starts]
         decode = [n == 1 and not f for n, f in zip(batch.num_new_tokens, fresh)]
         prompts = [i for i, f in enumerate(fresh) if f]
         decodes = [i for i, d in enumerate(decode) if d]
-        if len(prompts) + len(decodes) != len(batch.seqs):
+        chunks = [i for i, (f, d) in enumerate(zip(fresh, decode)) if not f and not d]
+        longest = {name: max((batch.num_new_tokens[i] for i in rows), default=0)
+                   for name, rows in (("prompts", prompts), ("chunks", chunks))}
+        if prompts and not self.prompts.supports(len(prompts), longest["prompts"]):
             return None, None
-        if prompts and not self.prompts.supports(len(prompts), max(batch.num_new_tokens[i] for i in prompts)):
+        if chunks and (self.chunks is None or not self.chunks.supports(
+                len(chunks), longest["chunks"], max(len(batch.tables[i]) for i in chunks))):
             return None, None
         if decodes and not self.graphs.supports(len(decodes), max(len(batch.tables[i]) for i in decodes)):
             return None, None
-        if not decodes:
-            return self._run_prompts(batch)
-        if not prompts:
-            return self._run_decodes(batch)
+        groups = [(rows, run) for rows, run in ((prompts, self._run_prompts), (chunks, self._run_chunks),
+                                                (decodes, self._run_decodes)) if rows]
+        if len(groups) == 1:
+            return groups[0][1](batch)
         parts = []
-        for rows, run in ((prompts, self._run_prompts), (decodes, self._run_decodes)):
+        for rows, run in groups:
             hidden, sample_rows = run(batch.subset(rows))
             if hidden is None:  # the eager step then rewrites the same KV, harmlessly
                 return None, None
             parts.append(hidden.index_select(0, sample_rows))
         self.split_steps += 1
-        # the sampled rows: the prompts' then the decodes', each in batch order; back to batch order
+        # the sampled rows: each group's in batch order, group after group; back to batch order
         sampled = [i for i, f in enumerate(batch.sample_flags) if f]
-        source = [i for i in prompts if batch.sample_flags[i]] + [i for i in decodes if batch.sample_flags[i]]
+        source = [i for rows, _ in groups for i in rows if batch.sample_flags[i]]
         at = {i: k for k, i in enumerate(source)}
         return torch.cat(parts), self._to_device([at[i] for i in sampled], torch.int64)
 

@@ -40,6 +40,13 @@ class GQAttention(nn.Module):
         self.v_cache: torch.Tensor | None = None
         self.qkv = None  # q, k and v as one GEMM once fuse_projections ran (CUDA)
 
+    def takes_chunk_plan(self, device: torch.device) -> bool:
+        """Whether this layer attends a fixed-shape chunk step (AttentionBatch.chunk_plan) on `device`: on a
+        GPU through the prefill attention kernel, which reads the plan in place (a CUDA graph can replay it);
+        on the CPU through the eager path (no capture there)."""
+        return device.type != "cuda" or ops.prefill_attention_in_place(device, self.head_dim, self.head_dim,
+                                                                         self.num_heads, self.num_kv_heads)
+
     def fuse_projections(self) -> None:
         if self.qkv is None:
             self.qkv = fuse([self.q_proj, self.k_proj, self.v_proj])
@@ -103,6 +110,15 @@ class GQAttention(nn.Module):
             keys = read_slots(self.k_cache, batch.slot_mapping).to(q.dtype)
             values = read_slots(self.v_cache, batch.slot_mapping).to(q.dtype)
             return attend_fresh(q, keys, values, self.scale, batch.query_lens[0], self.sliding_window)
+        if batch.chunk_plan is not None:  # chunks after cached prefixes in a fixed-shape step
+            if ops.prefill_attention_in_place(device, self.head_dim, self.head_dim, self.num_heads, self.num_kv_heads):
+                return ops.paged_prefill_attention(q, self.k_cache, self.v_cache, batch.block_tables, batch.query_lens,
+                                                   batch.context_lens, self.scale, self.sliding_window,
+                                                   plan=batch.chunk_plan)
+            part = padded.unplan(batch)  # without capture (CPU): the real chunks, attended as an eager step's
+            out = q.new_zeros(t, self.num_heads, self.head_dim)
+            out[part.rows] = self._attend(q.index_select(0, part.rows), part.batch)
+            return out
         if is_decode_only(batch):  # one call for the batch, reading the paged cache in place
             lens, longest = decode_lens(batch, device)
             # settled: this step's rope_and_cache, the launch before, wrote only each sequence's last row

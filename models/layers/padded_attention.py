@@ -129,7 +129,7 @@ def split_mixed(batch: AttentionBatch, device: torch.device) -> tuple[Part, Part
     would be padded to the longest chunk (63 decodes beside one 256-token chunk: 64 x 256 query rows
     for 319 real ones); apart, the decodes read the cache in place (paged decode attention) and the
     chunks pad only among themselves. Built once per step, kept on the batch for every layer."""
-    if batch.padded_len is not None or batch.fresh:
+    if batch.padded_len is not None or batch.fresh or batch.chunk_plan is not None:
         return None
     memo = batch.__dict__.setdefault("_mixed_split", {})
     if device not in memo:
@@ -154,3 +154,24 @@ def _part(batch: AttentionBatch, seqs: list[int], starts: list[int], device: tor
                          context_lens=[batch.context_lens[i] for i in seqs],
                          block_tables=tables, slot_mapping=slots, block_size=batch.block_size)
     return Part(rows_t, sub)
+
+
+def unplan(batch: AttentionBatch) -> Part:
+    """The real chunks of a fixed-shape chunk step (AttentionBatch.chunk_plan), read back from its plan on
+    the host: their rows among the padded ones, and a batch of them alone, as an eager step has them.
+    For the padded step without capture (CPU), whose attention then is the eager step's."""
+    plan = batch.chunk_plan.tolist()
+    rows, query_lens, context_lens, seqs = [], [], [], []
+    for i in range(batch.num_seqs):
+        first, q_len, ctx = plan[3 * i:3 * i + 3]
+        if q_len:
+            rows += range(first, first + q_len)
+            query_lens.append(q_len)
+            context_lens.append(ctx)
+            seqs.append(i)
+    device = batch.slot_mapping.device
+    rows_t = torch.tensor(rows, dtype=torch.int64, device=device)
+    tables = batch.block_tables.index_select(0, torch.tensor(seqs, dtype=torch.int64, device=batch.block_tables.device))
+    return Part(rows_t, AttentionBatch(query_lens=query_lens, context_lens=context_lens, block_tables=tables,
+                                       slot_mapping=batch.slot_mapping.index_select(0, rows_t),
+                                       block_size=batch.block_size))

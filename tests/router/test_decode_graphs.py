@@ -60,8 +60,11 @@ def test_padded_decode_equals_eager(arch, hf_checkpoint):
     graphs = padded.runner.graphs
     assert graphs is not None and graphs.steps > 20, "decode steps were meant to take the fixed-shape path"
     assert padded.stats()["preemptions"] > 0, "the KV budget was meant to force preemption"
-    # arrivals while others decode: decodes beside a first chunk ran as a prompt and a decode replay
-    assert padded.runner.split_steps > 0 and padded.runner.prompts.steps > padded.runner.split_steps
+    # arrivals while others decode: decodes beside a first chunk (or, with GQA, a chunk after a cached
+    # prefix: preempted sequences find their blocks cached) ran as a prompt or chunk replay and a decode replay
+    runner = padded.runner
+    chunk_steps = runner.chunks.steps if runner.chunks is not None else 0
+    assert runner.split_steps > 0 and runner.prompts.steps + chunk_steps > runner.split_steps
     assert got == want
 
 
@@ -308,3 +311,66 @@ def test_step_calls_ready_once_before_its_tokens(mode, hf_checkpoint):
     assert calls[-1][1] < engine.counters["tokens_generated"]  # before the last step's tokens
     if mode == "padded":
         assert engine.runner.graphs.steps > 0
+
+
+def _with_cached_prefixes(path: str, mode: str, device: str = "cpu", dtype: str = "auto") -> tuple[dict, LLMEngine]:
+    """Prompts after cached prefixes, arriving while others decode: ones sharing an earlier prompt's first 20
+    tokens (prefix-cache hits: a chunk of 2-9 new tokens), one whose whole prompt but its last token is cached
+    (a one-token chunk: a decode row), and a 54-token prompt past the 40-token step budget (its later chunk
+    follows the first). Greedy: each one's tokens."""
+    config = EngineConfig(model=path, device=device, dtype=dtype, block_size=4, num_kv_blocks=60, max_num_seqs=4,
+                          max_num_batched_tokens=40, max_model_len=64, decode_graphs=mode, prefill_hold_ms=0,
+                          batch_wait_ms=0)
+    engine = LLMEngine.from_config(config)
+    vocab = engine.model_config.vocab_size
+
+    def tokens(n: int, seed: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    base = tokens(20, 7)
+    arrivals = {0: [base + tokens(5, 1)], 3: [base + tokens(9, 2), tokens(54, 3)], 6: [base + tokens(2, 4)],
+                9: [base + tokens(5, 1)[:4]], 12: [base + tokens(7, 5), base + tokens(3, 6)]}
+    got: dict[str, list[int]] = {}
+    step = 0
+    while step <= max(arrivals) or engine.has_unfinished():
+        for prompt in arrivals.get(step, []):
+            rid = f"r{len(got)}"
+            got[rid] = []
+            engine.add_request(rid, prompt, SamplingParams(max_tokens=6))
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+        step += 1
+    return got, engine
+
+
+@pytest.mark.parametrize("arch", list(PROMPT_ARCHS))
+def test_chunks_after_cached_prefixes_equal_eager(arch, hf_checkpoint):
+    """Chunks after a cached prefix run padded (ChunkGraphs: the kernel's plan, read back on the CPU), alone and
+    beside decodes and first chunks, where the model's attention takes the plan (GQA; MLA stays eager). Same
+    tokens as the eager engine."""
+    path = str(hf_checkpoint(arch.split("-")[0], seed=4, **PROMPT_ARCHS[arch]))
+    want, eager = _with_cached_prefixes(path, "off")
+    assert eager.stats()["prefix_cache_hit_tokens"] >= 5 * 20
+    got, padded = _with_cached_prefixes(path, "padded")
+    chunks = padded.runner.chunks
+    if arch.startswith("deepseek"):
+        assert chunks is None
+    else:
+        assert chunks is not None and chunks.steps >= 4 and padded.runner.split_steps > 0
+    assert got == want
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral-window", "deepseek_v2"])
+def test_cuda_graphs_chunks_after_cached_prefixes_equal_eager(arch, hf_checkpoint):
+    """The same on a GPU: chunk steps captured (on first use) and replayed, the kernel reading its plan from the
+    graph's buffer; same tokens as the eager engine."""
+    path = str(hf_checkpoint(arch.split("-")[0], seed=4, **PROMPT_ARCHS[arch]))
+    want, _ = _with_cached_prefixes(path, "off", device="cuda", dtype="float32")
+    got, engine = _with_cached_prefixes(path, "auto", device="cuda", dtype="float32")
+    chunks = engine.runner.chunks
+    if arch.startswith("deepseek"):
+        assert chunks is None
+    else:
+        assert chunks is not None and chunks.failed is None and chunks.captured >= 1 and chunks.steps >= 4
+    assert got == want
