@@ -142,9 +142,13 @@ def apply_grammar(logits: torch.Tensor, matchers: list) -> torch.Tensor:
     else:  # the rows in parallel, on xgrammar's threads (outside the GIL)
         _batch_matcher().batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, indices=rows)
     out = logits.clone()
+    indices: list[int] | torch.Tensor = rows
     if out.device.type == "cuda":
+        # Both uploads from pinned memory: xgrammar would copy a list of rows from pageable memory, which
+        # waits for the stream, so a step queued ahead would wait for the forward before it.
         bitmask = bitmask.pin_memory().to(out.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(out, bitmask, indices=rows)
+        indices = torch.tensor(rows, dtype=torch.int32).pin_memory().to(out.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(out, bitmask, indices=indices)
     return out
 
 
