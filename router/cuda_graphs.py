@@ -392,10 +392,14 @@ class ChunkGraphs(PromptGraphs):
     kind = "chunk"
 
     def __init__(self, model: Any, device: torch.device, max_num_seqs: int, max_tokens: int, block_size: int,
-                 pad_block: int, max_blocks_per_seq: int, capture: bool):
+                 pad_block: int, max_blocks_per_seq: int, capture: bool, share_pool_of: _Graphs | None = None):
         super().__init__(model, device, max_num_seqs, max_tokens, block_size, pad_block, capture)
         from moeserve.kernels import prefill_attention
 
+        # Captured after start-up, into the prompt graphs' memory pool: their steps are no larger, and the
+        # two never run at once (a step replays one, copies out what it needs, then the other), so only
+        # each graph's output takes new memory beside the KV cache.
+        self._share = share_pool_of
         self._plan_of = prefill_attention.fixed_plan
         self.max_blocks = max_blocks_per_seq
         most = max((len(prefill_attention.fixed_plan(n, [], [], b)) for b in self.batches for n in self.lengths
@@ -427,6 +431,11 @@ class ChunkGraphs(PromptGraphs):
 
     def _load_padding(self, key: tuple[int, int]) -> None:
         self._load_chunks(key, [], [], [], [])
+
+    def _capture(self, key: Any, forward: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor] | None:
+        if self._pool is None and self._share is not None and self._share._pool is not None:
+            self._pool, self._stream = self._share._pool, self._share._stream
+        return super()._capture(key, forward)
 
     def _load_chunks(self, key: tuple[int, int], input_ids: list[list[int]], slot_mapping: list[list[int]],
                      starts: list[int], tables: list[list[int]]) -> None:

@@ -147,6 +147,7 @@ class ModelRunner:
         self.chunks = ChunkGraphs(
             model, self.device, config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
             pad_block=num_blocks, max_blocks_per_seq=self.graphs.max_blocks, capture=self.graphs.capture,
+            share_pool_of=self.prompts,
         ) if self.graphs is not None and takes is not None and takes(self.device) else None
         # With decode graphs, one block past the block manager's takes the padding rows' KV writes.
         extra = 1 if self.graphs is not None else 0
