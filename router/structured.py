@@ -144,8 +144,8 @@ def apply_grammar(logits: torch.Tensor, matchers: list) -> torch.Tensor:
     out = logits.clone()
     indices: list[int] | torch.Tensor = rows
     if out.device.type == "cuda":
-        # Both uploads from pinned memory: xgrammar would copy a list of rows from pageable memory, which
-        # waits for the stream, so a step queued ahead would wait for the forward before it.
+        # Both uploads from pinned memory: xgrammar would copy a list of rows from pageable memory, a copy
+        # CUDA may make wait for the stream (then a step queued ahead would wait for the forward before it).
         bitmask = bitmask.pin_memory().to(out.device, non_blocking=True)
         indices = torch.tensor(rows, dtype=torch.int32).pin_memory().to(out.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(out, bitmask, indices=indices)
