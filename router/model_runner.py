@@ -344,28 +344,23 @@ class ModelRunner:
     def _run_prompts(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """A step of first chunks through the prompt graphs: (hidden states of the padded step, the
         rows to sample), or (None, None) when its graph could not be captured."""
-        flat = flatten(batch, self.block_size, tables=False)
-        ids, slots, at = [], [], 0
-        for n in batch.num_new_tokens:
-            ids.append(flat.input_ids[at:at + n])
-            slots.append(flat.slot_mapping[at:at + n])
-            at += n
-        out = self.prompts.run(ids, slots)
-        if out is None:
-            return None, None
-        hidden, length = out
-        rows = [i * length + n - 1 for i, (n, f) in enumerate(zip(batch.num_new_tokens, batch.sample_flags)) if f]
-        return hidden, self._to_device(rows, torch.int64)
+        return self._run_padded(batch, self.prompts.run)
 
     def _run_chunks(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """A step of chunks after cached prefixes through the chunk graphs, as _run_prompts."""
+        return self._run_padded(batch, lambda ids, slots: self.chunks.run(ids, slots, batch.starts, batch.tables))
+
+    def _run_padded(self, batch: ScheduledBatch, run: Callable[[list, list], tuple[torch.Tensor, int] | None]
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Each sequence's chunk (token ids, KV slots) to `run`, a padded step whose row i * length + j is
+        chunk i's token j: its hidden states and the last row of each chunk that samples."""
         flat = flatten(batch, self.block_size, tables=False)
         ids, slots, at = [], [], 0
         for n in batch.num_new_tokens:
             ids.append(flat.input_ids[at:at + n])
             slots.append(flat.slot_mapping[at:at + n])
             at += n
-        out = self.chunks.run(ids, slots, batch.starts, batch.tables)
+        out = run(ids, slots)
         if out is None:
             return None, None
         hidden, length = out

@@ -130,19 +130,27 @@ def _overlapping(path: str, mode: str, device: str = "cpu", dtype: str = "auto")
                           batch_wait_ms=0)
     engine = LLMEngine.from_config(config)
     vocab = engine.model_config.vocab_size
-    arrivals = {0: [5], 2: [9, 3], 5: [14], 6: [1]}  # step -> prompt lengths arriving before it
+    lengths = {0: [5], 2: [9, 3], 5: [14], 6: [1]}  # step -> prompt lengths arriving before it
+    seeds = iter(range(1, 100))
+    arrivals = {step: [torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(next(seeds))).tolist()
+                       for n in ns] for step, ns in lengths.items()}
+    return _serve_arrivals(engine, arrivals, max_tokens=7), engine
+
+
+def _serve_arrivals(engine: LLMEngine, arrivals: dict[int, list[list[int]]], max_tokens: int) -> dict:
+    """Step the engine, adding each step's arriving prompts before it, until every request ends; greedy: each
+    request's tokens."""
     got: dict[str, list[int]] = {}
     step = 0
     while step <= max(arrivals) or engine.has_unfinished():
-        for n in arrivals.get(step, []):
+        for prompt in arrivals.get(step, []):
             rid = f"r{len(got)}"
             got[rid] = []
-            prompt = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(len(got))).tolist()
-            engine.add_request(rid, prompt, SamplingParams(max_tokens=7))
+            engine.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens))
         for out in engine.step():
             got[out.request_id] += out.new_token_ids
         step += 1
-    return got, engine
+    return got
 
 
 @pytest.mark.parametrize("arch", list(PROMPT_ARCHS))
@@ -330,17 +338,7 @@ def _with_cached_prefixes(path: str, mode: str, device: str = "cpu", dtype: str 
     base = tokens(20, 7)
     arrivals = {0: [base + tokens(5, 1)], 3: [base + tokens(9, 2), tokens(54, 3)], 6: [base + tokens(2, 4)],
                 9: [base + tokens(5, 1)[:4]], 12: [base + tokens(7, 5), base + tokens(3, 6)]}
-    got: dict[str, list[int]] = {}
-    step = 0
-    while step <= max(arrivals) or engine.has_unfinished():
-        for prompt in arrivals.get(step, []):
-            rid = f"r{len(got)}"
-            got[rid] = []
-            engine.add_request(rid, prompt, SamplingParams(max_tokens=6))
-        for out in engine.step():
-            got[out.request_id] += out.new_token_ids
-        step += 1
-    return got, engine
+    return _serve_arrivals(engine, arrivals, max_tokens=6), engine
 
 
 @pytest.mark.parametrize("arch", list(PROMPT_ARCHS))
