@@ -57,6 +57,9 @@ class ToolFormat:
     # `tail` what follows them before call_end. None: each call is read whole (`body`).
     head: re.Pattern | None = None
     tail: str = ""
+    # Calls as one JSON list to the end of the output (Mistral): streamed element by element, each element's head
+    # (`head`, from its "{") then its "arguments" object as written, read to its closing brace.
+    json_list: bool = False
 
     def markers(self) -> tuple[str, ...]:
         return (self.call_begin, *self.wrappers)
@@ -71,7 +74,8 @@ FORMATS = {f.name: f for f in (
     ToolFormat("deepseek_v3_1", "deepseek_v3_1", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
                ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"), None, "DeepSeek-V3.1",
                re.compile(r"(?P<name>[^<\n]+)<｜tool▁sep｜>"), ""),
-    ToolFormat("mistral", None, "[TOOL_CALLS]", "", (), _mistral_body, "Mixtral-8x22B-Instruct, Mistral"),
+    ToolFormat("mistral", None, "[TOOL_CALLS]", "", (), _mistral_body, "Mixtral-8x22B-Instruct, Mistral",
+               re.compile(r'\s?\{\s?"name"\s?:\s?"(?P<name>[^"\\]+)"\s?,\s?"arguments"\s?:\s?'), json_list=True),
 )}
 
 
@@ -186,7 +190,11 @@ class ToolCallParser:
         content, deltas = self._settle(*self._lead.finish())
         rest = self._buf
         self._buf = ""
-        if self._state == "call" and self._sent >= 0:
+        if self._state == "call" and self.fmt.json_list and self._sent >= 0:
+            after = rest[self._at:]
+            if self._list == "done" and not after.isspace():  # text after the list's end
+                content += after
+        elif self._state == "call" and self._sent >= 0:
             pass  # cut short after its name: its arguments as far as they went out (the rest may be its tail)
         elif self._state == "call" and not self.fmt.call_end:  # calls to the end of the output
             try:
@@ -220,11 +228,72 @@ class ToolCallParser:
         self._buf = buf[i + len(marker):]
         if marker == self.fmt.call_begin:
             self._state, self._sent, self._scanned = "call", -1, 0
+            self._list, self._at = "open", 0
         return True
+
+    def _in_list(self, deltas: list[CallDelta]) -> bool:
+        """A JSON list of calls (ToolFormat.json_list), read as far as the buffer goes: "[", then per element its
+        head (the name goes out), its arguments object as it comes (read to its closing brace, strings and
+        escapes minded), "}", and "," or "]". Text that fits none of this stops the reading: the calls so far
+        stand; with none, the list is read whole at the end (another key order, say)."""
+        buf, at = self._buf, self._at
+        while True:
+            while at < len(buf) and buf[at].isspace() and self._list != "args":
+                at += 1
+            if at >= len(buf) or self._list in ("done", "stop"):
+                break
+            if self._list == "open":
+                self._list, at = ("head", at + 1) if buf[at] == "[" else ("stop", at)
+            elif self._list == "head":
+                m = self.fmt.head.match(buf, at)
+                if m is None or m.end() == len(buf):  # not yet (or another layout: read whole at the end)
+                    break
+                deltas.append(CallDelta(self._calls, m["name"], ""))
+                self._calls += 1
+                self._list, at, self._sent = "args", m.end(), m.end()
+                self._depth, self._quoted, self._escaped = 0, False, False
+            elif self._list == "args":
+                end = self._scan_arguments(buf, at)
+                done = end is not None
+                at = end if done else len(buf)
+                deltas += self._piece(buf[self._sent:at])
+                self._sent = at
+                if not done:
+                    break
+                self._list = "close"
+            elif self._list == "close":
+                self._list, at = ("sep", at + 1) if buf[at] == "}" else ("stop", at)
+            elif self._list == "sep":
+                self._list, at = {",": ("head", at + 1), "]": ("done", at + 1)}.get(buf[at], ("stop", at))
+        self._at = at
+        return False
+
+    def _scan_arguments(self, buf: str, at: int) -> int | None:
+        """From `at` in an arguments object: the index just past its closing brace, or None if it has not come."""
+        for i in range(at, len(buf)):
+            ch = buf[i]
+            if self._quoted:
+                if self._escaped:
+                    self._escaped = False
+                elif ch == "\\":
+                    self._escaped = True
+                elif ch == '"':
+                    self._quoted = False
+            elif ch == '"':
+                self._quoted = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    return i + 1
+        return None
 
     def _in_call(self, content: list[str], deltas: list[CallDelta]) -> bool:
         # (a long call's text grows piece by piece: each piece is searched and sliced, not the whole call again)
         fmt, buf = self.fmt, self._buf
+        if fmt.json_list:
+            return self._in_list(deltas)
         end = buf.find(fmt.call_end, max(0, self._scanned - len(fmt.call_end) + 1)) if fmt.call_end else -1
         self._scanned = len(buf)
         body = buf if end < 0 else buf[:end]

@@ -92,7 +92,7 @@ def test_a_stream_split_anywhere_gives_the_whole_parse(name):
             piece, new = parser.finish()
             assert ("".join(content) + piece, calls_of(calls + new)) == whole
             deltas = calls + new
-            if whole[1] and name != "mistral":  # each call's name first, then its arguments in pieces
+            if whole[1]:  # each call's name first, then its arguments in pieces
                 assert [d.name for d in deltas if d.name] == [c.name for c in whole[1]]
                 assert len(deltas) > 2 * len(whole[1])
 
@@ -120,7 +120,17 @@ def test_a_call_cut_short_or_not_a_call_stays_content():
     mistral = FORMATS["mistral"]  # calls to the end of the output
     full = _reply("mistral", "", CALLS)
     assert parse(mistral, full) == ("", CALLS)
-    assert parse(mistral, full[:-3]) == (full[:-3], [])
+    assert parse(mistral, full[:-3]) == ("", [CALLS[0], Call("time", '{"utc": true')])  # cut short: as far as it came
+    cut = full[:full.rindex('"time"')]  # before the second call's name: the first call
+    assert parse(mistral, cut) == ("", CALLS[:1])
+    assert parse(mistral, full[:len("[TOOL_CALLS] [{\"na")]) == ("[TOOL_CALLS] [{\"na", [])  # before any name: content
+    # another layout (keys the other way round) is read whole at the end; a list that is not calls is content
+    other = '[TOOL_CALLS] [{"arguments": {"city": "Paris"}, "name": "weather"}]'
+    assert parse(mistral, other) == ("", CALLS[:1])
+    assert parse(mistral, "[TOOL_CALLS] [1, 2]") == ("[TOOL_CALLS] [1, 2]", [])
+    # strings holding braces, quotes and escapes inside the arguments
+    tricky = Call("note", '{"text": "a } b \\" { c", "n": [1, {"k": "]"}]}')
+    assert parse(mistral, _reply("mistral", "ok", [tricky, CALLS[1]])) == ("ok", [tricky, CALLS[1]])
     assert parse(fmt, "<tool_call>\n" + json.dumps({"arguments": {}}) + "\n</tool_call>")[1] == []
 
 
