@@ -114,40 +114,21 @@ def measure(engine, kind: str, args, tag: str) -> dict:
 
 
 def drain_counting_syncs(engine, device: str) -> tuple[int, dict[str, int]]:
-    """Run the engine's last steps (after the timed ones) under torch's CUDA sync debug mode: (steps, where each
-    synchronising call came from: the innermost moeserve or xgrammar line, and how often). One a step is the
-    tokens coming back; any other makes a step queued ahead wait for the one before it."""
-    import traceback
-    import warnings
-
-    import torch
-
-    found: dict[str, int] = {}
+    """Run the engine's last steps (after the timed ones), on a GPU under torch's CUDA sync debug mode: (steps, where
+    each synchronising call came from, moeserve's or xgrammar's line, and how often). One a step is the tokens
+    coming back; any other makes a step queued ahead wait for the one before it."""
     steps = 0
-    if not device.startswith("cuda"):
+
+    def drain() -> None:
+        nonlocal steps
         while engine.has_unfinished():
             engine.step()
             steps += 1
-        return steps, found
-    repo = os.path.realpath(Path(__file__).resolve().parent.parent)
 
-    def where(message, category, filename, lineno, file=None, line=None) -> None:
-        ours = [f for f in traceback.extract_stack()[:-1] if "benchmarks" not in f.filename
-                and (os.path.realpath(f.filename).startswith(repo) or "/xgrammar/" in f.filename)]
-        at = f"{os.path.basename(ours[-1].filename)}:{ours[-1].lineno} ({ours[-1].line})" if ours else f"{filename}:{lineno}"
-        found[at] = found.get(at, 0) + 1
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = where
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            while engine.has_unfinished():
-                engine.step()
-                steps += 1
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return steps, found
+    if not device.startswith("cuda"):
+        drain()
+        return steps, {}
+    return steps, bs.synchronising_calls(drain, ("/xgrammar/",))
 
 
 def main() -> int:

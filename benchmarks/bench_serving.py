@@ -463,6 +463,35 @@ def _sync(device: str) -> None:
 
 # -- the run --------------------------------------------------------------------------------------------
 
+def synchronising_calls(run, packages: tuple[str, ...] = ()) -> dict[str, int]:
+    """Run `run()` under torch's CUDA sync debug mode: each call that made the host wait for the GPU, keyed by
+    where it came from (the innermost line of this checkout outside benchmarks/, or of a package whose path
+    holds one of `packages`, e.g. "/xgrammar/") and its message, with how often."""
+    import warnings
+
+    import torch
+
+    found: dict[str, int] = {}
+    repo = os.path.realpath(Path(__file__).resolve().parent.parent)
+
+    def where(message, category, filename, lineno, file=None, line=None) -> None:
+        ours = [f for f in traceback.extract_stack()[:-1] if "benchmarks" not in f.filename and (
+            os.path.realpath(f.filename).startswith(repo) or any(p in f.filename for p in packages))]
+        at = f"{ours[-1].filename}:{ours[-1].lineno} ({ours[-1].line})" if ours else f"{filename}:{lineno}"
+        key = f"{at}: {str(message)[:60]}"
+        found[key] = found.get(key, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = where
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return found
+
+
 def table(report: dict) -> str:
     rows = ["| model | batch | moeserve tok/s | HF tok/s | ratio | vs issue's HF ref (target 10x) | "
             "floor tok/s (weights+KV) | step floor ms | TTFT p50 ms | TPOT p50 ms |",

@@ -92,9 +92,6 @@ def _mixed_step(engine, b: int, args: argparse.Namespace, tag: str, run, prompt_
 def _mixed_steps(engine, b: int, args, activities, r: dict, text: list[str], name: str) -> None:
     """Time mixed steps, profile one (by GPU time and by CPU time), and list where it waits for the GPU
     (torch's CUDA sync debug mode: each synchronising call, with the moeserve line that made it)."""
-    import traceback
-    import warnings
-
     import torch
     from torch.profiler import profile
 
@@ -130,26 +127,7 @@ def _mixed_steps(engine, b: int, args, activities, r: dict, text: list[str], nam
              prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60)]
     syncs: dict[str, int] = {}
     if args.device.startswith("cuda"):
-        repo = os.path.realpath(Path(__file__).resolve().parent.parent)
-
-        def where(message, category, filename, lineno, file=None, line=None) -> None:
-            ours = [f for f in traceback.extract_stack()[:-1]
-                    if os.path.realpath(f.filename).startswith(repo) and "benchmarks" not in f.filename]
-            at = f"{ours[-1].filename}:{ours[-1].lineno} ({ours[-1].line})" if ours else f"{filename}:{lineno}"
-            key = f"{at}: {str(message)[:60]}"
-            syncs[key] = syncs.get(key, 0) + 1
-
-        def run() -> None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("always")
-                warnings.showwarning = where
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    engine.step()
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-
-        _mixed_step(engine, b, args, "xs-", run)
+        _mixed_step(engine, b, args, "xs-", lambda: syncs.update(bs.synchronising_calls(engine.step)))
     r["mixed_step_syncs"] = syncs
     text += [f"== {name}: synchronising calls in one mixed step ({sum(syncs.values())})"] + \
         [f"{n:5d}  {k}" for k, n in sorted(syncs.items(), key=lambda kv: -kv[1])]

@@ -182,6 +182,11 @@ def fixed_tiles(padded_lens: list[int], block_m: int = BLOCK_M) -> int:
     return sum(-(-n // block_m) for n in padded_lens)
 
 
+def fixed_plan_size(padded: int, num_seqs: int, block_m: int = BLOCK_M) -> int:
+    """The length of fixed_plan's list for this shape."""
+    return 3 * num_seqs + 2 * fixed_tiles([padded] * num_seqs, block_m)
+
+
 def fixed_plan(padded: int, query_lens: list[int], context_lens: list[int], num_seqs: int,
                block_m: int = BLOCK_M) -> list[int]:
     """A launch plan of fixed shape (num_seqs sequences of `padded` rows each, back to back) for chunks of

@@ -65,8 +65,9 @@ class _Graphs(ABC):
         self.failed: str | None = None  # why capture was given up (then every step runs eagerly)
         self._refused: set[Any] = set()  # shapes whose capture ran out of memory
         self._stream: Any = None  # this object's capture stream, on its own device
-        self._stage: torch.Tensor | None = None  # pinned host staging of a step's inputs (subclasses size it)
-        self._staged: Any = None  # CUDA event after the last step's copies out of _stage
+        self._stage: torch.Tensor | None = None  # pinned host staging of a step's int64 inputs (subclasses size it)
+        self._stage32: torch.Tensor | None = None  # and of its int32 ones, where a subclass has some
+        self._staged: Any = None  # CUDA event after the last step's copies out of the stages
 
     @property
     def captured(self) -> int:
@@ -80,17 +81,20 @@ class _Graphs(ABC):
         return text + (f", capture FAILED ({self.failed}): {self.kind} steps run eagerly" if self.failed else "")
 
     def _upload(self, data: list[int], buffers: list[torch.Tensor]) -> None:
-        """The step's host integers into the static buffers, through the pinned stage: each buffer
-        takes the next numel() values, one host-to-device copy each."""
-        if self._staged is not None:  # the previous step's copies may still be reading the pinned buffer
+        """The step's host integers into the static buffers, through the pinned stage of each buffer's dtype
+        (int64, int32: a copy that converted on the way would go through pageable memory): each buffer takes the
+        next numel() values, one host-to-device copy each."""
+        if self._staged is not None:  # the previous step's copies may still be reading the pinned stages
             self._staged.synchronize()
-        stage = self._stage[:len(data)]
-        stage.copy_(torch.tensor(data, dtype=torch.int64))
+        host = torch.tensor(data, dtype=torch.int64)
         nb = self.device.type == "cuda"
-        at = 0
+        at, used = 0, {torch.int64: 0, torch.int32: 0}
         for buf in buffers:
-            buf.copy_(stage[at:at + buf.numel()].view(buf.shape), non_blocking=nb)
-            at += buf.numel()
+            n, start = buf.numel(), used[buf.dtype]
+            piece = (self._stage if buf.dtype == torch.int64 else self._stage32)[start:start + n]
+            piece.copy_(host[at:at + n])
+            buf.copy_(piece.view(buf.shape), non_blocking=nb)
+            used[buf.dtype], at = start + n, at + n
         if nb:
             self._staged = torch.cuda.Event()
             self._staged.record()
@@ -400,14 +404,13 @@ class ChunkGraphs(PromptGraphs):
         # two never run at once (a step replays one, copies out what it needs, then the other), so only
         # each graph's output takes new memory beside the KV cache.
         self._share = share_pool_of
-        self._plan_of = prefill_attention.fixed_plan
+        self._plan_of, self._plan_size = prefill_attention.fixed_plan, prefill_attention.fixed_plan_size
         self.max_blocks = max_blocks_per_seq
-        most = max((len(prefill_attention.fixed_plan(n, [], [], b)) for b in self.batches for n in self.lengths
-                    if b * n <= self.max_tokens), default=0)
+        most = max((self._plan_size(n, b) for b in self.batches for n in self.lengths if b * n <= self.max_tokens),
+                   default=0)
+        # int32, as an eager step passes them: the kernel compiled at start-up serves the graphs too
         self.plan = torch.zeros(most, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(self.batches[-1], max_blocks_per_seq, dtype=torch.int32, device=device)
-        # the int32 buffers (plan, tables: as an eager step passes them, so the kernel compiled at start-up
-        # serves) get a pinned stage of their own: a copy that converts would go through pageable memory
         self._stage32 = torch.zeros(most + self.batches[-1] * max_blocks_per_seq, dtype=torch.int32,
                                     pin_memory=device.type == "cuda")
 
@@ -451,26 +454,12 @@ class ChunkGraphs(PromptGraphs):
         plan = self._plan_of(n, lens, [s + q for s, q in zip(starts, lens)], b)
         width = max([1] + [len(t) for t in tables])
         rows = [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * (b - len(tables))
-        self._upload(ids + positions + slots, [self.input_ids[:b * n], self.positions[:b * n], self.slot_mapping[:b * n]],
-                     plan + [x for row in rows for x in row], [self.plan[:len(plan)], self.block_tables[:b, :width]])
-
-    def _upload(self, data: list[int], buffers: list[torch.Tensor], data32: list[int] | None = None,
-                buffers32: list[torch.Tensor] | None = None) -> None:
-        """_Graphs._upload, and the int32 buffers' values through their own pinned stage."""
-        super()._upload(data, buffers)
-        if data32:
-            stage = self._stage32[:len(data32)]
-            stage.copy_(torch.tensor(data32, dtype=torch.int32))
-            nb, at = self.device.type == "cuda", 0
-            for buf in buffers32 or []:
-                buf.copy_(stage[at:at + buf.numel()].view(buf.shape), non_blocking=nb)
-                at += buf.numel()
-            if nb:  # after the int64 copies' event: the next step waits for both
-                self._staged = torch.cuda.Event()
-                self._staged.record()
+        self._upload(ids + positions + slots + plan + [x for row in rows for x in row],
+                     [self.input_ids[:b * n], self.positions[:b * n], self.slot_mapping[:b * n],
+                      self.plan[:len(plan)], self.block_tables[:b, :width]])
 
     def _forward(self, b: int, n: int) -> torch.Tensor:
-        plan = self.plan[:len(self._plan_of(n, [], [], b))]
+        plan = self.plan[:self._plan_size(n, b)]
         batch = AttentionBatch(query_lens=[n] * b, context_lens=[n] * b, block_tables=self.block_tables[:b],
                                slot_mapping=self.slot_mapping[:b * n], block_size=self.block_size, chunk_plan=plan)
         return self.model.forward(self.input_ids[:b * n], self.positions[:b * n], batch)

@@ -392,12 +392,10 @@ class ModelRunner:
         prompts = [i for i, f in enumerate(fresh) if f]
         decodes = [i for i, d in enumerate(decode) if d]
         chunks = [i for i, (f, d) in enumerate(zip(fresh, decode)) if not f and not d]
-        longest = {name: max((batch.num_new_tokens[i] for i in rows), default=0)
-                   for name, rows in (("prompts", prompts), ("chunks", chunks))}
-        if prompts and not self.prompts.supports(len(prompts), longest["prompts"]):
+        if prompts and not self.prompts.supports(len(prompts), max(batch.num_new_tokens[i] for i in prompts)):
             return None, None
         if chunks and (self.chunks is None or not self.chunks.supports(
-                len(chunks), longest["chunks"], max(len(batch.tables[i]) for i in chunks))):
+                len(chunks), max(batch.num_new_tokens[i] for i in chunks), max(len(batch.tables[i]) for i in chunks))):
             return None, None
         if decodes and not self.graphs.supports(len(decodes), max(len(batch.tables[i]) for i in decodes)):
             return None, None

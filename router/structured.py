@@ -147,7 +147,7 @@ def apply_grammar(logits: torch.Tensor, matchers: list) -> torch.Tensor:
         # Both uploads from pinned memory: xgrammar would copy a list of rows from pageable memory, a copy
         # CUDA may make wait for the stream (then a step queued ahead would wait for the forward before it).
         bitmask = bitmask.pin_memory().to(out.device, non_blocking=True)
-        indices = torch.tensor(rows, dtype=torch.int32).pin_memory().to(out.device, non_blocking=True)
+        indices = torch.tensor(rows, dtype=torch.int32, pin_memory=True).to(out.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(out, bitmask, indices=indices)
     return out
 

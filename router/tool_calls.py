@@ -169,6 +169,10 @@ class ToolCallParser:
         self._calls = 0  # calls begun (named)
         self._sent = -1  # in a call: how much of its text has gone out (-1: its name not yet)
         self._scanned = 0  # in a call: how much of its text was searched for the end marker
+        # in a JSON list of calls (ToolFormat.json_list): where the reading is (open, head, args, close, sep, done,
+        # stop), how far into the list, and inside an arguments object its depth and whether in a string, escaped
+        self._list, self._at = "open", 0
+        self._depth, self._quoted, self._escaped = 0, False, False
 
     @property
     def called(self) -> bool:
