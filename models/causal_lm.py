@@ -119,9 +119,20 @@ class MoECausalLM(nn.Module, abc.ABC):
 
     def takes_chunk_plans(self, device: torch.device) -> bool:
         """Whether every layer attends fixed-shape chunk steps after cached prefixes (AttentionBatch.chunk_plan):
-        GQA layers do (see GQAttention.takes_chunk_plan); MLA's prefill attention reads no plan yet."""
+        GQA layers through the prefill kernel (GQAttention.takes_chunk_plan), MLA layers as one padded call."""
         return all(getattr(layer.self_attn, "takes_chunk_plan", lambda _device: False)(device)
                    for layer in self.model.layers)
+
+    def pads_chunk_contexts(self) -> bool:
+        """Whether some layer reads a fixed-shape chunk step's contexts padded to the step's padded_len (MLA), so
+        that the step's shape has a context width; GQA layers read the cache in place through the plan."""
+        return any(hasattr(layer.self_attn, "padded_chunk_fits") for layer in self.model.layers)
+
+    def chunk_context_fits(self, num_seqs: int, chunk: int, context: int) -> bool:
+        """Whether a fixed-shape chunk step of num_seqs chunks of `chunk` rows over `context` padded keys each
+        stays within the bounds of every layer that pads contexts."""
+        return all(layer.self_attn.padded_chunk_fits(num_seqs, chunk, context) for layer in self.model.layers
+                   if hasattr(layer.self_attn, "padded_chunk_fits"))
 
     def kv_caches(self) -> list[torch.Tensor]:
         """Every layer's allocated cache tensors ([num_blocks, block_size, ...] each)."""

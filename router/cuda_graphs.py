@@ -390,8 +390,11 @@ class ChunkGraphs(PromptGraphs):
     holding such a chunk ran eagerly: on an H100 a step of 15 decodes beside a 16-token chunk after a
     240-token cached prefix took 107-133 ms, against 28 ms for a new prompt's graphed step.
 
-    Only for models whose every layer takes the plan (models/causal_lm.takes_chunk_plans: GQA layers
-    whose heads the kernel takes; not MLA). Shapes are captured on first use, not at start-up."""
+    Only for models whose every layer takes the plan (models/causal_lm.takes_chunk_plans: GQA layers whose
+    heads the kernel takes, and MLA). MLA reads each context padded to a fixed number of keys (its latents
+    gathered through the block table, masked by the plan's lengths), so its shapes also carry a context width:
+    the step's longest block table rounded up to a power of two of blocks, within the padded call's bounds
+    (larger steps run eagerly). Shapes are captured on first use, not at start-up."""
 
     kind = "chunk"
 
@@ -413,9 +416,25 @@ class ChunkGraphs(PromptGraphs):
         self.block_tables = torch.zeros(self.batches[-1], max_blocks_per_seq, dtype=torch.int32, device=device)
         self._stage32 = torch.zeros(most + self.batches[-1] * max_blocks_per_seq, dtype=torch.int32,
                                     pin_memory=device.type == "cuda")
+        pads = getattr(model, "pads_chunk_contexts", None)
+        self.pads_contexts = pads is not None and pads()
+
+    def shape(self, num_seqs: int, longest: int, blocks: int = 1) -> tuple[int, ...] | None:
+        """(sequences, length) of the padded step, and for a model that pads contexts (MLA) the blocks each
+        context is read padded to; None when no shape holds them."""
+        key = super().shape(num_seqs, longest)
+        if key is None or blocks > self.max_blocks:
+            return None
+        if not self.pads_contexts:
+            return key
+        width = min(self.max_blocks, 1 << max(0, blocks - 1).bit_length())
+        if not self.model.chunk_context_fits(key[0], key[1], width * self.block_size):
+            return None
+        return (*key, width)
 
     def supports(self, num_seqs: int, longest: int, blocks: int = 1) -> bool:
-        return blocks <= self.max_blocks and super().supports(num_seqs, longest)
+        key = self.shape(num_seqs, longest, blocks)
+        return self.failed is None and key is not None and key not in self._refused
 
     def run(self, input_ids: list[list[int]], slot_mapping: list[list[int]], starts: list[int] | None = None,
             tables: list[list[int]] | None = None) -> tuple[torch.Tensor, int] | None:
@@ -424,15 +443,16 @@ class ChunkGraphs(PromptGraphs):
         shape's graph could not be captured."""
         if starts is None or tables is None:
             raise ValueError("a chunk step needs each sequence's cached length and block table")
-        key = self.shape(len(input_ids), max(map(len, input_ids)))
+        key = self.shape(len(input_ids), max(map(len, input_ids)), max(map(len, tables)))
         if key is None:
-            raise ValueError(f"no chunk graph holds {len(input_ids)} chunks of up to {max(map(len, input_ids))} tokens")
+            raise ValueError(f"no chunk graph holds {len(input_ids)} chunks of up to {max(map(len, input_ids))} tokens "
+                             f"over up to {max(map(len, tables))} blocks")
         self._load_chunks(key, input_ids, slot_mapping, starts, tables)
         self.steps += 1
         out = self._run_shape(key)
         return None if out is None else (out, key[1])
 
-    def _load_padding(self, key: tuple[int, int]) -> None:
+    def _load_padding(self, key: tuple[int, ...]) -> None:
         self._load_chunks(key, [], [], [], [])
 
     def _capture(self, key: Any, forward: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor] | None:
@@ -440,9 +460,9 @@ class ChunkGraphs(PromptGraphs):
             self._pool, self._stream = self._share._pool, self._share._stream
         return super()._capture(key, forward)
 
-    def _load_chunks(self, key: tuple[int, int], input_ids: list[list[int]], slot_mapping: list[list[int]],
+    def _load_chunks(self, key: tuple[int, ...], input_ids: list[list[int]], slot_mapping: list[list[int]],
                      starts: list[int], tables: list[list[int]]) -> None:
-        b, n = key
+        b, n = key[:2]
         ids, positions, slots = [], [], []
         for i in range(b):
             chunk = input_ids[i] if i < len(input_ids) else []
@@ -458,8 +478,12 @@ class ChunkGraphs(PromptGraphs):
                      [self.input_ids[:b * n], self.positions[:b * n], self.slot_mapping[:b * n],
                       self.plan[:len(plan)], self.block_tables[:b, :width]])
 
-    def _forward(self, b: int, n: int) -> torch.Tensor:
+    def _forward(self, b: int, n: int, width: int | None = None) -> torch.Tensor:
+        """width: the blocks each context is read padded to (a model that pads contexts), else every column of
+        the tables is there for the kernel, which reads a sequence's own blocks."""
         plan = self.plan[:self._plan_size(n, b)]
-        batch = AttentionBatch(query_lens=[n] * b, context_lens=[n] * b, block_tables=self.block_tables[:b],
-                               slot_mapping=self.slot_mapping[:b * n], block_size=self.block_size, chunk_plan=plan)
+        batch = AttentionBatch(query_lens=[n] * b, context_lens=[n] * b,
+                               block_tables=self.block_tables[:b, :width] if width else self.block_tables[:b],
+                               slot_mapping=self.slot_mapping[:b * n], block_size=self.block_size, chunk_plan=plan,
+                               padded_len=width * self.block_size if width else None)
         return self.model.forward(self.input_ids[:b * n], self.positions[:b * n], batch)

@@ -114,6 +114,8 @@ class MLAttention(nn.Module):
         if batch.fresh:  # whole prompts in a fixed-shape step: each causal over its own latents, expanded
             k, v = self._expand(read_slots(self.latent_cache, batch.slot_mapping).to(dtype))
             return attend_fresh(torch.cat([q_nope, q_pe], dim=-1), k, v, self.scale, batch.query_lens[0], None)
+        if batch.chunk_plan is not None:  # chunks after cached prefixes in a fixed-shape step: padded_len latents each
+            return self._attend_padded(q_nope, q_pe, w_kv, batch)
         if is_decode_only(batch):
             lens, longest = decode_lens(batch, device)
             if self.kv_lora_rank + self.rope_dim < longest * (self.nope_dim + self.v_dim):
@@ -121,10 +123,7 @@ class MLAttention(nn.Module):
             if batched_fits(batch, self.latent_cache):  # contexts of a token or two: expanding is cheaper
                 cached = gather_padded(self.latent_cache, batch).to(dtype)
                 return self._decode_expanded(q_nope, q_pe, cached, decode_mask(batch, device, None))
-        # per padded key: the latent, and the expanded keys and values when the sizes favour expanding
-        key_bytes = (self.kv_lora_rank + self.rope_dim
-                     + self.num_heads * (self.nope_dim + self.rope_dim + self.v_dim)) * q_nope.element_size()
-        if padded.fits(batch, self.num_heads, key_bytes):  # prefill steps: one padded call
+        if padded.fits(batch, self.num_heads, self._key_bytes(q_nope.element_size())):  # prefill steps: one padded call
             return self._attend_padded(q_nope, q_pe, w_kv, batch)
         out = torch.empty(t, self.num_heads, self.v_dim, dtype=dtype, device=device)
         for seq, rows, q_len, ctx_len in sequences(batch):
@@ -135,6 +134,24 @@ class MLAttention(nn.Module):
             else:
                 out[rows] = self._attend_expanded(q_nope[rows], q_pe[rows], cached, mask)
         return out
+
+    def _key_bytes(self, element_size: int) -> int:
+        """Bytes per padded key of a padded call: the latent, and the expanded keys and values when the sizes
+        favour expanding."""
+        return (self.kv_lora_rank + self.rope_dim + self.num_heads * (self.nope_dim + self.rope_dim + self.v_dim)
+                ) * element_size
+
+    def takes_chunk_plan(self, device: torch.device) -> bool:
+        """Fixed-shape chunk steps after cached prefixes (AttentionBatch.chunk_plan) attend as one padded call
+        (torch operations a CUDA graph can replay): every sequence's latents read padded to the step's
+        padded_len, masked by the lengths in the plan (padded_attention's planned layout)."""
+        return True
+
+    def padded_chunk_fits(self, num_seqs: int, chunk: int, context: int) -> bool:
+        """Whether a fixed-shape chunk step of num_seqs chunks of `chunk` rows over `context` padded keys each
+        stays within the padded call's bounds (padded_attention.fits)."""
+        size = self.latent_cache.element_size() if self.latent_cache is not None else 2
+        return padded.fits_shape(num_seqs, chunk, context, self.num_heads, self._key_bytes(size))
 
     def _decode_absorbed(self, q_nope, q_pe, w_kv, lens, longest, block_tables) -> torch.Tensor:
         """One query per sequence attending the cached latents in place (paged decode attention with

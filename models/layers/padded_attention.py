@@ -41,13 +41,19 @@ class PaddedLayout:
 def fits(batch: AttentionBatch, heads: int, key_bytes: int) -> bool:
     """Whether the padded call stays small: its score matrix, and the keys/values it materialises
     (`key_bytes` per padded key slot) within decode_attention.MAX_GATHER_BYTES."""
-    b, lk = batch.num_seqs, max(batch.context_lens)
-    return (b * max(batch.query_lens) * lk * heads <= MAX_SCORE_ELEMENTS
-            and b * lk * key_bytes <= decode_attention.MAX_GATHER_BYTES)
+    return fits_shape(batch.num_seqs, max(batch.query_lens), max(batch.context_lens), heads, key_bytes)
+
+
+def fits_shape(num_seqs: int, queries: int, keys: int, heads: int, key_bytes: int) -> bool:
+    """fits() for num_seqs sequences padded to `queries` new tokens over `keys` keys each."""
+    return (num_seqs * queries * keys * heads <= MAX_SCORE_ELEMENTS
+            and num_seqs * keys * key_bytes <= decode_attention.MAX_GATHER_BYTES)
 
 
 def layout(batch: AttentionBatch, device: torch.device) -> PaddedLayout:
     memo = batch.__dict__.setdefault("_padded_layout", {})
+    if device not in memo and batch.chunk_plan is not None:
+        memo[device] = _planned_layout(batch, device)
     if device not in memo:
         b, lq, lk, t = batch.num_seqs, max(batch.query_lens), max(batch.context_lens), batch.num_tokens
         starts, acc = [], 0
@@ -66,6 +72,23 @@ def layout(batch: AttentionBatch, device: torch.device) -> PaddedLayout:
         out_index = seq_of_row * lq + torch.arange(t, device=device) - first[seq_of_row]
         memo[device] = PaddedLayout(q_index, out_index, q_pos, lk)
     return memo[device]
+
+
+def _planned_layout(batch: AttentionBatch, device: torch.device) -> PaddedLayout:
+    """The layout of a fixed-shape chunk step (AttentionBatch.chunk_plan, padded_len set), built on the device
+    from its plan, so a captured step replays it for any chunks: the rows are already padded (sequence i's
+    chunk from row i * Lq), so queries and outputs keep their rows; keys are padded_len per sequence. Padding
+    queries (past a chunk, or of a sequence holding none) sit at their chunk's last position, or at key 0:
+    each sees some key, so its (never used) output stays finite."""
+    b, lq = batch.num_seqs, batch.query_lens[0]
+    if batch.padded_len is None:
+        raise ValueError("a chunk step laid out padded needs padded_len (the keys read per sequence)")
+    seq = batch.chunk_plan[:3 * b].view(b, 3).to(device=device, dtype=torch.long)
+    q_lens, ctx_lens = seq[:, 1], seq[:, 2]
+    ar_q = torch.arange(lq, device=device)[None, :]
+    q_pos = torch.where(ar_q < q_lens[:, None], (ctx_lens - q_lens)[:, None] + ar_q, (ctx_lens - 1).clamp(min=0)[:, None])
+    rows = torch.arange(b * lq, device=device)
+    return PaddedLayout(rows.view(b, lq), rows, q_pos, batch.padded_len)
 
 
 def mask(batch: AttentionBatch, device: torch.device, sliding_window: int | None, group: int = 1,

@@ -161,3 +161,26 @@ def test_fresh_prompts_on_gpu_equal_the_masked_attention(hq, hk, d, dv):
         rows = slice(i * seq, (i + 1) * seq)
         want = attend(q[rows].float(), k[rows].float(), v[rows].float(), d**-0.5, mask)
         torch.testing.assert_close(got[rows].float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_planned_layout_puts_each_chunk_where_the_host_layout_does():
+    """A fixed-shape chunk step's layout, built on the device from its plan (chunks padded to 8 rows, contexts
+    read padded to 24 keys, a third sequence holding nothing): each real query sees the keys the host layout
+    of the same chunks gives it, and every padding query sees some key (its output stays finite)."""
+    from moeserve.kernels.prefill_attention import fixed_plan
+    from moeserve.models.batch import AttentionBatch
+
+    q_lens, ctx = [3, 8], [11, 20]
+    tables = torch.zeros(3, 6, dtype=torch.int32)
+    plan = torch.tensor(fixed_plan(8, q_lens, ctx, 3), dtype=torch.int32)
+    fixed = AttentionBatch(query_lens=[8] * 3, context_lens=[8] * 3, block_tables=tables,
+                           slot_mapping=torch.zeros(24, dtype=torch.int64), block_size=4, chunk_plan=plan, padded_len=24)
+    host = AttentionBatch(query_lens=q_lens, context_lens=ctx, block_tables=tables[:2],
+                          slot_mapping=torch.zeros(11, dtype=torch.int64), block_size=4)
+    got = padded_attention.mask(fixed, torch.device("cpu"), None)[:, 0]  # [3, 8, 24]
+    want = padded_attention.mask(host, torch.device("cpu"), None)[:, 0]  # [2, 8, 20]
+    for i, n in enumerate(q_lens):
+        assert torch.equal(got[i, :n, :20], want[i, :n]) and not got[i, :n, 20:].any()
+    assert got.any(dim=-1).all()
+    lay = padded_attention.layout(fixed, torch.device("cpu"))
+    assert torch.equal(lay.out_index, torch.arange(24)) and lay.num_keys == 24

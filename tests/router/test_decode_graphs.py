@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeserve.models.layers import padded_attention
 from moeserve.router.cuda_graphs import batch_buckets, context_bucket
 from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
 
@@ -342,33 +343,33 @@ def _with_cached_prefixes(path: str, mode: str, device: str = "cpu", dtype: str 
 
 
 @pytest.mark.parametrize("arch", list(PROMPT_ARCHS))
-def test_chunks_after_cached_prefixes_equal_eager(arch, hf_checkpoint):
-    """Chunks after a cached prefix run padded (ChunkGraphs: the kernel's plan, read back on the CPU), alone and
-    beside decodes and first chunks, where the model's attention takes the plan (GQA; MLA stays eager). Same
-    tokens as the eager engine."""
+def test_chunks_after_cached_prefixes_equal_eager(arch, hf_checkpoint, monkeypatch):
+    """Chunks after a cached prefix run padded (ChunkGraphs), alone and beside decodes and first chunks: GQA
+    through the kernel's plan (read back on the CPU), MLA as one padded call over contexts of a fixed width,
+    masked by the plan's lengths (that path itself runs here). Same tokens as the eager engine."""
     path = str(hf_checkpoint(arch.split("-")[0], seed=4, **PROMPT_ARCHS[arch]))
     want, eager = _with_cached_prefixes(path, "off")
     assert eager.stats()["prefix_cache_hit_tokens"] >= 5 * 20
     got, padded = _with_cached_prefixes(path, "padded")
     chunks = padded.runner.chunks
-    if arch.startswith("deepseek"):
-        assert chunks is None
-    else:
-        assert chunks is not None and chunks.steps >= 4 and padded.runner.split_steps > 0
+    assert chunks is not None and chunks.steps >= 4 and padded.runner.split_steps > 0
+    assert chunks.pads_contexts == arch.startswith("deepseek")
     assert got == want
+    if chunks.pads_contexts:  # widths: the longest table's blocks up to a power of two; none past the bounds
+        assert [chunks.shape(2, 9, blocks) for blocks in (1, 3, 4)] == [(2, 16, 1), (2, 16, 4), (2, 16, 4)]
+        heads = padded.runner.model.config.num_attention_heads
+        monkeypatch.setattr(padded_attention, "MAX_SCORE_ELEMENTS", 2 * 16 * 4 * heads)  # one block of 4 keys each
+        assert chunks.shape(2, 9, 1) is not None and chunks.shape(2, 9, 2) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral-window", "deepseek_v2"])
 def test_cuda_graphs_chunks_after_cached_prefixes_equal_eager(arch, hf_checkpoint):
-    """The same on a GPU: chunk steps captured (on first use) and replayed, the kernel reading its plan from the
-    graph's buffer; same tokens as the eager engine."""
+    """The same on a GPU: chunk steps captured (on first use) and replayed, reading their plan from the graph's
+    buffer (GQA's kernel; MLA's mask and layout); same tokens as the eager engine."""
     path = str(hf_checkpoint(arch.split("-")[0], seed=4, **PROMPT_ARCHS[arch]))
     want, _ = _with_cached_prefixes(path, "off", device="cuda", dtype="float32")
     got, engine = _with_cached_prefixes(path, "auto", device="cuda", dtype="float32")
     chunks = engine.runner.chunks
-    if arch.startswith("deepseek"):
-        assert chunks is None
-    else:
-        assert chunks is not None and chunks.failed is None and chunks.captured >= 1 and chunks.steps >= 4
+    assert chunks is not None and chunks.failed is None and chunks.captured >= 1 and chunks.steps >= 4
     assert got == want
