@@ -234,8 +234,8 @@ def server_facts(llm) -> dict:
     """What the server runs with, as its engine set it up (not as the bench would guess it): the
     prefill hold in force (the engine holds prompts only where decode steps are graphs), its graphs
     and its KV blocks."""
-    return dict(prefill_hold_ms=llm.scheduler.prefill_hold_s * 1e3, graphs=llm.runner.describe_graphs() or "decode graphs off",
-                kv_blocks=llm.stats()["kv_blocks_total"], overlap_decode=llm.overlap_decode)
+    return dict(prefill_hold_ms=llm.scheduler.prefill_hold_s * 1e3, prompt_graph_tokens=llm.config.prompt_graph_tokens,
+                graphs=llm.runner.describe_graphs() or "decode graphs off", kv_blocks=llm.stats()["kv_blocks_total"], overlap_decode=llm.overlap_decode)
 
 
 async def _serve_random(args: argparse.Namespace) -> None:
@@ -252,7 +252,8 @@ async def _serve_random(args: argparse.Namespace) -> None:
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           max_model_len=args.max_model_len, max_queued_requests=4096,
                           decode_graphs="off" if args.enforce_eager else "auto", overlap_decode=args.overlap_decode,
-                          **({} if args.prefill_hold_ms is None else {"prefill_hold_ms": args.prefill_hold_ms}))
+                          **({} if args.prefill_hold_ms is None else {"prefill_hold_ms": args.prefill_hold_ms}),
+                          **({} if args.prompt_graph_tokens is None else {"prompt_graph_tokens": args.prompt_graph_tokens}))
     llm = LLMEngine(config, model, tokenizer=None)
     trace = StepTrace(llm) if args.step_trace else None
     facts = server_facts(llm)
@@ -327,6 +328,8 @@ def start_server(name: str, args: argparse.Namespace, env: dict) -> tuple[subpro
            "--max-model-len", str(args.max_model_len)] + (["--enforce-eager"] if args.enforce_eager else [])
     if args.prefill_hold_ms is not None:
         cmd += ["--prefill-hold-ms", str(args.prefill_hold_ms)]
+    if args.prompt_graph_tokens is not None:
+        cmd += ["--prompt-graph-tokens", str(args.prompt_graph_tokens)]
     if not args.overlap_decode:
         cmd += ["--no-overlap-decode"]
     if args.out_dir_path is not None:
@@ -624,6 +627,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="moeserve decodes without CUDA graphs (as `moeserve serve --enforce-eager`)")
     p.add_argument("--prefill-hold-ms", type=float, default=None,
                    help="the server's EngineConfig.prefill_hold_ms (as `moeserve serve --prefill-hold-ms`; default: its default)")
+    p.add_argument("--prompt-graph-tokens", type=int, default=None,
+                   help="the server's EngineConfig.prompt_graph_tokens (as `moeserve serve --prompt-graph-tokens`; "
+                        "default: its default)")
     p.add_argument("--no-overlap-decode", dest="overlap_decode", action="store_false",
                    help="the server waits for each decode step's tokens before queuing the next (as `moeserve serve "
                         "--no-overlap-decode`)")

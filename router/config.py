@@ -49,6 +49,10 @@ class EngineConfig:
     # "padded" runs the graphs' fixed-shape padded step eagerly on any device (how CPU tests check it).
     decode_graphs: str = "auto"
     graph_capture_tokens: int = 2048  # decode graphs captured at start-up for contexts up to this (0: on first use)
+    # Prompt steps (first chunks; chunks after a cached prefix) run as graphs up to this many padded tokens,
+    # larger ones eagerly: a step of thousands of tokens keeps the GPU busy while Python launches its kernels,
+    # and padding it to a shape adds work (router/cuda_graphs.py). 0: prompt steps always eager.
+    prompt_graph_tokens: int = 1024
     # A step about to prefill requests that are still arriving (one within the last millisecond)
     # waits for the rest of the burst, at most this long after the first of them (0: never waits).
     batch_wait_ms: float = 20.0
@@ -92,6 +96,7 @@ class EngineConfig:
         _require(self.decode_graphs in ("auto", "off", "padded"), "decode_graphs", "'auto', 'off' or 'padded'",
                  self.decode_graphs)
         _int_in("graph_capture_tokens", self.graph_capture_tokens, 0)
+        _int_in("prompt_graph_tokens", self.prompt_graph_tokens, 0)
         _require(isinstance(self.batch_wait_ms, (int, float)) and not isinstance(self.batch_wait_ms, bool)
                  and 0.0 <= self.batch_wait_ms <= 1000.0, "batch_wait_ms", "a number of milliseconds in [0, 1000]",
                  self.batch_wait_ms)

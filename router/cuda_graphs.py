@@ -284,11 +284,11 @@ class DecodeGraphs(_Graphs):
 
 
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # padded prompt lengths
-# The largest padded step (sequences x length) captured. Graphs pay where launching is the step's
-# cost; a step of thousands of tokens keeps the GPU busy while Python launches, and padding it to a
-# shape adds work: on an H200, graphing 16 x 256-token prompts (4096 tokens) lowered Qwen3's served
-# tokens/s at concurrency 16 by 6% and raised its TTFT p50 from 89 to 125 ms (docs/benchmarks.md).
-PROMPT_GRAPH_TOKENS = 1024
+# The largest padded step (sequences x length) captured is EngineConfig.prompt_graph_tokens. Graphs pay where
+# launching is the step's cost; a step of thousands of tokens keeps the GPU busy while Python launches, and
+# padding it to a shape adds work: on an H200 (fifth session), graphing 16 x 256-token prompts (4096 tokens)
+# lowered Qwen3's served tokens/s at concurrency 16 by 6% and raised its TTFT p50 from 89 to 125 ms
+# (docs/benchmarks.md).
 
 
 class PromptGraphs(_Graphs):
@@ -302,7 +302,8 @@ class PromptGraphs(_Graphs):
     keys, read back from the slots the step wrote, so the shape is (sequences, length) alone. Padding
     rows read token 0, write their KV to the scratch block (as decode padding does) and come after
     every real row of their sequence, so causal attention keeps them out of every real row; they are
-    never sampled. Shapes up to PROMPT_GRAPH_TOKENS padded tokens (and the step budget) are captured
+    never sampled. Shapes up to max_tokens padded tokens (EngineConfig.prompt_graph_tokens within the step
+    budget) are captured
     at start-up; with `capture=False` the same padded step runs eagerly (the CPU test suite's check
     of everything but the capture)."""
 
@@ -313,7 +314,7 @@ class PromptGraphs(_Graphs):
         super().__init__(model, device, capture)
         self.block_size = block_size
         self.pad_slot = pad_block * block_size
-        self.max_tokens = min(max_tokens, PROMPT_GRAPH_TOKENS)
+        self.max_tokens = max_tokens
         self.lengths = [n for n in PROMPT_BUCKETS if n <= self.max_tokens]
         self.batches = batch_buckets(max_num_seqs)
         n = self.max_tokens

@@ -24,7 +24,7 @@ from moeserve.models.layers import decode_attention
 
 from .block_manager import num_blocks_for_budget
 from .config import DEFAULT_CPU_KV_BYTES, EngineConfig
-from .cuda_graphs import PROMPT_GRAPH_TOKENS, ChunkGraphs, DecodeGraphs, PromptGraphs
+from .cuda_graphs import ChunkGraphs, DecodeGraphs, PromptGraphs
 from .sampler import Sampler
 from .scheduler import ScheduledBatch
 from .sequence import SequenceStatus
@@ -42,6 +42,11 @@ def kv_cache_budget_bytes(config: EngineConfig, model: Any) -> int:
     return int(free * config.gpu_memory_fraction) - activation_bytes(config, model)
 
 
+def prompt_graph_tokens(config: EngineConfig) -> int:
+    """The largest padded prompt or chunk step run as a graph: EngineConfig.prompt_graph_tokens within the step budget."""
+    return min(config.max_num_batched_tokens, config.prompt_graph_tokens)
+
+
 def activation_bytes(config: EngineConfig, model: Any) -> int:
     """Rough peak activation memory of one step at the full token budget (an estimate, not a profile)."""
     mc = model.config
@@ -53,7 +58,7 @@ def activation_bytes(config: EngineConfig, model: Any) -> int:
     # Prompt graphs keep another, as large as the activations of their largest step.
     graphs = 0
     if config.decode_graphs == "auto":
-        graphs = 2 * decode_attention.MAX_GATHER_BYTES + min(config.max_num_batched_tokens, PROMPT_GRAPH_TOKENS) * per_token
+        graphs = 2 * decode_attention.MAX_GATHER_BYTES + prompt_graph_tokens(config) * per_token
     return config.max_num_batched_tokens * per_token + logits + graphs
 
 
@@ -139,13 +144,13 @@ class ModelRunner:
         self.graphs = self._decode_graphs(config, max_model_len)
         # Prompt graphs go with decode graphs (same mode), their token buckets within one step's budget.
         self.prompts = None if self.graphs is None else PromptGraphs(
-            model, self.device, config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
+            model, self.device, config.max_num_seqs, prompt_graph_tokens(config), config.block_size,
             pad_block=num_blocks, capture=self.graphs.capture)
         # Chunks after a cached prefix (prefix-cache hits, a long prompt's later chunks) likewise, where every
         # layer's attention reads the fixed plan (GQA models; not MLA), captured on first use.
         takes = getattr(model, "takes_chunk_plans", None)
         self.chunks = ChunkGraphs(
-            model, self.device, config.max_num_seqs, config.max_num_batched_tokens, config.block_size,
+            model, self.device, config.max_num_seqs, prompt_graph_tokens(config), config.block_size,
             pad_block=num_blocks, max_blocks_per_seq=self.graphs.max_blocks, capture=self.graphs.capture,
             share_pool_of=self.prompts,
         ) if self.graphs is not None and takes is not None and takes(self.device) else None

@@ -165,12 +165,15 @@ def test_decodes_beside_first_chunks_equal_eager(arch, hf_checkpoint):
 
 
 def test_prompt_graph_shapes():
-    """Sequences padded to a batch bucket, each to a length of 16-1024, within PROMPT_GRAPH_TOKENS."""
-    from moeserve.router.cuda_graphs import PROMPT_GRAPH_TOKENS, PromptGraphs
+    """Sequences padded to a batch bucket, each to a length of 16-1024, within EngineConfig.prompt_graph_tokens
+    (and the step budget)."""
+    from moeserve.router.cuda_graphs import PromptGraphs
+    from moeserve.router.model_runner import prompt_graph_tokens
 
-    graphs = PromptGraphs(None, torch.device("cpu"), max_num_seqs=64, max_tokens=8192, block_size=16,
+    assert prompt_graph_tokens(EngineConfig(max_num_batched_tokens=8192)) == EngineConfig().prompt_graph_tokens == 1024
+    assert prompt_graph_tokens(EngineConfig(max_num_batched_tokens=512)) == 512
+    graphs = PromptGraphs(None, torch.device("cpu"), max_num_seqs=64, max_tokens=1024, block_size=16,
                           pad_block=0, capture=False)
-    assert graphs.max_tokens == PROMPT_GRAPH_TOKENS == 1024
     assert graphs.shape(1, 1) == (1, 16) and graphs.shape(1, 513) == (1, 1024) and graphs.shape(1, 1025) is None
     assert graphs.shape(2, 513) is None
     assert graphs.shape(3, 100) == (4, 128) and graphs.shape(4, 200) == (4, 256)
