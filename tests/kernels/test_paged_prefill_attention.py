@@ -120,3 +120,17 @@ def test_fixed_plan_matches_the_plain_launch(case, gen, monkeypatch):
         prefill_attention.fixed_plan(3, [4], [9], 1)
     with pytest.raises(ValueError, match="2 chunks"):
         prefill_attention.fixed_plan(8, [4, 4], [9, 9], 1)
+
+
+def test_an_eager_steps_layers_share_one_plan():
+    """The plan of the lengths just seen is reused (an eager step's every layer attends the same chunks);
+    other lengths get their own."""
+    from moeserve.kernels.prefill_attention import _device_plan, make_plan
+
+    cpu = torch.device("cpu")
+    first, tiles = _device_plan([3, 70], [10, 70], cpu)
+    again, _ = _device_plan([3, 70], [10, 70], cpu)
+    host, want_tiles = make_plan([3, 70], [10, 70])
+    assert again is first and first.tolist() == host and tiles == want_tiles
+    other, _ = _device_plan([3, 70], [11, 70], cpu)
+    assert other is not first and other.tolist() == make_plan([3, 70], [11, 70])[0]
