@@ -303,9 +303,8 @@ class PromptGraphs(_Graphs):
     rows read token 0, write their KV to the scratch block (as decode padding does) and come after
     every real row of their sequence, so causal attention keeps them out of every real row; they are
     never sampled. Shapes up to max_tokens padded tokens (EngineConfig.prompt_graph_tokens within the step
-    budget) are captured
-    at start-up; with `capture=False` the same padded step runs eagerly (the CPU test suite's check
-    of everything but the capture)."""
+    budget) are captured at start-up; with `capture=False` the same padded step runs eagerly (the CPU test
+    suite's check of everything but the capture)."""
 
     kind = "prompt"
 
