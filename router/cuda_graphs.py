@@ -42,9 +42,10 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes))
 
 
-def context_bucket(blocks: int, max_blocks: int) -> int:
-    """The padded block-table width for a step whose longest sequence holds `blocks` blocks."""
-    width = MIN_CONTEXT_BLOCKS
+def context_bucket(blocks: int, max_blocks: int, smallest: int = MIN_CONTEXT_BLOCKS) -> int:
+    """The padded block-table width for a step whose longest sequence holds `blocks` blocks: a power of two
+    times `smallest`, within max_blocks."""
+    width = smallest
     while width < blocks:
         width *= 2
     return min(width, max_blocks)
@@ -427,7 +428,7 @@ class ChunkGraphs(PromptGraphs):
             return None
         if not self.pads_contexts:
             return key
-        width = min(self.max_blocks, 1 << max(0, blocks - 1).bit_length())
+        width = context_bucket(blocks, self.max_blocks, smallest=1)
         if not self.model.chunk_context_fits(key[0], key[1], width * self.block_size):
             return None
         return (*key, width)

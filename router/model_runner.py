@@ -147,7 +147,7 @@ class ModelRunner:
             model, self.device, config.max_num_seqs, prompt_graph_tokens(config), config.block_size,
             pad_block=num_blocks, capture=self.graphs.capture)
         # Chunks after a cached prefix (prefix-cache hits, a long prompt's later chunks) likewise, where every
-        # layer's attention reads the fixed plan (GQA models; not MLA), captured on first use.
+        # layer's attention takes the fixed plan (models/causal_lm.takes_chunk_plans), captured on first use.
         takes = getattr(model, "takes_chunk_plans", None)
         self.chunks = ChunkGraphs(
             model, self.device, config.max_num_seqs, prompt_graph_tokens(config), config.block_size,
