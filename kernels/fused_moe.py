@@ -8,7 +8,7 @@ Data flow for hidden [T, H], k slots per token, S = T*k:
 2. up GEMM over runs: act[p] = silu(x[slot // k] @ gate.T) * (x[slot // k] @ up.T), p the padded
    position; written [max_padded, I], padding rows unwritten and never read.
 3. down GEMM over runs: y[slot] = w[slot] * act[p] @ w2.T, written [S, H].
-4. combine: out[t] = sum over held slots j of y[t*k + j], in fp32, in a fixed order (deterministic).
+4. combine: out[t] = sum over held slots j of y[t*k + j], in fp32, in slot order (deterministic).
 A program exits at once when its block lies past the used runs, so only experts with tokens have
 their weights read. With MoeConfig.gemv, steps 2-4 are moe_gemv.py's GEMVs instead (decode).
 """
@@ -201,20 +201,26 @@ def _moe_gemm_kernel(
 
 @triton.jit(do_not_specialize=["E"])
 def _combine_kernel(y_ptr, ids_ptr, out_ptr, H, E, stride_y, stride_o,
-                    K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr,
+                    K: tl.constexpr, BLOCK_H: tl.constexpr, SELECT: tl.constexpr, INTERPRET: tl.constexpr,
                     PDL: tl.constexpr):
-    """out[t] = sum of y[t*K + j] over the slots j whose expert is held here. The K expert ids, then the
-    K rows, each in one load: read one after another (an id, then its row), a token's slots were 2K
-    dependent trips to memory, about 9 us of a 16-token decode step's combine on an H100."""
+    """out[t] = sum of y[t*K + j] over the slots j whose expert is held here, in slot order. SELECT: every
+    slot's row is read and a slot of an expert held elsewhere (never written) dropped by a select, so no
+    row load waits for its slot's id (small steps, bound by those trips); else such rows are masked off
+    and not read (large steps, bound by bandwidth)."""
     enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    j = tl.arange(0, K_PAD)
-    e = tl.load(ids_ptr + t * K + j, mask=j < K, other=-1)
-    held = (e >= 0) & (e < E)  # slots of experts held elsewhere were never written
-    rows = (t * K + j) * stride_y
-    y = tl.load(y_ptr + rows[:, None] + offs[None, :], mask=held[:, None] & (offs < H)[None, :], other=0.0)
-    store_rounded(out_ptr + t * stride_o + offs, tl.sum(y.to(tl.float32), axis=0), offs < H, INTERPRET)
+    h_ok = offs < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(K):
+        e = tl.load(ids_ptr + t * K + j)
+        held = (e >= 0) & (e < E)
+        row = y_ptr + (t * K + j) * stride_y + offs
+        if SELECT:
+            acc += tl.where(held, tl.load(row, mask=h_ok, other=0.0).to(tl.float32), 0.0)
+        else:
+            acc += tl.load(row, mask=offs < tl.where(held, H, 0), other=0.0).to(tl.float32)
+    store_rounded(out_ptr + t * stride_o + offs, acc, h_ok, INTERPRET)
 
 
 @functools.lru_cache(maxsize=None)
@@ -333,21 +339,23 @@ def down(act: torch.Tensor, weights: ExpertWeights, plan: SlotPlan, topk_w: torc
     return y
 
 
-COMBINE_BLOCK_H = 512  # columns per combine program: a 16-token step's 2048-wide rows in 64 programs
-COMBINE_TILE = 8192  # slot rows x columns one combine program holds
+COMBINE_PROGRAMS = 264  # up to two programs a multiprocessor: 256-column programs, rows read by select
 
 
 def combine(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
-    """Step 4: out [T, H] = sum over held slots of y (a slot whose expert lies outside [0, num_experts)
-    belongs to another group's experts: skipped)."""
+    """Step 4: out [T, H] = sum over held slots of y, in slot order (a slot whose expert lies outside
+    [0, num_experts) belongs to another group's experts: skipped). On an H100 (benchmarks/bench_combine.py,
+    hidden 2048): 1.5 us at 16 tokens as 256-column programs reading every row, 1.8-2.0 us at 64 and
+    51 us at 4096 tokens of top-8 (the bandwidth limit: 50 us) as 1024-column programs of 8 warps."""
     t, top_k = topk_ids.shape
     h = y.shape[1]
     out = empty(t, h, dtype=dtype, device=y.device)
-    k_pad = triton.next_power_of_2(top_k)
-    block_h = min(COMBINE_BLOCK_H, triton.next_power_of_2(h), max(16, COMBINE_TILE // k_pad))
+    small = t * triton.cdiv(h, 256) <= COMBINE_PROGRAMS
+    block_h = min(256 if small else 1024, triton.next_power_of_2(h))
     _combine_kernel[(t, triton.cdiv(h, block_h))](
         y, topk_ids, out, h, num_experts, y.stride(0), out.stride(0),
-        K=top_k, K_PAD=k_pad, BLOCK_H=block_h, INTERPRET=interpreting(), num_warps=4, **launch_args(y),
+        K=top_k, BLOCK_H=block_h, SELECT=small, INTERPRET=interpreting(), num_warps=4 if small else 8,
+        **launch_args(y),
     )
     return out
 
