@@ -46,6 +46,9 @@ KERNEL_MODULES = ("fused_moe", "gating", "decode_attention", "prefill_attention"
                   "activation")
 ROUTER_GEMV_MAX_TOKENS = 16  # the router's logits in one Triton launch up to here (decode), cuBLAS beyond
 ROUTER_GEMV_MAX_HIDDEN = 16384  # ... for hidden sizes up to here (a program holds whole weight rows)
+# From here, bf16 activations take the three-bf16 router GEMM: on an H100 (benchmarks/bench_router.py, hidden 2048)
+# 41 against 88 us at 4096 tokens and 81 against 152 at 8192, but 39 against 15-30 us at 256-1024
+ROUTER_GEMM_MIN_TOKENS = 2048
 # Linear layers as a Triton GEMV up to here, cuBLAS beyond: on an H200 (benchmarks/bench_gemv.py) the GEMV took
 # 0.51-0.85x cuBLAS's time at one row and 1.2-2.2x at eight (each row reduced on its own)
 LINEAR_GEMV_MAX_ROWS = 1
@@ -118,12 +121,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [T, H] @ weight [E, H]^T in float32 (reference.router_logits): the router's weight stays
-    float32 whatever the compute dtype (models/loader.py). Decode sizes on CUDA: one Triton launch
-    (gating.router_logits); else one float32 GEMM."""
-    if _on_gpu(x, "gating") and 1 <= x.shape[0] <= ROUTER_GEMV_MAX_TOKENS and x.shape[1] <= ROUTER_GEMV_MAX_HIDDEN:
+    float32 whatever the compute dtype (models/loader.py). On CUDA, decode sizes: one Triton launch
+    (gating.router_logits); prompt steps of ROUTER_GEMM_MIN_TOKENS or more in bf16: the three-bf16
+    tensor-core GEMM (gating.router_logits_gemm); else one float32 GEMM."""
+    if _on_gpu(x, "gating"):
         from . import gating
 
-        return gating.router_logits(x, weight)
+        if 1 <= x.shape[0] <= ROUTER_GEMV_MAX_TOKENS and x.shape[1] <= ROUTER_GEMV_MAX_HIDDEN:
+            return gating.router_logits(x, weight)
+        if x.shape[0] >= ROUTER_GEMM_MIN_TOKENS and x.dtype == torch.bfloat16 and weight.dtype == torch.float32:
+            return gating.router_logits_gemm(x, weight)
     return reference.router_logits(x, weight)
 
 

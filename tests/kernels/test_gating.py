@@ -109,6 +109,43 @@ def test_router_logits_match_float32_reference(t, e, h, gen):
     torch.testing.assert_close(gating.router_logits(x, w), ref.router_logits(x, w), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("t,e,h", [(17, 128, 256), (70, 60, 200), (129, 8, 64), (33, 256, 130), (1, 64, 2048)])
+def test_router_logits_gemm_match_float32_reference(t, e, h, gen):
+    """The prompt-size router GEMM (three bf16 parts of each float32 weight on tensor cores) gives the
+    float32 GEMM's logits: token counts past the row block, E and H not multiples of the blocks, E
+    under the smallest block. Poisoned output: every logit must be written."""
+    x = torch.randn(t, h, generator=gen, device=DEVICE).to(torch.bfloat16)
+    w = torch.randn(e, h, generator=gen, device=DEVICE) * 0.05
+    got = gating.router_logits_gemm(x, w)
+    torch.testing.assert_close(got, ref.router_logits(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_router_logits_gemm_keep_every_bit_of_the_weight(gen):
+    """A weight whose low bits a bf16 rounding would lose: the three parts carry them. One-hot
+    activations pick single weights, so each logit must be the float32 weight itself, exactly."""
+    e, h = 16, 64
+    w = (1.0 + torch.arange(e * h, device=DEVICE, dtype=torch.float32).view(e, h) * 2.0**-20) * 0.37
+    x = torch.eye(h, device=DEVICE, dtype=torch.bfloat16)[:20]
+    assert torch.equal(gating.router_logits_gemm(x, w), w[:, :20].t().contiguous())
+
+
+def test_router_logits_gemm_of_a_row_do_not_depend_on_the_batch(gen):
+    """A prompt graph pads its tokens to a bucket: a row's logits must be the same bits in both."""
+    x = torch.randn(200, 192, generator=gen, device=DEVICE).to(torch.bfloat16)
+    w = torch.randn(64, 192, generator=gen, device=DEVICE)
+    batch = gating.router_logits_gemm(x, w)
+    for t in (17, 64, 100):
+        assert torch.equal(gating.router_logits_gemm(x[:t], w), batch[:t])
+
+
+def test_router_logits_gemm_refuse_other_dtypes(gen):
+    w = torch.randn(8, 64, generator=gen, device=DEVICE)
+    with pytest.raises(ValueError, match="bf16 activations and a float32 weight"):
+        gating.router_logits_gemm(torch.zeros(20, 64, device=DEVICE), w)
+    with pytest.raises(ValueError, match="columns"):
+        gating.router_logits_gemm(torch.zeros(20, 32, device=DEVICE, dtype=torch.bfloat16), w)
+
+
 def test_router_logits_refuse_what_they_do_not_take(gen):
     from moeserve.kernels.ops import ROUTER_GEMV_MAX_TOKENS
 

@@ -45,6 +45,7 @@ def test_moe_and_gating_kernels_compile_for_hopper(gen):
         gating.softmax_topk(logits, 6, True)
         gating.softmax_topk(torch.randn(100, 64, generator=gen).bfloat16(), 6, True)  # several tokens per program
         gating.router_logits(random_hidden(3, h, gen), torch.randn(64, h, generator=gen))
+        gating.router_logits_gemm(random_hidden(37, h, gen), torch.randn(64, h, generator=gen))
         gating.grouped_topk(logits, 6, n_group=8, topk_group=3, renormalize=True, scoring="sigmoid",
                          correction_bias=torch.zeros(64), routed_scaling_factor=2.5)
     jobs = rec.jobs()
@@ -52,5 +53,6 @@ def test_moe_and_gating_kernels_compile_for_hopper(gen):
     assert any("tensordesc" in t for j in jobs for t in j.types.values())  # the TMA loads were taken
     assert {j.kernel for j in jobs} >= {"_moe_gemm_kernel", "_combine_kernel", "_act_quant_kernel",
                                         "_gemv_up_kernel", "_gemv_down_kernel",
-                                        "_softmax_topk_kernel", "_grouped_topk_kernel", "_router_logits_kernel"}
+                                        "_softmax_topk_kernel", "_grouped_topk_kernel", "_router_logits_kernel",
+                                        "_router_gemm_kernel"}
     assert compile_for_hopper(jobs) == {}

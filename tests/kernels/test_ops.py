@@ -37,6 +37,10 @@ def test_cuda_tensors_take_the_kernels(gen):
     got_w, got_ids = ops.softmax_topk(logits, 6, True)
     want_w, want_ids = ref.softmax_topk(logits, 6, True)
     assert torch.equal(got_ids, want_ids) and torch.allclose(got_w, want_w, atol=1e-6)
+    # prompt steps of bf16 activations take the three-bf16 tensor-core GEMM
+    x = torch.randn(ops.ROUTER_GEMM_MIN_TOKENS + 3, 2048, generator=gen, device="cuda").bfloat16()
+    router = torch.randn(64, 2048, generator=gen, device="cuda") * 0.02
+    torch.testing.assert_close(ops.router_logits(x, router), ref.router_logits(x, router), rtol=1e-5, atol=1e-4)
     # the router's decode kernel holds whole weight rows: wider hidden sizes take the float32 GEMM
     x = torch.randn(1, ops.ROUTER_GEMV_MAX_HIDDEN + 8, generator=gen, device="cuda")
     router = torch.randn(8, x.shape[1], generator=gen, device="cuda")

@@ -15,6 +15,7 @@ from moeserve.kernels import align, decode_attention, fused_moe, gating, gemv, n
 
 STEP_SIZES = {  # kernel: its arguments that change with the step's tokens, sequences or contexts
     gating._router_logits_kernel: ["T"],
+    gating._router_gemm_kernel: ["T"],
     gating._softmax_topk_kernel: ["T"],
     gating._grouped_topk_kernel: ["T"],
     norm_rope._rms_norm_kernel: ["rows"],
