@@ -10,7 +10,7 @@ For each model (DeepSeek-V2-Lite and Qwen3-30B-A3B shapes), in one run:
      bf16 weights (grouped_mm experts where supported) and runs `generate` at batch 1, 16 and 64.
 It prints a table and writes bench_serving.json (rewritten after every phase, so a run cut short
 still leaves what it measured) into --out-dir (default $OUT, else the current directory), with two
-traces per model: trace_<model>_server.json (every engine step: start, ms, tokens, graphed or not;
+traces per model: trace_<model>_server.json (every engine step: start, ms, tokens, whether it replayed graphs;
 and when Triton compiled a kernel) and trace_<model>_client.json (every request: sent, TTFT).
 
 Why weights are built on the GPU instead of written as checkpoints: the Qwen3-30B-A3B shape is
@@ -253,7 +253,8 @@ async def _serve_random(args: argparse.Namespace) -> None:
                           max_model_len=args.max_model_len, max_queued_requests=4096,
                           decode_graphs="off" if args.enforce_eager else "auto", overlap_decode=args.overlap_decode,
                           **({} if args.prefill_hold_ms is None else {"prefill_hold_ms": args.prefill_hold_ms}),
-                          **({} if args.prompt_graph_tokens is None else {"prompt_graph_tokens": args.prompt_graph_tokens}))
+                          **({} if args.prompt_graph_tokens is None else {"prompt_graph_tokens": args.prompt_graph_tokens}),
+                          **({} if args.gpu_memory_fraction is None else {"gpu_memory_fraction": args.gpu_memory_fraction}))
     llm = LLMEngine(config, model, tokenizer=None)
     trace = StepTrace(llm) if args.step_trace else None
     facts = server_facts(llm)
@@ -298,8 +299,9 @@ class StepTrace:
             self.gc_pauses.append([round(time.time() - ms / 1e3, 4), info["generation"], round(ms, 2)])
 
     def _graphed(self) -> int:
-        graphs = self.llm.runner.graphs
-        return 0 if graphs is None else graphs.steps
+        """Steps run so far through any graph: decode, prompt or chunk (each kind counts its own)."""
+        runner = self.llm.runner
+        return sum(g.steps for g in (runner.graphs, runner.prompts, runner.chunks) if g is not None)
 
     def record_step(self, seconds: float, num_tokens: int) -> None:
         n = self._graphed()
@@ -330,6 +332,8 @@ def start_server(name: str, args: argparse.Namespace, env: dict) -> tuple[subpro
         cmd += ["--prefill-hold-ms", str(args.prefill_hold_ms)]
     if args.prompt_graph_tokens is not None:
         cmd += ["--prompt-graph-tokens", str(args.prompt_graph_tokens)]
+    if args.gpu_memory_fraction is not None:
+        cmd += ["--gpu-memory-fraction", str(args.gpu_memory_fraction)]
     if not args.overlap_decode:
         cmd += ["--no-overlap-decode"]
     if args.out_dir_path is not None:
@@ -629,6 +633,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the server's EngineConfig.prefill_hold_ms (as `moeserve serve --prefill-hold-ms`; default: its default)")
     p.add_argument("--prompt-graph-tokens", type=int, default=None,
                    help="the server's EngineConfig.prompt_graph_tokens (as `moeserve serve --prompt-graph-tokens`; "
+                        "default: its default)")
+    p.add_argument("--gpu-memory-fraction", type=float, default=None,
+                   help="the server's EngineConfig.gpu_memory_fraction (as `moeserve serve --gpu-memory-fraction`; "
                         "default: its default)")
     p.add_argument("--no-overlap-decode", dest="overlap_decode", action="store_false",
                    help="the server waits for each decode step's tokens before queuing the next (as `moeserve serve "
