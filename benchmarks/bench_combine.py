@@ -17,8 +17,6 @@ launches them, and says which give the committed wrapper's sums:
 
 from __future__ import annotations
 
-import argparse
-import sys
 
 import torch
 import triton
@@ -28,7 +26,7 @@ from moeserve.kernels import fused_moe
 from moeserve.kernels.launch import interpreting
 from moeserve.kernels.numerics import store_rounded
 from moeserve.kernels.pdl import enter, launch_args
-from moeserve.kernels.timing import device_ceilings, graph_ms, save_results
+from moeserve.kernels.timing import gpu_benchmark_parser, graph_ms, open_gpu_benchmark, save_results
 
 
 @triton.jit(do_not_specialize=["E"])
@@ -63,20 +61,14 @@ def _tile_call(y, ids, out, e, block_h):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="16,64,4096")
+    p = gpu_benchmark_parser(__doc__, tokens="16,64,4096", buffers=8)
     p.add_argument("--topk", default="8,6")
     p.add_argument("--experts", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--buffers", type=int, default=8, help="distinct inputs a graph cycles through")
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_combine needs a CUDA device", file=sys.stderr)
+    ceilings = open_gpu_benchmark("bench_combine")
+    if ceilings is None:
         return 2
-    bandwidth, _ = device_ceilings()
-    print(f"device {torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    bandwidth = ceilings[0]
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for k in map(int, args.topk.split(",")):

@@ -9,29 +9,20 @@ the bytes read and written.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
 
 from moeserve.kernels import gating, reference
-from moeserve.kernels.timing import device_ceilings, graph_ms, save_results
+from moeserve.kernels.timing import gpu_benchmark_parser, graph_ms, open_gpu_benchmark, save_results
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="256,1024,4096,8192")
+    p = gpu_benchmark_parser(__doc__, tokens="256,1024,4096,8192", buffers=4)
     p.add_argument("--experts", default="128,64")
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--buffers", type=int, default=4)
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_router needs a CUDA device", file=sys.stderr)
+    ceilings = open_gpu_benchmark("bench_router")
+    if ceilings is None:
         return 2
-    bandwidth, peak = device_ceilings()
-    print(f"device {torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+    bandwidth, peak = ceilings
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for e in map(int, args.experts.split(",")):

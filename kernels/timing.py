@@ -7,8 +7,10 @@ serving step; a graph removes the Python launch cost that a captured decode step
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -89,6 +91,30 @@ def device_ceilings(copy_bytes: int = 1 << 30, matmul_n: int = 8192, reps: int =
     b = torch.randn(matmul_n, matmul_n, device="cuda", dtype=torch.bfloat16)
     mm = eager_ms([lambda: a @ b], reps=reps, warmup=3)
     peak = 2 * matmul_n**3 / (mm * 1e-3)
+    return bandwidth, peak
+
+
+def gpu_benchmark_parser(doc: str, tokens: str, buffers: int) -> argparse.ArgumentParser:
+    """The options every one-script kernel benchmark takes: token counts, hidden size, how many distinct
+    inputs a graph cycles through, replays, and where the JSON goes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", default=tokens)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--buffers", type=int, default=buffers, help="distinct inputs a graph cycles through")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out-dir", default=None)
+    return p
+
+
+def open_gpu_benchmark(script: str) -> tuple[float, float] | None:
+    """The start of a one-script GPU benchmark: None (with a message) without a CUDA device, else the
+    ceilings measured now (device_ceilings), after printing them with the device's name."""
+    if not torch.cuda.is_available():
+        print(f"{script} needs a CUDA device", file=sys.stderr)
+        return None
+    bandwidth, peak = device_ceilings()
+    print(f"device {torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s",
+          flush=True)
     return bandwidth, peak
 
 
