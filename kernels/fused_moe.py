@@ -345,7 +345,7 @@ COMBINE_PROGRAMS = 264  # up to two programs a multiprocessor: 256-column progra
 def combine(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
     """Step 4: out [T, H] = sum over held slots of y, in slot order (a slot whose expert lies outside
     [0, num_experts) belongs to another group's experts: skipped). On an H100 (benchmarks/bench_combine.py,
-    hidden 2048): 1.5 us at 16 tokens as 256-column programs reading every row, 1.8-2.0 us at 64 and
+    hidden 2048): 1.5 us at 16 tokens as 256-column programs reading every row, 1.9-2.0 us at 64 and
     51 us at 4096 tokens of top-8 (the bandwidth limit: 50 us) as 1024-column programs of 8 warps."""
     t, top_k = topk_ids.shape
     h = y.shape[1]
