@@ -11,7 +11,8 @@ For each model (DeepSeek-V2-Lite and Qwen3-30B-A3B shapes), in one run:
 It prints a table and writes bench_serving.json (rewritten after every phase, so a run cut short
 still leaves what it measured) into --out-dir (default $OUT, else the current directory), with two
 traces per model: trace_<model>_server.json (every engine step: start, ms, tokens, whether it replayed graphs;
-and when Triton compiled a kernel) and trace_<model>_client.json (every request: sent, TTFT).
+and when Triton compiled a kernel) and trace_<model>_client.json (every request: sent, TTFT), and the server's
+log, server_<model>.log.
 
 Why weights are built on the GPU instead of written as checkpoints: the Qwen3-30B-A3B shape is
 ~61 GB in bf16 and the benchmark machine has 64 GiB of disk; writing and reading it back would take
@@ -338,8 +339,20 @@ def start_server(name: str, args: argparse.Namespace, env: dict) -> tuple[subpro
         cmd += ["--no-overlap-decode"]
     if args.out_dir_path is not None:
         cmd += ["--step-trace", str(args.out_dir_path / f"trace_{name}_server.json")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+    log_path = None if args.out_dir_path is None else args.out_dir_path / f"server_{name}.log"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if log_path is None else subprocess.PIPE,
+                            text=True, env=env)
     lines: queue.Queue[str | None] = queue.Queue()
+
+    def keep_log() -> None:  # the server's log as it runs, and in the out dir (capture refusals, warnings)
+        with open(log_path, "w") as log:
+            for line in proc.stderr:
+                sys.stderr.write(line)
+                log.write(line)
+                log.flush()
+
+    if log_path is not None:
+        threading.Thread(target=keep_log, daemon=True).start()
 
     def pump() -> None:
         for line in proc.stdout:

@@ -130,6 +130,7 @@ def test_gpu_benchmark_script_runs_end_to_end_on_a_tiny_model(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "bench_serving.json").read_text())
+    assert "server: " in (tmp_path / "server_tiny.log").read_text()  # the server's log is kept beside the results
     ours = report["models"]["tiny"]["moeserve"]
     assert set(ours) == {"1", "2", "rate50"}  # fixed concurrency 1 and 2, then Poisson arrivals
     assert all(r["failed"] == 0 and r["output_token_throughput"] > 0 for r in ours.values())
