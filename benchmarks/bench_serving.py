@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import queue
 import signal
