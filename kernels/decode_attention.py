@@ -37,10 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import empty
+from .launch import TWO_PROGRAMS_PER_SM, empty
 from .pdl import enter, launch_args
 
-TARGET_PROGRAMS = 264  # two per multiprocessor of an H100/H200: enough to hide memory latency
+TARGET_PROGRAMS = TWO_PROGRAMS_PER_SM
 MAX_SPLITS = 64
 
 

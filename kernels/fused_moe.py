@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 from . import moe_gemv
 from .align import Alignment, align_block_size, counting_plan
 from .configs import GemmConfig, GemvConfig, MoeConfig, get_config
-from .launch import empty, interpreting
+from .launch import TWO_PROGRAMS_PER_SM, empty, interpreting
 from .numerics import FP8_GROUP, QUANT_CODES, quantize_activations, quantize_group, store_rounded
 from .pdl import enter, launch_args
 from .weights import ExpertWeights
@@ -339,9 +339,6 @@ def down(act: torch.Tensor, weights: ExpertWeights, plan: SlotPlan, topk_w: torc
     return y
 
 
-COMBINE_PROGRAMS = 264  # up to two programs a multiprocessor: 256-column programs, rows read by select
-
-
 def combine(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
     """Step 4: out [T, H] = sum over held slots of y, in slot order (a slot whose expert lies outside
     [0, num_experts) belongs to another group's experts: skipped). On an H100 (benchmarks/bench_combine.py,
@@ -350,7 +347,7 @@ def combine(y: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, dtype: to
     t, top_k = topk_ids.shape
     h = y.shape[1]
     out = empty(t, h, dtype=dtype, device=y.device)
-    small = t * triton.cdiv(h, 256) <= COMBINE_PROGRAMS
+    small = t * triton.cdiv(h, 256) <= TWO_PROGRAMS_PER_SM  # 256-column programs, rows read by select
     block_h = min(256 if small else 1024, triton.next_power_of_2(h))
     _combine_kernel[(t, triton.cdiv(h, block_h))](
         y, topk_ids, out, h, num_experts, y.stride(0), out.stride(0),

@@ -8,6 +8,10 @@ import torch
 
 _poison = False
 
+# Two programs per multiprocessor of an H100/H200 (132 of them): enough resident programs to hide memory
+# latency in a kernel bound by its trips to memory (decode attention's splits, the small combine).
+TWO_PROGRAMS_PER_SM = 264
+
 
 def interpreting() -> bool:
     """True under the Triton CPU interpreter (TRITON_INTERPRET=1), where kernels take CPU tensors."""

@@ -334,8 +334,9 @@ class PromptGraphs(_Graphs):
             return None
         return b, n
 
-    def supports(self, num_seqs: int, longest: int) -> bool:
-        key = self.shape(num_seqs, longest)
+    def supports(self, num_seqs: int, longest: int, *more: int) -> bool:
+        """Whether a step of this shape replays here (`more`: what a subclass's shape also takes)."""
+        key = self.shape(num_seqs, longest, *more)
         return self.failed is None and key is not None and key not in self._refused
 
     def run(self, input_ids: list[list[int]], slot_mapping: list[list[int]]) -> tuple[torch.Tensor, int] | None:
@@ -432,10 +433,6 @@ class ChunkGraphs(PromptGraphs):
         if not self.model.chunk_context_fits(key[0], key[1], width * self.block_size):
             return None
         return (*key, width)
-
-    def supports(self, num_seqs: int, longest: int, blocks: int = 1) -> bool:
-        key = self.shape(num_seqs, longest, blocks)
-        return self.failed is None and key is not None and key not in self._refused
 
     def run(self, input_ids: list[list[int]], slot_mapping: list[list[int]], starts: list[int] | None = None,
             tables: list[list[int]] | None = None) -> tuple[torch.Tensor, int] | None:
