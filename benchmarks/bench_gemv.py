@@ -1,12 +1,13 @@
-"""Decode-size linear layers: the Triton GEMV (kernels/gemv.py) against cuBLAS (F.linear) and the
-HBM limit, for the projections a decode step of the benchmark models runs.
+"""Decode-size linear layers: the Triton GEMV and its tensor-core form (kernels/gemv.py) against cuBLAS
+(F.linear) and the HBM limit, for the projections a decode step of the benchmark models runs.
 
 Each timed unit is a CUDA graph of one call per weight copy, over enough copies (>= 256 MB in all)
 that no call finds its weights in L2, as in a decode step where the other layers' weights pass
 through L2 between two uses. The limit is the weight bytes over the copy bandwidth measured in the
-same run. Every GEMV launch (tile size, warps) is timed, the default marked.
+same run. Every GEMV launch (tile size, warps) is timed, the default marked; then, at --mma-rows, every
+launch of linear_mma (MMA_LAUNCHES) against cuBLAS.
 
-    python3 benchmarks/bench_gemv.py --rows 1,8 --out-dir $OUT
+    python3 benchmarks/bench_gemv.py --rows 1,8 --mma-rows 2,8,16 --out-dir $OUT
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
 from moeserve.kernels import gemv
 from moeserve.kernels.timing import device_ceilings, graph_ms, save_results
@@ -29,18 +31,23 @@ SHAPES = {  # name: (N, K), bf16 weights
     "deepseek-v2-lite o_proj": (2048, 2048),
     "deepseek-v2-lite shared gate/up": (5632, 2048),
     "deepseek-v2-lite shared down": (2048, 2816),
+    "deepseek-v2-lite dense gate/up": (21888, 2048),
+    "deepseek-v2-lite dense down": (2048, 10944),
 }
 TILES = (4096, 8192, 16384)
 WARPS = (2, 4, 8)
+MMA_LAUNCHES = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (4,) for st in (3, 4, 6)
+                if bn * bk <= 16384]  # (block_n, block_k, warps, stages)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1,8")
+    p.add_argument("--mma-rows", default="", help="rows at which to time linear_mma's launches (none: skip)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     args = p.parse_args()
-    rows_list = [int(r) for r in args.rows.split(",")]
+    rows_list = [int(r) for r in args.rows.split(",") if r]
     bandwidth, _ = device_ceilings()
     print(f"{torch.cuda.get_device_name()}, copy {bandwidth / 1e9:.0f} GB/s, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", flush=True)
@@ -51,7 +58,7 @@ def main() -> int:
         copies = max(2, -(-(256 << 20) // (n * k * 2)))
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
         limit_us = n * k * 2 / bandwidth * 1e6
-        for m in rows_list:
+        for m in rows_list if k <= gemv.MAX_K else []:  # the GEMV holds whole rows
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             cublas = graph_ms([lambda w=w: F.linear(x, w) for w in weights], reps=args.reps) * 1e3
             timed = {}
@@ -67,8 +74,44 @@ def main() -> int:
             print(f"| {name} | {m} | {limit_us:.1f} | {cublas:.1f} | {default:.1f} | {timed[best]:.1f} {best} | "
                   f"{cublas / default:.2f} |", flush=True)
         del weights
+    mma_rows = [int(r) for r in args.mma_rows.split(",") if r]
+    if mma_rows:
+        results += _mma(mma_rows, bandwidth, args.reps)
     save_results(args.out_dir, "bench_gemv.json", bandwidth, results)
     return 0
+
+
+def _mma(rows_list: list[int], bandwidth: float, reps: int) -> list[dict]:
+    """linear_mma's launches against cuBLAS at each row count and shape."""
+    results = []
+    print("\n| projection | rows | limit us | cuBLAS us | mma default us | best mma us (block_n, block_k, warps, "
+          "stages) | cuBLAS / default | cuBLAS / best |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (n, k) in SHAPES.items():
+        copies = max(2, -(-(256 << 20) // (n * k * 2)))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+        limit_us = n * k * 2 / bandwidth * 1e6
+        default = gemv.mma_launch(n)
+        for m in rows_list:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cublas = graph_ms([lambda w=w: F.linear(x, w) for w in weights], reps=reps) * 1e3
+            timed = {}
+            for launch in sorted(set(MMA_LAUNCHES) | {default}):
+                calls = [lambda w=w, la=launch: gemv.linear_mma(x, w, launch=la) for w in weights]
+                try:
+                    timed[launch] = graph_ms(calls, reps=reps) * 1e3
+                except OutOfResources:  # more shared memory than the GPU has
+                    continue
+            best = min(timed, key=timed.get)
+            want = F.linear(x.float(), weights[0].float())
+            err = ((gemv.linear_mma(x, weights[0], launch=default).float() - want).norm() / want.norm()).item()
+            results.append(dict(projection=name, n=n, k=k, rows=m, kernel="linear_mma", limit_us=limit_us,
+                                cublas_us=cublas, mma_us={"x".join(map(str, c)): v for c, v in timed.items()},
+                                rel_err=err))
+            print(f"| {name} | {m} | {limit_us:.1f} | {cublas:.1f} | {timed[default]:.1f} | {timed[best]:.1f} "
+                  f"{best} | {cublas / timed[default]:.2f} | {cublas / timed[best]:.2f} |", flush=True)
+        del weights
+    return results
 
 
 if __name__ == "__main__":

@@ -20,6 +20,16 @@ values, already in its registers), rounding as norm_rope.add_rms_norm does, and 
 writes the sum (the residual stream's next value). At batch 1 that removes the norm's launch (1.7 us
 alone on an H200), but gains less: with PDL this GEMV already loaded its weights while the norm ran.
 Qwen3-30B-A3B's batch-1 step went 2.57 -> 2.55 ms (docs/benchmarks.md, fourteenth session).
+
+From two rows on, linear_mma: the same weight stream through tensor cores. Each row reduced on its
+own in float32 (the GEMV above) costs a multiply-add per weight and row on the CUDA cores, which at
+eight rows made the GEMV 1.2-2.2x cuBLAS's time on an H200. Here a program owns BLOCK_N output
+columns and walks K in BLOCK_K steps, one [BLOCK_N, BLOCK_K] weight tile against the [BLOCK_K, 16]
+transposed rows of x (padded to 16) per step: the weights are the MMA's M side, so 16 or fewer rows
+waste no weight bytes, and no split of K (cuBLAS's choice for o_proj at 16 rows, a second launch
+for its reduction) is needed. Every row's sum runs over the same K steps in the same order whatever
+the number of rows, so a row's result does not depend on the batch either. Launched with PDL like
+the rest of this package, so it keeps the chain of dependent launches that a cuBLAS call breaks.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from .numerics import round_as
 from .pdl import enter, launch_args
 
 MAX_ROWS = 8  # rows of x per call: decode batches up to here
+MMA_ROWS = 16  # rows of x per linear_mma call (the tensor-core tile's N side)
 MAX_K = 8192  # input width: a program's weight rows stay in registers
 TILE = 8192  # weight elements per program (BLOCK_N * padded K)
 WARPS = 4
@@ -131,3 +142,80 @@ def add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.
                          f"{weight.dtype}")
     total = empty(1, x.shape[1], dtype=x.dtype, device=x.device)
     return _launch(x, weight, bias, tile, num_warps, (residual, norm_weight, eps, total)), total
+
+
+@triton.jit(do_not_specialize=["M"])
+def _mma_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, ROWS: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """y[:M, n] = x[:M] @ w[n].T (+ b[n]) for the BLOCK_N columns n of this program: acc [BLOCK_N, ROWS]
+    += w tile [BLOCK_N, BLOCK_K] @ x tile.T [BLOCK_K, ROWS], K in order."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r = tl.arange(0, ROWS)
+    kk = tl.arange(0, BLOCK_K)
+    n_ok = n < N
+    r_ok = r < M
+    w_ptrs = w_ptr + n[:, None].to(tl.int64) * stride_wn + kk[None, :]
+    x_ptrs = x_ptr + r[None, :] * stride_xm + kk[:, None]
+    acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+    enter(PDL)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=r_ok[None, :], other=0.0)
+        else:
+            k_ok = kk < K - k0
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        if INTERPRET:  # the CPU interpreter multiplies 16-bit floats as raw integers; upcast there only
+            w = w.to(tl.float32)
+            x = x.to(tl.float32)
+        acc = tl.dot(w, x, acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    y = tl.trans(acc)
+    tl.store(y_ptr + r[:, None] * stride_ym + n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & n_ok[None, :])
+
+
+MMA_WARPS = 4
+
+
+def mma_launch(n: int) -> tuple[int, int, int, int]:
+    """(block_n, block_k, warps, stages) of linear_mma for N outputs: on an H100 (benchmarks/bench_gemv.py,
+    16 rows) 64-column tiles won from N = 4096 (Qwen3's q/k/v 9.4 us against cuBLAS's 10.0, V2-Lite's dense
+    gate/up 33.9 against 37.6) and 16-column tiles of six stages below (Qwen3's o_proj 9.3 against 10.8,
+    V2-Lite's o_proj 5.6 against 6.3, its shared down 7.0 against 9.1): about a hundred programs either way."""
+    if n >= 4096:
+        return 64, 128, MMA_WARPS, 4
+    return 16, 128, MMA_WARPS, 6
+
+
+def supports_mma(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear_mma takes this call: 1..MMA_ROWS rows, 16-bit floats of one dtype, unit strides
+    along K."""
+    return (x.dim() == 2 and 1 <= x.shape[0] <= MMA_ROWS and weight.dim() == 2 and x.shape[1] == weight.shape[1]
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and x.stride(1) == 1 and weight.stride(1) == 1)
+
+
+def linear_mma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+               launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in x's dtype on tensor cores, for calls
+    supports_mma() takes. launch: (block_n, block_k, warps, stages) instead of mma_launch's, for
+    benchmarks/bench_gemv.py."""
+    if not supports_mma(x, weight):
+        raise ValueError(f"linear_mma takes 1..{MMA_ROWS} rows of 16-bit features matching the weight, got x "
+                         f"{tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} {weight.dtype}")
+    m, k = x.shape
+    n = weight.shape[0]
+    block_n, block_k, num_warps, num_stages = launch or mma_launch(n)
+    y = empty(m, n, dtype=x.dtype, device=x.device)
+    _mma_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, weight if bias is None else bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, INTERPRET=interpreting(), ROWS=MMA_ROWS,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **launch_args(x),
+    )
+    return y

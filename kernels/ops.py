@@ -52,6 +52,15 @@ ROUTER_GEMM_MIN_TOKENS = 2048
 # Linear layers as a Triton GEMV up to here, cuBLAS beyond: on an H200 (benchmarks/bench_gemv.py) the GEMV took
 # 0.51-0.85x cuBLAS's time at one row and 1.2-2.2x at eight (each row reduced on its own)
 LINEAR_GEMV_MAX_ROWS = 1
+# ... and from there up to here on tensor cores (gemv.linear_mma), cuBLAS beyond; and only for weights of at
+# most LINEAR_MMA_MAX_N outputs (not the LM heads: cuBLAS streams those at about 94% of the bandwidth) and
+# LINEAR_MMA_MAX_K inputs. In CUDA-graph decode steps of 16 on an H100 (benchmarks/profile_engine.py) the kernel
+# on Qwen3-30B-A3B's o_proj (K 4096) made the step 0.6 ms slower (15.46 against 14.87 ms with cuBLAS), although
+# alone it took 9.3 us against cuBLAS's 10.8 (benchmarks/bench_gemv.py); kept to K <= 2048 the step took
+# 14.79 ms, and DeepSeek-V2-Lite's 10.06 against 10.20.
+LINEAR_MMA_MAX_ROWS = 16
+LINEAR_MMA_MAX_N = 32768
+LINEAR_MMA_MAX_K = 2048
 if DISABLED - set(KERNEL_MODULES):
     raise ValueError(f"MOESERVE_DISABLE_KERNELS names unknown kernels {sorted(DISABLED - set(KERNEL_MODULES))}; "
                      f"choose from {', '.join(KERNEL_MODULES)}")
@@ -108,14 +117,19 @@ def fused_experts_quantized(
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [..., K]. On CUDA, up to LINEAR_GEMV_MAX_ROWS rows in bf16 or
-    fp16 run as one Triton GEMV (kernels/gemv.py); everything else, and the CPU, is F.linear itself."""
-    if _on_gpu(x, "gemv") and x.dim() >= 2 and x.numel() <= LINEAR_GEMV_MAX_ROWS * x.shape[-1]:
+    """F.linear(x, weight, bias) for x [..., K]. On CUDA, in bf16 or fp16, up to LINEAR_GEMV_MAX_ROWS
+    rows run as one Triton GEMV and up to LINEAR_MMA_MAX_ROWS as its tensor-core form (kernels/gemv.py) for
+    the weights it wins on; everything else, and the CPU, is F.linear itself."""
+    most = max(LINEAR_GEMV_MAX_ROWS, LINEAR_MMA_MAX_ROWS)
+    if _on_gpu(x, "gemv") and x.dim() >= 2 and x.numel() <= most * x.shape[-1]:
         from . import gemv
 
         x2 = x.reshape(-1, x.shape[-1])
-        if gemv.supports(x2, weight):
+        if x2.shape[0] <= LINEAR_GEMV_MAX_ROWS and gemv.supports(x2, weight):
             return gemv.linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        if (x2.shape[0] <= LINEAR_MMA_MAX_ROWS and weight.shape[0] <= LINEAR_MMA_MAX_N
+                and x2.shape[1] <= LINEAR_MMA_MAX_K and gemv.supports_mma(x2, weight)):
+            return gemv.linear_mma(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 

@@ -106,8 +106,14 @@ def test_gemv_real_shapes_on_gpu(m, n, k, gen):
     got = gemv.linear(x, w, b)
     assert rel_err(got, _want(x, w, b)) < TOL
     assert (row_errs(got, _want(x, w, b)) < 3 * TOL).all()
-    # ops.linear takes the kernel up to LINEAR_GEMV_MAX_ROWS rows, cuBLAS beyond
-    assert torch.equal(ops.linear(x, w), got if m <= ops.LINEAR_GEMV_MAX_ROWS else torch.nn.functional.linear(x, w))
+    # ops.linear takes the kernel up to LINEAR_GEMV_MAX_ROWS rows, its tensor-core form to LINEAR_MMA_MAX_ROWS
+    if m <= ops.LINEAR_GEMV_MAX_ROWS:
+        want = got
+    elif m <= ops.LINEAR_MMA_MAX_ROWS and n <= ops.LINEAR_MMA_MAX_N and k <= ops.LINEAR_MMA_MAX_K:
+        want = gemv.linear_mma(x, w)
+    else:
+        want = torch.nn.functional.linear(x, w)
+    assert torch.equal(ops.linear(x, w), want)
     assert torch.equal(ops.linear(x.float(), w.float()), torch.nn.functional.linear(x.float(), w.float()))
 
 
@@ -140,3 +146,72 @@ def test_add_norm_linear_refuses_what_it_does_not_take(gen):
         gemv.add_norm_linear(x, x, norm_weight, 1e-6, w)
     with pytest.raises(ValueError, match="norm weight"):
         gemv.add_norm_linear(x[:1], x[:1], norm_weight.float(), 1e-6, w)
+
+
+MMA_CASES = [  # (rows, N, K): 2..16 rows; N and K not multiples of the tiles; K not a power of two
+    (2, 64, 32),
+    (5, 37, 300),
+    (16, 130, 512),
+    (9, 16, 1000),
+]
+
+
+@pytest.mark.parametrize("m,n,k", MMA_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_mma_matches_float64(m, n, k, bias, gen):
+    x, w, b = _problem(m, n, k, gen, bias=bias)
+    got = gemv.linear_mma(x, w, b)
+    assert got.shape == (m, n) and got.dtype == x.dtype
+    assert rel_err(got, _want(x, w, b)) < TOL
+    assert (row_errs(got, _want(x, w, b)) < 3 * TOL).all()
+
+
+@pytest.mark.parametrize("launch", [(16, 64, 4, 3), (32, 128, 4, 4), (64, 128, 4, 4)])
+def test_linear_mma_launches_agree(launch, gen):
+    """Other tiles (the benchmark's sweep): the same products within tolerance; fp16 and rows of x
+    taken from a wider tensor."""
+    wide = torch.randn(6, 400, generator=gen, device=DEVICE).half()
+    x = wide[:, :320]
+    w = (torch.randn(70, 320, generator=gen, device=DEVICE) / 320**0.5).half()
+    got = gemv.linear_mma(x, w, launch=launch)
+    assert rel_err(got, _want(x, w, None)) < TOL
+
+
+def test_linear_mma_rows_do_not_depend_on_the_batch(gen):
+    """A row's output is the same bits in a call of 16 rows (a CUDA graph padded to 16) as alone or
+    among 7 (an eager step of fewer)."""
+    x, w, b = _problem(16, 96, 320, gen, bias=True)
+    together = gemv.linear_mma(x, w, b)
+    assert torch.equal(gemv.linear_mma(x[:7], w, b), together[:7])
+    for i in (0, 9, 15):
+        assert torch.equal(gemv.linear_mma(x[i:i + 1], w, b), together[i:i + 1])
+
+
+def test_linear_mma_refuses_what_it_does_not_take(gen):
+    w = torch.zeros(16, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="rows"):
+        gemv.linear_mma(torch.zeros(gemv.MMA_ROWS + 1, 64, dtype=torch.bfloat16, device=DEVICE), w)
+    with pytest.raises(ValueError, match="16-bit"):
+        gemv.linear_mma(torch.zeros(2, 64, device=DEVICE), w.float())
+    with pytest.raises(ValueError, match="weight"):
+        gemv.linear_mma(torch.zeros(2, 32, dtype=torch.bfloat16, device=DEVICE), w)
+
+
+
+def test_linear_mma_compiles_for_hopper(gen):
+    """The launches ops.linear makes (bf16 and fp16, with and without bias, K a multiple of the tile
+    and not) compile for sm_90 with PDL."""
+    from moeserve.kernels import launch
+
+    if not launch.interpreting():
+        pytest.skip("records the interpreter's launches; on a GPU the kernel tests run them")
+    from hopper_compile import LaunchRecorder, compile_for_hopper
+
+    with LaunchRecorder() as rec:
+        for dtype in (torch.bfloat16, torch.float16):
+            for bias, n, k in ((False, 40, 2048), (True, 4096, 300)):  # both launches of mma_launch
+                x, w, b = _problem(3, n, k, gen, dtype=dtype, bias=bias)
+                gemv.linear_mma(x, w, b)
+    jobs = rec.jobs()
+    assert {j.kernel for j in jobs} == {"_mma_kernel"} and len(jobs) == 4
+    assert compile_for_hopper(jobs) == {}
