@@ -189,8 +189,10 @@ def _softmax_topk_kernel(
     tl.store(ids_ptr + dst, out_i.to(tl.int64), mask=kmask)
 
 
-def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over experts then top-k, sorted descending: (weights [T, k] float32, ids [T, k] int64)."""
+def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool,
+                 launch: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts then top-k, sorted descending: (weights [T, k] float32, ids [T, k] int64).
+    launch: (tokens per program, warps) instead of _topk_launch's, for benchmarks/bench_router.py."""
     t, e = logits.shape
     if not 1 <= k <= e:
         raise ValueError(f"top-k must be in [1, {e}] (the number of experts), got {k}")
@@ -200,7 +202,7 @@ def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch
     if t == 0:
         return weights, ids
     block_e = triton.next_power_of_2(e)
-    block_t, warps = _topk_launch(t, block_e)
+    block_t, warps = launch or _topk_launch(t, block_e)
     _softmax_topk_kernel[(triton.cdiv(t, block_t),)](
         logits, weights, ids, t, e, logits.stride(0),
         K=k, RENORM=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k),
