@@ -54,13 +54,9 @@ def main() -> int:
     results = []
     print("| projection | rows | limit us | cuBLAS us | GEMV default us | best GEMV us (tile, warps) | default x cuBLAS |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, (n, k) in SHAPES.items():
-        copies = max(2, -(-(256 << 20) // (n * k * 2)))
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
-        limit_us = n * k * 2 / bandwidth * 1e6
+    for name, (n, k), weights, limit_us in _projections(bandwidth):
         for m in rows_list if k <= gemv.MAX_K else []:  # the GEMV holds whole rows
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            cublas = graph_ms([lambda w=w: F.linear(x, w) for w in weights], reps=args.reps) * 1e3
+            x, cublas = _cublas(m, k, weights, args.reps)
             timed = {}
             for tile, warps in itertools.product(TILES, WARPS):
                 calls = [lambda w=w, t=tile, nw=warps: gemv.linear(x, w, tile=t, num_warps=nw) for w in weights]
@@ -73,7 +69,6 @@ def main() -> int:
                                 gemv_us={f"{t}x{w}": v for (t, w), v in timed.items()}, rel_err=err.item()))
             print(f"| {name} | {m} | {limit_us:.1f} | {cublas:.1f} | {default:.1f} | {timed[best]:.1f} {best} | "
                   f"{cublas / default:.2f} |", flush=True)
-        del weights
     mma_rows = [int(r) for r in args.mma_rows.split(",") if r]
     if mma_rows:
         results += _mma(mma_rows, bandwidth, args.reps)
@@ -87,14 +82,10 @@ def _mma(rows_list: list[int], bandwidth: float, reps: int) -> list[dict]:
     print("\n| projection | rows | limit us | cuBLAS us | mma default us | best mma us (block_n, block_k, warps, "
           "stages) | cuBLAS / default | cuBLAS / best |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, (n, k) in SHAPES.items():
-        copies = max(2, -(-(256 << 20) // (n * k * 2)))
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
-        limit_us = n * k * 2 / bandwidth * 1e6
+    for name, (n, k), weights, limit_us in _projections(bandwidth):
         default = gemv.mma_launch(n)
         for m in rows_list:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            cublas = graph_ms([lambda w=w: F.linear(x, w) for w in weights], reps=reps) * 1e3
+            x, cublas = _cublas(m, k, weights, reps)
             timed = {}
             for launch in sorted(set(MMA_LAUNCHES) | {default}):
                 calls = [lambda w=w, la=launch: gemv.linear_mma(x, w, launch=la) for w in weights]
@@ -110,8 +101,23 @@ def _mma(rows_list: list[int], bandwidth: float, reps: int) -> list[dict]:
                                 rel_err=err))
             print(f"| {name} | {m} | {limit_us:.1f} | {cublas:.1f} | {timed[default]:.1f} | {timed[best]:.1f} "
                   f"{best} | {cublas / timed[default]:.2f} | {cublas / timed[best]:.2f} |", flush=True)
-        del weights
     return results
+
+
+def _projections(bandwidth: float):
+    """(name, (N, K), weight copies, limit us) for each projection of SHAPES, one at a time (the copies of
+    one hold >= 256 MB: freed before the next)."""
+    for name, (n, k) in SHAPES.items():
+        copies = max(2, -(-(256 << 20) // (n * k * 2)))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+        yield name, (n, k), weights, n * k * 2 / bandwidth * 1e6
+        del weights
+
+
+def _cublas(m: int, k: int, weights: list[torch.Tensor], reps: int) -> tuple[torch.Tensor, float]:
+    """Random rows x [m, k] and cuBLAS's us per call over the weight copies."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    return x, graph_ms([lambda w=w: F.linear(x, w) for w in weights], reps=reps) * 1e3
 
 
 if __name__ == "__main__":

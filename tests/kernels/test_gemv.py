@@ -29,12 +29,20 @@ CASES = [  # (rows, N, K): one row and a batch; N and K not multiples of the til
     (1, 5, 1000),  # few outputs, a wide row: one program
 ]
 
+MMA_CASES = [  # (rows, N, K) of the tensor-core form: 2..16 rows; N and K not multiples of the tiles
+    (2, 64, 32),
+    (5, 37, 300),
+    (16, 130, 512),
+    (9, 16, 1000),
+]
 
-@pytest.mark.parametrize("m,n,k", CASES)
+
+@pytest.mark.parametrize("linear,m,n,k",
+                         [(gemv.linear, *c) for c in CASES] + [(gemv.linear_mma, *c) for c in MMA_CASES])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv_matches_float64(m, n, k, bias, gen):
+def test_gemv_matches_float64(linear, m, n, k, bias, gen):
     x, w, b = _problem(m, n, k, gen, bias=bias)
-    got = gemv.linear(x, w, b)
+    got = linear(x, w, b)
     assert got.shape == (m, n) and got.dtype == x.dtype
     assert rel_err(got, _want(x, w, b)) < TOL
     assert (row_errs(got, _want(x, w, b)) < 3 * TOL).all()
@@ -57,14 +65,16 @@ def test_gemv_rows_do_not_depend_on_the_batch(gen):
         assert torch.equal(gemv.linear(x[i:i + 1], w, b), together[i:i + 1])
 
 
-def test_gemv_refuses_what_it_does_not_take(gen):
+@pytest.mark.parametrize("linear,max_rows", [(gemv.linear, gemv.MAX_ROWS), (gemv.linear_mma, gemv.MMA_ROWS)])
+def test_gemv_refuses_what_it_does_not_take(linear, max_rows, gen):
+    """The GEMV and its tensor-core form: too many rows, 32-bit floats, a weight of another width."""
     w = torch.zeros(16, 64, dtype=torch.bfloat16, device=DEVICE)
     with pytest.raises(ValueError, match="rows"):
-        gemv.linear(torch.zeros(gemv.MAX_ROWS + 1, 64, dtype=torch.bfloat16, device=DEVICE), w)
+        linear(torch.zeros(max_rows + 1, 64, dtype=torch.bfloat16, device=DEVICE), w)
     with pytest.raises(ValueError, match="16-bit"):
-        gemv.linear(torch.zeros(2, 64, device=DEVICE), w.float())
+        linear(torch.zeros(2, 64, device=DEVICE), w.float())
     with pytest.raises(ValueError, match="weight"):
-        gemv.linear(torch.zeros(2, 32, dtype=torch.bfloat16, device=DEVICE), w)
+        linear(torch.zeros(2, 32, dtype=torch.bfloat16, device=DEVICE), w)
 
 
 def test_ops_linear_is_f_linear_off_the_gpu(gen):
@@ -148,24 +158,6 @@ def test_add_norm_linear_refuses_what_it_does_not_take(gen):
         gemv.add_norm_linear(x[:1], x[:1], norm_weight.float(), 1e-6, w)
 
 
-MMA_CASES = [  # (rows, N, K): 2..16 rows; N and K not multiples of the tiles; K not a power of two
-    (2, 64, 32),
-    (5, 37, 300),
-    (16, 130, 512),
-    (9, 16, 1000),
-]
-
-
-@pytest.mark.parametrize("m,n,k", MMA_CASES)
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_mma_matches_float64(m, n, k, bias, gen):
-    x, w, b = _problem(m, n, k, gen, bias=bias)
-    got = gemv.linear_mma(x, w, b)
-    assert got.shape == (m, n) and got.dtype == x.dtype
-    assert rel_err(got, _want(x, w, b)) < TOL
-    assert (row_errs(got, _want(x, w, b)) < 3 * TOL).all()
-
-
 @pytest.mark.parametrize("launch", [(16, 64, 4, 3), (32, 128, 4, 4), (64, 128, 4, 4)])
 def test_linear_mma_launches_agree(launch, gen):
     """Other tiles (the benchmark's sweep): the same products within tolerance; fp16 and rows of x
@@ -185,17 +177,6 @@ def test_linear_mma_rows_do_not_depend_on_the_batch(gen):
     assert torch.equal(gemv.linear_mma(x[:7], w, b), together[:7])
     for i in (0, 9, 15):
         assert torch.equal(gemv.linear_mma(x[i:i + 1], w, b), together[i:i + 1])
-
-
-def test_linear_mma_refuses_what_it_does_not_take(gen):
-    w = torch.zeros(16, 64, dtype=torch.bfloat16, device=DEVICE)
-    with pytest.raises(ValueError, match="rows"):
-        gemv.linear_mma(torch.zeros(gemv.MMA_ROWS + 1, 64, dtype=torch.bfloat16, device=DEVICE), w)
-    with pytest.raises(ValueError, match="16-bit"):
-        gemv.linear_mma(torch.zeros(2, 64, device=DEVICE), w.float())
-    with pytest.raises(ValueError, match="weight"):
-        gemv.linear_mma(torch.zeros(2, 32, dtype=torch.bfloat16, device=DEVICE), w)
-
 
 
 def test_linear_mma_compiles_for_hopper(gen):
