@@ -7,6 +7,12 @@ pure decode steps with CUDA graphs, then as many eagerly, each run back to back 
 batch and one profiled prefill step give the kernel tables. Writes profile_engine.json and
 profile_engine.txt into --out-dir (default $OUT, else .).
 
+The tables' kernel times are not kernel costs where kernels launch with PDL (kernels/pdl.py, on by default
+on Hopper): such a kernel is put on the GPU while the one before it runs and waits inside, and the profiler
+counts the wait as its time (the softmax top-k showed 53 us a layer in a 4096-token step and takes 7.9 us
+alone, docs/benchmarks.md). For what each kernel costs, time it alone (the bench_*.py scripts) or run this
+with MOESERVE_PDL=0, which launches every kernel plainly.
+
     python3 benchmarks/profile_engine.py --models deepseek-v2-lite --batches 1,16,64
     python3 benchmarks/profile_engine.py --smoke        # tiny model on CPU: checks the script
 """
