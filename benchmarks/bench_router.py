@@ -14,10 +14,10 @@ import torch
 import triton
 
 from moeserve.kernels import gating, reference
+from moeserve.kernels.timing import gpu_benchmark_parser, graph_ms, open_gpu_benchmark, save_results
 
 TOPK_LAUNCHES = [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (8, 2), (8, 4), (16, 4), (32, 8)]
 TOP_K = {128: 8, 64: 6}  # the benchmark models' top-k by expert count (Qwen3-30B-A3B, DeepSeek-V2-Lite)
-from moeserve.kernels.timing import gpu_benchmark_parser, graph_ms, open_gpu_benchmark, save_results
 
 
 def main(argv: list[str] | None = None) -> int:
