@@ -382,27 +382,35 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def level_workloads(c: int, n: int, args: argparse.Namespace, limits: dict) -> tuple[list, list]:
+    """The n measured requests of the level of concurrency c, and its warm-up wave (c requests of 4 new
+    tokens: kernel compiles, the allocator). Each level draws prompts of its own: with one seed for all, a
+    level's first prompts were the level before's, whose KV the prefix cache still held, and its first wave
+    read them as 16-token chunks after a cached prefix, steps unlike the rest (Qwen3 on an H100: 8 such
+    chunks beside 8 new prompts at 16, a step of 32 such chunks at 64, 124-183 ms; docs/benchmarks.md)."""
+    from moeserve.router import bench
+
+    prompt, out = bench.Distribution("fixed", args.prompt_len), bench.Distribution("fixed", args.output_len)
+    level_seed = args.seed + 1000 * c
+    items, _ = bench.make_workload(n, prompt, out, seed=level_seed, **limits)
+    warm, _ = bench.make_workload(c, prompt, bench.Distribution("fixed", 4), seed=level_seed + 1, **limits)
+    return items, warm
+
+
 async def drive_server(port: int, name: str, args: argparse.Namespace) -> dict[int, dict]:
     from moeserve.router import bench
     from moeserve.router.client import AsyncClient
 
     prompt, out = bench.Distribution("fixed", args.prompt_len), bench.Distribution("fixed", args.output_len)
     vocab = preset(name)["vocab_size"]
+    limits = dict(vocab_size=vocab, context_length=args.max_model_len,
+                  max_prompt_tokens=args.max_model_len - 1, max_tokens_limit=args.max_model_len - 1)
     results, requests = {}, {}
     async with AsyncClient(f"127.0.0.1:{port}") as client:
         await client.wait_ready(60)
         for c in args.concurrency:
             n = max(args.min_requests, args.waves * c)
-            limits = dict(vocab_size=vocab, context_length=args.max_model_len,
-                          max_prompt_tokens=args.max_model_len - 1, max_tokens_limit=args.max_model_len - 1)
-            # Each level draws prompts of its own. With one seed for all, a level's first prompts were the level
-            # before's, whose KV the prefix cache still held: its first wave read them as 16-token chunks after a
-            # cached prefix, steps unlike the rest (Qwen3 on an H100: 8 such chunks beside 8 new prompts at 16,
-            # a step of 32 such chunks at 64, 124-183 ms, docs/benchmarks.md).
-            level_seed = args.seed + 1000 * c
-            items, _ = bench.make_workload(n, prompt, out, seed=level_seed, **limits)
-            # warm-up: one wave at this concurrency with short outputs (kernel compiles, allocator)
-            warm, _ = bench.make_workload(c, prompt, bench.Distribution("fixed", 4), seed=level_seed + 1, **limits)
+            items, warm = level_workloads(c, n, args, limits)
             await bench.run(client, warm, bench.BenchConfig(num_requests=c, prompt_len=prompt, output_len=out,
                                                             concurrency=c))
             cfg = bench.BenchConfig(num_requests=n, prompt_len=prompt, output_len=out, concurrency=c, seed=args.seed)

@@ -153,6 +153,31 @@ def test_gpu_benchmark_script_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert all(r["ttft"] > 0 for v in client.values() for r in v["requests"])
 
 
+def test_gpu_benchmark_levels_draw_prompts_of_their_own():
+    """bench_serving.py: no concurrency level re-sends the prompts of another (the prefix cache would still
+    hold them, and the level's first wave would read them as short chunks after a cached prefix) or of its
+    own warm-up; the same arguments draw the same prompts."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_serving.py"
+    spec = importlib.util.spec_from_file_location("bench_serving_levels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = argparse.Namespace(seed=0, prompt_len=48, output_len=8)
+    limits = dict(vocab_size=512, context_length=128, max_prompt_tokens=127, max_tokens_limit=127)
+    seen = set()
+    for c in (1, 16, 64):
+        items, warm = module.level_workloads(c, 2 * c, args, limits)
+        assert len(items) == 2 * c and len(warm) == c and all(len(w.prompt_token_ids) == 48 for w in items + warm)
+        prompts = {tuple(w.prompt_token_ids) for w in items + warm}
+        assert len(prompts) == 3 * c and not prompts & seen
+        seen |= prompts
+        again, _ = module.level_workloads(c, 2 * c, args, limits)
+        assert [w.prompt_token_ids for w in again] == [w.prompt_token_ids for w in items]
+
+
 def test_engine_profile_script_runs_on_a_tiny_model(tmp_path):
     """benchmarks/profile_engine.py --smoke: prefill and decode step times (padded decode on CPU) and kernel tables."""
     report = _script("profile_engine", tmp_path, "--smoke")["tiny"]
