@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in map(int, args.tokens.split(",")):
             logits = [torch.randn(t, e, device="cuda", generator=gen) for _ in range(args.buffers)]
             want = [gating.softmax_topk(x, k, True) for x in logits]
-            default = gating._topk_launch(t, triton.next_power_of_2(e))
+            default = gating.topk_launch(t, triton.next_power_of_2(e))
             timed = {}
             for launch in sorted(set(TOPK_LAUNCHES) | {default}):
                 for x, (w_ref, i_ref) in zip(logits, want):
