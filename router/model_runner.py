@@ -147,7 +147,7 @@ class ModelRunner:
             model, self.device, config.max_num_seqs, prompt_graph_tokens(config), config.block_size,
             pad_block=num_blocks, capture=self.graphs.capture)
         # Chunks after a cached prefix (prefix-cache hits, a long prompt's later chunks) likewise, where every
-        # layer's attention takes the fixed plan (models/causal_lm.takes_chunk_plans), captured on first use.
+        # layer's attention takes the fixed plan (models/causal_lm.takes_chunk_plans): GQA's captured at start-up.
         takes = getattr(model, "takes_chunk_plans", None)
         self.chunks = ChunkGraphs(
             model, self.device, config.max_num_seqs, prompt_graph_tokens(config), config.block_size,
@@ -166,6 +166,8 @@ class ModelRunner:
             with torch.inference_mode(), torch.cuda.device(self.device):
                 self.graphs.capture_ahead(config.graph_capture_tokens)
                 self.prompts.capture_ahead()
+                if self.chunks is not None:
+                    self.chunks.capture_ahead()
             log.info("%s in %.1f s (decode contexts up to %d tokens at start-up; longer ones on first use)",
                      self.describe_graphs(), time.monotonic() - start, config.graph_capture_tokens)
         if self.device.type == "cuda" and self._local_experts():  # remote expert groups may not be up yet

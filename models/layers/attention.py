@@ -117,7 +117,8 @@ class GQAttention(nn.Module):
                                                    plan=batch.chunk_plan)
             part = padded.unplan(batch)  # without capture (CPU): the real chunks, attended as an eager step's
             out = q.new_zeros(t, self.num_heads, self.head_dim)
-            out[part.rows] = self._attend(q.index_select(0, part.rows), part.batch)
+            if part.rows.numel():  # none in a padding-only step (a capture ahead of use)
+                out[part.rows] = self._attend(q.index_select(0, part.rows), part.batch)
             return out
         if is_decode_only(batch):  # one call for the batch, reading the paged cache in place
             lens, longest = decode_lens(batch, device)

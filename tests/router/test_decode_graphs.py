@@ -305,6 +305,33 @@ def test_start_up_plan_and_padding_rows_touch_only_the_scratch_block(hf_checkpoi
     assert all(c[graphs.pad_block].abs().sum() > 0 for c in caches)  # the padding rows wrote there
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2"])
+def test_chunk_shapes_captured_ahead_touch_only_the_scratch_block(arch, hf_checkpoint):
+    """Chunk graphs of GQA models are captured at start-up, in the prompt graphs' shapes; their padding-only
+    step (a plan of empty chunks, zero block tables) writes the scratch block and nothing else. MLA's shapes
+    carry a context width and wait for first use."""
+    engine = LLMEngine.from_config(EngineConfig(model=str(hf_checkpoint(arch, seed=1)), block_size=4,
+                                                num_kv_blocks=40, max_num_seqs=4, max_model_len=96,
+                                                max_num_batched_tokens=64, decode_graphs="padded"))
+    chunks, prompts = engine.runner.chunks, engine.runner.prompts
+    assert chunks.capture_ahead() == 0  # nothing is captured without CUDA
+    if chunks.pads_contexts:
+        assert chunks.plan_ahead() == []
+        return
+    assert chunks.plan_ahead() == prompts.plan_ahead() and chunks.plan_ahead()
+    caches = engine.model.kv_caches()
+    for c in caches:
+        c.normal_()
+        c[chunks.pad_slot // chunks.block_size].zero_()
+    pad_block = chunks.pad_slot // chunks.block_size
+    before = [c[:pad_block].clone() for c in caches]
+    for key in chunks.plan_ahead():
+        chunks._load_padding(key)
+        assert torch.isfinite(chunks._forward(*key)).all()
+    assert all(torch.equal(c[:pad_block], old) for c, old in zip(caches, before))
+    assert all(c[pad_block].abs().sum() > 0 for c in caches)
+
+
 @pytest.mark.parametrize("mode", ["off", "padded"])
 def test_step_calls_ready_once_before_its_tokens(mode, hf_checkpoint):
     """LLMEngine.step(ready): called exactly once in every step that runs a batch (eager prefills and
