@@ -8,6 +8,7 @@ do in a decode step (no call writes what the next one reads, so the promise hold
 
     python3 benchmarks/bench_decode_attention.py --batches 1,16,64 --context 320 --out-dir $OUT
     python3 benchmarks/bench_decode_attention.py --grids 0 --settled --batches 1,16,64 --context 320
+    python3 benchmarks/bench_decode_attention.py --settled --batches 16 --context 300 --launch-len 512  # as graphed
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ def launches(grids: list[int], default: da.Launch) -> list[da.Launch]:
     return [default] + [la for la in picked if la != default]
 
 
-def _problem(b: int, ctx: int, hq: int, hk: int, dk: int, dv: int, page: int = 16):
+def _problem(b: int, ctx: int, hq: int, hk: int, dk: int, dv: int, bound: int, page: int = 16):
+    """b sequences of ctx cached tokens in shuffled blocks; the tables padded with block 0 up to `bound` tokens,
+    as a decode graph's are up to its context bucket."""
     blocks = b * -(-ctx // page)
     k = torch.randn(blocks, page, hk, dk, device="cuda", dtype=torch.bfloat16)
     v = k[..., :dv] if dv < dk else torch.randn(blocks, page, hk, dv, device="cuda", dtype=torch.bfloat16)
     tables = torch.randperm(blocks, device="cuda", dtype=torch.int32).view(b, -1)
+    tables = torch.nn.functional.pad(tables, (0, -(-bound // page) - tables.shape[1]))
     lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
     q = torch.randn(b, hq, dk, device="cuda", dtype=torch.bfloat16)
     return q, k, v, tables, lens
@@ -55,6 +59,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--context", type=int, default=320)
+    p.add_argument("--launch-len", type=int, default=None,
+                   help="the launch's bound on the contexts (default --context); a decode graph's is its context bucket, "
+                        "a power of two of blocks (512 for contexts of 257-512 tokens)")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--grids", type=lambda t: [int(x) for x in t.split(",") if x], default=list(range(len(CHOICES))),
@@ -63,9 +70,12 @@ def main() -> int:
                    help="launch as a decode step does (settled=True: the first tile read before the PDL wait)")
     p.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     args = p.parse_args()
+    bound = args.launch_len or args.context
+    if bound < args.context:
+        p.error(f"--launch-len {bound} is shorter than --context {args.context}")
     bandwidth, _ = device_ceilings()
     print(f"{torch.cuda.get_device_name()}, copy {bandwidth / 1e9:.0f} GB/s, "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, context {args.context}"
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, context {args.context}, launched for {bound}"
           f"{', settled' if args.settled else ''}", flush=True)
     print("| model | batch | limit us | default us | best us | best launch | default / best |")
     print("|---|---:|---:|---:|---:|---|---:|")
@@ -73,27 +83,27 @@ def main() -> int:
     for name in args.models.split(","):
         hq, hk, dk, dv = MODELS[name]
         for b in (int(x) for x in args.batches.split(",")):
-            one = _problem(b, args.context, hq, hk, dk, dv)
+            one = _problem(b, args.context, hq, hk, dk, dv, bound)
             row_bytes = hk * (dk + (0 if dv < dk else dv)) * 2
             copies = max(2, -(-(256 << 20) // max(1, b * args.context * row_bytes)))
-            problems = [one] + [_problem(b, args.context, hq, hk, dk, dv) for _ in range(copies - 1)]
+            problems = [one] + [_problem(b, args.context, hq, hk, dk, dv, bound) for _ in range(copies - 1)]
             scale = dk ** -0.5
-            want = da.paged_decode_attention(*one, scale, args.context)
+            want = da.paged_decode_attention(*one, scale, bound)
             timed = {}
-            default = da.default_launch(dk, dv)
+            default = da.default_launch(dk, dv, b * hk * -(-(hq // hk) // 32))  # as paged_decode_attention's
             for launch in launches(args.grids, default):
                 try:
-                    got = da.paged_decode_attention(*one, scale, args.context, launch=launch, settled=args.settled)
+                    got = da.paged_decode_attention(*one, scale, bound, launch=launch, settled=args.settled)
                     if not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2):
                         raise AssertionError("differs from the default launch")
                     timed[launch] = graph_ms([lambda pr=pr, la=launch: da.paged_decode_attention(
-                        *pr, scale, args.context, launch=la, settled=args.settled) for pr in problems],
+                        *pr, scale, bound, launch=la, settled=args.settled) for pr in problems],
                         reps=args.reps) * 1e3
                 except Exception as exc:  # a launch that does not compile (shared memory) is skipped
                     print(f"  skipped {launch}: {type(exc).__name__}: {str(exc)[:80]}", flush=True)
             best = min(timed, key=timed.get)
             limit_us = b * args.context * row_bytes / bandwidth * 1e6
-            results.append(dict(model=name, batch=b, context=args.context, limit_us=limit_us,
+            results.append(dict(model=name, batch=b, context=args.context, launch_len=bound, limit_us=limit_us,
                                 timed_us={str(k): v for k, v in timed.items()}, default=str(default), best=str(best)))
             print(f"| {name} | {b} | {limit_us:.1f} | {timed[default]:.1f} | {timed[best]:.1f} | "
                   f"{best.block_n} rows, {best.num_warps} warps, {best.num_stages} stages, "

@@ -251,12 +251,24 @@ class Launch:
     min_chunk: int = 0
 
 
-def default_launch(dk: int, dv: int) -> Launch:
-    """The launch that stayed within 9% (MLA's 576-wide latent rows) and 6% (Qwen3-30B-A3B's heads)
-    of the best at batch 1, 16 and 64 on an H200 (benchmarks/bench_decode_attention.py, context 320;
-    docs/benchmarks.md). For MLA, fewer and longer splits: each program holds the accumulators of
-    all 16 heads, and at batch 64 the partial outputs of more splits cost more than they hid."""
-    return Launch(32, 4, 2, 132) if max(dk, dv) > 256 else Launch(32, 4, 3, 528)
+def default_launch(dk: int, dv: int, programs_per_split: int = 1) -> Launch:
+    """The launch for heads of these widths, where one split of the context takes programs_per_split programs
+    (sequences x KV heads x query-head blocks). MLA (576-wide latent rows): within 9% of the best at batch 1,
+    16 and 64 on an H200 (benchmarks/bench_decode_attention.py, context 320; docs/benchmarks.md): fewer and
+    longer splits, as each program holds the accumulators of all 16 heads, and at batch 64 the partial
+    outputs of more splits cost more than they hid. Other heads: short splits where the batch alone leaves
+    the GPU idle; from 64 programs a split, one split per 512 positions (so a decode graph's contexts up to
+    512 are read in one program, written without the merge launch): on an H100, Qwen3-30B-A3B's heads at
+    300 cached tokens in a graph's launch for 512, 11.6 -> 11.0 us at batch 16 (64 programs) and 25.2 ->
+    18.4 us at batch 64 (256 programs), where the launch of 528 short splits had been within 6% of the best
+    on an H200 without the graph's padding."""
+    if max(dk, dv) > 256:
+        return Launch(32, 4, 2, 132)
+    if programs_per_split >= 256:
+        return Launch(64, 8, 3, 528, min_chunk=512)
+    if programs_per_split >= 64:
+        return Launch(128, 4, 3, 528, min_chunk=512)
+    return Launch(32, 4, 3, 528)
 
 
 def plan_splits(num_seqs: int, programs_per_seq: int, max_len: int, block_n: int,
@@ -317,7 +329,7 @@ def paged_decode_attention(
     group = hq // hk
     block_g = max(16, min(32, triton.next_power_of_2(group)))
     g_blocks = math.ceil(group / block_g)
-    launch = launch or default_launch(dk, dv)
+    launch = launch or default_launch(dk, dv, b * hk * g_blocks)
     block_n = launch.block_n
     splits, chunk = plan_splits(b, hk * g_blocks, max(1, max_len), block_n, launch.target_programs,
                                 launch.min_chunk)

@@ -139,6 +139,17 @@ def test_splits_depend_on_shape_only():
     assert chunk % 16 == 0 and (splits - 1) * chunk < 1000 <= splits * chunk
 
 
+def test_default_launch_by_programs_a_split():
+    """GQA heads: short splits while the batch leaves the GPU idle, then one split per 512 positions (contexts
+    up to 512 in one program, no merge); MLA's launch whatever the batch."""
+    da = decode_attention
+    assert da.default_launch(128, 128) == da.default_launch(128, 128, 63) == da.Launch(32, 4, 3, 528)
+    assert da.default_launch(128, 128, 64) == da.default_launch(128, 128, 255) == da.Launch(128, 4, 3, 528, 512)
+    assert da.default_launch(128, 128, 256) == da.Launch(64, 8, 3, 528, 512)
+    assert {da.default_launch(576, 512, n) for n in (1, 64, 1024)} == {da.Launch(32, 4, 2, 132)}
+    assert da.plan_splits(16 * 4, 1, 512, 128, 528, 512) == (1, 512)  # a graph's bucket of 512: one split
+
+
 def test_min_chunk_bounds_the_splits():
     """min_chunk: every split takes that many positions or more, so a short context is one split
     (whose program writes the output itself) while a long one still splits."""
@@ -221,7 +232,8 @@ def test_compiles_for_hopper(gen):
 
     if not launch.interpreting():
         pytest.skip("records the interpreter's launches; on a GPU the kernel tests run them")
-    real = [([3], 32, 4, 128, 128, 16, False), ([3], 16, 1, 576, 512, 16, True)]
+    real = [([3], 32, 4, 128, 128, 16, False), ([3], 16, 1, 576, 512, 16, True),
+            ([3] * 16, 32, 4, 128, 128, 16, False), ([2] * 64, 32, 4, 128, 128, 16, False)]  # default_launch by batch
     with LaunchRecorder() as rec:
         for i, (lens, hq, hk, dk, dv, page, mla) in enumerate(CASES + real):
             for dtype in (torch.bfloat16, torch.float32) if i >= len(CASES) - 2 else (torch.bfloat16,):
@@ -233,7 +245,9 @@ def test_compiles_for_hopper(gen):
 
 
 @pytest.mark.parametrize("launch", [decode_attention.Launch(16, 4, 1, 132), decode_attention.Launch(64, 8, 3, 528),
-                                    decode_attention.Launch(32, 4, 2, 528, min_chunk=4096)])
+                                    decode_attention.Launch(32, 4, 2, 528, min_chunk=4096),
+                                    decode_attention.Launch(128, 4, 3, 528, min_chunk=512),
+                                    decode_attention.Launch(64, 8, 3, 528, min_chunk=512)])
 def test_other_launches_give_the_same_attention(launch, gen):
     """The launch choices benchmarks/bench_decode_attention.py times (rows per step, warps, stages,
     programs aimed for, positions a split takes at least, hence the split count) compute the same
