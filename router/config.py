@@ -52,7 +52,7 @@ class EngineConfig:
     # Prompt steps (first chunks; chunks after a cached prefix) run as graphs up to this many padded tokens,
     # larger ones eagerly: a step of thousands of tokens keeps the GPU busy while Python launches its kernels,
     # and padding it to a shape adds work (router/cuda_graphs.py). 0: prompt steps always eager.
-    prompt_graph_tokens: int = 1024
+    prompt_graph_tokens: int = 4096
     # A step about to prefill requests that are still arriving (one within the last millisecond)
     # waits for the rest of the burst, at most this long after the first of them (0: never waits).
     batch_wait_ms: float = 20.0

@@ -295,7 +295,12 @@ PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # padded prompt lengths
 # launching is the step's cost; a step of thousands of tokens keeps the GPU busy while Python launches, and
 # padding it to a shape adds work: on an H200 (fifth session), graphing 16 x 256-token prompts (4096 tokens)
 # lowered Qwen3's served tokens/s at concurrency 16 by 6% and raised its TTFT p50 from 89 to 125 ms
-# (docs/benchmarks.md).
+# (docs/benchmarks.md). Since then the eager step became the slower one where the host is slow: on an H100
+# (twenty-third session) the same step took 64-65 ms replayed, and graphing it raised concurrency 16 from 964.3
+# to 1000.3 tok/s (Qwen3) and from 1419.9 to 1473.2 (DeepSeek-V2-Lite), TTFT p50 118 -> 79 and 86 -> 59 ms; on a
+# faster host (twenty-second session) it changed nothing (991.3 / 1472.2 against 997.6 / 1472.7). So the
+# default is 4096 tokens (issue 3's table with it, prompts drawn per level: docs/benchmarks.md, twenty-fourth
+# session).
 
 
 class PromptGraphs(_Graphs):

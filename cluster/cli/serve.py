@@ -48,9 +48,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="prompts arriving while decodes run wait for a prefill step of their own, at most this long, "
                         "so that more of the decode steps in between are decodes alone: a lower TPOT for a higher "
                         "TTFT under steady arrivals (default 0: a prompt joins the next step)")
-    g.add_argument("--prompt-graph-tokens", type=int, default=1024,
+    g.add_argument("--prompt-graph-tokens", type=int, default=4096,
                    help="prompt steps up to this many padded tokens replay CUDA graphs, larger ones run eagerly "
-                        "(default 1024; 0: always eager)")
+                        "(default 4096; 0: always eager)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="decode without CUDA graphs (by default, on a GPU with the experts in the trunk's process, "
                         "decode steps replay captured graphs)")
@@ -154,7 +154,7 @@ def engine_config(args: argparse.Namespace, control_plane=None):
         decode_graphs="off" if getattr(args, "enforce_eager", False) else "auto",
         batch_wait_ms=getattr(args, "batch_wait_ms", 20.0),
         prefill_hold_ms=getattr(args, "prefill_hold_ms", 0.0),
-        prompt_graph_tokens=getattr(args, "prompt_graph_tokens", 1024),
+        prompt_graph_tokens=getattr(args, "prompt_graph_tokens", 4096),
         overlap_decode=getattr(args, "overlap_decode", True),
         prefix_caching=getattr(args, "prefix_caching", True),
     )

@@ -170,7 +170,7 @@ def test_prompt_graph_shapes():
     from moeserve.router.cuda_graphs import PromptGraphs
     from moeserve.router.model_runner import prompt_graph_tokens
 
-    assert prompt_graph_tokens(EngineConfig(max_num_batched_tokens=8192)) == EngineConfig().prompt_graph_tokens == 1024
+    assert prompt_graph_tokens(EngineConfig(max_num_batched_tokens=8192)) == EngineConfig().prompt_graph_tokens == 4096
     assert prompt_graph_tokens(EngineConfig(max_num_batched_tokens=512)) == 512
     graphs = PromptGraphs(None, torch.device("cpu"), max_num_seqs=64, max_tokens=1024, block_size=16,
                           pad_block=0, capture=False)
