@@ -257,17 +257,17 @@ def default_launch(dk: int, dv: int, programs_per_split: int = 1) -> Launch:
     16 and 64 on an H200 (benchmarks/bench_decode_attention.py, context 320; docs/benchmarks.md): fewer and
     longer splits, as each program holds the accumulators of all 16 heads, and at batch 64 the partial
     outputs of more splits cost more than they hid. Other heads: short splits where the batch alone leaves
-    the GPU idle; from 64 programs a split, one split per 512 positions (so a decode graph's contexts up to
-    512 are read in one program, written without the merge launch): on an H100, Qwen3-30B-A3B's heads at
-    300 cached tokens in a graph's launch for 512, 11.6 -> 11.0 us at batch 16 (64 programs) and 25.2 ->
-    18.4 us at batch 64 (256 programs), where the launch of 528 short splits had been within 6% of the best
-    on an H200 without the graph's padding."""
+    the GPU idle; from 256 programs a split, one split per 512 positions (so a decode graph's contexts up to
+    512 are read in one program, written without the merge launch). On an H100, Qwen3-30B-A3B's heads at 300
+    cached tokens in a graph's launch for 512: 25.2 -> 18.4 us at batch 64 (256 programs), and its graphed
+    decode step 22.61 -> 22.34 ms (benchmarks/profile_engine.py); at batch 16 (64 programs) one split of
+    128-row tiles took 11.0 us against 11.6 alone, yet the graphed step 14.85-14.86 ms against 14.83, so
+    batch 16 keeps the short splits. The short splits had been within 6% of the best on an H200 at batches
+    1-64 without the graph's padding."""
     if max(dk, dv) > 256:
         return Launch(32, 4, 2, 132)
     if programs_per_split >= 256:
         return Launch(64, 8, 3, 528, min_chunk=512)
-    if programs_per_split >= 64:
-        return Launch(128, 4, 3, 528, min_chunk=512)
     return Launch(32, 4, 3, 528)
 
 
