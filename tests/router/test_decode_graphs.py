@@ -395,8 +395,8 @@ def test_chunks_after_cached_prefixes_equal_eager(arch, hf_checkpoint, monkeypat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral-window", "deepseek_v2"])
 def test_cuda_graphs_chunks_after_cached_prefixes_equal_eager(arch, hf_checkpoint):
-    """The same on a GPU: chunk steps captured (on first use) and replayed, reading their plan from the graph's
-    buffer (GQA's kernel; MLA's mask and layout); same tokens as the eager engine."""
+    """The same on a GPU: chunk steps captured (GQA's at start-up, MLA's on first use) and replayed, reading their
+    plan from the graph's buffer (GQA's kernel; MLA's mask and layout); same tokens as the eager engine."""
     path = str(hf_checkpoint(arch.split("-")[0], seed=4, **PROMPT_ARCHS[arch]))
     want, _ = _with_cached_prefixes(path, "off", device="cuda", dtype="float32")
     got, engine = _with_cached_prefixes(path, "auto", device="cuda", dtype="float32")
