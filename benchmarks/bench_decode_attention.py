@@ -27,12 +27,15 @@ MODELS = {  # name: (query heads, KV heads, key width, value width); MLA: one la
     "deepseek-v2-lite (MLA)": (16, 1, 576, 512),
     "qwen3-30b-a3b": (32, 4, 128, 128),
 }
-# Two grids: many short splits and a merge (min_chunk 0), and fewer, longer ones (a context within
-# min_chunk positions is one split, written without the merge).
+# Three grids: many short splits and a merge launch (min_chunk 0); fewer, longer ones (a context within
+# min_chunk positions is one split, written without the merge); short splits merged by the last of each
+# group (fused_merge: no merge launch).
 CHOICES = [dict(block_n=(16, 32, 64), num_warps=(4, 8), num_stages=(1, 2, 3), target_programs=(132, 264, 528),
                 min_chunk=(0,)),
            dict(block_n=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3), target_programs=(528,),
-                min_chunk=(128, 256, 512, 1024))]
+                min_chunk=(128, 256, 512, 1024)),
+           dict(block_n=(16, 32, 64), num_warps=(4, 8), num_stages=(2, 3), target_programs=(132, 264, 528),
+                min_chunk=(0,), fused_merge=(True,))]
 
 
 def launches(grids: list[int], default: da.Launch) -> list[da.Launch]:
@@ -60,8 +63,8 @@ def main() -> int:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--context", type=int, default=320)
     p.add_argument("--launch-len", type=int, default=None,
-                   help="the launch's bound on the contexts (default --context); a decode graph's is its context bucket, "
-                        "a power of two of blocks (512 for contexts of 257-512 tokens)")
+                   help="the launch's bound on the contexts (default --context); a decode graph's is its context "
+                        "bucket, a power of two of blocks (512 for contexts of 257-512 tokens)")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--grids", type=lambda t: [int(x) for x in t.split(",") if x], default=list(range(len(CHOICES))),
@@ -75,7 +78,8 @@ def main() -> int:
         p.error(f"--launch-len {bound} is shorter than --context {args.context}")
     bandwidth, _ = device_ceilings()
     print(f"{torch.cuda.get_device_name()}, copy {bandwidth / 1e9:.0f} GB/s, "
-          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, context {args.context}, launched for {bound}"
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, context {args.context}, "
+          f"launched for {bound}"
           f"{', settled' if args.settled else ''}", flush=True)
     print("| model | batch | limit us | default us | best us | best launch | default / best |")
     print("|---|---:|---:|---:|---:|---|---:|")
@@ -105,13 +109,14 @@ def main() -> int:
             limit_us = b * args.context * row_bytes / bandwidth * 1e6
             results.append(dict(model=name, batch=b, context=args.context, launch_len=bound, limit_us=limit_us,
                                 timed_us={str(k): v for k, v in timed.items()}, default=str(default), best=str(best)))
+            fused = ", fused merge" if best.fused_merge else ""
             print(f"| {name} | {b} | {limit_us:.1f} | {timed[default]:.1f} | {timed[best]:.1f} | "
                   f"{best.block_n} rows, {best.num_warps} warps, {best.num_stages} stages, "
-                  f"{best.target_programs} programs, min chunk {best.min_chunk} | {timed[default] / timed[best]:.2f} |",
-                  flush=True)
-            for chunk in sorted({la.min_chunk for la in timed}):  # the best of each min_chunk
-                la = min((la for la in timed if la.min_chunk == chunk), key=timed.get)
-                print(f"  min chunk {chunk}: {timed[la]:.1f} us ({la})", flush=True)
+                  f"{best.target_programs} programs, min chunk {best.min_chunk}{fused} | "
+                  f"{timed[default] / timed[best]:.2f} |", flush=True)
+            for chunk, fused in sorted({(la.min_chunk, la.fused_merge) for la in timed}):  # the best of each kind
+                la = min((la for la in timed if (la.min_chunk, la.fused_merge) == (chunk, fused)), key=timed.get)
+                print(f"  min chunk {chunk}{', fused merge' if fused else ''}: {timed[la]:.1f} us ({la})", flush=True)
             del problems, one
     save_results(args.out_dir, "bench_decode_attention.json", bandwidth, results)
     return 0

@@ -12,7 +12,10 @@ style:
   dots accumulated in float32, keeps an online softmax, and writes its partial output and
   log-sum-exp in float32;
 - stage 2, grid (sequence, query head): merges the splits. A batch whose contexts take one split
-  each skips it: the split kernel writes the output itself.
+  each skips it: the split kernel writes the output itself. With Launch.fused_merge the split kernel
+  merges too: the last split of each (sequence, head block) to finish, found by an atomic count, reads
+  the others' partials back and writes the output (no second launch). A launch choice, off by default:
+  not yet timed on a GPU (benchmarks/bench_decode_attention.py's third grid times it).
 
 Splitting the context keeps the GPU busy when the batch is small or the context long. The number of
 splits depends only on the batch's shape (sequences and the longest context), never on device
@@ -105,11 +108,11 @@ def _attend_tile(q1, q2, k1, k2, v, p_ok, m, l, acc, scale, D2: tl.constexpr, IE
 # Launch arguments that vary from step to step (table widths, split counts and the strides made from
 # them) are not specialised on: each new value class (1, a multiple of 16, other) would otherwise
 # compile a variant in the middle of serving, a stall of hundreds of milliseconds in an eager step.
-@triton.jit(do_not_specialize=["chunk", "window", "direct", "stride_tb", "stride_ob", "stride_oh", "stride_lb",
-                               "stride_lh", "stride_fb", "stride_fh"])
+@triton.jit(do_not_specialize=["chunk", "window", "direct", "splits", "stride_tb", "stride_ob", "stride_oh",
+                               "stride_lb", "stride_lh", "stride_fb", "stride_fh"])
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, final_ptr,
-    scale, chunk, window, direct,
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, final_ptr, counts_ptr,
+    scale, chunk, window, direct, splits,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -120,13 +123,17 @@ def _split_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
     W1: tl.constexpr, W2: tl.constexpr, WV: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, V_FROM_K: tl.constexpr, IEEE: tl.constexpr,
-    SETTLED: tl.constexpr, PDL: tl.constexpr,
+    SETTLED: tl.constexpr, MERGE: tl.constexpr, MAX_S: tl.constexpr, PDL: tl.constexpr,
 ):
     # W1, W2, WV: the tile widths of D1, D2, DV, at least 16 (a dot's inner width); the columns past a
     # head's own width are masked off (zeros), so they add nothing to scores or outputs.
     # direct (one split, a run-time flag so that steps of one split and of several share a compiled
     # variant): the program writes the final [B, Hq, DV] output at final_ptr in its dtype, not the
     # partial output and log-sum-exp.
+    # MERGE (several splits): the split that finishes last among those of its (sequence, head block) merges
+    # them, instead of a merge launch: each split counts itself in counts_ptr (one int32 per program of a
+    # split, zero between calls: the last one puts it back) after its partial output and log-sum-exp are
+    # stored, and the one that counts splits reads them all back.
     # SETTLED: the lengths, the block tables and every cached row but each sequence's last were written
     # before the kernel launched just before this one (pdl.py), so the split's first tile is read before
     # the PDL wait, overlapping that kernel, and only the last row (the step's own) after it.
@@ -206,6 +213,39 @@ def _split_kernel(
         o_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + s * stride_os
         tl.store(o_rows + dv[None, :], out, mask=g_ok[:, None] & dv_ok[None, :])
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + s, lse, mask=g_ok)
+        if MERGE:
+            _merge_if_last(out_ptr, lse_ptr, final_ptr, counts_ptr + b * tl.num_programs(1) + hg, splits, b, heads,
+                           g_ok, dv, dv_ok, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_fb,
+                           stride_fh, BLOCK_G, WV, MAX_S)
+
+
+@triton.jit
+def _merge_if_last(out_ptr, lse_ptr, final_ptr, count_ptr, splits, b, heads, g_ok, dv, dv_ok,
+                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_fb, stride_fh,
+                   BLOCK_G: tl.constexpr, WV: tl.constexpr, MAX_S: tl.constexpr):
+    """Count this split done; the last of its group merges the group's splits into the final output, as
+    _merge_kernel does, and zeroes the count for the next call. The barrier puts every thread's stores
+    before the count; the count's acquire-release atomic (GPU scope) makes them visible to the program
+    that counts last, which reads the partials past L1 (.cg)."""
+    tl.debug_barrier()
+    done = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    if done == splits - 1:
+        tl.store(count_ptr, 0)
+        rows = b * stride_lb + heads * stride_lh
+        t = tl.arange(0, MAX_S)
+        lse = tl.load(lse_ptr + rows[:, None] + t[None, :], mask=g_ok[:, None] & (t < splits)[None, :],
+                      other=float("-inf"), cache_modifier=".cg")
+        top = tl.max(lse, axis=1)
+        top = tl.where(top > float("-inf"), top, 0.0)
+        total = tl.maximum(tl.sum(tl.exp(lse - top[:, None]), axis=1), 1e-30)  # no context: zeros, not NaN
+        acc = tl.zeros([BLOCK_G, WV], dtype=tl.float32)
+        o_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + dv[None, :]
+        for i in range(0, splits):
+            w = tl.exp(tl.load(lse_ptr + rows + i, mask=g_ok, other=float("-inf"), cache_modifier=".cg") - top) / total
+            part = tl.load(o_rows + i * stride_os, mask=g_ok[:, None] & dv_ok[None, :], other=0.0, cache_modifier=".cg")
+            acc += part * w[:, None]
+        f_rows = final_ptr + b * stride_fb + heads[:, None] * stride_fh
+        tl.store(f_rows + dv[None, :], acc.to(final_ptr.dtype.element_ty), mask=g_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["splits", "stride_pb", "stride_ph", "stride_lb", "stride_lh"])
@@ -242,13 +282,15 @@ class Launch:
     """How the split kernel runs: BLOCK_N cached rows per step, warps, pipeline stages, the programs
     the splits aim for, and the fewest context positions a split takes (min_chunk; 0: one tile). A
     batch whose contexts fit in one split runs the split kernel alone, writing the output itself:
-    no partial outputs, no merge launch (benchmarks/bench_decode_attention.py times the choices)."""
+    no partial outputs, no merge launch; with fused_merge neither do several splits, the last of each
+    group merging them (benchmarks/bench_decode_attention.py times the choices)."""
 
     block_n: int
     num_warps: int
     num_stages: int = 2
     target_programs: int = TARGET_PROGRAMS
     min_chunk: int = 0
+    fused_merge: bool = False  # several splits merged by the last of them (_merge_if_last), not a merge launch
 
 
 def default_launch(dk: int, dv: int, programs_per_split: int = 1) -> Launch:
@@ -282,6 +324,22 @@ def plan_splits(num_seqs: int, programs_per_seq: int, max_len: int, block_n: int
     splits = max(1, min(want, most, MAX_SPLITS))
     chunk = math.ceil(tiles / splits) * block_n
     return math.ceil(max_len / chunk), chunk
+
+
+_COUNTS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _split_counts(device: torch.device, n: int) -> torch.Tensor:
+    """At least n int32 zeros on the device for fused_merge's split counts, which each call leaves at zero.
+    Every buffer handed out is kept for the life of the process: captured graphs hold its address. Grown
+    outside a CUDA graph capture only (a captured step's warm-up forward runs the same shape first)."""
+    kept = _COUNTS.setdefault(device, [])
+    if not kept or kept[-1].numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode attention's split counts must grow before a CUDA graph capture "
+                               "(run the step once first)")
+        kept.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return kept[-1]
 
 
 def _pow2_split(dim: int) -> tuple[int, int]:
@@ -335,14 +393,16 @@ def paged_decode_attention(
                                 launch.min_chunk)
     v_from_k = (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride() and dv == d1)
     direct = splits == 1  # the split kernel writes `out` itself (part and lse then stay unwritten)
+    merge = not direct and launch.fused_merge
     part = empty(b, hq, splits, dv, dtype=torch.float32, device=q.device)
     lse = empty(b, hq, splits, dtype=torch.float32, device=q.device)
     out = empty(b, hq, dv, dtype=q.dtype, device=q.device)
     if b == 0:
         return out
+    counts = _split_counts(q.device, b * hk * g_blocks) if merge else lse
     _split_kernel[(b, hk * g_blocks, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part, lse, out,
-        scale, chunk, sliding_window or 0, int(direct),
+        q, k_cache, v_cache, block_tables, context_lens, part, lse, out, counts,
+        scale, chunk, sliding_window or 0, int(direct), splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -352,10 +412,10 @@ def paged_decode_attention(
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=block_g, D1=d1, D2=d2, DV=dv, W1=max(16, d1), W2=max(16, d2) if d2 else 0,
         WV=max(16, dv), BLOCK_N=block_n, PAGE=page, V_FROM_K=v_from_k,
-        IEEE=q.dtype == torch.float32, SETTLED=settled, num_warps=launch.num_warps,
+        IEEE=q.dtype == torch.float32, SETTLED=settled, MERGE=merge, MAX_S=MAX_SPLITS, num_warps=launch.num_warps,
         num_stages=launch.num_stages, **launch_args(q),
     )
-    if direct:
+    if direct or merge:
         return out
     _merge_kernel[(b, hq)](
         part, lse, out, splits,

@@ -241,12 +241,33 @@ def test_compiles_for_hopper(gen):
                 for lens_type in (torch.int32, torch.int64):
                     decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t.to(lens_type), 0.1, max(lens),
                                                             settled=i >= len(CASES))  # as decode steps may
+        for lens, hq, hk, dk, dv, page, mla in real[:2]:  # the splits merged by the last of them (a launch choice)
+            q, kc, vc, tables, lens_t = _problem(gen, [40], hq, hk, dk, dv, page, torch.bfloat16, mla)
+            decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t, 0.1, 40, settled=True,
+                                                    launch=decode_attention.Launch(16, 4, 2, 528, fused_merge=True))
     assert compile_for_hopper(rec.jobs()) == {}
+
+
+def test_fused_merge_leaves_its_counts_at_zero(gen):
+    """fused_merge: the last split of each group merges and puts its count back to zero, so calls one after
+    another (layers, steps, graph replays) find zeros; the result is the merge launch's, call after call, for
+    contexts of several splits, of one, and empty splits past a short context."""
+    lens = [5, 70, 33, 1]
+    q, kc, vc, tables, lens_t = _problem(gen, lens, 8, 2, 32, 32, 16, torch.float32)
+    plain = decode_attention.Launch(16, 4, 1, 528)
+    fused = decode_attention.Launch(16, 4, 1, 528, fused_merge=True)
+    want = decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t, 0.2, 70, launch=plain)
+    for _ in range(3):
+        got = decode_attention.paged_decode_attention(q, kc, vc, tables, lens_t, 0.2, 70, launch=fused)
+        assert rel_err(got, want) < (2e-2 if ON_GPU else 1e-5)
+        assert not decode_attention._COUNTS[q.device][-1].any()
 
 
 @pytest.mark.parametrize("launch", [decode_attention.Launch(16, 4, 1, 132), decode_attention.Launch(64, 8, 3, 528),
                                     decode_attention.Launch(32, 4, 2, 528, min_chunk=4096),
-                                    decode_attention.Launch(64, 8, 3, 528, min_chunk=512)])
+                                    decode_attention.Launch(64, 8, 3, 528, min_chunk=512),
+                                    decode_attention.Launch(16, 4, 1, 528, fused_merge=True),
+                                    decode_attention.Launch(32, 4, 3, 528, fused_merge=True)])
 def test_other_launches_give_the_same_attention(launch, gen):
     """The launch choices benchmarks/bench_decode_attention.py times (rows per step, warps, stages,
     programs aimed for, positions a split takes at least, hence the split count) compute the same
