@@ -255,12 +255,13 @@ async def _serve_random(args: argparse.Namespace) -> None:
                           **({} if args.prefill_hold_ms is None else {"prefill_hold_ms": args.prefill_hold_ms}),
                           **({} if args.prompt_graph_tokens is None else {"prompt_graph_tokens": args.prompt_graph_tokens}),
                           **({} if args.gpu_memory_fraction is None else {"gpu_memory_fraction": args.gpu_memory_fraction}))
+    started = time.monotonic()
     llm = LLMEngine(config, model, tokenizer=None)
     trace = StepTrace(llm) if args.step_trace else None
-    facts = server_facts(llm)
+    facts = dict(server_facts(llm), engine_start_s=round(time.monotonic() - started, 1))
     print(f"server: {facts['kv_blocks']} KV blocks of {config.block_size} tokens; {facts['graphs']}; "
-          f"decode overlap {'on' if facts['overlap_decode'] else 'off'}",
-          file=sys.stderr, flush=True)
+          f"decode overlap {'on' if facts['overlap_decode'] else 'off'}; engine started in {facts['engine_start_s']} s "
+          "(KV cache, kernel warm-up, graph captures)", file=sys.stderr, flush=True)
     engine = AsyncEngine(llm)
     server = InferenceServer(engine, ServerConfig(port=0, max_streams_per_caller=4096, grace_s=5),
                              model_name=args.preset)
@@ -575,6 +576,9 @@ def markdown(report: dict) -> str:
                   f"{v['ttft_ms']['p99']:.0f} | {v['tpot_ms']['p50']:.1f} / {v['tpot_ms']['p99']:.1f} | {v['failed']} |"
                   for name, rate, v in poisson] + [""]
     for name, r in report["models"].items():
+        facts = r.get("server") or {}
+        if "engine_start_s" in facts:
+            lines.append(f"- {name} server: {facts['graphs']}; engine started in {facts['engine_start_s']} s")
         lines += [f"- {name} {phase}: {r[phase]}" for phase in ("moeserve_error", "hf_error") if phase in r]
     return "\n".join(lines) + "\n"
 

@@ -138,9 +138,10 @@ def test_gpu_benchmark_script_runs_end_to_end_on_a_tiny_model(tmp_path):
     # what the server set up, as it reported it: on the CPU no graphs, so no prefill hold
     facts = report["models"]["tiny"]["server"]
     assert facts["graphs"] == "decode graphs off" and facts["kv_blocks"] > 0
+    assert 0 <= facts["engine_start_s"] < 300  # how long the engine took to start (graph captures on a GPU)
     assert facts["prefill_hold_ms"] == report["prefill_hold_ms"] == 0.0
     md = (tmp_path / "benchmarks.md").read_text()
-    assert "prefill hold 0 ms" in md
+    assert "prefill hold 0 ms" in md and "- tiny server: decode graphs off; engine started in " in md
     assert "| tiny | 2 |" in md and "| tiny | 50 |" in md
     # the traces: every server step, every request of each concurrency level with its TTFT
     server = json.loads((tmp_path / "trace_tiny_server.json").read_text())
