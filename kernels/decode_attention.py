@@ -45,6 +45,9 @@ from .pdl import enter, launch_args
 
 TARGET_PROGRAMS = TWO_PROGRAMS_PER_SM
 MAX_SPLITS = 64
+# default_launch's short splits merged in the split kernel (Launch.fused_merge) rather than by a merge launch:
+# off until a GPU run times it in decode steps (benchmarks/profile_variants.py; bench_decode_attention.py alone)
+FUSED_MERGE = False
 
 
 @triton.jit
@@ -310,7 +313,7 @@ def default_launch(dk: int, dv: int, programs_per_split: int = 1) -> Launch:
         return Launch(32, 4, 2, 132)
     if programs_per_split >= 256:
         return Launch(64, 8, 3, 528, min_chunk=512)
-    return Launch(32, 4, 3, 528)
+    return Launch(32, 4, 3, 528, fused_merge=FUSED_MERGE)
 
 
 def plan_splits(num_seqs: int, programs_per_seq: int, max_len: int, block_n: int,

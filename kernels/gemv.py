@@ -147,11 +147,15 @@ def add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.
 
 
 @triton.jit(do_not_specialize=["M"])
-def _mma_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, ROWS: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _mma_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, sum_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                stride_rm, stride_sm, eps,
+                HAS_BIAS: tl.constexpr, NORM: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+                ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """y[:M, n] = x[:M] @ w[n].T (+ b[n]) for the BLOCK_N columns n of this program: acc [BLOCK_N, ROWS]
-    += w tile [BLOCK_N, BLOCK_K] @ x tile.T [BLOCK_K, ROWS], K in order."""
+    += w tile [BLOCK_N, BLOCK_K] @ x tile.T [BLOCK_K, ROWS], K in order. NORM: x is first replaced by
+    RMSNorm(x + r) * nw, rounded as _add_norm rounds: a first pass over K takes each row's sum of squares
+    (and the first program stores the sums x + r at sum_ptr), the second normalises each tile as it
+    loads it."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     r = tl.arange(0, ROWS)
     kk = tl.arange(0, BLOCK_K)
@@ -161,6 +165,18 @@ def _mma_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, strid
     x_ptrs = x_ptr + r[None, :] * stride_xm + kk[:, None]
     acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
     enter(PDL)
+    if NORM:
+        dtype = x_ptr.dtype.element_ty
+        res_ptrs = r_ptr + r[None, :] * stride_rm + kk[:, None]
+        squares = tl.zeros([ROWS], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ok = (kk < K - k0)[:, None] & r_ok[None, :]
+            total = round_as(tl.load(x_ptrs + k0, mask=ok, other=0.0).to(tl.float32)
+                             + tl.load(res_ptrs + k0, mask=ok, other=0.0).to(tl.float32), dtype, INTERPRET)
+            squares += tl.sum(total * total, axis=0)
+            tl.store(sum_ptr + r[None, :] * stride_sm + (kk[:, None] + k0), total.to(dtype),
+                     mask=tl.where(tl.program_id(0) == 0, ok, False))
+        inv = 1.0 / tl.sqrt(squares / K + eps)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0, eviction_policy="evict_first")
@@ -169,6 +185,13 @@ def _mma_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, strid
             k_ok = kk < K - k0
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        if NORM:  # the tile of RMSNorm(x + r) * nw, as the first pass rounded the sums
+            k_in = kk < K - k0
+            ok = k_in[:, None] & r_ok[None, :]
+            total = round_as(x.to(tl.float32) + tl.load(res_ptrs + k0, mask=ok, other=0.0).to(tl.float32), dtype,
+                             INTERPRET)
+            nw = tl.load(nw_ptr + k0 + kk, mask=k_in, other=0.0).to(tl.float32)
+            x = round_as(round_as(total * inv[None, :], dtype, INTERPRET) * nw[:, None], dtype, INTERPRET).to(dtype)
         if INTERPRET:  # the CPU interpreter multiplies 16-bit floats as raw integers; upcast there only
             w = w.to(tl.float32)
             x = x.to(tl.float32)
@@ -211,13 +234,45 @@ def linear_mma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if not supports_mma(x, weight):
         raise ValueError(f"linear_mma takes 1..{MMA_ROWS} rows of 16-bit features matching the weight, got x "
                          f"{tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} {weight.dtype}")
+    return _launch_mma(x, weight, bias, launch)
+
+
+def _launch_mma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                launch: tuple[int, int, int, int] | None, norm: tuple | None = None) -> torch.Tensor:
+    """linear_mma's launch; norm = (residual, norm weight, eps, sum out): x normed first."""
     m, k = x.shape
     n = weight.shape[0]
     block_n, block_k, num_warps, num_stages = launch or mma_launch(n)
     y = empty(m, n, dtype=x.dtype, device=x.device)
+    residual, norm_weight, eps, total = norm if norm is not None else (x, x, 0.0, y)
     _mma_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, weight if bias is None else bias, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, INTERPRET=interpreting(), ROWS=MMA_ROWS,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **launch_args(x),
+        x, weight, weight if bias is None else bias, y, residual, norm_weight, total, m, n, k, x.stride(0),
+        weight.stride(0), y.stride(0), residual.stride(0), total.stride(0), eps,
+        HAS_BIAS=bias is not None, NORM=norm is not None, EVEN_K=k % block_k == 0, INTERPRET=interpreting(),
+        ROWS=MMA_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        **launch_args(x),
     )
     return y
+
+
+def supports_add_norm_mma(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                          weight: torch.Tensor) -> bool:
+    """Whether add_norm_linear_mma takes this call: rows linear_mma takes, their residual (same shape and
+    dtype, unit stride along K) and a norm weight in x's dtype."""
+    return (supports_mma(x, weight) and residual.shape == x.shape and residual.dtype == x.dtype
+            and residual.stride(-1) == 1 and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype
+            and norm_weight.stride(0) == 1)
+
+
+def add_norm_linear_mma(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                        launch: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_norm_linear for 1..MMA_ROWS rows on tensor cores: (linear(h, weight, bias), x + residual) with
+    h = norm_rope.add_rms_norm(x, residual, norm_weight, eps)[0], in one launch."""
+    if not supports_add_norm_mma(x, residual, norm_weight, weight):
+        raise ValueError(f"add_norm_linear_mma takes 1..{MMA_ROWS} rows with their residual and norm weight in "
+                         f"their dtype, got x {tuple(x.shape)} {x.dtype}, residual {tuple(residual.shape)} "
+                         f"{residual.dtype}, norm weight {tuple(norm_weight.shape)} {norm_weight.dtype}, weight "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    total = empty(*x.shape, dtype=x.dtype, device=x.device)
+    return _launch_mma(x, weight, bias, launch, (residual, norm_weight, eps, total)), total

@@ -57,10 +57,15 @@ LINEAR_GEMV_MAX_ROWS = 1
 # LINEAR_MMA_MAX_K inputs. In CUDA-graph decode steps of 16 on an H100 (benchmarks/profile_engine.py) the kernel
 # on Qwen3-30B-A3B's o_proj (K 4096) made the step 0.6 ms slower (15.46 against 14.87 ms with cuBLAS), although
 # alone it took 9.3 us against cuBLAS's 10.8 (benchmarks/bench_gemv.py); kept to K <= 2048 the step took
-# 14.79 ms, and DeepSeek-V2-Lite's 10.06 against 10.20.
+# 14.79 ms, and DeepSeek-V2-Lite's 10.06 against 10.20. (In the twenty-fourth session's steps K 4096 took
+# 14.84 ms against 14.85: even, so the limit stayed.)
 LINEAR_MMA_MAX_ROWS = 16
 LINEAR_MMA_MAX_N = 32768
 LINEAR_MMA_MAX_K = 2048
+# A decoder's add and next RMSNorm folded into the tensor-core projection after it (gemv.add_norm_linear_mma) for
+# 2 rows up to here: 0, off, until a GPU run times it in decode steps (benchmarks/profile_variants.py); the norm
+# kernel and linear_mma run apart meanwhile.
+ADD_NORM_MMA_MAX_ROWS = 0
 if DISABLED - set(KERNEL_MODULES):
     raise ValueError(f"MOESERVE_DISABLE_KERNELS names unknown kernels {sorted(DISABLED - set(KERNEL_MODULES))}; "
                      f"choose from {', '.join(KERNEL_MODULES)}")
@@ -252,12 +257,17 @@ def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: to
                         weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(add_rms_norm(x, residual, norm_weight, eps)[0], weight, bias), x + residual): a decoder's
     add, its next norm and the projection after it. One row on CUDA in 16-bit floats with the norm
-    weight in the same dtype: one Triton launch (gemv.add_norm_linear); else the two calls."""
+    weight in the same dtype: one Triton launch (gemv.add_norm_linear); 2..ADD_NORM_MMA_MAX_ROWS rows
+    where linear() would take linear_mma: one launch of its fused form; else the two calls."""
     if _on_gpu(x, "gemv") and _on_gpu(x, "norm_rope"):
         from . import gemv
 
         if gemv.supports_add_norm(x, residual, norm_weight, weight):
             return gemv.add_norm_linear(x, residual, norm_weight, eps, weight, bias)
+        if (x.dim() == 2 and 2 <= x.shape[0] <= min(ADD_NORM_MMA_MAX_ROWS, LINEAR_MMA_MAX_ROWS)
+                and weight.shape[0] <= LINEAR_MMA_MAX_N and x.shape[1] <= LINEAR_MMA_MAX_K
+                and gemv.supports_add_norm_mma(x, residual, norm_weight, weight)):
+            return gemv.add_norm_linear_mma(x, residual, norm_weight, eps, weight, bias)
     h, total = add_rms_norm(x, residual, norm_weight, eps)
     return linear(h, weight, bias), total
 

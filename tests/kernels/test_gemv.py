@@ -158,6 +158,44 @@ def test_add_norm_linear_refuses_what_it_does_not_take(gen):
         gemv.add_norm_linear(x[:1], x[:1], norm_weight.float(), 1e-6, w)
 
 
+@pytest.mark.parametrize("m,n,k,bias", [(2, 64, 32, False), (5, 37, 300, True), (16, 130, 512, False)])
+def test_add_norm_linear_mma_is_the_add_the_norm_and_the_projection(m, n, k, bias, gen, monkeypatch):
+    """2..16 rows on tensor cores: the add and RMSNorm folded in equal ops.add_rms_norm followed by the
+    projection (the sums' bits; the output within tolerance of float64 over the reference's normed rows, its
+    sum of squares taken tile by tile), the sums written once whatever the number of programs; rows do not
+    depend on the batch. ops.add_rms_norm_linear takes it up to ADD_NORM_MMA_MAX_ROWS rows (0: never)."""
+    from moeserve.kernels import reference
+
+    x, w, b = _problem(m, n, k, gen, bias=bias)
+    residual = torch.randn(m, k, generator=gen, device=DEVICE).to(x.dtype) * 4
+    norm_weight = (1 + torch.randn(k, generator=gen, device=DEVICE) / 4).to(x.dtype)
+    y, total = gemv.add_norm_linear_mma(x, residual, norm_weight, 1e-6, w, b)
+    h, want_total = reference.add_rms_norm(x, residual, norm_weight, 1e-6)
+    assert torch.equal(total, want_total)
+    assert rel_err(y, _want(h, w, b)) < TOL
+    one, _ = gemv.add_norm_linear_mma(x[:1], residual[:1], norm_weight, 1e-6, w, b)
+    assert torch.equal(one, y[:1])
+    for rows in (0, 16):
+        monkeypatch.setattr(ops, "ADD_NORM_MMA_MAX_ROWS", rows)
+        got, got_total = ops.add_rms_norm_linear(x, residual, norm_weight, 1e-6, w, b)
+        assert torch.equal(got_total, want_total)
+        if ON_GPU and rows:  # the fused kernel; else the norm and then the projection (the reference's on the CPU)
+            assert torch.equal(got, y)
+        elif not ON_GPU:
+            assert torch.equal(got, torch.nn.functional.linear(h, w, b))
+
+
+def test_add_norm_linear_mma_refuses_what_it_does_not_take(gen):
+    x, w, _ = _problem(17, 16, 64, gen)
+    norm_weight = torch.ones(64, dtype=x.dtype, device=DEVICE)
+    with pytest.raises(ValueError, match="1..16 rows"):
+        gemv.add_norm_linear_mma(x, x, norm_weight, 1e-6, w)
+    with pytest.raises(ValueError, match="norm weight"):
+        gemv.add_norm_linear_mma(x[:4], x[:4], norm_weight.float(), 1e-6, w)
+    with pytest.raises(ValueError, match="residual"):
+        gemv.add_norm_linear_mma(x[:4], x[:3], norm_weight, 1e-6, w)
+
+
 @pytest.mark.parametrize("launch", [(16, 64, 4, 3), (32, 128, 4, 4), (64, 128, 4, 4)])
 def test_linear_mma_launches_agree(launch, gen):
     """Other tiles (the benchmark's sweep): the same products within tolerance; fp16 and rows of x
@@ -181,7 +219,7 @@ def test_linear_mma_rows_do_not_depend_on_the_batch(gen):
 
 def test_linear_mma_compiles_for_hopper(gen):
     """The launches ops.linear makes (bf16 and fp16, with and without bias, K a multiple of the tile
-    and not) compile for sm_90 with PDL."""
+    and not), and the fused add and norm, compile for sm_90 with PDL."""
     from moeserve.kernels import launch
 
     if not launch.interpreting():
@@ -193,6 +231,8 @@ def test_linear_mma_compiles_for_hopper(gen):
             for bias, n, k in ((False, 40, 2048), (True, 4096, 300)):  # both launches of mma_launch
                 x, w, b = _problem(3, n, k, gen, dtype=dtype, bias=bias)
                 gemv.linear_mma(x, w, b)
+        x, w, _ = _problem(3, 5120, 2048, gen)  # with the add and the norm (Qwen3-30B-A3B's q/k/v)
+        gemv.add_norm_linear_mma(x, x, x[0], 1e-6, w)
     jobs = rec.jobs()
-    assert {j.kernel for j in jobs} == {"_mma_kernel"} and len(jobs) == 4
+    assert {j.kernel for j in jobs} == {"_mma_kernel"} and len(jobs) == 5
     assert compile_for_hopper(jobs) == {}
