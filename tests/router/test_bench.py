@@ -188,6 +188,26 @@ def test_engine_profile_script_runs_on_a_tiny_model(tmp_path):
     assert "one prefill step" in (tmp_path / "profile_engine.txt").read_text()
 
 
+def test_profile_variants_script_times_each_variant_in_its_own_process(tmp_path):
+    """benchmarks/profile_variants.py --smoke: each variant's settings applied in its own profile_engine run,
+    every round; a setting naming nothing refuses to run rather than time the code as it is."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = _script("profile_variants", tmp_path, "--smoke", "--rounds", "1", "--variant", "base=",
+                     "--variant", "wide=ops.LINEAR_MMA_MAX_K=4096;decode_attention.FUSED_MERGE=True")
+    assert result["variants"] == {"base": [], "wide": [["ops", "LINEAR_MMA_MAX_K", 4096],
+                                                      ["decode_attention", "FUSED_MERGE", True]]}
+    for name in ("base", "wide"):
+        (run,) = result["results"][name]
+        assert set(run["tiny"]) == {"1", "2"} and all(v["decode_graph_ms"] > 0 for v in run["tiny"].values())
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_variants.py"
+    bad = subprocess.run([sys.executable, str(script), "--smoke", "--rounds", "1", "--variant", "x=ops.NO_SUCH=1",
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "moeserve.kernels.ops has no NO_SUCH" in bad.stderr
+
+
 def test_routing_spread_script_runs_on_a_tiny_model(tmp_path):
     """benchmarks/routing_spread.py --smoke: distinct experts per layer for prefill and decode steps,
     each within [top_k, experts] and beside its uniform expectation."""
