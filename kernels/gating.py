@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .launch import empty, interpreting
+from .numerics import round_as
 from .pdl import enter, launch_args
 from .ops import ROUTER_GEMV_MAX_HIDDEN, ROUTER_GEMV_MAX_TOKENS
 
@@ -29,11 +30,16 @@ def topk_launch(t: int, block_e: int) -> tuple[int, int]:
 
 
 @triton.jit(do_not_specialize=["T"])
-def _router_logits_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_x, stride_w, stride_o,
-                          BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, TOKENS: tl.constexpr, PDL: tl.constexpr):
+def _router_logits_kernel(x_ptr, w_ptr, out_ptr, r_ptr, nw_ptr, h_ptr, sum_ptr, T, E, H, stride_x, stride_w,
+                          stride_o, stride_r, stride_h, eps,
+                          BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, TOKENS: tl.constexpr, NORM: tl.constexpr,
+                          INTERPRET: tl.constexpr, PDL: tl.constexpr):
     """out[t, e] = sum over h of x[t, h] * w[e, h] in float32, for BLOCK_E experts and TOKENS tokens a
     program. The program holds its experts' whole weight rows, read before the PDL wait: nothing in a
-    step writes them (pdl.py), so their stream overlaps the kernel before."""
+    step writes them (pdl.py), so their stream overlaps the kernel before. NORM: x is first replaced by
+    RMSNorm(x + r) * nw, rounded as norm_rope.add_rms_norm rounds (the sum to x's dtype, the normalised
+    value to x's dtype before the weight multiplies it, the product to x's dtype); the programs of the
+    first expert block store the normed rows at h_ptr and the sums at sum_ptr (stride_h both)."""
     es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     ts = tl.program_id(1) * TOKENS + tl.arange(0, TOKENS)
     hs = tl.arange(0, BLOCK_H)
@@ -42,10 +48,23 @@ def _router_logits_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_x, stride_w, st
     h_ok = hs < H
     w = tl.load(w_ptr + es[:, None].to(tl.int64) * stride_w + hs[None, :], mask=e_ok[:, None] & h_ok[None, :],
                 other=0.0).to(tl.float32)
+    if NORM:
+        nw = tl.load(nw_ptr + hs, mask=h_ok, other=0.0).to(tl.float32)
     enter(PDL)
-    x = tl.load(x_ptr + ts[:, None].to(tl.int64) * stride_x + hs[None, :], mask=t_ok[:, None] & h_ok[None, :],
-                other=0.0).to(tl.float32)
-    acc = tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    ok = t_ok[:, None] & h_ok[None, :]
+    x = tl.load(x_ptr + ts[:, None].to(tl.int64) * stride_x + hs[None, :], mask=ok, other=0.0)
+    if NORM:
+        dtype = x_ptr.dtype.element_ty
+        total = round_as(x.to(tl.float32) + tl.load(r_ptr + ts[:, None].to(tl.int64) * stride_r + hs[None, :],
+                                                     mask=ok, other=0.0).to(tl.float32), dtype, INTERPRET)
+        inv = 1.0 / tl.sqrt(tl.sum(total * total, axis=1) / H + eps)
+        normed = round_as(round_as(total * inv[:, None], dtype, INTERPRET) * nw[None, :], dtype, INTERPRET)
+        first = tl.where(tl.program_id(0) == 0, ok, False)
+        rows = ts[:, None].to(tl.int64) * stride_h + hs[None, :]
+        tl.store(sum_ptr + rows, total.to(dtype), mask=first)
+        tl.store(h_ptr + rows, normed.to(dtype), mask=first)
+        x = normed
+    acc = tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     tl.store(out_ptr + ts[:, None] * stride_o + es[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
 
 
@@ -64,7 +83,6 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     launch (about 128 programs per 4 tokens), x read in its own dtype: the float32 GEMM it replaces was
     three launches at one token (a cast of x, a GEMV and its reduction)."""
     t, h = x.shape
-    e = weight.shape[0]
     if not 1 <= t <= ROUTER_GEMV_MAX_TOKENS:
         raise ValueError(f"router_logits takes 1..{ROUTER_GEMV_MAX_TOKENS} tokens, got {t}")
     if weight.shape[1] != h:
@@ -74,13 +92,49 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                          f"got {h}")
     x = x if x.stride(1) == 1 else x.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    return _launch_router(x, weight)
+
+
+def _launch_router(x: torch.Tensor, weight: torch.Tensor, norm: tuple | None = None) -> torch.Tensor:
+    """router_logits' launch; norm = (residual, norm weight, eps, normed out, sum out): x normed first."""
+    t, h = x.shape
+    e = weight.shape[0]
     out = empty(t, e, dtype=torch.float32, device=x.device)
     block_e, block_h, tokens, warps = _router_launch(e, h)
+    residual, norm_weight, eps, normed, total = norm if norm is not None else (x, x, 0.0, x, x)
     _router_logits_kernel[(triton.cdiv(e, block_e), triton.cdiv(t, tokens))](
-        x, weight, out, t, e, h, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_E=block_e, BLOCK_H=block_h, TOKENS=tokens, num_warps=warps, **launch_args(x),
+        x, weight, out, residual, norm_weight, normed, total, t, e, h, x.stride(0), weight.stride(0), out.stride(0),
+        residual.stride(0), normed.stride(0), eps,
+        BLOCK_E=block_e, BLOCK_H=block_h, TOKENS=tokens, NORM=norm is not None, INTERPRET=interpreting(),
+        num_warps=warps, **launch_args(x),
     )
     return out
+
+
+def supports_add_norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                             weight: torch.Tensor) -> bool:
+    """Whether add_norm_router_logits takes this call: decode-size 16-bit rows router_logits takes, with their
+    residual (same shape and dtype) and a norm weight in their dtype, all unit-strided along the hidden size."""
+    return (x.dim() == 2 and 1 <= x.shape[0] <= ROUTER_GEMV_MAX_TOKENS and x.shape[1] <= ROUTER_GEMV_MAX_HIDDEN
+            and x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1
+            and residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(1) == 1
+            and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype and norm_weight.stride(0) == 1
+            and weight.dim() == 2 and weight.shape[1] == x.shape[1] and weight.stride(1) == 1)
+
+
+def add_norm_router_logits(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                           weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, x + residual, router_logits(h, weight)) with h = norm_rope.add_rms_norm(x, residual, norm_weight,
+    eps)[0], in one launch: a decoder's add, its post-attention norm and the router's logits."""
+    if not supports_add_norm_router(x, residual, norm_weight, weight):
+        raise ValueError(f"add_norm_router_logits takes 1..{ROUTER_GEMV_MAX_TOKENS} 16-bit rows of at most "
+                         f"{ROUTER_GEMV_MAX_HIDDEN} features with their residual and norm weight in their dtype, got "
+                         f"x {tuple(x.shape)} {x.dtype}, residual {tuple(residual.shape)} {residual.dtype}, norm "
+                         f"weight {tuple(norm_weight.shape)} {norm_weight.dtype}, router weight {tuple(weight.shape)}")
+    normed = empty(*x.shape, dtype=x.dtype, device=x.device)
+    total = empty(*x.shape, dtype=x.dtype, device=x.device)
+    logits = _launch_router(x, weight, (residual, norm_weight, eps, normed, total))
+    return normed, total, logits
 
 
 @triton.jit(do_not_specialize=["T"])

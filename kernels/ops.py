@@ -66,6 +66,9 @@ LINEAR_MMA_MAX_K = 2048
 # 2 rows up to here: 0, off, until a GPU run times it in decode steps (benchmarks/profile_variants.py); the norm
 # kernel and linear_mma run apart meanwhile.
 ADD_NORM_MMA_MAX_ROWS = 0
+# A decoder's add and post-attention RMSNorm folded into the router's logits (gating.add_norm_router_logits) for
+# 1 token up to here: 0, off, until a GPU run times it in decode steps (benchmarks/profile_variants.py).
+ADD_NORM_ROUTER_MAX_TOKENS = 0
 if DISABLED - set(KERNEL_MODULES):
     raise ValueError(f"MOESERVE_DISABLE_KERNELS names unknown kernels {sorted(DISABLED - set(KERNEL_MODULES))}; "
                      f"choose from {', '.join(KERNEL_MODULES)}")
@@ -270,6 +273,22 @@ def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: to
             return gemv.add_norm_linear_mma(x, residual, norm_weight, eps, weight, bias)
     h, total = add_rms_norm(x, residual, norm_weight, eps)
     return linear(h, weight, bias), total
+
+
+def add_rms_norm_router_logits(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                               router_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, x + residual, router_logits(h, router_weight)) with h = add_rms_norm(x, residual, norm_weight, eps)[0]:
+    a decoder's add, its post-attention norm and the MoE router's logits. On CUDA up to
+    ADD_NORM_ROUTER_MAX_TOKENS tokens the kernel takes: one launch (gating.add_norm_router_logits); else the calls
+    one after the other."""
+    if (_on_gpu(x, "gating") and _on_gpu(x, "norm_rope") and x.dim() == 2
+            and x.shape[0] <= min(ADD_NORM_ROUTER_MAX_TOKENS, ROUTER_GEMV_MAX_TOKENS)):
+        from . import gating
+
+        if gating.supports_add_norm_router(x, residual, norm_weight, router_weight):
+            return gating.add_norm_router_logits(x, residual, norm_weight, eps, router_weight)
+    h, total = add_rms_norm(x, residual, norm_weight, eps)
+    return h, total, router_logits(h, router_weight)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import ops
 from .batch import AttentionBatch
 from .config import ModelConfig
 from .layers.moe import ExpertBackend, MoEBlock
@@ -40,8 +41,13 @@ class DecoderLayer(nn.Module):
         h = self.input_layernorm(x) if residual is None else PendingNorm(x, residual, self.input_layernorm)
         out = self.self_attn(h, rope, batch)
         residual = x if residual is None else h.total()
+        ffn = getattr(self, self.ffn_name)
+        if isinstance(ffn, MoEBlock):  # the router's logits may come from the norm's own launch
+            norm = self.post_attention_layernorm
+            h, residual, logits = ops.add_rms_norm_router_logits(out, residual, norm.weight, norm.eps, ffn.gate.weight)
+            return ffn(h, logits), residual
         h, residual = self.post_attention_layernorm.add_forward(out, residual)
-        return getattr(self, self.ffn_name)(h), residual
+        return ffn(h), residual
 
 
 class DecoderStack(nn.Module):

@@ -29,10 +29,11 @@ class TopKGate(nn.Module):
             self.e_score_correction_bias = nn.Parameter(torch.zeros(self.moe.n_routed_experts))
         self.deepseek_v2 = config.model_type == "deepseek_v2"
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(topk_ids [T, k] int64, topk_weights [T, k] float32), weights final."""
+    def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(topk_ids [T, k] int64, topk_weights [T, k] float32), weights final. logits: the router's logits of
+        x when the caller has them already (ops.add_rms_norm_router_logits)."""
         m = self.moe
-        logits = ops.router_logits(x, self.weight)
+        logits = ops.router_logits(x, self.weight) if logits is None else logits
         # DeepSeek-V2's released code scales by routed_scaling_factor only when it does not renormalise.
         scaling = 1.0 if (self.deepseek_v2 and m.norm_topk_prob) else m.routed_scaling_factor
         if m.topk_method == "greedy":
@@ -63,10 +64,11 @@ class MoEBlock(nn.Module):
         self.has_shared = bool(config.moe.n_shared_experts)
         self.experts_backend: ExpertBackend | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The routed experts' output for x (plus the shared experts'); logits: the router's, if taken already."""
         if self.experts_backend is None:
             raise RuntimeError("no expert backend: load the model with load_experts=True or call set_expert_backend()")
-        ids, weights = self.gate(x)
+        ids, weights = self.gate(x, logits)
         submit = getattr(self.experts_backend, "submit", None)
         if self.has_shared and submit is not None:
             # A backend that dispatches to expert groups returns at once; the shared experts run meanwhile.

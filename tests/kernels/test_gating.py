@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_cases import DEVICE, gpu
+from kernel_cases import DEVICE, ON_GPU, gpu
 
 from moeserve.kernels import gating
 from moeserve.kernels import reference as ref
@@ -166,3 +166,44 @@ def test_router_logits_of_a_row_do_not_depend_on_the_batch(gen):
     batch = gating.router_logits(x, w)
     for t in (1, 3, 5):
         assert torch.equal(gating.router_logits(x[:t], w), batch[:t])
+
+
+@pytest.mark.parametrize("t,e,h", [(1, 128, 256), (5, 60, 200), (16, 8, 64), (3, 256, 130)])
+def test_add_norm_router_logits_are_the_add_the_norm_and_the_router(t, e, h, gen, monkeypatch):
+    """The decoder's add and post-attention RMSNorm folded into the router's launch: the sums and the normed
+    rows are norm_rope.add_rms_norm's bits (the reference's here), written once whatever the number of expert
+    blocks, and the logits the router's over those rows; a row's results do not depend on the batch.
+    ops.add_rms_norm_router_logits takes it up to ADD_NORM_ROUTER_MAX_TOKENS tokens (0: never)."""
+    from moeserve.kernels import ops
+
+    x = torch.randn(t, h, generator=gen, device=DEVICE).to(torch.bfloat16)
+    residual = (torch.randn(t, h, generator=gen, device=DEVICE) * 4).to(torch.bfloat16)
+    norm_weight = (1 + torch.randn(h, generator=gen, device=DEVICE) / 4).to(torch.bfloat16)
+    w = torch.randn(e, h, generator=gen, device=DEVICE)
+    normed, total, logits = gating.add_norm_router_logits(x, residual, norm_weight, 1e-6, w)
+    want_h, want_total = ref.add_rms_norm(x, residual, norm_weight, 1e-6)
+    assert torch.equal(total, want_total)
+    torch.testing.assert_close(normed, want_h, rtol=8e-3, atol=0)  # within a bf16 rounding: the sum's order
+    torch.testing.assert_close(logits, ref.router_logits(want_h, w), rtol=1e-5, atol=1e-4)
+    one = gating.add_norm_router_logits(x[:1], residual[:1], norm_weight, 1e-6, w)
+    assert all(torch.equal(a, b[:1]) for a, b in zip(one, (normed, total, logits)))
+    for tokens in (0, 16):
+        monkeypatch.setattr(ops, "ADD_NORM_ROUTER_MAX_TOKENS", tokens)
+        got = ops.add_rms_norm_router_logits(x, residual, norm_weight, 1e-6, w)
+        assert torch.equal(got[1], want_total)
+        if tokens and ON_GPU:  # the fused kernel; else add_rms_norm and then the router
+            assert all(torch.equal(a, b) for a, b in zip(got, (normed, total, logits)))
+        else:
+            assert torch.equal(got[2], ops.router_logits(got[0], w))
+
+
+def test_add_norm_router_logits_refuse_what_they_do_not_take(gen):
+    x = torch.zeros(2, 64, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(8, 64, generator=gen, device=DEVICE)
+    norm_weight = torch.ones(64, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="16-bit rows"):
+        gating.add_norm_router_logits(x.float(), x.float(), norm_weight, 1e-6, w)
+    with pytest.raises(ValueError, match="norm weight"):
+        gating.add_norm_router_logits(x, x, norm_weight.float(), 1e-6, w)
+    with pytest.raises(ValueError, match="residual"):
+        gating.add_norm_router_logits(x, x[:1], norm_weight, 1e-6, w)

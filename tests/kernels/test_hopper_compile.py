@@ -45,6 +45,8 @@ def test_moe_and_gating_kernels_compile_for_hopper(gen):
         gating.softmax_topk(logits, 6, True)
         gating.softmax_topk(torch.randn(100, 64, generator=gen).bfloat16(), 6, True)  # several tokens per program
         gating.router_logits(random_hidden(3, h, gen), torch.randn(64, h, generator=gen))
+        x = random_hidden(3, h, gen)  # with the decoder's add and post-attention norm
+        gating.add_norm_router_logits(x, x, x[0], 1e-6, torch.randn(64, h, generator=gen))
         gating.router_logits_gemm(random_hidden(37, h, gen), torch.randn(64, h, generator=gen))
         gating.grouped_topk(logits, 6, n_group=8, topk_group=3, renormalize=True, scoring="sigmoid",
                          correction_bias=torch.zeros(64), routed_scaling_factor=2.5)
