@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .launch import empty, interpreting
-from .numerics import round_as
+from .numerics import norm_operands_fit, norm_operands_text, round_as
 from .pdl import enter, launch_args
 from .ops import ROUTER_GEMV_MAX_HIDDEN, ROUTER_GEMV_MAX_TOKENS
 
@@ -117,8 +117,7 @@ def supports_add_norm_router(x: torch.Tensor, residual: torch.Tensor, norm_weigh
     residual (same shape and dtype) and a norm weight in their dtype, all unit-strided along the hidden size."""
     return (x.dim() == 2 and 1 <= x.shape[0] <= ROUTER_GEMV_MAX_TOKENS and x.shape[1] <= ROUTER_GEMV_MAX_HIDDEN
             and x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1
-            and residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(1) == 1
-            and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype and norm_weight.stride(0) == 1
+            and norm_operands_fit(x, residual, norm_weight)
             and weight.dim() == 2 and weight.shape[1] == x.shape[1] and weight.stride(1) == 1)
 
 
@@ -129,8 +128,7 @@ def add_norm_router_logits(x: torch.Tensor, residual: torch.Tensor, norm_weight:
     if not supports_add_norm_router(x, residual, norm_weight, weight):
         raise ValueError(f"add_norm_router_logits takes 1..{ROUTER_GEMV_MAX_TOKENS} 16-bit rows of at most "
                          f"{ROUTER_GEMV_MAX_HIDDEN} features with their residual and norm weight in their dtype, got "
-                         f"x {tuple(x.shape)} {x.dtype}, residual {tuple(residual.shape)} {residual.dtype}, norm "
-                         f"weight {tuple(norm_weight.shape)} {norm_weight.dtype}, router weight {tuple(weight.shape)}")
+                         f"{norm_operands_text(x, residual, norm_weight, weight)}")
     normed = empty(*x.shape, dtype=x.dtype, device=x.device)
     total = empty(*x.shape, dtype=x.dtype, device=x.device)
     logits = _launch_router(x, weight, (residual, norm_weight, eps, normed, total))

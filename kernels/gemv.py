@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .launch import empty, interpreting
-from .numerics import round_as
+from .numerics import norm_operands_fit, norm_operands_text, round_as
 from .pdl import enter, launch_args
 
 MAX_ROWS = 8  # rows of x per call: decode batches up to here
@@ -100,8 +100,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def supports_add_norm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether add_norm_linear takes this call: one row linear() takes, its residual (contiguous) and
     norm weight in x's dtype."""
-    return (supports(x, weight) and x.shape[0] == 1 and residual.shape == x.shape and residual.dtype == x.dtype
-            and residual.stride(-1) == 1 and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype)
+    return supports(x, weight) and x.shape[0] == 1 and norm_operands_fit(x, residual, norm_weight)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, tile: int = TILE,
@@ -138,10 +137,8 @@ def add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.
     eps)[0], for one row x [1, K] that linear() takes and residual and norm_weight of x's dtype: one
     launch for the decoder's add, its next RMSNorm and the projection after it."""
     if not supports_add_norm(x, residual, norm_weight, weight):
-        raise ValueError(f"add_norm_linear takes one row with its residual and norm weight in its dtype, got x "
-                         f"{tuple(x.shape)} {x.dtype}, residual {tuple(residual.shape)} {residual.dtype}, norm "
-                         f"weight {tuple(norm_weight.shape)} {norm_weight.dtype}, weight {tuple(weight.shape)} "
-                         f"{weight.dtype}")
+        raise ValueError(f"add_norm_linear takes one row with its residual and norm weight in its dtype, got "
+                         f"{norm_operands_text(x, residual, norm_weight, weight)}")
     total = empty(1, x.shape[1], dtype=x.dtype, device=x.device)
     return _launch(x, weight, bias, tile, num_warps, (residual, norm_weight, eps, total)), total
 
@@ -259,9 +256,7 @@ def supports_add_norm_mma(x: torch.Tensor, residual: torch.Tensor, norm_weight: 
                           weight: torch.Tensor) -> bool:
     """Whether add_norm_linear_mma takes this call: rows linear_mma takes, their residual (same shape and
     dtype, unit stride along K) and a norm weight in x's dtype."""
-    return (supports_mma(x, weight) and residual.shape == x.shape and residual.dtype == x.dtype
-            and residual.stride(-1) == 1 and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype
-            and norm_weight.stride(0) == 1)
+    return supports_mma(x, weight) and norm_operands_fit(x, residual, norm_weight)
 
 
 def add_norm_linear_mma(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -271,8 +266,6 @@ def add_norm_linear_mma(x: torch.Tensor, residual: torch.Tensor, norm_weight: to
     h = norm_rope.add_rms_norm(x, residual, norm_weight, eps)[0], in one launch."""
     if not supports_add_norm_mma(x, residual, norm_weight, weight):
         raise ValueError(f"add_norm_linear_mma takes 1..{MMA_ROWS} rows with their residual and norm weight in "
-                         f"their dtype, got x {tuple(x.shape)} {x.dtype}, residual {tuple(residual.shape)} "
-                         f"{residual.dtype}, norm weight {tuple(norm_weight.shape)} {norm_weight.dtype}, weight "
-                         f"{tuple(weight.shape)} {weight.dtype}")
+                         f"their dtype, got {norm_operands_text(x, residual, norm_weight, weight)}")
     total = empty(*x.shape, dtype=x.dtype, device=x.device)
     return _launch_mma(x, weight, bias, launch, (residual, norm_weight, eps, total)), total

@@ -15,6 +15,20 @@ FP8_GROUP = 128  # activation and weight scale block along K (DeepSeek-V3)
 QUANT_CODES = {"bf16": 0, "fp8": 1, "int8": 2}  # the expert kernels' QUANT constexpr, by weight format
 
 
+def norm_operands_fit(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor) -> bool:
+    """Whether a kernel that folds a decoder's add and RMSNorm in takes these operands: the residual of x's
+    shape and dtype, a norm weight of x's dtype and width, both unit-strided along the features."""
+    return (residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1
+            and norm_weight.shape == (x.shape[-1],) and norm_weight.dtype == x.dtype and norm_weight.stride(0) == 1)
+
+
+def norm_operands_text(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                       weight: torch.Tensor) -> str:
+    """The operands of such a call, for the message that refuses it."""
+    return (f"x {tuple(x.shape)} {x.dtype}, residual {tuple(residual.shape)} {residual.dtype}, norm weight "
+            f"{tuple(norm_weight.shape)} {norm_weight.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+
+
 @triton.jit
 def rtne_bf16(x):
     """x (float32) rounded to the bfloat16 grid, to nearest even. The CPU interpreter truncates when

@@ -149,13 +149,17 @@ def test_add_norm_linear_is_the_add_the_norm_and_the_projection(n, k, bias, gen)
         assert torch.equal(got, torch.nn.functional.linear(h, w, b))
 
 
-def test_add_norm_linear_refuses_what_it_does_not_take(gen):
-    x, w, _ = _problem(2, 16, 64, gen)
+@pytest.mark.parametrize("fused,rows", [(gemv.add_norm_linear, 1), (gemv.add_norm_linear_mma, gemv.MMA_ROWS)])
+def test_add_norm_linear_refuses_what_it_does_not_take(fused, rows, gen):
+    """More rows than the kernel takes, a norm weight or a residual that do not match x: a message that says so."""
+    x, w, _ = _problem(rows + 1, 16, 64, gen)
     norm_weight = torch.ones(64, dtype=x.dtype, device=DEVICE)
-    with pytest.raises(ValueError, match="one row"):
-        gemv.add_norm_linear(x, x, norm_weight, 1e-6, w)
+    with pytest.raises(ValueError, match="one row" if rows == 1 else f"1..{rows} rows"):
+        fused(x, x, norm_weight, 1e-6, w)
     with pytest.raises(ValueError, match="norm weight"):
-        gemv.add_norm_linear(x[:1], x[:1], norm_weight.float(), 1e-6, w)
+        fused(x[:1], x[:1], norm_weight.float(), 1e-6, w)
+    with pytest.raises(ValueError, match="residual"):
+        fused(x[:1], x[:2], norm_weight, 1e-6, w)
 
 
 @pytest.mark.parametrize("m,n,k,bias", [(2, 64, 32, False), (5, 37, 300, True), (16, 130, 512, False)])
@@ -183,17 +187,6 @@ def test_add_norm_linear_mma_is_the_add_the_norm_and_the_projection(m, n, k, bia
             assert torch.equal(got, y)
         elif not ON_GPU:
             assert torch.equal(got, torch.nn.functional.linear(h, w, b))
-
-
-def test_add_norm_linear_mma_refuses_what_it_does_not_take(gen):
-    x, w, _ = _problem(17, 16, 64, gen)
-    norm_weight = torch.ones(64, dtype=x.dtype, device=DEVICE)
-    with pytest.raises(ValueError, match="1..16 rows"):
-        gemv.add_norm_linear_mma(x, x, norm_weight, 1e-6, w)
-    with pytest.raises(ValueError, match="norm weight"):
-        gemv.add_norm_linear_mma(x[:4], x[:4], norm_weight.float(), 1e-6, w)
-    with pytest.raises(ValueError, match="residual"):
-        gemv.add_norm_linear_mma(x[:4], x[:3], norm_weight, 1e-6, w)
 
 
 @pytest.mark.parametrize("launch", [(16, 64, 4, 3), (32, 128, 4, 4), (64, 128, 4, 4)])
