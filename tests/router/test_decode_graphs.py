@@ -281,6 +281,24 @@ def test_cuda_graphs_take_contexts_past_the_gather_bound(hf_checkpoint, monkeypa
     assert got == want
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral-window"])
+def test_cuda_graphs_with_the_fused_merge_equal_eager(arch, hf_checkpoint, monkeypatch):
+    """decode_attention.FUSED_MERGE (a launch choice off by default): decode attention's splits merged by the
+    last of each group through an atomic count. Captured in graphs and replayed step after step, its counts
+    stay at zero between calls, and the tokens are the eager engine's (which takes the same launch)."""
+    from moeserve.kernels import decode_attention
+
+    monkeypatch.setattr(decode_attention, "FUSED_MERGE", True)
+    path = str(hf_checkpoint(arch.split("-")[0], seed=1, **PROMPT_ARCHS[arch]))
+    want, _ = _serve(path, "off", device="cuda", dtype="float32")
+    got, engine = _serve(path, "auto", device="cuda", dtype="float32")
+    graphs = engine.runner.graphs
+    assert graphs.failed is None and graphs._graphs and graphs.steps > 20
+    assert got == want
+    assert not any(c.any() for c in decode_attention._COUNTS[torch.device("cuda", torch.cuda.current_device())])
+
+
 def test_start_up_plan_and_padding_rows_touch_only_the_scratch_block(hf_checkpoint):
     """The shapes captured at start-up, and the padding-only step each capture runs: it writes the
     scratch block and nothing else, so capturing ahead cannot disturb a cache in use."""
