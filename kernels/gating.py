@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .launch import empty, interpreting
-from .numerics import norm_operands_fit, norm_operands_text, round_as
+from .numerics import add_rounded, norm_operands_fit, norm_operands_text, norm_rounded
 from .pdl import enter, launch_args
 from .ops import ROUTER_GEMV_MAX_HIDDEN, ROUTER_GEMV_MAX_TOKENS
 
@@ -37,9 +37,9 @@ def _router_logits_kernel(x_ptr, w_ptr, out_ptr, r_ptr, nw_ptr, h_ptr, sum_ptr, 
     """out[t, e] = sum over h of x[t, h] * w[e, h] in float32, for BLOCK_E experts and TOKENS tokens a
     program. The program holds its experts' whole weight rows, read before the PDL wait: nothing in a
     step writes them (pdl.py), so their stream overlaps the kernel before. NORM: x is first replaced by
-    RMSNorm(x + r) * nw, rounded as norm_rope.add_rms_norm rounds (the sum to x's dtype, the normalised
-    value to x's dtype before the weight multiplies it, the product to x's dtype); the programs of the
-    first expert block store the normed rows at h_ptr and the sums at sum_ptr (stride_h both)."""
+    RMSNorm(x + r) * nw, rounded as norm_rope.add_rms_norm rounds (numerics.add_rounded, norm_rounded); the
+    programs of the first expert block store the normed rows at h_ptr and the sums at sum_ptr (stride_h
+    both)."""
     es = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     ts = tl.program_id(1) * TOKENS + tl.arange(0, TOKENS)
     hs = tl.arange(0, BLOCK_H)
@@ -55,10 +55,10 @@ def _router_logits_kernel(x_ptr, w_ptr, out_ptr, r_ptr, nw_ptr, h_ptr, sum_ptr, 
     x = tl.load(x_ptr + ts[:, None].to(tl.int64) * stride_x + hs[None, :], mask=ok, other=0.0)
     if NORM:
         dtype = x_ptr.dtype.element_ty
-        total = round_as(x.to(tl.float32) + tl.load(r_ptr + ts[:, None].to(tl.int64) * stride_r + hs[None, :],
-                                                     mask=ok, other=0.0).to(tl.float32), dtype, INTERPRET)
+        total = add_rounded(x, tl.load(r_ptr + ts[:, None].to(tl.int64) * stride_r + hs[None, :], mask=ok, other=0.0),
+                            dtype, INTERPRET)
         inv = 1.0 / tl.sqrt(tl.sum(total * total, axis=1) / H + eps)
-        normed = round_as(round_as(total * inv[:, None], dtype, INTERPRET) * nw[None, :], dtype, INTERPRET)
+        normed = norm_rounded(total, inv[:, None], nw[None, :], dtype, INTERPRET)
         first = tl.where(tl.program_id(0) == 0, ok, False)
         rows = ts[:, None].to(tl.int64) * stride_h + hs[None, :]
         tl.store(sum_ptr + rows, total.to(dtype), mask=first)

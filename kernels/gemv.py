@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .launch import empty, interpreting
-from .numerics import norm_operands_fit, norm_operands_text, round_as
+from .numerics import add_rounded, norm_operands_fit, norm_operands_text, norm_rounded
 from .pdl import enter, launch_args
 
 MAX_ROWS = 8  # rows of x per call: decode batches up to here
@@ -56,10 +56,10 @@ def _add_norm(x, r_ptr, nw, sum_ptr, k, k_ok, K, eps, INTERPRET: tl.constexpr):
     """RMSNorm(x + r) * nw for one row x [BLOCK_K] (16-bit), rounded as norm_rope's kernel rounds: the
     sum to x's dtype, the normalised value to x's dtype before the weight multiplies it, the product
     to x's dtype. The first program stores the sum at sum_ptr."""
-    s = round_as(x.to(tl.float32) + tl.load(r_ptr + k, mask=k_ok, other=0.0).to(tl.float32), x.dtype, INTERPRET)
+    s = add_rounded(x, tl.load(r_ptr + k, mask=k_ok, other=0.0), x.dtype, INTERPRET)
     tl.store(sum_ptr + k, s.to(x.dtype), mask=tl.where(tl.program_id(0) == 0, k_ok, False))
     inv = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / K + eps)
-    return round_as(round_as(s * inv, x.dtype, INTERPRET) * nw, x.dtype, INTERPRET)
+    return norm_rounded(s, inv, nw, x.dtype, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -168,8 +168,8 @@ def _mma_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, sum_ptr, M, N, K, str
         squares = tl.zeros([ROWS], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ok = (kk < K - k0)[:, None] & r_ok[None, :]
-            total = round_as(tl.load(x_ptrs + k0, mask=ok, other=0.0).to(tl.float32)
-                             + tl.load(res_ptrs + k0, mask=ok, other=0.0).to(tl.float32), dtype, INTERPRET)
+            total = add_rounded(tl.load(x_ptrs + k0, mask=ok, other=0.0), tl.load(res_ptrs + k0, mask=ok, other=0.0),
+                                dtype, INTERPRET)
             squares += tl.sum(total * total, axis=0)
             tl.store(sum_ptr + r[None, :] * stride_sm + (kk[:, None] + k0), total.to(dtype),
                      mask=tl.where(tl.program_id(0) == 0, ok, False))
@@ -185,10 +185,9 @@ def _mma_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, sum_ptr, M, N, K, str
         if NORM:  # the tile of RMSNorm(x + r) * nw, as the first pass rounded the sums
             k_in = kk < K - k0
             ok = k_in[:, None] & r_ok[None, :]
-            total = round_as(x.to(tl.float32) + tl.load(res_ptrs + k0, mask=ok, other=0.0).to(tl.float32), dtype,
-                             INTERPRET)
+            total = add_rounded(x, tl.load(res_ptrs + k0, mask=ok, other=0.0), dtype, INTERPRET)
             nw = tl.load(nw_ptr + k0 + kk, mask=k_in, other=0.0).to(tl.float32)
-            x = round_as(round_as(total * inv[None, :], dtype, INTERPRET) * nw[:, None], dtype, INTERPRET).to(dtype)
+            x = norm_rounded(total, inv[None, :], nw[:, None], dtype, INTERPRET).to(dtype)
         if INTERPRET:  # the CPU interpreter multiplies 16-bit floats as raw integers; upcast there only
             w = w.to(tl.float32)
             x = x.to(tl.float32)

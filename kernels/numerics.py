@@ -68,6 +68,21 @@ def round_as(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def add_rounded(x, r, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """x + r in float32, rounded to dtype: the residual stream's next value, as norm_rope.add_rms_norm sums it."""
+    return round_as(x.to(tl.float32) + r.to(tl.float32), dtype, INTERPRET)
+
+
+@triton.jit
+def norm_rounded(total, inv, nw, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """RMSNorm of the sums `total` by their inverse root mean squares `inv`, times the norm weight nw (all
+    float32, broadcast by the caller), rounded as norm_rope.add_rms_norm rounds: the normalised value to dtype
+    before the weight multiplies it, the product to dtype. Kernels that fold the norm in use this, so they
+    give its bits."""
+    return round_as(round_as(total * inv, dtype, INTERPRET) * nw, dtype, INTERPRET)
+
+
+@triton.jit
 def store_rounded(ptrs, x, mask, INTERPRET: tl.constexpr):
     if INTERPRET:
         if ptrs.dtype.element_ty == tl.bfloat16:

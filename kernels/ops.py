@@ -135,10 +135,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= LINEAR_GEMV_MAX_ROWS and gemv.supports(x2, weight):
             return gemv.linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
-        if (x2.shape[0] <= LINEAR_MMA_MAX_ROWS and weight.shape[0] <= LINEAR_MMA_MAX_N
-                and x2.shape[1] <= LINEAR_MMA_MAX_K and gemv.supports_mma(x2, weight)):
+        if _takes_mma(x2, weight):
             return gemv.linear_mma(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
+
+
+def _takes_mma(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear() runs rows x [M, K] (M past LINEAR_GEMV_MAX_ROWS) through gemv.linear_mma: the rows and the
+    weights it gained on (LINEAR_MMA_MAX_*), and a call the kernel takes."""
+    from . import gemv
+
+    return (x.shape[0] <= LINEAR_MMA_MAX_ROWS and weight.shape[0] <= LINEAR_MMA_MAX_N
+            and x.shape[1] <= LINEAR_MMA_MAX_K and gemv.supports_mma(x, weight))
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -267,8 +275,7 @@ def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: to
 
         if gemv.supports_add_norm(x, residual, norm_weight, weight):
             return gemv.add_norm_linear(x, residual, norm_weight, eps, weight, bias)
-        if (x.dim() == 2 and 2 <= x.shape[0] <= min(ADD_NORM_MMA_MAX_ROWS, LINEAR_MMA_MAX_ROWS)
-                and weight.shape[0] <= LINEAR_MMA_MAX_N and x.shape[1] <= LINEAR_MMA_MAX_K
+        if (x.dim() == 2 and 2 <= x.shape[0] <= ADD_NORM_MMA_MAX_ROWS and _takes_mma(x, weight)
                 and gemv.supports_add_norm_mma(x, residual, norm_weight, weight)):
             return gemv.add_norm_linear_mma(x, residual, norm_weight, eps, weight, bias)
     h, total = add_rms_norm(x, residual, norm_weight, eps)
@@ -281,11 +288,10 @@ def add_rms_norm_router_logits(x: torch.Tensor, residual: torch.Tensor, norm_wei
     a decoder's add, its post-attention norm and the MoE router's logits. On CUDA up to
     ADD_NORM_ROUTER_MAX_TOKENS tokens the kernel takes: one launch (gating.add_norm_router_logits); else the calls
     one after the other."""
-    if (_on_gpu(x, "gating") and _on_gpu(x, "norm_rope") and x.dim() == 2
-            and x.shape[0] <= min(ADD_NORM_ROUTER_MAX_TOKENS, ROUTER_GEMV_MAX_TOKENS)):
+    if _on_gpu(x, "gating") and _on_gpu(x, "norm_rope") and x.shape[0] <= ADD_NORM_ROUTER_MAX_TOKENS:
         from . import gating
 
-        if gating.supports_add_norm_router(x, residual, norm_weight, router_weight):
+        if gating.supports_add_norm_router(x, residual, norm_weight, router_weight):  # its rows, dims, dtypes
             return gating.add_norm_router_logits(x, residual, norm_weight, eps, router_weight)
     h, total = add_rms_norm(x, residual, norm_weight, eps)
     return h, total, router_logits(h, router_weight)
