@@ -299,6 +299,35 @@ def test_cuda_graphs_with_the_fused_merge_equal_eager(arch, hf_checkpoint, monke
     assert not any(c.any() for c in decode_attention._COUNTS[torch.device("cuda", torch.cuda.current_device())])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_with_the_fused_norms_equal_eager(hf_checkpoint, monkeypatch):
+    """ops.ADD_NORM_MMA_MAX_ROWS and ops.ADD_NORM_ROUTER_MAX_TOKENS (launch choices off by default): a decoder's
+    add and RMSNorm folded into the q/k/v projection of 2..16 rows and into the router's logits. In bf16
+    (the kernels take 16-bit rows), captured in graphs: both kernels ran, and the tokens are those of the
+    eager engine with both switches off."""
+    from moeserve.kernels import gating, gemv, ops
+
+    path = str(hf_checkpoint("qwen3_moe", seed=1))
+    want, _ = _serve(path, "off", device="cuda", dtype="bfloat16")
+    calls = {"mma": 0, "router": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(gemv, "add_norm_linear_mma", counted("mma", gemv.add_norm_linear_mma))
+    monkeypatch.setattr(gating, "add_norm_router_logits", counted("router", gating.add_norm_router_logits))
+    monkeypatch.setattr(ops, "ADD_NORM_MMA_MAX_ROWS", 16)
+    monkeypatch.setattr(ops, "ADD_NORM_ROUTER_MAX_TOKENS", 16)
+    got, engine = _serve(path, "auto", device="cuda", dtype="bfloat16")
+    graphs = engine.runner.graphs
+    assert graphs.failed is None and graphs._graphs and graphs.steps > 20
+    assert calls["mma"] > 0 and calls["router"] > 0
+    assert got == want
+
+
 def test_start_up_plan_and_padding_rows_touch_only_the_scratch_block(hf_checkpoint):
     """The shapes captured at start-up, and the padding-only step each capture runs: it writes the
     scratch block and nothing else, so capturing ahead cannot disturb a cache in use."""
