@@ -141,6 +141,7 @@ def main() -> int:
         print(f"| {name} | {r['ttft_ms']['p50']:.1f} | {r['ttft_ms']['p90']:.1f} | {r['tpot_ms']['p50']:.2f} | "
               f"{r['tpot_ms']['p90']:.2f} | {r['output_tok_s']:.0f} | {r['output_tok_s'] / base:.2f}x |")
     out = Path(args.out_dir) / "bench_http_front.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "started": started, "results": results}, indent=2))
     print(f"wrote {out}")
     return 0

@@ -44,11 +44,11 @@ from aiohttp import web
 
 from moeserve.router import status_codes
 from moeserve.router.auth import TokenSet, bearer_token
+from moeserve.router.chat import Chat, ChatRead, ChatReader, constrain
 from moeserve.router.client import fill_structured_output
 from moeserve.router.errors import InvalidRequestError
-from moeserve.router.reasoning import ReasoningSplitter, opens_thinking, think_first
 from moeserve.router.sequence import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS
-from moeserve.router.tool_calls import CallDelta, ToolCallParser, ToolFormat, calls_of, structural_tag
+from moeserve.router.tool_calls import ToolFormat
 from moeserve.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -226,22 +226,6 @@ def _structured_output(body: dict, req: pb.GenerateRequest) -> str | None:
     return name
 
 
-def _as_format(so: pb.StructuredOutput, param: str) -> dict:
-    """A StructuredOutput's constraint as an xgrammar structural tag format (to follow a reasoning block)."""
-    kind = so.WhichOneof("constraint")
-    if kind in ("json_schema", "json_object"):  # (a run of blank space: one character, the least xgrammar allows)
-        try:
-            schema = json.loads(so.json_schema) if kind == "json_schema" else {"type": "object"}
-        except ValueError as exc:
-            raise InvalidRequestError(param, f"is not JSON: {exc}") from None
-        return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1}
-    if kind == "regex":
-        return {"type": "regex", "pattern": so.regex}
-    if kind == "grammar":
-        return {"type": "grammar", "grammar": so.grammar}
-    return {"type": "or", "elements": [{"type": "const_string", "value": v} for v in so.choice.values]}
-
-
 def choices(body: dict, req: pb.GenerateRequest, prompts: list, stream: bool, chat: bool
             ) -> tuple[list[pb.GenerateRequest], int, int, bool]:
     """(the engine requests, `best_of` of them per prompt, prompt after prompt; best_of; the number of choices to
@@ -280,72 +264,6 @@ def choices(body: dict, req: pb.GenerateRequest, prompts: list, stream: bool, ch
     return out, best_of, n, echo
 
 
-def _tools(body: dict) -> tuple[list | None, dict[str, dict], Any]:
-    """The chat body's tools (rendered by the chat template), their {name: parameters schema}, and tool_choice:
-    "none", "auto" (the default with tools), "required" or the name of the function to call."""
-    tools, choice = body.get("tools"), body.get("tool_choice")
-    if tools is None:
-        if choice not in (None, "none"):
-            raise InvalidRequestError("tool_choice", "needs tools")
-        return None, {}, "none"
-    if not isinstance(tools, list) or not tools:
-        raise InvalidRequestError("tools", "must be a non-empty list of {type: function, function: {...}}")
-    functions = {}
-    for i, t in enumerate(tools):
-        f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
-        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
-            raise InvalidRequestError(f"tools[{i}]", 'must be {"type": "function", "function": {"name": ...}}')
-        params = f.get("parameters", {"type": "object"})
-        if not isinstance(params, dict):
-            raise InvalidRequestError(f"tools[{i}].function.parameters", "must be a JSON Schema (an object)")
-        functions[f["name"]] = params
-    if choice in (None, "auto", "none", "required"):
-        return tools, functions, choice or "auto"
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
-        else None
-    if name not in functions:
-        raise InvalidRequestError("tool_choice", f"must be \"none\", \"auto\", \"required\" or a function of tools "
-                                                 f"({', '.join(functions)}), got {choice!r}")
-    return tools, functions, name
-
-
-def _tool_plan(body: dict, tools: list, functions: dict[str, dict], choice: str, fmt: ToolFormat | None,
-               thinking: bool) -> "_ToolPlan | None":
-    """How a chat whose tools may be called is generated and read back. With the model's tool-call format known,
-    the output is held to its structural tag (free text and calls for "auto") and parsed in that format; without
-    it, "required" or a named function make the whole output the call(s) as JSON (a list of {"name", "arguments"}
-    for "required", the arguments for a named function), and "auto" is refused: telling a call from text takes
-    the format."""
-    if choice == "none":
-        return None
-    if any(body.get(k) is not None for k in ("response_format", *_GUIDED)):
-        raise InvalidRequestError("tool_choice", "a call's arguments are a structured output already: leave out "
-                                                 "response_format and guided_*, or give tool_choice \"none\"")
-    parallel = body.get("parallel_tool_calls", True)
-    if not isinstance(parallel, bool):
-        raise InvalidRequestError("parallel_tool_calls", f"must be true or false, got {parallel!r}")
-    names = tuple(functions) if choice in ("auto", "required") else (choice,)
-    if fmt is not None:
-        forced = choice if choice in ("auto", "required") else {"type": "function", "function": {"name": choice}}
-        try:
-            spec = structural_tag(fmt, tools, forced, parallel, thinking)
-        except ValueError as exc:  # a schema xgrammar does not take
-            raise InvalidRequestError("tools", f"cannot be held to this model's call format: {exc}") from None
-        return _ToolPlan("native", names, ("structural_tag", spec), fmt)
-    if choice == "auto":
-        raise InvalidRequestError("tool_choice", '"auto" needs this model\'s tool-call format, which its chat template '
-                                                 'does not show (serve --tool-call-format names it); give '
-                                                 '"required", a function {"type": "function", "function": '
-                                                 '{"name": ...}}, or "none"')
-    if choice == "required":
-        one = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": params},
-                          "required": ["name", "arguments"], "additionalProperties": False}
-                         for name, params in functions.items()]}
-        calls = {"type": "array", "minItems": 1, "items": one, **({} if parallel else {"maxItems": 1})}
-        return _ToolPlan("required", names, ("json_schema", calls))
-    return _ToolPlan("named", names, ("json_schema", functions[choice]))
-
-
 class OpenAIHTTP:
     """The HTTP front over one InferenceServicer (router/server.py starts and stops it with the gRPC edge)."""
 
@@ -353,6 +271,7 @@ class OpenAIHTTP:
                  tokens: TokenSet | None = None, max_body_bytes: int = 4 * 1024 * 1024,
                  tool_format: ToolFormat | None = None, reasoning: bool = False):
         self.servicer, self.model_name, self.tokenizer = servicer, model_name, tokenizer
+        self.chat = Chat(tokenizer, tool_format, reasoning)
         self.tool_format = tool_format  # the model's tool-call markup (tool_choice "auto"); None: not known
         self.reasoning = reasoning  # chat replies' leading reasoning block apart, as reasoning_content
         self.context_length, self.tokens = context_length, tokens
@@ -418,7 +337,7 @@ class OpenAIHTTP:
             if not isinstance(body, dict):
                 raise InvalidRequestError("body", "must be a JSON object")
             if "messages" in body:
-                text, special = self._render(body)[0], False
+                text, special = self.chat.render(body)[0], False
             elif isinstance(body.get("prompt"), str):
                 text, special = body["prompt"], body.get("add_special_tokens", False)
                 if not isinstance(special, bool):
@@ -465,70 +384,24 @@ class OpenAIHTTP:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=True)
 
-    def _render(self, body: Any) -> tuple[str, list | None, dict, Any]:
-        """A chat body's messages rendered by the chat template (with its tools and chat_template_kwargs, and vLLM's
-        add_generation_prompt and continue_final_message: the reply goes on from a last assistant message); the
-        tools, their {name: parameters} and tool_choice (_tools)."""
-        if not isinstance(body, dict):
-            raise InvalidRequestError("body", "must be a JSON object")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequestError("messages", "must be a non-empty list of {role, content} objects")
-        plain = []
-        for i, m in enumerate(messages):
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # content parts: text only
-                if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
-                           for c in content):
-                    raise InvalidRequestError(f"messages[{i}].content", "only text parts are supported")
-                content = "".join(c["text"] for c in content)
-            if isinstance(m, dict) and content is None and isinstance(m.get("tool_calls"), list):
-                content = ""  # an assistant turn that called tools
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
-                raise InvalidRequestError(f"messages[{i}]", "must be an object with a string role and content")
-            extra = {k: m[k] for k in ("tool_calls", "tool_call_id", "name") if k in m}
-            plain.append({"role": m["role"], "content": content, **extra})
-        tools, functions, choice = _tools(body)
-        if self.tokenizer is None or self.tokenizer.chat_template is None:
-            raise InvalidRequestError("messages", "this model has no chat template; use /v1/completions")
-        extra = body.get("chat_template_kwargs") or {}
-        if not isinstance(extra, dict) or any(k in ("messages", "tools", "add_generation_prompt") for k in extra):
-            raise InvalidRequestError("chat_template_kwargs", "must be an object of the template's own variables "
-                                                              "(messages, tools and add_generation_prompt are set)")
-        go_on = body.get("continue_final_message", False)
-        add_generation_prompt = body.get("add_generation_prompt", not go_on)
-        for name, value in (("continue_final_message", go_on), ("add_generation_prompt", add_generation_prompt)):
-            if not isinstance(value, bool):
-                raise InvalidRequestError(name, f"must be true or false, got {value!r}")
-        if go_on and (add_generation_prompt or plain[-1]["role"] != "assistant"):
-            raise InvalidRequestError("continue_final_message", "continues a last assistant message: give one, and "
-                                                                "add_generation_prompt false")
-        try:
-            text = self.tokenizer.apply_chat_template(plain, add_generation_prompt, tools=tools,
-                                                      continue_final_message=go_on, **extra)
-        except Exception as exc:  # noqa: BLE001 - the template's own checks (raise_exception) and its errors
-            raise InvalidRequestError("messages", f"the chat template refused them: {exc}") from exc
-        return text, tools, functions, choice
-
-    def _chat_body(self, body: Any) -> tuple[dict, "_ChatRead"]:
+    def _chat_body(self, body: Any) -> tuple[dict, ChatRead]:
         """A chat body as a completions one: the messages rendered by the chat template (with the body's
         chat_template_kwargs) and tokenized; the chat API's logprobs (true/false) and top_logprobs, and
-        max_completion_tokens, in the completions' terms. And how the reply is read back: its reasoning, and with
-        tools that may be called, how the output is held and its calls read."""
-        text, tools, functions, choice = self._render(body)
+        max_completion_tokens, in the completions' terms. And how the reply is read back (Chat.prepare)."""
+        asked = next((k for k in ("response_format", *_GUIDED) if body.get(k) is not None), None) \
+            if isinstance(body, dict) else None
+        _, ids, read = self.chat.prepare(body, asked)
         out = {k: v for k, v in body.items() if k not in ("messages", "logprobs", "top_logprobs", "chat_template_kwargs",
                                                             "max_completion_tokens", "tools", "tool_choice",
                                                             "add_generation_prompt", "continue_final_message")}
-        opened = opens_thinking(text)
-        plan = _tool_plan(body, tools, functions, choice, self.tool_format, opened) if tools else None
-        out["prompt"] = self.tokenizer.encode(text, add_special_tokens=False)
+        out["prompt"] = ids
         if body.get("max_completion_tokens") is not None:
             out["max_tokens"] = body["max_completion_tokens"]
         if body.get("logprobs") not in (None, False, True):
             raise InvalidRequestError("logprobs", f"must be true or false, got {body['logprobs']!r}")
         if body.get("logprobs"):
             out["logprobs"] = body.get("top_logprobs") or 0
-        return out, _ChatRead(plan, self.reasoning, opened)
+        return out, read
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         caller = self._caller(request)
@@ -542,13 +415,8 @@ class OpenAIHTTP:
                 body, read = self._chat_body(body)
             req, stream, include_usage, structured, prompts = generate_request(body, self.model_name)
             continuous = bool((body.get("stream_options") or {}).get("continuous_usage_stats", False))
-            if read is not None and read.tools is not None:  # the calls' constraint (_tool_plan refuses another)
-                fill_structured_output(req.structured_output, *read.tools.structured)
-                structured = "tools"  # (what the constraint is made of: the engine's errors are about them)
-            elif read is not None and structured and (read.reasoning or read.opened):  # think, then answer so
-                constraint = _as_format(req.structured_output, structured)
-                req.structured_output.Clear()
-                fill_structured_output(req.structured_output, "structural_tag", think_first(constraint, read.opened))
+            if read is not None:  # the tools' calls, or a structured answer after the reasoning block
+                structured = constrain(req, read, structured)
             children, best_of, n, echo = choices(body, req, prompts, stream, chat)
         except (json.JSONDecodeError, UnicodeDecodeError):
             self.servicer.record_error("INVALID_ARGUMENT")
@@ -743,7 +611,7 @@ class OpenAIHTTP:
         if reply.read is not None:  # each choice read piece by piece, as a stream is
             thought = 0
             for k, (choice, i) in enumerate(zip(picked, chosen)):
-                reader, reasoning, content = _ChatReader(reply.read, f"{rid}-{k}"), [], []
+                reader, reasoning, content = ChatReader(reply.read, f"{rid}-{k}"), [], []
                 finish = choice["finish_reason"]
                 for j, (piece, size) in enumerate(zip(text[i], sizes[i])):
                     r, c, _, finish = reader.read(piece, choice["finish_reason"] if j == len(sizes[i]) - 1 else None,
@@ -769,7 +637,7 @@ class OpenAIHTTP:
         kind = reply.kind + (".chunk" if reply.chat else "")
         last: list[Any] = [None] * (reply.group * len(reply.echo))
         rid, prompt_logprobs = "", {}  # each prompt's, from its first request
-        readers: dict[int, _ChatReader] = {}
+        readers: dict[int, ChatReader] = {}
         try:
             async with contextlib.aclosing(outputs):
                 async for i, r, out in outputs:  # (streamed: best_of is n, so request i is choice i)
@@ -789,7 +657,7 @@ class OpenAIHTTP:
                     choice = self._choice(out, out.new_token_ids, text, out.logprobs or [], reply.chat, i, first,
                                           delta=True, echo=echo)
                     if reply.read is not None:  # reasoning apart; the calls' pieces
-                        reader = readers.setdefault(i, _ChatReader(reply.read, f"{rid}-{i}"))
+                        reader = readers.setdefault(i, ChatReader(reply.read, f"{rid}-{i}"))
                         delta = choice["delta"]
                         reasoning, delta["content"], calls, choice["finish_reason"] = reader.read(
                             text, choice["finish_reason"], len(out.new_token_ids))
@@ -838,92 +706,6 @@ class OpenAIHTTP:
 
 
 @dataclass(frozen=True)
-class _ToolPlan:
-    """A chat whose tools may be called: `mode` "native" (the output is free text and calls in the model's `format`,
-    held to its structural tag), "named" (the output is the arguments of names[0], as JSON) or "required" (a JSON
-    list of {"name", "arguments"}); `structured` the (kind, value) of the constraint."""
-
-    mode: str
-    names: tuple[str, ...]
-    structured: tuple[str, Any]
-    format: ToolFormat | None = None
-
-
-@dataclass(frozen=True)
-class _ChatRead:
-    """How a chat reply is read: its calls (None: no tools to call), whether its reasoning block goes apart as
-    reasoning_content, and whether the prompt opened that block."""
-
-    tools: _ToolPlan | None
-    reasoning: bool
-    opened: bool
-
-
-class _ChatReader:
-    """Reads one chat choice's output piece by piece, as it streams (a whole reply too): its reasoning, its content
-    and its calls."""
-
-    def __init__(self, read: _ChatRead, call_id: str):
-        self.plan, self.call_id = read.tools, call_id
-        self._thinking = ReasoningSplitter(read.opened) if read.reasoning else None
-        native = self.plan is not None and self.plan.mode == "native"
-        # (with the reasoning apart, the parser sees the answer alone)
-        self._parser = ToolCallParser(self.plan.format, read.opened and not read.reasoning) if native else None
-        self._text: list[str] = []
-        self._deltas: list[CallDelta] = []  # every call piece read so far
-        self.reasoning_tokens = 0  # of the pieces read: those in the reasoning block (its end marker's too)
-
-    def read(self, text: str, finish: str | None, tokens: int = 0) -> tuple[str, str, list[dict], str | None]:
-        """(reasoning, content, OpenAI tool_calls, finish_reason) for the next piece of output (of `tokens` tokens)
-        and the finish reason so far (None while running). A call cut short by max_tokens stays content; an output
-        ended with calls finishes "tool_calls"."""
-        reasoning = ""
-        if self._thinking is not None:
-            before = self._thinking.thinking
-            reasoning, text = self._thinking.feed(text)
-            if before or self._thinking.thinking:
-                self.reasoning_tokens += tokens
-            if finish is not None:
-                more, rest = self._thinking.finish()
-                reasoning, text = reasoning + more, text + rest
-        if self.plan is None:
-            return reasoning, text, [], finish
-        if self._parser is not None:
-            content, deltas = self._parser.feed(text)
-            if finish is not None:
-                rest, more = self._parser.finish()
-                content, deltas = content + rest, deltas + more
-            called = self._parser.called
-        else:  # the whole output is the call(s): read at the end
-            self._text.append(text)
-            content, deltas, called = "", [], False
-            if finish == "stop":
-                whole = "".join(self._text)
-                calls = ([(self.plan.names[0], whole)] if self.plan.mode == "named" else
-                         [(c["name"], json.dumps(c["arguments"], ensure_ascii=False)) for c in json.loads(whole)])
-                deltas = [CallDelta(i, name, arguments) for i, (name, arguments) in enumerate(calls)]
-                called = True
-            elif finish is not None:
-                content = "".join(self._text)
-        self._deltas += deltas
-        out: list[dict] = []
-        for d in deltas:  # OpenAI's: a call's first delta has its id, type and name; pieces of one call merged
-            if out and out[-1]["index"] == d.index:
-                out[-1]["function"]["arguments"] += d.arguments
-            elif d.name is not None:
-                out.append({"index": d.index, "id": f"call-{self.call_id}-{d.index}", "type": "function",
-                            "function": {"name": d.name, "arguments": d.arguments}})
-            else:
-                out.append({"index": d.index, "function": {"arguments": d.arguments}})
-        return reasoning, content, out, "tool_calls" if finish == "stop" and called else finish
-
-    def calls(self) -> list[dict]:
-        """The calls read so far, whole, as a reply's message lists them."""
-        return [{"id": f"call-{self.call_id}-{i}", "type": "function",
-                 "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls_of(self._deltas))]
-
-
-@dataclass(frozen=True)
 class _Reply:
     """What shapes one reply: chat or completions, its creation time, engine requests per prompt (best_of) and
     choices returned per prompt (n), whether the client asked for logprobs, and each prompt's text echoed before
@@ -937,7 +719,7 @@ class _Reply:
     echo: list  # per prompt
     echo_ids: list  # per prompt, the echoed prompt's token ids (their logprobs come first with logprobs)
     structured: str | None = None  # the parameter that asked for a structured output (the engine's errors name it)
-    read: "_ChatRead | None" = None  # a chat's: how its output is read back (reasoning, tool calls)
+    read: "ChatRead | None" = None  # a chat's: how its output is read back (reasoning, tool calls)
 
     @property
     def kind(self) -> str:
