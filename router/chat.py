@@ -2,7 +2,7 @@
 
 Shared by the HTTP front's /v1/chat/completions (router/openai_http.py) and the gRPC edge's Chat and ChatStream
 (router/servicer.py): a chat arrives as an OpenAI-style body (the gRPC ChatRequest is turned into one,
-`body_of`), `Chat.prepare` renders and tokenizes it and says how the reply is read (ChatRead); `constrain` holds
+`body_of`), `ChatTemplate.prepare` renders and tokenizes it and says how the reply is read (ChatRead); `constrain` holds
 the engine request to the tools' call format (or a structured answer after the reasoning block); a ChatReader per
 choice splits the output, piece by piece as it streams, into reasoning, content and calls.
 """
@@ -22,7 +22,7 @@ from moeserve.v1 import inference_pb2 as pb
 TOOL_CHOICES = ("auto", "none", "required")  # tool_choice's words; anything else names a function
 
 
-class Chat:
+class ChatTemplate:
     """A model's chat template and how its replies read (tool-call format, reasoning apart)."""
 
     def __init__(self, tokenizer: Any, tool_format: ToolFormat | None = None, reasoning: bool = False,
@@ -102,7 +102,7 @@ def constrain(req: pb.GenerateRequest, read: "ChatRead", structured: str | None)
 
 
 def body_of(request: pb.ChatRequest) -> dict:
-    """A gRPC ChatRequest's messages, tools and template options as the OpenAI-style body Chat.prepare reads (field
+    """A gRPC ChatRequest's messages, tools and template options as the OpenAI-style body ChatTemplate.prepare reads (field
     names as the ChatRequest spells them in errors)."""
     messages = []
     for i, m in enumerate(request.messages):

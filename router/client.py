@@ -76,6 +76,44 @@ def build_request(
     return req
 
 
+def build_chat_request(
+    messages: Sequence[dict],
+    *,
+    tools: Sequence[dict] = (),
+    tool_choice: str = "",
+    parallel_tool_calls: bool | None = None,
+    chat_template_kwargs: dict | None = None,
+    continue_final_message: bool = False,
+    **params,
+) -> pb.ChatRequest:
+    """A ChatRequest from OpenAI-style messages ({"role", "content"}, and "name", "tool_call_id", "tool_calls": [{"id",
+    "function": {"name", "arguments"}}] where they apply) and tools ({"type": "function", "function": {"name",
+    "description", "parameters"}}, or the function alone); `params`: build_request's keyword arguments but the
+    prompt (max_tokens, temperature, seed, stop, logprobs, structured_output, ...)."""
+    req = pb.ChatRequest(tool_choice=tool_choice, continue_final_message=continue_final_message)
+    for m in messages:
+        msg = req.messages.add(role=m["role"], content=m.get("content") or "", name=m.get("name") or "",
+                               tool_call_id=m.get("tool_call_id") or "")
+        for i, call in enumerate(m.get("tool_calls") or ()):
+            function = call.get("function", call)
+            arguments = function.get("arguments", "{}")
+            msg.tool_calls.add(index=i, id=call.get("id", ""), name=function["name"],
+                               arguments=arguments if isinstance(arguments, str) else json.dumps(arguments))
+    for tool in tools:
+        function = tool.get("function", tool)
+        parameters = function.get("parameters")
+        req.tools.add(name=function["name"], description=function.get("description", ""),
+                      parameters="" if parameters is None else parameters if isinstance(parameters, str)
+                      else json.dumps(parameters))
+    if parallel_tool_calls is not None:
+        req.parallel_tool_calls = parallel_tool_calls
+    if chat_template_kwargs:
+        req.chat_template_kwargs = json.dumps(chat_template_kwargs)
+    req.params.CopyFrom(build_request(token_ids=(), **params))
+    req.params.ClearField("input")
+    return req
+
+
 def _structured_output(msg: pb.StructuredOutput, spec: dict) -> None:
     if len(spec) != 1:
         raise ValueError(f"structured_output: give one of json_schema, json_object, regex, grammar, choice; got {spec!r}")
@@ -98,7 +136,7 @@ def fill_structured_output(msg: pb.StructuredOutput, kind: str, value) -> None:
 
 
 class _InferenceStub:
-    """Callables for the three RPCs, built from the messages alone.
+    """Callables for the RPCs, built from the messages alone.
 
     Not the generated `inference_pb2_grpc`: that module refuses to import under a grpcio older than
     the grpcio-tools that made it, and a client must run wherever grpcio and protobuf do.
@@ -109,6 +147,10 @@ class _InferenceStub:
                    response_deserializer=pb.GenerateResponse.FromString)
         self.Generate = channel.unary_unary(f"/{SERVICE}/Generate", **gen)
         self.GenerateStream = channel.unary_stream(f"/{SERVICE}/GenerateStream", **gen)
+        chat = dict(request_serializer=pb.ChatRequest.SerializeToString,
+                    response_deserializer=pb.ChatResponse.FromString)
+        self.Chat = channel.unary_unary(f"/{SERVICE}/Chat", **chat)
+        self.ChatStream = channel.unary_stream(f"/{SERVICE}/ChatStream", **chat)
         self.ModelInfo = channel.unary_unary(f"/{SERVICE}/ModelInfo",
                                              request_serializer=pb.ModelInfoRequest.SerializeToString,
                                              response_deserializer=pb.ModelInfoResponse.FromString)
@@ -185,6 +227,16 @@ class AsyncClient:
         req = build_request(prompt, token_ids, **params)
         return self._stub.GenerateStream(req, timeout=timeout, metadata=self._metadata)
 
+    async def chat(self, messages: Sequence[dict], *, timeout: float | None = None, **params) -> pb.ChatResponse:
+        """The chat's reply, whole: its content, reasoning_content and tool_calls (build_chat_request's arguments)."""
+        return await self._stub.Chat(build_chat_request(messages, **params), timeout=timeout, metadata=self._metadata)
+
+    def chat_stream(self, messages: Sequence[dict], *, timeout: float | None = None,
+                    **params) -> grpc.aio.UnaryStreamCall:
+        """The chat's reply as it is produced: `async for msg in call` (deltas of content, reasoning_content and the
+        calls' pieces); `call.cancel()` aborts it on the server."""
+        return self._stub.ChatStream(build_chat_request(messages, **params), timeout=timeout, metadata=self._metadata)
+
     async def send(self, request: pb.GenerateRequest, *, timeout: float | None = None,
                    metadata: Sequence[tuple[str, str]] = ()) -> pb.GenerateResponse:
         """Unary Generate with a prebuilt request and extra metadata (e.g. a W3C `traceparent`)."""
@@ -235,3 +287,10 @@ class Client:
         """An iterator of GenerateResponse messages; `.cancel()` on it aborts the request."""
         req = build_request(prompt, token_ids, **params)
         return self._stub.GenerateStream(req, timeout=timeout, metadata=self._metadata)
+
+    def chat(self, messages: Sequence[dict], *, timeout: float | None = None, **params) -> pb.ChatResponse:
+        return self._stub.Chat(build_chat_request(messages, **params), timeout=timeout, metadata=self._metadata)
+
+    def chat_stream(self, messages: Sequence[dict], *, timeout: float | None = None, **params):
+        """An iterator of ChatResponse messages; `.cancel()` on it aborts the request."""
+        return self._stub.ChatStream(build_chat_request(messages, **params), timeout=timeout, metadata=self._metadata)

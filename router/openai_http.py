@@ -44,7 +44,7 @@ from aiohttp import web
 
 from moeserve.router import status_codes
 from moeserve.router.auth import TokenSet, bearer_token
-from moeserve.router.chat import Chat, ChatRead, ChatReader, constrain
+from moeserve.router.chat import ChatRead, ChatReader, ChatTemplate, constrain
 from moeserve.router.client import fill_structured_output
 from moeserve.router.errors import InvalidRequestError
 from moeserve.router.sequence import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS
@@ -271,7 +271,7 @@ class OpenAIHTTP:
                  tokens: TokenSet | None = None, max_body_bytes: int = 4 * 1024 * 1024,
                  tool_format: ToolFormat | None = None, reasoning: bool = False):
         self.servicer, self.model_name, self.tokenizer = servicer, model_name, tokenizer
-        self.chat = Chat(tokenizer, tool_format, reasoning)
+        self.chat = ChatTemplate(tokenizer, tool_format, reasoning)
         self.tool_format = tool_format  # the model's tool-call markup (tool_choice "auto"); None: not known
         self.reasoning = reasoning  # chat replies' leading reasoning block apart, as reasoning_content
         self.context_length, self.tokens = context_length, tokens
@@ -387,7 +387,7 @@ class OpenAIHTTP:
     def _chat_body(self, body: Any) -> tuple[dict, ChatRead]:
         """A chat body as a completions one: the messages rendered by the chat template (with the body's
         chat_template_kwargs) and tokenized; the chat API's logprobs (true/false) and top_logprobs, and
-        max_completion_tokens, in the completions' terms. And how the reply is read back (Chat.prepare)."""
+        max_completion_tokens, in the completions' terms. And how the reply is read back (ChatTemplate.prepare)."""
         asked = next((k for k in ("response_format", *_GUIDED) if body.get(k) is not None), None) \
             if isinstance(body, dict) else None
         _, ids, read = self.chat.prepare(body, asked)

@@ -24,6 +24,7 @@ except ImportError:
     reflection = None
 
 from moeserve.router.auth import BearerTokenInterceptor, TokenSet
+from moeserve.router.chat import ChatTemplate
 from moeserve.router.servicer import SERVICE, InferenceServicer, TooManyStreamsError, model_info
 
 __all__ = ["SERVICE", "InferenceServer", "InferenceServicer", "ServerConfig", "TooManyStreamsError", "format_address"]
@@ -55,8 +56,8 @@ class ServerConfig:
     auth_tokens: tuple[str, ...] = ()  # empty: auth off
     tls: ServerTLS | None = None
     http_port: int | None = None  # the OpenAI-compatible HTTP front (router/openai_http.py) on this port; None: off
-    tool_call_format: str = "auto"  # the HTTP front's tool calls (router/tool_calls.py): auto (the chat template's), none, a format
-    reasoning_content: str = "auto"  # the HTTP front's chat replies' reasoning apart (router/reasoning.py): auto, split, keep
+    tool_call_format: str = "auto"  # chats' tool calls, gRPC's and HTTP's (router/tool_calls.py): auto (the chat template's), none, a format
+    reasoning_content: str = "auto"  # chat replies' reasoning apart (router/reasoning.py): auto, split, keep
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -119,7 +120,12 @@ class InferenceServer:
         dtype = str(self.engine.dtype).removeprefix("torch.")
         tokens = TokenSet(list(cfg.auth_tokens)) if cfg.auth_tokens else None
         info = model_info(self.engine, limits, dtype, self.model_name)
-        self.servicer = InferenceServicer(self.engine, limits, info, cfg, tokens, self.telemetry)
+        tokenizer = getattr(self.engine, "tokenizer", None)
+        template = tokenizer.chat_template if tokenizer is not None else None
+        tool_format = resolve_format(cfg.tool_call_format, template)
+        thinking = reasoning.resolve(cfg.reasoning_content, template)
+        chat = ChatTemplate(tokenizer, tool_format, thinking, instead="Generate") if tokenizer is not None else None
+        self.servicer = InferenceServicer(self.engine, limits, info, cfg, tokens, self.telemetry, chat)
         on_deny = self.telemetry.record_error if self.telemetry is not None else None
         if self.telemetry is not None:
             self.telemetry.watch_engine(self.engine)
@@ -151,12 +157,8 @@ class InferenceServer:
         if cfg.http_port is not None:
             from moeserve.router.openai_http import OpenAIHTTP
 
-            tokenizer = self.engine.tokenizer
-            template = tokenizer.chat_template if tokenizer is not None else None
             self.http = OpenAIHTTP(self.servicer, self.model_name or mc.model_type, tokenizer,
-                                   limits.context_length, tokens, cfg.max_message_bytes,
-                                   resolve_format(cfg.tool_call_format, template),
-                                   reasoning.resolve(cfg.reasoning_content, template))
+                                   limits.context_length, tokens, cfg.max_message_bytes, tool_format, thinking)
             try:
                 await self.http.start(cfg.host, cfg.http_port, cfg.tls)
             except OSError as exc:

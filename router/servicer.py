@@ -17,6 +17,7 @@ import grpc
 
 from moeserve.router import status_codes
 from moeserve.router.auth import TokenSet, caller_identity
+from moeserve.router.chat import ChatRead, ChatReader, ChatTemplate, body_of, constrain
 from moeserve.router.errors import EngineStoppedError, InvalidRequestError, QueueFullError
 from moeserve.router.sequence import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from moeserve.router.validation import Limits, ValidRequest, validate
@@ -49,7 +50,10 @@ def _safe_parser(message_cls):
     return parse
 
 
-_FINISH = {name: pb.FinishReason.Value(name) for name in ("length", "stop", "eos", "cancelled")}
+_FINISH = {name: pb.FinishReason.Value(name) for name in ("length", "stop", "eos", "cancelled", "tool_calls")}
+# ChatRequest's own fields: errors about them keep their names; a GenerateRequest field's are under params.
+_CHAT_FIELDS = ("request", "messages", "tools", "tool_choice", "parallel_tool_calls", "params", "chat_template_kwargs",
+                "continue_final_message")
 
 
 def model_info(engine: Any, limits: Limits, dtype: str, model_name: str) -> pb.ModelInfoResponse:
@@ -79,11 +83,13 @@ def model_info(engine: Any, limits: Limits, dtype: str, model_name: str) -> pb.M
 
 
 class InferenceServicer:
-    """Generate, GenerateStream and ModelInfo over one AsyncEngine."""
+    """Generate, GenerateStream, Chat, ChatStream and ModelInfo over one AsyncEngine. `chat`: the model's chat
+    template and how its replies read (router/chat.py); None: a model without a tokenizer, whose chats are refused."""
 
     def __init__(self, engine: Any, limits: Limits, info: pb.ModelInfoResponse, config: ServerConfig,
-                 tokens: TokenSet | None = None, telemetry: Any = None):
+                 tokens: TokenSet | None = None, telemetry: Any = None, chat: ChatTemplate | None = None):
         self._engine = engine
+        self.chat = chat
         self._telemetry = telemetry  # cluster.telemetry.Telemetry, or None: nothing recorded
         self._limits = limits
         self._info = info
@@ -263,6 +269,120 @@ class InferenceServicer:
             raise
         tracker.end()
 
+    # -- chat -------------------------------------------------------------------------------------
+    def _chat_request(self, request: Any) -> tuple[pb.GenerateRequest, ChatRead, str | None]:
+        """A ChatRequest as the engine request of its rendered messages (params' sampling, limits and stops; held to
+        the tools' call format when they may be called), how its reply is read, and the field that asked for the
+        constraint, if any (the engine's errors about it name that field)."""
+        if isinstance(request, _Malformed):
+            raise InvalidRequestError("request", f"is not a valid moeserve.v1.ChatRequest ({request.error})")
+        if self.chat is None:
+            raise InvalidRequestError("messages", "this model has no tokenizer, so no chat template; use Generate "
+                                                  "with token_ids")
+        params = request.params
+        given = params.WhichOneof("input")
+        if given is not None:
+            raise InvalidRequestError(f"params.{given}", "must stay unset: the rendered messages are the prompt")
+        structured = "params.structured_output" if params.HasField("structured_output") else None
+        _, ids, read = self.chat.prepare(body_of(request), structured)
+        req = pb.GenerateRequest()
+        req.CopyFrom(params)
+        req.token_ids.ids.extend(ids)
+        return req, read, constrain(req, read, structured)
+
+    @staticmethod
+    def _chat_error(exc: BaseException, structured: str | None) -> BaseException:
+        """An error about the engine request as the ChatRequest's fields name it: a GenerateRequest field under
+        params, the constraint under the field that asked for it."""
+        if not isinstance(exc, InvalidRequestError) or exc.field.split("[")[0].split(".")[0] in _CHAT_FIELDS:
+            return exc
+        message = str(exc)[len(exc.field) + 2:]
+        if exc.field.startswith("structured_output") and structured == "tools":
+            return InvalidRequestError("tools", message)
+        return InvalidRequestError(f"params.{exc.field}", message)
+
+    async def _chat(self, request: Any, context: grpc.aio.ServicerContext, tracker: Any
+                    ) -> AsyncIterator[tuple[str, Any, tuple[str, str, list[dict], str | None]]]:
+        """Run one ChatRequest; yields (request_id, RequestOutput, what ChatReader read of it: reasoning, content,
+        call pieces, finish reason) until it finishes."""
+        structured = None
+        try:
+            req, read, structured = self._chat_request(request)
+            reader = None
+            async with contextlib.aclosing(self._outputs(req, context, tracker)) as outputs:
+                async for rid, out in outputs:
+                    reader = reader or ChatReader(read, rid)
+                    # (the reader's "stop" is OpenAI's, end-of-sequence included)
+                    finish = None if not out.finished else "stop" if out.finish_reason == "eos" else out.finish_reason
+                    yield rid, out, reader.read(out.new_text, finish, len(out.new_token_ids)), reader
+        except Exception as exc:
+            named = self._chat_error(exc, structured)
+            if named is exc:
+                raise
+            raise named from exc
+
+    @staticmethod
+    def _chat_response(rid: str, out: Any, token_ids: list[int], read: tuple, reader: ChatReader,
+                       logprobs: list | None, calls: list[dict]) -> pb.ChatResponse:
+        reasoning, content, _, finish = read
+        msg = pb.ChatResponse(request_id=rid, content=content, reasoning_content=reasoning, token_ids=token_ids)
+        for call in calls:
+            function = call["function"]
+            msg.tool_calls.add(index=call.get("index", 0), id=call.get("id", ""), name=function.get("name", ""),
+                               arguments=function["arguments"])
+        for logprob, top_ids, top_logprobs in logprobs or ():
+            msg.logprobs.add(logprob=logprob, top_token_ids=top_ids, top_logprobs=top_logprobs)
+        if out.time_to_first_token is not None:
+            msg.time_to_first_token = out.time_to_first_token
+        if out.finished:
+            msg.finish_reason = _FINISH["tool_calls" if finish == "tool_calls" else out.finish_reason or "length"]
+            msg.usage.prompt_tokens = out.prompt_tokens
+            msg.usage.completion_tokens = out.completion_tokens
+            msg.usage.cached_prompt_tokens = out.cached_prompt_tokens
+            msg.reasoning_tokens = reader.reasoning_tokens
+        return msg
+
+    async def Chat(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
+        ids: list[int] = []
+        reasoning: list[str] = []
+        content: list[str] = []
+        logprobs: list = []
+        rid = last = reader = None
+        tracker = self._track("Chat", context)
+        try:
+            async with contextlib.aclosing(self._chat(request, context, tracker)) as outputs:
+                async for rid, last, (thought, text, _, finish), reader in outputs:
+                    ids += last.new_token_ids
+                    reasoning.append(thought)
+                    content.append(text)
+                    logprobs += last.logprobs or ()
+        except Exception as exc:
+            await self._fail(context, exc, tracker)
+        except BaseException:  # the client went away (the call's task is cancelled)
+            tracker.end("CANCELLED")
+            raise
+        tracker.end()
+        calls = [dict(c, index=i) for i, c in enumerate(reader.calls())]
+        return self._chat_response(rid, last, ids, ("".join(reasoning), "".join(content), [], finish), reader,
+                                   logprobs, calls)
+
+    async def ChatStream(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        tracker = self._track("ChatStream", context)
+        try:
+            async with contextlib.aclosing(self._chat(request, context, tracker)) as outputs:
+                async for rid, out, read, reader in outputs:
+                    await context.write(self._chat_response(rid, out, out.new_token_ids, read, reader, out.logprobs,
+                                                            read[2]))
+        except Exception as exc:
+            if context.cancelled():  # the client went away while a write was in flight: not our error
+                tracker.end("CANCELLED")
+                return
+            await self._fail(context, exc, tracker)
+        except BaseException:  # the client went away (the call's task is cancelled)
+            tracker.end("CANCELLED")
+            raise
+        tracker.end()
+
     async def ModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         return self._info
 
@@ -272,6 +392,10 @@ class InferenceServicer:
         return grpc.method_handlers_generic_handler(SERVICE, {
             "Generate": grpc.unary_unary_rpc_method_handler(self.Generate, parse, out),
             "GenerateStream": grpc.unary_stream_rpc_method_handler(self.GenerateStream, parse, out),
+            "Chat": grpc.unary_unary_rpc_method_handler(self.Chat, _safe_parser(pb.ChatRequest),
+                                                        pb.ChatResponse.SerializeToString),
+            "ChatStream": grpc.unary_stream_rpc_method_handler(self.ChatStream, _safe_parser(pb.ChatRequest),
+                                                               pb.ChatResponse.SerializeToString),
             "ModelInfo": grpc.unary_unary_rpc_method_handler(
                 self.ModelInfo, pb.ModelInfoRequest.FromString, pb.ModelInfoResponse.SerializeToString),
         })

@@ -1,9 +1,11 @@
-"""`moeserve generate "text" [--stream]`: ask a running server for a completion and print it."""
+"""`moeserve generate "text" [--stream] [--chat]`: ask a running server for a completion (or, with --chat, a chat
+reply) and print it."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from pathlib import Path
@@ -137,6 +139,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
                    help="before those, print each prompt token's log-probability (from the second on) and the N "
                         "likeliest tokens' at its position (0..20) on standard error: scores the prompt")
+    chat = p.add_argument_group("chat (the Chat RPC: the prompt as a user message, rendered by the model's chat "
+                                "template; reasoning on standard error, tool calls as lines 'tool call NAME ARGS')")
+    chat.add_argument("--chat", action="store_true", help="send the prompt as a chat's user message")
+    chat.add_argument("--system", metavar="TEXT", help="with --chat: a system message before it")
+    chat.add_argument("--tools", metavar="JSON", help="with --chat: the functions the reply may call, a JSON list of "
+                                                      "OpenAI tools ({\"type\": \"function\", \"function\": {\"name\", "
+                                                      "\"parameters\"}}; its text, or @FILE)")
+    chat.add_argument("--tool-choice", default="", metavar="CHOICE",
+                      help="with --tools: auto (default), none, required, or the name of the function to call")
     p.add_argument("--request-id", default="", help="your id for this request (echoed back)")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the completion (no stats line)")
@@ -144,8 +155,59 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
+def _chat_args(args: argparse.Namespace) -> dict:
+    """The chat of --chat, --system, --tools and --tool-choice as AsyncClient.chat's arguments."""
+    if args.token_ids is not None or args.prompt_logprobs is not None:
+        raise SystemExit("error: --chat sends text: leave out --token-ids and --prompt-logprobs")
+    if args.prompt is None:
+        raise SystemExit("error: give the message to send")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": sys.stdin.read() if args.prompt == "-" else args.prompt})
+    tools = []
+    if args.tools is not None:
+        try:
+            tools = json.loads(_text_or_file(args.tools))
+        except ValueError as exc:
+            raise SystemExit(f"error: --tools is not JSON: {exc}") from None
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise SystemExit("error: --tools takes a JSON list of tools")
+    return dict(messages=messages, tools=tools, tool_choice=args.tool_choice)
+
+
+async def _chat(args: argparse.Namespace, params: dict) -> tuple:
+    """Run --chat; print the reply (reasoning on standard error); the last message, token ids and logprobs."""
+    chat = _chat_args(args)
+    tokens, logprobs, calls = [], [], {}
+    async with connect(args) as client:
+        if args.stream:
+            last = None
+            async for msg in client.chat_stream(**chat, timeout=args.timeout, **params):
+                sys.stderr.write(msg.reasoning_content)
+                sys.stdout.write(msg.content)
+                sys.stdout.flush()
+                for piece in msg.tool_calls:
+                    name, arguments = calls.get(piece.index, ("", ""))
+                    calls[piece.index] = (name + piece.name, arguments + piece.arguments)
+                tokens += msg.token_ids
+                logprobs += msg.logprobs
+                last = msg
+        else:
+            last = await client.chat(**chat, timeout=args.timeout, **params)
+            sys.stderr.write(last.reasoning_content)
+            sys.stdout.write(last.content)
+            calls = {c.index: (c.name, c.arguments) for c in last.tool_calls}
+            tokens, logprobs = list(last.token_ids), list(last.logprobs)
+    for i in sorted(calls):
+        sys.stdout.write(f"\ntool call {calls[i][0]} {calls[i][1]}")
+    return last, tokens, logprobs
+
+
 async def _generate(args: argparse.Namespace) -> int:
-    if args.token_ids is not None:
+    if args.chat:
+        source = None
+    elif args.system is not None or args.tools is not None or args.tool_choice:
+        raise SystemExit("error: --system, --tools and --tool-choice go with --chat")
+    elif args.token_ids is not None:
         source = {"token_ids": _token_ids(args.token_ids)}
     elif args.prompt is not None:
         source = {"prompt": sys.stdin.read() if args.prompt == "-" else args.prompt}
@@ -160,6 +222,20 @@ async def _generate(args: argparse.Namespace) -> int:
         priority=args.priority, logit_bias=dict(args.logit_bias), structured_output=_structured_output(args),
         prompt_logprobs=args.prompt_logprobs,
     )
+    tokens, logprobs, prompt_logprobs = [], [], []
+    if source is None:
+        params.pop("prompt_logprobs")
+        last, tokens, logprobs = await _chat(args, params)
+    else:
+        last, tokens, logprobs, prompt_logprobs = await _complete(args, source, params)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    _report(args, last, tokens, logprobs, prompt_logprobs)
+    return 0
+
+
+async def _complete(args: argparse.Namespace, source: dict, params: dict) -> tuple:
+    """Run a completion; print it as it comes; the last message, token ids and (prompt) logprobs."""
     tokens, logprobs, prompt_logprobs = [], [], []
     async with connect(args) as client:
         if args.stream:
@@ -176,8 +252,11 @@ async def _generate(args: argparse.Namespace) -> int:
             sys.stdout.write(last.text)
             tokens, logprobs = list(last.token_ids), list(last.logprobs)
             prompt_logprobs = list(last.prompt_logprobs)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    return last, tokens, logprobs, prompt_logprobs
+
+
+def _report(args: argparse.Namespace, last, tokens: list, logprobs: list, prompt_logprobs: list) -> None:
+    """The log-probabilities asked for and the stats line, on standard error."""
     for kind, rows in (("prompt token", prompt_logprobs), ("token", list(zip(tokens, logprobs)))):
         for i, row in enumerate(rows):
             token, lp = (i + 2, row) if kind == "prompt token" else row  # a prompt token by its position (from 1)
@@ -194,7 +273,6 @@ async def _generate(args: argparse.Namespace) -> int:
               f"{f' ({cached} cached)' if cached else ''} + "
               f"{last.usage.completion_tokens} completion tokens, first token after "
               f"{last.time_to_first_token * 1000:.0f} ms]", file=sys.stderr)
-    return 0
 
 
 def main(args: argparse.Namespace) -> int:

@@ -129,6 +129,34 @@ def test_generate_streams_what_the_server_generates(served):
         assert run.returncode == 0 and run.stdout in ("<n>1</n>\n", "<n>2</n>\n"), run.stderr
 
 
+def test_generate_chat_prints_the_reply_and_its_tool_calls(served):
+    """--chat: the prompt as a user message through the Chat RPC (the demo's chat template), whole or streamed; with
+    --tools and a named --tool-choice the call comes back as a line of its own."""
+    _, address = served
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+        "additionalProperties": False}}}
+    with Client(address) as client:
+        expected = client.chat(messages, max_tokens=6, ignore_eos=True).content
+        call = client.chat(messages[1:], tools=[tool], tool_choice="weather", max_tokens=40).tool_calls[0]
+    for flags in (["--stream"], []):
+        run = subprocess.run(moeserve("generate", "Hello", "--chat", "--system", "Be brief.", "--max-tokens", "6",
+                                      "--ignore-eos", "--address", address, *flags),
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == expected + "\n"
+        assert re.search(r"\[length: \d+ prompt( \(\d+ cached\))? \+ 6 completion tokens", run.stderr)
+        run = subprocess.run(moeserve("generate", "Hello", "--chat", "--tools", json.dumps([tool]), "--tool-choice",
+                                      "weather", "--max-tokens", "40", "-q", "--address", address, *flags),
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == f"\ntool call weather {call.arguments}\n"
+    run = subprocess.run(moeserve("generate", "Hello", "--tools", "[]", "--address", address),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "go with --chat" in run.stderr
+
+
 def test_metrics_endpoint_shows_the_traffic(served):
     srv, _ = served
     url = srv.expect(re.compile(r"moeserve: metrics on (http://\S+/metrics)"), 10).group(1)

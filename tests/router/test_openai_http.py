@@ -9,6 +9,7 @@ import json
 import aiohttp
 import pytest
 
+from chat_fixtures import TIME, WEATHER, args_fit, hermes_checkpoint, thinking_checkpoint  # noqa: F401 (fixtures)
 from edge_harness import running_server
 from moeserve.router.client import AsyncClient
 
@@ -378,21 +379,6 @@ async def test_chat_completions_are_the_completion_of_the_rendered_conversation(
                 assert r.status == 400 and (await r.json())["error"]["param"] == param
 
 
-WEATHER = {"type": "function", "function": {"name": "weather", "description": "The weather in a city", "parameters": {
-    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
-    "additionalProperties": False}}}
-TIME = {"type": "function", "function": {"name": "time", "parameters": {
-    "type": "object", "properties": {"utc": {"type": "boolean"}}, "required": ["utc"], "additionalProperties": False}}}
-
-
-def _args_fit(call: dict) -> bool:
-    """Whether a call's arguments satisfy its function's schema (WEATHER's or TIME's)."""
-    args = json.loads(call["function"]["arguments"])
-    if call["function"]["name"] == "weather":
-        return set(args) == {"city"} and args["city"] in ("Paris", "Rome")
-    return call["function"]["name"] == "time" and set(args) == {"utc"} and isinstance(args["utc"], bool)
-
-
 def _streamed_choice(events: list) -> dict:
     """A streamed chat choice put together as a client does: content joined, each call from its delta(s)."""
     content, calls, ids, finish = [], {}, [], None
@@ -454,7 +440,7 @@ async def test_tool_calls_are_constrained_to_the_functions_schemas():
             async with http.post(url, json={**body, "stream": True}) as r:
                 streamed = _streamed_choice(await _events(r))
             assert _without_ids(streamed) == _without_ids(whole)
-            assert whole["finish_reason"] == "tool_calls" and all(_args_fit(c) for c in whole["message"]["tool_calls"])
+            assert whole["finish_reason"] == "tool_calls" and all(args_fit(c) for c in whole["message"]["tool_calls"])
 
         turn = [{"role": "user", "content": "Weather?"},
                 {"role": "assistant", "content": None, "tool_calls": [call]},
@@ -512,35 +498,6 @@ def test_a_model_without_a_chat_template_refuses_chat_by_name():
         bare.apply_chat_template([{"role": "user", "content": "a"}])
 
 
-# A chat template in Qwen3's style (written for these tests): the tools listed, calls as <tool_call> JSON </tool_call>.
-HERMES = ("{%- if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
-          "Call one as <tool_call>\n{\"name\": ..., \"arguments\": ...}\n</tool_call><|im_end|>\n{% endif %}"
-          "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
-          "{%- for c in m.tool_calls or [] %}{% if m.content or not loop.first %}\n{% endif %}<tool_call>\n"
-          "{\"name\": \"{{ c.function.name }}\", \"arguments\": {{ c.function.arguments }}}\n</tool_call>"
-          "{%- endfor %}<|im_end|>\n{% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def hermes_checkpoint(tmp_path_factory):
-    """The demo architecture with a vocabulary of 520 whose tokenizer has <tool_call>, </tool_call>, <think> and
-    </think> as tokens of their own (ids 512-515, as Qwen3's tokenizer has them) and a chat template in Qwen3's
-    style (without reasoning)."""
-    from tokenizers import AddedToken, Tokenizer
-
-    from moeserve.models.demo import write_demo_model
-
-    path = write_demo_model(tmp_path_factory.mktemp("hermes") / "ckpt", seed=0, config_override={"vocab_size": 520})
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t in ("<tool_call>", "</tool_call>", "<think>", "</think>")])
-    assert tok.token_to_id("<tool_call>") == 512
-    tok.save(str(path / "tokenizer.json"))
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": HERMES}))
-    return str(path)
-
-
 async def test_tool_choice_auto_in_the_models_own_format(hermes_checkpoint):
     """tool_choice "auto" (the default with tools), the format told by the chat template: free text is the
     completion of the rendered prompt as it would be without tools' constraint; a model that writes <tool_call>
@@ -574,7 +531,7 @@ async def test_tool_choice_auto_in_the_models_own_format(hermes_checkpoint):
                 whole = (await r.json())["choices"][0]
             assert whole["finish_reason"] == "tool_calls", whole
             assert whole["message"]["content"] is None and len(whole["message"]["tool_calls"]) == 1
-            assert all(_args_fit(c) for c in whole["message"]["tool_calls"])
+            assert all(args_fit(c) for c in whole["message"]["tool_calls"])
             if "function" in str(body.get("tool_choice")):
                 assert whole["message"]["tool_calls"][0]["function"]["name"] == "weather"
             async with http.post(url, json={**body, "stream": True}) as r:
@@ -590,7 +547,7 @@ async def test_tool_choice_auto_in_the_models_own_format(hermes_checkpoint):
         async with http.post(url, json=body) as r:
             many = (await r.json())["choices"][0]
         calls = many["message"].get("tool_calls", [])
-        assert many["finish_reason"] == "length" and len(calls) >= 2 and all(_args_fit(c) for c in calls[:-1])
+        assert many["finish_reason"] == "length" and len(calls) >= 2 and all(args_fit(c) for c in calls[:-1])
         async with http.post(url, json={**body, "stream": True}) as r:
             assert _without_ids(_streamed_choice(await _events(r))) == _without_ids(many)
         assert len({c["id"] for c in calls}) == len(calls)
@@ -609,22 +566,6 @@ async def test_tool_choice_auto_in_the_models_own_format(hermes_checkpoint):
             aiohttp.ClientSession() as http:
         async with http.post(_url(srv, "/v1/chat/completions"), json=ask) as r:
             assert r.status == 400 and (await r.json())["error"]["param"] == "tool_choice"
-
-
-@pytest.fixture(scope="module")
-def thinking_checkpoint(hermes_checkpoint, tmp_path_factory):
-    """hermes_checkpoint with a template whose generation prompt opens a reasoning block (as DeepSeek-R1's and
-    Qwen3's do), or with enable_thinking false closes it at once (as Qwen3's does)."""
-    import shutil
-
-    path = tmp_path_factory.mktemp("thinking") / "ckpt"
-    shutil.copytree(hermes_checkpoint, path)
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    opened = ("{%- if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
-              "enable_thinking is false %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}")
-    template = HERMES[:HERMES.index("{%- if add_generation_prompt")] + opened
-    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
-    return str(path)
 
 
 async def test_reasoning_comes_apart_from_the_answer(thinking_checkpoint):

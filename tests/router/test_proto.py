@@ -45,11 +45,12 @@ def test_grpc_stub_has_every_rpc_of_the_proto(tmp_path):
     (service,) = fresh.service
     assert service.name == "Inference"
     methods = {m.name for m in service.method}
-    assert methods == {"Generate", "GenerateStream", "ModelInfo"}
+    assert methods == {"Generate", "GenerateStream", "ModelInfo", "Chat", "ChatStream"}
     servicer = inference_pb2_grpc.InferenceServicer
     assert all(callable(getattr(servicer, m, None)) for m in methods)
     stream = {m.name: (m.client_streaming, m.server_streaming) for m in service.method}
-    assert stream == {"Generate": (False, False), "GenerateStream": (False, True), "ModelInfo": (False, False)}
+    assert stream == {"Generate": (False, False), "GenerateStream": (False, True), "ModelInfo": (False, False),
+                      "Chat": (False, False), "ChatStream": (False, True)}
 
 
 def test_contract_field_names_are_kept():
