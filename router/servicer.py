@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import grpc
 
@@ -229,36 +229,45 @@ class InferenceServicer:
 
     # -- RPCs -------------------------------------------------------------------------------------
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        ids: list[int] = []
-        text: list[str] = []
-        logprobs: list = []
-        prompt_logprobs = None
-        last = rid = None
-        tracker = self._track("Generate", context)
+        outs = await self._read_all("Generate", context, lambda tracker: self._outputs(request, context, tracker))
+        rid, last = outs[-1]
+        return self._response(rid, last, [t for _, o in outs for t in o.new_token_ids],
+                              "".join(o.new_text for _, o in outs), [lp for _, o in outs for lp in o.logprobs or ()],
+                              next((o.prompt_logprobs for _, o in reversed(outs) if o.prompt_logprobs), None))
+
+    async def _read_all(self, method: str, context: grpc.aio.ServicerContext,
+                        outputs: Callable[[Any], AsyncIterator[tuple]]) -> list[tuple]:
+        """A unary RPC's run: every item of outputs(tracker), once the request has finished; a failure aborts the
+        call with its status."""
+        tracker = self._track(method, context)
+        items = []
         try:
-            async with contextlib.aclosing(self._outputs(request, context, tracker)) as outputs:
-                async for rid, last in outputs:
-                    ids += last.new_token_ids
-                    text.append(last.new_text)
-                    logprobs += last.logprobs or ()
-                    prompt_logprobs = last.prompt_logprobs or prompt_logprobs
+            async with contextlib.aclosing(outputs(tracker)) as run:
+                async for item in run:
+                    items.append(item)
         except Exception as exc:
             await self._fail(context, exc, tracker)
         except BaseException:  # the client went away (the call's task is cancelled)
             tracker.end("CANCELLED")
             raise
         tracker.end()
-        return self._response(rid, last, ids, "".join(text), logprobs, prompt_logprobs)
+        return items
 
     async def GenerateStream(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        # context.write rather than an async generator: a client that cancels interrupts this very
-        # coroutine, so the engine's iterator is closed (KV freed) right here, not when a GC runs.
-        tracker = self._track("GenerateStream", context)
+        await self._write_all("GenerateStream", context, lambda tracker: self._outputs(request, context, tracker),
+                              lambda rid, out: self._response(rid, out, out.new_token_ids, out.new_text, out.logprobs,
+                                                              out.prompt_logprobs))
+
+    async def _write_all(self, method: str, context: grpc.aio.ServicerContext,
+                         outputs: Callable[[Any], AsyncIterator[tuple]], respond: Callable[..., Any]) -> None:
+        """A server-streaming RPC: each item of outputs(tracker) written as the message respond(*item); a failure
+        as its status. context.write rather than an async generator: a client that cancels interrupts this very
+        coroutine, so the engine's iterator is closed (KV freed) right here, not when a GC runs."""
+        tracker = self._track(method, context)
         try:
-            async with contextlib.aclosing(self._outputs(request, context, tracker)) as outputs:
-                async for rid, out in outputs:
-                    await context.write(self._response(rid, out, out.new_token_ids, out.new_text, out.logprobs,
-                                                       out.prompt_logprobs))
+            async with contextlib.aclosing(outputs(tracker)) as items:
+                async for item in items:
+                    await context.write(respond(*item))
         except Exception as exc:
             if context.cancelled():  # the client went away while a write was in flight: not our error
                 tracker.end("CANCELLED")
@@ -343,45 +352,17 @@ class InferenceServicer:
         return msg
 
     async def Chat(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
-        ids: list[int] = []
-        reasoning: list[str] = []
-        content: list[str] = []
-        logprobs: list = []
-        rid = last = reader = None
-        tracker = self._track("Chat", context)
-        try:
-            async with contextlib.aclosing(self._chat(request, context, tracker)) as outputs:
-                async for rid, last, (thought, text, _, finish), reader in outputs:
-                    ids += last.new_token_ids
-                    reasoning.append(thought)
-                    content.append(text)
-                    logprobs += last.logprobs or ()
-        except Exception as exc:
-            await self._fail(context, exc, tracker)
-        except BaseException:  # the client went away (the call's task is cancelled)
-            tracker.end("CANCELLED")
-            raise
-        tracker.end()
+        outs = await self._read_all("Chat", context, lambda tracker: self._chat(request, context, tracker))
+        rid, last, (_, _, _, finish), reader = outs[-1]
         calls = [dict(c, index=i) for i, c in enumerate(reader.calls())]
-        return self._chat_response(rid, last, ids, ("".join(reasoning), "".join(content), [], finish), reader,
-                                   logprobs, calls)
+        whole = ("".join(r[0] for _, _, r, _ in outs), "".join(r[1] for _, _, r, _ in outs), [], finish)
+        return self._chat_response(rid, last, [t for _, o, _, _ in outs for t in o.new_token_ids], whole, reader,
+                                   [lp for _, o, _, _ in outs for lp in o.logprobs or ()], calls)
 
     async def ChatStream(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        tracker = self._track("ChatStream", context)
-        try:
-            async with contextlib.aclosing(self._chat(request, context, tracker)) as outputs:
-                async for rid, out, read, reader in outputs:
-                    await context.write(self._chat_response(rid, out, out.new_token_ids, read, reader, out.logprobs,
-                                                            read[2]))
-        except Exception as exc:
-            if context.cancelled():  # the client went away while a write was in flight: not our error
-                tracker.end("CANCELLED")
-                return
-            await self._fail(context, exc, tracker)
-        except BaseException:  # the client went away (the call's task is cancelled)
-            tracker.end("CANCELLED")
-            raise
-        tracker.end()
+        await self._write_all("ChatStream", context, lambda tracker: self._chat(request, context, tracker),
+                              lambda rid, out, read, reader: self._chat_response(rid, out, out.new_token_ids, read,
+                                                                                 reader, out.logprobs, read[2]))
 
     async def ModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         return self._info
