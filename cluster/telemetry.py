@@ -128,6 +128,8 @@ class Telemetry:
         for name, description in (
             ("prefix_cache_queried_tokens", "tokens of admitted requests looked up in the prefix cache"),
             ("prefix_cache_hit_tokens", "of those, tokens whose KV the prefix cache held"),
+            ("draft_tokens", "speculative decoding: drafted tokens verified"),
+            ("draft_tokens_accepted", "of those, tokens the model agreed with (kept)"),
         ):
             meter.create_observable_counter(name, callbacks=[self._gauge_callback(name)], description=description)
         meter.create_observable_gauge(
@@ -346,6 +348,8 @@ def engine_gauges(stats: dict) -> dict[str, float]:
         "kv_blocks_cached": stats.get("kv_blocks_cached", 0),
         "prefix_cache_queried_tokens": stats.get("prefix_cache_queried_tokens", 0),
         "prefix_cache_hit_tokens": stats.get("prefix_cache_hit_tokens", 0),
+        "draft_tokens": stats.get("draft_tokens", 0),
+        "draft_tokens_accepted": stats.get("draft_tokens_accepted", 0),
     }
 
 

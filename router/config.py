@@ -69,6 +69,12 @@ class EngineConfig:
     # `moeserve serve --no-prefix-caching` turns it off, e.g. where tenants must not learn from TTFT
     # whether another sent the same prefix.
     prefix_caching: bool = True
+    # Speculative decoding by prompt lookup (router/speculative.py): a greedy request's decode drafts up to this
+    # many tokens, copied from what followed the last earlier occurrence of its newest ngram_max..ngram_min tokens
+    # (in its prompt or output), and one step verifies them all. 0 (the default): off.
+    speculative_tokens: int = 0
+    ngram_min: int = 2
+    ngram_max: int = 4
 
     def __post_init__(self) -> None:
         _require(self.model is None or (isinstance(self.model, str) and self.model != ""), "model", "a checkpoint directory or None", self.model)
@@ -102,6 +108,9 @@ class EngineConfig:
                  self.batch_wait_ms)
         _require(isinstance(self.overlap_decode, bool), "overlap_decode", "True or False", self.overlap_decode)
         _require(isinstance(self.prefix_caching, bool), "prefix_caching", "True or False", self.prefix_caching)
+        _int_in("speculative_tokens", self.speculative_tokens, 0, 64)
+        _int_in("ngram_min", self.ngram_min, 1, 64)
+        _int_in("ngram_max", self.ngram_max, self.ngram_min, 64)
         _require(isinstance(self.prefill_hold_ms, (int, float)) and not isinstance(self.prefill_hold_ms, bool)
                  and 0.0 <= self.prefill_hold_ms <= 10000.0, "prefill_hold_ms",
                  "a number of milliseconds in [0, 10000]", self.prefill_hold_ms)

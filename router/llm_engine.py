@@ -21,6 +21,7 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import InvalidRequestError, StepFailedError
 from .model_runner import ModelRunner, num_kv_blocks
 from .scheduler import Scheduler
+from .speculative import NgramProposer
 from .sampler import unpack_logprobs
 from .structured import Grammars, accept
 from .sequence import (RequestMetrics, RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprobs,
@@ -61,8 +62,10 @@ class LLMEngine:
         blocks = num_kv_blocks(config, model)
         self.max_model_len = _max_model_len(config, model.config.max_position_embeddings, blocks)
         self.block_manager = BlockManager(blocks, config.block_size, config.prefix_caching)
+        proposer = (NgramProposer(config.speculative_tokens, config.ngram_min, config.ngram_max)
+                    if config.speculative_tokens else None)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_queued_requests)
+                                   config.max_queued_requests, proposer=proposer)
         self.runner = ModelRunner(model, config, blocks, self.max_model_len)
         if self.runner.graphs is not None:  # holding prompts back only pays where decode steps are graphs
             self.scheduler.prefill_hold_s = config.prefill_hold_ms / 1e3
@@ -211,13 +214,16 @@ class LLMEngine:
             c["tokens_computed"] += batch.num_tokens
             if prompt_rows is not None:
                 self._add_prompt_logprobs(launched.prompt_spans, prompt_rows)
-            row_of = {}
-            if logprob_rows is not None:  # the rows of the sequences that sampled, in batch order
-                row_of = {id(s): j for j, s in enumerate(s for s, f in zip(batch.seqs, batch.sample_flags) if f)}
+            row_of, at = {}, 0  # each sampling sequence's first row of the sampled ones (a drafted one has more)
+            for s, f, d in zip(batch.seqs, batch.sample_flags, batch.drafts):
+                if f:
+                    row_of[id(s)] = at
+                    at += 1 + len(d)
+            before = {id(s): len(s) for s, d in zip(batch.seqs, batch.drafts) if d}
             for seq in self.scheduler.postprocess(batch, sampled):
                 k = seq.params.logprobs
                 logprobs = None if k is None else unpack_logprobs(logprob_rows[row_of[id(seq)]], k)
-                outputs.append(self._on_token(seq, now, logprobs))
+                outputs.append(self._on_token(seq, now, logprobs, len(seq) - before.get(id(seq), len(seq) - 1)))
         if self.observer is not None:
             self.observer.record_step(now - start, batch.num_tokens)
             for wait in waits:
@@ -253,11 +259,34 @@ class LLMEngine:
             with self.lock:
                 self.counters["steps_ahead"] += 1
 
-    def _on_token(self, seq: Sequence, now: float, logprobs: TokenLogprobs | None = None) -> RequestOutput:
-        token = seq.token_ids[-1]
+    def _on_token(self, seq: Sequence, now: float, logprobs: TokenLogprobs | None = None,
+                  count: int = 1) -> RequestOutput:
+        """The output of the `count` tokens a step appended to seq (more than one: a draft's, verified): each
+        checked in turn for a stop, those after a stop dropped."""
+        new = seq.token_ids[len(seq) - count:]
+        del seq.token_ids[len(seq) - count:]
         if seq.first_token_time is None:
             seq.first_token_time = now
-        self.counters["tokens_generated"] += 1
+        reason, kept = None, []
+        for token in new:
+            seq.token_ids.append(token)
+            kept.append(token)
+            self.counters["tokens_generated"] += 1
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                break
+        detok = seq.detokenizer
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self.requests[seq.request_id]
+            self.counters["requests_finished"] += 1
+        text = detok.take_delta(finished=reason is not None) if detok is not None else ""
+        prompt, seq.prompt_logprobs = seq.prompt_logprobs, None  # complete with the first token; sent once
+        return self._output(seq, kept, text, None if logprobs is None else [logprobs], prompt)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        """Why seq ends with `token` (its newest): a stop or end-of-sequence token, its structured output complete,
+        a stop string, max_tokens; None when it goes on."""
         reason = token_stop_reason(seq, token, self.eos_token_ids)
         if seq.grammar is not None and reason is None:
             if not accept(seq.grammar, token):
@@ -271,13 +300,7 @@ class LLMEngine:
             reason = "stop"
         if reason is None and length_reached(seq):
             reason = "length"
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-            del self.requests[seq.request_id]
-            self.counters["requests_finished"] += 1
-        text = detok.take_delta(finished=reason is not None) if detok is not None else ""
-        prompt, seq.prompt_logprobs = seq.prompt_logprobs, None  # complete with the first token; sent once
-        return self._output(seq, [token], text, None if logprobs is None else [logprobs], prompt)
+        return reason
 
     def _expire(self, now: float) -> list[RequestOutput]:
         late = [s for s in self.requests.values() if s.deadline is not None and s.deadline <= now]
@@ -337,6 +360,8 @@ class LLMEngine:
                 preemptions=self.scheduler.num_preemptions,
                 prefix_cache_queried_tokens=self.block_manager.prefix_queried_tokens,
                 prefix_cache_hit_tokens=self.block_manager.prefix_hit_tokens,
+                draft_tokens=self.scheduler.num_draft_tokens,
+                draft_tokens_accepted=self.scheduler.num_accepted_tokens,
                 **self.counters,
             )
 

@@ -106,8 +106,8 @@ def flatten(batch: ScheduledBatch, block_size: int, tables: bool = True) -> Flat
     """Lay out the scheduled chunks back to back: each sequence's tokens [computed, computed + n)."""
     bs = block_size
     flat = FlatBatch([], [], [], [], [], [])
-    for n, samples, start, chunk, table in zip(batch.num_new_tokens, batch.sample_flags, batch.starts, batch.chunks,
-                                              batch.tables):
+    for n, samples, start, chunk, table, draft in zip(batch.num_new_tokens, batch.sample_flags, batch.starts,
+                                                     batch.chunks, batch.tables, batch.drafts):
         end = start + n
         flat.input_ids.extend(chunk)
         flat.positions.extend(range(start, end))
@@ -119,8 +119,8 @@ def flatten(batch: ScheduledBatch, block_size: int, tables: bool = True) -> Flat
             flat.slot_mapping.extend(range(base + lo, base + hi))
             pos += hi - lo
         flat.context_lens.append(end)
-        if samples:
-            flat.sample_rows.append(len(flat.input_ids) - 1)
+        if samples:  # the last position; a drafted decode's every position (its token's, then the draft's)
+            flat.sample_rows.extend(range(len(flat.input_ids) - 1 - len(draft), len(flat.input_ids)))
     if tables:  # padded block tables (the graph path takes the sequences' own)
         width = max(map(len, batch.tables), default=0)
         flat.block_tables = [t + [0] * (width - len(t)) for t in batch.tables]
@@ -425,14 +425,17 @@ class ModelRunner:
 
     def _launch(self, batch: ScheduledBatch, ready: Callable[[], None] | None) -> "Launched":
         spans = prompt_logprob_spans(batch)
-        hidden, sample_rows = self._graphed(batch) if not spans else (None, None)  # prompt logprobs: eager
+        drafted = any(batch.drafts)
+        # prompt logprobs and drafts to verify: eager
+        hidden, sample_rows = self._graphed(batch) if not spans and not drafted else (None, None)
         graphed = hidden is not None
         if not graphed:
             if ready is not None:
                 ready()
             input_ids, positions, attn, sample_rows = self.prepare(batch)
             hidden = self.model.forward(input_ids, positions, attn)
-        sampling = [s for s, f in zip(batch.seqs, batch.sample_flags) if f]
+        # the sequence of each sampled row: a drafted decode's once per position
+        sampling = [s for s, f, d in zip(batch.seqs, batch.sample_flags, batch.drafts) if f for _ in range(1 + len(d))]
         tokens, logprobs = self._sample(hidden.index_select(0, sample_rows), sampling) if sampling else (None, None)
         return Launched(tokens, logprobs, graphed=graphed, decode_graph=graphed and batch.decode_only,
                         prompt_logprobs=self._prompt_logprobs(hidden, batch, spans) if spans else None,

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from .block_manager import BlockManager, blocks_for
 from .errors import QueueFullError
 from .sequence import Sequence, SequenceStatus
+from .speculative import NgramProposer, eligible
 
 
 @dataclass
@@ -58,6 +59,8 @@ class ScheduledBatch:
     starts: list[int] = field(default_factory=list)  # position of each chunk's first token
     chunks: list[list[int]] = field(default_factory=list)  # each chunk's token ids (empty: read ahead)
     tables: list[list[int]] = field(default_factory=list)  # each sequence's block table
+    # each decode's drafted tokens, verified in this step after its last token (router/speculative.py); [] for none
+    drafts: list[list[int]] = field(default_factory=list)
 
     def add(self, seq: Sequence, n: int) -> None:
         start = seq.num_computed_tokens
@@ -75,11 +78,20 @@ class ScheduledBatch:
         self.starts.append(start)
         self.chunks.append(chunk)
         self.tables.append(list(seq.block_table))
+        self.drafts.append([])
+
+    def add_draft(self, i: int, draft: list[int]) -> None:
+        """Row i (a decode) verifies `draft` after its token: its chunk grows by the draft, every position
+        samples (Scheduler.postprocess keeps what the model agrees with), and its table covers them."""
+        self.num_new_tokens[i] += len(draft)
+        self.chunks[i] = self.chunks[i] + draft
+        self.tables[i] = list(self.seqs[i].block_table)
+        self.drafts[i] = list(draft)
 
     def subset(self, rows: list[int]) -> "ScheduledBatch":
         """These rows of the batch, in this order, as a batch of their own."""
         part = ScheduledBatch()
-        for name in ("seqs", "num_new_tokens", "sample_flags", "starts", "chunks", "tables"):
+        for name in ("seqs", "num_new_tokens", "sample_flags", "starts", "chunks", "tables", "drafts"):
             values = getattr(self, name)
             setattr(part, name, [values[i] for i in rows])
         return part
@@ -107,7 +119,7 @@ class Scheduler:
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_queued_requests: int, prefill_hold_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, proposer: NgramProposer | None = None):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs so every decode fits a step")
         self.prefill_hold_s = prefill_hold_s  # see the module docstring; 0 admits at the first step
@@ -122,6 +134,9 @@ class Scheduler:
         self._step = 0  # steps scheduled so far
         self._deferred_step = -1  # the last one that left the decodes out
         self._prioritised = False  # a request with a priority other than 0 has arrived
+        self.proposer = proposer  # speculative decoding's drafts (router/speculative.py); None: off
+        self.num_draft_tokens = 0  # drafted tokens verified so far, and those the model agreed with
+        self.num_accepted_tokens = 0
 
     @property
     def decodes_deferred(self) -> bool:
@@ -189,6 +204,11 @@ class Scheduler:
                     continue
             i += 1
 
+        # 1b. Drafts for the decodes that take them (speculative decoding), from what budget the decodes left
+        # and from free blocks: a draft never preempts, and prompts still to read come first.
+        if self.proposer is not None and batch and not batch.preempted:
+            budget = self._draft(batch, budget)
+
         # 2. Prefill chunks of running sequences still reading their prompt (blocks held since admission).
         for seq in self.running:
             if budget == 0:
@@ -215,6 +235,26 @@ class Scheduler:
             batch.add(seq, n)
             budget -= n
         return batch
+
+    def _draft(self, batch: ScheduledBatch, budget: int) -> int:
+        """Give this step's decodes their drafts (the step has only decodes so far); the budget left."""
+        reading = sum(s.num_uncomputed_tokens for s in self.running if s.num_uncomputed_tokens > 1)
+        spare = budget - reading
+        bm = self.block_manager
+        for i, seq in enumerate(batch.seqs):
+            if spare < 1:
+                break
+            if not eligible(seq):
+                continue
+            # the step's tokens (the draft's, and the one sampled after them) stay within max_tokens
+            room = min(spare, seq.params.max_tokens - seq.num_completion_tokens - 1)
+            draft = self.proposer.propose(seq, room)
+            if draft and bm.can_append(seq, len(draft)):
+                bm.append(seq, len(draft))
+                batch.add_draft(i, draft)
+                spare -= len(draft)
+                budget -= len(draft)
+        return budget
 
     def next_decode(self, batch: ScheduledBatch) -> ScheduledBatch | None:
         """The decode step that follows `batch` (a decode-only step whose sampled tokens are not back
@@ -304,15 +344,27 @@ class Scheduler:
     def postprocess(self, batch: ScheduledBatch, sampled: list[int]) -> list[Sequence]:
         """Record the step: advance each sequence's computed tokens and append its sampled token.
 
-        `sampled` holds one token per sequence with a sample flag, in batch order. Sequences
-        finished (aborted) while the step ran are skipped. Returns the sequences that got a token.
-        """
+        `sampled` holds one token per sequence with a sample flag, in batch order, and a drafted decode's one per
+        position (its draft's, then one more). Sequences finished (aborted) while the step ran are skipped. Returns
+        the sequences that got a token (a drafted one 1 to len(draft) + 1 of them)."""
         got = []
         j = 0
-        for seq, n, samples in zip(batch.seqs, batch.num_new_tokens, batch.sample_flags):
+        for seq, n, samples, draft in zip(batch.seqs, batch.num_new_tokens, batch.sample_flags, batch.drafts):
             token = sampled[j] if samples else None
-            j += samples
+            picks = sampled[j:j + len(draft) + 1] if draft else ()
+            j += samples + len(draft)
             if seq.status is not SequenceStatus.RUNNING:
+                continue
+            if draft:  # the draft's tokens the model agrees with, and its own pick after them
+                kept = 0
+                while kept < len(draft) and draft[kept] == picks[kept]:
+                    kept += 1
+                self.num_draft_tokens += len(draft)
+                self.num_accepted_tokens += kept
+                seq.num_computed_tokens += 1 + kept  # the rejected positions' KV is overwritten later
+                seq.token_ids.extend(picks[:kept + 1])
+                self.block_manager.register(seq)
+                got.append(seq)
                 continue
             seq.num_computed_tokens += n
             self.block_manager.register(seq)

@@ -197,7 +197,7 @@ class Sequence:
         "request_id", "params", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table",
         "status", "finish_reason", "arrival_time", "first_token_time", "deadline", "generator",
         "detokenizer", "num_emitted_tokens", "first_scheduled_time", "deferred_at_step", "num_cached_blocks",
-        "prefix_serial", "num_cached_prompt_tokens", "grammar", "prompt_logprobs",
+        "prefix_serial", "num_cached_prompt_tokens", "grammar", "prompt_logprobs", "draft_index",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -225,6 +225,7 @@ class Sequence:
         self.grammar: Any = None  # structured output: the xgrammar matcher of the tokens generated so far
         # SamplingParams.prompt_logprobs: those of prompt positions 1.. computed so far (None: not asked, or sent)
         self.prompt_logprobs: list | None = [] if params.prompt_logprobs is not None else None
+        self.draft_index: Any = None  # speculative decoding: its n-grams' index (router/speculative.py)
 
     def __len__(self) -> int:
         return len(self.token_ids)

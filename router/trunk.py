@@ -57,7 +57,7 @@ _MIN_POLL_S = 0.1  # the shortest long poll a small stall_timeout_s makes (half 
 # The cumulative figures of the worker's stats() (LLMEngine.stats); the rest of its keys are gauges.
 WORKER_COUNTERS = ("steps", "requests_added", "prompt_tokens", "tokens_computed", "tokens_generated",
                    "requests_finished", "preemptions", "busy_us", "prefix_cache_queried_tokens",
-                   "prefix_cache_hit_tokens")
+                   "prefix_cache_hit_tokens", "draft_tokens", "draft_tokens_accepted")
 
 
 @dataclass

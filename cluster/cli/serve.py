@@ -61,6 +61,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="compute every prompt in full (by default a prompt's whole KV blocks that an earlier request "
                         "already computed are reused; off where tenants must not learn from the time to first token "
                         "whether another sent the same prefix)")
+    g.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="speculative decoding by prompt lookup: a greedy request drafts up to K tokens a step from "
+                        "what followed its newest tokens where they occurred before, and one step verifies them "
+                        "(the same tokens; default 0: off)")
+    g.add_argument("--ngram-min", type=int, default=2, metavar="N",
+                   help="with --speculative-tokens: the fewest newest tokens looked up (default 2)")
+    g.add_argument("--ngram-max", type=int, default=4, metavar="N",
+                   help="with --speculative-tokens: the most newest tokens looked up, tried first (default 4)")
     g.add_argument("--expert-groups", type=int, default=0, metavar="N",
                    help="run the routed experts in N expert groups (default 0: inside the trunk's process)")
     g.add_argument("--trunk-worker", action="store_true",
@@ -157,6 +165,9 @@ def engine_config(args: argparse.Namespace, control_plane=None):
         prompt_graph_tokens=getattr(args, "prompt_graph_tokens", 4096),
         overlap_decode=getattr(args, "overlap_decode", True),
         prefix_caching=getattr(args, "prefix_caching", True),
+        speculative_tokens=getattr(args, "speculative_tokens", 0),
+        ngram_min=getattr(args, "ngram_min", 2),
+        ngram_max=getattr(args, "ngram_max", 4),
     )
 
 

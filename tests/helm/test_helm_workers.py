@@ -160,6 +160,7 @@ def test_trunk_joins_ray_then_serves_with_flags_the_server_parses(render, values
     assert os.path.dirname(cm_path) in mounts
     if values == MULTI_GPU:
         assert args.expert_groups == 16 and args.model == "/models/DeepSeek-V3" and args.max_model_len == 32768
+        assert (args.speculative_tokens, args.ngram_min, args.ngram_max) == (3, 2, 3)
         assert "/models" in mounts
     elif values == TLS_AUTH_MON:
         assert args.tls_cert and args.tls_key and args.tls_client_ca and args.auth_token_file
@@ -168,6 +169,8 @@ def test_trunk_joins_ray_then_serves_with_flags_the_server_parses(render, values
             assert os.path.dirname(getattr(args, flag)) in mounts, flag
     else:
         assert args.expert_groups == 2 and args.model is None
+    if values != MULTI_GPU:
+        assert args.speculative_tokens == 0
 
 
 def test_head_schedules_nothing_and_runs_kuberays_command(render, tmp_path):

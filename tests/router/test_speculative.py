@@ -1,0 +1,175 @@
+"""Speculative decoding by prompt lookup (router/speculative.py): drafts verified in one step give exactly the tokens
+of one-at-a-time greedy decoding (the oracle: the same engine without drafts, itself checked against HF transformers
+in test_exactness.py), for the three architectures, beside requests that do not draft, through stops, max_tokens,
+preemption and prefix caching; and the drafts are accepted where the text repeats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeserve.router.engine import EngineConfig, LLMEngine, SamplingParams
+from moeserve.router.scheduler import ScheduledBatch
+from moeserve.router.sequence import Sequence
+from moeserve.router.speculative import NgramProposer, eligible
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    """Prompts whose text repeats (a phrase three times, a counted list) and random ones, of several lengths."""
+    g = torch.Generator().manual_seed(3)
+    phrase = torch.randint(3, vocab, (7,), generator=g).tolist()
+    rand = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 19, 33)]
+    counted = [3 + (i % 11) for i in range(30)]
+    return [phrase * 3, rand[0], counted, rand[1] + phrase * 2, rand[2]]
+
+
+def _engine(path: str, spec: int, **over) -> LLMEngine:
+    cfg = dict(model=path, block_size=4, num_kv_blocks=200, max_num_seqs=8, max_num_batched_tokens=96,
+               max_model_len=160, speculative_tokens=spec, ngram_min=1, ngram_max=3)
+    return LLMEngine.from_config(EngineConfig(**{**cfg, **over}))
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams], stagger: bool = True) -> list:
+    """Each prompt's tokens, finish reason and text; with `stagger` one prompt arrives every other step."""
+    got = {i: ([], None) for i in range(len(prompts))}
+    step = 0
+    while step < 2 * len(prompts) or engine.has_unfinished():
+        if stagger and step % 2 == 0 and step // 2 < len(prompts):
+            i = step // 2
+            engine.add_request(str(i), prompts[i], params[i])
+        elif not stagger and step == 0:
+            for i, p in enumerate(prompts):
+                engine.add_request(str(i), p, params[i])
+        for out in engine.step():
+            ids, _ = got[int(out.request_id)]
+            got[int(out.request_id)] = (ids + out.new_token_ids, out.finish_reason)
+        step += 1
+        assert step < 3000
+    return [got[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe", "mixtral"])
+def test_drafts_give_greedy_decodings_tokens(arch, hf_checkpoint):
+    path = str(hf_checkpoint(arch, seed=4))
+    plain = _engine(path, 0)
+    vocab = plain.model_config.vocab_size
+    prompts = _prompts(vocab)
+    greedy = [SamplingParams(max_tokens=40 + 3 * i) for i in range(len(prompts))]
+    want = _run(plain, prompts, greedy)
+    spec = _engine(path, 4)
+    assert _run(spec, prompts, greedy) == want
+    stats = spec.stats()
+    assert stats["draft_tokens"] > 0 and stats["draft_tokens_accepted"] > 0, stats
+    assert stats["steps"] < plain.stats()["steps"]  # more than one token a step where the drafts held
+    assert stats["tokens_generated"] == plain.stats()["tokens_generated"]
+    from moeserve.cluster.telemetry import engine_gauges  # what Prometheus exports of them
+
+    gauges = engine_gauges(stats)
+    assert (gauges["draft_tokens"], gauges["draft_tokens_accepted"]) == (stats["draft_tokens"],
+                                                                          stats["draft_tokens_accepted"])
+
+    # stop token ids inside an accepted run, and stops beside requests that cannot draft (sampled with a seed,
+    # logprobs, penalties): everything as without drafts
+    stop_at = [ids[len(ids) // 2] for ids, _ in want]
+    mixed = [SamplingParams(max_tokens=40, stop_token_ids=(stop_at[0],)),
+             SamplingParams(max_tokens=30, temperature=0.8, seed=7),
+             SamplingParams(max_tokens=35, stop_token_ids=(stop_at[2],)),
+             SamplingParams(max_tokens=25, logprobs=2),
+             SamplingParams(max_tokens=30, presence_penalty=0.5)]
+    want = _run(_engine(path, 0), prompts, mixed, stagger=False)
+    spec = _engine(path, 4)
+    assert _run(spec, prompts, mixed, stagger=False) == want
+    assert [r for _, r in want][:3:2] == ["stop", "stop"]
+    assert spec.stats()["draft_tokens_accepted"] > 0
+
+
+def test_drafts_under_preemption_and_prefix_caching_keep_the_tokens(hf_checkpoint):
+    """A KV cache small enough that decodes preempt (drafts take only free blocks), and a prompt repeated so that
+    the prefix cache serves it: blocks registered after a verified draft hold the right tokens' KV."""
+    path = str(hf_checkpoint("qwen3_moe", seed=4))
+    prompts = _prompts(256)
+    prompts += [prompts[0], prompts[3]]  # from the prefix cache, with blocks a drafted decode filled
+    greedy = [SamplingParams(max_tokens=48) for _ in prompts]
+    want = _run(_engine(path, 0, num_kv_blocks=48), prompts, greedy)
+    spec = _engine(path, 6, num_kv_blocks=48)
+    assert _run(spec, prompts, greedy) == want
+    stats = spec.stats()
+    assert stats["preemptions"] > 0 and stats["prefix_cache_hit_tokens"] > 0 and stats["draft_tokens_accepted"] > 0
+
+
+def test_prompt_lookup_drafts_what_followed_the_newest_ngram():
+    proposer = NgramProposer(4, ngram_min=1, ngram_max=3)
+    seq = Sequence("r", [1, 2, 3, 4, 5, 9, 2, 3], SamplingParams(max_tokens=8))
+    assert proposer.propose(seq, 10) == [4, 5, 9, 2]  # "2 3" occurred before, followed by 4 5 9 2
+    assert proposer.propose(seq, 2) == [4, 5]
+    seq.token_ids += [7]  # "7" and "3 7" never occurred before
+    assert proposer.propose(seq, 4) == []
+    seq.token_ids += [1, 2]  # "7 1 2"? no; "1 2" yes: the last occurrence before the newest, at the start
+    assert proposer.propose(seq, 4) == [3, 4, 5, 9]
+    seq.token_ids += [3]  # now "1 2 3" occurred at the start: its continuation
+    assert proposer.propose(seq, 4) == [4, 5, 9, 2]
+    assert NgramProposer(4, 2, 3).propose(Sequence("s", [5, 5], SamplingParams(max_tokens=8)), 4) == []
+    with pytest.raises(ValueError):
+        NgramProposer(4, 3, 2)
+    assert eligible(seq) and not eligible(Sequence("t", [1], SamplingParams(max_tokens=8, temperature=0.5)))
+    assert not eligible(Sequence("t", [1], SamplingParams(max_tokens=8, logprobs=0)))
+    assert not eligible(Sequence("t", [1], SamplingParams(max_tokens=8, repetition_penalty=1.2)))
+
+    batch = ScheduledBatch()
+    seq.num_computed_tokens = len(seq) - 1
+    seq.block_table = [0, 1, 2]
+    batch.add(seq, 1)
+    batch.add_draft(0, [4, 5])
+    assert batch.num_new_tokens == [3] and batch.chunks == [[3, 4, 5]] and batch.drafts == [[4, 5]]
+    assert batch.subset([0]).drafts == [[4, 5]]
+
+
+@pytest.mark.parametrize("field, value", [("speculative_tokens", -1), ("speculative_tokens", 65), ("ngram_min", 0),
+                                          ("ngram_max", 1)])
+def test_config_refuses_bad_speculative_settings(field, value):
+    with pytest.raises(ValueError, match=field):
+        EngineConfig(**{field: value, **({"ngram_min": 2} if field == "ngram_max" else {})})
+
+
+async def test_a_server_with_drafts_streams_the_same_tokens_and_text():
+    """Over gRPC, with the demo model and its tokenizer: streamed messages carry a step's several tokens, and text
+    with a stop string (cut in the middle of a verified run) as without drafts."""
+    from edge_harness import running_server
+    from moeserve.router.client import AsyncClient
+
+    prompt = "one two three, one two three, one two three, one two"
+    replies = []
+    for spec in (0, 4):
+        async with running_server(engine={"speculative_tokens": spec, "ngram_min": 1}) as srv, \
+                AsyncClient(srv.address) as client:
+            whole = await client.generate(prompt=prompt, max_tokens=40, ignore_eos=True)
+            stop = whole.text[len(whole.text) // 2:len(whole.text) // 2 + 3]
+            streamed = [m async for m in client.generate_stream(prompt=prompt, max_tokens=40, ignore_eos=True)]
+            stopped = [m async for m in client.generate_stream(prompt=prompt, max_tokens=40, stop=[stop])]
+            stats = srv.engine.stats()
+        replies.append((list(whole.token_ids), whole.text, [t for m in streamed for t in m.token_ids],
+                        [t for m in stopped for t in m.token_ids], "".join(m.text for m in stopped),
+                        stopped[-1].finish_reason))
+        if spec:
+            assert stats["draft_tokens_accepted"] > 0 and any(len(m.token_ids) > 1 for m in streamed)
+    assert replies[0] == replies[1]
+    assert replies[0][2] == replies[0][0] and replies[0][5] == 2  # stop
+
+
+def test_a_stop_inside_a_verified_run_drops_the_tokens_after_it(hf_checkpoint):
+    """LLMEngine._on_token over a step's several tokens: each checked in turn, the request ends at the stop, and the
+    tokens after it are neither returned nor kept."""
+    engine = _engine(str(hf_checkpoint("qwen3_moe", seed=4)), 4)
+    engine.add_request("r", [5, 6, 7, 8], SamplingParams(max_tokens=20, stop_token_ids=(42,)))
+    (first,) = engine.step()
+    seq = engine.requests["r"]
+    seq.token_ids += [11, 42, 13]  # as postprocess appends a verified run
+    out = engine._on_token(seq, 0.0, None, 3)
+    assert out.new_token_ids == [11, 42] and out.finished and out.finish_reason == "stop"
+    assert seq.token_ids[-2:] == [11, 42] and out.completion_tokens == 3 and "r" not in engine.requests
+    engine.add_request("s", [5, 6, 7, 8], SamplingParams(max_tokens=4))
+    engine.step()
+    seq = engine.requests["s"]
+    seq.token_ids += [11, 12, 13, 14]  # max_tokens reached at the third of them
+    out = engine._on_token(seq, 0.0, None, 4)
+    assert out.new_token_ids == [11, 12, 13] and out.finish_reason == "length" and out.completion_tokens == 4
