@@ -69,9 +69,10 @@ class EngineConfig:
     # `moeserve serve --no-prefix-caching` turns it off, e.g. where tenants must not learn from TTFT
     # whether another sent the same prefix.
     prefix_caching: bool = True
-    # Speculative decoding by prompt lookup (router/speculative.py): a greedy request's decode drafts up to this
-    # many tokens, copied from what followed the last earlier occurrence of its newest ngram_max..ngram_min tokens
-    # (in its prompt or output), and one step verifies them all. 0 (the default): off.
+    # Speculative decoding by prompt lookup (router/speculative.py): a request's decode (greedy, or sampled without
+    # a seed of its own) drafts up to this many tokens, copied from what followed the last earlier occurrence of its
+    # newest ngram_max..ngram_min tokens (in its prompt or output), and one step verifies them all: the tokens
+    # (greedy) or the distribution (sampled) of one-at-a-time decoding. 0 (the default): off.
     speculative_tokens: int = 0
     ngram_min: int = 2
     ngram_max: int = 4

@@ -62,9 +62,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "already computed are reused; off where tenants must not learn from the time to first token "
                         "whether another sent the same prefix)")
     g.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
-                   help="speculative decoding by prompt lookup: a greedy request drafts up to K tokens a step from "
-                        "what followed its newest tokens where they occurred before, and one step verifies them "
-                        "(the same tokens; default 0: off)")
+                   help="speculative decoding by prompt lookup: a request (greedy, or sampled without a seed) drafts "
+                        "up to K tokens a step from what followed its newest tokens where they occurred before, and "
+                        "one step verifies them (greedy: the same tokens; sampled: the same distribution; default 0: "
+                        "off)")
     g.add_argument("--ngram-min", type=int, default=2, metavar="N",
                    help="with --speculative-tokens: the fewest newest tokens looked up (default 2)")
     g.add_argument("--ngram-max", type=int, default=4, metavar="N",

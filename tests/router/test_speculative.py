@@ -111,7 +111,8 @@ def test_prompt_lookup_drafts_what_followed_the_newest_ngram():
     assert NgramProposer(4, 2, 3).propose(Sequence("s", [5, 5], SamplingParams(max_tokens=8)), 4) == []
     with pytest.raises(ValueError):
         NgramProposer(4, 3, 2)
-    assert eligible(seq) and not eligible(Sequence("t", [1], SamplingParams(max_tokens=8, temperature=0.5)))
+    assert eligible(seq) and eligible(Sequence("t", [1], SamplingParams(max_tokens=8, temperature=0.5)))
+    assert not eligible(Sequence("t", [1], SamplingParams(max_tokens=8, temperature=0.5, seed=1)))
     assert not eligible(Sequence("t", [1], SamplingParams(max_tokens=8, logprobs=0)))
     assert not eligible(Sequence("t", [1], SamplingParams(max_tokens=8, repetition_penalty=1.2)))
 
@@ -122,6 +123,83 @@ def test_prompt_lookup_drafts_what_followed_the_newest_ngram():
     batch.add_draft(0, [4, 5])
     assert batch.num_new_tokens == [3] and batch.chunks == [[3, 4, 5]] and batch.drafts == [[4, 5]]
     assert batch.subset([0]).drafts == [[4, 5]]
+
+
+def _lookup(tokens: list[int], ngram_min: int, ngram_max: int, limit: int) -> list[int]:
+    """Prompt lookup by brute force: the longest newest n-gram's last earlier occurrence, what followed it."""
+    for n in range(min(ngram_max, len(tokens) - 1), ngram_min - 1, -1):
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tokens[-n:]:
+                return tokens[start + n:start + n + limit]
+    return []
+
+
+@pytest.mark.parametrize("step", [4096, 3])
+def test_the_incremental_index_drafts_what_brute_force_lookup_finds(step, monkeypatch):
+    """Grown a few tokens at a time (and, with a small INDEX_STEP, a few positions a call), the index drafts what
+    a search of the whole sequence finds, once it has caught up."""
+    import random
+
+    from moeserve.router import speculative
+
+    monkeypatch.setattr(speculative, "INDEX_STEP", step)
+    rng = random.Random(step)
+    for _ in range(200):
+        tokens = [rng.randrange(4) for _ in range(rng.randrange(3, 50))]
+        seq, proposer = Sequence("x", tokens[:3], SamplingParams(max_tokens=8)), NgramProposer(5, 1, 3)
+        for at in range(3, len(tokens) + 1, rng.randrange(1, 6)):
+            seq.token_ids[:] = tokens[:at]
+            for _ in range(len(tokens)):  # the calls of the steps it takes to catch up
+                got = proposer.propose(seq, 5)
+                if seq.draft_index[0] >= len(seq) - 1:
+                    break
+            assert got == _lookup(seq.token_ids, 1, 3, 5), seq.token_ids
+
+
+def test_sampled_drafts_keep_the_distribution_of_one_token_a_step():
+    """Speculative sampling with a draft that is one token for sure: each position samples from its own
+    distribution given the draft before it, and postprocess keeps drafted tokens while the samples equal them. On a
+    Markov chain over 4 tokens, the first two tokens so emitted (a step short of two going on one token a step) are
+    distributed as sampling one at a time gives them: within 0.01 of each exact probability over 40000 trials."""
+    from moeserve.router.block_manager import BlockManager
+    from moeserve.router.scheduler import Scheduler
+    from moeserve.router.sequence import SequenceStatus
+
+    g = torch.Generator().manual_seed(0)
+    chain = torch.softmax(torch.randn(4, 4, generator=g) * 1.5, dim=-1)  # next-token distribution after each token
+    last, draft, trials = 1, [2, 0], 40000
+    # every position samples on its own: after the last token, then after each drafted one
+    picks = torch.stack([torch.multinomial(chain[t], trials, replacement=True, generator=g)
+                         for t in [last] + draft], dim=1).tolist()
+    going_on = torch.multinomial(chain, trials, replacement=True, generator=g)  # [after token, trial]
+    scheduler = Scheduler(BlockManager(8, 4, prefix_caching=False), 4, 64, 8)
+    counts = torch.zeros(4, 4)
+    for trial in range(trials):
+        seq = Sequence("r", [last], SamplingParams(max_tokens=8, temperature=1.0))
+        seq.status, seq.block_table = SequenceStatus.RUNNING, [0]
+        batch = ScheduledBatch()
+        batch.add(seq, 1)
+        batch.add_draft(0, draft)
+        scheduler.postprocess(batch, picks[trial])
+        first = seq.token_ids[1]
+        second = seq.token_ids[2] if len(seq) > 2 else int(going_on[first, trial])
+        counts[first, second] += 1
+    exact = chain[last][:, None] * chain
+    assert (counts / trials - exact).abs().max() < 0.01
+    kept = chain[last][draft[0]] * (1 + chain[draft[0]][draft[1]])  # tokens kept a trial, on average
+    assert abs(scheduler.num_accepted_tokens / trials - kept) < 0.01
+
+
+def test_unseeded_sampled_requests_draft_and_seeded_ones_do_not(hf_checkpoint):
+    engine = _engine(str(hf_checkpoint("mixtral", seed=4)), 4)
+    prompts = _prompts(256)
+    outs = _run(engine, prompts[:2], [SamplingParams(max_tokens=40, temperature=0.3),
+                                      SamplingParams(max_tokens=40, temperature=0.3, seed=5)])
+    assert [len(ids) for ids, _ in outs] == [40, 40] and [r for _, r in outs] == ["length", "length"]
+    assert engine.stats()["draft_tokens_accepted"] > 0
+    again = _run(_engine(str(hf_checkpoint("mixtral", seed=4)), 0), prompts[1:2],
+                 [SamplingParams(max_tokens=40, temperature=0.3, seed=5)])
+    assert again[0] == outs[1]  # the seeded one decoded one token a step: its tokens are its seed's
 
 
 @pytest.mark.parametrize("field, value", [("speculative_tokens", -1), ("speculative_tokens", 65), ("ngram_min", 0),
@@ -173,3 +251,18 @@ def test_a_stop_inside_a_verified_run_drops_the_tokens_after_it(hf_checkpoint):
     seq.token_ids += [11, 12, 13, 14]  # max_tokens reached at the third of them
     out = engine._on_token(seq, 0.0, None, 4)
     assert out.new_token_ids == [11, 12, 13] and out.finish_reason == "length" and out.completion_tokens == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
+def test_drafts_beside_cuda_graphs_and_look_ahead_give_greedy_decodings_tokens(arch, hf_checkpoint):
+    """On a GPU: steps that verify drafts run eagerly between graphed decode steps queued ahead; the tokens are
+    those of the engine without drafts."""
+    path = str(hf_checkpoint(arch, seed=4))
+    prompts = _prompts(256)
+    greedy = [SamplingParams(max_tokens=40) for _ in prompts]
+    want = _run(_engine(path, 0, device="cuda", dtype="float32"), prompts, greedy)
+    spec = _engine(path, 4, device="cuda", dtype="float32")
+    assert _run(spec, prompts, greedy) == want
+    stats = spec.stats()
+    assert stats["draft_tokens_accepted"] > 0 and stats["steps_ahead"] > 0, stats
