@@ -90,7 +90,9 @@ def serving_status(f: dict) -> pb.ServingStatus:
                            requests_per_s=f["requests_per_s"], trunk_workers=f.get("trunk_workers", 0),
                            trunk_workers_starting=f.get("trunk_workers_starting", 0),
                            trunk_workers_draining=f.get("trunk_workers_draining", 0),
-                           prefix_cache_hit_rate=f.get("prefix_cache_hit_rate", 0.0))
+                           prefix_cache_hit_rate=f.get("prefix_cache_hit_rate", 0.0),
+                           draft_tokens_per_s=f.get("draft_tokens_per_s", 0.0),
+                           draft_acceptance_rate=f.get("draft_acceptance_rate", 0.0))
     for name in ("ttft", "tpot"):
         if f.get(name) is not None:
             getattr(msg, name).CopyFrom(pb.LatencySummary(**f[name]))

@@ -21,6 +21,7 @@ _HISTOGRAMS = {"ttft": "ttft_seconds", "tpot": "tpot_seconds"}
 _RATES = {"input_tokens_per_s": "prompt_tokens", "output_tokens_per_s": "tokens_generated",
           "requests_per_s": "requests_finished"}
 _CACHE = ("prefix_cache_hit_tokens", "prefix_cache_queried_tokens")
+_DRAFTS = ("draft_tokens_accepted", "draft_tokens")
 _MIN_SPACING_S = 1.0  # readings kept at most this often, so the history stays small however often status is asked
 
 
@@ -92,7 +93,7 @@ class ServingFigures:
 
     def _reading(self, stats: dict) -> _Reading:
         hist = self._telemetry.histograms(*_HISTOGRAMS.values()) if self._telemetry is not None else {}
-        return _Reading(self._clock(), {k: float(stats.get(k, 0)) for k in (*_RATES.values(), *_CACHE)}, hist)
+        return _Reading(self._clock(), {k: float(stats.get(k, 0)) for k in (*_RATES.values(), *_CACHE, *_DRAFTS)}, hist)
 
     def __call__(self) -> dict[str, Any]:
         stats = self._engine.stats()
@@ -113,6 +114,9 @@ class ServingFigures:
             figures[name] = max(0.0, now.counters[counter] - base.counters[counter]) / span
         hit, queried = (max(0.0, now.counters[k] - base.counters[k]) for k in _CACHE)
         figures["prefix_cache_hit_rate"] = min(1.0, hit / queried) if queried else 0.0
+        kept, drafted = (max(0.0, now.counters[k] - base.counters[k]) for k in _DRAFTS)
+        figures["draft_tokens_per_s"] = drafted / span
+        figures["draft_acceptance_rate"] = min(1.0, kept / drafted) if drafted else 0.0
         if self._telemetry is not None:
             for name, metric in _HISTOGRAMS.items():
                 figures[name] = _window_latency(base.histograms.get(metric), now.histograms.get(metric))

@@ -91,7 +91,9 @@ def format_serving(v) -> list[str]:
     lines = [f"serving  running {v.running}  waiting {v.waiting}  kv blocks {kv}{trunk}",
              f"  over the last {v.window_s:.1f}s: input {v.input_tokens_per_s:.1f} tokens/s  "
              f"output {v.output_tokens_per_s:.1f} tokens/s  {v.requests_per_s:.2f} requests/s  "
-             f"prefix cache hits {100 * v.prefix_cache_hit_rate:.0f}% of prompt tokens"]
+             f"prefix cache hits {100 * v.prefix_cache_hit_rate:.0f}% of prompt tokens"
+             + (f"  drafts {v.draft_tokens_per_s:.1f} tokens/s, {100 * v.draft_acceptance_rate:.0f}% kept"
+                if v.draft_tokens_per_s else "")]
     for name, label in (("ttft", "ttft"), ("tpot", "tpot")):
         if not v.HasField(name):
             lines.append(f"  {label}  - (the server runs without telemetry: --prometheus-port or --otlp-endpoint)")

@@ -50,11 +50,15 @@ def test_rates_and_latencies_cover_the_window_not_the_lifetime():
             stats["requests_finished"] += 3
             stats["prefix_cache_queried_tokens"] += 100
             stats["prefix_cache_hit_tokens"] += 75
+            stats["draft_tokens"] = stats.get("draft_tokens", 0) + 60
+            stats["draft_tokens_accepted"] = stats.get("draft_tokens_accepted", 0) + 15
             tel.ttft.record(0.02)
             now = figures()
         assert now["window_s"] == 60 and now["output_tokens_per_s"] == pytest.approx(10.0)
         assert now["requests_per_s"] == pytest.approx(0.1) and now["prefix_cache_hit_rate"] == pytest.approx(0.75)
         assert first["prefix_cache_hit_rate"] == 0.0  # nothing admitted over its window
+        assert now["draft_tokens_per_s"] == pytest.approx(2.0) and now["draft_acceptance_rate"] == pytest.approx(0.25)
+        assert first["draft_tokens_per_s"] == 0.0 and first["draft_acceptance_rate"] == 0.0
         assert now["ttft"]["count"] == 2 and now["ttft"]["p99_s"] <= 0.025
         assert (now["running"], now["waiting"], now["kv_blocks_used"], now["kv_blocks_total"]) == (2, 1, 10, 40)
         assert now["tpot"]["count"] == 0
@@ -93,3 +97,14 @@ async def test_status_shows_the_live_serving_figures(embedded_serve, capsys):
     assert serving["outputTokensPerS"] > 0 and serving["inputTokensPerS"] > 0 and serving["requestsPerS"] > 0
     assert int(serving["ttft"]["count"]) == 4 and serving["ttft"]["p50S"] > 0
     assert int(serving["tpot"]["count"]) == 4 and 0 < serving["tpot"]["p50S"] <= serving["tpot"]["p99S"]
+
+
+def test_status_lines_name_the_drafts_only_where_there_are_some():
+    from moeserve.cluster.admin_server import serving_status
+    from moeserve.cluster.cli.status import format_serving
+
+    figures = dict(running=1, waiting=0, kv_blocks_used=4, kv_blocks_total=40, window_s=10.0, input_tokens_per_s=5.0,
+                   output_tokens_per_s=50.0, requests_per_s=0.5, prefix_cache_hit_rate=0.0)
+    assert "drafts" not in "\n".join(format_serving(serving_status(figures)))
+    lines = format_serving(serving_status(dict(figures, draft_tokens_per_s=40.0, draft_acceptance_rate=0.625)))
+    assert "drafts 40.0 tokens/s, 62% kept" in lines[1] or "drafts 40.0 tokens/s, 63% kept" in lines[1]
