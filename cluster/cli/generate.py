@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import grpc
 
@@ -174,32 +175,39 @@ def _chat_args(args: argparse.Namespace) -> dict:
     return dict(messages=messages, tools=tools, tool_choice=args.tool_choice)
 
 
+async def _receive(args: argparse.Namespace, stream: Callable[[], Any], whole: Callable[[], Any],
+                   show: Callable[[Any], None]) -> list:
+    """A reply streamed (each message shown as it comes) or whole (shown once): every message received."""
+    if not args.stream:
+        msgs = [await whole()]
+        show(msgs[0])
+        return msgs
+    msgs = []
+    async for msg in stream():
+        show(msg)
+        sys.stdout.flush()
+        msgs.append(msg)
+    return msgs
+
+
 async def _chat(args: argparse.Namespace, params: dict) -> tuple:
     """Run --chat; print the reply (reasoning on standard error); the last message, token ids and logprobs."""
     chat = _chat_args(args)
-    tokens, logprobs, calls = [], [], {}
+
+    def show(msg) -> None:
+        sys.stderr.write(msg.reasoning_content)
+        sys.stdout.write(msg.content)
+
     async with connect(args) as client:
-        if args.stream:
-            last = None
-            async for msg in client.chat_stream(**chat, timeout=args.timeout, **params):
-                sys.stderr.write(msg.reasoning_content)
-                sys.stdout.write(msg.content)
-                sys.stdout.flush()
-                for piece in msg.tool_calls:
-                    name, arguments = calls.get(piece.index, ("", ""))
-                    calls[piece.index] = (name + piece.name, arguments + piece.arguments)
-                tokens += msg.token_ids
-                logprobs += msg.logprobs
-                last = msg
-        else:
-            last = await client.chat(**chat, timeout=args.timeout, **params)
-            sys.stderr.write(last.reasoning_content)
-            sys.stdout.write(last.content)
-            calls = {c.index: (c.name, c.arguments) for c in last.tool_calls}
-            tokens, logprobs = list(last.token_ids), list(last.logprobs)
+        msgs = await _receive(args, lambda: client.chat_stream(**chat, timeout=args.timeout, **params),
+                              lambda: client.chat(**chat, timeout=args.timeout, **params), show)
+    calls: dict[int, tuple[str, str]] = {}
+    for piece in (p for m in msgs for p in m.tool_calls):  # streamed: a call's name, then its arguments in pieces
+        name, arguments = calls.get(piece.index, ("", ""))
+        calls[piece.index] = (name + piece.name, arguments + piece.arguments)
     for i in sorted(calls):
         sys.stdout.write(f"\ntool call {calls[i][0]} {calls[i][1]}")
-    return last, tokens, logprobs
+    return msgs[-1], [t for m in msgs for t in m.token_ids], [lp for m in msgs for lp in m.logprobs]
 
 
 async def _generate(args: argparse.Namespace) -> int:
@@ -222,10 +230,9 @@ async def _generate(args: argparse.Namespace) -> int:
         priority=args.priority, logit_bias=dict(args.logit_bias), structured_output=_structured_output(args),
         prompt_logprobs=args.prompt_logprobs,
     )
-    tokens, logprobs, prompt_logprobs = [], [], []
     if source is None:
         params.pop("prompt_logprobs")
-        last, tokens, logprobs = await _chat(args, params)
+        (last, tokens, logprobs), prompt_logprobs = await _chat(args, params), []
     else:
         last, tokens, logprobs, prompt_logprobs = await _complete(args, source, params)
     sys.stdout.write("\n")
@@ -236,23 +243,12 @@ async def _generate(args: argparse.Namespace) -> int:
 
 async def _complete(args: argparse.Namespace, source: dict, params: dict) -> tuple:
     """Run a completion; print it as it comes; the last message, token ids and (prompt) logprobs."""
-    tokens, logprobs, prompt_logprobs = [], [], []
     async with connect(args) as client:
-        if args.stream:
-            last = None
-            async for msg in client.generate_stream(**source, timeout=args.timeout, **params):
-                sys.stdout.write(msg.text)
-                sys.stdout.flush()
-                tokens += msg.token_ids
-                logprobs += msg.logprobs
-                prompt_logprobs += msg.prompt_logprobs
-                last = msg
-        else:
-            last = await client.generate(**source, timeout=args.timeout, **params)
-            sys.stdout.write(last.text)
-            tokens, logprobs = list(last.token_ids), list(last.logprobs)
-            prompt_logprobs = list(last.prompt_logprobs)
-    return last, tokens, logprobs, prompt_logprobs
+        msgs = await _receive(args, lambda: client.generate_stream(**source, timeout=args.timeout, **params),
+                              lambda: client.generate(**source, timeout=args.timeout, **params),
+                              lambda msg: sys.stdout.write(msg.text))
+    return (msgs[-1], [t for m in msgs for t in m.token_ids], [lp for m in msgs for lp in m.logprobs],
+            [lp for m in msgs for lp in m.prompt_logprobs])
 
 
 def _report(args: argparse.Namespace, last, tokens: list, logprobs: list, prompt_logprobs: list) -> None:
