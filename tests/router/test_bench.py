@@ -152,6 +152,17 @@ def test_gpu_benchmark_script_runs_end_to_end_on_a_tiny_model(tmp_path):
     client = json.loads((tmp_path / "trace_tiny_client.json").read_text())
     assert {k: len(v["requests"]) for k, v in client.items()} == {"1": ours["1"]["requests"], "2": ours["2"]["requests"]}
     assert all(r["ttft"] > 0 for v in client.values() for r in v["requests"])
+    # trace_arrivals.py: each prompt step with the requests sent while it ran (every request is counted once
+    # over the steps and gaps, so no step counts more than were sent)
+    sys.path.insert(0, str(script.parent))
+    import trace_arrivals
+
+    steps = trace_arrivals.prompt_steps(server, client, min_tokens=1)
+    assert len(steps) == len(server["steps"]) and sum(s["sent_during"] for s in steps) <= served
+    arrivals = subprocess.run([sys.executable, str(script.parent / "trace_arrivals.py"), str(tmp_path),
+                               "--min-tokens", "2"], capture_output=True, text=True, timeout=60)
+    assert arrivals.returncode == 0 and arrivals.stdout.startswith("tiny: "), arrivals.stderr
+    assert "requests sent during it" in arrivals.stdout
 
 
 def test_gpu_benchmark_levels_draw_prompts_of_their_own():
