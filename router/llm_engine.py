@@ -221,9 +221,10 @@ class LLMEngine:
                     at += 1 + len(d)
             before = {id(s): len(s) for s, d in zip(batch.seqs, batch.drafts) if d}
             for seq in self.scheduler.postprocess(batch, sampled):
-                k = seq.params.logprobs
-                logprobs = None if k is None else unpack_logprobs(logprob_rows[row_of[id(seq)]], k)
-                outputs.append(self._on_token(seq, now, logprobs, len(seq) - before.get(id(seq), len(seq) - 1)))
+                count, k = len(seq) - before.get(id(seq), len(seq) - 1), seq.params.logprobs
+                logprobs = None if k is None else [unpack_logprobs(logprob_rows[row_of[id(seq)] + j], k)
+                                                   for j in range(count)]
+                outputs.append(self._on_token(seq, now, logprobs, count))
         if self.observer is not None:
             self.observer.record_step(now - start, batch.num_tokens)
             for wait in waits:
@@ -259,10 +260,10 @@ class LLMEngine:
             with self.lock:
                 self.counters["steps_ahead"] += 1
 
-    def _on_token(self, seq: Sequence, now: float, logprobs: TokenLogprobs | None = None,
+    def _on_token(self, seq: Sequence, now: float, logprobs: list[TokenLogprobs] | None = None,
                   count: int = 1) -> RequestOutput:
-        """The output of the `count` tokens a step appended to seq (more than one: a draft's, verified): each
-        checked in turn for a stop, those after a stop dropped."""
+        """The output of the `count` tokens a step appended to seq (more than one: a draft's, verified), with their
+        log-probabilities when asked for: each checked in turn for a stop, those after a stop dropped."""
         new = seq.token_ids[len(seq) - count:]
         del seq.token_ids[len(seq) - count:]
         if seq.first_token_time is None:
@@ -282,7 +283,7 @@ class LLMEngine:
             self.counters["requests_finished"] += 1
         text = detok.take_delta(finished=reason is not None) if detok is not None else ""
         prompt, seq.prompt_logprobs = seq.prompt_logprobs, None  # complete with the first token; sent once
-        return self._output(seq, kept, text, None if logprobs is None else [logprobs], prompt)
+        return self._output(seq, kept, text, None if logprobs is None else logprobs[:len(kept)], prompt)
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         """Why seq ends with `token` (its newest): a stop or end-of-sequence token, its structured output complete,

@@ -17,7 +17,7 @@ distributed as p restricted to the other tokens: speculative sampling's rule for
 sure (Leviathan et al.'s min(1, p/q) acceptance and (p - q)+ resampling with q a point mass).
 
 Eligible: requests whose sampling does not read the tokens so far (no penalties, min_tokens), without a
-structured output or log-probabilities, and greedy or without a seed of their own: a seeded request's generator
+structured output, and greedy or without a seed of their own: a seeded request's generator
 would be drawn from once per drafted position, and its tokens would then depend on how much room the step had
 for its draft, that is on the other requests. Others decode a token a step beside them.
 """
@@ -33,10 +33,9 @@ INDEX_STEP = 4096  # n-gram positions indexed in one call at most (a long prompt
 
 def eligible(seq: Sequence) -> bool:
     """Whether a sequence's tokens may be drafted: greedy or unseeded, and nothing in its sampling per position that
-    a drafted row would have to reproduce (the history its penalties read, a grammar's state, log-probabilities)."""
+    a drafted row would have to reproduce (the history its penalties read, a grammar's state)."""
     p = seq.params
-    return ((p.greedy or p.seed is None) and not p.reads_history and p.structured_output is None
-            and p.logprobs is None)
+    return (p.greedy or p.seed is None) and not p.reads_history and p.structured_output is None
 
 
 class NgramProposer:

@@ -113,7 +113,7 @@ def test_prompt_lookup_drafts_what_followed_the_newest_ngram():
         NgramProposer(4, 3, 2)
     assert eligible(seq) and eligible(Sequence("t", [1], SamplingParams(max_tokens=8, temperature=0.5)))
     assert not eligible(Sequence("t", [1], SamplingParams(max_tokens=8, temperature=0.5, seed=1)))
-    assert not eligible(Sequence("t", [1], SamplingParams(max_tokens=8, logprobs=0)))
+    assert eligible(Sequence("t", [1], SamplingParams(max_tokens=8, logprobs=0)))
     assert not eligible(Sequence("t", [1], SamplingParams(max_tokens=8, repetition_penalty=1.2)))
 
     batch = ScheduledBatch()
@@ -266,3 +266,25 @@ def test_drafts_beside_cuda_graphs_and_look_ahead_give_greedy_decodings_tokens(a
     assert _run(spec, prompts, greedy) == want
     stats = spec.stats()
     assert stats["draft_tokens_accepted"] > 0 and stats["steps_ahead"] > 0, stats
+
+
+def test_logprobs_of_verified_drafts_are_one_token_a_steps(hf_checkpoint):
+    """A request asking for log-probabilities drafts too: each kept token comes with its row of the step (its
+    log-probability and the top ones), as decoding one token a step gives them."""
+    path = str(hf_checkpoint("mixtral", seed=4))
+    prompts = _prompts(256)[:3]
+    params = [SamplingParams(max_tokens=30, logprobs=3), SamplingParams(max_tokens=30, logprobs=0),
+              SamplingParams(max_tokens=30)]
+    want = _engine(path, 0).generate_batch(prompts, params)
+    spec = _engine(path, 4)
+    got = spec.generate_batch(prompts, params)
+    assert spec.stats()["draft_tokens_accepted"] > 0
+    for w, g in zip(want, got):
+        assert g.new_token_ids == w.new_token_ids
+        if w.logprobs is None:
+            assert g.logprobs is None
+            continue
+        assert len(g.logprobs) == len(w.logprobs) == 30
+        for a, b in zip(g.logprobs, w.logprobs):
+            assert a[0] == pytest.approx(b[0], abs=1e-4) and list(a[1]) == list(b[1])
+            assert list(a[2]) == pytest.approx(list(b[2]), abs=1e-4)
