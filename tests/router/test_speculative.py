@@ -54,7 +54,7 @@ def test_drafts_give_greedy_decodings_tokens(arch, hf_checkpoint):
     plain = _engine(path, 0)
     vocab = plain.model_config.vocab_size
     prompts = _prompts(vocab)
-    greedy = [SamplingParams(max_tokens=40 + 3 * i) for i in range(len(prompts))]
+    greedy = [SamplingParams(max_tokens=24 + 3 * i) for i in range(len(prompts))]
     want = _run(plain, prompts, greedy)
     spec = _engine(path, 4)
     assert _run(spec, prompts, greedy) == want
@@ -68,19 +68,19 @@ def test_drafts_give_greedy_decodings_tokens(arch, hf_checkpoint):
     assert (gauges["draft_tokens"], gauges["draft_tokens_accepted"]) == (stats["draft_tokens"],
                                                                           stats["draft_tokens_accepted"])
 
-    # stop token ids inside an accepted run, and stops beside requests that cannot draft (sampled with a seed,
-    # logprobs, penalties): everything as without drafts
+    # stop token ids, and requests that cannot draft (sampled with a seed, penalties) or draft with logprobs
+    # beside them, all arriving at once: everything as without drafts (the same engines, their caches warm)
     stop_at = [ids[len(ids) // 2] for ids, _ in want]
-    mixed = [SamplingParams(max_tokens=40, stop_token_ids=(stop_at[0],)),
-             SamplingParams(max_tokens=30, temperature=0.8, seed=7),
-             SamplingParams(max_tokens=35, stop_token_ids=(stop_at[2],)),
-             SamplingParams(max_tokens=25, logprobs=2),
-             SamplingParams(max_tokens=30, presence_penalty=0.5)]
-    want = _run(_engine(path, 0), prompts, mixed, stagger=False)
-    spec = _engine(path, 4)
+    mixed = [SamplingParams(max_tokens=24, stop_token_ids=(stop_at[0],)),
+             SamplingParams(max_tokens=16, temperature=0.8, seed=7),
+             SamplingParams(max_tokens=20, stop_token_ids=(stop_at[2],)),
+             SamplingParams(max_tokens=16, logprobs=2),
+             SamplingParams(max_tokens=16, presence_penalty=0.5)]
+    drafted = stats["draft_tokens"]
+    want = _run(plain, prompts, mixed, stagger=False)
     assert _run(spec, prompts, mixed, stagger=False) == want
     assert [r for _, r in want][:3:2] == ["stop", "stop"]
-    assert spec.stats()["draft_tokens_accepted"] > 0
+    assert spec.stats()["draft_tokens"] > drafted  # drafts verified in this part too
 
 
 def test_drafts_under_preemption_and_prefix_caching_keep_the_tokens(hf_checkpoint):
