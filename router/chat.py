@@ -120,10 +120,14 @@ def body_of(request: pb.ChatRequest) -> dict:
     body: dict[str, Any] = {"messages": messages, "continue_final_message": request.continue_final_message}
     tools = []
     for i, t in enumerate(request.tools):
+        if not t.name:
+            raise InvalidRequestError(f"tools[{i}].name", "must be set: the function's name")
         try:
             params = json.loads(t.parameters) if t.parameters else {"type": "object"}
         except ValueError as exc:
             raise InvalidRequestError(f"tools[{i}].parameters", f"is not JSON: {exc}") from None
+        if not isinstance(params, dict):
+            raise InvalidRequestError(f"tools[{i}].parameters", "must be a JSON Schema object, as JSON text")
         function = {"name": t.name, "parameters": params, **({"description": t.description} if t.description else {})}
         tools.append({"type": "function", "function": function})
     if tools:

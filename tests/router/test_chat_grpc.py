@@ -165,6 +165,8 @@ async def test_bad_chats_name_their_field_and_serving_goes_on(hermes_checkpoint)
             (build_chat_request([]), "messages"),
             (build_chat_request([{"role": "", "content": "Hi"}]), "messages[0].role"),
             (build_chat_request(user, tools=[{"name": "f", "parameters": "{not json"}]), "tools[0].parameters"),
+            (build_chat_request(user, tools=[WEATHER, {"name": "f", "parameters": "[1, 2]"}]), "tools[1].parameters"),
+            (build_chat_request(user, tools=[{"name": ""}]), "tools[0].name"),
             (build_chat_request(user, tools=[WEATHER], tool_choice="fly"), "tool_choice"),
             (build_chat_request(user, tool_choice="required"), "tool_choice"),
             (build_chat_request(user, chat_template_kwargs={"messages": []}), "chat_template_kwargs"),

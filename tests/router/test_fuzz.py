@@ -371,6 +371,100 @@ def test_garbage_on_the_port_does_not_hurt(fuzz):
     assert greedy(fuzz[1], REFERENCE_PROMPTS) == fuzz[0].reference
 
 
+CHAT = "/moeserve.v1.Inference/Chat"
+CHAT_STREAM = "/moeserve.v1.Inference/ChatStream"
+# ChatRequest's fields (and params' under "params."): what an INVALID_ARGUMENT about a chat may name
+CHAT_FIELDS = ("request", "messages", "tools", "tool_choice", "parallel_tool_calls", "params.",
+               "chat_template_kwargs", "continue_final_message")
+SCHEMAS = ['{"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}', "", "{}",
+           '{"type": "string"}', "[1, 2]", "{not json", '{"type": "nonsense"}', "null"]
+
+
+CHAT_HOSTILE = ("messages", "tools", "tool_choice", "template", "continue", "params")
+
+
+@st.composite
+def chats(draw) -> pb.ChatRequest:
+    """A chat that is sane but for a few drawn hostile parts (none in a third, one alone in another): messages of
+    any roles and texts, or none; tools of any names and schemas (JSON or not); any tool_choice; template options
+    that are no object or set what the server sets; continue_final_message without an assistant turn to continue;
+    params drawn as a Generate request's are, its prompt sometimes left set."""
+    hostile = draw(st.one_of(st.just(frozenset()), st.sampled_from(CHAT_HOSTILE).map(lambda f: {f}),
+                             st.sets(st.sampled_from(CHAT_HOSTILE), max_size=3)))
+    req = pb.ChatRequest()
+    if "messages" in hostile:
+        for _ in range(draw(st.integers(0, 4))):
+            req.messages.add(role=draw(st.sampled_from(["user", "system", "assistant", "tool", "", "wizard"])),
+                             content=draw(hostile_text), tool_call_id=draw(st.sampled_from(["", "c1"])))
+    else:
+        if draw(st.booleans()):
+            req.messages.add(role="system", content=draw(sane_text))
+        req.messages.add(role="user", content=draw(sane_text))
+    names = (draw(st.lists(st.sampled_from(["f", "g", "", "f"]), max_size=3)) if "tools" in hostile else
+             draw(st.sampled_from([[], ["f"], ["f", "g"]])))
+    for name in names:
+        req.tools.add(name=name, description=draw(sane_text),
+                      parameters=draw(st.sampled_from(SCHEMAS) if "tools" in hostile else st.sampled_from(SCHEMAS[:3])))
+    req.tool_choice = (draw(st.sampled_from(["", "auto", "none", "required", "f", "g", "fly"]))
+                       if "tool_choice" in hostile else "none" if not names else draw(st.sampled_from(["required", "f"])))
+    if draw(st.booleans()):
+        req.parallel_tool_calls = draw(st.booleans())
+    req.chat_template_kwargs = (draw(st.sampled_from(["[1]", "{nope", '{"messages": 1}', '"x"'])) if "template" in
+                                hostile else draw(st.sampled_from(["", "{}", '{"enable_thinking": false}'])))
+    req.continue_final_message = "continue" in hostile
+    if "params" in hostile:
+        params = draw(requests())
+        if draw(st.booleans()):  # a prompt beside the messages
+            params.prompt = "also this"
+        req.params.CopyFrom(params)
+    else:
+        req.params.max_tokens = draw(st.integers(0, MAX_TOKENS))
+        req.params.temperature = draw(st.sampled_from([0.0, 0.7]))
+    return req
+
+
+@settings(FUZZ, max_examples=120)
+@given(req=chats(), stream=st.booleans())
+def _chats(fuzz, req, stream):
+    server, channel, tally = fuzz
+    tally["chats"] += 1
+    try:
+        if stream:
+            call = channel.unary_stream(CHAT_STREAM, pb.ChatRequest.SerializeToString, pb.ChatResponse.FromString)
+            msgs = list(call(req, timeout=120))
+        else:
+            call = channel.unary_unary(CHAT, pb.ChatRequest.SerializeToString, pb.ChatResponse.FromString)
+            msgs = [call(req, timeout=120)]
+    except grpc.RpcError as err:
+        code = err.code()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a huge prompt in params, over the message size
+            assert req.params.WhichOneof("input") is not None, err.details()
+        else:
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, err.details(), req)
+            assert err.details().startswith(CHAT_FIELDS), err.details()
+        tally[f"code {code.name}"] += 1
+        return
+    last = msgs[-1]
+    assert last.finish_reason in FINISH | {pb.tool_calls}, last
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
+    tokens = sum(len(m.token_ids) for m in msgs)
+    assert tokens == last.usage.completion_tokens <= (req.params.max_tokens or DEFAULT_MAX_TOKENS)
+    assert not req.params.WhichOneof("input") and req.messages
+    if last.finish_reason == pb.tool_calls:  # the calls are to the tools given
+        assert {c.name for c in last.tool_calls if c.name} <= {t.name for t in req.tools}
+    tally["code OK"] += 1
+
+
+def test_chats_get_the_right_answers(fuzz):
+    _chats(fuzz)
+    assert_idle(fuzz[0])
+    raw = fuzz[1].unary_unary(CHAT)  # bytes in, bytes out: what does not parse is the request's fault
+    for garbage in (b"\xff\xff\xff", b"\x0a\x03\x0a\x01\xff", b"\x2a\x02\xff\xff"):
+        with pytest.raises(grpc.RpcError) as err:
+            raw(garbage, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("request: ")
+
+
 def test_idle_without_leaks_and_still_correct_afterwards(fuzz):
     server, channel, tally = fuzz
     assert_idle(server)

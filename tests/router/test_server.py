@@ -202,12 +202,13 @@ async def _drain(call):
 
 
 async def test_malformed_bytes_are_invalid_argument(server, client):
-    raw = client.channel.unary_unary("/moeserve.v1.Inference/Generate")  # bytes in, bytes out
-    for garbage in (b"\xff\xff\xff\xff\xff", b"\x0a\x02\xff\xfe"):  # not protobuf; invalid UTF-8 in prompt
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await raw(garbage)
-        assert code_of(err) == grpc.StatusCode.INVALID_ARGUMENT
-        assert err.value.details().startswith("request: ")
+    for method in ("Generate", "Chat"):
+        raw = client.channel.unary_unary(f"/moeserve.v1.Inference/{method}")  # bytes in, bytes out
+        for garbage in (b"\xff\xff\xff\xff\xff", b"\x0a\x02\xff\xfe"):  # not protobuf; invalid UTF-8 in a string
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await raw(garbage)
+            assert code_of(err) == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details().startswith("request: ") and method + "Request" in err.value.details()
     assert (await client.generate(prompt="ok", max_tokens=2, ignore_eos=True)).usage.completion_tokens == 2
 
 
