@@ -83,6 +83,21 @@ def test_drafts_give_greedy_decodings_tokens(arch, hf_checkpoint):
     assert spec.stats()["draft_tokens"] > drafted  # drafts verified in this part too
 
 
+def test_drafts_between_padded_graph_steps_and_look_ahead_keep_the_tokens(hf_checkpoint):
+    """With decode steps on the fixed-shape padded path (the CUDA graphs' step, run eagerly on the CPU) and decode
+    steps queued ahead of the previous step's tokens: a step that verifies drafts is never queued ahead (its
+    tokens decide the next), and the tokens stay those without drafts."""
+    path = str(hf_checkpoint("qwen3_moe", seed=4))
+    prompts = _prompts(256)
+    greedy = [SamplingParams(max_tokens=30 + 3 * i) for i in range(len(prompts))]
+    plain = _engine(path, 0, decode_graphs="padded")
+    want = _run(plain, prompts, greedy)
+    spec = _engine(path, 4, decode_graphs="padded")
+    assert spec.overlap_decode and _run(spec, prompts, greedy) == want
+    stats = spec.stats()
+    assert stats["draft_tokens_accepted"] > 0 and 0 < stats["steps_ahead"] < plain.stats()["steps_ahead"], stats
+
+
 def test_drafts_under_preemption_and_prefix_caching_keep_the_tokens(hf_checkpoint):
     """A KV cache small enough that decodes preempt (drafts take only free blocks), and a prompt repeated so that
     the prefix cache serves it: blocks registered after a verified draft hold the right tokens' KV."""
