@@ -218,3 +218,18 @@ def test_build_chat_request_carries_messages_tools_and_params():
     assert json.loads(req.chat_template_kwargs) == {"enable_thinking": False}
     assert req.params.WhichOneof("input") is None and req.params.max_tokens == 7 and req.params.seed == 3
     assert list(req.params.stop) == ["\n"]
+
+
+async def test_a_cancelled_chat_stream_frees_its_kv_blocks_and_serving_goes_on(hermes_checkpoint):
+    async with running_server(engine={"model": hermes_checkpoint}) as srv, AsyncClient(srv.address) as client:
+        limit = srv.servicer.limits.context_length - 64
+        call = client.chat_stream([{"role": "user", "content": "Tell me a long story."}], max_tokens=limit,
+                                  ignore_eos=True)
+        first = await call.read()
+        assert first.token_ids and srv.engine.stats()["kv_blocks_used"] > 0
+        assert call.cancel()
+        await srv.servicer.wait_for(lambda: srv.servicer.num_active == 0)
+        stats = srv.engine.stats()
+        assert (stats["running"], stats["waiting"], stats["kv_blocks_used"]) == (0, 0, 0), stats
+        reply = await client.chat([{"role": "user", "content": "Hi"}], max_tokens=3, ignore_eos=True)
+        assert len(reply.token_ids) == 3 and reply.finish_reason == pb.length
