@@ -301,19 +301,22 @@ class InferenceServicer:
 
     @staticmethod
     def _chat_error(exc: BaseException, structured: str | None) -> BaseException:
-        """An error about the engine request as the ChatRequest's fields name it: a GenerateRequest field under
-        params, the constraint under the field that asked for it."""
+        """An error about the engine request as the ChatRequest's fields name it: the prompt's (too long, with
+        max_tokens past the context) under messages, which it was rendered from; the constraint under the field that
+        asked for it; another GenerateRequest field under params."""
         if not isinstance(exc, InvalidRequestError) or exc.field.split("[")[0].split(".")[0] in _CHAT_FIELDS:
             return exc
         message = str(exc)[len(exc.field) + 2:]
+        if exc.field in ("token_ids", "prompt"):
+            return InvalidRequestError("messages", f"as rendered by the chat template, {message}")
         if exc.field.startswith("structured_output") and structured == "tools":
             return InvalidRequestError("tools", message)
         return InvalidRequestError(f"params.{exc.field}", message)
 
     async def _chat(self, request: Any, context: grpc.aio.ServicerContext, tracker: Any
-                    ) -> AsyncIterator[tuple[str, Any, tuple[str, str, list[dict], str | None]]]:
-        """Run one ChatRequest; yields (request_id, RequestOutput, what ChatReader read of it: reasoning, content,
-        call pieces, finish reason) until it finishes."""
+                    ) -> AsyncIterator[tuple[str, Any, tuple[str, str, list[dict], str | None], ChatReader]]:
+        """Run one ChatRequest; yields (request_id, RequestOutput, what its ChatReader read of it: reasoning,
+        content, call pieces, finish reason; the reader) until it finishes."""
         structured = None
         try:
             req, read, structured = self._chat_request(request)

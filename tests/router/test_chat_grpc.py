@@ -175,6 +175,7 @@ async def test_bad_chats_name_their_field_and_serving_goes_on(hermes_checkpoint)
             (build_chat_request(user, tools=[WEATHER], tool_choice="weather", structured_output={"json_object": True}),
              "tool_choice"),
             (build_chat_request(user, continue_final_message=True), "continue_final_message"),
+            (build_chat_request([{"role": "user", "content": "many words " * 4000}]), "messages"),
         ]
         given = build_chat_request(user)
         given.params.prompt = "also a prompt"
