@@ -702,6 +702,8 @@ class OpenAIHTTP:
         param = getattr(exc, "field", None)
         if param and param.startswith("structured_output") and reply is not None and reply.structured:
             param = reply.structured  # the engine names its field; the client sent this parameter
+        elif param in ("token_ids", "prompt") and reply is not None and reply.chat:
+            param = "messages"  # the prompt the chat template rendered from them
         return _error(_HTTP.get(code.name, 500), message, param)
 
 

@@ -374,7 +374,9 @@ async def test_chat_completions_are_the_completion_of_the_rendered_conversation(
                             ({"messages": CONVERSATION, "add_generation_prompt": "no"}, "add_generation_prompt"), ({"messages": [{"role": "user"}]}, "messages[0]"),
                             ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
                              "messages[0].content"),
-                            ({"messages": CONVERSATION, "logprobs": 3}, "logprobs")):
+                            ({"messages": CONVERSATION, "logprobs": 3}, "logprobs"),
+                            # a conversation that renders past the prompt limit: its messages, not the prompt it became
+                            ({"messages": [{"role": "user", "content": "many words " * 4000}]}, "messages")):
             async with http.post(_url(srv, "/v1/chat/completions"), json=body) as r:
                 assert r.status == 400 and (await r.json())["error"]["param"] == param
 
