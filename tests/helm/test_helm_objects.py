@@ -25,8 +25,12 @@ def test_grpc_service_selects_trunk_pods(render):
 def test_the_http_api_is_off_by_default_and_reachable_when_on(render, tmp_path):
     from test_helm_workers import parse_serve
 
-    off = render(TLS_AUTH_MON)
+    off = render(TLS_AUTH_MON, "--set", "server.toolCallFormat=hermes")
     assert [p["name"] for p in one(off, "Service", FULLNAME)["spec"]["ports"]] == ["grpc"]
+    (container,) = worker_groups(off)["trunk"]["template"]["spec"]["containers"]
+    serve = shlex.split(next(a for a in container["args"] if "moeserve" in a and " serve " in a).split(" serve ", 1)[1])
+    args, unknown = parse_serve(["serve", *serve])  # gRPC's Chat reads the call format too
+    assert not unknown and args.http_port is None and args.tool_call_format == "hermes"
     objects = render(TLS_AUTH_MON, "--set", "server.httpPort=8080", "--set", "service.httpPort=80",
                      "--set", "server.toolCallFormat=deepseek_v3", "--set", "server.reasoningContent=keep")
     svc = one(objects, "Service", FULLNAME)

@@ -273,7 +273,8 @@ are listed in the chart README.
 {{- $args = concat $args (list "--max-num-seqs" (toString (int64 $v.server.maxNumSeqs)) "--max-num-batched-tokens" (toString (int64 $v.server.maxNumBatchedTokens)) "--batch-wait-ms" (toString $v.server.batchWaitMs) "--prefill-hold-ms" (toString $v.server.prefillHoldMs)) }}
 {{- if not $v.server.prefixCaching }}{{ $args = append $args "--no-prefix-caching" }}{{ end }}
 {{- if $v.server.speculativeTokens }}{{ $args = concat $args (list "--speculative-tokens" (toString (int64 $v.server.speculativeTokens)) "--ngram-min" (toString (int64 $v.server.ngramMin)) "--ngram-max" (toString (int64 $v.server.ngramMax))) }}{{ end }}
-{{- if $v.server.httpPort }}{{ $args = concat $args (list "--http-port" (toString (int64 $v.server.httpPort)) "--tool-call-format" $v.server.toolCallFormat "--reasoning-content" $v.server.reasoningContent) }}{{ end }}
+{{- $args = concat $args (list "--tool-call-format" $v.server.toolCallFormat "--reasoning-content" $v.server.reasoningContent) }}
+{{- if $v.server.httpPort }}{{ $args = concat $args (list "--http-port" (toString (int64 $v.server.httpPort))) }}{{ end }}
 {{- if $v.server.maxModelLen }}{{ $args = concat $args (list "--max-model-len" (toString (int64 $v.server.maxModelLen))) }}{{ end }}
 {{- $args = concat $args (list "--max-queued-requests" (toString (int64 $v.server.maxQueuedRequests)) "--max-message-bytes" (toString (int64 $v.server.maxMessageBytes)) "--grace" (toString $v.server.grace)) }}
 {{- $args = concat $args (list "--expert-groups" (include "moeserve.expertGroupCount" .) "--transport" $v.server.transport "--expert-resource" $v.experts.resourceTemplate) }}
