@@ -2,9 +2,10 @@
 
 Shared by the HTTP front's /v1/chat/completions (router/openai_http.py) and the gRPC edge's Chat and ChatStream
 (router/servicer.py): a chat arrives as an OpenAI-style body (the gRPC ChatRequest is turned into one,
-`body_of`), `ChatTemplate.prepare` renders and tokenizes it and says how the reply is read (ChatRead); `constrain` holds
-the engine request to the tools' call format (or a structured answer after the reasoning block); a ChatReader per
-choice splits the output, piece by piece as it streams, into reasoning, content and calls.
+`body_of`), `ChatTemplate.prepare` renders and tokenizes it and says how the reply is read (ChatRead);
+`constrain` holds the engine request to the tools' call format (or a structured answer after the reasoning
+block); a ChatReader per choice splits the output, piece by piece as it streams, into reasoning, content and
+calls.
 """
 
 from __future__ import annotations
@@ -77,14 +78,14 @@ class ChatTemplate:
             raise InvalidRequestError("messages", f"the chat template refused them: {exc}") from exc
         return text, tools, functions, choice
 
-    def prepare(self, body: dict, structured: str | None = None) -> tuple[str, list[int], "ChatRead"]:
-        """A chat body's prompt (rendered, and its token ids) and how its reply is read: its reasoning, and with tools
+    def prepare(self, body: dict, structured: str | None = None) -> tuple[list[int], "ChatRead"]:
+        """A chat body's prompt (rendered, as token ids) and how its reply is read: its reasoning, and with tools
         that may be called, how the output is held and its calls read. `structured`: the parameter that asks for a
         structured output of its own (tool calls refuse one)."""
         text, tools, functions, choice = self.render(body)
         opened = opens_thinking(text)
         plan = tool_plan(body, tools, functions, choice, self.tool_format, opened, structured) if tools else None
-        return text, self.tokenizer.encode(text, add_special_tokens=False), ChatRead(plan, self.reasoning, opened)
+        return self.tokenizer.encode(text, add_special_tokens=False), ChatRead(plan, self.reasoning, opened)
 
 
 def constrain(req: pb.GenerateRequest, read: "ChatRead", structured: str | None) -> str | None:
@@ -102,8 +103,8 @@ def constrain(req: pb.GenerateRequest, read: "ChatRead", structured: str | None)
 
 
 def body_of(request: pb.ChatRequest) -> dict:
-    """A gRPC ChatRequest's messages, tools and template options as the OpenAI-style body ChatTemplate.prepare reads (field
-    names as the ChatRequest spells them in errors)."""
+    """A gRPC ChatRequest's messages, tools and template options as the OpenAI-style body ChatTemplate.prepare
+    reads (field names as the ChatRequest spells them in errors)."""
     messages = []
     for i, m in enumerate(request.messages):
         if not m.role:

@@ -214,12 +214,14 @@ class LLMEngine:
             c["tokens_computed"] += batch.num_tokens
             if prompt_rows is not None:
                 self._add_prompt_logprobs(launched.prompt_spans, prompt_rows)
-            row_of, at = {}, 0  # each sampling sequence's first row of the sampled ones (a drafted one has more)
-            for s, f, d in zip(batch.seqs, batch.sample_flags, batch.drafts):
-                if f:
-                    row_of[id(s)] = at
-                    at += 1 + len(d)
-            before = {id(s): len(s) for s, d in zip(batch.seqs, batch.drafts) if d}
+            row_of = {}
+            if logprob_rows is not None:  # each sampling sequence's first sampled row (a drafted one has more)
+                at = 0
+                for s, f, d in zip(batch.seqs, batch.sample_flags, batch.drafts):
+                    if f:
+                        row_of[id(s)] = at
+                        at += 1 + len(d)
+            before = {id(s): len(s) for s, d in zip(batch.seqs, batch.drafts) if d}  # drafted: tokens they had
             for seq in self.scheduler.postprocess(batch, sampled):
                 count, k = len(seq) - before.get(id(seq), len(seq) - 1), seq.params.logprobs
                 logprobs = None if k is None else [unpack_logprobs(logprob_rows[row_of[id(seq)] + j], k)

@@ -390,7 +390,7 @@ class OpenAIHTTP:
         max_completion_tokens, in the completions' terms. And how the reply is read back (ChatTemplate.prepare)."""
         asked = next((k for k in ("response_format", *_GUIDED) if body.get(k) is not None), None) \
             if isinstance(body, dict) else None
-        _, ids, read = self.chat.prepare(body, asked)
+        ids, read = self.chat.prepare(body, asked)
         out = {k: v for k, v in body.items() if k not in ("messages", "logprobs", "top_logprobs", "chat_template_kwargs",
                                                             "max_completion_tokens", "tools", "tool_choice",
                                                             "add_generation_prompt", "continue_final_message")}

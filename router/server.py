@@ -56,7 +56,8 @@ class ServerConfig:
     auth_tokens: tuple[str, ...] = ()  # empty: auth off
     tls: ServerTLS | None = None
     http_port: int | None = None  # the OpenAI-compatible HTTP front (router/openai_http.py) on this port; None: off
-    tool_call_format: str = "auto"  # chats' tool calls, gRPC's and HTTP's (router/tool_calls.py): auto (the chat template's), none, a format
+    # chats' tool calls, gRPC's and HTTP's (router/tool_calls.py): auto (the chat template's), none, a format
+    tool_call_format: str = "auto"
     reasoning_content: str = "auto"  # chat replies' reasoning apart (router/reasoning.py): auto, split, keep
 
     def __post_init__(self) -> None:

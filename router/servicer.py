@@ -293,7 +293,7 @@ class InferenceServicer:
         if given is not None:
             raise InvalidRequestError(f"params.{given}", "must stay unset: the rendered messages are the prompt")
         structured = "params.structured_output" if params.HasField("structured_output") else None
-        _, ids, read = self.chat.prepare(body_of(request), structured)
+        ids, read = self.chat.prepare(body_of(request), structured)
         req = pb.GenerateRequest()
         req.CopyFrom(params)
         req.token_ids.ids.extend(ids)

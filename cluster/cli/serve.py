@@ -257,8 +257,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="also serve an OpenAI-compatible HTTP API (/v1/completions, /v1/models) on port N of --host, "
                         "with the same auth, TLS and limits (default: off; 0: any free port)")
     g.add_argument("--tool-call-format", choices=("auto", "none", *TOOL_FORMATS), default="auto",
-                   help="the model's tool-call markup, for chats' tool_choice \"auto\" and calls in it (gRPC Chat and the "
-                        "HTTP API): "
+                   help="the model's tool-call markup, for chats' tool_choice \"auto\" and calls in it (gRPC Chat "
+                        "and the HTTP API): "
                         + "; ".join(f"{f.name} ({f.models})" for f in TOOL_FORMATS.values())
                         + " (default auto: the one the chat template renders calls in; none: tool_choice \"auto\" "
                           "refused, \"required\" and named calls as plain JSON)")

@@ -153,7 +153,8 @@ async def test_reasoning_comes_apart_over_grpc(thinking_checkpoint):
 
         schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
                   "additionalProperties": False}
-        answer = await client.chat(messages, max_tokens=60, logit_bias={515: 3}, structured_output={"json_schema": schema})
+        answer = await client.chat(messages, max_tokens=60, logit_bias={515: 3},
+                                   structured_output={"json_schema": schema})
         assert answer.reasoning_content and set(json.loads(answer.content)) == {"ok"}
         assert answer.finish_reason == pb.eos
 

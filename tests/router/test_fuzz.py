@@ -405,8 +405,10 @@ def chats(draw) -> pb.ChatRequest:
     for name in names:
         req.tools.add(name=name, description=draw(sane_text),
                       parameters=draw(st.sampled_from(SCHEMAS) if "tools" in hostile else st.sampled_from(SCHEMAS[:3])))
-    req.tool_choice = (draw(st.sampled_from(["", "auto", "none", "required", "f", "g", "fly"]))
-                       if "tool_choice" in hostile else "none" if not names else draw(st.sampled_from(["required", "f"])))
+    if "tool_choice" in hostile:
+        req.tool_choice = draw(st.sampled_from(["", "auto", "none", "required", "f", "g", "fly"]))
+    else:
+        req.tool_choice = "none" if not names else draw(st.sampled_from(["required", "f"]))
     if draw(st.booleans()):
         req.parallel_tool_calls = draw(st.booleans())
     req.chat_template_kwargs = (draw(st.sampled_from(["[1]", "{nope", '{"messages": 1}', '"x"'])) if "template" in
